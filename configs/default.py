@@ -1,0 +1,84 @@
+"""Default config: the seed CNN on built-in synthetic data with planted behaviour-type weights.
+
+Run (about a minute on a 2-core CPU):
+
+    python -m influence_jax.main --config=configs/default.py --workdir=runs/demo
+
+Override any field on the command line, e.g. `--config.loop.num_steps=50`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameter init and dropout seed
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "synthetic"  # "synthetic" (generated into WORKDIR/data) or "prepared"
+    data.path = ""  # prepared dataset folder (tools/prepare_data.py); unused for synthetic
+    data.batch_size = 256  # global training batch, examples (split over all data-parallel devices)
+    data.eval_batch_size = 1024  # global evaluation batch, examples
+    data.shuffle_seed = 0  # order of training examples; part of the resumable data position
+    data.prefetch = 4  # host batches prepared ahead of the train step
+    data.num_threads = 2  # host threads assembling batches (Grain read threads)
+
+    data.synthetic = syn = ml_collections.ConfigDict()
+    syn.seed = 0  # same seed, same data
+    syn.num_users = 5_000  # distinct users
+    syn.num_items = 20_000  # distinct items
+    syn.num_categories = 50  # item categories
+    syn.max_len = 50  # history length L, events
+    syn.min_len = 5  # shortest history, events
+    syn.train_examples = 200_000  # rows in the train split
+    syn.valid_examples = 10_000  # rows in the valid split
+    syn.test_examples = 10_000  # rows in the test split
+    syn.type_weights = {"pv": 0.15, "cart": 0.6, "fav": 0.35, "buy": 1.0}  # planted influence
+    syn.type_probs = {"pv": 0.55, "cart": 0.15, "fav": 0.15, "buy": 0.15}  # event type mix
+    syn.history_scale = 1.0  # logit units per unit of weighted matching history
+    syn.item_quality_scale = 0.5  # logit units per s.d. of item quality
+    syn.user_scale = 0.3  # logit units per s.d. of user activity
+    syn.bias = -1.5  # base logit
+    syn.recency_decay = 0.95  # per-position decay of an event's influence (most recent first)
+    syn.signals_absent = ()  # any of "history", "item", "user": signals left out of the labels
+    syn.rows_per_shard = 65_536  # rows per on-disk shard
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "seed_cnn"  # registry name, see influence_jax/models/__init__.py
+    model.embed_dim = 16  # embedding width D per field
+    model.filters = 32  # Conv1D output channels C per tower
+    model.kernel_size = 3  # Conv1D width, positions
+    model.hidden = 128  # Dense(relu) width after the towers
+    model.dropout = 0.2  # dropout rate before and after the hidden layer
+    model.share_item_embeddings = True  # history items use the target item's embedding table
+
+    config.opt = opt = ml_collections.ConfigDict()
+    opt.name = "adam"  # "adam" or "adamw"
+    opt.learning_rate = 2e-3  # peak learning rate
+    opt.warmup_steps = 50  # linear warm-up, steps
+    opt.schedule = "cosine"  # "constant" or "cosine" decay after warm-up
+    opt.weight_decay = 0.0  # decoupled weight decay (adamw only)
+    opt.grad_clip = 1.0  # global gradient-norm clip; 0 disables
+
+    config.loop = loop = ml_collections.ConfigDict()
+    loop.num_steps = 1_200  # training steps
+    loop.log_every = 100  # steps between progress lines and train summaries
+    loop.eval_every = 600  # steps between validation runs; 0 = only at the end
+    loop.eval_split = "valid"  # split used during training
+    loop.final_eval_split = "test"  # split evaluated once at the end ("" to skip)
+    loop.sync_every = 1  # fetch step t-1's metrics while step t runs (bounds dispatch depth)
+
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # devices on the data-parallel axis; -1 = all that remain
+    mesh.model = 1  # devices on the model axis (rows of sharded embedding tables)
+    mesh.shard_embeddings = False  # one switch: row-shard large embedding tables over `model`
+    mesh.shard_min_rows = 100_000  # tables with at least this many rows count as large
+    mesh.rules = ()  # extra ordered (param path regex, partition spec) rules; first match wins
+
+    config.ckpt = ckpt = ml_collections.ConfigDict()
+    ckpt.every = 600  # steps between checkpoints (also one at the end)
+    ckpt.max_to_keep = 3  # most recent checkpoints kept
+    ckpt.async_save = True  # write checkpoints in the background
+
+    config.lock()
+    return config

@@ -1,0 +1,147 @@
+"""The feature schema, written once by data preparation as `schema.json` beside the data.
+
+The pipeline, the model and the ranker all read it; no vocabulary size is typed anywhere else.
+
+Id conventions shared by every vocabulary: id 0 is padding, id 1 is out-of-vocabulary, real
+values start at 2. Behaviour type `behaviour_types[k]` has id `k + NUM_RESERVED` in the
+`behaviour` vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+PAD_ID = 0
+OOV_ID = 1
+NUM_RESERVED = 2
+SCHEMA_FILE = "schema.json"
+SCHEMA_VERSION = 1
+
+# The history must carry these roles; the model finds them by name.
+HIST_ITEM = "item_id"
+HIST_BEHAVIOUR = "behaviour"
+
+
+class DataError(ValueError):
+    """Bad input data or a bad prepared dataset; the message names the file, line or field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One categorical feature: its name and the vocabulary (embedding table) it indexes."""
+
+    name: str
+    vocab: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """What a prepared dataset holds. See module docstring for id conventions.
+
+    Attributes:
+      name: dataset name, e.g. "synthetic" or "taobao".
+      vocab_sizes: rows of each vocabulary, reserved ids included.
+      user_fields / item_fields / hist_fields: columns of the `user` [N, Fu], `item` [N, Fi]
+        and `hist` [N, L, Fh] arrays, in order.
+      max_len: L, the history length (most recent events, left-aligned, zero-padded).
+      behaviour_types: names of the behaviour types, e.g. ("pv", "cart", "fav", "buy").
+      label: how the label was defined (free-form, for people and reports).
+      splits: per split name, {"rows": int, "shards": [relative dirs]}.
+      extra: anything else preparation wants to record (command, boundaries, counts).
+    """
+
+    name: str
+    vocab_sizes: dict[str, int]
+    user_fields: tuple[Field, ...]
+    item_fields: tuple[Field, ...]
+    hist_fields: tuple[Field, ...]
+    max_len: int
+    behaviour_types: tuple[str, ...]
+    label: dict[str, Any] = dataclasses.field(default_factory=dict)
+    splits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for group in ("user_fields", "item_fields", "hist_fields"):
+            for f in getattr(self, group):
+                if f.vocab not in self.vocab_sizes:
+                    raise DataError(
+                        f"schema: field {group}.{f.name} uses vocabulary {f.vocab!r}, "
+                        f"which is not in vocab_sizes {sorted(self.vocab_sizes)}"
+                    )
+        names = [f.name for f in self.hist_fields]
+        for role in (HIST_ITEM, HIST_BEHAVIOUR):
+            if role not in names:
+                raise DataError(f"schema: hist_fields must include {role!r}; got {names}")
+        want = len(self.behaviour_types) + NUM_RESERVED
+        if self.vocab_sizes.get("behaviour") != want:
+            raise DataError(
+                f"schema: vocab_sizes['behaviour'] must be len(behaviour_types) + {NUM_RESERVED}"
+                f" = {want}, got {self.vocab_sizes.get('behaviour')}"
+            )
+        if self.max_len <= 0:
+            raise DataError(f"schema: max_len must be positive, got {self.max_len}")
+
+    def hist_index(self, name: str) -> int:
+        """Column of history field `name` in the `hist` array."""
+        return [f.name for f in self.hist_fields].index(name)
+
+    def item_index(self, name: str) -> int:
+        return [f.name for f in self.item_fields].index(name)
+
+    @property
+    def num_behaviour_types(self) -> int:
+        return len(self.behaviour_types)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["version"] = SCHEMA_VERSION
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], source: str = "schema") -> Schema:
+        try:
+            kw = {k: d[k] for k in ("name", "vocab_sizes", "max_len", "behaviour_types")}
+            groups = {
+                g: tuple(Field(**f) for f in d[g])
+                for g in ("user_fields", "item_fields", "hist_fields")
+            }
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{source}: missing or malformed key {e}") from None
+        return cls(
+            name=kw["name"],
+            vocab_sizes={k: int(v) for k, v in kw["vocab_sizes"].items()},
+            max_len=int(kw["max_len"]),
+            behaviour_types=tuple(kw["behaviour_types"]),
+            label=d.get("label", {}),
+            splits=d.get("splits", {}),
+            extra=d.get("extra", {}),
+            **groups,
+        )
+
+    def save(self, directory: str) -> str:
+        """Writes schema.json atomically into `directory`; returns its path."""
+        path = os.path.join(directory, SCHEMA_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> Schema:
+        path = os.path.join(directory, SCHEMA_FILE)
+        if not os.path.exists(path):
+            raise DataError(
+                f"{path}: no schema.json; is {directory!r} a prepared dataset? "
+                "Make one with tools/prepare_data.py."
+            )
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_json(d, source=path)

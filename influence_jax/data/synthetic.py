@@ -1,0 +1,218 @@
+"""Synthetic multi-behaviour data with planted, known influence weights: the built-in default.
+
+Ground truth. Each item has a category; each user a few favourite categories, an age bucket and
+a gender. A history event of behaviour type t on an item of the target's category pushes the
+label's logit up by `type_weight[t]` (planted, per type), decayed by recency; an item-quality
+term and a user-activity term add signals that need no history. Labels are Bernoulli draws from
+sigmoid(logit). Same config and seed, same bytes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from influence_jax.data import store
+from influence_jax.data.schema import NUM_RESERVED, DataError, Field, Schema
+
+BEHAVIOURS = ("pv", "cart", "fav", "buy")
+DEFAULT_TYPE_WEIGHTS = {"pv": 0.15, "cart": 0.6, "fav": 0.35, "buy": 1.0}
+DEFAULT_TYPE_PROBS = {"pv": 0.55, "cart": 0.15, "fav": 0.15, "buy": 0.15}
+NUM_AGE_BUCKETS = 8
+NUM_TIME_BUCKETS = 16
+PLANTED_FILE = "planted.json"
+
+
+def time_gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
+    """Log2-bucketed time gap in seconds (>= 1) to a vocabulary id (>= NUM_RESERVED)."""
+    b = np.floor(np.log2(np.maximum(gap_seconds, 1))).astype(np.int64)
+    return (np.clip(b // 2, 0, NUM_TIME_BUCKETS - 1) + NUM_RESERVED).astype(np.int32)
+
+
+def _planted(cfg: Any) -> dict[str, Any]:
+    weights = {b: float(cfg.type_weights[b]) for b in BEHAVIOURS}
+    total = sum(weights.values())
+    return {
+        "behaviour_type_weights": weights,
+        "behaviour_type_weights_normalised": {b: w / total for b, w in weights.items()},
+        "history_scale": float(cfg.history_scale),
+        "item_quality_scale": float(cfg.item_quality_scale),
+        "user_scale": float(cfg.user_scale),
+        "bias": float(cfg.bias),
+        "recency_decay": float(cfg.recency_decay),
+        "signals_absent": list(cfg.signals_absent),
+        "seed": int(cfg.seed),
+    }
+
+
+def _schema(cfg: Any, splits: dict[str, dict]) -> Schema:
+    r = NUM_RESERVED
+    return Schema(
+        name="synthetic",
+        vocab_sizes={
+            "user_id": cfg.num_users + r,
+            "age": NUM_AGE_BUCKETS + r,
+            "gender": 2 + r,
+            "item_id": cfg.num_items + r,
+            "category": cfg.num_categories + r,
+            "behaviour": len(BEHAVIOURS) + r,
+            "time_gap": NUM_TIME_BUCKETS + r,
+        },
+        user_fields=(Field("user_id", "user_id"), Field("age", "age"), Field("gender", "gender")),
+        item_fields=(Field("item_id", "item_id"), Field("category", "category")),
+        hist_fields=(
+            Field("item_id", "item_id"),
+            Field("category", "category"),
+            Field("behaviour", "behaviour"),
+            Field("time_gap", "time_gap"),
+        ),
+        max_len=cfg.max_len,
+        behaviour_types=BEHAVIOURS,
+        label={"kind": "synthetic", "definition": "Bernoulli(sigmoid(planted logit))"},
+        splits=splits,
+        extra={"generator": cfg_to_dict(cfg), "planted": _planted(cfg)},
+    )
+
+
+def cfg_to_dict(cfg: Any) -> dict[str, Any]:
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return json.loads(json.dumps(d, default=list))
+
+
+class _World:
+    """Users, items and categories drawn once per seed; examples are drawn from it."""
+
+    def __init__(self, cfg: Any, rng: np.random.Generator):
+        self.cfg = cfg
+        self.item_cat = rng.integers(0, cfg.num_categories, cfg.num_items)
+        pop = 1.0 / np.arange(1, cfg.num_items + 1) ** 0.8
+        self.item_pop = rng.permutation(pop / pop.sum())
+        self.item_quality = rng.normal(0, 1, cfg.num_items)
+        self.user_fav = rng.integers(0, cfg.num_categories, (cfg.num_users, 3))
+        self.user_age = rng.integers(0, NUM_AGE_BUCKETS, cfg.num_users)
+        self.user_gender = rng.integers(0, 2, cfg.num_users)
+        self.user_activity = rng.normal(0, 1, cfg.num_users)
+        self.cat_items = [np.flatnonzero(self.item_cat == c) for c in range(cfg.num_categories)]
+
+    def _items_in_cats(self, cats: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One random item per requested category (vectorised via per-category offsets)."""
+        sizes = np.array([len(x) for x in self.cat_items])
+        sizes_c = sizes[cats]
+        out = np.empty(cats.shape, np.int64)
+        nonempty = sizes_c > 0
+        starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+        flat = np.concatenate(self.cat_items) if sizes.sum() else np.zeros(0, np.int64)
+        pick = (rng.random(cats.shape) * np.maximum(sizes_c, 1)).astype(np.int64)
+        out[nonempty] = flat[(starts[cats] + pick)[nonempty]]
+        out[~nonempty] = rng.integers(0, self.cfg.num_items, int((~nonempty).sum()))
+        return out
+
+    def examples(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        cfg, r = self.cfg, NUM_RESERVED
+        L = cfg.max_len
+        users = rng.integers(0, cfg.num_users, n)
+        lengths = rng.integers(cfg.min_len, L + 1, n)
+        valid_NxL = np.arange(L)[None, :] < lengths[:, None]
+        # History items: from the user's favourite categories with prob 0.6, else by popularity.
+        fav_NxL = self.user_fav[users][np.arange(n)[:, None], rng.integers(0, 3, (n, L))]
+        from_fav = rng.random((n, L)) < 0.6
+        hist_item = np.where(
+            from_fav,
+            self._items_in_cats(fav_NxL, rng),
+            rng.choice(cfg.num_items, (n, L), p=self.item_pop),
+        )
+        probs = np.array([cfg.type_probs[b] for b in BEHAVIOURS], np.float64)
+        hist_type = rng.choice(len(BEHAVIOURS), (n, L), p=probs / probs.sum())
+        gaps = np.cumsum(rng.exponential(3600.0 * 6, (n, L)), axis=1) + 60
+        # Target: half the time in one of the user's favourite categories.
+        tcat = np.where(
+            rng.random(n) < 0.5,
+            self.user_fav[users, rng.integers(0, 3, n)],
+            rng.integers(0, cfg.num_categories, n),
+        )
+        target = self._items_in_cats(tcat, rng)
+        target_cat = self.item_cat[target]
+
+        w = np.array([cfg.type_weights[b] for b in BEHAVIOURS])
+        match_NxL = (self.item_cat[hist_item] == target_cat[:, None]) & valid_NxL
+        decay = cfg.recency_decay ** np.arange(L)
+        hist_term = (w[hist_type] * match_NxL * decay).sum(1)
+        absent = set(cfg.signals_absent)
+        logit = cfg.bias + (0 if "history" in absent else cfg.history_scale * hist_term)
+        logit = logit + (
+            0 if "item" in absent else cfg.item_quality_scale * self.item_quality[target]
+        )
+        logit = logit + (0 if "user" in absent else cfg.user_scale * self.user_activity[users])
+        label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+
+        hist = np.stack(
+            [hist_item + r, self.item_cat[hist_item] + r, hist_type + r, time_gap_bucket(gaps)],
+            axis=-1,
+        ).astype(np.int32)
+        hist[~valid_NxL] = 0
+        return {
+            "user": np.stack(
+                [users + r, self.user_age[users] + r, self.user_gender[users] + r], -1
+            ).astype(np.int32),
+            "item": np.stack([target + r, target_cat + r], -1).astype(np.int32),
+            "hist": hist,
+            "label": label,
+            "user_key": users.astype(np.int64),
+            "target_type": np.full(n, BEHAVIOURS.index("buy") + r, np.int32),
+            "timestamp": np.zeros(n, np.int64),
+        }
+
+
+def generate(cfg: Any, output_dir: str) -> Schema:
+    """Writes a synthetic prepared dataset (train/valid/test) to `output_dir`, atomically.
+
+    Args:
+      cfg: `config.data.synthetic` (see configs/default.py for fields and units).
+      output_dir: the folder to create; replaced if present.
+    Returns:
+      The schema written to `output_dir/schema.json`.
+    """
+    for b in BEHAVIOURS:
+        if cfg.type_weights[b] < 0:
+            raise DataError(f"config.data.synthetic.type_weights.{b} must be >= 0")
+    rng = np.random.default_rng(cfg.seed)
+    world = _World(cfg, rng)
+    sizes = {"train": cfg.train_examples, "valid": cfg.valid_examples, "test": cfg.test_examples}
+    with store.AtomicDir(output_dir) as tmp:
+        schema0 = _schema(cfg, {})
+        splits = {}
+        for split, n in sizes.items():
+            w = store.ShardWriter(tmp, split, schema0, rows_per_shard=cfg.rows_per_shard)
+            done = 0
+            while done < n:
+                k = min(cfg.rows_per_shard, n - done)
+                w.add(world.examples(k, rng))
+                done += k
+            splits[split] = w.close()
+        schema = _schema(cfg, splits)
+        schema.save(tmp)
+    return schema
+
+
+def ensure(cfg: Any, output_dir: str) -> Schema:
+    """The synthetic dataset in `output_dir`, generated unless the same config made it."""
+    try:
+        schema = Schema.load(output_dir)
+        if schema.extra.get("generator") == cfg_to_dict(cfg):
+            return schema
+    except DataError:
+        pass
+    return generate(cfg, output_dir)
+
+
+def write_planted(schema: Schema, workdir: str) -> str:
+    """Writes the planted ground truth of a synthetic dataset to `workdir/planted.json`."""
+    path = os.path.join(workdir, PLANTED_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(schema.extra["planted"], f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,65 @@
+"""Entry point: `python -m influence_jax.main --config=configs/default.py --workdir=runs/demo`.
+
+Multi-process runs (one process per host) set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID (see launch/); TPU VMs and SLURM are detected by jax.distributed itself.
+"""
+
+import logging as logging_std
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Config files import their siblings as `configs.<name>`; make the repo root importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _init_distributed() -> None:
+    import jax
+
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("INFLUENCE_JAX_AUTO_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # TPU VM pods, SLURM: settings detected by JAX
+
+
+class _QuietLibraries(logging_std.Filter):
+    """Keeps INFO lines of the checkpoint and data libraries out of the progress log."""
+
+    def filter(self, record):
+        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+        return record.levelno >= logging_std.WARNING or not noisy
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    _init_distributed()
+    import jax
+
+    from influence_jax import train
+
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    logging.info(
+        "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
+    )
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,77 @@
+"""Building blocks shared by the extractors: per-vocabulary embeddings and masked Conv1D towers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from influence_jax.data.schema import HIST_BEHAVIOUR, PAD_ID, Field, Schema
+
+NEG_INF = -1e9
+
+
+def history_mask(hist_BxLxF: jax.Array, schema: Schema) -> jax.Array:
+    """True where a history position holds an event (its behaviour id is not padding)."""
+    return hist_BxLxF[..., schema.hist_index(HIST_BEHAVIOUR)] != PAD_ID
+
+
+class Embeddings(nn.Module):
+    """One embedding table per vocabulary of the schema, looked up field by field.
+
+    Tables are named `embed_<vocab>` so sharding rules and reports can find them by path.
+    When `share_item` is False, history fields get their own tables (`embed_hist_<vocab>`).
+    """
+
+    schema: Schema
+    dim: int
+    share_item: bool = True
+
+    def setup(self):
+        init = nn.initializers.normal(stddev=0.05)
+        self.tables = {
+            v: self.param(f"embed_{v}", init, (n, self.dim))
+            for v, n in self.schema.vocab_sizes.items()
+        }
+        if not self.share_item:
+            self.hist_tables = {
+                f.vocab: self.param(
+                    f"embed_hist_{f.vocab}", init, (self.schema.vocab_sizes[f.vocab], self.dim)
+                )
+                for f in self.schema.hist_fields
+            }
+
+    def lookup(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
+        """ids [..., F] -> embeddings [..., F, D], one table per field's vocabulary."""
+        tables = self.hist_tables if hist and not self.share_item else self.tables
+        return jnp.stack(
+            [jnp.take(tables[f.vocab], ids[..., j], axis=0) for j, f in enumerate(fields)], axis=-2
+        )
+
+    def __call__(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
+        return self.lookup(ids, fields, hist)
+
+
+def masked_max(x_BxTxC: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+    """Max over valid positions; an all-padding row pools to zeros, not to -inf."""
+    pooled = jnp.max(jnp.where(mask_BxT[..., None], x_BxTxC, NEG_INF), axis=1)
+    return jnp.where(jnp.any(mask_BxT, axis=1)[:, None], pooled, 0.0)
+
+
+class ConvTower(nn.Module):
+    """Conv1D ('SAME', relu) over a sequence, then max-pool over valid positions.
+
+    Padded positions are zeroed before the convolution (exactly what SAME zero-padding sees at
+    the edges) and excluded from the max, so their ids cannot change the output.
+    """
+
+    filters: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+        x_BxTxD = jnp.where(mask_BxT[..., None], x_BxTxD, 0.0)
+        h_BxTxC = nn.relu(nn.Conv(self.filters, (self.kernel_size,), padding="SAME")(x_BxTxD))
+        return masked_max(h_BxTxC, mask_BxT)

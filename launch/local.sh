@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Train on this machine (all local devices).
+#
+#   launch/local.sh configs/default.py runs/demo [--config.loop.num_steps=100 ...]
+#   DRY_RUN=1 launch/local.sh configs/default.py runs/demo   # print the command only
+set -euo pipefail
+config=${1:?usage: launch/local.sh CONFIG WORKDIR [overrides...]}
+workdir=${2:?usage: launch/local.sh CONFIG WORKDIR [overrides...]}
+shift 2
+cmd=(python -m influence_jax.main --config="$config" --workdir="$workdir" "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+else
+  exec "${cmd[@]}"
+fi

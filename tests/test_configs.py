@@ -1,0 +1,50 @@
+"""Every config builds; bad values fail at start-up with one message naming the field."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from influence_jax import config_check
+from influence_jax.config_check import ConfigError
+from tests import helpers
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if not p.endswith("__init__.py")], ids=os.path.basename
+)
+def test_every_config_builds_and_checks(path):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if config.data.source == "prepared" and not config.data.path:
+        config.data.path = "/some/prepared/dataset"
+    config_check.check(config, num_devices=8)
+    assert module.__doc__ and "python" in module.__doc__, "docstring must hold the run command"
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"data.batch_size": 0}, "config.data.batch_size"),
+        ({"data.batch_size": -4}, "config.data.batch_size"),
+        ({"data.batch_size": 60}, "config.data.batch_size=60 does not divide"),
+        ({"data.eval_batch_size": 100}, "config.data.eval_batch_size=100 does not divide"),
+        ({"model.name": "resnet"}, "config.model.name"),
+        ({"model.dropout": 1.0}, "config.model.dropout"),
+        ({"loop.num_steps": 0}, "config.loop.num_steps"),
+        ({"opt.learning_rate": 0.0}, "config.opt.learning_rate"),
+        ({"data.source": "csv"}, "config.data.source"),
+        ({"data.source": "prepared"}, "config.data.path"),
+        ({"mesh.data": 3}, "config.mesh"),
+    ],
+)
+def test_bad_config_values_name_the_field(overrides, field):
+    config = helpers.tiny_config(**overrides)
+    with pytest.raises(ConfigError) as e:
+        config_check.check(config, num_devices=8)
+    assert field in str(e.value)
