@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 from influence_jax.config_check import ConfigError
@@ -25,14 +26,38 @@ def learning_rate_schedule(opt_cfg: Any, num_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
 
 
+# Scalar influence parameters (behaviour-type gates, extractor logits): few, shared by every
+# example, and read as the product's output, so they get their own learning-rate multiplier.
+INFLUENCE_PARAMS = ("behaviour_type_logits", "extractor_logits")
+
+
+def _core(opt_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if opt_cfg.name == "adam":
+        return optax.adam(schedule)
+    if opt_cfg.name == "adamw":
+        return optax.adamw(schedule, weight_decay=opt_cfg.weight_decay)
+    raise ConfigError(f"config.opt.name: {opt_cfg.name!r} is not 'adam' or 'adamw'")
+
+
+def param_labels(params: Any) -> Any:
+    """'influence' for the influence parameters, 'default' for everything else."""
+
+    def label(path, _):
+        return "influence" if getattr(path[-1], "key", None) in INFLUENCE_PARAMS else "default"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(opt_cfg, num_steps)
-    if opt_cfg.name == "adam":
-        core = optax.adam(schedule)
-    elif opt_cfg.name == "adamw":
-        core = optax.adamw(schedule, weight_decay=opt_cfg.weight_decay)
-    else:
-        raise ConfigError(f"config.opt.name: {opt_cfg.name!r} is not 'adam' or 'adamw'")
+    mult = float(opt_cfg.influence_lr_multiplier)
+    if mult <= 0:
+        raise ConfigError(f"config.opt.influence_lr_multiplier: must be positive, got {mult}")
+    core = optax.multi_transform(
+        {"default": _core(opt_cfg, schedule),
+         "influence": _core(opt_cfg, lambda step: mult * schedule(step))},
+        param_labels,
+    )  # fmt: skip
     if opt_cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), core)
     return core

@@ -98,10 +98,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
         dropout_rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            logit_B, _ = model.apply(
+            logit_B, aux = model.apply(
                 {"params": params}, batch, train=True, rngs={"dropout": dropout_rng}
             )
             sums = bce_sums(logit_B, batch["label"], batch["weight"])
+            # Learned influence weights (extractor, behaviour type) ride along for logging.
+            sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
             return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -358,32 +360,33 @@ class _Loop:
 
     def _log(self, done, num_steps, window, elapsed, wait, start, t_start) -> None:
         m = metrics.reduce_step_metrics(window)
-        ex_s = len(window) * self.global_batch / max(elapsed, 1e-9)
+        n = len(window)  # keys without a _sum/count pair are per-step values: average them
+        grad_norm, lr = m["grad_norm"] / n, m["learning_rate"] / n
+        weights = {k.split("/", 1)[1]: v / n for k, v in m.items() if k.startswith("weights/")}
+        ex_s = n * self.global_batch / max(elapsed, 1e-9)
         steps_s = (done - start) / max(time.perf_counter() - t_start, 1e-9)
         eta = (num_steps - done) / max(steps_s, 1e-9)
-        logging.info(
-            "step %d/%d loss=%.4f acc=%.4f grad_norm=%.3f lr=%.2e %.0f ex/s "
-            "input_wait=%.0f%% ETA %s",
-            done,
-            num_steps,
-            m["loss"],
-            m["accuracy"],
-            m["grad_norm"] / len(window),
-            m["learning_rate"] / len(window),
-            ex_s,
-            100 * wait / max(elapsed, 1e-9),
-            _hms(eta),
+        behaviour = " ".join(
+            f"{k.split('/')[1]}={v:.3f}" for k, v in weights.items() if k.startswith("behaviour/")
         )
+        logging.info(
+            "step %d/%d loss=%.4f acc=%.4f grad_norm=%.3f lr=%.2e %.0f ex/s input_wait=%.0f%% "
+            "ETA %s%s",
+            done, num_steps, m["loss"], m["accuracy"], grad_norm, lr, ex_s,
+            100 * wait / max(elapsed, 1e-9), _hms(eta),
+            f" | behaviour weights {behaviour}" if behaviour else "",
+        )  # fmt: skip
         self.writer.scalars(
             done,
             {
                 "train/loss": m["loss"],
                 "train/accuracy": m["accuracy"],
-                "train/grad_norm": m["grad_norm"] / len(window),
-                "train/learning_rate": m["learning_rate"] / len(window),
+                "train/grad_norm": grad_norm,
+                "train/learning_rate": lr,
                 "perf/examples_per_s": ex_s,
                 "perf/examples_per_s_per_device": ex_s / jax.device_count(),
                 "perf/input_wait_fraction": wait / max(elapsed, 1e-9),
+                **{f"influence/{k}": v for k, v in weights.items()},
             },
         )
 

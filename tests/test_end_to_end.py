@@ -31,7 +31,7 @@ def test_train_and_evaluate_writes_checkpoint_events_config_and_resumes(tmp_path
     assert "valid/auc" in result and "valid/gauc" in result
     assert _steps(workdir) == [10, 20]
     with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["model"]["name"] == "seed_cnn"
+        assert json.load(f)["model"]["name"] == "ranker"
     with open(os.path.join(workdir, synthetic.PLANTED_FILE)) as f:
         planted = json.load(f)["behaviour_type_weights"]
     assert planted == dict(config.data.synthetic.type_weights)
@@ -45,6 +45,8 @@ def test_train_and_evaluate_writes_checkpoint_events_config_and_resumes(tmp_path
         "valid/auc",
         "valid/logloss",
         "test/auc",
+        "influence/behaviour/buy",
+        "influence/extractor/din",
     ):
         assert tag in scalars, sorted(scalars)
     assert [s for s, _ in scalars["train/loss"]] == [5, 10, 15, 20]

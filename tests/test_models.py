@@ -32,7 +32,7 @@ def test_conv_tower_padding_cannot_change_output():
 
 def test_seed_cnn_shapes_and_history_padding(tiny_data):
     schema, path = tiny_data
-    config = helpers.tiny_config()
+    config = helpers.tiny_config(**{"model.name": "seed_cnn"})
     model = build_model(config.model, schema)
     batch = helpers.first_batch(schema, path, 16)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
@@ -52,7 +52,9 @@ def test_seed_cnn_shapes_and_history_padding(tiny_data):
 
 def test_dropout_only_in_training(tiny_data):
     schema, path = tiny_data
-    model = build_model(helpers.tiny_config(**{"model.dropout": 0.5}).model, schema)
+    model = build_model(
+        helpers.tiny_config(**{"model.dropout": 0.5, "model.name": "seed_cnn"}).model, schema
+    )
     batch = helpers.first_batch(schema, path, 16)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     a, _ = model.apply({"params": params}, batch, train=False)

@@ -28,12 +28,14 @@ class Embeddings(nn.Module):
     schema: Schema
     dim: int
     share_item: bool = True
+    skip: tuple[str, ...] = ()  # vocabularies the model never looks up (no table is made)
 
     def setup(self):
         init = nn.initializers.normal(stddev=0.05)
         self.tables = {
             v: self.param(f"embed_{v}", init, (n, self.dim))
             for v, n in self.schema.vocab_sizes.items()
+            if v not in self.skip
         }
         if not self.share_item:
             self.hist_tables = {
@@ -41,6 +43,7 @@ class Embeddings(nn.Module):
                     f"embed_hist_{f.vocab}", init, (self.schema.vocab_sizes[f.vocab], self.dim)
                 )
                 for f in self.schema.hist_fields
+                if f.vocab not in self.skip
             }
 
     def lookup(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:

@@ -1,0 +1,112 @@
+"""The full model: I = sum_j w_j * f_j(x) over feature extractors, with behaviour-type gates.
+
+Learned, readable outputs (also in aux): the extractor weights w = softmax(beta), and one
+non-negative weight per behaviour type, g_t = softplus(theta_t), which scales every history
+event of type t wherever an extractor reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
+from influence_jax.models.extractors import EXTRACTORS, Inputs
+from influence_jax.models.layers import Embeddings, history_mask
+
+_GATE_INIT = 0.5413  # softplus(0.5413) = 1.0: every behaviour type starts with weight 1
+
+
+class Ranker(nn.Module):
+    """Weighted sum of extractors; returns `(logit_B, aux)`.
+
+    aux: `scores` {extractor: f_j [B]}, `extractor_weights` {extractor: w_j},
+    `contributions` {extractor: w_j * f_j [B]}, `bias`, `behaviour_type_weights` {type: g_t},
+    `weights` (flat scalars for logging), and each extractor's own aux under its name (e.g.
+    din's per-event contributions). logit = sum_j w_j f_j + bias exactly.
+    """
+
+    schema: Schema
+    embed_dim: int = 16
+    extractors: Sequence[str] = ("din", "dnn", "cnn")
+    extractor_args: Mapping[str, Mapping[str, Any]] | None = None
+    combine: str = "softmax"  # "softmax" (learned, normalised) or "sum" (all weights 1)
+    behaviour_gates: bool = True
+    share_item_embeddings: bool = True
+
+    def _gates(self) -> jax.Array:
+        """Per behaviour id (pad, OOV, types...) -> gate; pad 0, OOV 1, types learned."""
+        T = self.schema.num_behaviour_types
+        if self.behaviour_gates:
+            theta = self.param("behaviour_type_logits", nn.initializers.constant(_GATE_INIT), (T,))
+            g_T = nn.softplus(theta)
+        else:
+            g_T = jnp.ones((T,))
+        return jnp.concatenate([jnp.array([0.0, 1.0]), g_T])
+
+    def _inputs(self, batch: dict[str, jax.Array], gates: jax.Array) -> Inputs:
+        s = self.schema
+        b = s.hist_index(HIST_BEHAVIOUR)
+        # With gates on, the type reaches the extractors only through its gate, so its learned
+        # weight is the whole of its influence rather than a share of it: no type embedding.
+        skip = (s.hist_fields[b].vocab,) if self.behaviour_gates else ()
+        emb = Embeddings(s, self.embed_dim, self.share_item_embeddings, skip, name="embeddings")
+        B = batch["user"].shape[0]
+        user = emb(batch["user"], s.user_fields)
+        item = emb(batch["item"], s.item_fields)
+        kept = [j for j in range(len(s.hist_fields)) if not (skip and j == b)]
+        hist = emb(batch["hist"][..., kept], [s.hist_fields[j] for j in kept], hist=True)
+        mask = history_mask(batch["hist"], s)
+        item_vocabs = [f.vocab for f in s.item_fields]
+        pairs = [
+            (item_vocabs.index(s.hist_fields[j].vocab), k)
+            for k, j in enumerate(kept)
+            if s.hist_fields[j].vocab in item_vocabs
+        ]
+        target = sum(item[:, i] for i, _ in pairs)
+        event = sum(hist[:, :, j] for _, j in pairs)
+        gate = jnp.where(mask, gates[batch["hist"][..., b]], 0.0)
+        return Inputs(
+            user_BxFxD=user,
+            item_BxFxD=item,
+            target_BxD=target,
+            event_BxLxD=event,
+            hist_BxLxE=hist.reshape(B, s.max_len, -1),
+            mask_BxL=mask,
+            gate_BxL=gate,
+        )
+
+    @nn.compact
+    def __call__(self, batch: dict[str, jax.Array], train: bool = False):
+        gates = self._gates()
+        x = self._inputs(batch, gates)
+        args = dict(self.extractor_args or {})
+        scores, aux = {}, {}
+        for name in self.extractors:
+            score_B, extra = EXTRACTORS[name](**dict(args.get(name, {})), name=name)(x, train)
+            scores[name], aux[name] = score_B, extra
+        beta = self.param("extractor_logits", nn.initializers.zeros, (len(self.extractors),))
+        w_J = jax.nn.softmax(beta) if self.combine == "softmax" else jnp.ones_like(beta)
+        bias = self.param("bias", nn.initializers.zeros, ())
+        weights = {n: w_J[j] for j, n in enumerate(self.extractors)}
+        contributions = {n: weights[n] * scores[n] for n in self.extractors}
+        logit_B = sum(contributions.values()) + bias
+        types = self.schema.behaviour_types
+        g = {t: gates[k + NUM_RESERVED] for k, t in enumerate(types)}
+        total = sum(g.values())
+        aux.update(
+            scores=scores,
+            extractor_weights=weights,
+            contributions=contributions,
+            bias=bias,
+            behaviour_type_weights=g,
+            weights={
+                **{f"extractor/{n}": w for n, w in weights.items()},
+                **{f"behaviour/{t}": v / total for t, v in g.items()},
+            },
+        )
+        return logit_B, aux

@@ -1,0 +1,106 @@
+"""The model family: extractor shapes and masking, the weighted sum, gates, gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from influence_jax.config_check import ConfigError
+from influence_jax.models import build_model
+from tests import helpers
+
+
+def _model(schema, **over):
+    over = {f"model.{k}": v for k, v in over.items()}
+    return build_model(helpers.tiny_config(**over).model, schema)
+
+
+def _pad_scramble(schema, batch):
+    """The batch with every id at padded history positions replaced (behaviour stays 0)."""
+    hist = batch["hist"].copy()
+    pad = hist[..., schema.hist_index("behaviour")] == 0
+    assert pad.any()
+    for j, f in enumerate(schema.hist_fields):
+        if f.name != "behaviour":
+            hist[..., j] = np.where(pad, schema.vocab_sizes[f.vocab] - 1, hist[..., j])
+    return dict(batch, hist=hist)
+
+
+@pytest.mark.parametrize("extractors", [("din",), ("dnn",), ("cnn",), ("din", "dnn", "cnn")])
+def test_each_extractor_shapes_and_padding(tiny_data, extractors):
+    schema, path = tiny_data
+    model = _model(schema, extractors=extractors)
+    batch = helpers.first_batch(schema, path, 16)
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    logit, aux = model.apply({"params": params}, batch)
+    assert logit.shape == (16,)
+    for name in extractors:
+        assert aux["scores"][name].shape == (16,)
+    logit2, aux2 = model.apply({"params": params}, _pad_scramble(schema, batch))
+    np.testing.assert_allclose(np.asarray(logit), np.asarray(logit2), rtol=1e-6, atol=1e-6)
+    if "din" in extractors:
+        c = aux["din"]["event_contribution_BxL"]
+        assert c.shape == (16, schema.max_len)
+        np.testing.assert_allclose(
+            np.asarray(c.sum(1)), np.asarray(aux["scores"]["din"]), rtol=1e-5, atol=1e-6
+        )
+        mask = batch["hist"][..., schema.hist_index("behaviour")] > 0
+        assert np.all(np.asarray(c)[~mask] == 0)
+
+
+def test_logit_is_the_weighted_sum_of_contributions(tiny_data):
+    schema, path = tiny_data
+    model = _model(schema)
+    batch = helpers.first_batch(schema, path, 32)
+    params = model.init(jax.random.PRNGKey(1), batch)["params"]
+    params["extractor_logits"] = jnp.array([0.3, -1.0, 0.7])  # unequal weights
+    logit, aux = model.apply({"params": params}, batch)
+    w = np.exp([0.3, -1.0, 0.7]) / np.exp([0.3, -1.0, 0.7]).sum()
+    names = ("din", "dnn", "cnn")
+    hand = sum(w[j] * np.asarray(aux["scores"][n]) for j, n in enumerate(names))
+    np.testing.assert_allclose(np.asarray(logit), hand + float(aux["bias"]), rtol=1e-5, atol=1e-6)
+    for j, n in enumerate(names):
+        assert float(aux["extractor_weights"][n]) == pytest.approx(w[j], rel=1e-5)
+    assert sum(float(v) for v in aux["extractor_weights"].values()) == pytest.approx(1.0)
+
+
+def test_behaviour_type_weights_are_non_negative_and_gate_events(tiny_data):
+    schema, path = tiny_data
+    model = _model(schema, extractors=("din",))
+    batch = helpers.first_batch(schema, path, 32)
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    params["behaviour_type_logits"] = jnp.array([-30.0, 2.0, -5.0, 0.0])
+    _, aux = model.apply({"params": params}, batch)
+    g = {t: float(v) for t, v in aux["behaviour_type_weights"].items()}
+    assert set(g) == set(schema.behaviour_types) and all(v >= 0 for v in g.values())
+    assert g["pv"] < 1e-6 < g["buy"]
+    # Events of a type whose gate is ~0 contribute ~nothing.
+    types = batch["hist"][..., schema.hist_index("behaviour")]
+    c = np.asarray(aux["din"]["event_contribution_BxL"])
+    assert np.abs(c[types == 2]).max() < 1e-6 and np.abs(c[types == 3]).max() > 0
+    shares = {k: float(v) for k, v in aux["weights"].items() if k.startswith("behaviour/")}
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_gradients_reach_every_parameter(tiny_data):
+    schema, path = tiny_data
+    model = _model(schema, dropout=0.0)
+    batch = helpers.first_batch(schema, path, 64)
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+
+    def loss(p):
+        logit, _ = model.apply({"params": p}, batch)
+        return jnp.mean(jnp.square(logit - batch["label"]))
+
+    grads = jax.grad(loss)(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(k) for k, g in flat if not np.any(np.asarray(g) != 0)]
+    assert dead == [], dead
+    # With gates on the type acts only through its gate: no behaviour embedding table exists.
+    assert "embed_behaviour" not in params["embeddings"] and "behaviour_type_logits" in params
+
+
+def test_unknown_extractor_is_a_config_error(tiny_data):
+    schema, _ = tiny_data
+    with pytest.raises(ConfigError, match="config.model.extractors"):
+        _model(schema, extractors=("din", "transformer"))
