@@ -185,6 +185,16 @@ class ExampleStore:
     def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `idx` (any order, repeats allowed) of every column, as fresh numpy arrays."""
         idx = np.asarray(idx, dtype=np.int64)
+        if not self._cols:
+            if len(idx):
+                raise DataError(f"{self.root}/{self.split}: the split is empty")
+            s = self.schema
+            shapes = {
+                "user": (len(s.user_fields),),
+                "item": (len(s.item_fields),),
+                "hist": (s.max_len, len(s.hist_fields)),
+            }
+            return {k: np.zeros((0, *shapes.get(k, ())), dt) for k, dt in COLUMNS.items()}
         if len(self._cols) == 1:
             return {k: np.asarray(v[idx]) for k, v in self._cols[0].items()}
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
@@ -198,4 +208,6 @@ class ExampleStore:
 
     def column(self, name: str) -> np.ndarray:
         """One whole column, concatenated over shards (for metrics and audits)."""
+        if not self._cols:  # an empty split (e.g. prepared with valid_frac=0) has no shards
+            return self.gather(np.zeros(0, np.int64))[name]
         return np.concatenate([np.asarray(c[name]) for c in self._cols])

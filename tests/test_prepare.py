@@ -1,0 +1,406 @@
+"""Data preparation on small hand-made logs: exact histories, splits, negatives, OOV, duplicates,
+the leakage audit (passes, and fails on corrupted data), atomic output and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from influence_jax.data import audit, prepare, readers
+from influence_jax.data.schema import DataError, Schema
+from influence_jax.data.store import ExampleStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# user, item, category, behaviour, time (Taobao layout). Boundaries: valid 500, test 900.
+LOG = """\
+7,10,1,pv,100
+7,11,1,fav,200
+7,12,2,pv,300
+7,10,1,cart,300
+7,10,1,buy,400
+7,13,2,pv,400
+7,12,2,buy,1000
+8,11,1,pv,150
+8,11,1,buy,250
+8,12,2,buy,600
+9,13,2,buy,120
+"""
+ITEM = {10: 2, 11: 3, 12: 4, 13: 5}  # raw item -> vocabulary id (sorted raw ids from 2)
+CAT = {1: 2, 2: 3}
+PV, CART, FAV, BUY = 2, 3, 4, 5  # behaviour ids: type k -> k + 2
+
+
+def write(path, text: str) -> str:
+    with open(path, "w", newline="") as f:
+        f.write(text)
+    return str(path)
+
+
+def run(path, out, source="taobao", **kw) -> Schema:
+    kw.setdefault("valid_start", 500)
+    kw.setdefault("test_start", 900)
+    kw.setdefault("min_timestamp", 0)
+    return prepare.prepare(
+        readers.open_source(source, str(path)), str(out), prepare.PrepareOptions(**kw)
+    )
+
+
+def rows(out, split: str) -> dict[str, np.ndarray]:
+    store = ExampleStore(str(out), split)
+    return store.gather(np.arange(len(store)))
+
+
+def find(cols, user_key: int, t: int, label: float = 1.0) -> int:
+    hit = np.flatnonzero(
+        (cols["user_key"] == user_key) & (cols["timestamp"] == t) & (cols["label"] == label)
+    )
+    assert len(hit) == 1, hit
+    return int(hit[0])
+
+
+def test_history_is_the_most_recent_events_strictly_before_the_target(tmp_path):
+    out = tmp_path / "p"
+    schema = run(write(tmp_path / "log.csv", LOG), out, max_len=3, neg_ratio=0)
+    assert [f.name for f in schema.hist_fields] == ["item_id", "category", "behaviour", "time_gap"]
+    assert schema.splits["train"]["rows"] == 3 and schema.splits["valid"]["rows"] == 1
+    assert schema.splits["test"]["rows"] == 1
+    train = rows(out, "train")
+    r = find(train, user_key=0, t=400)
+    # Before t=400: pv 10@100, fav 11@200, pv 12@300, cart 10@300; pv 13@400 is at the target
+    # time and left out. Ties at 300 are ordered (behaviour, item); most recent first.
+    gap = lambda s: int(prepare.gap_bucket(np.array([s]))[0])
+    np.testing.assert_array_equal(
+        train["hist"][r],
+        [
+            [ITEM[10], CAT[1], CART, gap(100)],
+            [ITEM[12], CAT[2], PV, gap(100)],
+            [ITEM[11], CAT[1], FAV, gap(200)],
+        ],
+    )
+    np.testing.assert_array_equal(train["item"][r], [ITEM[10], CAT[1]])
+    np.testing.assert_array_equal(train["user"][r], [2])
+    assert train["target_type"][r] == BUY and train["label"][r] == 1
+    assert gap(100) == 2 + 6 and gap(1) == 2 and gap(0) == prepare.GAP_INVALID
+    empty = find(train, user_key=2, t=120)  # user 9's only event: no history at all
+    assert not train["hist"][empty].any()
+    test = rows(out, "test")
+    np.testing.assert_array_equal(test["hist"][0, :, 0], [ITEM[10], ITEM[13], ITEM[10]])
+    np.testing.assert_array_equal(test["hist"][0, :, 2], [BUY, PV, CART])
+    valid = rows(out, "valid")
+    np.testing.assert_array_equal(valid["hist"][0, :2, 0], [ITEM[11], ITEM[11]])
+    np.testing.assert_array_equal(valid["hist"][0, :2, 2], [BUY, PV])
+    assert valid["hist"][0, 2].sum() == 0
+    last = np.load(out / "audit" / "train" / "hist_last_ts.npy")
+    assert last[r] == 300 and last[empty] == prepare.NO_HISTORY
+    assert schema.extra["split"]["valid_start"] == 500
+    assert prepare.Vocab.load(str(out), "item_id").lookup([12, 99]).tolist() == [4, 1]
+
+
+def test_audit_passes_then_fails_on_corrupted_copies(tmp_path):
+    out = tmp_path / "p"
+    # Two more items (14, 15 -> ids 6, 7) from another user leave room for negatives.
+    run(
+        write(tmp_path / "log.csv", LOG + "99,14,3,pv,50\n99,15,3,pv,60\n"),
+        out,
+        max_len=3,
+        neg_ratio=2,
+        seed=3,
+    )
+    counts = audit.audit_leakage(str(out))
+    assert counts["negatives"] == 10 and counts["rows"]["train"] == 9
+
+    def corrupt(name, fn):
+        bad = tmp_path / name
+        shutil.copytree(out, bad)
+        fn(bad)
+        with pytest.raises(DataError, match="leakage audit"):
+            audit.audit_leakage(str(bad))
+
+    train_part = "train/part-00000"
+    cols = rows(out, "train")
+    r = find(cols, user_key=0, t=400)
+    neg = int(
+        np.flatnonzero((cols["user_key"] == 0) & (cols["timestamp"] == 400) & (cols["label"] == 0))[
+            0
+        ]
+    )
+
+    def history_at_target_time(d):  # the recorded last history time moved to the target time
+        a = np.load(d / "audit" / "train" / "hist_last_ts.npy", mmap_mode="r+")
+        a[r] = 400
+
+    def zero_gap(d):
+        a = np.load(d / train_part / "hist.npy", mmap_mode="r+")
+        a[r, 1, 3] = prepare.GAP_INVALID
+
+    def test_row_before_boundary(d):
+        a = np.load(d / "test/part-00000/timestamp.npy", mmap_mode="r+")
+        a[0] = 899
+
+    def train_row_after_boundary(d):
+        a = np.load(d / train_part / "timestamp.npy", mmap_mode="r+")
+        a[r] = 500
+
+    def negative_from_history(d):
+        item = np.load(d / train_part / "item.npy", mmap_mode="r+")
+        item[neg, 0] = cols["hist"][neg, 2, 0]
+
+    def negative_bought_earlier(d):  # user 7 bought item 10 at t=400; a test negative is 10
+        neg = int(np.flatnonzero(np.load(d / "audit/test/sampled.npy"))[0])
+        item = np.load(d / "test/part-00000/item.npy", mmap_mode="r+")
+        hist = np.load(d / "test/part-00000/hist.npy", mmap_mode="r+")
+        hist[neg, :, :] = 0  # hide it from the example's own history
+        last = np.load(d / "audit/test/hist_last_ts.npy", mmap_mode="r+")
+        last[neg] = prepare.NO_HISTORY
+        item[neg, 0] = ITEM[10]
+
+    for fn in (
+        history_at_target_time,
+        zero_gap,
+        test_row_before_boundary,
+        train_row_after_boundary,
+        negative_from_history,
+        negative_bought_earlier,
+    ):
+        corrupt(fn.__name__, fn)
+
+
+def _random_log(n_users: int, n_items: int, n: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, n_users + 1, n)
+    items = rng.integers(1, n_items + 1, n)
+    beh = rng.choice(["pv", "cart", "fav", "buy"], n, p=[0.5, 0.2, 0.1, 0.2])
+    ts = rng.integers(1000, 1100, n)  # many ties
+    return "".join(
+        f"{u},{i},{i % 3},{b},{t}\n" for u, i, b, t in zip(users, items, beh, ts, strict=True)
+    )
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "popularity"])
+def test_negatives_are_never_items_the_user_touched_by_then(tmp_path, strategy):
+    text = _random_log(12, 25, 600, seed=1)
+    out = tmp_path / "p"
+    schema = run(
+        write(tmp_path / "log.csv", text),
+        out,
+        neg_ratio=4,
+        neg_strategy=strategy,
+        valid_start=1060,
+        test_start=1080,
+        max_len=5,
+    )
+    first = {}
+    for line in text.splitlines():
+        u, i, _, _, t = line.split(",")
+        first[(int(u), int(i))] = min(int(t), first.get((int(u), int(i)), 10**9))
+    users = np.load(out / "vocab" / "user_key.npy")
+    item_keys = np.load(out / "vocab" / "item_id.npy")
+    checked = 0
+    for split in prepare.SPLITS:
+        cols = rows(out, split)
+        sampled = np.load(out / "audit" / split / "sampled.npy").astype(bool)
+        assert (cols["label"][sampled] == 0).all() and (cols["label"][~sampled] == 1).all()
+        for uk, item, t in zip(
+            cols["user_key"][sampled],
+            cols["item"][sampled, 0],
+            cols["timestamp"][sampled],
+            strict=True,
+        ):
+            raw = (int(users[uk]), int(item_keys[item - 2]))
+            assert first.get(raw, 10**9) > t, (raw, t)
+            checked += 1
+    assert checked == schema.extra["counts"]["negatives"] > 0
+    audit.audit_leakage(str(out))
+
+
+def test_output_does_not_depend_on_bucket_count_and_is_seeded(tmp_path):
+    log = write(tmp_path / "log.csv", _random_log(30, 40, 800, seed=2))
+
+    def table(out, **kw):
+        run(log, out, neg_ratio=3, valid_start=1060, test_start=1080, max_len=4, **kw)
+        got = []
+        for split in prepare.SPLITS:
+            c = rows(out, split)
+            flat = np.concatenate(
+                [
+                    c["user"],
+                    c["item"],
+                    c["hist"].reshape(len(c["label"]), -1),
+                    c["label"][:, None],
+                    c["user_key"][:, None],
+                    c["timestamp"][:, None],
+                ],
+                1,
+            )
+            got.append(flat[np.lexsort(flat.T[::-1])])
+        return got
+
+    one = table(tmp_path / "a", num_buckets=1)
+    many = table(tmp_path / "b", num_buckets=7, rows_per_shard=50)
+    other_seed = table(tmp_path / "c", num_buckets=1, seed=5)
+    for a, b in zip(one, many, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, c) for a, c in zip(one, other_seed, strict=True))
+    assert len(Schema.load(str(tmp_path / "b")).splits["train"]["shards"]) > 1
+
+
+def test_rare_ids_map_to_oov_but_user_key_stays_dense(tmp_path):
+    out = tmp_path / "p"
+    schema = run(
+        write(tmp_path / "log.csv", LOG),
+        out,
+        max_len=3,
+        neg_ratio=0,
+        min_count=2,
+        min_count_overrides={"user_id": 3},
+    )
+    # Items 10, 11, 12 are seen 3 times, 13 twice: all kept; categories too.
+    assert schema.vocab_sizes["item_id"] == 6
+    # Users with >= 3 events: 7 and 8; user 9 (one event) is OOV but keeps user_key 2.
+    assert schema.vocab_sizes["user_id"] == 4
+    train = rows(out, "train")
+    r = find(train, user_key=2, t=120)
+    assert train["user"][r, 0] == 1
+    run(write(tmp_path / "log2.csv", LOG), tmp_path / "q", max_len=3, neg_ratio=0, min_count=3)
+    q = rows(tmp_path / "q", "test")  # user 7 at t=1000: buy 10, pv 13 (rare -> OOV), cart 10
+    np.testing.assert_array_equal(q["hist"][0, :, 0], [2, 1, 2])
+    assert prepare.Vocab.load(str(tmp_path / "q"), "item_id").keys.tolist() == [10, 11, 12]
+    assert prepare.Vocab.load(str(tmp_path / "q"), "item_id").lookup([13, 12]).tolist() == [1, 4]
+
+
+def test_duplicates_are_counted_and_merged_only_with_dedupe(tmp_path):
+    log = write(tmp_path / "log.csv", LOG + "7,11,1,fav,200\n7,10,1,buy,400\n")
+    kept = run(log, tmp_path / "a", max_len=3, neg_ratio=0)
+    merged = run(log, tmp_path / "b", max_len=3, neg_ratio=0, dedupe=True)
+    assert kept.extra["counts"]["duplicates"] == merged.extra["counts"]["duplicates"] == 2
+    assert kept.extra["counts"]["duplicates_dropped"] == 0
+    assert merged.extra["counts"]["duplicates_dropped"] == 2
+    assert kept.splits["train"]["rows"] == 4 and merged.splits["train"]["rows"] == 3
+    test = rows(tmp_path / "a", "test")
+    np.testing.assert_array_equal(test["hist"][0, :, 0], [ITEM[10], ITEM[10], ITEM[13]])
+
+
+def test_failure_leaves_no_output_folder_and_keeps_the_old_one(tmp_path):
+    bad = write(tmp_path / "bad.csv", LOG + "7,10,1,buy\n")
+    out = tmp_path / "p"
+    with pytest.raises(DataError, match=r"bad\.csv:12: wrong number of fields"):
+        run(bad, out)
+    assert os.listdir(tmp_path) == ["bad.csv"]  # no folder, no leftover temp folder
+    run(write(tmp_path / "good.csv", LOG), out, max_len=3)
+    with pytest.raises(DataError):
+        run(bad, out)
+    assert Schema.load(str(out)).splits["train"]["rows"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["bad.csv", "good.csv", "p"]
+
+
+def test_cli_prepares_a_synthetic_log_and_records_the_command(tmp_path):
+    log = tmp_path / "events.csv.gz"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    subprocess.run(
+        [sys.executable, "tools/make_event_log.py", "--events=3000", f"--output={log}"],
+        cwd=ROOT,
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    out = tmp_path / "prepared"
+    cmd = [
+        sys.executable,
+        "tools/prepare_data.py",
+        "--source=taobao",
+        f"--input={log}",
+        f"--output={out}",
+        "--target_behaviour=buy,cart",
+        "--neg_ratio=2",
+        "--max_len=8",
+        "--memory_mb=64",
+        "--nolenient",
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    schema = Schema.load(str(out))
+    assert schema.extra["command"].startswith("python tools/prepare_data.py --source=taobao")
+    assert "--neg_ratio=2" in schema.extra["command"]
+    assert schema.label["target_behaviours"] == ["cart", "buy"]
+    assert report["audit"]["negatives"] == schema.extra["counts"]["negatives"] > 0
+    assert (
+        sum(v["rows"] for v in schema.splits.values())
+        == 3 * (schema.extra["counts"]["targets"])
+        - schema.extra["counts"]["negatives_unsampleable"]
+    )
+    res = subprocess.run(
+        cmd[:3] + [f"--input={tmp_path / 'missing.csv'}", cmd[4]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 1 and "missing.csv: no such file" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_time_split_by_fractions_and_counts(tmp_path):
+    text = "".join(
+        f"1,{i % 5 + 1},1,{'buy' if i % 2 else 'pv'},{1000 + 10 * i}\n" for i in range(101)
+    )
+    schema = prepare.prepare(
+        readers.open_source("taobao", write(tmp_path / "l.csv", text)),
+        str(tmp_path / "p"),
+        prepare.PrepareOptions(
+            neg_ratio=0, valid_frac=0.2, test_frac=0.1, min_timestamp=0, max_timestamp=1900
+        ),
+    )
+    split = schema.extra["split"]
+    assert (split["t_min"], split["t_max"]) == (1000, 1900)
+    assert (split["valid_start"], split["test_start"]) == (1630, 1810)
+    assert schema.extra["counts"]["outside_time_window"] == 10
+    got = {s: schema.splits[s]["rows"] for s in prepare.SPLITS}
+    assert got == {"train": 31, "valid": 9, "test": 5}  # odd i: i < 63, 63..79, 81..89
+    assert schema.extra["counts"]["behaviours"] == {"pv": 46, "cart": 0, "fav": 0, "buy": 45}
+
+
+def test_huge_and_negative_ids_take_the_hash_path_with_the_same_result(tmp_path):
+    shifted = "".join(
+        f"{int(u) * 10**15},{-int(i)},{c},{b},{t}\n"
+        for u, i, c, b, t in (line.split(",") for line in LOG.splitlines())
+    )
+    run(write(tmp_path / "a.csv", LOG), tmp_path / "a", max_len=3, neg_ratio=2)
+    run(write(tmp_path / "b.csv", shifted), tmp_path / "b", max_len=3, neg_ratio=2)
+    # Item ids are negated, so their vocabulary order reverses: raw 10..13 -> ids 5..2.
+    flip = np.array([0, 1, 5, 4, 3, 2])
+    for split in prepare.SPLITS:
+        a, b = rows(tmp_path / "a", split), rows(tmp_path / "b", split)
+        np.testing.assert_array_equal(a["hist"][..., 0], flip[b["hist"][..., 0]])
+        np.testing.assert_array_equal(a["user"], b["user"])
+        np.testing.assert_array_equal(a["timestamp"], b["timestamp"])
+    assert prepare.Vocab.load(str(tmp_path / "b"), "user_id").keys[0] == 7 * 10**15
+
+
+def test_an_empty_split_is_written_and_readable(tmp_path):
+    schema = run(write(tmp_path / "log.csv", LOG), tmp_path / "p", max_len=3, valid_start=900)
+    assert schema.splits["valid"] == {"rows": 0, "shards": []}
+    store = ExampleStore(str(tmp_path / "p"), "valid")
+    assert len(store) == 0 and store.column("hist").shape == (0, 3, 4)
+    assert audit.audit_leakage(str(tmp_path / "p"))["rows"]["valid"] == 0
+
+
+def test_min_history_drops_targets_with_too_few_earlier_events(tmp_path):
+    schema = run(
+        write(tmp_path / "log.csv", LOG),
+        tmp_path / "p",
+        max_len=3,
+        min_history=2,
+        tmp_dir=str(tmp_path / "scratch"),
+    )
+    # Buys with >= 2 earlier events: user 7 at 400 and 1000, user 8 at 600.
+    assert schema.extra["counts"]["targets_short_history"] == 2
+    assert schema.extra["counts"]["targets"] == 3
+    assert os.listdir(tmp_path / "scratch") == []  # bucket files cleaned up

@@ -1,0 +1,260 @@
+"""Data preparation on awkward input: malformed rows (strict and lenient), missing columns, empty
+and truncated files, gzip/CRLF/BOM, and the MovieLens, Retailrocket and generic events readers."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from influence_jax.data import audit, prepare, readers
+from influence_jax.data.schema import DataError
+from influence_jax.data.store import ExampleStore
+from tests.test_prepare import LOG, rows, run, write
+
+
+def all_rows(out) -> dict[str, np.ndarray]:
+    return {s: rows(out, s) for s in prepare.SPLITS}
+
+
+def assert_same(a, b) -> None:
+    for s in prepare.SPLITS:
+        for k in a[s]:
+            np.testing.assert_array_equal(a[s][k], b[s][k], err_msg=f"{s}.{k}")
+
+
+BAD_ROWS = [
+    ("7,10,1,pv\n", "wrong_field_count", "wrong number of fields"),
+    ("7,10,1,pv,100,3\n", "wrong_field_count", "wrong number of fields"),
+    ("7,10,1,pv,12:00\n", "bad_timestamp", "non-integer timestamp: '7,10,1,pv,12:00'"),
+    ("7,10,1,click,100\n", "unknown_behaviour", "unknown behaviour type: '7,10,1,click,100'"),
+    ("u7,10,1,pv,100\n", "bad_id", "empty or non-integer id"),
+]
+
+
+@pytest.mark.parametrize(
+    "bad,reason,message", BAD_ROWS, ids=[r[1] + str(i) for i, r in enumerate(BAD_ROWS)]
+)
+def test_malformed_row_stops_with_file_and_line_or_is_counted_when_lenient(
+    tmp_path, bad, reason, message
+):
+    lines = LOG.splitlines(keepends=True)
+    text = "".join(lines[:3]) + "\n" + bad + "".join(lines[3:])  # a blank line, then line 5
+    path = write(tmp_path / "log.csv", text)
+    with pytest.raises(DataError, match=rf"log\.csv:5: {message}.*--lenient"):
+        run(path, tmp_path / "strict", max_len=3)
+    schema = run(path, tmp_path / "lenient", max_len=3, lenient=True)
+    counts = schema.extra["counts"]
+    assert counts[f"skipped_{reason}"] == 1 and counts["skipped_blank_lines"] == 1
+    clean = run(write(tmp_path / "clean.csv", LOG), tmp_path / "clean", max_len=3)
+    assert_same(all_rows(tmp_path / "lenient"), all_rows(tmp_path / "clean"))
+    assert clean.extra["counts"]["rows_valid"] == counts["rows_valid"]
+
+
+def test_line_numbers_survive_many_blocks(tmp_path):
+    body = "".join(f"{u % 50},{u % 97},1,pv,{1000 + u}\n" for u in range(80_000))
+    path = write(tmp_path / "big.csv", body + "1,2,3,pv,oops\n" + body)
+    with pytest.raises(DataError, match=r"big\.csv:80001: non-integer timestamp"):
+        run(path, tmp_path / "p", memory_mb=64)
+    path = write(tmp_path / "big2.csv", body + "1,2,3\n" + body)
+    with pytest.raises(DataError, match=r"big2\.csv:80001: wrong number of fields"):
+        run(path, tmp_path / "p", memory_mb=64)
+
+
+def test_gzip_crlf_bom_and_no_final_newline_read_like_the_clean_file(tmp_path):
+    run(write(tmp_path / "clean.csv", LOG), tmp_path / "clean", max_len=3, neg_ratio=1)
+    messy = "\ufeff" + LOG.replace("\n", "\r\n").rstrip("\r\n")
+    with gzip.open(tmp_path / "messy.csv.gz", "wt", encoding="utf-8", newline="") as f:
+        f.write(messy)
+    run(tmp_path / "messy.csv.gz", tmp_path / "messy", max_len=3, neg_ratio=1)
+    assert_same(all_rows(tmp_path / "clean"), all_rows(tmp_path / "messy"))
+    # gzip is recognised by its magic bytes, not the file name.
+    (tmp_path / "renamed.csv").write_bytes((tmp_path / "messy.csv.gz").read_bytes())
+    run(tmp_path / "renamed.csv", tmp_path / "renamed", max_len=3, neg_ratio=1)
+    assert_same(all_rows(tmp_path / "clean"), all_rows(tmp_path / "renamed"))
+
+
+def test_truncated_gzip_empty_file_missing_column_and_no_events_fail_clearly(tmp_path):
+    data = gzip.compress(("".join(LOG for _ in range(200))).encode())
+    (tmp_path / "cut.csv.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.csv\.gz: .*truncated or corrupt"):
+        run(tmp_path / "cut.csv.gz", tmp_path / "p")
+    with pytest.raises(DataError, match=r"empty\.csv: empty file"):
+        run(write(tmp_path / "empty.csv", ""), tmp_path / "p")
+    rr = "user_id,item_id,behavior\n0,3,view\n"
+    with pytest.raises(DataError, match=r"rr\.csv: missing column\(s\) \['timestamp'\]"):
+        run(write(tmp_path / "rr.csv", rr), tmp_path / "p", source="retailrocket")
+    with pytest.raises(DataError, match=r"head\.csv.*no events"):
+        run(
+            write(tmp_path / "head.csv", "user_id,item_id,behavior,timestamp\n"),
+            tmp_path / "p",
+            source="retailrocket",
+        )
+    with pytest.raises(DataError, match=r"e\.csv: empty file"):
+        run(write(tmp_path / "e.csv", ""), tmp_path / "p", source="retailrocket")
+    with pytest.raises(DataError, match="no such file"):
+        run(tmp_path / "nope.csv", tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_retailrocket_reader(tmp_path):
+    text = (
+        "user_id,item_id,behavior,timestamp\n0,3,view,100\n0,1,cart,200\n0,3,buy,300\n"
+        "1,2,view,150\n1,2,buy,400\n2,5,view,120\n"
+    )
+    out = tmp_path / "p"
+    schema = run(
+        write(tmp_path / "train.csv", text),
+        out,
+        source="retailrocket",
+        neg_ratio=2,
+        valid_start=350,
+        test_start=1000,
+    )
+    assert schema.behaviour_types == ("view", "cart", "buy")
+    assert [f.name for f in schema.hist_fields] == ["item_id", "behaviour", "time_gap"]
+    assert schema.splits["train"]["rows"] == 3 and schema.splits["valid"]["rows"] == 3
+    train = rows(out, "train")
+    # User 0 buys item 3 at t=300 after cart 1 @200 and view 3 @100 (items 1, 2, 3, 5 -> 2..5).
+    np.testing.assert_array_equal(train["hist"][0, :2, :2], [[2, 2 + 1], [4, 2 + 0]])
+    audit.audit_leakage(str(out))
+
+
+def _movielens(folder) -> None:
+    folder.mkdir()
+    write(folder / "u.data", "1\t10\t5\t100\n1\t20\t3\t200\n2\t10\t4\t150\n1\t30\t1\t300\n")
+    write(folder / "u.user", "1|24|M|technician|85711\n2|60|F|other|T8H1N\n")
+    write(folder / "u.genre", "unknown|0\nAction|1\nComedy|2\n\n")
+    write(
+        folder / "u.item",
+        "10|A (1995)|01-Jan-1995||http://x|0|0|1\n"
+        "20|B (1995)|01-Jan-1995||http://y|0|1|1\n"
+        "30|C \xe9 (1995)|01-Jan-1995||http://z|0|0|0\n",
+    )
+
+
+def test_movielens_ratings_side_features_and_threshold_label(tmp_path):
+    _movielens(tmp_path / "ml")
+    out = tmp_path / "p"
+    schema = run(tmp_path / "ml", out, source="movielens", valid_start=250, test_start=10**9)
+    assert schema.behaviour_types == ("r1", "r2", "r3", "r4", "r5")
+    assert [f.name for f in schema.user_fields] == [
+        "user_id",
+        "age",
+        "gender",
+        "occupation",
+        "zip_prefix",
+    ]
+    assert schema.extra["counts"]["negatives"] == 0 and schema.label["label_threshold"] == 4.0
+    train = rows(out, "train")
+    order = np.lexsort((train["timestamp"], train["user_key"]))
+    np.testing.assert_array_equal(train["label"][order], [1, 0, 1])  # ratings 5, 3 and 4
+    np.testing.assert_array_equal(train["target_type"][order], [2 + 4, 2 + 2, 2 + 3])
+    age = prepare.Vocab.load(str(out), "age").keys.to_pylist()
+    assert sorted(age) == ["18", "56"]
+    zips = prepare.Vocab.load(str(out), "zip_prefix").keys.to_pylist()
+    assert zips == ["85", "T8"]
+    # Categories: item 10 -> Comedy (2), 20 -> Action (1, its first genre), 30 -> unknown (0).
+    cats = prepare.Vocab.load(str(out), "category").keys.tolist()
+    assert cats == [0, 1, 2]
+    np.testing.assert_array_equal(train["item"][order][:, 1], [2 + 2, 2 + 1, 2 + 2])
+    valid = rows(out, "valid")  # user 1 at t=300 rated 30 (r1): history 20@200, 10@100
+    np.testing.assert_array_equal(valid["hist"][0, :2, :3], [[3, 3, 2 + 2], [2, 4, 2 + 4]])
+    assert valid["label"][0] == 0
+    audit.audit_leakage(str(out))
+
+
+def _events_table() -> dict[str, list]:
+    return {
+        "uid": ["a", "a", "b", "a", "b", "c"],
+        "sku": ["x", "y", "x", "z", "y", "x"],
+        "act": ["click", "click", "click", "order", "order", "click"],
+        "ts": [10, 20, 15, 30, 40, 5],
+        "price": [1.0, 2.5, 1.0, 9.0, 2.5, 1.0],
+    }
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_generic_events_with_string_ids_side_tables_and_value_label(tmp_path, fmt):
+    t = _events_table()
+    if fmt == "csv":
+        body = [";".join(map(str, r)) for r in zip(*t.values(), strict=True)]
+        lines = ["uid;sku;act;ts;price", *body]
+        path = write(tmp_path / "ev.csv", "\n".join(lines) + "\n")
+    else:
+        path = str(tmp_path / "ev.parquet")
+        pq.write_table(pa.table(t), path)
+    write(tmp_path / "users.csv", "uid;country;tier\na;FR;gold\nb;DE;gold\n")
+    src = readers.open_source(
+        "events",
+        path,
+        user="uid",
+        item="sku",
+        behaviour="act",
+        timestamp="ts",
+        value="price",
+        behaviour_types=("click", "order"),
+        delimiter=";",
+        string_ids=True,
+        user_table=str(tmp_path / "users.csv"),
+    )
+    out = tmp_path / "p"
+    schema = prepare.prepare(
+        src,
+        str(out),
+        prepare.PrepareOptions(
+            target_behaviours=("order",),
+            neg_ratio=0,
+            label_threshold=5.0,
+            valid_start=35,
+            test_start=100,
+        ),
+    )
+    assert [f.name for f in schema.user_fields] == ["user_id", "country", "tier"]
+    assert schema.splits["train"]["rows"] == 1 and schema.splits["valid"]["rows"] == 1
+    train, valid = rows(out, "train"), rows(out, "valid")
+    assert train["label"][0] == 1 and valid["label"][0] == 0  # price 9.0 and 2.5 vs 5.0
+    users = prepare.Vocab.load(str(out), "user_id")
+    assert users.keys.to_pylist() == ["a", "b", "c"]
+    np.testing.assert_array_equal(train["user"][0], [2, 2 + 1, 2])  # a: FR, gold
+    np.testing.assert_array_equal(train["hist"][0, :3, 0], [3, 2, 0])  # y@20, x@10
+    c = prepare.Vocab.load(str(out), "country").lookup(pa.array(["DE", "US"]))
+    assert c.tolist() == [2, 1]
+    if fmt == "csv":
+        with pytest.raises(DataError, match=r"ev\.csv: missing column\(s\) \['when'\]"):
+            readers.open_source(
+                "events",
+                path,
+                user="uid",
+                item="sku",
+                behaviour="act",
+                timestamp="when",
+                behaviour_types=("click",),
+                delimiter=";",
+                string_ids=True,
+            ).chunks(1 << 20, readers.Tally(False)).__next__()
+
+
+def test_events_parquet_bad_timestamp_names_the_row(tmp_path):
+    t = _events_table()
+    t["ts"] = [str(v) for v in t["ts"]]
+    t["ts"][3] = "later"
+    pq.write_table(pa.table(t), tmp_path / "ev.parquet")
+    src = readers.open_source(
+        "events",
+        str(tmp_path / "ev.parquet"),
+        user="uid",
+        item="sku",
+        behaviour="act",
+        timestamp="ts",
+        behaviour_types=("click", "order"),
+        string_ids=True,
+    )
+    with pytest.raises(DataError, match=r"ev\.parquet:row 4: non-integer timestamp"):
+        prepare.prepare(src, str(tmp_path / "p"), prepare.PrepareOptions())
+    schema = prepare.prepare(src, str(tmp_path / "p"), prepare.PrepareOptions(lenient=True))
+    assert schema.extra["counts"]["skipped_bad_timestamp"] == 1
+    assert len(ExampleStore(str(tmp_path / "p"), "train")) >= 1

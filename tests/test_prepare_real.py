@@ -1,0 +1,84 @@
+"""Prepares and audits the real datasets under $INFLUENCE_JAX_DATA (CI: /work/shared/data).
+
+Skipped only when INFLUENCE_JAX_DATA is unset; when it is set, a missing file fails the test.
+Expected counts come from /work/shared/data/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from influence_jax.data import audit, prepare, readers
+from influence_jax.data.store import ExampleStore
+
+DATA = os.environ.get("INFLUENCE_JAX_DATA", "")
+pytestmark = pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set")
+
+
+def need(*parts: str) -> str:
+    path = os.path.join(DATA, *parts)
+    assert os.path.exists(path), f"INFLUENCE_JAX_DATA={DATA!r} is set but {path} is missing"
+    return path
+
+
+def prepare_and_audit(source: str, path: str, out, **kw):
+    schema = prepare.prepare(
+        readers.open_source(source, path), str(out), prepare.PrepareOptions(**kw)
+    )
+    report = audit.audit_leakage(str(out))
+    assert report["rows"] == {s: schema.splits[s]["rows"] for s in prepare.SPLITS}
+    assert all(schema.splits[s]["rows"] > 0 for s in prepare.SPLITS)
+    return schema, report
+
+
+def test_taobao_sample(tmp_path):
+    path = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
+    schema, report = prepare_and_audit("taobao", path, tmp_path / "taobao")
+    c = schema.extra["counts"]
+    assert c["rows_valid"] == 84_287 and c["outside_time_window"] == 35
+    assert (c["users"], c["targets"]) == (814, 1_749)  # every buy is in the window
+    assert schema.vocab_sizes["behaviour"] == 6 and schema.label["target_behaviours"] == ["buy"]
+    total = sum(schema.splits[s]["rows"] for s in prepare.SPLITS)
+    assert total == 5 * c["targets"] - c["negatives_unsampleable"]
+    assert report["negatives"] == c["negatives"]
+    assert schema.extra["split"]["t_min"] >= readers.TAOBAO_WINDOW[0]
+
+
+def test_movielens_100k(tmp_path):
+    schema, report = prepare_and_audit("movielens", need("ml-100k"), tmp_path / "ml")
+    c = schema.extra["counts"]
+    assert (c["events"], c["users"], c["items"], c["targets"]) == (100_000, 943, 1_682, 100_000)
+    assert c["behaviours"] == {"r1": 6_110, "r2": 11_370, "r3": 27_145, "r4": 34_174, "r5": 21_201}
+    labels = np.concatenate(
+        [ExampleStore(str(tmp_path / "ml"), s).column("label") for s in prepare.SPLITS]
+    )
+    assert labels.sum() == 34_174 + 21_201  # rating >= 4
+    assert report["negatives"] == 0 and schema.vocab_sizes["age"] == 2 + 7
+
+
+def test_cml_retailrocket(tmp_path):
+    path = need("cml_retailrocket", "train.csv")
+    schema, _ = prepare_and_audit("retailrocket", path, tmp_path / "rr")
+    c = schema.extra["counts"]
+    assert (c["events"], c["users"], c["items"], c["targets"]) == (97_381, 2_174, 29_905, 9_551)
+    assert c["behaviours"] == {"view": 75_374, "cart": 12_456, "buy": 9_551}
+    assert c["duplicates"] == 0
+
+
+def test_short_training_on_prepared_taobao(tmp_path):
+    """configs/taobao.py trains end to end on the prepared real sample (short run)."""
+    from configs import taobao
+    from influence_jax import train
+
+    path = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
+    prepare_and_audit("taobao", path, tmp_path / "taobao")
+    config = taobao.get_config()
+    config.data.path = str(tmp_path / "taobao")
+    config.loop.num_steps, config.loop.log_every, config.loop.eval_every = 20, 10, 0
+    config.ckpt.every = 20
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0.0 < result["test/auc"] < 1.0 and np.isfinite(result["test/logloss"])
+    assert result["test/num_examples"] == 1_085

@@ -1,0 +1,183 @@
+"""Prepares a raw interaction log into a dataset folder (shards, vocab/, schema.json).
+
+    python tools/prepare_data.py --source=taobao \
+      --input=/work/shared/data/taobao_userbehavior_sample/UserBehavior_head814users.csv \
+      --output=.prepared/taobao --target_behaviour=buy --neg_ratio=4 --max_len=50
+
+Sources: taobao (UserBehavior.csv, optionally .gz), movielens (the ml-100k folder), retailrocket
+(CML train.csv) and events (any CSV/Parquet log; map its columns with --user_col etc.).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+try:
+    from influence_jax.data import audit, prepare, readers
+except ImportError:  # run from a checkout without `pip install -e .`
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from influence_jax.data import audit, prepare, readers
+from influence_jax.data.schema import DataError
+
+_SOURCE = flags.DEFINE_enum(
+    "source",
+    None,
+    ["taobao", "movielens", "retailrocket", "events"],
+    "Raw data format.",
+    required=True,
+)
+_INPUT = flags.DEFINE_string(
+    "input", None, "Log file (movielens: the ml-100k folder).", required=True
+)
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Prepared dataset folder (replaced atomically).", required=True
+)
+_NAME = flags.DEFINE_string("name", None, "Dataset name in schema.json (default: the source).")
+_MAX_LEN = flags.DEFINE_integer("max_len", 50, "History length: most recent events kept.")
+_TARGET = flags.DEFINE_list(
+    "target_behaviour",
+    None,
+    "Behaviours whose events are targets, or 'any' (default: taobao and "
+    "retailrocket buy, movielens and events any).",
+)
+_NEG_RATIO = flags.DEFINE_integer(
+    "neg_ratio",
+    None,
+    "Sampled negatives per positive (default: movielens 0, taobao/retailrocket 4, events 1).",
+)
+_NEG_STRATEGY = flags.DEFINE_enum(
+    "neg_strategy",
+    "uniform",
+    ["uniform", "popularity"],
+    "How negatives are drawn from the in-vocabulary items.",
+)
+_LABEL_THRESHOLD = flags.DEFINE_float(
+    "label_threshold", None, "Label = value >= this (movielens default 4: rating >= 4)."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Negative sampling seed.")
+_VALID_FRAC = flags.DEFINE_float("valid_frac", 0.1, "Validation share of the time range.")
+_TEST_FRAC = flags.DEFINE_float("test_frac", 0.1, "Test share of the time range.")
+_VALID_START = flags.DEFINE_integer("valid_start", None, "Explicit train/valid boundary (unix s).")
+_TEST_START = flags.DEFINE_integer("test_start", None, "Explicit valid/test boundary (unix s).")
+_MIN_TS = flags.DEFINE_integer(
+    "min_timestamp",
+    None,
+    "Drop events before this (unix s; taobao defaults to the official 2017-11-25..12-03 window).",
+)
+_MAX_TS = flags.DEFINE_integer("max_timestamp", None, "Drop events after this (unix s).")
+_MIN_COUNT = flags.DEFINE_integer("min_count", 1, "Ids seen fewer times map to OOV (id 1).")
+_MIN_COUNT_FOR = flags.DEFINE_list(
+    "min_count_for", [], "Per-vocabulary thresholds, e.g. item_id=5,user_id=1."
+)
+_MIN_HISTORY = flags.DEFINE_integer("min_history", 0, "Drop targets with fewer earlier events.")
+_DEDUPE = flags.DEFINE_bool("dedupe", False, "Merge exact duplicate events (always counted).")
+_LENIENT = flags.DEFINE_bool("lenient", False, "Count and skip malformed rows instead of failing.")
+_MEMORY_MB = flags.DEFINE_integer(
+    "memory_mb",
+    2048,
+    "Memory bound for events and examples (vocabularies come on top: ~40 bytes per user/item).",
+)
+_TMP_DIR = flags.DEFINE_string("tmp_dir", None, "Folder for bucket files (default: in output).")
+_ROWS_PER_SHARD = flags.DEFINE_integer(
+    "rows_per_shard", None, "Rows per shard (default: sized from --memory_mb)."
+)
+_AUDIT = flags.DEFINE_bool("audit", True, "Run the leakage audit on the result.")
+# --source=events only.
+_EVENT_FLAGS = {
+    "user": flags.DEFINE_string("user_col", "user_id", "events: user id column."),
+    "item": flags.DEFINE_string("item_col", "item_id", "events: item id column."),
+    "behaviour": flags.DEFINE_string("behaviour_col", "behaviour", "events: behaviour column."),
+    "timestamp": flags.DEFINE_string("timestamp_col", "timestamp", "events: unix seconds column."),
+    "category": flags.DEFINE_string("category_col", "", "events: optional item category column."),
+    "value": flags.DEFINE_string("value_col", "", "events: optional numeric value column."),
+    "behaviour_types": flags.DEFINE_list(
+        "behaviour_types", [], "events: behaviour spellings, e.g. view,cart,buy."
+    ),
+    "delimiter": flags.DEFINE_string("delimiter", ",", "events: CSV delimiter."),
+    "header": flags.DEFINE_bool("header", True, "events: the CSV starts with a header line."),
+    "names": flags.DEFINE_list("names", [], "events: column names when --noheader."),
+    "string_ids": flags.DEFINE_bool("string_ids", False, "events: ids are strings, not ints."),
+    "user_table": flags.DEFINE_string("user_table", "", "events: user side-table file."),
+    "user_key": flags.DEFINE_string("user_table_key", "", "events: its user id column."),
+    "item_table": flags.DEFINE_string("item_table", "", "events: item side-table file."),
+    "item_key": flags.DEFINE_string("item_table_key", "", "events: its item id column."),
+}
+
+
+def _event_kwargs() -> dict:
+    if _SOURCE.value != "events":
+        given = [f.name for f in _EVENT_FLAGS.values() if f.present]
+        if given:
+            raise DataError(f"--{', --'.join(given)}: only for --source=events")
+        return {}
+    kw = {k: f.value for k, f in _EVENT_FLAGS.items()}
+    kw["behaviour_types"] = tuple(kw["behaviour_types"])
+    kw["names"] = tuple(kw["names"])
+    return kw
+
+
+def _overrides() -> dict[str, int]:
+    out = {}
+    for item in _MIN_COUNT_FOR.value:
+        name, _, n = item.partition("=")
+        if not n.strip().isdigit():
+            raise DataError(f"--min_count_for: expected name=N, got {item!r}")
+        out[name.strip()] = int(n)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        source = readers.open_source(_SOURCE.value, _INPUT.value, **_event_kwargs())
+        opts = prepare.PrepareOptions(
+            max_len=_MAX_LEN.value,
+            target_behaviours=tuple(_TARGET.value or ()) or None,
+            neg_ratio=_NEG_RATIO.value,
+            neg_strategy=_NEG_STRATEGY.value,
+            label_threshold=_LABEL_THRESHOLD.value,
+            seed=_SEED.value,
+            valid_frac=_VALID_FRAC.value,
+            test_frac=_TEST_FRAC.value,
+            valid_start=_VALID_START.value,
+            test_start=_TEST_START.value,
+            min_timestamp=_MIN_TS.value,
+            max_timestamp=_MAX_TS.value,
+            min_count=_MIN_COUNT.value,
+            min_count_overrides=_overrides(),
+            min_history=_MIN_HISTORY.value,
+            dedupe=_DEDUPE.value,
+            lenient=_LENIENT.value,
+            memory_mb=_MEMORY_MB.value,
+            tmp_dir=_TMP_DIR.value,
+            rows_per_shard=_ROWS_PER_SHARD.value,
+            name=_NAME.value,
+            command=shlex.join(["python", *sys.argv]),
+        )
+        schema = prepare.prepare(source, _OUTPUT.value, opts)
+        report = audit.audit_leakage(_OUTPUT.value) if _AUDIT.value else None
+    except DataError as e:
+        sys.exit(f"prepare_data: {e}")
+    logging.info("wrote %s", _OUTPUT.value)
+    print(
+        json.dumps(
+            {
+                "output": _OUTPUT.value,
+                "rows": {s: v["rows"] for s, v in schema.splits.items()},
+                "vocab_sizes": schema.vocab_sizes,
+                "counts": schema.extra["counts"],
+                "audit": report,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
