@@ -25,6 +25,7 @@ class Inputs:
     event_BxLxD: each history event's item-side embedding (its item fields, summed).
     hist_BxLxE: each event's full embedding (all history fields, concatenated).
     mask_BxL: True at real events. gate_BxL: the event's behaviour-type weight (0 at padding).
+    match_BxLxK: exact id matches between the event and the target, per shared item field.
     """
 
     user_BxFxD: jax.Array
@@ -34,6 +35,7 @@ class Inputs:
     hist_BxLxE: jax.Array
     mask_BxL: jax.Array
     gate_BxL: jax.Array
+    match_BxLxK: jax.Array  # 1.0 where the event's item field equals the target's (id match)
 
 
 class MLP(nn.Module):
@@ -94,7 +96,7 @@ class DNNExtractor(nn.Module):
 class TargetAttention(nn.Module):
     """DIN-style target attention: each past event's relevance to the target item.
 
-    Event i contributes `gate_i * a_i`, where a_i = MLP([e_i * q, e_i, pos_i]) is
+    Event i contributes `gate_i * a_i`, where a_i = MLP([e_i * q, e_i, match_i, pos_i]) is
     its (unnormalised) relevance to the target q and gate_i its behaviour type's weight. The
     score is the sum over events, so the per-event contributions are exact additive parts of
     this extractor's score (exposed as aux["event_contribution_BxL"]). The attention MLP does
@@ -111,7 +113,7 @@ class TargetAttention(nn.Module):
         q = jnp.broadcast_to(x.target_BxD[:, None, :], e.shape)
         # No target-only input: a term in q alone (item quality) would be summed over events
         # and let this extractor stand in for a profile model, blurring what w_j means.
-        feats = jnp.concatenate([e * q, e, jnp.broadcast_to(pos_LxD, e.shape)], -1)
+        feats = jnp.concatenate([e * q, e, x.match_BxLxK, jnp.broadcast_to(pos_LxD, e.shape)], -1)
         a_BxL = MLP(self.hidden, 0.0, name="attention")(feats, train)
         contrib_BxL = jnp.where(x.mask_BxL, x.gate_BxL * a_BxL, 0.0)
         return jnp.sum(contrib_BxL, axis=1), {

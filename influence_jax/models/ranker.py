@@ -69,6 +69,16 @@ class Ranker(nn.Module):
         ]
         target = sum(item[:, i] for i, _ in pairs)
         event = sum(hist[:, :, j] for _, j in pairs)
+        # Exact id matches (same item, same category) are the strongest single cue of a
+        # repeat interaction; embeddings of rare ids cannot express them.
+        ids_item, ids_hist = batch["item"], batch["hist"][..., kept]
+        match = jnp.stack(
+            [
+                (ids_hist[..., k] == ids_item[:, None, i]) & (ids_hist[..., k] >= NUM_RESERVED)
+                for i, k in pairs
+            ],
+            -1,
+        ).astype(jnp.float32)
         gate = jnp.where(mask, gates[batch["hist"][..., b]], 0.0)
         return Inputs(
             user_BxFxD=user,
@@ -78,6 +88,7 @@ class Ranker(nn.Module):
             hist_BxLxE=hist.reshape(B, s.max_len, -1),
             mask_BxL=mask,
             gate_BxL=gate,
+            match_BxLxK=match,
         )
 
     @nn.compact

@@ -1,0 +1,100 @@
+"""Input-pipeline throughput against the train step it feeds (`benchmark.py --what=input`).
+
+For each history length, generates a synthetic prepared dataset, times the training
+pipeline (Grain read threads + prefetch, vectorised batch gathers from memory-mapped shards)
+on its own, then times the default model's jitted train step on batches already in memory,
+and prints both with their ratio. The pipeline should deliver at least 5x the step's rate.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from configs import default  # noqa: E402
+from influence_jax import (  # noqa: E402
+    optim,  # noqa: E402
+    sharding,
+    train,
+)
+from influence_jax.data import pipeline, synthetic  # noqa: E402
+from influence_jax.data.store import ExampleStore  # noqa: E402
+from influence_jax.models import build_model  # noqa: E402
+
+
+def input_rate(store: ExampleStore, batch: int, n: int, threads: int, prefetch: int) -> float:
+    source = pipeline.TrainBatches(store, batch, seed=0, num_batches=n + 5)
+    it = pipeline.BatchIterator(source, prefetch=prefetch, num_threads=threads)
+    for _ in range(5):  # warm the threads and page cache
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n * batch / (time.perf_counter() - t0)
+
+
+def step_rate(config, schema, store: ExampleStore, batch: int, n: int) -> float:
+    mesh = sharding.make_mesh(config.mesh)
+    model = build_model(config.model, schema)
+    lr = optim.learning_rate_schedule(config.opt, 1000)
+    tx = optim.make_optimizer(config.opt, 1000)
+    state, sh = train.create_state(model, tx, schema, 0, mesh, config.mesh)
+    step = jax.jit(
+        train.make_train_step(model, tx, lr),
+        donate_argnums=0,
+        in_shardings=(sh, sharding.batch_sharding(mesh)),
+        out_shardings=(sh, sharding.replicated(mesh)),
+    )
+    source = pipeline.TrainBatches(store, batch, seed=0, num_batches=4)
+    batches = [sharding.to_global(source[i], mesh) for i in range(4)]
+    state, m = step(state, batches[0])
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for i in range(n):
+        state, m = step(state, batches[i % 4])
+    jax.block_until_ready(m)
+    return n * batch / (time.perf_counter() - t0)
+
+
+def run(max_lens=(50, 200), batch: int = 1024, examples: int = 60_000) -> list[dict]:
+    """Returns one row per history length: input and train-step examples/s and their ratio."""
+    rows = []
+    for max_len in max_lens:
+        config = default.get_config()
+        syn = config.data.synthetic
+        syn.max_len, syn.train_examples = max_len, examples
+        syn.valid_examples = syn.test_examples = 1_000
+        with tempfile.TemporaryDirectory() as tmp:
+            schema = synthetic.generate(syn, os.path.join(tmp, "data"))
+            store = ExampleStore(os.path.join(tmp, "data"), "train", schema)
+            inp = input_rate(store, batch, 40, config.data.num_threads, config.data.prefetch)
+            stp = step_rate(config, schema, store, batch, 10)
+        rows.append(
+            {
+                "max_len": max_len,
+                "batch": batch,
+                "input_ex_per_s": inp,
+                "train_step_ex_per_s": stp,
+                "ratio": inp / stp,
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'max_len':>8} {'batch':>6} {'input ex/s':>12} {'train step ex/s':>16} {'ratio':>7}")
+    for r in rows:
+        print(
+            f"{r['max_len']:>8} {r['batch']:>6} {r['input_ex_per_s']:>12,.0f} "
+            f"{r['train_step_ex_per_s']:>16,.0f} {r['ratio']:>6.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    print_table(run())
