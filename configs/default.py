@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.extractors = ("din", "dnn", "cnn")  # f_j combined as sum_j w_j f_j (ranker only)
     model.combine = "softmax"  # extractor weights: "softmax" (learned, sum to 1) or "sum"
     model.behaviour_gates = True  # learn one non-negative weight per behaviour type
+    model.type_embedding = False  # extractors also read a type embedding (not only its gate)
     model.din = ml_collections.ConfigDict({"hidden": (32,)})  # target-attention MLP widths
     model.dnn = ml_collections.ConfigDict({"hidden": (64, 32), "dropout": 0.2, "use_history": True})
     model.cnn = ml_collections.ConfigDict(
@@ -77,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     loop.eval_split = "valid"  # split used during training
     loop.final_eval_split = "test"  # split evaluated once at the end ("" to skip)
     loop.sync_every = 1  # fetch step t-1's metrics while step t runs (bounds dispatch depth)
+    loop.early_stop_metric = "auc"  # eval_split metric (auc, gauc, logloss...) for best/early stop
+    loop.early_stop_mode = "auto"  # "max", "min" or "auto" (min for *loss*, max otherwise)
+    loop.early_stop_patience = 0  # evaluations without improvement before stopping; 0 = never
 
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # devices on the data-parallel axis; -1 = all that remain
@@ -86,9 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.rules = ()  # extra ordered (param path regex, partition spec) rules; first match wins
 
     config.ckpt = ckpt = ml_collections.ConfigDict()
-    ckpt.every = 500  # steps between checkpoints (also one at the end)
-    ckpt.max_to_keep = 3  # most recent checkpoints kept
+    ckpt.every = 500  # steps between checkpoints (also one at each evaluation and at the end)
+    ckpt.max_to_keep = 3  # most recent checkpoints kept (plus the best); 0 = keep all
     ckpt.async_save = True  # write checkpoints in the background
+    ckpt.keep_best = True  # also keep the best step by loop.early_stop_metric (WORKDIR/best.json)
 
     config.lock()
     return config

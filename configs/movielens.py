@@ -25,6 +25,9 @@ def get_config():
     config.data.batch_size = 512  # global training batch, examples
     config.data.eval_batch_size = 2048  # global evaluation batch, examples
     config.model.embed_dim = 16  # embedding width D per field
+    # The behaviour type is the rating value (r1..r5): extractors need to read it, not only
+    # its gate, to learn what a user's past ratings say about the next one.
+    config.model.type_embedding = True
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.loop.num_steps = 2_000  # about 12 epochs of the train split
     config.loop.log_every = 100  # steps between progress lines

@@ -104,3 +104,15 @@ def test_unknown_extractor_is_a_config_error(tiny_data):
     schema, _ = tiny_data
     with pytest.raises(ConfigError, match="config.model.extractors"):
         _model(schema, extractors=("din", "transformer"))
+
+
+def test_type_embedding_switch(tiny_data):
+    schema, path = tiny_data
+    batch = helpers.first_batch(schema, path, 16)
+    for on in (False, True):
+        model = _model(schema, type_embedding=on)
+        params = model.init(jax.random.PRNGKey(0), batch)["params"]
+        assert ("embed_behaviour" in params["embeddings"]) == on
+        logit, _ = model.apply({"params": params}, batch)
+        logit2, _ = model.apply({"params": params}, _pad_scramble(schema, batch))
+        np.testing.assert_allclose(np.asarray(logit), np.asarray(logit2), rtol=1e-6, atol=1e-6)

@@ -37,6 +37,10 @@ class Ranker(nn.Module):
     combine: str = "softmax"  # "softmax" (learned, normalised) or "sum" (all weights 1)
     behaviour_gates: bool = True
     share_item_embeddings: bool = True
+    # Also embed the behaviour type for the extractors. Off, a type acts only through its gate
+    # and the gate is its whole influence; on (e.g. MovieLens, where the type is the rating
+    # value), extractors may also read it, and the gate is the gated share of its influence.
+    type_embedding: bool = False
 
     def _gates(self) -> jax.Array:
         """Per behaviour id (pad, OOV, types...) -> gate; pad 0, OOV 1, types learned."""
@@ -53,7 +57,7 @@ class Ranker(nn.Module):
         b = s.hist_index(HIST_BEHAVIOUR)
         # With gates on, the type reaches the extractors only through its gate, so its learned
         # weight is the whole of its influence rather than a share of it: no type embedding.
-        skip = (s.hist_fields[b].vocab,) if self.behaviour_gates else ()
+        skip = (s.hist_fields[b].vocab,) if self.behaviour_gates and not self.type_embedding else ()
         emb = Embeddings(s, self.embed_dim, self.share_item_embeddings, skip, name="embeddings")
         B = batch["user"].shape[0]
         user = emb(batch["user"], s.user_fields)
