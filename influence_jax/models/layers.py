@@ -31,20 +31,25 @@ class Embeddings(nn.Module):
     skip: tuple[str, ...] = ()  # vocabularies the model never looks up (no table is made)
 
     def setup(self):
-        init = nn.initializers.normal(stddev=0.05)
         self.tables = {
-            v: self.param(f"embed_{v}", init, (n, self.dim))
+            v: self._table(f"embed_{v}", n)
             for v, n in self.schema.vocab_sizes.items()
             if v not in self.skip
         }
         if not self.share_item:
             self.hist_tables = {
-                f.vocab: self.param(
-                    f"embed_hist_{f.vocab}", init, (self.schema.vocab_sizes[f.vocab], self.dim)
-                )
+                f.vocab: self._table(f"embed_hist_{f.vocab}", self.schema.vocab_sizes[f.vocab])
                 for f in self.schema.hist_fields
                 if f.vocab not in self.skip
             }
+
+    def _table(self, name: str, rows: int) -> jax.Array:
+        # A plain "params" variable rather than self.param: the sparse train step passes a
+        # table holding only the rows a batch uses, which self.param's shape check would refuse.
+        init = nn.initializers.normal(stddev=0.05)
+        return self.variable(
+            "params", name, lambda: init(self.make_rng("params"), (rows, self.dim))
+        ).value
 
     def lookup(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
         """ids [..., F] -> embeddings [..., F, D], one table per field's vocabulary."""
