@@ -119,3 +119,56 @@ def merge(dense: Any, tables: dict[str, jax.Array]) -> Any:
     out = jax.tree_util.tree_map(lambda x: x, dense)
     out["embeddings"].update(tables)
     return out
+
+
+def init_opt_state(tx: Any, params: Any, vocabs: tuple[str, ...]) -> dict[str, Any]:
+    """Optimizer state: the optax chain over the dense params, row-wise Adagrad for the rest."""
+    return {"dense": tx.init(without(params, vocabs)), "sparse": init_state(params, vocabs)}
+
+
+def make_train_step(
+    model: Any,
+    tx: Any,
+    lr_schedule: Any,
+    schema: Schema,
+    vocabs: tuple[str, ...],
+    loss_sums: Any,
+    sparse_lr: float,
+):
+    """`train_step(state, batch) -> (state, metrics)` with row-sparse updates of `vocabs`.
+
+    Same contract as train.make_train_step; `state.opt_state` is `init_opt_state`'s layout.
+    `loss_sums(logit_B, label_B, weight_B)` returns the sums dict with "loss_sum", "count".
+    """
+    import optax
+
+    def train_step(state: Any, batch: dict[str, jax.Array]):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        vparams, vbatch, rows = gather_rows(state.params, batch, schema, vocabs)
+
+        def loss_fn(p):
+            logit_B, aux = model.apply(
+                {"params": p}, vbatch, train=True, rngs={"dropout": dropout_rng}
+            )
+            sums = loss_sums(logit_B, batch["label"], batch["weight"])
+            sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
+            return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+        grads, sums = jax.grad(loss_fn, has_aux=True)(vparams)
+        dense_params = without(state.params, vocabs)
+        dense_grads = without(grads, vocabs)
+        updates, dense_state = tx.update(dense_grads, state.opt_state["dense"], dense_params)
+        dense_params = optax.apply_updates(dense_params, updates)
+        tables = {f"embed_{v}": state.params["embeddings"][f"embed_{v}"] for v in vocabs}
+        params, sparse_state = rowwise_adagrad(
+            merge(dense_params, tables), grads, rows, state.opt_state["sparse"], sparse_lr
+        )
+        out = dict(
+            sums,
+            grad_norm=optax.tree_utils.tree_norm(dense_grads),
+            learning_rate=lr_schedule(state.step),
+        )
+        opt_state = {"dense": dense_state, "sparse": sparse_state}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+    return train_step

@@ -57,3 +57,33 @@ def test_rowwise_adagrad_touches_only_batch_rows_and_matches_reference(tiny_data
     changed = np.flatnonzero(np.any(got != table, axis=1))
     assert set(changed) <= set(used) and len(changed) > 0
     np.testing.assert_allclose(np.asarray(new_state["embed_item_id"]), acc, rtol=1e-6)
+
+
+def test_sparse_train_step_learns_and_keeps_unused_rows(tiny_data):
+    from influence_jax import optim, train
+
+    schema, model, batch, params = _setup(tiny_data, 64)
+    config = helpers.tiny_config(**{"model.dropout": 0.0, "opt.schedule": "constant"})
+    vocabs = sparse.sparse_vocabs(schema, params, min_rows=100)
+    lr = optim.learning_rate_schedule(config.opt, 100)
+    tx = optim.make_optimizer(config.opt, 100)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=sparse.init_opt_state(tx, params, vocabs),
+        rng=jax.random.PRNGKey(0),
+    )
+    step = jax.jit(sparse.make_train_step(model, tx, lr, schema, vocabs, train.bce_sums, 0.05))
+    table0 = np.asarray(params["embeddings"]["embed_item_id"])
+    losses = []
+    for _ in range(30):
+        state, m = step(state, batch)
+        losses.append(float(m["loss_sum"] / m["count"]))
+    assert losses[-1] < 0.85 * losses[0], losses
+    table = np.asarray(state.params["embeddings"]["embed_item_id"])
+    used = np.unique(np.concatenate([batch["item"][:, 0], batch["hist"][..., 0].ravel()]))
+    unused = np.setdiff1d(np.arange(table.shape[0]), used)
+    np.testing.assert_array_equal(table[unused], table0[unused])
+    # No dense optimizer moments exist for the sparse tables: nothing of their size is kept.
+    shapes = {x.shape for x in jax.tree_util.tree_leaves(state.opt_state["dense"])}
+    assert table.shape not in shapes
