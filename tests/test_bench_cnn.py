@@ -1,0 +1,87 @@
+"""The benchmark model (tools/benchmark.py): shapes, and that its fast formulations compute the
+same function as flax's layers. Correctness only; timing lives in the benchmark."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from influence_jax.models import bench_cnn
+from influence_jax.models.bench_cnn import STRAIGHTFORWARD, BenchCNN
+
+SMALL = dict(user_vocab=50, item_vocab=300, behaviour_vocab=6, embed_dim=8, filters=16, hidden=32)
+
+
+def _batch(B=8, L=12, seed=0, **vocabs):
+    rng = np.random.default_rng(seed)
+    sizes = {**{k: SMALL[k] for k in ("user_vocab", "item_vocab", "behaviour_vocab")}, **vocabs}
+    batch = {
+        key: rng.integers(0, sizes[field], (B, L), dtype=np.int32)
+        for _, key, field in bench_cnn.TOWERS
+    }
+    batch["label"] = rng.integers(0, 2, (B,)).astype(np.float32)
+    batch["weight"] = np.ones((B,), np.float32)
+    return batch
+
+
+@pytest.mark.parametrize("window,T", [(2, 12), (2, 13), (3, 13)])
+def test_strided_slice_pool_equals_flax_max_pool(window, T):
+    x = np.random.default_rng(T).normal(size=(4, T, 5)).astype(np.float32)
+    want = nn.max_pool(x, (window,), (window,))
+    np.testing.assert_array_equal(bench_cnn.max_pool_slices(x, window), want)
+    # and its gradient: all to the larger element of each window, as select_and_scatter does
+    grad = jax.grad(lambda x: jnp.sum(bench_cnn.max_pool_slices(x, window) ** 2))(x)
+    want_grad = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (window,), (window,)) ** 2))(x)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6)
+
+
+def test_im2col_conv_equals_lax_conv():
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (3, 10, 4))
+    w = jax.random.normal(kw, (3, 4, 6))
+    np.testing.assert_allclose(
+        bench_cnn.conv1d_im2col(x, w), bench_cnn.conv1d(x, w), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def params():
+    return jax.jit(BenchCNN(**SMALL).init)(jax.random.PRNGKey(0), _batch())["params"]
+
+
+def test_model_shapes_and_valid_conv_pool_width(params):
+    logit, aux = jax.jit(BenchCNN(**SMALL).apply)({"params": params}, _batch(B=8, L=12))
+    assert logit.shape == (8,) and logit.dtype == jnp.float32
+    for name, _, _ in bench_cnn.TOWERS:
+        # VALID conv: 12 - 3 + 1 = 10 positions, pooled by 2 -> 5.
+        assert aux["pooled"][name].shape == (8, 5, SMALL["filters"])
+    assert params["hidden"]["kernel"].shape == (3 * 5 * SMALL["filters"], SMALL["hidden"])
+    assert params["embed_item"].shape == (SMALL["item_vocab"], SMALL["embed_dim"])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_and_straightforward_formulations_agree(params, train):
+    """Scoring folds the behaviour kernel into a gathered table, training convolves one-hot ids;
+    both must equal flax's layers on the gathered embeddings (dropout off to compare)."""
+    batch = _batch(seed=1)
+
+    def logits(**variant):
+        model = BenchCNN(**SMALL, dropout=0.0, **variant)
+        return jax.jit(lambda p: model.apply({"params": p}, batch, train=train)[0])(params)
+
+    want = logits(**STRAIGHTFORWARD)
+    for variant in ({}, {"conv_impl": "im2col"}):
+        np.testing.assert_allclose(logits(**variant), want, rtol=1e-4, atol=1e-5)
+
+
+def test_hash_dropout_keeps_the_rate_and_scales():
+    drop = bench_cnn.Dropout(0.2, "hash")
+    x = jnp.ones((256, 512))
+    apply = jax.jit(lambda key: drop.apply({}, x, True, rngs={"dropout": key}))
+    a, b = apply(jax.random.PRNGKey(0)), apply(jax.random.PRNGKey(1))
+    kept = np.asarray(a) > 0
+    assert abs(kept.mean() - 0.8) < 0.01
+    np.testing.assert_allclose(np.asarray(a)[kept], 1 / 0.8, rtol=1e-6)
+    assert (kept != (np.asarray(b) > 0)).mean() > 0.2  # another key, another mask
+    np.testing.assert_array_equal(drop.apply({}, x, False), x)
