@@ -29,7 +29,7 @@ def get_config():
     # its gate, to learn what a user's past ratings say about the next one.
     config.model.type_embedding = True
     config.opt.learning_rate = 1e-3  # peak learning rate
-    config.loop.num_steps = 2_000  # about 12 epochs of the train split
+    config.loop.num_steps = 500  # about 3 epochs of the train split (more overfits)
     config.loop.log_every = 100  # steps between progress lines
     config.loop.eval_every = 500  # steps between validation runs
     config.ckpt.every = 500  # steps between checkpoints
