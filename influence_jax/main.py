@@ -1,7 +1,9 @@
 """Entry point: `python -m influence_jax.main --config=configs/default.py --workdir=runs/demo`.
 
 Multi-process runs (one process per host) set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID (see launch/); TPU VMs and SLURM are detected by jax.distributed itself.
+JAX_PROCESS_ID (see launch/); with INFLUENCE_JAX_AUTO_DISTRIBUTED=1, jax.distributed finds the
+processes itself (TPU VM slices, SLURM). SIGTERM saves a checkpoint and exits 0; a NaN or Inf
+loss exits 1 naming the step. The same command again resumes from the last checkpoint.
 """
 
 import logging as logging_std
@@ -23,6 +25,12 @@ def _init_distributed() -> None:
     import jax
 
     if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        missing = [v for v in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise app.UsageError(f"JAX_NUM_PROCESSES > 1 needs {' and '.join(missing)} set")
+        # CPU hosts (and the tests' fake devices) need collectives across processes.
+        if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
@@ -54,7 +62,11 @@ def main(argv):
     logging.info(
         "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
     )
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.TrainingError as e:
+        logging.error("%s", e)
+        sys.exit(f"training stopped: {e}")
 
 
 def run():

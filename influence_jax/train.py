@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import signal
-import time
 from typing import Any
 
 import flax
@@ -19,16 +16,14 @@ from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
 from influence_jax import config_check, metrics, optim, sharding
+from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
 from influence_jax.data.schema import NUM_RESERVED, Schema
 from influence_jax.data.store import ExampleStore
+from influence_jax.loop import TrainingError  # noqa: F401 - part of this module's API
 from influence_jax.models import build_model
 
 EVAL_KEYS = ("user", "item", "hist", "label", "weight", "user_key", "target_type")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
 @flax.struct.dataclass
@@ -171,39 +166,40 @@ def _format(m: dict[str, float], keys: tuple[str, ...]) -> str:
     return " ".join(f"{k}={m[k]:.4f}" for k in keys if k in m and m[k] == m[k])
 
 
-class _Preemption:
-    """Turns SIGTERM (a preemption notice) into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners)
-            self._old = None
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+def _write_config(config_json: dict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "config.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(config_json, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
+    Killed at any step and rerun with the same config, a run continues from its newest usable
+    checkpoint and ends with the same parameters bit for bit (on the same devices).
+
     Returns:
       The final evaluation metrics, keys prefixed with the split ("test/auc", ...).
+
+    Raises:
+      TrainingError: the loss or the parameters became NaN or Inf (checkpoints stay good).
     """
+    preempt = loop_lib.Preemption()  # first, so that SIGTERM during start-up is not fatal
+    try:
+        return _train_and_evaluate(config, workdir, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption) -> dict:
     config_check.check(config, jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
     schema, data_path = load_data(config, workdir)
+    loop_lib.check_config(config.loop, tuple(schema.behaviour_types))
     config_json = json.loads(config.to_json_best_effort())
-    if is_main:
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    _write_config(config_json, workdir)
 
     mesh = sharding.make_mesh(config.mesh)
     model = build_model(config.model, schema)
@@ -223,52 +219,42 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     )
 
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt, config_json)
-    train_store = ExampleStore(data_path, "train", schema)
-    batches = pipeline.TrainBatches(
-        train_store,
-        config.data.batch_size,
-        config.data.shuffle_seed,
-        num_steps,
-        jax.process_index(),
-        jax.process_count(),
-    )
-    it = pipeline.BatchIterator(batches, config.data.prefetch, config.data.num_threads)
-    if ckpt.latest_step() is not None:
-        abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
-        state, data_state, restored = ckpt.restore(abstract)
-        it.set_state(data_state)
+    writer = metrics.SummaryWriter(workdir, enabled=jax.process_index() == 0)
+    try:
+        train_store = ExampleStore(data_path, "train", schema)
+        batches = pipeline.TrainBatches(
+            train_store,
+            config.data.batch_size,
+            config.data.shuffle_seed,
+            num_steps,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        it = pipeline.BatchIterator(batches, config.data.prefetch, config.data.num_threads)
+        loop = loop_lib.Loop(config, workdir, writer, ckpt, it)
+        if ckpt.latest_step() is not None:
+            abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh)
+            state, data_state, restored = ckpt.restore(abstract)
+            loop.load_state(data_state.pop("loop", {}))
+            it.set_state(data_state)
+            logging.info("resumed from checkpoint step %d (data %s)", restored, data_state)
+        if int(state.step) == 0:
+            writer.text("config", "```\n" + json.dumps(config_json, indent=2) + "\n```", 0)
         logging.info(
-            "resumed from checkpoint step %d (next batch %d)", restored, data_state["next_batch"]
+            "training %s on %s (%d train examples, %d devices, mesh %s) for %d steps",
+            config.model.name,
+            schema.name,
+            len(train_store),
+            jax.device_count(),
+            dict(mesh.shape),
+            num_steps,
         )
 
-    writer = metrics.SummaryWriter(workdir, enabled=is_main)
-    if int(state.step) == 0:
-        writer.text("config", "```\n" + json.dumps(config_json, indent=2) + "\n```", 0)
-    logging.info(
-        "training %s on %s (%d train examples, %d devices, mesh %s) for %d steps",
-        config.model.name,
-        schema.name,
-        len(train_store),
-        jax.device_count(),
-        dict(mesh.shape),
-        num_steps,
-    )
-    loop = _Loop(config, writer, ckpt, it)
-    preempt = _Preemption()
-    try:
-        state = loop.run(
-            state,
-            train_step,
-            num_steps,
-            preempt,
-            lambda params: evaluate(
-                eval_fn,
-                params,
-                ExampleStore(data_path, config.loop.eval_split, schema),
-                config,
-                mesh,
-            ),
-        )
+        def eval_cb(params):
+            store = ExampleStore(data_path, config.loop.eval_split, schema)
+            return evaluate(eval_fn, params, store, config, mesh)
+
+        state = loop.run(state, train_step, num_steps, preempt, eval_cb)
         final = {}
         if config.loop.final_eval_split and not preempt.requested:
             split = config.loop.final_eval_split
@@ -286,130 +272,5 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         final.update(loop.last_eval)
         return final
     finally:
-        preempt.restore()
         ckpt.close()
         writer.close()
-
-
-class _Loop:
-    """The step loop: progress logs, summaries, periodic eval and checkpoints, NaN guard."""
-
-    def __init__(self, config: Any, writer: Any, ckpt: ckpt_lib.Checkpointer, it: Any):
-        self.config, self.writer, self.ckpt, self.it = config, writer, ckpt, it
-        self.last_eval: dict[str, float] = {}
-        self.global_batch = config.data.batch_size
-
-    def _save(self, state: TrainState, step: int) -> None:
-        self.ckpt.save(step, state, self.it.get_state())
-
-    def run(
-        self, state: TrainState, train_step: Any, num_steps: int, preempt: _Preemption, eval_cb: Any
-    ) -> TrainState:
-        cfg = self.config.loop
-        start = int(state.step)
-        window: list[dict[str, float]] = []
-        t_window, wait_window = time.perf_counter(), 0.0
-        t_start, pending = time.perf_counter(), None
-        for step in range(start, num_steps):
-            t0 = time.perf_counter()
-            batch = next(self.it)
-            wait_window += time.perf_counter() - t0
-            state, m = train_step(state, sharding.to_global(batch, _mesh_of(state)))
-            # Fetch step t-1's metrics while step t runs: this hides the transfer and bounds the
-            # number of dispatched-but-unfinished steps to two. Unbounded async dispatch of
-            # all-reduce steps over forced host devices hit XLA's collective timeout on 2 cores.
-            if pending is not None:
-                window.append(self._check(*pending))
-            pending = (step + 1, m)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == num_steps or done % self.config.ckpt.every == 0:
-                window.append(self._check(*pending))
-                pending = None
-            if window and (done % cfg.log_every == 0 or done == num_steps):
-                self._log(
-                    done,
-                    num_steps,
-                    window,
-                    time.perf_counter() - t_window,
-                    wait_window,
-                    start,
-                    t_start,
-                )
-                window, t_window, wait_window = [], time.perf_counter(), 0.0
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != num_steps:
-                self._eval(done, state, eval_cb)
-            if done % self.config.ckpt.every == 0 or done == num_steps or preempt.requested:
-                self._save(state, done)
-            if preempt.requested:
-                logging.warning("SIGTERM received: saved checkpoint at step %d, stopping", done)
-                self.ckpt.wait()
-                return state
-        if start < num_steps:
-            self._eval(num_steps, state, eval_cb)
-        return state
-
-    def _check(self, step: int, m: Any) -> dict[str, float]:
-        host = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not math.isfinite(host["loss_sum"]):
-            raise TrainingError(
-                f"non-finite loss ({host['loss_sum']}) at step {step}; the last good checkpoint "
-                f"in {self.ckpt.directory} is kept. Lower config.opt.learning_rate or check the "
-                "data."
-            )
-        return host
-
-    def _log(self, done, num_steps, window, elapsed, wait, start, t_start) -> None:
-        m = metrics.reduce_step_metrics(window)
-        n = len(window)  # keys without a _sum/count pair are per-step values: average them
-        grad_norm, lr = m["grad_norm"] / n, m["learning_rate"] / n
-        weights = {k.split("/", 1)[1]: v / n for k, v in m.items() if k.startswith("weights/")}
-        ex_s = n * self.global_batch / max(elapsed, 1e-9)
-        steps_s = (done - start) / max(time.perf_counter() - t_start, 1e-9)
-        eta = (num_steps - done) / max(steps_s, 1e-9)
-        behaviour = " ".join(
-            f"{k.split('/')[1]}={v:.3f}" for k, v in weights.items() if k.startswith("behaviour/")
-        )
-        logging.info(
-            "step %d/%d loss=%.4f acc=%.4f grad_norm=%.3f lr=%.2e %.0f ex/s input_wait=%.0f%% "
-            "ETA %s%s",
-            done, num_steps, m["loss"], m["accuracy"], grad_norm, lr, ex_s,
-            100 * wait / max(elapsed, 1e-9), _hms(eta),
-            f" | behaviour weights {behaviour}" if behaviour else "",
-        )  # fmt: skip
-        self.writer.scalars(
-            done,
-            {
-                "train/loss": m["loss"],
-                "train/accuracy": m["accuracy"],
-                "train/grad_norm": grad_norm,
-                "train/learning_rate": lr,
-                "perf/examples_per_s": ex_s,
-                "perf/examples_per_s_per_device": ex_s / jax.device_count(),
-                "perf/input_wait_fraction": wait / max(elapsed, 1e-9),
-                **{f"influence/{k}": v for k, v in weights.items()},
-            },
-        )
-
-    def _eval(self, step: int, state: TrainState, eval_cb: Any) -> None:
-        t0 = time.perf_counter()
-        m = eval_cb(state.params)
-        split = self.config.loop.eval_split
-        self.last_eval = {f"{split}/{k}": v for k, v in m.items()}
-        self.writer.scalars(step, self.last_eval)
-        self.writer.flush()
-        logging.info(
-            "eval %s at step %d (%.1fs): %s",
-            split,
-            step,
-            time.perf_counter() - t0,
-            _format(m, ("auc", "gauc", "logloss", "accuracy")),
-        )
-
-
-def _mesh_of(state: TrainState) -> jax.sharding.Mesh:
-    return jax.tree_util.tree_leaves(state.params)[0].sharding.mesh
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

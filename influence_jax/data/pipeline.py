@@ -63,8 +63,11 @@ class TrainBatches:
 
     def __getitem__(self, s: int) -> dict[str, np.ndarray]:
         epoch, j = divmod(int(s), self.per_epoch)
-        start = j * self.global_batch + self.process_index * self.local_batch
-        idx = np.sort(self._perm(epoch)[start : start + self.local_batch])
+        # Sort the global batch, then slice: row order (and so which rows dropout hits) is
+        # the same whatever the number of processes.
+        rows = np.sort(self._perm(epoch)[j * self.global_batch : (j + 1) * self.global_batch])
+        start = self.process_index * self.local_batch
+        idx = rows[start : start + self.local_batch]
         return to_model_batch(self.store.gather(idx))
 
 

@@ -1,0 +1,147 @@
+"""Faults with real processes: SIGTERM saves a final checkpoint, corrupted or half-written latest
+checkpoints are skipped with a warning, a NaN loss stops the run naming the step and leaves the
+good checkpoints intact; plus the checkpointer's own refusal of NaN and checksum check."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from influence_jax import checkpoint as ckpt_lib
+from tests.test_resume import (
+    FLAGS,
+    assert_trees_equal,
+    ckpt_steps,
+    finish,
+    load_state,
+    reference_run,
+    run_main,
+    session_cache,
+    start,
+    wait_for,
+)
+
+
+@pytest.fixture
+def jax_cache(pytestconfig, tmp_path_factory) -> str:
+    return session_cache(pytestconfig, tmp_path_factory)
+
+
+@pytest.fixture
+def reference(tmp_path_factory, jax_cache):
+    """The uninterrupted run of test_resume.py (made once per session)."""
+    return reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path, jax_cache, reference):
+    workdir = tmp_path / "run"
+    proc, log = start(workdir, *FLAGS, cache=jax_cache)
+    wait_for(lambda: (workdir / "checkpoints" / "5").is_dir(), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, log)
+    assert out.returncode == 0, out.log[-4000:]
+    saved = re.findall(r"SIGTERM received: saved checkpoint at step (\d+)", out.log)
+    assert saved, out.log[-4000:]
+    step = int(saved[0])
+    assert 5 <= step < 20 and ckpt_steps(workdir)[-1] == step
+    with open(workdir / "checkpoints" / str(step) / "data" / "metadata") as f:
+        assert json.load(f)["next_batch"] == step
+    assert "final test metrics" not in out.log
+
+    again = run_main(workdir, *FLAGS, cache=jax_cache)
+    assert again.returncode == 0, again.log[-4000:]
+    assert f"resumed from checkpoint step {step} " in again.log
+    assert_trees_equal(load_state(workdir, 20), load_state(reference, 20))
+
+
+def _largest_file(folder) -> str:
+    files = [f for f in glob.glob(f"{folder}/**", recursive=True) if os.path.isfile(f)]
+    return max(files, key=os.path.getsize)
+
+
+def test_corrupted_and_half_written_latest_checkpoints_fall_back(tmp_path, jax_cache, reference):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    assert ckpt_steps(workdir) == [10, 15, 20]
+    # Step 20: bytes flipped inside the array data; Orbax reads it back without complaint, only
+    # the checksums saved with the checkpoint notice.
+    with open(_largest_file(workdir / "checkpoints" / "20" / "state"), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\x13\x37\xbe\xef" * 4)
+    # Step 15: its JSON item cut short, as by a writer killed mid-file.
+    meta = workdir / "checkpoints" / "15" / "data" / "metadata"
+    meta.write_text(meta.read_text()[:20])
+
+    out = run_main(workdir, *FLAGS, cache=jax_cache)
+    assert out.returncode == 0, out.log[-4000:]
+    assert re.search(
+        r"checkpoint step 20 .* unusable \(CheckpointError: checksum mismatch", out.log
+    )
+    assert re.search(r"checkpoint step 15 .* unusable", out.log)
+    assert "resumed from checkpoint step 10 " in out.log
+    assert ckpt_steps(workdir)[-1] == 20
+    assert_trees_equal(load_state(workdir, 20), load_state(reference, 20))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, jax_cache, reference):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    for step in (15, 20):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    # NaN labels from step 11 on: the resumed run's next loss is NaN.
+    for path in glob.glob(str(workdir / "data" / "train" / "*" / "label.npy")):
+        labels = np.load(path)
+        np.save(path, np.full_like(labels, np.nan))
+
+    out = run_main(workdir, *FLAGS, cache=jax_cache)
+    assert out.returncode != 0
+    assert (
+        "training stopped: non-finite loss (nan) at step 11; the last good checkpoint (step 10)"
+        in out.log
+    ), out.log[-4000:]
+    assert ckpt_steps(workdir) == [10]
+    kept = load_state(workdir, 10)
+    assert all(np.isfinite(x).all() for x in _float_leaves(kept))
+    assert_trees_equal(kept, load_state(reference, 10))
+
+
+def _float_leaves(tree):
+    return [x for x in jax.tree_util.tree_leaves(tree) if np.issubdtype(x.dtype, np.floating)]
+
+
+def _ckpt_cfg(**kw):
+    return ml_collections.ConfigDict(dict(dict(max_to_keep=2, async_save=False), **kw))
+
+
+def test_checkpointer_refuses_nan_state_and_verifies_checksums(tmp_path):
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), _ckpt_cfg())
+    # Big enough that the array data, not metadata, is the largest file of a checkpoint.
+    good = {"w": jnp.arange(1 << 16, dtype=jnp.float32).reshape(256, 256), "step": jnp.int32(3)}
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"step 1: not saved .*\['w'\]"):
+        ckpt.save(1, {"w": jnp.array([1.0, jnp.inf]), "step": jnp.int32(1)}, {"next_batch": 1})
+    assert ckpt.all_steps() == []
+    ckpt.save(3, good, {"next_batch": 3})
+    ckpt.save(4, {"w": good["w"] + 1, "step": jnp.int32(4)}, {"next_batch": 4})
+    ckpt.close()
+
+    with open(_largest_file(tmp_path / "ck" / "4" / "state"), "r+b") as f:
+        f.seek(os.path.getsize(f.name) // 2)
+        f.write(b"\xff\xff")
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), _ckpt_cfg())
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checksum mismatch in \['w'\]"):
+        ckpt._restore_verified(good, 4)
+    state, data, step = ckpt.restore(good)
+    assert step == 3 and data == {"next_batch": 3}
+    np.testing.assert_array_equal(state["w"], good["w"])
+    assert ckpt.all_steps() == [3]  # the unusable step is gone, so step 4 can be saved again
+    ckpt.close()

@@ -1,0 +1,100 @@
+"""launch/*.sh in dry-run mode: the printed commands run the same `python -m influence_jax.main`."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = ["-m", "influence_jax.main", "--config=configs/tiny.py", "--workdir=gs://b/run x"]
+OVERRIDES = ["--config.loop.num_steps=5", "--config.model.extractors=('din','dnn')"]
+
+
+def _dry_run(script: str, env: dict[str, str], *args: str) -> list[list[str]]:
+    """Runs launch/SCRIPT with DRY_RUN=1; returns each printed command as an argv list."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", script), *args],
+        env={**clean, "DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("#")]
+
+
+def _ends_with_train(argv: list[str], python: str) -> None:
+    i = argv.index(python)
+    assert argv[i + 1 :] == TRAIN + OVERRIDES, argv
+
+
+def _remote(argv: list[str]) -> list[str]:
+    """The argv of the shell command given to `gcloud ... ssh --command=...`."""
+    (cmd,) = [a.removeprefix("--command=") for a in argv if a.startswith("--command=")]
+    return shlex.split(cmd)
+
+
+def test_local_dry_run_prints_the_training_command():
+    (argv,) = _dry_run("local.sh", {}, "configs/tiny.py", "gs://b/run x", *OVERRIDES)
+    _ends_with_train(argv, "python")
+
+
+def test_tpu_vm_dry_run_creates_copies_installs_and_trains_on_all_workers():
+    env = {"TPU_NAME": "tpu1", "ZONE": "us-central2-b", "PROJECT": "proj", "SPOT": "1"}
+    cmds = _dry_run("tpu_vm.sh", env, "configs/tiny.py", "gs://b/run x", *OVERRIDES)
+    create, pack, scp, unpack, install, train = cmds
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "tpu1"]
+    assert {"--zone=us-central2-b", "--project=proj", "--spot"} <= set(create)
+    assert any(a.startswith("--accelerator-type=") for a in create)
+    assert "tar" in pack and scp[4] == "scp" and "tar" in _remote(unpack)
+    for cmd in (scp, unpack, install, train):
+        assert "--worker=all" in cmd and "--zone=us-central2-b" in cmd, cmd
+    assert "install" in _remote(install) and "jax[tpu]" in _remote(install)
+    remote = _remote(train)
+    assert "INFLUENCE_JAX_AUTO_DISTRIBUTED=1" in remote
+    _ends_with_train(remote[: remote.index("2>&1")], "python3")
+
+
+def test_tpu_vm_clones_repo_url_instead_of_copying():
+    env = {"TPU_NAME": "tpu1", "ZONE": "z", "REPO_URL": "https://example.com/r.git"}
+    cmds = _dry_run("tpu_vm.sh", env, "configs/tiny.py", "gs://b/run x", *OVERRIDES)
+    assert not any("scp" in c for c in cmds)
+    assert "https://example.com/r.git" in _remote(cmds[1]) and "clone" in _remote(cmds[1])
+
+
+def test_tpu_vm_without_zone_fails_with_usage():
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "tpu_vm.sh"), "c", "w"],
+        env={**os.environ, "DRY_RUN": "1", "TPU_NAME": "t", "ZONE": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "usage" in out.stderr
+
+
+@pytest.mark.parametrize("proc", ["0", "1"])
+def test_gpu_multihost_under_slurm_sets_the_distributed_env(proc):
+    env = {"SLURM_PROCID": proc, "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "PORT": "4321", "PATH": "/usr/bin:/bin"}  # fmt: skip
+    (argv,) = _dry_run("gpu_multihost.sh", env, "configs/tiny.py", "gs://b/run x", *OVERRIDES)
+    assert argv[0] == "env"
+    assert {
+        "JAX_COORDINATOR_ADDRESS=gpu07:4321",
+        "JAX_NUM_PROCESSES=2",
+        f"JAX_PROCESS_ID={proc}",
+    } <= set(argv)
+    _ends_with_train(argv, "python3")
+
+
+def test_gpu_multihost_over_ssh_starts_one_process_per_host():
+    env = {"HOSTS": "h0 h1 h2", "REMOTE_DIR": "/shared/code"}
+    cmds = _dry_run("gpu_multihost.sh", env, "configs/tiny.py", "gs://b/run x", *OVERRIDES)
+    assert [c[:2] for c in cmds] == [["ssh", "h0"], ["ssh", "h1"], ["ssh", "h2"]]
+    for i, (_, _, remote) in enumerate(cmds):
+        argv = shlex.split(remote)
+        assert argv[:3] == ["cd", "/shared/code", "&&"]
+        assert {"JAX_COORDINATOR_ADDRESS=h0:1234", "JAX_NUM_PROCESSES=3"} <= set(argv)
+        assert f"JAX_PROCESS_ID={i}" in argv
+        _ends_with_train(argv, "python3")
