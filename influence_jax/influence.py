@@ -1,0 +1,455 @@
+"""Influence reports from a checkpoint: how much each behaviour type, extractor and past event
+moves a prediction, with bootstrap intervals, segments, and a faithfulness check.
+
+Every influence is a score drop in logit units, `logit(x) - logit(x without some events)`, where
+an event is removed by setting its behaviour id and all its fields to padding 0; all the masked
+copies of a batch run in one vmapped, jitted, device-sharded pass. Extractor contributions are
+the model's own additive parts `w_j * f_j(x)` of the logit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+
+from influence_jax import metrics, sharding
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
+from influence_jax.data.store import ExampleStore
+from influence_jax.ranking import (
+    NUM_EXPLAINED_EVENTS,
+    IdMaps,
+    Run,
+    batched,
+    global_batch,
+    param_shardings,
+    write_table,
+)
+
+MAX_K = 5  # faithfulness: remove k = 1..MAX_K events
+RANDOM_DRAWS = 10  # random k-subsets per example and k
+HIST_LEN_EDGES = (1, 5, 10, 20, 50, 100, 200)  # history-length segments: [0], [1, 5), ...
+MAX_SEGMENT_VALUES = 10  # most frequent values kept per categorical segment
+ROWS_PER_CALL = 8192  # model rows (examples x masked copies) per device call
+DEFINITIONS = {
+    "behaviour_types.influence": "mean |logit(x) - logit(x without every event of the type)| "
+    "over the examples, with a 95% percentile-bootstrap interval (ci_low, ci_high)",
+    "behaviour_types.signed": "mean logit drop when the type is removed (positive: the type "
+    "raises scores), interval signed_ci_low..signed_ci_high",
+    "behaviour_types.per_event": "influence summed over examples / events of the type",
+    "behaviour_types.gate": "the model's learned weight g_t of the type",
+    "extractors.influence": "mean |w_j f_j(x)|, the extractor's share of the logit",
+    "extractors.contribution": "mean w_j f_j(x) (signed)",
+    "extractors.weight": "the model's learned w_j",
+    "per_event": "leave-one-event-out logit drops of a sample of predictions (events.parquet)",
+    "faithfulness": "mean logit drop when the k events with the largest leave-one-out drop "
+    "are removed together vs k random events (mean of RANDOM_DRAWS draws)",
+}
+
+
+def make_masked_fn(run: Run) -> Callable:
+    """Jitted `f(params, batch) -> {logit [B], masked [B, C], contributions {name: [B]}}`.
+
+    `batch["remove"]` [B, C, L] marks, for each of C copies of an example's history, the events
+    to drop; the C copies run as one vmapped batch.
+    """
+
+    def apply(params: Any, batch: dict[str, jax.Array]):
+        return run.model.apply({"params": params}, batch, train=False)
+
+    def fn(params: Any, batch: dict[str, jax.Array]) -> dict[str, Any]:
+        base = {k: batch[k] for k in ("user", "item", "hist")}
+        logit_B, aux = apply(params, base)
+        keep_CxBxL = jnp.moveaxis(~batch["remove"], 1, 0)
+        hist_CxBxLxF = jnp.where(keep_CxBxL[..., None], base["hist"][None], 0)
+        masked_CxB = jax.vmap(lambda h: apply(params, dict(base, hist=h))[0])(hist_CxBxLxF)
+        return {
+            "logit": logit_B,
+            "masked": masked_CxB.T,
+            "contributions": aux.get("contributions", {}),
+        }
+
+    batch_sh = sharding.batch_sharding(run.mesh)
+    return jax.jit(fn, in_shardings=(param_shardings(run.params), batch_sh), out_shardings=batch_sh)
+
+
+def real_events(hist: np.ndarray, schema: Schema) -> np.ndarray:
+    return hist[..., schema.hist_index(HIST_BEHAVIOUR)] != 0
+
+
+def loo_masks(hist_BxLxF: np.ndarray, schema: Schema) -> np.ndarray:
+    """[B, L, L]: copy l drops event l (nothing at padding)."""
+    return np.eye(schema.max_len, dtype=bool)[None] & real_events(hist_BxLxF, schema)[:, None, :]
+
+
+def type_masks(hist_BxLxF: np.ndarray, schema: Schema) -> np.ndarray:
+    """[B, T, L]: copy t drops every event of behaviour type t."""
+    beh = hist_BxLxF[..., schema.hist_index(HIST_BEHAVIOUR)]
+    types = np.arange(schema.num_behaviour_types) + NUM_RESERVED
+    return beh[:, None, :] == types[None, :, None]
+
+
+def masked_deltas(
+    run: Run, n: int, gather: Callable, masks: Callable, copies: int, fn: Any = None
+) -> dict[str, Any]:
+    """{logit [n], contributions, delta [n, C] = logit - masked logit} for rows 0..n-1.
+
+    Args:
+      gather: rows -> batch (user, item, hist); masks: (hist, rows) -> remove [B, C, L].
+      copies: C; batches hold about ROWS_PER_CALL model rows (examples x copies).
+    """
+    fn = fn or make_masked_fn(run)
+    with_masks = lambda r: dict(b := gather(r), remove=masks(b["hist"], r))
+    out = batched(fn, run, n, with_masks, global_batch(run, max(1, ROWS_PER_CALL // copies)))
+    if out is None:  # no rows
+        out = {"logit": np.zeros(0, np.float32), "masked": np.zeros((0, copies), np.float32)}
+        out["contributions"] = {}
+    return dict(out, delta=out["logit"][:, None] - out["masked"])
+
+
+def top_events(loo_NxL: np.ndarray, real_NxL: np.ndarray, k: int) -> np.ndarray:
+    """Positions [N, k] of the k events whose removal lowers the score most (ties: recent first)."""
+    pos = np.broadcast_to(np.arange(loo_NxL.shape[1]), loo_NxL.shape)
+    return np.lexsort((pos, np.where(real_NxL, -loo_NxL, np.inf)), axis=-1)[:, :k]
+
+
+def gap_seconds(schema: Schema, gap_ids: np.ndarray) -> np.ndarray:
+    """Lower bound of each time_gap bucket in seconds (synthetic buckets are powers of 4)."""
+    base = 4 if "generator" in schema.extra else 2
+    return base ** np.maximum(gap_ids.astype(np.int64) - NUM_RESERVED, 0)
+
+
+def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    return pa.array(
+        [v if ok else None for v, ok in zip(values.tolist(), valid.tolist(), strict=True)]
+    )
+
+
+def explain_columns(run: Run, n: int, gather: Callable, maps: IdMaps) -> dict[str, pa.Array]:
+    """Per row: each behaviour type's and extractor's contribution and the top events."""
+    s, L = run.schema, run.schema.max_len
+    masks = lambda h, r: np.concatenate([loo_masks(h, s), type_masks(h, s)], 1)
+    out = masked_deltas(run, n, gather, masks, L + s.num_behaviour_types)
+    delta = out["delta"]
+    cols = {f"behaviour_{t}": pa.array(delta[:, L + i]) for i, t in enumerate(s.behaviour_types)}
+    for name, c in out["contributions"].items():
+        cols[f"extractor_{name}"] = pa.array(c)
+    hist = gather(np.arange(n))["hist"] if n else np.zeros((0, L, len(s.hist_fields)), np.int32)
+    real = real_events(hist, s)
+    top = top_events(delta[:, :L], real, NUM_EXPLAINED_EVENTS)
+    rows = np.arange(n)[:, None]
+    ev, ok = hist[rows, top], real[rows, top]
+    names = np.asarray(["", ""] + list(s.behaviour_types), object)
+    for k in range(top.shape[1]):
+        item, item_ok = maps.raw("item_id", ev[:, k, s.hist_index("item_id")])
+        p = f"event{k + 1}_"
+        cols[p + "item"] = _column(item, ok[:, k] & item_ok)
+        cols[p + "behaviour"] = _column(names[ev[:, k, s.hist_index(HIST_BEHAVIOUR)]], ok[:, k])
+        cols[p + "position"] = _column(top[:, k], ok[:, k])
+        if "time_gap" in [f.name for f in s.hist_fields]:
+            secs = gap_seconds(s, ev[:, k, s.hist_index("time_gap")])
+            cols[p + "seconds_before"] = _column(secs, ok[:, k])
+        cols[p + "influence"] = _column(delta[rows[:, 0], top[:, k]], ok[:, k])
+    return cols
+
+
+def bootstrap(values_NxM: np.ndarray, n_boot: int, rng: np.random.Generator, alpha: float = 0.05):
+    """(mean [M], ci_low [M], ci_high [M]): percentile bootstrap over rows."""
+    v = np.asarray(values_NxM, np.float64).reshape(len(values_NxM), -1)
+    mean = v.mean(0) if len(v) else np.full(v.shape[1], np.nan)
+    if len(v) < 2:
+        return mean, mean.copy(), mean.copy()
+    means, chunk = [], max(1, (1 << 22) // len(v))
+    for a in range(0, n_boot, chunk):
+        idx = rng.integers(0, len(v), (min(chunk, n_boot - a), len(v)))
+        means.append(v[idx].mean(1))
+    lo, hi = np.quantile(np.concatenate(means), [alpha / 2, 1 - alpha / 2], axis=0)
+    return mean, lo, hi
+
+
+def _stats(names, values_NxM, n_boot: int, rng, key: str, ci: str = "") -> dict[str, dict]:
+    """{name: {key: mean, ci + "ci_low": ..., ci + "ci_high": ...}} per column."""
+    mean, lo, hi = bootstrap(values_NxM, n_boot, rng)
+    return {
+        n: {key: float(mean[j]), f"{ci}ci_low": float(lo[j]), f"{ci}ci_high": float(hi[j])}
+        for j, n in enumerate(names)
+    }
+
+
+def _both(names, values_NxM, n_boot: int, rng, signed: str) -> dict[str, dict]:
+    """Magnitude (`influence`: mean |value|) and direction (`signed`: mean value), with CIs."""
+    mag = _stats(names, np.abs(values_NxM), n_boot, rng, "influence")
+    sig = _stats(names, values_NxM, n_boot, rng, signed, signed + "_")
+    return {n: {**mag[n], **sig[n]} for n in names}
+
+
+def _summary(schema, loto, contrib: dict, n_boot: int, rng) -> dict[str, Any]:
+    """Behaviour types: |logit change| when the type is removed (and its signed mean, the
+    logit drop); extractors: |w_j f_j| (and the signed contribution w_j f_j)."""
+    c = np.stack(list(contrib.values()), 1) if contrib else np.zeros((len(loto), 0))
+    return {
+        "n": len(loto),
+        "behaviour_types": _both(schema.behaviour_types, loto, n_boot, rng, "signed"),
+        "extractors": _both(list(contrib), c, n_boot, rng, "contribution"),
+    }
+
+
+def _segments(run, maps, ex, loto, contrib, n_boot, rng) -> dict[str, Any]:
+    """The same summaries per history-length bucket, per value of a user feature and per item
+    category (the most frequent values)."""
+    s = run.schema
+    sub = lambda m: _summary(s, loto[m], {k: v[m] for k, v in contrib.items()}, n_boot, rng)
+    n_hist = real_events(ex["hist"], s).sum(1)
+    edges = [0] + [e for e in HIST_LEN_EDGES if e <= s.max_len] + [s.max_len + 1]
+    out: dict[str, Any] = {"history_length": {}}
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        m = (n_hist >= a) & (n_hist < b)
+        if m.any():
+            out["history_length"][str(a) if b == a + 1 else f"{a}-{b - 1}"] = sub(m)
+    user_feats = [(j, f) for j, f in enumerate(s.user_fields) if f.name != "user_id"]
+    groups = [("user_" + f.name, ex["user"][:, j], f.vocab) for j, f in user_feats[:1]]
+    if "category" in [f.name for f in s.item_fields]:
+        groups.append(("item_category", ex["item"][:, s.item_index("category")], "category"))
+    for name, ids, vocab in groups:
+        vals, counts = np.unique(ids, return_counts=True)
+        raw, ok = maps.raw(vocab, vals)
+        keep = np.lexsort((vals, -counts))[:MAX_SEGMENT_VALUES]
+        out[name] = {(str(raw[i]) if ok[i] else "<oov>"): sub(ids == vals[i]) for i in keep}
+    return out
+
+
+def faithfulness(
+    run: Run, gather: Callable, loo: np.ndarray, real: np.ndarray, rng, n_boot: int
+) -> dict[str, Any]:
+    """Removing the k most influential events (by leave-one-out) vs k random ones, k=1..MAX_K."""
+    n, L = loo.shape
+    ks = list(range(1, MAX_K + 1))
+    if n == 0:  # no prediction has more than MAX_K past events
+        empty = dict.fromkeys(("top_k_drop", "random_drop", "gap", "gap_ci_low", "gap_ci_high"))
+        return {"k": ks, **{k: [] for k in empty}, "holds": False, "examples": 0}
+    top = top_events(loo, real, MAX_K)
+    remove = np.zeros((n, MAX_K * (1 + RANDOM_DRAWS), L), bool)
+    for k in range(1, MAX_K + 1):
+        remove[np.arange(n)[:, None], k - 1, top[:, :k]] = True
+    noise = np.where(real[:, None, :], rng.random((n, RANDOM_DRAWS, L)), np.inf)
+    rand = np.argsort(noise, axis=-1)  # a random order of each example's events
+    for k in range(1, MAX_K + 1):
+        c = MAX_K + (k - 1) * RANDOM_DRAWS + np.arange(RANDOM_DRAWS)
+        ii = np.arange(n)[:, None, None]
+        remove[ii, c[None, :, None], rand[:, :, :k]] = True
+    out = masked_deltas(run, n, gather, lambda h, r: remove[r], remove.shape[1])
+    top_drop = out["delta"][:, :MAX_K]
+    rand_drop = out["delta"][:, MAX_K:].reshape(n, MAX_K, RANDOM_DRAWS).mean(-1)
+    gap, lo, hi = bootstrap(top_drop - rand_drop, n_boot, rng)
+    return {
+        "k": ks,
+        "top_k_drop": top_drop.mean(0).tolist(),
+        "random_drop": rand_drop.mean(0).tolist(),
+        "gap": gap.tolist(),
+        "gap_ci_low": lo.tolist(),
+        "gap_ci_high": hi.tolist(),
+        "holds": bool(np.all(top_drop.mean(0) > rand_drop.mean(0))),
+        "examples": n,
+        "units": "logit drop, averaged over examples",
+    }
+
+
+def _learned_weights(run: Run, batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """(extractor weights w_j, behaviour-type gates g_t) as the model reports them in aux."""
+
+    def weights(params: Any, batch: dict[str, jax.Array]) -> tuple[dict, dict]:
+        _, aux = run.model.apply({"params": params}, batch, train=False)
+        return aux.get("extractor_weights", {}), aux.get("behaviour_type_weights", {})
+
+    w, g = jax.device_get(jax.jit(weights)(run.params, batch))
+    return {k: float(v) for k, v in w.items()}, {k: float(v) for k, v in g.items()}
+
+
+def report(
+    run: Run,
+    output: str,
+    split: str = "test",
+    sample: int = 256,
+    max_examples: int = 20_000,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Computes the influence report of `split` and writes it to the folder `output`.
+
+    Writes influence.json, events.parquet (per-event leave-one-out deltas of the sample), PNG
+    plots and the same plots as TensorBoard images. Returns the report dict.
+    """
+    s, rng = run.schema, np.random.default_rng(seed)
+    store = ExampleStore(run.data_path, split, s)
+    rows = np.arange(len(store))
+    if len(rows) > max_examples:
+        rows = np.sort(rng.choice(len(rows), max_examples, replace=False))
+    if not len(rows):
+        raise DataError(f"{run.data_path}/{split}: no examples to report on")
+    ex = store.gather(rows)
+    gather = lambda r: {k: ex[k][r] for k in ("user", "item", "hist")}
+    fn = make_masked_fn(run)
+    T = s.num_behaviour_types
+    out = masked_deltas(run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn)
+    loto, contrib = out["delta"], out["contributions"]
+    w_ext, gates = _learned_weights(run, gather(np.arange(1)))
+    result: dict[str, Any] = {
+        "step": run.step,
+        "split": split,
+        "examples": len(rows),
+        "definitions": DEFINITIONS,
+    }
+    result.update(_summary(s, loto, contrib, n_boot, rng))
+    real = real_events(ex["hist"], s)
+    for j, t in enumerate(s.behaviour_types):
+        n_t = (ex["hist"][..., s.hist_index(HIST_BEHAVIOUR)] == j + NUM_RESERVED).sum(1)
+        result["behaviour_types"][t].update(
+            events_per_example=float(n_t.mean()),
+            per_event=float(np.abs(loto[:, j]).sum() / max(n_t.sum(), 1)),
+            gate=gates.get(t),
+        )
+    for group in ("behaviour_types", "extractors"):
+        total = sum(v["influence"] for v in result[group].values()) or 1.0
+        for e in result[group].values():
+            e["share"] = e["influence"] / total
+    for k, e in result["extractors"].items():
+        e["weight"] = w_ext.get(k)
+    maps = IdMaps(run.data_path, s)
+    result["segments"] = _segments(run, maps, ex, loto, contrib, min(n_boot, 300), rng)
+
+    # Per-event influence for a sample of predictions with at least one past event.
+    pick = np.flatnonzero(real.any(1))
+    pick = np.sort(rng.choice(pick, min(sample, len(pick)), replace=False))
+    sub = lambda r: gather(pick[r])
+    loo = masked_deltas(run, len(pick), sub, lambda h, r: loo_masks(h, s), s.max_len, fn)["delta"]
+    loo = np.where(real[pick], loo, 0.0)
+    result["per_event"] = _per_event(run, maps, ex, rows, pick, loo, output)
+    long = np.flatnonzero(real[pick].sum(1) > MAX_K)
+    result["faithfulness"] = faithfulness(
+        run, lambda r: sub(long[r]), loo[long], real[pick][long], rng, n_boot
+    )
+    _write(run, result, output)
+    return result
+
+
+def _per_event(run, maps, ex, rows, pick, loo, output) -> dict[str, Any]:
+    """Writes events.parquet (one row per real event of the sample); returns its summary."""
+    s, hist = run.schema, ex["hist"][pick]
+    b, l_pos = np.nonzero(real_events(hist, s))
+    ev = hist[b, l_pos]
+    beh = np.asarray(s.behaviour_types)[ev[:, s.hist_index(HIST_BEHAVIOUR)] - NUM_RESERVED]
+    item, ok = maps.raw("item_id", ev[:, s.hist_index("item_id")])
+    target, t_ok = maps.raw("item_id", ex["item"][pick][b, s.item_index("item_id")])
+    cols = {
+        "example": pa.array(rows[pick][b]),
+        "target_item": _column(target, t_ok),
+        "position": pa.array(l_pos),
+        "item_id": _column(item, ok),
+        "behaviour": pa.array(beh),
+        "loo_delta": pa.array(loo[b, l_pos].astype(np.float32)),
+    }
+    os.makedirs(output, exist_ok=True)
+    write_table(pa.table(cols), os.path.join(output, "events.parquet"))
+    d = loo[b, l_pos]
+    by_type = {
+        t: float(d[beh == t].mean()) if (beh == t).any() else None for t in s.behaviour_types
+    }
+    return {
+        "predictions": len(pick),
+        "events": len(b),
+        "mean_loo_by_type": by_type,
+        "mean_loo_by_position": (loo.sum(0) / np.maximum(real_events(hist, s).sum(0), 1)).tolist(),
+        "table": "events.parquet",
+    }
+
+
+def plots(result: dict[str, Any]) -> dict[str, bytes]:
+    """PNG bytes of: behaviour-type influence with intervals, extractor contributions, and the
+    deletion curves of the faithfulness check."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def bars(stats: dict, signed: str, labels: tuple[str, str], title: str) -> bytes:
+        """Two panels: magnitude (`influence`) and direction (`signed`), 95% intervals."""
+        names = list(stats)
+        fig, axes = plt.subplots(1, 2, figsize=(2 * (0.9 * len(names) + 2.2), 3.8))
+        panels = (("influence", "", labels[0]), (signed, signed + "_", labels[1]))
+        for ax, (key, ci, label) in zip(axes, panels, strict=True):
+            v = np.array([stats[n][key] for n in names])
+            lim = np.array([[stats[n][ci + "ci_low"], stats[n][ci + "ci_high"]] for n in names])
+            ax.bar(names, v, yerr=np.abs(lim.T - v), capsize=5, color="#4c72b0")
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_ylabel(label)
+        fig.suptitle(title)
+        return _png(fig, plt)
+
+    where = f"{result['split']} split, step {result['step']}, {result['examples']} examples"
+    out = {
+        "behaviour_influence": bars(
+            result["behaviour_types"],
+            "signed",
+            ("mean |logit change| without the type", "mean logit drop without the type"),
+            f"Behaviour-type influence, 95% bootstrap CI ({where})",
+        )
+    }
+    if result["extractors"]:
+        out["extractor_contributions"] = bars(
+            result["extractors"],
+            "contribution",
+            ("mean |w_j f_j|", "mean w_j f_j"),
+            f"Extractor contributions to the logit, 95% bootstrap CI ({where})",
+        )
+    f = result["faithfulness"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    if f["examples"]:
+        ax.plot(f["k"], f["top_k_drop"], "o-", label="k most influential removed")
+        ax.plot(f["k"], f["random_drop"], "s--", label="k random removed")
+        ax.legend()
+    ax.set(xlabel="k events removed", ylabel="mean logit drop", xticks=f["k"])
+    ax.set_title(f"Deletion curves ({f['examples']} predictions)")
+    out["deletion_curves"] = _png(fig, plt)
+    return out
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write(run: Run, result: dict[str, Any], output: str) -> None:
+    """influence.json (atomically), the PNGs, and the PNGs and headline numbers in TensorBoard."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(output, exist_ok=True)
+    images = plots(result)
+    result["plots"] = {name: f"{name}.png" for name in images}
+    for name, png in images.items():
+        with open(os.path.join(output, f"{name}.png.tmp"), "wb") as f:
+            f.write(png)
+        os.replace(os.path.join(output, f"{name}.png.tmp"), os.path.join(output, f"{name}.png"))
+    path = os.path.join(output, "influence.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    with metrics.SummaryWriter(output) as writer:
+        for name, png in images.items():
+            writer.image(f"influence/{name}", png, run.step)
+        scalars = {
+            f"influence/behaviour/{t}": v["influence"] for t, v in result["behaviour_types"].items()
+        }
+        f = result["faithfulness"]
+        gaps = zip(f["k"], f["gap"], strict=False)  # no gaps when no prediction qualified
+        scalars.update({f"faithfulness/gap_k{k}": g for k, g in gaps})
+        writer.scalars(run.step, scalars)

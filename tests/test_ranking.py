@@ -1,0 +1,244 @@
+"""Batch ranking: params-only restore, scores equal the eval step's, top-k order and tie-breaks,
+atomic writes, candidate-file errors and OOV counts, and tools/rank.py end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from influence_jax import ranking, sharding, train
+from influence_jax.data import pipeline
+from influence_jax.data.schema import DataError
+from influence_jax.data.store import ExampleStore
+from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trained_tiny_run(tmp_path_factory) -> str:
+    """A configs/tiny.py run, trained once per test session (tests/test_influence.py shares it)."""
+    workdir = tmp_path_factory.getbasetemp() / "tiny-ranking-run"
+    if not (workdir / "done").exists():
+        train.train_and_evaluate(helpers.tiny_config(), str(workdir))
+        (workdir / "done").touch()
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    return trained_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run(run_dir) -> ranking.Run:
+    return ranking.load_run(run_dir)
+
+
+def rank_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "rank.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def write_csv(path, rows: list[str]) -> str:
+    with open(path, "w") as f:
+        f.write("\n".join(["user_id,item_id", *rows]) + "\n")
+    return str(path)
+
+
+def test_params_only_restore_matches_the_full_checkpoint(run_dir, run):
+    assert run.step == helpers.tiny_config().loop.num_steps
+    path = os.path.join(run_dir, "checkpoints", str(run.step), "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    full = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))  # everything
+    assert set(full) >= {"params", "opt_state", "step"}
+    flat = jax.tree_util.tree_leaves_with_path(run.params)
+    assert len(flat) == len(jax.tree_util.tree_leaves(full["params"]))
+    jax.tree_util.tree_map_with_path(
+        lambda p, a, b: np.testing.assert_array_equal(np.asarray(a), b, err_msg=str(p)),
+        run.params,
+        full["params"],
+    )
+
+
+def test_step_selection(run_dir):
+    assert ranking.load_run(run_dir, step="10").step == 10
+    best = os.path.join(run_dir, ranking.BEST_FILE)
+    saved = open(best).read() if os.path.exists(best) else None
+    try:
+        if saved is not None:
+            os.remove(best)
+        assert ranking.load_run(run_dir, step="best").step == 20  # no best.json: the latest
+        for step in (10, 20):
+            with open(best, "w") as f:
+                json.dump({"step": step, "metric": "valid/auc", "value": 0.5}, f)
+            assert ranking.load_run(run_dir, step="best").step == step
+        with open(best, "w") as f:
+            json.dump({"metric": "valid/auc"}, f)
+        with pytest.raises(DataError, match="best.json"):
+            ranking.load_run(run_dir, step="best")
+    finally:
+        if saved is None:
+            os.remove(best)
+        else:
+            with open(best, "w") as f:
+                f.write(saved)
+    with pytest.raises(DataError, match="no step 7"):
+        ranking.load_run(run_dir, step="7")
+    with pytest.raises(DataError, match="--step"):
+        ranking.load_run(run_dir, step="newest")
+
+
+def test_scores_equal_the_eval_step(run):
+    store = ExampleStore(run.data_path, "test", run.schema)
+    batch = pipeline.EvalBatches(store, 128)[1]
+    batch = {k: batch[k].astype(np.int32) if k == "user_key" else batch[k] for k in train.EVAL_KEYS}
+    eval_step = jax.jit(train.make_eval_step(run.model))
+    want = sharding.to_host(eval_step(run.params, sharding.to_global(batch, run.mesh))["prob"])
+    # Another batch size, so padding and sharding differ from the eval step's.
+    gather = lambda r: {k: batch[k][r] for k in ("user", "item", "hist")}
+    fn = ranking.make_score_fn(run)
+    got = ranking.batched(fn, run, 128, gather, ranking.global_batch(run, 48))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_ranked_scores_equal_eval_scores_of_each_users_latest_example(run, tmp_path):
+    """Through contexts and a candidates file: (user, item of the user's latest test example)."""
+    store = ExampleStore(run.data_path, "test", run.schema)
+    uk = store.column("user_key")
+    last = {u: i for i, u in enumerate(uk)}  # synthetic timestamps tie: the later row wins
+    rows = np.array(sorted(last.values()))[:40]
+    ex = store.gather(rows)
+    items = ex["item"][:, 0] - 2  # synthetic raw id = index - 2
+    path = write_csv(tmp_path / "c.csv", [f"{u},{i}" for u, i in zip(uk[rows], items, strict=True)])
+    out = tmp_path / "top.parquet"
+    summary = ranking.rank(run, str(out), top_k=1, candidates=path)
+    assert summary["pairs_scored"] == len(rows) and summary["unknown_users"] == 0
+    got = pq.read_table(out).to_pydict()
+    eval_step = jax.jit(train.make_eval_step(run.model))
+    batch = dict(ex, weight=np.ones(len(rows), np.float32), user_key=uk[rows].astype(np.int32))
+    batch = {k: batch[k] for k in train.EVAL_KEYS}
+    pad = ranking.global_batch(run, len(rows)) - len(rows)
+    batch = {k: np.concatenate([v, v[:pad]]) for k, v in batch.items()}
+    want = sharding.to_host(eval_step(run.params, sharding.to_global(batch, run.mesh))["prob"])
+    by_user = dict(zip(uk[rows].tolist(), want[: len(rows)].tolist(), strict=True))
+    np.testing.assert_allclose(got["score"], [by_user[u] for u in got["user_id"]], atol=1e-6)
+
+
+def check_ranking(t: dict, k: int) -> None:
+    """Ranks 1.. per user, scores non-increasing, equal scores ordered by item id."""
+    users = np.asarray(t["user_id"])
+    for u in np.unique(users):
+        m = users == u
+        ranks, score = np.asarray(t["rank"])[m], np.asarray(t["score"])[m]
+        item = np.asarray(t["item_id"])[m]
+        assert ranks.tolist() == list(range(1, len(ranks) + 1)) and len(ranks) <= k
+        assert np.all(np.diff(score) <= 0)
+        tie = np.diff(score) == 0
+        assert np.all(np.diff(item)[tie] > 0)
+
+
+def test_rank_cli_end_to_end(run_dir, run, tmp_path):
+    out = tmp_path / "top.parquet"
+    r = rank_cli(
+        f"--workdir={run_dir}", f"--output={out}", "--top_k=5", "--explain", "--max_items=60"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "unknown users (OOV): 0" in r.stdout
+    t = pq.read_table(out)
+    assert t.column_names[:4] == ["user_id", "rank", "item_id", "score"]
+    types, extractors = run.schema.behaviour_types, run.model.extractors
+    for col in [f"behaviour_{b}" for b in types] + [f"extractor_{e}" for e in extractors]:
+        assert col in t.column_names
+    for k in (1, 2, 3):
+        for f in ("item", "behaviour", "position", "seconds_before", "influence"):
+            assert f"event{k}_{f}" in t.column_names
+    d = t.to_pydict()
+    check_ranking(d, 5)
+    test_users = np.unique(ExampleStore(run.data_path, "test", run.schema).column("user_key"))
+    assert sorted(set(d["user_id"])) == test_users.tolist()
+    # Explained events are real history events, most influential first.
+    assert set(d["event1_behaviour"]) <= set(types)
+    infl = np.array([d[f"event{k}_influence"] for k in (1, 2, 3)], float)
+    ok = ~np.isnan(infl).any(0)
+    assert ok.any() and np.all(np.diff(infl[:, ok], axis=0) <= 0)
+
+
+def test_ties_break_by_item_id_and_unknown_ids_are_counted(run, tmp_path):
+    # Items 900000+ are unknown: all map to the OOV id, so their scores tie exactly.
+    rows = ["0,900002", "0,900000", "0,3", "0,900001", "0,7", "0,3", "123456789,5", "1,900000"]
+    path = write_csv(tmp_path / "c.csv", rows)
+    out1, out2 = tmp_path / "a.csv", tmp_path / "b.csv"
+    s = ranking.rank(run, str(out1), top_k=10, candidates=path, fmt="csv")
+    ranking.rank(run, str(out2), top_k=10, candidates=path, fmt="csv")
+    assert out1.read_bytes() == out2.read_bytes()
+    t = pcsv.read_csv(out1).to_pydict()
+    check_ranking(t, 10)
+    mine = [i for u, i in zip(t["user_id"], t["item_id"], strict=True) if u == 0]
+    unknown = [i for i in mine if i >= 900000]
+    assert unknown == [900000, 900001, 900002] and len(mine) == 5
+    assert (s["unknown_users"], s["unknown_user_pairs"]) == (1, 1)
+    assert (s["unknown_items"], s["unknown_item_pairs"]) == (3, 4)
+    assert s["duplicate_pairs"] == 1 and s["pairs_scored"] == 7
+
+
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (["0,1", "1,2", "2,x3"], r"c\.csv:4: item_id must be an integer"),
+        (["0,1", "1,2,3", "2,4"], r"c\.csv:3: wrong number of fields"),
+        (["0,1", ",5"], r"c\.csv:3: user_id must be an integer"),
+    ],
+)
+def test_malformed_candidates_name_the_line(run, tmp_path, rows, match):
+    path = write_csv(tmp_path / "c.csv", rows)
+    with pytest.raises(DataError, match=match):
+        ranking.rank(run, str(tmp_path / "out.parquet"), candidates=path)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_candidates_file_needs_both_columns(run, tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"user": [1], "item_id": [2]}), path)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['user_id'\]"):
+        ranking.rank(run, str(tmp_path / "out.parquet"), candidates=str(path))
+
+
+def test_rank_cli_reports_a_malformed_file_and_writes_nothing(run_dir, tmp_path):
+    path = write_csv(tmp_path / "bad.csv", ["0,1", "1,2", "1,2", "oops,3"])
+    out = tmp_path / "top.csv"
+    r = rank_cli(f"--workdir={run_dir}", f"--output={out}", f"--candidates={path}", "--format=csv")
+    assert r.returncode != 0
+    assert "bad.csv:5: user_id must be an integer id, got 'oops'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "top.parquet"
+    out.write_bytes(b"previous result")
+
+    def fail_halfway(table, where, **kw):
+        with open(where, "wb") as f:
+            f.write(b"PAR1 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ranking.pq, "write_table", fail_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        ranking.write_table(pa.table({"user_id": [1]}), str(out))
+    assert out.read_bytes() == b"previous result"
+    assert os.listdir(tmp_path) == ["top.parquet"]
+
+
+def test_benchmark_scoring_reports_a_rate(run):
+    assert ranking.benchmark_scoring(run, batch=256, n=2) > 0
