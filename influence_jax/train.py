@@ -15,7 +15,7 @@ import optax
 from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check, metrics, optim, sharding
+from influence_jax import config_check, metrics, optim, sharding, sparse
 from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
 from influence_jax.data.schema import NUM_RESERVED, Schema
@@ -52,19 +52,25 @@ def create_state(
     seed: int,
     mesh: jax.sharding.Mesh,
     mesh_cfg: Any,
+    sparse_vocabs: tuple[str, ...] = (),
 ) -> tuple[TrainState, Any]:
     """Initialises the train state directly into its shardings; returns (state, shardings).
 
     The init is traced with eval_shape first, shardings are derived from the abstract shapes,
     and the init is jitted with those out_shardings, so nothing is materialised on one device.
+    Tables of `sparse_vocabs` get row-wise Adagrad state instead of optax state (sparse.py).
     """
     batch = dummy_batch(schema)
 
     def init(rng: jax.Array) -> TrainState:
         init_rng, state_rng = jax.random.split(rng)
         params = model.init({"params": init_rng}, batch, train=False)["params"]
+        if sparse_vocabs:
+            opt_state = sparse.init_opt_state(tx, params, sparse_vocabs)
+        else:
+            opt_state = tx.init(params)
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng
         )
 
     rng = jax.random.PRNGKey(seed)
@@ -73,6 +79,16 @@ def create_state(
     shardings = sharding.tree_shardings(shapes, rules, mesh)
     state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
+
+
+def sparse_vocabs_for(opt_cfg: Any, model: nn.Module, schema: Schema) -> tuple[str, ...]:
+    """The vocabularies whose tables get row-sparse updates (none unless switched on)."""
+    if not opt_cfg.sparse_embeddings:
+        return ()
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), dummy_batch(schema), train=False)["params"]
+    )
+    return sparse.sparse_vocabs(schema, shapes, opt_cfg.sparse_min_rows)
 
 
 def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dict[str, jax.Array]:
@@ -206,10 +222,15 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
     num_steps = config.loop.num_steps
     lr_schedule = optim.learning_rate_schedule(config.opt, num_steps)
     tx = optim.make_optimizer(config.opt, num_steps)
-    state, state_sh = create_state(model, tx, schema, config.seed, mesh, config.mesh)
+    vocabs = sparse_vocabs_for(config.opt, model, schema)
+    state, state_sh = create_state(model, tx, schema, config.seed, mesh, config.mesh, vocabs)
     batch_sh = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(model, tx, lr_schedule),
+        sparse.make_train_step(
+            model, tx, lr_schedule, schema, vocabs, bce_sums, config.opt.sparse_learning_rate
+        )
+        if vocabs
+        else make_train_step(model, tx, lr_schedule),
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,

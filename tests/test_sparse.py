@@ -87,3 +87,20 @@ def test_sparse_train_step_learns_and_keeps_unused_rows(tiny_data):
     # No dense optimizer moments exist for the sparse tables: nothing of their size is kept.
     shapes = {x.shape for x in jax.tree_util.tree_leaves(state.opt_state["dense"])}
     assert table.shape not in shapes
+
+
+def test_train_and_evaluate_with_sparse_tables_on_eight_devices(tmp_path):
+    from influence_jax import train
+
+    config = helpers.tiny_config(
+        **{
+            "opt.sparse_embeddings": True,
+            "opt.sparse_min_rows": 100,
+            "mesh.data": 4,
+            "mesh.model": 2,
+            "mesh.shard_embeddings": True,
+            "mesh.shard_min_rows": 100,
+        }
+    )
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert np.isfinite(result["test/logloss"]) and 0 < result["test/auc"] < 1

@@ -21,6 +21,7 @@ from configs import default  # noqa: E402
 from influence_jax import (  # noqa: E402
     optim,  # noqa: E402
     sharding,
+    sparse,
     train,
 )
 from influence_jax.data import pipeline, synthetic  # noqa: E402
@@ -44,9 +45,15 @@ def step_rate(config, schema, store: ExampleStore, batch: int, n: int) -> float:
     model = build_model(config.model, schema)
     lr = optim.learning_rate_schedule(config.opt, 1000)
     tx = optim.make_optimizer(config.opt, 1000)
-    state, sh = train.create_state(model, tx, schema, 0, mesh, config.mesh)
+    vocabs = train.sparse_vocabs_for(config.opt, model, schema)
+    state, sh = train.create_state(model, tx, schema, 0, mesh, config.mesh, vocabs)
+    step_fn = (
+        sparse.make_train_step(model, tx, lr, schema, vocabs, train.bce_sums, 0.05)
+        if vocabs
+        else train.make_train_step(model, tx, lr)
+    )
     step = jax.jit(
-        train.make_train_step(model, tx, lr),
+        step_fn,
         donate_argnums=0,
         in_shardings=(sh, sharding.batch_sharding(mesh)),
         out_shardings=(sh, sharding.replicated(mesh)),
@@ -87,6 +94,42 @@ def run(max_lens=(50, 200), batch: int = 1024, examples: int = 60_000) -> list[d
     return rows
 
 
+def vocab_scale(items=(100_000, 10_000_000), batch: int = 1024, dim: int = 64) -> list[dict]:
+    """Train-step time of the default model as the item table grows, dense Adam vs sparse."""
+    rows = []
+    for sparse_on in (False, True):
+        for n_items in items:
+            config = default.get_config()
+            syn = config.data.synthetic
+            syn.num_items, syn.train_examples = n_items, 8 * batch
+            syn.valid_examples = syn.test_examples = 1_000
+            config.model.embed_dim = dim
+            config.opt.sparse_embeddings, config.opt.sparse_min_rows = sparse_on, 50_000
+            with tempfile.TemporaryDirectory() as tmp:
+                schema = synthetic.generate(syn, os.path.join(tmp, "data"))
+                store = ExampleStore(os.path.join(tmp, "data"), "train", schema)
+                rate = step_rate(config, schema, store, batch, 5)
+            rows.append(
+                {
+                    "items": n_items,
+                    "update": "sparse" if sparse_on else "dense Adam",
+                    "batch": batch,
+                    "step_ms": 1000 * batch / rate,
+                }
+            )
+    return rows
+
+
+def print_scale(rows: list[dict]) -> None:
+    print(f"{'update':>11} {'items':>11} {'step ms':>9} {'vs smallest':>12}")
+    for r in rows:
+        base = next(x for x in rows if x["update"] == r["update"])["step_ms"]
+        print(
+            f"{r['update']:>11} {r['items']:>11,} {r['step_ms']:>9.1f} "
+            f"{r['step_ms'] / base:>11.2f}x"
+        )
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'max_len':>8} {'batch':>6} {'input ex/s':>12} {'train step ex/s':>16} {'ratio':>7}")
     for r in rows:
@@ -98,3 +141,4 @@ def print_table(rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     print_table(run())
+    print_scale(vocab_scale())
