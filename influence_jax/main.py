@@ -6,12 +6,13 @@ processes itself (TPU VM slices, SLURM). SIGTERM saves a checkpoint and exits 0;
 loss exits 1 naming the step. The same command again resumes from the last checkpoint.
 """
 
-import logging as logging_std
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from influence_jax import logs
 
 # Config files import their siblings as `configs.<name>`; make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,18 +41,10 @@ def _init_distributed() -> None:
         jax.distributed.initialize()  # TPU VM pods, SLURM: settings detected by JAX
 
 
-class _QuietLibraries(logging_std.Filter):
-    """Keeps INFO lines of the checkpoint and data libraries out of the progress log."""
-
-    def filter(self, record):
-        noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-        return record.levelno >= logging_std.WARNING or not noisy
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logs.quiet_libraries()
     _init_distributed()
     import jax
 

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import influence, ranking  # noqa: E402
+from influence_jax import influence, logs, ranking  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
@@ -39,10 +39,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
-    orbax_quiet = lambda r: (
-        r.levelno >= std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in r.pathname
-    )
-    logging.get_absl_handler().addFilter(orbax_quiet)
+    logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
     try:
         run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
         r = influence.report(
