@@ -12,13 +12,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from influence_jax import logs
+from influence_jax import hostmem, logs
 
 # Config files import their siblings as `configs.<name>`; make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_host_memory",
+    False,
+    "Keep freed host memory for reuse (influence_jax/hostmem.py). Measured on 2 CPU cores: "
+    "1.5x faster for the benchmark CNN at batch 1024, 0.77x for the default ranker at 256.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,6 +51,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.quiet_libraries()
+    if _KEEP_HOST_MEMORY.value:
+        hostmem.keep_freed_host_memory()
     _init_distributed()
     import jax
 

@@ -15,7 +15,6 @@ compiled train step (XLA's cost analysis) against a timed large matmul on the sa
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import statistics
@@ -35,7 +34,7 @@ from absl import app, flags  # noqa: E402
 from bench_refs import common  # noqa: E402
 
 from configs import default as default_config  # noqa: E402
-from influence_jax import optim, sharding, train  # noqa: E402
+from influence_jax import hostmem, optim, sharding, train  # noqa: E402
 from influence_jax.models.bench_cnn import STRAIGHTFORWARD, BenchCNN  # noqa: E402
 
 REFS = {  # --compare name -> (script, its --impls)
@@ -72,33 +71,13 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
 )
 
 
-def keep_freed_host_memory() -> bool:
-    """Makes glibc reuse freed memory instead of returning it to the OS; True if it applied.
-
-    XLA:CPU allocates each step's temporary buffers (tens of MB) on its own worker threads and
-    frees them at the end of the step. By default glibc serves such blocks with mmap (or from
-    64 MB per-thread arenas it trims), so every step page-faults its buffers in again: about
-    30,000 faults and a third of the step's CPU time at batch 1024 on 2 cores. One arena, no
-    mmap and no trimming keep the pages. Must run before JAX starts its CPU client.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return all(
-        libc.mallopt(param, value) == 1
-        for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-    )
-
-
 def main(argv: list[str]) -> None:
     del argv
     if _WHAT.value == "input":
         import bench_input  # tools/ is on sys.path when this file runs as a script
 
         return bench_input.print_table(bench_input.run())
-    kept = _KEEP_HOST_MEMORY.value and keep_freed_host_memory()
+    kept = _KEEP_HOST_MEMORY.value and hostmem.keep_freed_host_memory()
     jb = JaxBench(_DTYPE.value, _SECONDS.value, _REPEATS.value, kept)
     if _WHAT.value == "scale":
         return _scale(jb)
