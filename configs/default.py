@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     opt.weight_decay = 0.0  # decoupled weight decay (adamw only)
     opt.grad_clip = 1.0  # global gradient-norm clip; 0 disables
     opt.influence_lr_multiplier = 10.0  # learning-rate factor for gates and extractor logits
-    opt.sparse_embeddings = False  # row-sparse updates (row-wise Adagrad) for large tables
+    opt.sparse_embeddings = True  # row-sparse updates (row-wise Adagrad) for large tables
     opt.sparse_min_rows = 100_000  # tables with at least this many rows count as large
     opt.sparse_learning_rate = 0.05  # row-wise Adagrad learning rate of the large tables
 

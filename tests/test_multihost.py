@@ -82,14 +82,8 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, ja
     ours, ref = scalars(workdir), scalars(reference)
     assert [s for s, _ in ours["train/loss"]] == [5, 10, 15, 20]
     ours_loss, ref_loss = [v for _, v in ours["train/loss"]], [v for _, v in ref["train/loss"]]
-    if not _global_batches_independent_of_process_count(reference / "data"):
-        # Same examples in every step, in another order: dropout masks hit other rows.
-        np.testing.assert_allclose(ours_loss, ref_loss, rtol=5e-3)
-        pytest.xfail(
-            "pipeline.TrainBatches sorts each process's slice of a global batch, so the row "
-            "order (and what dropout masks) depends on the process count; sort the global "
-            "batch's indices before slicing it per process"
-        )
+    # Same rows in the same order per global batch, so dropout hits the same rows.
+    assert _global_batches_independent_of_process_count(reference / "data")
     np.testing.assert_allclose(ours_loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(ours["valid/auc"][-1][1], ref["valid/auc"][-1][1], atol=1e-4)
 

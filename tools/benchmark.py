@@ -438,6 +438,9 @@ def _scale(jb) -> None:
             f"step time, item vocab {hi['item_vocab']:,} / {lo['item_vocab']:,}: "
             f"{hi['train_step_s'] / lo['train_step_s']:.1f}x (dense Adam rewrites every row)"
         )
+    import bench_input  # the engine's own model: dense Adam against row-sparse updates
+
+    bench_input.print_scale(bench_input.vocab_scale(batch=batch))
 
 
 def _progress(msg: str) -> None:
