@@ -54,7 +54,8 @@ def gather_rows(
         reserved = jnp.arange(NUM_RESERVED, dtype=flat[0].dtype)
         ids = jnp.concatenate([reserved, *flat])
         uniq, inverse = jnp.unique(ids, size=ids.shape[0], return_inverse=True)
-        distinct = 1 + jnp.sum(jnp.sort(ids)[1:] != jnp.sort(ids)[:-1])
+        # `uniq` rises strictly over the distinct ids, then repeats the smallest id as filler.
+        distinct = 1 + jnp.sum(uniq[1:] > uniq[:-1])
         valid = jnp.arange(ids.shape[0]) < distinct
         inverse = inverse.reshape(-1).astype(jnp.int32)
         offset = NUM_RESERVED
