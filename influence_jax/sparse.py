@@ -133,13 +133,13 @@ def make_train_step(
     lr_schedule: Any,
     schema: Schema,
     vocabs: tuple[str, ...],
-    loss_sums: Any,
+    training_loss: Any,
     sparse_lr: float,
 ):
     """`train_step(state, batch) -> (state, metrics)` with row-sparse updates of `vocabs`.
 
     Same contract as train.make_train_step; `state.opt_state` is `init_opt_state`'s layout.
-    `loss_sums(logit_B, label_B, weight_B)` returns the sums dict with "loss_sum", "count".
+    `training_loss(model, params, batch, dropout_rng)` is train.training_loss (mean, sums).
     """
     import optax
 
@@ -147,13 +147,7 @@ def make_train_step(
         dropout_rng = jax.random.fold_in(state.rng, state.step)
         vparams, vbatch, rows = gather_rows(state.params, batch, schema, vocabs)
 
-        def loss_fn(p):
-            logit_B, aux = model.apply(
-                {"params": p}, vbatch, train=True, rngs={"dropout": dropout_rng}
-            )
-            sums = loss_sums(logit_B, batch["label"], batch["weight"])
-            sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
-            return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+        loss_fn = lambda p: training_loss(model, p, vbatch, dropout_rng)
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(vparams)
         dense_params = without(state.params, vocabs)

@@ -102,21 +102,23 @@ def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dic
     }
 
 
+def training_loss(
+    model: nn.Module, params: Any, batch: dict[str, jax.Array], dropout_rng: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(mean loss, sums) of one training batch; the sums carry the learned influence weights."""
+    logit_B, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
+    sums = bce_sums(logit_B, batch["label"], batch["weight"])
+    # Learned influence weights (extractor, behaviour type) ride along for logging.
+    sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
+    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: Any):
     """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            logit_B, aux = model.apply(
-                {"params": params}, batch, train=True, rngs={"dropout": dropout_rng}
-            )
-            sums = bce_sums(logit_B, batch["label"], batch["weight"])
-            # Learned influence weights (extractor, behaviour type) ride along for logging.
-            sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
-            return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
-
+        loss_fn = lambda params: training_loss(model, params, batch, dropout_rng)
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -227,7 +229,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
     batch_sh = sharding.batch_sharding(mesh)
     train_step = jax.jit(
         sparse.make_train_step(
-            model, tx, lr_schedule, schema, vocabs, bce_sums, config.opt.sparse_learning_rate
+            model, tx, lr_schedule, schema, vocabs, training_loss, config.opt.sparse_learning_rate
         )
         if vocabs
         else make_train_step(model, tx, lr_schedule),

@@ -73,7 +73,7 @@ def test_sparse_train_step_learns_and_keeps_unused_rows(tiny_data):
         opt_state=sparse.init_opt_state(tx, params, vocabs),
         rng=jax.random.PRNGKey(0),
     )
-    step = jax.jit(sparse.make_train_step(model, tx, lr, schema, vocabs, train.bce_sums, 0.05))
+    step = jax.jit(sparse.make_train_step(model, tx, lr, schema, vocabs, train.training_loss, 0.05))
     table0 = np.asarray(params["embeddings"]["embed_item_id"])
     losses = []
     for _ in range(30):

@@ -48,7 +48,7 @@ def step_rate(config, schema, store: ExampleStore, batch: int, n: int) -> float:
     vocabs = train.sparse_vocabs_for(config.opt, model, schema)
     state, sh = train.create_state(model, tx, schema, 0, mesh, config.mesh, vocabs)
     step_fn = (
-        sparse.make_train_step(model, tx, lr, schema, vocabs, train.bce_sums, 0.05)
+        sparse.make_train_step(model, tx, lr, schema, vocabs, train.training_loss, 0.05)
         if vocabs
         else train.make_train_step(model, tx, lr)
     )
