@@ -24,23 +24,10 @@ from tests.test_resume import (
     ckpt_steps,
     finish,
     load_state,
-    reference_run,
     run_main,
-    session_cache,
     start,
     wait_for,
 )
-
-
-@pytest.fixture
-def jax_cache(pytestconfig, tmp_path_factory) -> str:
-    return session_cache(pytestconfig, tmp_path_factory)
-
-
-@pytest.fixture
-def reference(tmp_path_factory, jax_cache):
-    """The uninterrupted run of test_resume.py (made once per session)."""
-    return reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
 
 
 def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path, jax_cache, reference):

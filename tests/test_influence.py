@@ -20,21 +20,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from influence_jax import influence, ranking, train
 from influence_jax.data.store import ExampleStore
-from tests.test_ranking import trained_tiny_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("INFLUENCE_JAX_DATA", "")
 TAOBAO_STEPS = 60  # the gap held with every seed tried at 60 and 100 steps (see the test)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> str:
-    return trained_tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def run(run_dir) -> ranking.Run:
-    return ranking.load_run(run_dir)
 
 
 @pytest.fixture(scope="module")

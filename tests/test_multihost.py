@@ -8,7 +8,6 @@ import socket
 
 import jax
 import numpy as np
-import pytest
 
 from influence_jax.data import pipeline
 from influence_jax.data.schema import Schema
@@ -18,22 +17,9 @@ from tests.test_resume import (
     ckpt_steps,
     finish,
     load_state,
-    reference_run,
     scalars,
-    session_cache,
     start,
 )
-
-
-@pytest.fixture
-def jax_cache(pytestconfig, tmp_path_factory) -> str:
-    return session_cache(pytestconfig, tmp_path_factory)
-
-
-@pytest.fixture
-def reference(tmp_path_factory, jax_cache):
-    """The uninterrupted one-process, 8-device run of test_resume.py (made once per session)."""
-    return reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
 
 
 def _free_port() -> int:

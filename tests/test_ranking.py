@@ -34,16 +34,6 @@ def trained_tiny_run(tmp_path_factory) -> str:
     return str(workdir)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> str:
-    return trained_tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def run(run_dir) -> ranking.Run:
-    return ranking.load_run(run_dir)
-
-
 def rank_cli(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, os.path.join(ROOT, "tools", "rank.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)

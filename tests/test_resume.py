@@ -140,16 +140,6 @@ def session_cache(pytestconfig, tmp_path_factory) -> str:
     return str(tmp_path_factory.getbasetemp() / "jax-cache")
 
 
-@pytest.fixture
-def jax_cache(pytestconfig, tmp_path_factory) -> str:
-    return session_cache(pytestconfig, tmp_path_factory)
-
-
-@pytest.fixture
-def reference(tmp_path_factory, jax_cache) -> Path:
-    return reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
-
-
 def test_sigkill_then_same_command_ends_bit_identical(tmp_path, jax_cache, reference):
     workdir = tmp_path / "run"
     proc, log = start(workdir, *FLAGS, cache=jax_cache)
