@@ -1,0 +1,165 @@
+"""Behaviour histories, built one way for training examples and for ranking.
+
+A bucket's events are sorted by (user, time, ...); an event's history "as of" time t is the
+`max_len` most recent events of the same user strictly before t, most recent first, each as
+(item fields, behaviour, bucketed time gap t - event time). `histories` builds them for any
+rows given each row's user span; `user_spans` gives the spans of training targets (as of the
+target's own time) and `state_as_of` those of every user as of a cut (a split boundary or any
+ranking time), so training and ranking histories cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from influence_jax.data.schema import NUM_RESERVED, Field
+
+NUM_GAP_BUCKETS = 32  # log2 buckets of seconds: 1 s .. 2^31 s and above
+GAP_INVALID = 1  # time_gap id of a zero or negative gap; preparation never emits it
+NO_HISTORY = np.iinfo(np.int64).min  # hist_last_ts of an example with an empty history
+
+
+def gap_bucket(gap: np.ndarray) -> np.ndarray:
+    """time_gap ids: 1 for gap <= 0 s, else 2 + min(floor(log2(gap)), NUM_GAP_BUCKETS - 1)."""
+    gap = np.asarray(gap, np.int64)
+    b = np.floor(np.log2(np.maximum(gap, 1).astype(np.float64))).astype(np.int32)
+    return np.where(gap > 0, NUM_RESERVED + np.minimum(b, NUM_GAP_BUCKETS - 1), GAP_INVALID).astype(
+        np.int32
+    )
+
+
+def sort_order(ev: np.ndarray) -> np.ndarray:
+    """Order by (user, time, behaviour, item, value). One stable sort on a (user, time) key is
+    near-linear on logs that are already grouped by user; only tied rows get the full sort."""
+    user, ts = ev["user"].astype(np.int64), ev["ts"]
+    span = int(ts.max()) - int(ts.min()) + 1
+    if int(user.max()) + 1 >= (1 << 62) // span:
+        return np.lexsort((ev["value"], ev["item"], ev["beh"], ts, user))
+    key = user * span + (ts - ts.min())
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    tie = key[1:] == key[:-1]
+    if tie.any():
+        rows = np.zeros(len(key), bool)
+        rows[1:] |= tie
+        rows[:-1] |= tie
+        at = np.flatnonzero(rows)
+        sub = order[at]
+        order[at] = sub[np.lexsort((ev["value"][sub], ev["item"][sub], ev["beh"][sub], key[at]))]
+    return order
+
+
+def sort_events(ev: np.ndarray, dedupe: bool) -> tuple[np.ndarray, int]:
+    """Sorts events (see `sort_order`); counts (and maybe drops) exact repeats."""
+    ev = ev[sort_order(ev)] if len(ev) else ev
+    dup = np.zeros(len(ev), bool)
+    if len(ev) > 1:
+        dup[1:] = ev[1:] == ev[:-1]
+    n_dup = int(dup.sum())
+    return (ev[~dup] if dedupe and n_dup else ev), n_dup
+
+
+@dataclasses.dataclass
+class Events:
+    """One bucket's events sorted by (user, time) (see `sort_events`), as plain columns."""
+
+    user: np.ndarray  # dense user index
+    item: np.ndarray  # dense item index (int64)
+    ts: np.ndarray  # unix s
+    beh: np.ndarray  # behaviour code (0-based)
+
+    @classmethod
+    def of(cls, ev: np.ndarray) -> Events:
+        return cls(ev["user"], ev["item"].astype(np.int64), ev["ts"], ev["beh"])
+
+
+def user_spans(events: Events) -> tuple[np.ndarray, np.ndarray]:
+    """(start, lo) per event: index of the user's first event and of the user's first event at
+    this event's timestamp, so [start, lo) are the user's events strictly before it."""
+    user, ts, n = events.user, events.ts, len(events.ts)
+    ar = np.arange(n)
+    new_user = np.ones(n, bool)
+    new_user[1:] = user[1:] != user[:-1]
+    new_time = new_user.copy()
+    new_time[1:] |= ts[1:] != ts[:-1]
+    start = np.maximum.accumulate(np.where(new_user, ar, 0))
+    lo = np.maximum.accumulate(np.where(new_time, ar, 0))
+    return start, lo
+
+
+def histories(
+    events: Events,
+    start: np.ndarray,
+    end: np.ndarray,
+    t: np.ndarray,
+    item_rows: np.ndarray,
+    item_fields: list[Field] | tuple[Field, ...],
+    hist_fields: list[Field] | tuple[Field, ...],
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histories of rows whose user's earlier events are events[start:end], as seen at time t.
+
+    Args:
+      events: the bucket's sorted events.
+      start, end, t: per row [R]: the user's first event, one past the last event strictly
+        before t, and the time the history is seen from (for the time gaps).
+      item_rows: [num dense items, Fi] feature ids; a history field named like an item field
+        (item_id, category) reads that column.
+      item_fields, hist_fields, max_len: from the schema.
+
+    Returns:
+      (hist [R, max_len, Fh] int32, most recent first, padding 0; time of the most recent
+      event per row, NO_HISTORY when the history is empty).
+    """
+    idx = end[:, None] - 1 - np.arange(max_len)  # most recent first
+    valid = idx >= start[:, None]
+    idx = np.where(valid, idx, 0)
+    hist_item = events.item[idx]
+    cols = {
+        "behaviour": events.beh[idx] + NUM_RESERVED,
+        "time_gap": gap_bucket(t[:, None] - events.ts[idx]),
+    }
+    for j, f in enumerate(item_fields):
+        if any(h.name == f.name for h in hist_fields):
+            cols[f.name] = item_rows[hist_item, j]
+    hist = np.stack([np.where(valid, cols[f.name], 0) for f in hist_fields], -1)
+    last_ts = np.where(valid[:, 0], events.ts[idx[:, 0]], NO_HISTORY)
+    return hist.astype(np.int32), last_ts
+
+
+@dataclasses.dataclass
+class UserState:
+    """Every user with at least one event strictly before `cut`, as of `cut`."""
+
+    user: np.ndarray  # [U] dense user index (= user_key)
+    hist: np.ndarray  # [U, L, Fh] int32
+    last_ts: np.ndarray  # [U] time of the most recent event in hist
+
+
+def state_as_of(
+    events: Events,
+    cut: int,
+    item_rows: np.ndarray,
+    item_fields: list[Field] | tuple[Field, ...],
+    hist_fields: list[Field] | tuple[Field, ...],
+    max_len: int,
+) -> UserState:
+    """Each user's history as a training example at time `cut` would hold it."""
+    n = len(events.ts)
+    if not n:
+        return UserState(
+            np.zeros(0, np.int64),
+            np.zeros((0, max_len, len(hist_fields)), np.int32),
+            np.zeros(0, np.int64),
+        )
+    first = np.flatnonzero(np.r_[True, events.user[1:] != events.user[:-1]])
+    # Events are time-sorted within a user, so those before the cut are a prefix of its span.
+    before = np.add.reduceat((events.ts < cut).astype(np.int64), first)
+    keep = before > 0
+    start = first[keep]
+    end = start + before[keep]
+    t = np.full(len(start), cut, np.int64)
+    hist, last_ts = histories(events, start, end, t, item_rows, item_fields, hist_fields, max_len)
+    return UserState(events.user[start].astype(np.int64), hist, last_ts)

@@ -1,0 +1,331 @@
+"""Reading raw event files: CSV (streamed with pyarrow; gzip by magic bytes, UTF-8 BOM, CRLF and
+a missing final newline handled) and Parquet, validated into `EventChunk`s with the same roles
+for every source. A malformed row raises one `DataError` naming the file and line, or with
+`lenient` is counted in a `Tally` and skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gzip
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from influence_jax.data.schema import DataError
+
+ROLES = ("user", "item", "behaviour", "timestamp", "category", "value")
+_INT_RE = r"^\s*[+-]?[0-9]{1,18}\s*$"
+_FLOAT_RE = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
+REASONS = {
+    "wrong_field_count": "wrong number of fields",
+    "bad_id": "empty or non-integer id",
+    "bad_timestamp": "non-integer timestamp",
+    "unknown_behaviour": "unknown behaviour type",
+    "bad_value": "non-numeric value",
+}
+
+
+@dataclasses.dataclass
+class EventChunk:
+    """Validated events: ids are int64 (or string with `string_ids`) arrow arrays."""
+
+    user: pa.Array
+    item: pa.Array
+    behaviour: np.ndarray  # int8, index into EventSource.behaviour_types
+    timestamp: np.ndarray  # int64 unix seconds
+    category: pa.Array | None = None
+    value: np.ndarray | None = None  # float32
+
+    def __len__(self) -> int:
+        return len(self.timestamp)
+
+    def take(self, mask: np.ndarray) -> EventChunk:
+        keep = pa.array(mask)
+        return EventChunk(
+            user=self.user.filter(keep),
+            item=self.item.filter(keep),
+            behaviour=self.behaviour[mask],
+            timestamp=self.timestamp[mask],
+            category=None if self.category is None else self.category.filter(keep),
+            value=None if self.value is None else self.value[mask],
+        )
+
+
+@dataclasses.dataclass
+class SideTable:
+    """Categorical features per user or item: `key` raw ids, `features` string columns."""
+
+    key: pa.Array
+    features: dict[str, pa.Array]
+    category: pa.Array | None = None  # items only: the item's category (a raw id)
+
+
+@dataclasses.dataclass
+class EventFile:
+    """One delimited (or Parquet) log file and which of its columns play which role."""
+
+    path: str
+    roles: dict[str, str]  # role -> column name
+    behaviour_values: tuple[str, ...]  # raw spellings, in behaviour_types order
+    names: tuple[str, ...] | None = None  # column names when the file has no header
+    delimiter: str = ","
+    quoted: bool = True
+
+
+class Tally:
+    """Counts of skipped rows by reason; in strict mode the first bad row raises instead."""
+
+    def __init__(self, lenient: bool):
+        self.lenient = lenient
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in sorted(self.counts.items())}
+
+
+def fail_row(path: str, line: int | str, reason: str, text: str) -> DataError:
+    return DataError(
+        f"{path}:{line}: {REASONS.get(reason, reason)}: {text!r}. Fix or delete the row, "
+        "or pass --lenient to count and skip malformed rows."
+    )
+
+
+def open_stream(path: str) -> pa.NativeFile:
+    """Opens `path` for reading, decompressing gzip whatever its extension."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if not magic:
+        raise DataError(f"{path}: empty file")
+    return pa.input_stream(path, compression="gzip" if magic == b"\x1f\x8b" else None)
+
+
+def read_header(path: str, delimiter: str) -> tuple[str, ...]:
+    """The first line's column names (BOM and CRLF stripped)."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            line = f.readline()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read header ({e}); is the gzip file truncated?") from None
+    text = line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+    if not text:
+        raise DataError(f"{path}: empty file (expected a header line)")
+    return tuple(c.strip() for c in text.split(delimiter))
+
+
+def csv_batches(
+    f: EventFile, cols: list[str], block_bytes: int, skipped: list[int], encoding: str = "utf8"
+) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """Yields (batch of string columns, header lines). Rows with a wrong field count are
+    skipped and their physical line numbers appended to `skipped`. Parsing is serial: pyarrow
+    only knows line numbers then, and with small blocks it is as fast as threaded here."""
+    if f.names is None:
+        names, header = read_header(f.path, f.delimiter), 1
+    else:
+        names, header = f.names, 0
+    cols = list(dict.fromkeys(cols))  # one column may play two roles
+    cols.sort(key=lambda c: names.index(c) if c in names else -1)  # file order
+    missing = [c for c in cols if c not in names]
+    if missing:
+        raise DataError(f"{f.path}: missing column(s) {missing}; the file has {list(names)}")
+
+    def on_invalid(row) -> str:
+        skipped.append(row.number)
+        return "skip"
+
+    try:
+        reader = pcsv.open_csv(
+            open_stream(f.path),
+            read_options=pcsv.ReadOptions(
+                column_names=list(names),
+                skip_rows=header,
+                block_size=block_bytes,
+                use_threads=False,
+                encoding=encoding,
+            ),
+            parse_options=pcsv.ParseOptions(
+                delimiter=f.delimiter,
+                ignore_empty_lines=False,
+                quote_char='"' if f.quoted else False,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pcsv.ConvertOptions(
+                column_types={c: pa.string() for c in cols}, include_columns=cols
+            ),
+        )
+        for batch in reader:
+            yield batch, header
+    except (pa.ArrowInvalid, OSError, EOFError) as e:
+        msg = str(e)
+        if "Empty CSV" in msg:
+            raise DataError(f"{f.path}: empty file") from None
+        if "ompress" in msg or isinstance(e, EOFError):
+            msg += "; the gzip file is truncated or corrupt"
+        raise DataError(f"{f.path}: cannot parse ({msg})") from None
+
+
+def parse_int(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Strings or ints -> (int64 values, valid mask)."""
+    if pa.types.is_integer(arr.type):
+        ok = np.asarray(arr.is_valid())
+        return np.asarray(arr.cast(pa.int64()).fill_null(0)), ok
+    if pa.types.is_timestamp(arr.type):
+        ok = np.asarray(arr.is_valid())
+        secs = pc.cast(arr, pa.timestamp("s"), safe=False).cast(pa.int64()).fill_null(0)
+        return np.asarray(secs), ok
+    arr = arr.cast(pa.string())
+    try:
+        return np.asarray(arr.cast(pa.int64())), np.ones(len(arr), bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    ok = pc.fill_null(pc.match_substring_regex(arr, _INT_RE), False)
+    clean = pc.replace_substring_regex(pc.utf8_trim_whitespace(arr), r"^\+", "")
+    vals = pc.if_else(ok, clean, "0").cast(pa.int64())
+    return np.asarray(vals), np.asarray(ok)
+
+
+def _parse_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+        vals = np.asarray(arr.cast(pa.float64()).fill_null(np.nan))
+        return vals.astype(np.float32), np.isfinite(vals)
+    ok = pc.fill_null(pc.match_substring_regex(arr, _FLOAT_RE), False)
+    vals = np.asarray(pc.if_else(ok, pc.utf8_trim_whitespace(arr), "nan").cast(pa.float64()))
+    return vals.astype(np.float32), np.asarray(ok) & np.isfinite(vals)
+
+
+def parse_id(arr: pa.Array, string_ids: bool) -> tuple[pa.Array, np.ndarray]:
+    if string_ids:
+        arr = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+        return arr, np.asarray(pc.fill_null(pc.greater(pc.utf8_length(arr), 0), False))
+    vals, ok = parse_int(arr)
+    return pa.array(vals), ok
+
+
+def convert(
+    cols: dict[str, pa.Array],
+    f: EventFile,
+    string_ids: bool,
+) -> tuple[EventChunk, np.ndarray, dict[str, np.ndarray]]:
+    """Role columns -> (chunk of all rows, blank-row mask, {reason: bad-row mask})."""
+    n = len(cols["timestamp"])
+    blank = np.ones(n, bool)
+    for a in cols.values():
+        if pa.types.is_string(a.type):
+            blank &= np.asarray(pc.fill_null(pc.equal(pc.utf8_length(a), 0), True))
+        else:
+            blank &= np.asarray(a.is_null())
+    user, ok_u = parse_id(cols["user"], string_ids)
+    item, ok_i = parse_id(cols["item"], string_ids)
+    bad = {"bad_id": ~(ok_u & ok_i)}
+    ts, ok_t = parse_int(cols["timestamp"])
+    bad["bad_timestamp"] = ~ok_t
+    raw_b = pc.utf8_trim_whitespace(cols["behaviour"].cast(pa.string()))
+    code = pc.index_in(raw_b, value_set=pa.array(list(f.behaviour_values)))
+    bad["unknown_behaviour"] = np.asarray(code.is_null())
+    beh = np.asarray(code.fill_null(0)).astype(np.int8)
+    category = value = None
+    if "category" in cols:
+        category, ok_c = parse_id(cols["category"], string_ids)
+        bad["bad_id"] |= ~ok_c
+    if "value" in cols:
+        value, ok_v = _parse_float(cols["value"])
+        bad["bad_value"] = ~ok_v
+    for m in bad.values():
+        m &= ~blank
+    return EventChunk(user, item, beh, ts, category, value), blank, bad
+
+
+def _row_text(batch: pa.RecordBatch, i: int, delimiter: str) -> str:
+    return delimiter.join(str(a[i].as_py()) for a in batch.columns)
+
+
+def _physical_line(row: int, header: int, skipped: list[int]) -> int:
+    """Line number of data row `row` (0-based over rows the parser kept)."""
+    line = header + row + 1
+    for s in sorted(skipped):
+        if s <= line:
+            line += 1
+    return line
+
+
+def iter_file(
+    f: EventFile,
+    string_ids: bool,
+    block_bytes: int,
+    tally: Tally,
+) -> Iterator[EventChunk]:
+    """Validated chunks of one file; malformed rows raise or are tallied and dropped."""
+    cols = {r: f.roles[r] for r in ROLES if r in f.roles}
+    if f.path.endswith(".parquet") or f.path.endswith(".pq"):
+        yield from _iter_parquet(f, cols, string_ids, block_bytes, tally)
+        return
+    skipped: list[int] = []  # lines with a wrong field count, as pyarrow reports them
+    rows = 0
+    for batch, header in csv_batches(f, list(cols.values()), block_bytes, skipped):
+        by_role = {r: batch.column(c) for r, c in cols.items()}
+        chunk, blank, bad = convert(by_role, f, string_ids)
+        tally.counts["blank_lines"] += int(blank.sum())
+        if not tally.lenient:
+            # The first bad line so far: a bad value in this batch or a skipped line up to it.
+            last = _physical_line(rows + batch.num_rows - 1, header, skipped)
+            cands = [(s, "wrong_field_count", "") for s in skipped if s <= last]
+            for reason, m in bad.items():
+                if m.any():
+                    i = int(np.argmax(m))
+                    cands.append(
+                        (
+                            _physical_line(rows + i, header, skipped),
+                            reason,
+                            _row_text(batch, i, f.delimiter),
+                        )
+                    )
+            if cands:
+                raise fail_row(f.path, *min(cands))
+        for reason, m in bad.items():
+            tally.counts[reason] += int(m.sum())
+        rows += batch.num_rows
+        drop = blank | np.logical_or.reduce(list(bad.values()))
+        yield chunk.take(~drop) if drop.any() else chunk
+    if skipped and not tally.lenient:
+        raise fail_row(f.path, min(skipped), "wrong_field_count", "")
+    tally.counts["wrong_field_count"] += len(skipped)
+
+
+def _iter_parquet(
+    f: EventFile, cols: dict[str, str], string_ids: bool, block_bytes: int, tally: Tally
+) -> Iterator[EventChunk]:
+    try:
+        pf = pq.ParquetFile(f.path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{f.path}: cannot read Parquet ({e})") from None
+    missing = [c for c in cols.values() if c not in pf.schema_arrow.names]
+    if missing:
+        raise DataError(
+            f"{f.path}: missing column(s) {missing}; the file has {pf.schema_arrow.names}"
+        )
+    row0 = 0
+    for batch in pf.iter_batches(
+        batch_size=max(1024, block_bytes // 64), columns=list(cols.values())
+    ):
+        by_role = {r: batch.column(c) for r, c in cols.items()}
+        chunk, blank, bad = convert(by_role, f, string_ids)
+        for reason, m in bad.items():
+            if m.any() and not tally.lenient:
+                i = int(np.argmax(m))
+                raise fail_row(
+                    f.path, f"row {row0 + i + 1}", reason, _row_text(batch, i, f.delimiter)
+                )
+            tally.counts[reason] += int(m.sum())
+        row0 += batch.num_rows
+        drop = blank | np.logical_or.reduce(list(bad.values()))
+        yield chunk.take(~drop) if drop.any() else chunk

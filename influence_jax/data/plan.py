@@ -1,0 +1,353 @@
+"""Preparation passes 1 and 2: options, the scan of the whole log (ids, counts, time range), the
+plan (vocabularies, feature rows, negative pool, split boundaries, bucket count) and the
+partition of dense-indexed events into per-user bucket files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from influence_jax.data import readers
+from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError, Field
+from influence_jax.data.vocab import (
+    IdStats,
+    Vocab,
+    ids_of,
+    indexer,
+    positions,
+    raw_keys,
+    take_keys,
+    value_counts,
+)
+
+SPLITS = ("train", "valid", "test")
+RECORD = np.dtype(
+    [("user", "<i4"), ("item", "<i4"), ("ts", "<i8"), ("value", "<f4"), ("beh", "i1")]
+)
+BUCKET_BYTES_PER_EVENT = 200  # peak bytes per event while one bucket is sorted and expanded
+# Shares of --memory_mb; the rest is for the interpreter, libraries and vocabularies.
+BUCKET_SHARE = 0.25  # one bucket of events
+BLOCK_SHARE = 0.05  # the examples of one block of targets, while built
+SHARD_SHARE = 0.03  # each split's ShardWriter buffer (up to one shard, copied on flush)
+READ_SHARE = 1 / 256  # one CSV block; pyarrow keeps a few dozen in flight
+MAX_BUCKETS = 1000  # bucket files open at once while partitioning
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+    """How to turn events into examples. None means "the source's default"."""
+
+    max_len: int = 50  # history length L
+    target_behaviours: tuple[str, ...] | None = None  # names, or ("any",)
+    neg_ratio: int | None = None  # sampled negatives per positive
+    neg_strategy: str = "uniform"  # or "popularity"
+    label_threshold: float | None = None  # label = value >= threshold instead of 1
+    seed: int = 0
+    valid_frac: float = 0.1  # fraction of the time range
+    test_frac: float = 0.1
+    valid_start: int | None = None  # explicit boundaries (unix s) override the fractions
+    test_start: int | None = None
+    min_timestamp: int | None = None  # events outside [min, max] are dropped (counted)
+    max_timestamp: int | None = None
+    min_count: int = 1  # ids seen fewer times map to OOV
+    min_count_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
+    min_history: int = 0  # targets with fewer earlier events are dropped
+    dedupe: bool = False
+    lenient: bool = False
+    memory_mb: int = 2048
+    rows_per_shard: int | None = None
+    num_buckets: int | None = None  # user partitions (default: sized from memory_mb)
+    tmp_dir: str | None = None  # where bucket files go (default: inside the output temp dir)
+    command: str = ""
+    name: str | None = None
+
+    def resolve(self, source: readers.EventSource) -> PrepareOptions:
+        d = source.defaults
+        out = dataclasses.replace(self)
+        for key in (
+            "target_behaviours",
+            "neg_ratio",
+            "label_threshold",
+            "min_timestamp",
+            "max_timestamp",
+        ):
+            if getattr(out, key) is None and key in d:
+                setattr(out, key, d[key])
+        out.neg_ratio = int(out.neg_ratio or 0)
+        targets = tuple(out.target_behaviours or ("any",))
+        if "any" in targets:
+            targets = source.behaviour_types
+        unknown = [t for t in targets if t not in source.behaviour_types]
+        if unknown:
+            raise DataError(
+                f"target behaviour(s) {unknown} not among the source's behaviour "
+                f"types {list(source.behaviour_types)}"
+            )
+        out.target_behaviours = tuple(b for b in source.behaviour_types if b in targets)
+        if out.neg_strategy not in ("uniform", "popularity"):
+            raise DataError(
+                f"--neg_strategy must be uniform or popularity, not {out.neg_strategy!r}"
+            )
+        if out.label_threshold is not None and not source.has_value:
+            raise DataError("--label_threshold needs a value column (--value_col)")
+        if not (0 <= out.valid_frac and 0 <= out.test_frac and out.valid_frac + out.test_frac < 1):
+            raise DataError("need 0 <= valid_frac, test_frac and valid_frac + test_frac < 1")
+        if out.max_len <= 0 or out.memory_mb < 64 or out.neg_ratio < 0 or out.min_count < 1:
+            raise DataError("need max_len > 0, memory_mb >= 64, neg_ratio >= 0, min_count >= 1")
+        return out
+
+
+def window(chunk: readers.EventChunk, opts: PrepareOptions) -> tuple[readers.EventChunk, int]:
+    keep = np.ones(len(chunk), bool)
+    if opts.min_timestamp is not None:
+        keep &= chunk.timestamp >= opts.min_timestamp
+    if opts.max_timestamp is not None:
+        keep &= chunk.timestamp <= opts.max_timestamp
+    return (chunk, 0) if keep.all() else (chunk.take(keep), int((~keep).sum()))
+
+
+@dataclasses.dataclass
+class Scan:
+    """Pass 1: what the whole log holds."""
+
+    users: pa.Table  # k, n
+    items: pa.Table  # k, n, and with categories in the log lo, hi (min and max category)
+    categories: pa.Table | None
+    behaviours: np.ndarray
+    t_min: int
+    t_max: int
+    counts: dict[str, int]
+
+
+def scan_log(source: readers.EventSource, opts: PrepareOptions, block_bytes: int) -> Scan:
+    tally = readers.Tally(opts.lenient)
+    has_cat = source.has_event_category
+    budget = int(opts.memory_mb * 2**20 * BUCKET_SHARE)
+    users, items, cats = (
+        IdStats(False, budget),
+        IdStats(has_cat, budget),
+        IdStats(False, budget),
+    )
+    behaviours = np.zeros(len(source.behaviour_types), np.int64)
+    t_min, t_max, rows, outside = np.iinfo(np.int64).max, np.iinfo(np.int64).min, 0, 0
+    for chunk in source.chunks(block_bytes, tally):
+        rows += len(chunk)
+        chunk, dropped = window(chunk, opts)
+        outside += dropped
+        if not len(chunk):
+            continue
+        users.add(chunk.user)
+        items.add(chunk.item, chunk.category)
+        if chunk.category is not None:
+            cats.add(chunk.category)
+        behaviours += np.bincount(chunk.behaviour, minlength=len(behaviours))
+        t_min = min(t_min, int(chunk.timestamp.min()))
+        t_max = max(t_max, int(chunk.timestamp.max()))
+    events = int(behaviours.sum())
+    if events == 0:
+        raise DataError(
+            f"{[f.path for f in source.files]}: no events to prepare ({rows} valid "
+            f"rows, {outside} outside the time window, skipped {tally.as_dict()})"
+        )
+    counts = {
+        "rows_valid": rows,
+        "events": events,
+        "outside_time_window": outside,
+        **{f"skipped_{k}": v for k, v in tally.as_dict().items()},
+    }
+    return Scan(
+        users.result(),
+        items.result(),
+        cats.result() if has_cat else None,
+        behaviours,
+        t_min,
+        t_max,
+        counts,
+    )
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything needed to turn a bucket of events into examples."""
+
+    user_keys: np.ndarray | pa.Array  # every raw user, sorted: user_key = position
+    item_keys: np.ndarray | pa.Array
+    user_rows: np.ndarray  # [num users, Fu] int32 feature ids per dense user
+    item_rows: np.ndarray  # [num items, Fi] int32 feature ids per dense item
+    vocabs: dict[str, Vocab]
+    user_fields: list[Field]
+    item_fields: list[Field]
+    pool: np.ndarray  # dense items that may be sampled as negatives
+    pool_cdf: np.ndarray  # cumulative popularity over `pool`
+    targets: np.ndarray  # bool per behaviour code
+    bounds: tuple[int, int]  # valid_start, test_start
+    num_buckets: int
+    counts: dict[str, int]
+
+
+def _side_columns(
+    table: readers.SideTable,
+    keys: np.ndarray | pa.Array,
+    reserved: set[str],
+    opts: PrepareOptions,
+    vocabs: dict[str, Vocab],
+    fields: list[Field],
+) -> list[np.ndarray]:
+    """Feature id columns (one per side feature) for each dense entity in `keys`."""
+    pos, found = positions(keys, table.key)
+    out = []
+    for name, values in table.features.items():
+        if name in reserved or name in vocabs:
+            raise DataError(f"side feature {name!r} clashes with another feature; rename it")
+        values = values.cast(pa.string())
+        vc = value_counts(values).sort_by("k")
+        vocab_keys = vc.column("k").combine_chunks()
+        ids = ids_of(np.asarray(vc.column("n")), opts.min_count_overrides.get(name, opts.min_count))
+        vocabs[name] = Vocab(take_keys(vocab_keys, ids >= NUM_RESERVED))
+        vpos, vfound = positions(vocab_keys, values)
+        col = np.full(len(keys), OOV_ID, np.int32)
+        col[pos[found]] = np.where(vfound, ids[vpos], OOV_ID)[found]
+        out.append(col)
+        fields.append(Field(name, name))
+    return out
+
+
+def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> Plan:
+    mc = lambda name: opts.min_count_overrides.get(name, opts.min_count)
+    user_keys, item_keys = raw_keys(scan.users.column("k")), raw_keys(scan.items.column("k"))
+    item_counts = np.asarray(scan.items.column("n"), np.int64)
+    user_ids = ids_of(np.asarray(scan.users.column("n")), mc("user_id"))
+    item_ids = ids_of(item_counts, mc("item_id"))
+    vocabs = {
+        "user_id": Vocab(take_keys(user_keys, user_ids >= NUM_RESERVED)),
+        "item_id": Vocab(take_keys(item_keys, item_ids >= NUM_RESERVED)),
+    }
+    user_fields, item_fields = [Field("user_id", "user_id")], [Field("item_id", "item_id")]
+    user_cols, item_cols = [user_ids], [item_ids]
+    counts = {"users": len(user_keys), "items": len(item_keys)}
+    if scan.categories is not None:
+        cat_keys = raw_keys(scan.categories.column("k"))
+        cat_ids = ids_of(np.asarray(scan.categories.column("n")), mc("category"))
+        lo, hi = scan.items.column("lo"), scan.items.column("hi")
+        counts["items_with_several_categories"] = int(pc.sum(pc.not_equal(lo, hi)).as_py() or 0)
+        pos, _ = positions(cat_keys, raw_keys(lo))  # an item's category: its smallest raw one
+        item_cols.append(cat_ids[pos])
+    elif source.item_table is not None and source.item_table.category is not None:
+        t = source.item_table
+        vc = value_counts(t.category).sort_by("k")
+        cat_keys = raw_keys(vc.column("k"))
+        cat_ids = ids_of(np.asarray(vc.column("n")), mc("category"))
+        col = np.full(len(item_keys), OOV_ID, np.int32)
+        ipos, ifound = positions(item_keys, t.key)
+        cpos, _ = positions(cat_keys, t.category)
+        col[ipos[ifound]] = cat_ids[cpos][ifound]
+        item_cols.append(col)
+    if len(item_cols) == 2:
+        vocabs["category"] = Vocab(take_keys(cat_keys, cat_ids >= NUM_RESERVED))
+        item_fields.append(Field("category", "category"))
+        counts["categories"] = len(cat_keys)
+    reserved = {"user_id", "item_id", "category", "behaviour", "time_gap"}
+    if source.user_table is not None:
+        user_cols += _side_columns(
+            source.user_table, user_keys, reserved, opts, vocabs, user_fields
+        )
+    if source.item_table is not None:
+        item_cols += _side_columns(
+            source.item_table, item_keys, reserved, opts, vocabs, item_fields
+        )
+    pool = np.flatnonzero(item_ids >= NUM_RESERVED)
+    if opts.neg_ratio and not len(pool):
+        raise DataError(
+            f"no item reaches min_count={mc('item_id')}; nothing to sample negatives from"
+        )
+    return Plan(
+        user_keys,
+        item_keys,
+        np.stack(user_cols, 1).astype(np.int32),
+        np.stack(item_cols, 1).astype(np.int32),
+        vocabs,
+        user_fields,
+        item_fields,
+        pool,
+        np.cumsum(item_counts[pool]).astype(np.float64),
+        np.isin(source.behaviour_types, opts.target_behaviours),
+        _bounds(scan, opts),
+        opts.num_buckets or _num_buckets(int(scan.behaviours.sum()), opts.memory_mb),
+        counts,
+    )
+
+
+def _num_buckets(events: int, memory_mb: int) -> int:
+    """Buckets so that one fits BUCKET_SHARE of memory; at most MAX_BUCKETS open files."""
+    want = math.ceil(events * BUCKET_BYTES_PER_EVENT / (memory_mb * 2**20 * BUCKET_SHARE))
+    if want > MAX_BUCKETS:
+        logging.warning(
+            "%d events need %d buckets for --memory_mb=%d; using %d (raise "
+            "--memory_mb to stay within it)",
+            events,
+            want,
+            memory_mb,
+            MAX_BUCKETS,
+        )
+    return max(1, min(want, MAX_BUCKETS))
+
+
+def _bounds(scan: Scan, opts: PrepareOptions) -> tuple[int, int]:
+    span = scan.t_max - scan.t_min
+    test = (
+        opts.test_start
+        if opts.test_start is not None
+        else scan.t_min + math.ceil(span * (1 - opts.test_frac))
+        if opts.test_frac > 0
+        else scan.t_max + 1
+    )
+    valid = (
+        opts.valid_start
+        if opts.valid_start is not None
+        else scan.t_min + math.ceil(span * (1 - opts.test_frac - opts.valid_frac))
+        if opts.valid_frac > 0
+        else test
+    )
+    if valid > test:
+        raise DataError(f"valid_start {valid} is after test_start {test}")
+    return int(valid), int(test)
+
+
+def partition(
+    source: readers.EventSource, plan: Plan, opts: PrepareOptions, folder: str, block_bytes: int
+) -> list[str]:
+    """Pass 2: dense-index every event and append it to the file of bucket user % P."""
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"bucket-{b:05d}.bin") for b in range(plan.num_buckets)]
+    files = [open(p, "wb") for p in paths]
+    user_pos, item_pos = indexer(plan.user_keys), indexer(plan.item_keys)
+    try:
+        for chunk in source.chunks(block_bytes, readers.Tally(opts.lenient)):
+            chunk, _ = window(chunk, opts)
+            rec = np.empty(len(chunk), RECORD)
+            (rec["user"], ok_u), (rec["item"], ok_i) = user_pos(chunk.user), item_pos(chunk.item)
+            if not (ok_u.all() and ok_i.all()):
+                raise DataError(
+                    f"{[f.path for f in source.files]}: an id not seen in the first "
+                    "pass; did the input change while it was being prepared?"
+                )
+            rec["ts"] = chunk.timestamp
+            rec["value"] = 1.0 if chunk.value is None else chunk.value
+            rec["beh"] = chunk.behaviour
+            bucket = rec["user"] % plan.num_buckets
+            rec = rec[np.argsort(bucket, kind="stable")]
+            ends = np.cumsum(np.bincount(bucket, minlength=plan.num_buckets))
+            for b, (lo, hi) in enumerate(zip(np.r_[0, ends[:-1]], ends, strict=True)):
+                if hi > lo:
+                    files[b].write(rec[lo:hi].tobytes())
+    finally:
+        for f in files:
+            f.close()
+    return paths

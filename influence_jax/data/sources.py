@@ -1,0 +1,282 @@
+"""The raw sources: Taobao UserBehavior, MovieLens 100K, Retailrocket CML and a generic events
+CSV/Parquet log with a column mapping, each an `EventSource` (event files, behaviour types,
+optional user/item side tables and per-source defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from influence_jax.data.logio import (
+    EventChunk,
+    EventFile,
+    SideTable,
+    Tally,
+    csv_batches,
+    fail_row,
+    iter_file,
+    parse_id,
+    parse_int,
+    read_header,
+)
+from influence_jax.data.schema import DataError
+
+
+@dataclasses.dataclass
+class EventSource:
+    """A raw dataset: event files, behaviour types, side tables and per-source defaults."""
+
+    name: str
+    files: list[EventFile]
+    behaviour_types: tuple[str, ...]
+    string_ids: bool = False
+    user_table: SideTable | None = None
+    item_table: SideTable | None = None
+    defaults: dict[str, object] = dataclasses.field(default_factory=dict)
+    notes: dict[str, object] = dataclasses.field(default_factory=dict)
+
+    @property
+    def has_event_category(self) -> bool:
+        """Whether the category comes with each event (else maybe from the item table)."""
+        return all("category" in f.roles for f in self.files)
+
+    @property
+    def has_value(self) -> bool:
+        return all("value" in f.roles for f in self.files)
+
+    def chunks(self, block_bytes: int, tally: Tally) -> Iterator[EventChunk]:
+        for f in self.files:
+            yield from iter_file(f, self.string_ids, block_bytes, tally)
+
+
+def read_table(
+    path: str, delimiter: str = ",", names: tuple[str, ...] | None = None, encoding: str = "utf8"
+) -> pa.Table:
+    """A whole small delimited (or Parquet) table as string columns; bad rows raise."""
+    if path.endswith(".parquet") or path.endswith(".pq"):
+        t = pq.read_table(path)
+        return pa.table({c: t.column(c).cast(pa.string()) for c in t.column_names})
+    cols = list(names or read_header(path, delimiter))
+    f = EventFile(path, {}, (), names=names, delimiter=delimiter)
+    skipped: list[int] = []
+    batches = [b for b, _ in csv_batches(f, cols, 1 << 24, skipped, encoding)]
+    if skipped:
+        raise fail_row(path, min(skipped), "wrong_field_count", "")
+    t = pa.Table.from_batches(batches) if batches else None
+    if t is not None:  # drop blank lines (every field empty)
+        empty = [np.asarray(pc.equal(pc.utf8_length(c), 0)) for c in t.columns]
+        t = t.filter(pa.array(~np.logical_and.reduce(empty)))
+    if t is None or t.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    return t
+
+
+def side_table(
+    path: str, key: str, columns: list[str] | None, delimiter: str = ",", string_ids: bool = False
+) -> SideTable:
+    """A user or item side table: `key` column plus categorical feature columns."""
+    t = read_table(path, delimiter)
+    if key not in t.column_names:
+        raise DataError(f"{path}: missing key column {key!r}; the file has {t.column_names}")
+    columns = columns or [c for c in t.column_names if c != key]
+    missing = [c for c in columns if c not in t.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; the file has {t.column_names}")
+    ids, ok = parse_id(t.column(key).combine_chunks(), string_ids)
+    if pc.count_distinct(ids).as_py() != len(ids):
+        raise DataError(f"{path}: column {key!r} repeats ids; a side table needs one row per id")
+    if not ok.all():
+        bad = int(np.argmin(ok))
+        raise fail_row(path, bad + 2, "bad_id", str(t.column(key)[bad]))
+    return SideTable(ids, {c: t.column(c).combine_chunks() for c in columns})
+
+
+TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
+TAOBAO_BEHAVIOURS = ("pv", "cart", "fav", "buy")
+# The official UserBehavior window (2017-11-25 00:00 to 2017-12-03 23:59:59, UTC+8).
+TAOBAO_WINDOW = (1511539200, 1512316799)
+
+
+def taobao(path: str) -> EventSource:
+    roles = {
+        "user": "user_id",
+        "item": "item_id",
+        "category": "category_id",
+        "behaviour": "behavior_type",
+        "timestamp": "timestamp",
+    }
+    f = EventFile(path, roles, TAOBAO_BEHAVIOURS, names=TAOBAO_COLUMNS, quoted=False)
+    return EventSource(
+        "taobao",
+        [f],
+        TAOBAO_BEHAVIOURS,
+        defaults={
+            "target_behaviours": ("buy",),
+            "neg_ratio": 4,
+            "min_timestamp": TAOBAO_WINDOW[0],
+            "max_timestamp": TAOBAO_WINDOW[1],
+        },
+    )
+
+
+RETAILROCKET_BEHAVIOURS = ("view", "cart", "buy")
+
+
+def retailrocket(path: str) -> EventSource:
+    roles = {
+        "user": "user_id",
+        "item": "item_id",
+        "behaviour": "behavior",
+        "timestamp": "timestamp",
+    }
+    f = EventFile(path, roles, RETAILROCKET_BEHAVIOURS, quoted=False)
+    return EventSource(
+        "retailrocket",
+        [f],
+        RETAILROCKET_BEHAVIOURS,
+        defaults={"target_behaviours": ("buy",), "neg_ratio": 4},
+    )
+
+
+ML_RATINGS = ("1", "2", "3", "4", "5")
+# MovieLens-1M age groups, applied to ML-100K's exact ages.
+ML_AGE_EDGES = (18, 25, 35, 45, 50, 56)
+ML_ZIP_PREFIX = 2
+
+
+def movielens(path: str) -> EventSource:
+    """ML-100K folder (or its u.data): ratings as behaviours "r1".."r5", value = rating."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    data = path if os.path.isfile(path) else os.path.join(folder, "u.data")
+    roles = {
+        "user": "user",
+        "item": "item",
+        "behaviour": "rating",
+        "value": "rating",
+        "timestamp": "timestamp",
+    }
+    f = EventFile(
+        data,
+        roles,
+        ML_RATINGS,
+        names=("user", "item", "rating", "timestamp"),
+        delimiter="\t",
+        quoted=False,
+    )
+    users = read_table(
+        os.path.join(folder, "u.user"), "|", ("user", "age", "gender", "occupation", "zip")
+    )
+    age, ok = parse_int(users.column("age").combine_chunks())
+    if not ok.all():
+        raise fail_row(os.path.join(folder, "u.user"), int(np.argmin(ok)) + 1, "bad_value", "age")
+    edges = np.asarray(ML_AGE_EDGES)
+    bucket = np.where(
+        age < edges[0], 1, edges[np.maximum(np.searchsorted(edges, age, "right") - 1, 0)]
+    )
+    zips = pc.utf8_slice_codeunits(users.column("zip").combine_chunks(), 0, ML_ZIP_PREFIX)
+    user_table = SideTable(
+        pa.array(parse_int(users.column("user").combine_chunks())[0]),
+        {
+            "age": pa.array(bucket.astype(str)),
+            "gender": users.column("gender").combine_chunks(),
+            "occupation": users.column("occupation").combine_chunks(),
+            "zip_prefix": zips,
+        },
+    )
+    genre_names = [line.split("|")[0] for line in _lines(os.path.join(folder, "u.genre"))]
+    names = ("item", "title", "release", "video_release", "url") + tuple(
+        f"g{i}" for i in range(len(genre_names))
+    )
+    items = read_table(os.path.join(folder, "u.item"), "|", names, encoding="latin1")
+    flags = np.stack(
+        [parse_int(items.column(f"g{i}").combine_chunks())[0] for i in range(len(genre_names))],
+        axis=1,
+    )
+    first_genre = np.where(flags.any(axis=1), np.argmax(flags > 0, axis=1), 0)
+    item_table = SideTable(
+        pa.array(parse_int(items.column("item").combine_chunks())[0]),
+        {},
+        category=pa.array(first_genre.astype(np.int64)),
+    )
+    return EventSource(
+        "movielens",
+        [f],
+        tuple(f"r{r}" for r in ML_RATINGS),
+        user_table=user_table,
+        item_table=item_table,
+        defaults={"target_behaviours": ("any",), "neg_ratio": 0, "label_threshold": 4.0},
+        notes={
+            "category": "first genre index in u.item",
+            "genres": genre_names,
+            "age_buckets": "MovieLens-1M groups: 1 (<18), 18, 25, 35, 45, 50, 56",
+            "zip_prefix_chars": ML_ZIP_PREFIX,
+        },
+    )
+
+
+def _lines(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="latin1") as fh:
+        return [ln.rstrip("\r\n") for ln in fh if ln.strip()]
+
+
+def events(
+    path: str,
+    *,
+    user: str,
+    item: str,
+    behaviour: str,
+    timestamp: str,
+    behaviour_types: tuple[str, ...],
+    category: str = "",
+    value: str = "",
+    delimiter: str = ",",
+    header: bool = True,
+    names: tuple[str, ...] = (),
+    string_ids: bool = False,
+    user_table: str = "",
+    user_key: str = "",
+    item_table: str = "",
+    item_key: str = "",
+) -> EventSource:
+    """A generic CSV/Parquet event log with a column mapping given by the caller."""
+    if not 0 < len(behaviour_types) <= 100:
+        raise DataError("events: --behaviour_types must list 1 to 100 raw behaviour spellings")
+    delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
+    roles = {"user": user, "item": item, "behaviour": behaviour, "timestamp": timestamp}
+    if category:
+        roles["category"] = category
+    if value:
+        roles["value"] = value
+    if not header and not names:
+        raise DataError("events: a file without a header needs --names (its column names)")
+    f = EventFile(
+        path, roles, behaviour_types, names=None if header else names, delimiter=delimiter
+    )
+    ut = (
+        side_table(user_table, user_key or user, None, delimiter, string_ids)
+        if user_table
+        else None
+    )
+    it = (
+        side_table(item_table, item_key or item, None, delimiter, string_ids)
+        if item_table
+        else None
+    )
+    return EventSource(
+        "events",
+        [f],
+        behaviour_types,
+        string_ids=string_ids,
+        user_table=ut,
+        item_table=it,
+        defaults={"target_behaviours": ("any",), "neg_ratio": 1},
+    )
