@@ -404,3 +404,66 @@ def test_min_history_drops_targets_with_too_few_earlier_events(tmp_path):
     assert schema.extra["counts"]["targets_short_history"] == 2
     assert schema.extra["counts"]["targets"] == 3
     assert os.listdir(tmp_path / "scratch") == []  # bucket files cleaned up
+
+
+def test_rank_state_equals_a_training_example_at_the_cut(tmp_path):
+    """User 8 has events before test_start (900) but no test example; its ranking state must
+    equal the history of an example at t=900, built by preparing the log plus such an event."""
+    log = LOG + "10,10,1,pv,700\n"  # user 10 starts after valid_start
+    a = run(write(tmp_path / "a.csv", log), tmp_path / "a", max_len=3, neg_ratio=0)
+    run(write(tmp_path / "b.csv", log + "8,13,2,buy,900\n"), tmp_path / "b", max_len=3, neg_ratio=0)
+    cuts = a.extra["rank_state"]["cuts"]
+    assert cuts == {"valid": 500, "test": 900, "end": 1001}
+    state = lambda cut, col: np.load(tmp_path / "a" / "rank_state" / cut / f"{col}.npy")
+    # Users 7, 8, 9, 10 -> keys 0..3; user 10 has no event before valid_start.
+    assert sorted(state("valid", "user_key")) == [0, 1, 2]
+    assert sorted(state("test", "user_key")) == sorted(state("end", "user_key")) == [0, 1, 2, 3]
+    assert 1 not in rows(tmp_path / "a", "test")["user_key"]
+    b = rows(tmp_path / "b", "test")
+    r = find(b, user_key=1, t=900)
+    row = int(np.flatnonzero(state("test", "user_key") == 1)[0])
+    np.testing.assert_array_equal(state("test", "hist")[row], b["hist"][r])
+    np.testing.assert_array_equal(state("test", "user")[row], b["user"][r])
+    assert state("test", "last_ts")[row] == 600
+    # User 9's only event (buy 13 at 120), seen from valid_start.
+    row = int(np.flatnonzero(state("valid", "user_key") == 2)[0])
+    gap = int(prepare.gap_bucket(np.array([500 - 120]))[0])
+    np.testing.assert_array_equal(state("valid", "hist")[row, 0], [ITEM[13], CAT[2], BUY, gap])
+    assert not state("valid", "hist")[row, 1:].any()
+    feats = np.load(tmp_path / "a" / "rank_state" / "item_features.npy")
+    np.testing.assert_array_equal(feats[[ITEM[10], ITEM[12]]], [[ITEM[10], CAT[1]], [4, CAT[2]]])
+
+
+def test_rank_state_histories_hold_only_events_before_the_cut(tmp_path):
+    """Against a plain-Python reference: the 5 most recent events strictly before each cut."""
+    text = _random_log(12, 25, 600, seed=2)
+    schema = run(
+        write(tmp_path / "log.csv", text),
+        tmp_path / "p",
+        valid_start=1060,
+        test_start=1080,
+        max_len=5,
+        neg_ratio=0,
+    )
+    beh = {b: k for k, b in enumerate(readers.TAOBAO_BEHAVIOURS)}
+    ev = sorted(
+        (int(u), int(t), beh[b], int(i))
+        for u, i, _, b, t in (line.split(",") for line in text.splitlines())
+    )
+    users, items = sorted({e[0] for e in ev}), sorted({e[3] for e in ev})
+    for cut, t_cut in schema.extra["rank_state"]["cuts"].items():
+        d = tmp_path / "p" / "rank_state" / cut
+        keys, hist = np.load(d / "user_key.npy"), np.load(d / "hist.npy")
+        last = np.load(d / "last_ts.npy")
+        assert (last < t_cut).all()
+        want_users = sorted({users.index(u) for u, t, _, _ in ev if t < t_cut})
+        assert sorted(keys.tolist()) == want_users
+        for k, h in zip(keys, hist, strict=True):
+            before = [e for e in ev if e[0] == users[k] and e[1] < t_cut][::-1][:5]
+            want = [
+                [items.index(i) + 2, b + 2, int(prepare.gap_bucket(np.array([t_cut - t]))[0])]
+                for _, t, b, i in before
+            ]
+            got = h[: len(before)][:, [0, 2, 3]].tolist()
+            assert got == want, (cut, k)
+            assert not h[len(before) :].any()

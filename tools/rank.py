@@ -5,9 +5,17 @@ atomically as Parquet (default) or CSV with columns user_id, rank, item_id, scor
     python tools/rank.py --workdir=runs/taobao --data=.prepared/taobao --step=best \
       --candidates=candidates.csv --output=top10.csv --format=csv --top_k=10 --explain
 
-Candidates (CSV with a header, or Parquet) hold raw user_id,item_id as in the original log;
-without --candidates every user with an example in --split is ranked against the
---max_items most frequent training items. --data may be left out for a synthetic run.
+    python tools/rank.py --workdir=runs/taobao --data=.prepared/taobao --as_of=end \
+      --exclude_seen --max_items=5000 --output=top10.parquet
+
+Users are ranked as of --as_of (default: --split): valid or test (the split's start) or end
+(after the last event), each with the history a training example at that time would hold
+(rank_state/ written by prepare_data.py; datasets without it fall back, with a warning, to
+each user's latest example in the split). Candidates (CSV with a header, or Parquet) hold raw
+user_id,item_id as in the original log; without --candidates every user is scored against every
+training item (--max_items caps them to the most frequent; --exclude_seen drops the items the
+user had already interacted with). A progress line with rate and ETA goes to stderr.
+--data may be left out for a synthetic run.
 """
 
 from __future__ import annotations
@@ -34,10 +42,17 @@ _EXPLAIN = flags.DEFINE_bool(
     "explain", False, "Add behaviour-type and extractor contributions and the top 3 events."
 )
 _FORMAT = flags.DEFINE_enum("format", "parquet", ["parquet", "csv"], "Output format.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split whose users (and histories) are ranked.")
-_MAX_ITEMS = flags.DEFINE_integer(
-    "max_items", 1000, "Without --candidates: most frequent training items scored per user."
+_SPLIT = flags.DEFINE_string("split", "test", "Rank as of this split's start: valid or test.")
+_AS_OF = flags.DEFINE_enum(
+    "as_of", None, ["valid", "test", "end"], "Ranking time (overrides --split); end: after the log."
 )
+_MAX_ITEMS = flags.DEFINE_integer(
+    "max_items", 0, "Without --candidates: score only the N most frequent training items (0: all)."
+)
+_EXCLUDE_SEEN = flags.DEFINE_bool(
+    "exclude_seen", False, "Without --candidates: drop items the user interacted with before."
+)
+_PROGRESS = flags.DEFINE_float("progress_every", 10.0, "Seconds between progress lines.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global scoring batch (default: eval batch).")
 flags.mark_flags_as_required(["workdir", "output"])
 
@@ -60,13 +75,18 @@ def main(argv: list[str]) -> None:
             fmt=_FORMAT.value,
             max_items=_MAX_ITEMS.value,
             batch_size=_BATCH.value,
+            as_of=_AS_OF.value,
+            exclude_seen=_EXCLUDE_SEEN.value,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+            progress_every=_PROGRESS.value,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(
-        f"ranked {s['users']} users at step {s['step']}: {s['pairs_scored']} pairs scored "
-        f"({s['candidates_per_s']:.0f}/s with compilation), {s['rows_written']} rows -> "
+        f"ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "
+        f"{s['pairs_scored']} pairs scored ({s['candidates_per_s']:.0f}/s with compilation), "
+        f"{s['rows_written']} rows -> "
         f"{_OUTPUT.value} in {s['seconds']} s"
     )
     print(

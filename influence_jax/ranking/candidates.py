@@ -1,0 +1,205 @@
+"""Candidate (user, item) pairs to score: from a CSV/Parquet file of raw ids (mapped through the
+saved vocabularies; malformed rows raise naming the line) or, by default, every ranked user
+against every item that is a target of a training example, optionally capped to the most
+frequent ones and without the items each user had already interacted with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from influence_jax.data import rank_state
+from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError
+from influence_jax.data.store import ExampleStore
+from influence_jax.ranking.contexts import Contexts, IdMaps, item_rows
+from influence_jax.ranking.run import Run
+
+
+@dataclasses.dataclass
+class Candidates:
+    """(user, item) pairs to score: each pair's context row and item row, and its raw ids."""
+
+    ctx: Contexts
+    items: np.ndarray  # [I, Fi] item feature rows
+    ctx_row: np.ndarray  # [N] row of `ctx` per pair
+    item_row: np.ndarray  # [N] row of `items` per pair
+    user_out: np.ndarray  # [N] raw user id (output)
+    item_out: np.ndarray  # [N] raw item id (output)
+    counts: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.ctx_row)
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        c = self.ctx_row[rows]
+        return {
+            "user": self.ctx.user[c],
+            "item": self.items[self.item_row[rows]],
+            "hist": self.ctx.hist[c],
+        }
+
+
+def _parse_ids(values: pa.Array, integer: bool, path: str, lines: Callable, col: str):
+    """String ids -> numpy (int64 when the vocabulary has integer ids); a bad one raises."""
+    s = pc.utf8_trim_whitespace(values.cast(pa.string()))
+    ok = pc.fill_null(pc.greater(pc.utf8_length(s), 0), False)
+    if integer:
+        ok = pc.and_(ok, pc.fill_null(pc.match_substring_regex(s, r"^[+-]?[0-9]{1,18}$"), False))
+    ok = np.asarray(ok)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        what = "an integer id" if integer else "a non-empty id"
+        raise DataError(f"{path}:{lines(i)}: {col} must be {what}, got {values[i].as_py()!r}")
+    if integer:
+        return np.asarray(pc.replace_substring_regex(s, r"^\+", "").cast(pa.int64()))
+    return np.asarray(s.to_pylist(), object)
+
+
+def read_candidate_ids(path: str, maps: IdMaps) -> tuple[np.ndarray, np.ndarray]:
+    """(raw user ids, raw item ids) of a CSV (with a header line) or Parquet file.
+
+    Blank CSV lines are skipped; any other malformed row raises a DataError naming its line.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such candidates file")
+    cols, parquet = ["user_id", "item_id"], path.endswith((".parquet", ".pq"))
+    skipped: list[int] = []
+    try:
+        if parquet:
+            t = pq.read_table(path)
+        else:
+            t = pcsv.read_csv(
+                path,
+                read_options=pcsv.ReadOptions(use_threads=False),
+                parse_options=pcsv.ParseOptions(
+                    ignore_empty_lines=False,
+                    invalid_row_handler=lambda row: skipped.append(row.number) or "skip",
+                ),
+                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in cols}),
+            )
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: cannot read candidates ({e})") from None
+    if skipped:
+        raise DataError(f"{path}:{min(skipped)}: wrong number of fields; expected user_id,item_id")
+    missing = [c for c in cols if c not in t.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; the file has {t.column_names}")
+    u, i = (t.column(c).combine_chunks().cast(pa.string()) for c in cols)
+    blank = np.asarray(pc.fill_null(pc.equal(pc.binary_join_element_wise(u, i, ""), ""), True))
+    rows = np.flatnonzero(~blank) if not parquet else np.arange(t.num_rows)
+    if not len(rows):
+        raise DataError(f"{path}: no candidate rows")
+    # Line of data row r: the header is line 1 and no line was skipped.
+    lines = (lambda r: f"row {rows[r] + 1}") if parquet else (lambda r: rows[r] + 2)
+    take = pa.array(rows)
+    users = _parse_ids(u.take(take), maps.integer("user_key"), path, lines, "user_id")
+    items = _parse_ids(i.take(take), maps.integer("item_id"), path, lines, "item_id")
+    return users, items
+
+
+def _candidates(
+    run: Run, ctx: Contexts, ctx_row, item_idx, user_out, item_out, counts
+) -> Candidates:
+    ids, inverse = np.unique(item_idx, return_inverse=True)
+    items, lacking = item_rows(run.data_path, run.schema, ids)
+    counts["items_without_features"] = int(lacking.sum())
+    return Candidates(ctx, items, ctx_row, inverse, user_out, item_out, counts)
+
+
+def _add_contexts(ctx: Contexts, user: np.ndarray) -> Contexts:
+    """`ctx` plus one context per row of `user` (features), with an empty history."""
+    n = len(user)
+    return Contexts(
+        np.r_[ctx.user_key, np.full(n, -1)],
+        np.concatenate([ctx.user, user]),
+        np.concatenate([ctx.hist, np.zeros((n,) + ctx.hist.shape[1:], np.int32)]),
+        np.r_[ctx.timestamp, np.zeros(n, np.int64)],
+        np.r_[ctx.in_split, np.zeros(n, bool)],
+    )
+
+
+def file_candidates(run: Run, path: str, ctx: Contexts, maps: IdMaps) -> Candidates:
+    """Pairs from a candidates file (repeats dropped); unknown ids go through the OOV ids."""
+    user_raw, item_raw = read_candidate_ids(path, maps)
+    n_in = len(user_raw)
+    users, u_inv = np.unique(user_raw, return_inverse=True)
+    _, i_inv = np.unique(item_raw, return_inverse=True)
+    first = np.sort(np.unique(u_inv * (i_inv.max() + 1) + i_inv, return_index=True)[1])
+    user_raw, item_raw, u_inv = user_raw[first], item_raw[first], u_inv[first]
+    keys, known = maps.user_keys(users)
+    pos, has_ctx = ctx.find(keys)
+    has_ctx &= known
+    # A user without a context: its user_id (OOV when unknown), other fields OOV, no history.
+    extra = np.flatnonzero(~has_ctx)
+    user = np.full((len(extra), len(run.schema.user_fields)), OOV_ID, np.int32)
+    names = [f.name for f in run.schema.user_fields]
+    if "user_id" in names:
+        uid = maps.lookup("user_id", users[extra][known[extra]])
+        user[known[extra], names.index("user_id")] = uid
+    row = np.where(has_ctx, pos, 0)
+    row[extra] = len(ctx.user_key) + np.arange(len(extra))
+    item_idx = maps.lookup("item_id", item_raw)
+    counts = {
+        "candidate_rows": n_in,
+        "duplicate_pairs": n_in - len(user_raw),
+        "unknown_users": int((~known).sum()),
+        "unknown_user_pairs": int((~known[u_inv]).sum()),
+        "users_without_history": int((known & ~has_ctx).sum()),
+        "unknown_items": len(np.unique(item_raw[item_idx == OOV_ID])),
+        "unknown_item_pairs": int((item_idx == OOV_ID).sum()),
+    }
+    ctx = _add_contexts(ctx, user)
+    return _candidates(run, ctx, row[u_inv], item_idx, user_raw, item_raw, counts)
+
+
+def train_items(run: Run, max_items: int = 0) -> tuple[np.ndarray, int]:
+    """(sorted item_id indices, number of train items): the items that are targets (positive or
+    sampled negative) of training examples; with `max_items` > 0 only that many most frequent."""
+    store = ExampleStore(run.data_path, "train", run.schema)
+    ids = store.column("item")[:, run.schema.item_index("item_id")]
+    ids, n = np.unique(ids[ids >= NUM_RESERVED], return_counts=True)
+    if max_items > 0:
+        return np.sort(ids[np.lexsort((ids, -n))[:max_items]]), len(ids)
+    return ids, len(ids)
+
+
+def seen_keys(run: Run, ctx: Contexts, n_ids: int) -> np.ndarray:
+    """Sorted user_key * n_ids + item_id of the pairs each ranked user interacted with before
+    the ranking time (rank_state/seen; without a ranking state: the items in the history)."""
+    if rank_state.available(run.data_path):
+        before = int(ctx.timestamp.max()) if len(ctx.timestamp) else 0
+        u, i = rank_state.seen_pairs(run.data_path, before)
+        return np.unique(u.astype(np.int64) * n_ids + i)
+    h = ctx.hist[..., run.schema.hist_index("item_id")]
+    keys = ctx.user_key[:, None].astype(np.int64) * n_ids + h
+    return np.unique(keys[h >= NUM_RESERVED])
+
+
+def default_candidates(
+    run: Run, ctx: Contexts, maps: IdMaps, max_items: int = 0, exclude_seen: bool = False
+) -> Candidates:
+    """Each ranked user x every train item (see `train_items`), less the user's seen items if
+    `exclude_seen`."""
+    top, n_train = train_items(run, max_items)
+    users = np.flatnonzero(ctx.in_split)
+    ctx_row, item_idx = np.repeat(users, len(top)), np.tile(top, len(users))
+    counts = {"candidate_items": len(top), "train_items": n_train, "seen_pairs_excluded": 0}
+    if exclude_seen and len(ctx_row):
+        n_ids = run.schema.vocab_sizes["item_id"]
+        seen = seen_keys(run, ctx, n_ids)
+        key = ctx.user_key[ctx_row] * n_ids + item_idx
+        pos = np.minimum(np.searchsorted(seen, key), max(len(seen) - 1, 0))
+        drop = seen[pos] == key if len(seen) else np.zeros(len(key), bool)
+        ctx_row, item_idx = ctx_row[~drop], item_idx[~drop]
+        counts["seen_pairs_excluded"] = int(drop.sum())
+    user_out = maps.user_raw(ctx.user_key[ctx_row])
+    item_out = maps.raw("item_id", item_idx)[0]
+    return _candidates(run, ctx, ctx_row, item_idx, user_out, item_out, counts)

@@ -1,0 +1,88 @@
+"""Ranking output: each user's top k with deterministic ties, atomic Parquet/CSV writes, and the
+progress line (pairs done, rate, ETA) printed while candidates are scored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from influence_jax.data.schema import DataError
+
+
+def top_k_rows(user: np.ndarray, item: np.ndarray, score: np.ndarray, k: int):
+    """(rows, rank) of each user's k best: score descending, then item id ascending."""
+    _, u = np.unique(user, return_inverse=True)
+    _, i = np.unique(item, return_inverse=True)
+    order = np.lexsort((i, -score.astype(np.float64), u))
+    g = u[order]
+    first = np.r_[True, g[1:] != g[:-1]] if len(g) else np.zeros(0, bool)
+    rank = np.arange(len(g)) - np.maximum.accumulate(np.where(first, np.arange(len(g)), 0)) + 1
+    keep = rank <= k
+    return order[keep], rank[keep]
+
+
+def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
+    """Writes `table` as Parquet or CSV atomically: a temporary file, then a rename."""
+    if fmt not in ("parquet", "csv"):
+        raise DataError(f"--format must be parquet or csv, not {fmt!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, tmp)
+        else:
+            pcsv.write_csv(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def hms(seconds: float) -> str:
+    s = int(round(max(seconds, 0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Reports "scored D/N pairs (P%) R pairs/s ETA H:MM:SS" at most every `every` seconds and
+    once at the end; the rate counts from the first call (so it includes compilation)."""
+
+    def __init__(
+        self,
+        total: int,
+        log: Callable[[str], None],
+        every: float = 10.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.total, self.log, self.every, self.clock = total, log, every, clock
+        self.t0 = clock()
+        self.last = self.t0
+        self.done = 0
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / max(self.total, 1)
+        eta_s = hms(eta) if eta != float("inf") else "?"
+        return (
+            f"scored {self.done:,}/{self.total:,} pairs ({pct:.0f}%) {rate:,.0f} pairs/s "
+            f"ETA {eta_s}"
+        )
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        now = self.clock()
+        if done >= self.total or now - self.last >= self.every:
+            self.last = now
+            self.log(self.line())
