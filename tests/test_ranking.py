@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -232,3 +234,96 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
 def test_benchmark_scoring_reports_a_rate(run):
     assert ranking.benchmark_scoring(run, batch=256, n=2) > 0
+
+
+# Ranking on a prepared dataset with a ranking state (rank_state/), with untrained parameters:
+# these tests check who is ranked, against what and with which history, not the scores.
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+    from influence_jax.data import prepare, readers
+    from tests.test_prepare import _random_log, write
+
+    d = tmp_path_factory.mktemp("prepared-ranking")
+    text = _random_log(20, 60, 1500, seed=5)
+    opts = prepare.PrepareOptions(
+        valid_start=1060, test_start=1080, min_timestamp=0, max_len=5, neg_ratio=2
+    )
+    data = str(d / "data")
+    schema = prepare.prepare(readers.open_source("taobao", write(d / "log.csv", text)), data, opts)
+    config = helpers.tiny_config()
+    model, state, _, mesh = helpers.setup(config, schema)
+    log = [line.split(",") for line in text.splitlines()]
+    return ranking.Run(str(d), config, schema, data, model, state.params, 0, mesh), log
+
+
+def test_default_candidates_are_every_train_item_for_every_user_at_the_cut(prepared_run, tmp_path):
+    run, log = prepared_run
+    lines = []
+    out = tmp_path / "all.parquet"
+    s = ranking.rank(run, str(out), top_k=10**6, log=lines.append, progress_every=0)
+    train = ExampleStore(run.data_path, "train", run.schema).column("item")[:, 0]
+    ids = np.unique(train[train >= 2])
+    train_raw = set(ranking.IdMaps(run.data_path, run.schema).raw("item_id", ids)[0].tolist())
+    users = {int(u) for u, _, _, _, t in log if int(t) < 1080}  # every user with an event before
+    assert s["as_of"] == "test" and s["candidate_items"] == s["train_items"] == len(train_raw)
+    assert s["pairs_scored"] == len(users) * len(train_raw)
+    t = pq.read_table(out).to_pydict()
+    got = {}
+    for u, i in zip(t["user_id"], t["item_id"], strict=True):
+        got.setdefault(u, set()).add(i)
+    assert got == {u: train_raw for u in users}
+    check_ranking(t, 10**6)
+    assert lines[0].startswith(
+        f"scoring {s['pairs_scored']:,} pairs: {len(users)} users as of test"
+    )
+    pattern = r"scored [\d,]+/[\d,]+ pairs \(\d+%\) [\d,]+ pairs/s ETA \d+:\d\d:\d\d"
+    assert all(re.fullmatch(pattern, x) for x in lines[1:]) and len(lines) > 2
+    assert lines[-1].startswith(f"scored {s['pairs_scored']:,}/{s['pairs_scored']:,} pairs (100%)")
+
+
+def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):
+    run, log = prepared_run
+    out = tmp_path / "end.parquet"
+    s = ranking.rank(run, str(out), top_k=10**6, as_of="end", exclude_seen=True, max_items=30)
+    seen = {(int(u), int(i)) for u, i, _, _, _ in log}
+    t = pq.read_table(out).to_pydict()
+    pairs = set(zip(t["user_id"], t["item_id"], strict=True))
+    assert s["as_of"] == "end" and s["candidate_items"] == 30 and s["seen_pairs_excluded"] > 0
+    assert not pairs & seen and len(pairs) == s["pairs_scored"]
+    assert len({u for u, _ in pairs}) == len({u for u, _ in seen})  # every user of the log
+    assert s["pairs_scored"] + s["seen_pairs_excluded"] == 30 * len({u for u, _ in seen})
+
+
+def test_contexts_are_the_rank_state_and_old_datasets_fall_back(prepared_run, tmp_path, caplog):
+    run, _ = prepared_run
+    ctx = ranking.load_contexts(run.data_path, run.schema, "valid")
+    st = np.load(os.path.join(run.data_path, "rank_state", "valid", "hist.npy"))
+    keys = np.load(os.path.join(run.data_path, "rank_state", "valid", "user_key.npy"))
+    np.testing.assert_array_equal(ctx.hist, st[np.argsort(keys)])
+    assert (ctx.timestamp == 1060).all() and ctx.in_split.all()
+    old = tmp_path / "old"
+    shutil.copytree(run.data_path, old, ignore=shutil.ignore_patterns("rank_state"))
+    with caplog.at_level("WARNING"):
+        ctx = ranking.load_contexts(str(old), run.schema, "valid")
+    assert "rerun tools/prepare_data.py" in caplog.text
+    valid = ExampleStore(str(old), "valid", run.schema)
+    assert set(ctx.user_key[ctx.in_split]) == set(valid.column("user_key"))
+    with pytest.raises(DataError, match="prepare_data.py"):
+        ranking.load_contexts(str(old), run.schema, "end")
+    with pytest.raises(DataError, match="--as_of"):
+        ranking.load_contexts(run.data_path, run.schema, "train")
+
+
+def test_progress_line_reports_rate_and_eta():
+    now, lines = [0.0], []
+    p = ranking.Progress(1000, lines.append, every=5.0, clock=lambda: now[0])
+    now[0] = 2.0
+    p(100)  # within 5 s of the start: quiet
+    now[0] = 6.0
+    p(300)
+    now[0] = 20.0
+    p(1000)
+    assert lines == [
+        "scored 300/1,000 pairs (30%) 50 pairs/s ETA 0:00:14",
+        "scored 1,000/1,000 pairs (100%) 50 pairs/s ETA 0:00:00",
+    ]
