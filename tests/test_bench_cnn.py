@@ -85,3 +85,17 @@ def test_hash_dropout_keeps_the_rate_and_scales():
     np.testing.assert_allclose(np.asarray(a)[kept], 1 / 0.8, rtol=1e-6)
     assert (kept != (np.asarray(b) > 0)).mean() > 0.2  # another key, another mask
     np.testing.assert_array_equal(drop.apply({}, x, False), x)
+
+
+def test_folded_scoring_equals_the_model(params):
+    """Every tower's kernel folded into its table (a checkpoint's scoring tables) scores the
+    same logits as the plain model, ids past the end of a table included (both clip)."""
+    model = BenchCNN(**SMALL)
+    params = jax.tree_util.tree_map(lambda x: x + 0.01 * (x.ndim == 1), params)  # biases != 0
+    batch = {k: v for k, v in _batch(seed=2).items() if k.endswith("_ids")}
+    batch["item_ids"][0, :3] = SMALL["item_vocab"] + 5
+    want = jax.jit(lambda p: model.apply({"params": p}, batch)[0])(params)
+    tables = jax.jit(lambda p: bench_cnn.fold_for_scoring(model, p))(params)
+    assert tables["towers"]["item"]["table"].shape == (SMALL["item_vocab"], 3 * SMALL["filters"])
+    got = jax.jit(lambda t: bench_cnn.score_folded(model, t, batch))(tables)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,55 @@
+"""`tools/benchmark.py --what=rank` on the tiny config, engine only: the JSON keys, the printed
+table, and that the ranking score function and the evaluation step agree. Correctness only."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+TOOLS = os.path.join(ROOT, "tools")
+KEYS = {
+    "impl",
+    "model",
+    "extractors",
+    "batch",
+    "params",
+    "score_ex_per_s",
+    "rank_path_ex_per_s",
+    "eval_ex_per_s",
+    "eval_vs_score_max_abs_diff",
+}
+
+
+def test_rank_benchmark_json_and_table(capsys):
+    cmd = [
+        sys.executable,
+        os.path.join(TOOLS, "benchmark.py"),
+        "--what=rank",
+        "--rank_config=tiny",
+        "--rank_models=default,full",
+        "--batches=64",
+        "--seconds=0.05",
+        "--repeats=1",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert rows and {r["model"] for r in rows} <= {"default", "full"}
+    assert rows[0]["model"] == "default" and rows[0]["batch"] == 64
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["impl"] == "jax" and r["params"] > 0
+        assert min(r["score_ex_per_s"], r["rank_path_ex_per_s"], r["eval_ex_per_s"]) > 0
+        assert r["eval_vs_score_max_abs_diff"] < 1e-6  # same probabilities from both paths
+
+    sys.path.insert(0, TOOLS)
+    try:
+        import bench_rank
+    finally:
+        sys.path.remove(TOOLS)
+    bench_rank.print_table(rows, host_memory_kept=False)
+    out = capsys.readouterr().out
+    assert "score ex/s" in out and "eval step" in out and "default" in out

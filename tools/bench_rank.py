@@ -1,0 +1,270 @@
+"""`benchmark.py --what=rank`: candidates scored per second by the engine's ranker.
+
+For the config's model ("default") and the same model with every registered extractor
+("full"), on synthetic examples of the config's sizes: the ranking score function (jitted
+like ranking.make_score_fn: params in their shardings, batch split over the data axis) on
+ready device batches and on host batches (the ranking loop's transfer in and out included),
+the evaluation step (train.make_eval_step, as train.evaluate runs it) on the same batches, and
+with `compare` the same architecture in Keras (tools/bench_refs/keras_ranker.py, its own
+process) loaded with the same parameters, its scores checked against ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+
+import bench_util
+import jax
+import numpy as np
+from bench_refs import common
+
+from influence_jax import sharding, train
+from influence_jax.data import synthetic
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
+from influence_jax.data.store import ExampleStore
+from influence_jax.models import build_model
+from influence_jax.models.extractors import EXTRACTORS
+
+CHECK_ROWS = 64  # examples whose Keras scores are compared with ours
+
+
+def model_config(config_name: str, which: str):
+    """The config of `configs/<config_name>.py`; "full" turns on every registered extractor."""
+    config = importlib.import_module(f"configs.{config_name}").get_config()
+    if which == "full":
+        with config.unlocked():
+            config.model.extractors = tuple(EXTRACTORS)
+    elif which != "default":
+        raise ValueError(f"--rank_models: {which!r} is not 'default' or 'full'")
+    return config
+
+
+def make_examples(config, n: int, workdir: str) -> tuple[Schema, dict[str, np.ndarray]]:
+    """n synthetic examples of the config's sizes, gathered as the evaluation reads them."""
+    syn = config.data.synthetic.copy_and_resolve_references()
+    syn.train_examples, syn.valid_examples, syn.test_examples = n, 64, 64
+    schema = synthetic.generate(syn, workdir)
+    ex = ExampleStore(workdir, "train", schema).gather(np.arange(n))
+    out = {k: ex[k] for k in ("user", "item", "hist", "label")}
+    out["user_key"] = ex["user_key"].astype(np.int32)  # as train.evaluate passes it
+    out["target_type"] = ex["target_type"].astype(np.int32)
+    out["weight"] = np.ones(n, np.float32)
+    return schema, out
+
+
+def keras_spec(model, schema: Schema) -> dict:
+    """What keras_ranker.py needs to build the same architecture."""
+    args = dict(model.extractor_args or {})
+    resolved = {}
+    for name in model.extractors:
+        module = EXTRACTORS[name](**dict(args.get(name, {})))
+        resolved[name] = {
+            f.name: _jsonable(getattr(module, f.name))
+            for f in dataclasses.fields(module)
+            if f.name not in ("parent", "name")
+        }
+    return {
+        "vocab_sizes": dict(schema.vocab_sizes),
+        "user_fields": [f.vocab for f in schema.user_fields],
+        "item_fields": [f.vocab for f in schema.item_fields],
+        "hist_fields": [f.vocab for f in schema.hist_fields],
+        "behaviour_index": schema.hist_index(HIST_BEHAVIOUR),
+        "num_types": len(schema.behaviour_types),
+        "reserved": NUM_RESERVED,
+        "max_len": schema.max_len,
+        "embed_dim": model.embed_dim,
+        "extractors": list(model.extractors),
+        "extractor_args": resolved,
+        "combine": model.combine,
+        "behaviour_gates": model.behaviour_gates,
+        "share_item_embeddings": model.share_item_embeddings,
+        "type_embedding": model.type_embedding,
+        "normalise_scores": bool(getattr(model, "normalise_scores", False)),
+    }
+
+
+def _jsonable(v):
+    return [_jsonable(x) for x in v] if isinstance(v, list | tuple) else v
+
+
+class RankBench:
+    """One model: params initialised into their shardings, the score function and eval step."""
+
+    def __init__(self, config, schema: Schema):
+        self.config, self.schema = config, schema
+        self.model = build_model(config.model, schema)
+        self.mesh = sharding.make_mesh(config.mesh)
+        init = lambda: self.model.init(
+            jax.random.PRNGKey(config.seed), train.dummy_batch(schema), train=False
+        )["params"]
+        shapes = jax.eval_shape(init)
+        rules = sharding.sharding_rules(config.mesh, shapes)
+        self.params_sh = sharding.tree_shardings(shapes, rules, self.mesh)
+        self.params = jax.jit(init, out_shardings=self.params_sh)()
+        self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.params))
+        batch_sh = sharding.batch_sharding(self.mesh)
+
+        def score(params, batch):  # ranking.make_score_fn's function
+            logit_B, _ = self.model.apply({"params": params}, batch, train=False)
+            return jax.nn.sigmoid(logit_B)
+
+        jit = lambda f: jax.jit(f, in_shardings=(self.params_sh, batch_sh), out_shardings=batch_sh)
+        self.score_fn = jit(score)
+        self.eval_fn = jit(train.make_eval_step(self.model))
+
+    def measure(self, ex: dict[str, np.ndarray], batch: int, seconds: float, repeats: int):
+        n = common.NUM_DISTINCT_BATCHES
+        host = [{k: v[i * batch : (i + 1) * batch] for k, v in ex.items()} for i in range(n)]
+        inputs = [{k: b[k] for k in ("user", "item", "hist")} for b in host]
+        ready = [sharding.to_global(b, self.mesh) for b in inputs]
+        to_host = lambda out: jax.tree_util.tree_map(sharding.to_host, out)
+
+        def loop(fn, batches, transfer: bool):
+            def run(steps: int) -> None:
+                pending = None
+                for i in range(steps):
+                    b = batches[i % n]
+                    out = fn(self.params, sharding.to_global(b, self.mesh) if transfer else b)
+                    if pending is not None:  # step t-1's results while step t runs
+                        to_host(pending)
+                    pending = out
+                to_host(pending)
+
+            steps, secs = bench_util.time_steps(run, seconds, repeats)
+            return common.ex_per_s(batch, steps, secs)
+
+        row = {"impl": "jax", "batch": batch, "params": int(self.num_params)}
+        with bench_util.CpuShareOfOthers() as others:
+            row["score_ex_per_s"] = loop(self.score_fn, ready, False)
+            row["rank_path_ex_per_s"] = loop(self.score_fn, inputs, True)
+            row["eval_ex_per_s"] = loop(self.eval_fn, host, True)
+        row["others_cpu"] = others.share
+        score = sharding.to_host(self.score_fn(self.params, ready[0]))
+        prob = sharding.to_host(
+            self.eval_fn(self.params, sharding.to_global(host[0], self.mesh))["prob"]
+        )
+        row["eval_vs_score_max_abs_diff"] = float(np.max(np.abs(score - prob)))
+        return row
+
+    def write_keras_inputs(self, ex: dict, tmp: str) -> list[str]:
+        """The spec, batches and check files for keras_ranker.py; returns its arguments."""
+        paths = {k: os.path.join(tmp, f) for k, f in (("spec", "spec.json"), ("data", "x.npz"))}
+        with open(paths["spec"], "w") as f:
+            json.dump(keras_spec(self.model, self.schema), f)
+        x = {k: ex[k] for k in ("user", "item", "hist")}
+        np.savez(paths["data"], **x)
+        rows = {k: v[:CHECK_ROWS] for k, v in x.items()}
+        scores = sharding.to_host(self.score_fn(self.params, sharding.to_global(rows, self.mesh)))
+        flat = {
+            "param:" + "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(self.params)[0]
+        }
+        paths["check"] = os.path.join(tmp, "check.npz")
+        np.savez(paths["check"], scores=scores, **rows, **flat)
+        return [f"--{k}={v}" for k, v in paths.items()]
+
+
+def run(
+    config_name: str,
+    which_models: list[str],
+    batches: list[int],
+    seconds: float,
+    repeats: int,
+    compare: bool = False,
+    ref_kw: dict | None = None,
+) -> list[dict]:
+    """Rows for each model (default / full) and batch: ours and, with `compare`, Keras'."""
+    rows, seen = [], {}
+    for which in which_models:
+        config = model_config(config_name, which)
+        extractors = tuple(config.model.extractors)
+        if frozenset(extractors) in seen:
+            bench_util.note(
+                f"rank: model {which!r} has the extractors of {seen[frozenset(extractors)]!r} "
+                f"{extractors}: "
+                "timed once",
+                (ref_kw or {}).get("as_json", False),
+            )
+            continue
+        seen[frozenset(extractors)] = which
+        with tempfile.TemporaryDirectory() as tmp:
+            schema, ex = make_examples(config, common.NUM_DISTINCT_BATCHES * max(batches), tmp)
+            rb = RankBench(config, schema)
+            info = {"model": which, "extractors": list(extractors), "config": config_name}
+            ours = []
+            for batch in batches:
+                bench_util.progress(f"jax ranker {which} batch {batch} ...")
+                ours.append(rb.measure(ex, batch, seconds, repeats) | info)
+            refs = []
+            if compare:
+                args = rb.write_keras_inputs(ex, tmp) + [
+                    f"--batches={','.join(map(str, batches))}",
+                    f"--seconds={seconds}",
+                    f"--repeats={repeats}",
+                ]
+                refs = [
+                    r | info
+                    for r in bench_util.run_reference(
+                        "keras ranker", "keras_ranker.py", args, **ref_kw
+                    )
+                ]
+            for r in ours:
+                same = [x for x in refs if x["batch"] == r["batch"]]
+                if same:
+                    k = same[0]["score_ex_per_s"]
+                    r["keras_score_ex_per_s"] = k
+                    for key in ("score", "rank_path", "eval"):
+                        r[f"{key}_vs_keras"] = r[f"{key}_ex_per_s"] / k
+            rows += ours + refs
+    return rows
+
+
+def print_table(rows: list[dict], host_memory_kept: bool) -> None:
+    print(
+        f"\n{bench_util.describe_device()}, freed host memory "
+        + ("kept" if host_memory_kept else "returned to the OS")
+    )
+    print(
+        f"{'model':<9}{'impl':<18}{'batch':>7}{'params':>10}{'score ex/s':>13}{'rank path':>12}"
+        f"{'eval step':>12}{'vs keras':>10}{'others cpu':>12}"
+    )
+    for r in rows:
+        jax_row = r["impl"] == "jax"
+        line = f"{r['model']:<9}{r['impl']:<18}{r['batch']:>7}{r['params']:>10,}"
+        line += f"{r['score_ex_per_s']:>13,.0f}"
+        line += (
+            f"{r['rank_path_ex_per_s']:>12,.0f}{r['eval_ex_per_s']:>12,.0f}"
+            if jax_row
+            else " " * 24
+        )
+        ratio = r.get("score_vs_keras")
+        line += f"{ratio:>9.2f}x" if ratio else " " * 10
+        share = r.get("others_cpu")
+        line += f"{share:>11.0%}" if share is not None else ""
+        print(line)
+    print(
+        "  score: the ranking score function on ready device batches, results fetched to the host "
+        "(Keras: model.predict on ready batches); rank path: the same with each host batch "
+        "transferred in; eval step: train.make_eval_step as evaluation runs it; candidates/s"
+    )
+    for r in rows:
+        if r["impl"] == "jax":
+            print(
+                f"  {r['model']} b={r['batch']}: eval step vs score function, max |prob "
+                f"difference| {r['eval_vs_score_max_abs_diff']:.1e}"
+            )
+        elif "check_max_abs_diff" in r and r is _first(rows, r["model"]):
+            print(
+                f"  {r['model']}: Keras {r['params']:,} parameters ({r['params_loaded']} variables "
+                f"loaded from JAX), max |score difference| on {CHECK_ROWS} examples "
+                f"{r['check_max_abs_diff']:.1e}"
+            )
+    bench_util.busy_warning(rows, lambda r: f"{r['model']} {r['impl']} b={r['batch']}")
+
+
+def _first(rows: list[dict], model: str) -> dict:
+    return next(r for r in rows if r["model"] == model and r["impl"] != "jax")

@@ -1,0 +1,264 @@
+"""Reference: the engine's ranker (influence_jax/models/ranker.py) in Keras 3 on TensorFlow.
+
+python tools/bench_refs/keras_ranker.py --spec=SPEC.json --data=BATCHES.npz [--check=P.npz]
+
+`tools/benchmark.py --what=rank --compare` writes the spec (schema, sizes and extractor
+settings of the JAX model), the batches and, for the check, the JAX parameters with the JAX
+scores of a few examples; this process builds the same architecture, loads those parameters,
+compares scores and times `model.predict` over a repeating tf.data.Dataset of the batches,
+Keras' defaults otherwise (on a CPU-only machine: TensorFlow graphs without XLA). Only the
+extractors din, dnn and cnn have a Keras version. Needs the `bench` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+
+try:
+    import keras  # noqa: E402
+    import tensorflow as tf  # noqa: E402
+    from keras import ops  # noqa: E402
+except ImportError as e:
+    common.missing_deps("Keras with TensorFlow", e)
+
+NEG_INF = -1e9
+_GATE_INIT = 0.5413  # softplus(0.5413) = 1, as the JAX ranker
+
+
+def _mlp(prefix: str, hidden: list[int]) -> list[keras.layers.Layer]:
+    """Dense(relu) layers then one linear unit, named like the JAX MLP's parameters."""
+    layers = [
+        keras.layers.Dense(w, activation="relu", name=f"{prefix}__dense_{i}")
+        for i, w in enumerate(hidden)
+    ]
+    return layers + [keras.layers.Dense(1, name=f"{prefix}__out")]
+
+
+def _apply(layers: list[keras.layers.Layer], x):
+    for layer in layers:
+        x = layer(x)
+    return x[..., 0]
+
+
+class KerasRanker(keras.Model):
+    """sum_j w_j f_j(x) + bias over din / dnn / cnn with softplus behaviour-type gates."""
+
+    def __init__(self, spec: dict, **kw):
+        super().__init__(**kw)
+        self.spec = s = spec
+        D, L = s["embed_dim"], s["max_len"]
+        unknown = [n for n in s["extractors"] if n not in ("din", "dnn", "cnn")]
+        if unknown or not s["share_item_embeddings"]:
+            raise NotImplementedError(
+                f"no Keras version of extractors {unknown} / unshared item tables"
+            )
+        b = s["behaviour_index"]
+        skip = {s["hist_fields"][b]} if s["behaviour_gates"] and not s["type_embedding"] else set()
+        self.kept = [j for j, v in enumerate(s["hist_fields"]) if not (skip and j == b)]
+        item_vocabs = s["item_fields"]
+        self.pairs = [
+            (item_vocabs.index(s["hist_fields"][j]), k)
+            for k, j in enumerate(self.kept)
+            if s["hist_fields"][j] in item_vocabs
+        ]
+        init = keras.initializers.RandomNormal(stddev=0.05)
+        self.tables = {
+            v: keras.layers.Embedding(
+                n, D, embeddings_initializer=init, name=f"embeddings__embed_{v}"
+            )
+            for v, n in s["vocab_sizes"].items()
+            if v not in skip
+        }
+        if s["behaviour_gates"]:
+            self.theta = self.add_weight(
+                shape=(s["num_types"],),
+                initializer=keras.initializers.Constant(_GATE_INIT),
+                name="behaviour_type_logits",
+            )
+        args = s["extractor_args"]
+        if "din" in s["extractors"]:
+            self.position = self.add_weight(shape=(L, D), initializer=init, name="din__position")
+            self.din_mlp = _mlp("din__attention", args["din"]["hidden"])
+        if "dnn" in s["extractors"]:
+            self.dnn_mlp = _mlp("dnn__mlp", args["dnn"]["hidden"])
+        if "cnn" in s["extractors"]:
+            c = args["cnn"]
+            self.convs = {
+                t: keras.layers.Conv1D(
+                    c["filters"],
+                    c["kernel_size"],
+                    padding="same",
+                    activation="relu",
+                    name=f"cnn__{t}_tower__Conv_0",
+                )
+                for t in ("user", "item", "hist")
+            }
+            self.cnn_mlp = _mlp("cnn__mlp", c["hidden"])
+        J = len(s["extractors"])
+        zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
+        self.beta = self.add_weight(shape=(J,), initializer=zeros, name="extractor_logits")
+        self.bias = self.add_weight(shape=(), initializer=zeros, name="bias")
+        if s["normalise_scores"]:
+            self.score_mean = self.add_weight(shape=(J,), initializer=zeros, name="score_mean")
+            self.score_var = self.add_weight(shape=(J,), initializer=ones, name="score_var")
+            self.score_log_scale = self.add_weight(
+                shape=(), initializer=zeros, name="score_log_scale"
+            )
+
+    def _embed(self, ids, vocabs: list[str]):
+        return ops.stack([self.tables[v](ids[..., j]) for j, v in enumerate(vocabs)], axis=-2)
+
+    def call(self, inputs, training=False):
+        s, r = self.spec, self.spec["reserved"]
+        user_ids, item_ids, hist_ids = inputs["user"], inputs["item"], inputs["hist"]
+        b = s["behaviour_index"]
+        user = self._embed(user_ids, s["user_fields"])  # [B, Fu, D]
+        item = self._embed(item_ids, s["item_fields"])  # [B, Fi, D]
+        kept_ids = ops.stack([hist_ids[..., j] for j in self.kept], axis=-1)
+        hist = self._embed(kept_ids, [s["hist_fields"][j] for j in self.kept])  # [B, L, E/D, D]
+        mask = ops.not_equal(hist_ids[..., b], 0)
+        if s["behaviour_gates"]:
+            gates = ops.concatenate([ops.array([0.0, 1.0]), ops.softplus(self.theta)], axis=0)
+        else:
+            gates = ops.concatenate([ops.array([0.0, 1.0]), ops.ones((s["num_types"],))], axis=0)
+        gate = ops.where(mask, ops.take(gates, hist_ids[..., b], axis=0), 0.0)
+        target = sum(item[:, i] for i, _ in self.pairs)
+        event = sum(hist[:, :, k] for _, k in self.pairs)
+        match = ops.stack(
+            [
+                ops.logical_and(
+                    ops.equal(kept_ids[..., k], item_ids[:, i : i + 1]),
+                    ops.greater_equal(kept_ids[..., k], r),
+                )
+                for i, k in self.pairs
+            ],
+            axis=-1,
+        )
+        match = ops.cast(match, "float32")
+        B, L = ops.shape(hist_ids)[0], s["max_len"]
+        hist_flat = ops.reshape(hist, (B, L, len(self.kept) * s["embed_dim"]))
+        scores = []
+        for name in s["extractors"]:
+            if name == "din":
+                q = ops.broadcast_to(target[:, None, :], ops.shape(event))
+                pos = ops.broadcast_to(self.position[None], ops.shape(event))
+                a = _apply(self.din_mlp, ops.concatenate([event * q, event, match, pos], axis=-1))
+                scores.append(ops.sum(ops.where(mask, gate * a, 0.0), axis=1))
+            elif name == "dnn":
+                n = ops.maximum(ops.sum(ops.cast(mask, "float32"), axis=1, keepdims=True), 1.0)
+                w = ops.cast(mask, "float32")
+                pooled = ops.einsum("bl,ble->be", w, hist_flat) / n
+                h = ops.concatenate(
+                    [ops.reshape(user, (B, -1)), ops.reshape(item, (B, -1)), pooled], axis=-1
+                )
+                scores.append(_apply(self.dnn_mlp, h))
+            else:
+                pooled = [
+                    ops.max(self.convs["user"](user), axis=1),
+                    ops.max(self.convs["item"](item), axis=1),
+                    self._masked_max(
+                        self.convs["hist"](ops.where(mask[..., None], hist_flat, 0.0)), mask
+                    ),
+                ]
+                scores.append(_apply(self.cnn_mlp, ops.concatenate(pooled, axis=-1)))
+        f = ops.stack(scores)  # [J, B]
+        if s["normalise_scores"]:
+            v = ops.maximum(self.score_var, 0.0)[:, None] + 1e-5
+            f = ops.exp(self.score_log_scale) * (f - self.score_mean[:, None]) / ops.sqrt(v)
+        w = ops.softmax(self.beta) if s["combine"] == "softmax" else ops.ones_like(self.beta)
+        return ops.sigmoid(ops.sum(w[:, None] * f, axis=0) + self.bias)
+
+    @staticmethod
+    def _masked_max(h, mask):
+        pooled = ops.max(ops.where(mask[..., None], h, NEG_INF), axis=1)
+        return ops.where(ops.any(mask, axis=1)[:, None], pooled, 0.0)
+
+
+def load_jax_params(model: KerasRanker, flat: dict[str, np.ndarray]) -> int:
+    """Assigns JAX parameters (npz keys: their '/'-joined paths) to the Keras variables.
+
+    Keras names mirror the JAX paths with '__' for '/': `cnn__mlp__out/kernel` is
+    `cnn/mlp/out/kernel`; an Embedding's `embeddings__embed_item_id/embeddings` is
+    `embeddings/embed_item_id`. Every variable must find its parameter.
+    """
+    n = 0
+    for var in model.weights:
+        key = var.path.removeprefix(f"{model.name}/").replace("__", "/")
+        key = key.removesuffix("/embeddings") if key.startswith("embeddings/") else key
+        if key not in flat:
+            raise KeyError(f"no JAX parameter {key!r} for Keras variable {var.path!r}")
+        if tuple(flat[key].shape) != tuple(var.shape):
+            raise ValueError(f"{key}: JAX shape {flat[key].shape} != Keras {var.shape}")
+        var.assign(flat[key])
+        n += 1
+    return n
+
+
+def main() -> None:
+    p = common.arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--spec", required=True, help="JSON written by tools/bench_rank.py")
+    p.add_argument("--data", required=True, help="npz of user, item, hist arrays")
+    p.add_argument("--check", default="", help="npz of JAX params and scores to compare")
+    args = p.parse_args()
+    with open(args.spec) as f:
+        spec = json.load(f)
+    data = np.load(args.data)
+    model = KerasRanker(spec, name="keras_ranker")
+    first = {k: data[k][:8] for k in ("user", "item", "hist")}
+    model.predict(first, verbose=0)  # builds the weights
+    extra = {"params": int(model.count_params())}
+    if args.check:
+        ref = np.load(args.check)
+        flat = {k[len("param:") :]: ref[k] for k in ref.files if k.startswith("param:")}
+        extra["params_loaded"] = load_jax_params(model, flat)
+        rows = {k: ref[k] for k in ("user", "item", "hist")}
+        got = model.predict(rows, verbose=0)
+        extra["check_max_abs_diff"] = float(np.max(np.abs(got - ref["scores"])))
+    for batch in args.batches:
+        record = bench(model, data, batch, args) | extra
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"keras ranker batch {batch}: {record['score_ex_per_s']:,.0f} ex/s", flush=True)
+
+
+def bench(model: KerasRanker, data, batch: int, args) -> dict:
+    """Scoring examples/s: `model.predict` over ready batches (one dataset element each)."""
+    n = common.NUM_DISTINCT_BATCHES
+    x = {
+        k: tf.constant(data[k][: n * batch].reshape(n, batch, *data[k].shape[1:]))
+        for k in ("user", "item", "hist")
+    }
+    ds = tf.data.Dataset.from_tensor_slices(x).repeat()
+    model.predict(ds, steps=2, verbose=0)
+    t0 = time.perf_counter()
+    model.predict(ds, steps=3, verbose=0)
+    steps, secs = common.timed_runs(
+        lambda k: model.predict(ds, steps=k, verbose=0),
+        (time.perf_counter() - t0) / 3,
+        args.seconds,
+        args.repeats,
+    )
+    return {
+        "impl": "keras-tensorflow",
+        "batch": batch,
+        "score_ex_per_s": common.ex_per_s(batch, steps, secs),
+        "score_steps": steps,
+        "score_secs": secs,
+        "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
+        "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
+    }
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,330 @@
+"""`benchmark.py --what=train|scale`: the benchmark CNN's train step and batch scoring.
+
+Times the engine's own train step (train.make_train_step, jitted with the state donated) and
+batch scoring on ready synthetic batches, against the references of tools/bench_refs/, and
+the compiled step's FLOPs (XLA's cost analysis) against a timed large matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import bench_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from bench_refs import common
+
+from configs import default as default_config
+from influence_jax import optim, sharding, train
+from influence_jax.models import bench_cnn
+from influence_jax.models.bench_cnn import STRAIGHTFORWARD, BenchCNN
+
+REFS = {  # --compare name -> (script, its --impls)
+    "keras": ("keras_ref.py", ""),
+    "torch": ("torch_ref.py", "eager,compile"),
+    "torch-eager": ("torch_ref.py", "eager"),
+    "torch-compile": ("torch_ref.py", "compile"),
+}
+
+
+class JaxBench:
+    """Times the engine's train step and batch scoring on the benchmark model."""
+
+    def __init__(self, dtype: str, seconds: float, repeats: int, host_memory_kept: bool):
+        self.dtype, self.seconds, self.repeats = dtype, seconds, repeats
+        self.host_memory_kept = host_memory_kept
+        self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
+
+    def describe(self) -> str:
+        return f"{bench_util.describe_device()}, compute dtype {self.dtype}, freed host memory " + (
+            "kept" if self.host_memory_kept else "returned to the OS"
+        )
+
+    def model(self, variant: str, item_vocab: int, embed_dim: int) -> BenchCNN:
+        if variant not in ("fast", "straightforward"):
+            raise ValueError(f"--variants: {variant!r} is not 'fast' or 'straightforward'")
+        return BenchCNN(
+            user_vocab=common.USER_VOCAB,
+            item_vocab=item_vocab,
+            behaviour_vocab=common.BEHAVIOUR_VOCAB,
+            embed_dim=embed_dim,
+            filters=common.FILTERS,
+            kernel_size=common.KERNEL_SIZE,
+            pool=common.POOL,
+            hidden=common.HIDDEN,
+            dropout=common.DROPOUT,
+            dtype=jnp.dtype(self.dtype),
+            **(STRAIGHTFORWARD if variant == "straightforward" else {}),
+        )
+
+    def measure(
+        self,
+        batch: int,
+        variant: str = "fast",
+        item_vocab: int = common.ITEM_VOCAB,
+        embed_dim: int = common.EMBED_DIM,
+        max_len: int = common.MAX_LEN,
+        score: bool = True,
+        limit: bool = False,
+    ) -> dict:
+        """One row: train (and score) examples/s; with `limit`, the compiled step's FLOPs."""
+        model = self.model(variant, item_vocab, embed_dim)
+        opt_cfg = adam_config()
+        tx = optim.make_optimizer(opt_cfg, 1)
+        example = {k: np.zeros((2, max_len), np.int32) for k in common.ID_KEYS}
+
+        def init(rng: jax.Array) -> train.TrainState:
+            init_rng, state_rng = jax.random.split(rng)
+            params = model.init({"params": init_rng}, example, train=False)["params"]
+            return train.TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                opt_state=tx.init(params),
+                rng=state_rng,
+            )
+
+        rng = jax.random.PRNGKey(0)
+        state_sh = sharding.tree_shardings(jax.eval_shape(init, rng), [], self.mesh)
+        state = jax.jit(init, out_shardings=state_sh)(rng)
+        batch_sh = sharding.batch_sharding(self.mesh)
+        batches = [
+            sharding.to_global(b, self.mesh)
+            for b in common.make_batches(batch, max_len, item_vocab)
+        ]
+        step = (
+            jax.jit(
+                train.make_train_step(model, tx, optim.learning_rate_schedule(opt_cfg, 1)),
+                in_shardings=(state_sh, batch_sh),
+                out_shardings=(state_sh, sharding.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+            .lower(state, batches[0])
+            .compile()
+        )
+
+        def run_train(steps: int) -> None:
+            nonlocal state
+            pending = None
+            for i in range(steps):
+                state, m = step(state, batches[i % len(batches)])
+                if pending is not None:  # step t-1's metrics while step t runs, as the loop does
+                    jax.device_get(pending)
+                pending = m
+            jax.device_get(pending)
+
+        impl = "jax" if variant == "fast" else "jax-straightforward"
+        row = {
+            "impl": impl if self.dtype == "float32" else f"{impl}-{self.dtype}",
+            "batch": batch,
+            "dtype": self.dtype,
+            "variant": variant,
+            "item_vocab": item_vocab,
+            "embed_dim": embed_dim,
+            "max_len": max_len,
+            "device": jax.devices()[0].device_kind,
+            "num_devices": jax.device_count(),
+            "versions": {"jax": jax.__version__},
+            "host_memory_kept": self.host_memory_kept,
+        }
+        inputs = [{k: b[k] for k in common.ID_KEYS} for b in batches]
+        with bench_util.CpuShareOfOthers() as others:
+            steps, secs = bench_util.time_steps(run_train, self.seconds, self.repeats)
+            row["train_ex_per_s"] = common.ex_per_s(batch, steps, secs)
+            row["train_step_s"] = statistics.median(secs) / steps
+            if score:
+                row.update(self._score(model, state.params, state_sh.params, inputs, variant))
+        row["others_cpu"] = others.share
+        if limit:
+            row["train_flops_per_example"] = flops(step) / batch
+            row["model_flops_per_example"] = common.model_flops_per_example(max_len, embed_dim)
+        return row
+
+    def _score(self, model, params, params_sh, inputs: list[dict], variant: str) -> dict:
+        """Scoring rates: the plain model, and (fast variant) from folded scoring tables."""
+        batch_sh = sharding.batch_sharding(self.mesh)
+        plain = jax.jit(
+            lambda p, b: jax.nn.sigmoid(model.apply({"params": p}, b, train=False)[0]),
+            in_shardings=(params_sh, batch_sh),
+            out_shardings=batch_sh,
+        )
+        out = {"score_plain_ex_per_s": self._score_rate(plain, params, inputs)}
+        if variant != "fast":
+            out["score_ex_per_s"] = out["score_plain_ex_per_s"]
+            return out
+        fold = jax.jit(functools.partial(bench_cnn.fold_for_scoring, model))
+        t0 = time.perf_counter()
+        tables = jax.block_until_ready(fold(params))
+        out["score_fold_first_s"] = time.perf_counter() - t0  # with compilation
+        secs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            tables = jax.block_until_ready(fold(params))
+            secs.append(time.perf_counter() - t0)
+        out["score_fold_s"] = statistics.median(secs)
+        out["score_fold_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(tables))
+        folded = jax.jit(
+            lambda t, b: jax.nn.sigmoid(bench_cnn.score_folded(model, t, b)),
+            in_shardings=(sharding.replicated(self.mesh), batch_sh),
+            out_shardings=batch_sh,
+        )
+        out["score_ex_per_s"] = self._score_rate(folded, tables, inputs)
+        return out
+
+    def _score_rate(self, score_fn, params, inputs: list[dict]) -> float:
+        def run_score(steps: int) -> None:
+            pending = None
+            for i in range(steps):
+                out = score_fn(params, inputs[i % len(inputs)])
+                if pending is not None:  # to the host, as a scorer writes its results
+                    sharding.to_host(pending)
+                pending = out
+            sharding.to_host(pending)
+
+        steps, secs = bench_util.time_steps(run_score, self.seconds, self.repeats)
+        return common.ex_per_s(inputs[0][common.ID_KEYS[0]].shape[0], steps, secs)
+
+
+def adam_config() -> ml_collections.ConfigDict:
+    """The engine's optimizer config with the benchmark's plain Adam: constant rate, no clip."""
+    opt_cfg = default_config.get_config().opt
+    with opt_cfg.unlocked():
+        opt_cfg.update(
+            name="adam",
+            learning_rate=common.LEARNING_RATE,
+            schedule="constant",
+            warmup_steps=0,
+            grad_clip=0.0,
+        )
+    return opt_cfg
+
+
+def flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def compare_list(text: str) -> list[str]:
+    """--compare: 'all' or a comma-separated subset of REFS."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        names = ["keras", "torch"]
+    unknown = [n for n in names if n not in REFS]
+    if unknown:
+        raise ValueError(f"--compare: unknown {unknown}; choose 'all' or from {list(REFS)}")
+    return names
+
+
+def run_refs(names: list[str], batches: list[int], seconds: float, repeats: int, **kw) -> list:
+    """Each reference in its own process (bench_util.run_reference's keywords pass through)."""
+    rows = []
+    for name in names:
+        script, impls = REFS[name]
+        args = [
+            f"--batches={','.join(map(str, batches))}",
+            f"--seconds={seconds}",
+            f"--repeats={repeats}",
+        ] + ([f"--impls={impls}"] if impls else [])
+        rows += bench_util.run_reference(name, script, args, **kw)
+    return rows
+
+
+def add_ratios(rows: list[dict], refs: list[dict], peak: float) -> None:
+    for r in rows:
+        same = [x for x in refs if x["batch"] == r["batch"]]
+        for key in ("train", "score"):
+            if same:
+                best = max(same, key=lambda x: x[f"{key}_ex_per_s"])
+                r[f"{key}_best_ref"] = best["impl"]
+                r[f"{key}_vs_best_ref"] = r[f"{key}_ex_per_s"] / best[f"{key}_ex_per_s"]
+        if same and "score_plain_ex_per_s" in r:
+            best = max(x["score_ex_per_s"] for x in same)
+            r["score_plain_vs_best_ref"] = r["score_plain_ex_per_s"] / best
+        r["matmul_flops_per_s"] = peak
+        if "train_flops_per_example" in r:
+            ex_limit = peak / r["train_flops_per_example"]
+            r["train_ex_per_s_limit"] = ex_limit
+            r["train_fraction_of_limit"] = r["train_ex_per_s"] / ex_limit
+            # The same with the model's nominal FLOPs (what a plain implementation executes).
+            r["train_fraction_of_limit_nominal"] = (
+                r["train_ex_per_s"] * r["model_flops_per_example"] / peak
+            )
+
+
+def print_table(rows: list[dict], refs: list[dict], peak: float, setup: str) -> None:
+    print(f"\n{setup}")
+    head = f"{'impl':<24}{'batch':>7}{'train ex/s':>13}{'score ex/s':>13}{'plain':>10}"
+    print(head + f"{'train/best':>12}{'score/best':>12}{'others cpu':>12}")
+    for r in sorted(rows + refs, key=lambda x: (x["batch"], not x["impl"].startswith("jax"))):
+        line = f"{r['impl']:<24}{r['batch']:>7}{r['train_ex_per_s']:>13,.0f}"
+        line += f"{r['score_ex_per_s']:>13,.0f}"
+        plain = r.get("score_plain_vs_best_ref")
+        line += f"{plain:>9.2f}x" if plain and "score_fold_s" in r else f"{'':>10}"
+        for key in ("train", "score"):
+            ratio = r.get(f"{key}_vs_best_ref")
+            line += f"{ratio:>11.2f}x" if ratio else f"{'':>12}"
+        share = r.get("others_cpu")
+        line += f"{share:>11.0%}" if share is not None else ""
+        print(line)
+    print(
+        "  train/best, score/best: ratio to the fastest reference at that batch; others cpu: "
+        "share of the machine's CPU time that other processes used meanwhile"
+    )
+    folded = [r for r in rows if "score_fold_s" in r]
+    if folded:
+        r = folded[0]
+        print(
+            f"  score: the engine's scoring from folded tables (each tower's conv kernel times its "
+            f"embedding table, {r['score_fold_bytes'] / 2**20:.0f} MiB, precomputed once per "
+            f"checkpoint in {r['score_fold_s']:.2f} s, {r['score_fold_first_s']:.2f} s with "
+            "compilation); plain: the unfolded model.apply, as a ratio to the best reference"
+        )
+    for r in rows:
+        if "train_flops_per_example" not in r:
+            continue
+        print(
+            f"limit ({r['impl']}, batch {r['batch']}): compiled train step "
+            f"{r['train_flops_per_example'] / 1e6:.2f} MFLOP/example (XLA cost analysis; the "
+            f"model's convolutions and dense layers: {r['model_flops_per_example'] / 1e6:.2f}), "
+            f"matmul {peak / 1e9:,.0f} GFLOP/s -> {r['train_ex_per_s_limit']:,.0f} ex/s; "
+            f"reached {r['train_fraction_of_limit']:.1%} "
+            f"({r['train_fraction_of_limit_nominal']:.1%} counting the nominal FLOPs)"
+        )
+    bench_util.busy_warning(rows + refs, lambda r: f"{r['impl']} b={r['batch']}")
+
+
+def scale(jb: JaxBench, batch: int, vocabs: list[int], embed_dim: int, lens: list[int]) -> list:
+    """Rows of step time vs item vocabulary (dense Adam touches every row) and vs max_len."""
+    rows = []
+    for vocab in vocabs:
+        bench_util.progress(f"jax item vocab {vocab:,} ...")
+        rows.append(jb.measure(batch, item_vocab=vocab, embed_dim=embed_dim, score=False))
+    for max_len in lens:
+        bench_util.progress(f"jax max_len {max_len} ...")
+        rows.append(jb.measure(batch, max_len=max_len))
+    return rows
+
+
+def print_scale(rows: list[dict], n_vocabs: int, setup: str) -> None:
+    print(f"\n{setup}")
+    print(
+        f"{'item vocab':>12}{'embed':>7}{'max_len':>9}{'step ms':>10}{'train ex/s':>13}"
+        f"{'score ex/s':>13}"
+    )
+    for r in rows:
+        score = f"{r['score_ex_per_s']:>13,.0f}" if "score_ex_per_s" in r else f"{'-':>13}"
+        print(
+            f"{r['item_vocab']:>12,}{r['embed_dim']:>7}{r['max_len']:>9}"
+            f"{1e3 * r['train_step_s']:>10.1f}{r['train_ex_per_s']:>13,.0f}{score}"
+        )
+    if n_vocabs >= 2:
+        lo, hi = rows[0], rows[n_vocabs - 1]
+        print(
+            f"step time, item vocab {hi['item_vocab']:,} / {lo['item_vocab']:,}: "
+            f"{hi['train_step_s'] / lo['train_step_s']:.1f}x (dense Adam rewrites every row)"
+        )

@@ -1,0 +1,128 @@
+"""What the benchmark sections share: timing, the CPU share of other processes, the matmul
+limit and running a reference implementation in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from bench_refs import common
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+
+
+def time_steps(run: Callable[[int], None], seconds: float, repeats: int) -> tuple[int, list[float]]:
+    """Warms `run(steps)` up (compiling), sizes a run to about `seconds`, times `repeats` runs."""
+    run(2)
+    t0 = time.perf_counter()
+    run(3)
+    return common.timed_runs(run, (time.perf_counter() - t0) / 3, seconds, repeats)
+
+
+def matmul_flops_per_s(dtype: str) -> float:
+    """FLOP/s of a large square matmul at default precision: what this device sustains."""
+    n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
+    mm = jax.jit(jnp.dot)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(7):
+        t0 = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def describe_device() -> str:
+    d = jax.devices()[0]
+    return (
+        f"{d.device_kind} x{jax.device_count()} ({d.platform}, {os.cpu_count()} host cores), "
+        f"jax {jax.__version__}"
+    )
+
+
+class CpuShareOfOthers:
+    """Share of the machine's CPU time that other processes used while the block ran.
+
+    Machine-wide busy time from /proc/stat minus this process's own (or, with `children`, its
+    finished children's) CPU time, over wall time x cores. None where /proc/stat is absent.
+    """
+
+    def __init__(self, children: bool = False):
+        self.children, self.share = children, None
+
+    def _own(self) -> float:
+        t = os.times()
+        return t.children_user + t.children_system if self.children else t.user + t.system
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+        except OSError:
+            return None
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    def __enter__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        busy = self._busy()
+        if busy is not None and self.busy0 is not None:
+            wall = (time.perf_counter() - self.t0) * (os.cpu_count() or 1)
+            other = busy - self.busy0 - (self._own() - self.own0)
+            self.share = min(1.0, max(0.0, other / max(wall, 1e-9)))
+        return False
+
+
+def run_reference(name: str, script: str, args: list[str], timeout: int, as_json: bool):
+    """Runs tools/bench_refs/`script` with `--json` in its own process; returns its JSON rows.
+
+    A missing optional dependency, a failure or a timeout prints a note and returns what the
+    reference printed before it stopped (each row gets `others_cpu`).
+    """
+    cmd = [sys.executable, os.path.join(TOOLS, "bench_refs", script), "--json", *args]
+    progress(f"{name} reference ...")
+    with CpuShareOfOthers(children=True) as others:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            note(f"{name} reference: stopped after {timeout} s, no result", as_json)
+            return []
+    if proc.returncode == common.MISSING_DEPS_EXIT:
+        note(f"{name} reference skipped: {proc.stderr.strip().splitlines()[-1]}", as_json)
+        return []
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0:
+        tail = "\n  ".join(proc.stderr.strip().splitlines()[-8:])
+        note(f"{name} reference failed (exit {proc.returncode}):\n  {tail}", as_json)
+    for r in rows:
+        r["others_cpu"] = others.share
+    return rows
+
+
+def busy_warning(rows: list[dict], label: Callable[[dict], str]) -> None:
+    busy = sorted({label(r) for r in rows if (r.get("others_cpu") or 0) > 0.1})
+    if busy:
+        print(
+            "warning: other processes used over 10% of the CPU during "
+            + ", ".join(busy)
+            + "; unless they only filled idle time, those figures are low"
+        )
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def note(msg: str, as_json: bool) -> None:
+    """A remark for the reader: on stderr when stdout carries JSON lines."""
+    print(msg, file=sys.stderr if as_json else sys.stdout, flush=True)
