@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.combine = "softmax"  # extractor weights: "softmax" (learned, sum to 1) or "sum"
     model.behaviour_gates = True  # learn one non-negative weight per behaviour type
     model.type_embedding = False  # extractors also read a type embedding (not only its gate)
+    model.normalise_scores = True  # standardise each f_j (running stats) so w_j is comparable
     model.din = ml_collections.ConfigDict({"hidden": (32,)})  # target-attention MLP widths
     model.dnn = ml_collections.ConfigDict({"hidden": (64, 32), "dropout": 0.2, "use_history": True})
     model.cnn = ml_collections.ConfigDict(
@@ -70,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     opt.weight_decay = 0.0  # decoupled weight decay (adamw only)
     opt.grad_clip = 1.0  # global gradient-norm clip; 0 disables
     opt.influence_lr_multiplier = 10.0  # learning-rate factor for gates and extractor logits
+    opt.stats_rate = 0.02  # update rate of running statistics (EMA momentum 1 - rate)
     opt.sparse_embeddings = True  # row-sparse updates (row-wise Adagrad) for large tables
     opt.sparse_min_rows = 100_000  # tables with at least this many rows count as large
     opt.sparse_learning_rate = 0.05  # row-wise Adagrad learning rate of the large tables

@@ -28,7 +28,10 @@ def learning_rate_schedule(opt_cfg: Any, num_steps: int) -> optax.Schedule:
 
 # Scalar influence parameters (behaviour-type gates, extractor logits): few, shared by every
 # example, and read as the product's output, so they get their own learning-rate multiplier.
-INFLUENCE_PARAMS = ("behaviour_type_logits", "extractor_logits")
+INFLUENCE_PARAMS = ("behaviour_type_logits", "extractor_logits", "score_log_scale")
+# Running statistics kept as parameters and fitted by a squared-error loss term: plain SGD at
+# rate r turns that fit into an exponential moving average with momentum 1 - r, unclipped.
+STATS_PARAMS = ("score_mean", "score_var")
 
 
 def _core(opt_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -43,7 +46,10 @@ def param_labels(params: Any) -> Any:
     """'influence' for the influence parameters, 'default' for everything else."""
 
     def label(path, _):
-        return "influence" if getattr(path[-1], "key", None) in INFLUENCE_PARAMS else "default"
+        key = getattr(path[-1], "key", None)
+        if key in STATS_PARAMS:
+            return "stats"
+        return "influence" if key in INFLUENCE_PARAMS else "default"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -53,11 +59,20 @@ def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation
     mult = float(opt_cfg.influence_lr_multiplier)
     if mult <= 0:
         raise ConfigError(f"config.opt.influence_lr_multiplier: must be positive, got {mult}")
+    rate = float(opt_cfg.get("stats_rate", 0.02))
+    if not 0 < rate <= 1:
+        raise ConfigError(f"config.opt.stats_rate: must be in (0, 1], got {rate}")
+
+    def learned(params: Any) -> Any:  # what the gradient clip sees: all but running statistics
+        return jax.tree_util.tree_map(lambda lab: lab != "stats", param_labels(params))
+
     core = optax.multi_transform(
         {"default": _core(opt_cfg, schedule),
-         "influence": _core(opt_cfg, lambda step: mult * schedule(step))},
+         "influence": _core(opt_cfg, lambda step: mult * schedule(step)),
+         "stats": optax.sgd(rate)},
         param_labels,
     )  # fmt: skip
     if opt_cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), core)
+        clip = optax.masked(optax.clip_by_global_norm(opt_cfg.grad_clip), learned)
+        return optax.chain(clip, core)
     return core

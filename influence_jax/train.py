@@ -110,7 +110,10 @@ def training_loss(
     sums = bce_sums(logit_B, batch["label"], batch["weight"])
     # Learned influence weights (extractor, behaviour type) ride along for logging.
     sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
-    return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+    loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+    # Fits running statistics kept as parameters (e.g. the ranker's score_stats); touches
+    # nothing else, and is not part of the reported loss.
+    return loss + aux.get("stats_loss", 0.0), sums
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: Any):

@@ -1,7 +1,9 @@
-"""Honest influence: the default model recovers the planted behaviour-type weights.
+"""Honest influence: the default model recovers the planted behaviour-type weights, and its
+extractor weights follow the extractor that carries the signal.
 
 Trains configs/default.py (CPU-sized) on three data/init seeds and compares the learned
-behaviour-type weights (normalised to sum 1) with the generator's planted ones.
+behaviour-type weights (normalised to sum 1) with the generator's planted ones; then trains on
+data with signals left out of the labels and checks where the extractor weight goes.
 """
 
 import json
@@ -23,23 +25,54 @@ def _kendall_tau(a, b):
     return s / (n * (n - 1) / 2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_model_recovers_planted_behaviour_weights(tmp_path, seed):
+def _train(tmp_path, seed: int, absent: tuple[str, ...] = ()):
+    """Trains the default model; returns (workdir, learned weights by TensorBoard tag)."""
     config = default.get_config()
     config.seed = config.data.synthetic.seed = seed
+    config.data.synthetic.signals_absent = absent
     config.loop.eval_every = 0
     config.loop.final_eval_split = ""
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir)
-
-    with open(os.path.join(workdir, "planted.json")) as f:
-        planted = json.load(f)["behaviour_type_weights_normalised"]
     acc = EventAccumulator(workdir, size_guidance={"scalars": 0})
     acc.Reload()
-    learned = {t: acc.Scalars(f"influence/behaviour/{t}")[-1].value for t in planted}
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("influence/")]
+    return workdir, {t.removeprefix("influence/"): acc.Scalars(t)[-1].value for t in tags}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_model_recovers_planted_behaviour_weights(tmp_path, seed):
+    workdir, weights = _train(tmp_path, seed)
+    with open(os.path.join(workdir, "planted.json")) as f:
+        planted = json.load(f)["behaviour_type_weights_normalised"]
+    learned = {t: weights[f"behaviour/{t}"] for t in planted}
     types = sorted(planted)
     tau = _kendall_tau([planted[t] for t in types], [learned[t] for t in types])
     assert tau == 1.0, (planted, learned)
     for t in types:
         assert learned[t] == pytest.approx(planted[t], rel=0.15), (t, planted, learned)
+    # The planted labels come mostly from history events matching the target: the target
+    # attention extractor carries most of the weight (measured 0.71 on each seed).
+    extractors = {k: v for k, v in weights.items() if k.startswith("extractor/")}
+    assert max(extractors, key=extractors.get) == "extractor/din", extractors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "absent",
+    [("history",), ("item", "user")],
+    ids=["history_absent", "only_history"],
+)
+def test_extractor_weights_follow_the_signal(tmp_path, absent):
+    """History left out of the labels: din (which reads only the history) ends lowest.
+    Item and user signals left out: din, the extractor built for history, takes nearly all."""
+    _, weights = _train(tmp_path, 0, absent)
+    w = {k.removeprefix("extractor/"): v for k, v in weights.items() if k.startswith("extractor/")}
+    assert set(w) == {"din", "dnn", "cnn"} and sum(w.values()) == pytest.approx(1.0, abs=1e-4)
+    if absent == ("history",):
+        # Measured (seeds 0, 1, 2): din 0.24 / 0.21 / 0.20, the others 0.22-0.57.
+        assert min(w, key=w.get) == "din" and w["din"] < 0.3, w
+    else:
+        # Measured (seed 0): din 0.91, dnn 0.05, cnn 0.04.
+        assert w["din"] > 0.8, w

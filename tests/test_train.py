@@ -88,8 +88,10 @@ def test_one_device_and_eight_devices_agree(tiny_data, mesh_over):
         results.append((float(m["loss_sum"]), jax.device_get(state.params)))
     assert config.model.dropout == 0.0
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        ),
         results[0][1],
         results[1][1],
     )

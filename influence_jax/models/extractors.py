@@ -43,13 +43,16 @@ class MLP(nn.Module):
 
     hidden: Sequence[int]
     dropout: float = 0.0
+    # A constant added to an extractor's score is the ranker's bias (and is cancelled by score
+    # standardisation, where Adam would turn its zero gradient's rounding noise into steps).
+    out_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(1, name="out")(x)[..., 0]
+        return nn.Dense(1, use_bias=self.out_bias, name="out")(x)[..., 0]
 
 
 class CNNExtractor(nn.Module):
@@ -71,7 +74,7 @@ class CNNExtractor(nn.Module):
             tower("hist_tower")(gated_BxLxE, x.mask_BxL),
         ]
         h = nn.Dropout(self.dropout, deterministic=not train)(jnp.concatenate(pooled, -1))
-        return MLP(self.hidden, self.dropout, name="mlp")(h, train), {}
+        return MLP(self.hidden, self.dropout, out_bias=False, name="mlp")(h, train), {}
 
 
 class DNNExtractor(nn.Module):
@@ -90,7 +93,7 @@ class DNNExtractor(nn.Module):
             w_BxL = x.mask_BxL.astype(x.hist_BxLxE.dtype)
             parts.append(jnp.einsum("bl,ble->be", w_BxL, x.hist_BxLxE) / n_B)
         h = jnp.concatenate(parts, -1)
-        return MLP(self.hidden, self.dropout, name="mlp")(h, train), {}
+        return MLP(self.hidden, self.dropout, out_bias=False, name="mlp")(h, train), {}
 
 
 class TargetAttention(nn.Module):

@@ -41,6 +41,9 @@ class Ranker(nn.Module):
     # and the gate is its whole influence; on (e.g. MovieLens, where the type is the rating
     # value), extractors may also read it, and the gate is the gated share of its influence.
     type_embedding: bool = False
+    # Standardise each extractor's score before weighting it (see `_standardise`), so w_j
+    # (times one shared scale) is the only way an extractor's share of the logit can grow.
+    normalise_scores: bool = True
 
     def _gates(self) -> jax.Array:
         """Per behaviour id (pad, OOV, types...) -> gate; pad 0, OOV 1, types learned."""
@@ -104,6 +107,9 @@ class Ranker(nn.Module):
         for name in self.extractors:
             score_B, extra = EXTRACTORS[name](**dict(args.get(name, {})), name=name)(x, train)
             scores[name], aux[name] = score_B, extra
+        extra = {}
+        if self.normalise_scores:
+            scores, extra = self._standardise(scores, batch.get("weight"), train)
         beta = self.param("extractor_logits", nn.initializers.zeros, (len(self.extractors),))
         w_J = jax.nn.softmax(beta) if self.combine == "softmax" else jnp.ones_like(beta)
         bias = self.param("bias", nn.initializers.zeros, ())
@@ -114,6 +120,7 @@ class Ranker(nn.Module):
         g = {t: gates[k + NUM_RESERVED] for k, t in enumerate(types)}
         total = sum(g.values())
         aux.update(
+            extra,
             scores=scores,
             extractor_weights=weights,
             contributions=contributions,
@@ -125,3 +132,37 @@ class Ranker(nn.Module):
             },
         )
         return logit_B, aux
+
+    def _standardise(
+        self, scores: dict[str, jax.Array], weight_B: jax.Array | None, train: bool
+    ) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+        """scale * (f_j - mean_j) / std_j per extractor, like batch normalisation.
+
+        Without it, an extractor can grow its score instead of its weight, and w_j says nothing
+        about which extractor carries the signal. Training standardises with the batch's own
+        statistics (gradients flow through them, so f_j's scale cannot matter); evaluation and
+        ranking use running statistics, `score_stats` (means and variances). Those are
+        parameters fitted to the batch statistics by the loss term returned as
+        aux["stats_loss"]; the optimizer updates them with plain SGD (optim.STATS_PARAMS), so
+        they are an exponential moving average of the batch statistics.
+        """
+        J = len(self.extractors)
+        f_JxB = jnp.stack([scores[n] for n in self.extractors])
+        mean = self.param("score_mean", nn.initializers.zeros, (J,))
+        var = self.param("score_var", nn.initializers.ones, (J,))
+        log_scale = self.param("score_log_scale", nn.initializers.zeros, ())
+        extra: dict[str, Any] = {"raw_scores": scores}
+        if train:
+            w_B = jnp.ones(f_JxB.shape[1]) if weight_B is None else weight_B
+            n = jnp.maximum(jnp.sum(w_B), 1.0)
+            m_J = jnp.sum(f_JxB * w_B, axis=1) / n
+            v_J = jnp.sum(jnp.square(f_JxB - m_J[:, None]) * w_B, axis=1) / n
+            sg = jax.lax.stop_gradient
+            extra["stats_loss"] = 0.5 * (
+                jnp.sum(jnp.square(mean - sg(m_J))) + jnp.sum(jnp.square(var - sg(v_J)))
+            )
+        else:
+            m_J, v_J = mean, var
+        z_JxB = (f_JxB - m_J[:, None]) * jax.lax.rsqrt(jnp.maximum(v_J, 0.0)[:, None] + 1e-5)
+        z_JxB = jnp.exp(log_scale) * z_JxB
+        return {n: z_JxB[j] for j, n in enumerate(self.extractors)}, extra
