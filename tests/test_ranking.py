@@ -327,3 +327,18 @@ def test_progress_line_reports_rate_and_eta():
         "scored 300/1,000 pairs (30%) 50 pairs/s ETA 0:00:14",
         "scored 1,000/1,000 pairs (100%) 50 pairs/s ETA 0:00:00",
     ]
+
+
+def test_histories_rebuilt_from_the_raw_log_equal_the_rank_state(prepared_run, tmp_path):
+    run, log = prepared_run
+    src = ranking.open_log("taobao", os.path.join(run.workdir, "log.csv"))
+    for cut, t in run.schema.extra["rank_state"]["cuts"].items():
+        got, counts = ranking.contexts_from_log(run.data_path, run.schema, src, t)
+        want = ranking.load_contexts(run.data_path, run.schema, cut)
+        for f in ("user_key", "user", "hist", "timestamp"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f"{cut} {f}")
+        assert counts["log_events"] == len(log) and counts["log_users_not_in_dataset"] == 0
+    s = ranking.rank(run, str(tmp_path / "t.parquet"), events=src, as_of=1070, max_items=5)
+    assert s["as_of"] == 1070 and s["users"] == len({u for u, *_, t in log if int(t) < 1070})
+    with pytest.raises(DataError, match="unix time"):
+        ranking.rank(run, str(tmp_path / "t.parquet"), events=src, as_of="end")

@@ -7,15 +7,18 @@ atomically as Parquet (default) or CSV with columns user_id, rank, item_id, scor
 
     python tools/rank.py --workdir=runs/taobao --data=.prepared/taobao --as_of=end \
       --exclude_seen --max_items=5000 --output=top10.parquet
+    python tools/rank.py --workdir=runs/taobao --data=.prepared/taobao --output=top10.parquet \
+      --events=UserBehavior.csv --source=taobao --as_of=1512200000
 
 Users are ranked as of --as_of (default: --split): valid or test (the split's start) or end
 (after the last event), each with the history a training example at that time would hold
 (rank_state/ written by prepare_data.py; datasets without it fall back, with a warning, to
-each user's latest example in the split). Candidates (CSV with a header, or Parquet) hold raw
-user_id,item_id as in the original log; without --candidates every user is scored against every
-training item (--max_items caps them to the most frequent; --exclude_seen drops the items the
-user had already interacted with). A progress line with rate and ETA goes to stderr.
---data may be left out for a synthetic run.
+each user's latest example in the split). With --events, histories are rebuilt from a raw log
+as of any unix time with the same function and the dataset's vocabularies. Candidates (CSV
+with a header, or Parquet) hold raw user_id,item_id as in the original log; without
+--candidates every user is scored against every training item (--max_items caps them to the
+most frequent; --exclude_seen drops the items the user had already interacted with). A
+progress line with rate and ETA goes to stderr. --data may be left out for a synthetic run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import logs, ranking  # noqa: E402
+from influence_jax import hostmem, logs, ranking  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
@@ -43,8 +46,17 @@ _EXPLAIN = flags.DEFINE_bool(
 )
 _FORMAT = flags.DEFINE_enum("format", "parquet", ["parquet", "csv"], "Output format.")
 _SPLIT = flags.DEFINE_string("split", "test", "Rank as of this split's start: valid or test.")
-_AS_OF = flags.DEFINE_enum(
-    "as_of", None, ["valid", "test", "end"], "Ranking time (overrides --split); end: after the log."
+_AS_OF = flags.DEFINE_string(
+    "as_of",
+    None,
+    "Ranking time (overrides --split): valid, test or end (after the log); with --events, a "
+    "unix time.",
+)
+_EVENTS = flags.DEFINE_string(
+    "events", None, "Raw event log: rebuild histories as of --as_of=UNIX_TS from it."
+)
+_SOURCE = flags.DEFINE_enum(
+    "source", None, ["taobao", "movielens", "retailrocket"], "Format of --events."
 )
 _MAX_ITEMS = flags.DEFINE_integer(
     "max_items", 0, "Without --candidates: score only the N most frequent training items (0: all)."
@@ -53,6 +65,9 @@ _EXCLUDE_SEEN = flags.DEFINE_bool(
     "exclude_seen", False, "Without --candidates: drop items the user interacted with before."
 )
 _PROGRESS = flags.DEFINE_float("progress_every", 10.0, "Seconds between progress lines.")
+_KEEP_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_host_memory", True, "Keep freed host memory for reuse (faster scoring; hostmem.py)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global scoring batch (default: eval batch).")
 flags.mark_flags_as_required(["workdir", "output"])
 
@@ -60,11 +75,18 @@ flags.mark_flags_as_required(["workdir", "output"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _KEEP_HOST_MEMORY.value:
+        hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
     logging.set_verbosity(logging.WARNING)
     # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
     logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
     try:
         run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+        events = None
+        if _EVENTS.value:
+            if not _SOURCE.value or not _AS_OF.value:
+                raise DataError("--events needs --source and --as_of=UNIX_TS")
+            events = ranking.open_log(_SOURCE.value, _EVENTS.value)
         s = ranking.rank(
             run,
             _OUTPUT.value,
@@ -76,6 +98,7 @@ def main(argv: list[str]) -> None:
             max_items=_MAX_ITEMS.value,
             batch_size=_BATCH.value,
             as_of=_AS_OF.value,
+            events=events,
             exclude_seen=_EXCLUDE_SEEN.value,
             log=lambda line: print(line, file=sys.stderr, flush=True),
             progress_every=_PROGRESS.value,

@@ -2,15 +2,16 @@
 jitted, device-sharded function, keep the top k per user and write them atomically.
 
 run.py (restore, scoring function, batching), contexts.py (ids, users' histories as of the
-ranking time, item rows), candidates.py (from a file or every train item), output.py (top k,
-atomic writes, progress) and batch.py (`rank`, `benchmark_scoring`). The names tools and
-influence.py use are re-exported here.
+ranking time, item rows), asof.py (histories at any time from a raw log), candidates.py (from
+a file or every train item), output.py (top k, atomic writes, progress) and batch.py (`rank`,
+`benchmark_scoring`). The names tools and influence.py use are re-exported here.
 """
 
 from __future__ import annotations
 
 import pyarrow.parquet as pq  # noqa: F401  (tests patch ranking.pq.write_table)
 
+from influence_jax.ranking.asof import contexts_from_log, open_log
 from influence_jax.ranking.batch import NUM_EXPLAINED_EVENTS, benchmark_scoring, rank
 from influence_jax.ranking.candidates import (
     Candidates,
@@ -43,6 +44,7 @@ __all__ = [
     "Run",
     "batched",
     "benchmark_scoring",
+    "contexts_from_log",
     "default_candidates",
     "file_candidates",
     "global_batch",
@@ -50,6 +52,7 @@ __all__ = [
     "load_contexts",
     "load_run",
     "make_score_fn",
+    "open_log",
     "param_shardings",
     "rank",
     "read_candidate_ids",

@@ -14,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 from absl import logging
 
+from influence_jax.data import readers
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
+from influence_jax.ranking.asof import contexts_from_log
 from influence_jax.ranking.candidates import default_candidates, file_candidates
 from influence_jax.ranking.contexts import IdMaps, load_contexts
 from influence_jax.ranking.output import Progress, top_k_rows, write_table
@@ -38,8 +40,9 @@ def rank(
     fmt: str = "parquet",
     max_items: int = 0,
     batch_size: int | None = None,
-    as_of: str | None = None,
+    as_of: str | int | None = None,
     exclude_seen: bool = False,
+    events: readers.EventSource | None = None,
     log: Callable[[str], None] = logging.info,
     progress_every: float = 10.0,
 ) -> dict[str, Any]:
@@ -47,10 +50,11 @@ def rank(
 
     Users are ranked as of `as_of` (default: `split`): valid or test (the split's start: every
     user with an earlier event, with the history a training example at that time would hold)
-    or end (after the last event). Without `candidates`, every such user is scored against
-    every train item (the `max_items` most frequent if > 0), without the items the user had
-    already interacted with if `exclude_seen`. `log` gets the plan and a progress line (pairs
-    done, rate, ETA) every `progress_every` seconds.
+    or end (after the last event); with `events` (a raw log of the dataset's source), as of any
+    time `as_of` (unix s), histories rebuilt from that log (see asof.py). Without `candidates`,
+    every such user is scored against every train item (the `max_items` most frequent if > 0),
+    without the items the user had already interacted with if `exclude_seen`. `log` gets the
+    plan and a progress line (pairs done, rate, ETA) every `progress_every` seconds.
 
     Columns: user_id, rank (1 = best), item_id (raw ids), score (the model's probability, as in
     evaluation). Ties break by item id, ascending. With `explain` (logit units, see
@@ -66,7 +70,15 @@ def rank(
     t0 = time.perf_counter()
     maps = IdMaps(run.data_path, run.schema)
     when = as_of or split
-    ctx = load_contexts(run.data_path, run.schema, when)
+    log_counts: dict[str, int] = {}
+    if events is not None:
+        try:
+            when = int(when)
+        except ValueError:
+            raise DataError(f"--as_of must be a unix time with --events, not {when!r}") from None
+        ctx, log_counts = contexts_from_log(run.data_path, run.schema, events, when)
+    else:
+        ctx = load_contexts(run.data_path, run.schema, str(when))
     cands = (
         file_candidates(run, candidates, ctx, maps)
         if candidates
@@ -110,6 +122,7 @@ def rank(
         "pairs_scored": len(cands),
         "rows_written": len(rows),
         **cands.counts,
+        **log_counts,
         "seconds": round(time.perf_counter() - t0, 2),
         "scoring_seconds": round(t_score, 2),
         "candidates_per_s": round(len(cands) / max(t_score, 1e-9), 1),

@@ -174,6 +174,8 @@ def train_items(run: Run, max_items: int = 0) -> tuple[np.ndarray, int]:
 def seen_keys(run: Run, ctx: Contexts, n_ids: int) -> np.ndarray:
     """Sorted user_key * n_ids + item_id of the pairs each ranked user interacted with before
     the ranking time (rank_state/seen; without a ranking state: the items in the history)."""
+    if ctx.seen is not None:
+        return ctx.seen
     if rank_state.available(run.data_path):
         before = int(ctx.timestamp.max()) if len(ctx.timestamp) else 0
         u, i = rank_state.seen_pairs(run.data_path, before)

@@ -88,6 +88,7 @@ class Contexts:
     hist: np.ndarray
     timestamp: np.ndarray  # the ranking time (cut) or the time of the example used (unix s)
     in_split: np.ndarray  # bool: ranked by default (has a state at the cut / an example in split)
+    seen: np.ndarray | None = None  # sorted user_key * item vocab size + item_id seen before
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, found) of each user_key."""
