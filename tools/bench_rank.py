@@ -56,8 +56,8 @@ def make_examples(config, n: int, workdir: str) -> tuple[Schema, dict[str, np.nd
     return schema, out
 
 
-def keras_spec(model, schema: Schema) -> dict:
-    """What keras_ranker.py needs to build the same architecture."""
+def keras_spec(model, schema: Schema, params) -> dict:
+    """What keras_ranker.py needs to build the same architecture (params: which biases exist)."""
     args = dict(model.extractor_args or {})
     resolved = {}
     for name in model.extractors:
@@ -79,6 +79,10 @@ def keras_spec(model, schema: Schema) -> dict:
         "embed_dim": model.embed_dim,
         "extractors": list(model.extractors),
         "extractor_args": resolved,
+        "out_bias": {  # each extractor's MLP: whether its output unit has a bias
+            n: any("bias" in mlp.get("out", {}) for mlp in params[n].values() if "out" in mlp)
+            for n in model.extractors
+        },
         "combine": model.combine,
         "behaviour_gates": model.behaviour_gates,
         "share_item_embeddings": model.share_item_embeddings,
@@ -154,7 +158,7 @@ class RankBench:
         """The spec, batches and check files for keras_ranker.py; returns its arguments."""
         paths = {k: os.path.join(tmp, f) for k, f in (("spec", "spec.json"), ("data", "x.npz"))}
         with open(paths["spec"], "w") as f:
-            json.dump(keras_spec(self.model, self.schema), f)
+            json.dump(keras_spec(self.model, self.schema, self.params), f)
         x = {k: ex[k] for k in ("user", "item", "hist")}
         np.savez(paths["data"], **x)
         rows = {k: v[:CHECK_ROWS] for k, v in x.items()}

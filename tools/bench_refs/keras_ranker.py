@@ -34,13 +34,13 @@ NEG_INF = -1e9
 _GATE_INIT = 0.5413  # softplus(0.5413) = 1, as the JAX ranker
 
 
-def _mlp(prefix: str, hidden: list[int]) -> list[keras.layers.Layer]:
+def _mlp(prefix: str, hidden: list[int], out_bias: bool) -> list[keras.layers.Layer]:
     """Dense(relu) layers then one linear unit, named like the JAX MLP's parameters."""
     layers = [
         keras.layers.Dense(w, activation="relu", name=f"{prefix}__dense_{i}")
         for i, w in enumerate(hidden)
     ]
-    return layers + [keras.layers.Dense(1, name=f"{prefix}__out")]
+    return layers + [keras.layers.Dense(1, use_bias=out_bias, name=f"{prefix}__out")]
 
 
 def _apply(layers: list[keras.layers.Layer], x):
@@ -87,9 +87,9 @@ class KerasRanker(keras.Model):
         args = s["extractor_args"]
         if "din" in s["extractors"]:
             self.position = self.add_weight(shape=(L, D), initializer=init, name="din__position")
-            self.din_mlp = _mlp("din__attention", args["din"]["hidden"])
+            self.din_mlp = _mlp("din__attention", args["din"]["hidden"], s["out_bias"]["din"])
         if "dnn" in s["extractors"]:
-            self.dnn_mlp = _mlp("dnn__mlp", args["dnn"]["hidden"])
+            self.dnn_mlp = _mlp("dnn__mlp", args["dnn"]["hidden"], s["out_bias"]["dnn"])
         if "cnn" in s["extractors"]:
             c = args["cnn"]
             self.convs = {
@@ -102,7 +102,7 @@ class KerasRanker(keras.Model):
                 )
                 for t in ("user", "item", "hist")
             }
-            self.cnn_mlp = _mlp("cnn__mlp", c["hidden"])
+            self.cnn_mlp = _mlp("cnn__mlp", c["hidden"], s["out_bias"]["cnn"])
         J = len(s["extractors"])
         zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
         self.beta = self.add_weight(shape=(J,), initializer=zeros, name="extractor_logits")
