@@ -4,8 +4,10 @@
       --input=/work/shared/data/taobao_userbehavior_sample/UserBehavior_head814users.csv \
       --output=.prepared/taobao --target_behaviour=buy --neg_ratio=4 --max_len=50
 
-Sources: taobao (UserBehavior.csv, optionally .gz), movielens (the ml-100k folder), retailrocket
-(CML train.csv) and events (any CSV/Parquet log; map its columns with --user_col etc.).
+Besides the example shards it writes rank_state/ (every user's history as of valid_start,
+test_start and the end of the log, for tools/rank.py). Sources: taobao (UserBehavior.csv,
+optionally .gz), movielens (the ml-100k folder), retailrocket (CML train.csv) and events (any
+CSV/Parquet log; map its columns with --user_col etc.).
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ def main(argv: list[str]) -> None:
                 "rows": {s: v["rows"] for s, v in schema.splits.items()},
                 "vocab_sizes": schema.vocab_sizes,
                 "counts": schema.extra["counts"],
+                "rank_state": schema.extra["rank_state"]["cuts"],
                 "audit": report,
             },
             indent=1,
