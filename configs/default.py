@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     data.shuffle_seed = 0  # order of training examples; part of the resumable data position
     data.prefetch = 4  # host batches prepared ahead of the train step
     data.num_threads = 2  # host threads assembling batches (Grain read threads)
+    data.train_time_range = ()  # (start, end) unix s: train only on examples in [start, end)
+    data.eval_time_range = ()  # (start, end) unix s: evaluate only examples in [start, end)
+    data.drop_behaviours = ()  # behaviour types removed from every history (feature selection)
 
     data.synthetic = syn = ml_collections.ConfigDict()
     syn.seed = 0  # same seed, same data

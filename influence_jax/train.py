@@ -148,6 +148,7 @@ def evaluate(
     eval_fn: Any, params: Any, store: ExampleStore, config: Any, mesh: jax.sharding.Mesh
 ) -> dict[str, float]:
     """Exact metrics over every example of `store` (padding rows carry weight 0)."""
+    store = pipeline.restrict(store, config.data, "eval")  # the store itself by default
     batches = pipeline.EvalBatches(
         store, config.data.eval_batch_size, jax.process_index(), jax.process_count()
     )
@@ -247,7 +248,9 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt, config_json)
     writer = metrics.SummaryWriter(workdir, enabled=jax.process_index() == 0)
     try:
-        train_store = ExampleStore(data_path, "train", schema)
+        train_store = pipeline.restrict(
+            ExampleStore(data_path, "train", schema), config.data, "train"
+        )
         batches = pipeline.TrainBatches(
             train_store,
             config.data.batch_size,

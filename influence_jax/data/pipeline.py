@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from influence_jax.data.schema import DataError
+from influence_jax.config_check import ConfigError
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
 from influence_jax.data.store import ExampleStore
 
 try:  # Grain is optional at run time; see pyproject.toml.
@@ -92,6 +93,101 @@ class EvalBatches:
         batch = self.store.gather(np.where(valid, idx, 0))
         batch["weight"] = valid.astype(np.float32)
         return batch
+
+
+class StoreView:
+    """A subset of a split's rows and/or histories without some behaviour types (see `restrict`).
+
+    Behaves like the ExampleStore it wraps (`len`, `gather`, `column`, `schema`, `root`,
+    `split`): row k of the view is row `rows[k]` of the store.
+    """
+
+    def __init__(
+        self, store: ExampleStore, rows: np.ndarray | None, drop_ids: tuple[int, ...] = ()
+    ):
+        self.store, self.schema = store, store.schema
+        self.root, self.split = store.root, store.split
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        self.drop_ids = tuple(drop_ids)
+
+    def __len__(self) -> int:
+        return len(self.store) if self.rows is None else len(self.rows)
+
+    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(idx, np.int64)
+        out = self.store.gather(idx if self.rows is None else self.rows[idx])
+        if self.drop_ids:
+            out["hist"] = drop_events(out["hist"], self.schema, self.drop_ids)
+        return out
+
+    def column(self, name: str) -> np.ndarray:
+        col = self.store.column(name)
+        col = col if self.rows is None else col[self.rows]
+        return drop_events(col, self.schema, self.drop_ids) if name == "hist" else col
+
+
+def drop_events(hist_NxLxF: np.ndarray, schema: Schema, drop_ids: tuple[int, ...]) -> np.ndarray:
+    """Histories without the events whose behaviour id is in `drop_ids`, as if they never
+    happened: the remaining events move up (most recent first, order kept), padding fills the end.
+    """
+    if not drop_ids:
+        return hist_NxLxF
+    b = hist_NxLxF[..., schema.hist_index(HIST_BEHAVIOUR)]
+    keep_NxL = ~np.isin(b, drop_ids) & (b != 0)
+    order_NxL = np.argsort(~keep_NxL, axis=1, kind="stable")  # kept events first, in order
+    out = np.take_along_axis(hist_NxLxF, order_NxL[..., None], axis=1)
+    out[~np.take_along_axis(keep_NxL, order_NxL, axis=1)] = 0
+    return out
+
+
+def time_rows(store: ExampleStore, time_range: tuple) -> np.ndarray:
+    """Row indices of `store` whose timestamp t satisfies start <= t < end (None: unbounded)."""
+    start, end = time_range
+    t = store.column("timestamp")
+    keep = np.ones(len(t), bool)
+    if start is not None:
+        keep &= t >= start
+    if end is not None:
+        keep &= t < end
+    return np.flatnonzero(keep)
+
+
+def restrict(store: ExampleStore, data_cfg: Any, role: str) -> ExampleStore | StoreView:
+    """`store` as a run sees it under `config.data`; the store itself when no option is set.
+
+    Args:
+      store: one split of a prepared dataset.
+      data_cfg: `config.data`; reads `train_time_range` (role "train") or `eval_time_range`
+        (role "eval"), each () or (start, end) in unix seconds, end exclusive, None unbounded;
+        and `drop_behaviours`, behaviour type names removed from every history.
+      role: "train" or "eval".
+    """
+    field = f"{role}_time_range"
+    time_range = tuple(data_cfg.get(field, ()) or ())
+    drop = tuple(data_cfg.get("drop_behaviours", ()) or ())
+    if not time_range and not drop:
+        return store
+    types = store.schema.behaviour_types
+    unknown = [t for t in drop if t not in types]
+    if unknown:
+        raise ConfigError(
+            f"config.data.drop_behaviours: {unknown} not among the dataset's behaviour types "
+            f"{list(types)}"
+        )
+    drop_ids = tuple(types.index(t) + NUM_RESERVED for t in drop)
+    rows = None
+    if time_range:
+        if len(time_range) != 2:
+            raise ConfigError(f"config.data.{field}: give () or (start, end), got {time_range}")
+        rows = time_rows(store, time_range)
+        if not len(rows):
+            t = store.column("timestamp")
+            span = f"[{t.min()}, {t.max()}]" if len(t) else "empty"
+            raise DataError(
+                f"{store.root}/{store.split}: no example has a timestamp in config.data.{field}="
+                f"{time_range} (the split's timestamps span {span})"
+            )
+    return StoreView(store, rows, drop_ids)
 
 
 def to_model_batch(examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,0 +1,203 @@
+"""Time-respecting cross-validation over the training period, by example timestamp.
+
+The train split's timestamps are cut into K + 1 blocks of about equal size at quantiles
+b_0 < b_1 < ... < b_{K+1} (b_0 the first timestamp, b_{K+1} one past the last). Fold i
+(i = 1..K) evaluates on the examples of block i, [b_i, b_{i+1}), and trains on the examples
+before it: [b_0, b_i) ("expanding") or the last `window` blocks [b_{i-window}, b_i) ("rolling").
+No fold ever trains on an example at or after the start of its evaluation window.
+
+Each fold is a trial (trials.py) in WORKDIR/fold_<i>/ whose config restricts the rows with
+`config.data.train_time_range` / `config.data.eval_time_range` (data/pipeline.py `restrict`),
+evaluates the train split's window (`config.loop.eval_split = final_eval_split = "train"`),
+and resumes like any trial. WORKDIR/cv.json and cv.csv hold the folds and their mean, standard
+deviation, minimum and maximum.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from influence_jax.config_check import ConfigError
+from influence_jax.data.schema import DataError
+from influence_jax.experiments import trials
+
+MODES = ("expanding", "rolling")
+METRICS = ("auc", "gauc", "logloss", "accuracy")  # summarised over folds
+SPLIT = "train"  # folds are cut from the training period
+SUMMARY_FILE = "cv.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """One fold: train on [train_start, train_end), evaluate on [eval_start, eval_end) (unix s)."""
+
+    index: int
+    train_start: int
+    train_end: int
+    eval_start: int
+    eval_end: int
+
+
+def boundaries(timestamps: np.ndarray, num_folds: int) -> np.ndarray:
+    """K + 2 strictly increasing block edges at equal-count quantiles of `timestamps`."""
+    t = np.asarray(timestamps, np.int64)
+    if num_folds < 1:
+        raise ConfigError(f"--cv_folds={num_folds}: need at least one fold")
+    if not len(t) or t.min() == t.max():
+        raise DataError(
+            "the train split's timestamps are all equal (the built-in synthetic data writes 0): "
+            "cross-validation by time needs a prepared dataset (tools/prepare_data.py)"
+        )
+    qs = np.quantile(t, np.arange(1, num_folds + 1) / (num_folds + 1), method="lower")
+    edges = np.concatenate([[t.min()], np.ceil(qs).astype(np.int64), [t.max() + 1]])
+    if np.any(np.diff(edges) <= 0):
+        raise DataError(
+            f"the train split has too few distinct timestamps for {num_folds} folds "
+            f"(block edges {edges.tolist()}); use fewer folds"
+        )
+    return edges
+
+
+def make_folds(
+    timestamps: np.ndarray, num_folds: int, mode: str = "expanding", window: int = 1
+) -> list[Fold]:
+    """The folds over `timestamps` (see the module docstring)."""
+    if mode not in MODES:
+        raise ConfigError(f"--cv_mode={mode!r}: choose one of {MODES}")
+    if mode == "rolling" and window < 1:
+        raise ConfigError(f"--cv_window={window}: a rolling window is at least one block")
+    b = boundaries(timestamps, num_folds)
+    folds = []
+    for i in range(1, num_folds + 1):
+        start = b[0] if mode == "expanding" else b[max(0, i - window)]
+        folds.append(Fold(i - 1, int(start), int(b[i]), int(b[i]), int(b[i + 1])))
+    return folds
+
+
+def fold_config(config: ml_collections.ConfigDict, fold: Fold) -> ml_collections.ConfigDict:
+    """`config` restricted to one fold: its training rows, and its window as the eval split."""
+    return trials.with_overrides(
+        config,
+        {
+            "data.train_time_range": (fold.train_start, fold.train_end),
+            "data.eval_time_range": (fold.eval_start, fold.eval_end),
+            "loop.eval_split": SPLIT,
+            "loop.final_eval_split": SPLIT,
+        },
+    )
+
+
+def train_timestamps(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
+    """Timestamps of the train split the config reads (synthetic data is generated first)."""
+    from influence_jax.data.store import ExampleStore
+
+    if config.data.source == "synthetic":
+        trials.share_synthetic_data(config, workdir, workdir)
+        path = os.path.join(workdir, trials.DATA_DIR)
+    else:
+        path = config.data.path
+    return ExampleStore(path, SPLIT).column("timestamp")
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_folds: int,
+    mode: str = "expanding",
+    window: int = 1,
+    train_fn: trials.TrainFn = trials.train_trial,
+) -> dict[str, Any]:
+    """Trains and evaluates every fold not finished before; writes cv.json and cv.csv.
+
+    Returns:
+      {"folds": [{fold bounds, "examples_train", "metrics": {auc, gauc, ...}}], "summary":
+      {metric: {"mean", "std", "min", "max"}}, "mode", "window"}; std is the sample standard
+      deviation over folds (0 for one fold).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    t = train_timestamps(config, workdir)
+    folds = make_folds(t, num_folds, mode, window)
+    out = []
+    for fold in folds:
+        d = os.path.join(workdir, f"fold_{fold.index}")
+        cfg = fold_config(config, fold)
+        trials.share_synthetic_data(cfg, d, workdir)
+        info = {"fold": dataclasses.asdict(fold)}
+        n_train = int(((t >= fold.train_start) & (t < fold.train_end)).sum())
+        n_eval = int(((t >= fold.eval_start) & (t < fold.eval_end)).sum())
+        print(
+            f"fold {fold.index}: train [{fold.train_start}, {fold.train_end}) {n_train} examples, "
+            f"evaluate [{fold.eval_start}, {fold.eval_end}) {n_eval} examples",
+            flush=True,
+        )
+        record = trials.run_in_workdir(cfg, d, info, train_fn)
+        m = {k: v for k, v in record["metrics"].items() if k.startswith(SPLIT + "/")}
+        out.append(
+            {
+                **dataclasses.asdict(fold),
+                "examples_train": n_train,
+                "examples_eval": n_eval,
+                "status": record["status"],
+                "metrics": {k.split("/", 1)[1]: v for k, v in m.items()},
+            }
+        )
+    result = {"mode": mode, "window": window, "folds": out, "summary": summarise(out)}
+    trials.write_json(os.path.join(workdir, SUMMARY_FILE), result)
+    _write_csv(out, os.path.join(workdir, "cv.csv"))
+    return result
+
+
+def summarise(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, sample standard deviation, min and max of each metric over the finished folds."""
+    out = {}
+    for name in METRICS:
+        v = np.array([f["metrics"].get(name, math.nan) for f in folds if f["status"] == "ok"])
+        v = v[np.isfinite(v)]
+        if not len(v):
+            continue
+        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        out[name] = {
+            "mean": float(v.mean()),
+            "std": std,
+            "min": float(v.min()),
+            "max": float(v.max()),
+            "folds": int(len(v)),
+        }
+    return out
+
+
+def _write_csv(folds: list[dict[str, Any]], path: str) -> None:
+    cols = ["index", "train_start", "train_end", "eval_start", "eval_end", "examples_train",
+            "examples_eval", "status", *METRICS]  # fmt: skip
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for fold in folds:
+            w.writerow([fold.get(c, fold["metrics"].get(c, "")) for c in cols])
+    os.replace(tmp, path)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Folds and their spread as printed by tools/cv.py."""
+    lines = [f"{len(result['folds'])} folds ({result['mode']}):"]
+    for f in result["folds"]:
+        m = f["metrics"]
+        lines.append(
+            f"  fold {f['index']}: train {f['examples_train']:>7} ex before {f['train_end']}, "
+            f"eval {f['examples_eval']:>6} ex: "
+            + " ".join(f"{k}={m[k]:.4f}" for k in METRICS if k in m)
+        )
+    for k, s in result["summary"].items():
+        lines.append(
+            f"  {k:>8}: mean {s['mean']:.4f}  std {s['std']:.4f}  min {s['min']:.4f}  "
+            f"max {s['max']:.4f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Time-respecting cross-validation: fold windows, the pipeline's row filter, and a real run in
+which every fold is checked on the timestamps the input pipeline actually yielded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from influence_jax.config_check import ConfigError
+from influence_jax.data import pipeline
+from influence_jax.data.schema import DataError
+from influence_jax.data.store import ExampleStore
+from influence_jax.experiments import cv, trials
+from tests import helpers
+
+T0 = 1_700_000_000  # unix seconds
+DAY = 86_400
+
+
+def timestamped(tiny_data, root: str) -> str:
+    """A copy of the tiny dataset whose examples carry timestamps, in random row order."""
+    path = os.path.join(root, "ts-data")
+    if os.path.exists(path):
+        return path
+    shutil.copytree(tiny_data[1], path)
+    schema = tiny_data[0]
+    rng = np.random.default_rng(0)
+    start = {"train": T0, "valid": T0 + 30 * DAY, "test": T0 + 35 * DAY}
+    span = {"train": 30 * DAY, "valid": 5 * DAY, "test": 5 * DAY}
+    for split, info in schema.splits.items():
+        for rel in info["shards"]:
+            f = os.path.join(path, rel, "timestamp.npy")
+            n = len(np.load(f))
+            np.save(f, (start[split] + rng.integers(0, span[split], n)).astype(np.int64))
+    return path
+
+
+@pytest.mark.parametrize("mode, window", [("expanding", 1), ("rolling", 1), ("rolling", 2)])
+def test_folds_tile_the_period_and_train_before_their_window(mode, window):
+    t = np.random.default_rng(1).integers(T0, T0 + 30 * DAY, 5_000)
+    folds = cv.make_folds(t, 4, mode, window)
+    assert len(folds) == 4
+    edges = [folds[0].train_end] + [f.eval_end for f in folds]  # b_1 .. b_K+1
+    assert edges == sorted(edges) and edges[-1] == t.max() + 1
+    sizes = [int(((t >= f.eval_start) & (t < f.eval_end)).sum()) for f in folds]
+    assert max(sizes) - min(sizes) <= 0.05 * len(t)  # equal-count blocks
+    for i, f in enumerate(folds):
+        assert f.train_end == f.eval_start < f.eval_end
+        if mode == "expanding":
+            assert f.train_start == t.min()
+        else:  # the `window` blocks just before the evaluation window
+            assert f.train_start == (edges[i - window] if i >= window else t.min())
+        if i:
+            assert f.eval_start == folds[i - 1].eval_end
+
+
+def test_folds_need_real_timestamps():
+    with pytest.raises(DataError, match="synthetic"):
+        cv.make_folds(np.zeros(100, np.int64), 3)
+    with pytest.raises(DataError, match="fewer folds"):
+        cv.make_folds(np.array([1, 1, 1, 1, 2] * 10), 4)
+    with pytest.raises(ConfigError, match="cv_mode"):
+        cv.make_folds(np.arange(100), 2, "shuffled")
+
+
+def test_restrict_selects_rows_by_time_and_defaults_to_the_store(tiny_data, tmp_path_factory):
+    path = timestamped(tiny_data, str(tmp_path_factory.getbasetemp()))
+    store = ExampleStore(path, "train")
+    default = helpers.tiny_config().data
+    assert pipeline.restrict(store, default, "train") is store  # default: nothing changes
+    lo, hi = T0 + 10 * DAY, T0 + 20 * DAY
+    cfg = helpers.tiny_config(**{"data.train_time_range": (lo, hi)}).data
+    view = pipeline.restrict(store, cfg, "train")
+    t = store.column("timestamp")
+    assert len(view) == int(((t >= lo) & (t < hi)).sum()) > 0
+    got = view.gather(np.arange(len(view)))["timestamp"]
+    assert got.min() >= lo and got.max() < hi
+    assert pipeline.restrict(store, cfg, "eval") is store  # eval_time_range unset
+    empty = helpers.tiny_config(**{"data.eval_time_range": (0, 10)}).data
+    with pytest.raises(DataError, match="eval_time_range"):
+        pipeline.restrict(store, empty, "eval")
+
+
+def test_cv_folds_never_train_on_or_after_their_window(tiny_data, tmp_path, monkeypatch):
+    path = timestamped(tiny_data, str(tmp_path))
+    config = helpers.tiny_config(
+        **{
+            "data.source": "prepared",
+            "data.path": path,
+            "model.extractors": ("dnn",),
+            "loop.num_steps": 6,
+            "loop.log_every": 3,
+            "loop.eval_every": 0,
+            "ckpt.every": 6,
+        }
+    )
+    seen: dict[str, dict[str, list]] = {}
+    current = {}
+
+    to_model_batch = pipeline.to_model_batch
+
+    def spy_train(examples):
+        seen[current["fold"]]["train"].append(examples["timestamp"].copy())
+        return to_model_batch(examples)
+
+    eval_getitem = pipeline.EvalBatches.__getitem__
+
+    def spy_eval(self, s):
+        batch = eval_getitem(self, s)
+        seen[current["fold"]]["eval"].append(batch["timestamp"][batch["weight"] > 0].copy())
+        return batch
+
+    monkeypatch.setattr(pipeline, "to_model_batch", spy_train)
+    monkeypatch.setattr(pipeline.EvalBatches, "__getitem__", spy_eval)
+
+    def train_fn(cfg, workdir):
+        current["fold"] = os.path.basename(workdir)
+        seen[current["fold"]] = {"train": [], "eval": []}
+        return trials.train_trial(cfg, workdir)
+
+    result = cv.run(config, str(tmp_path / "cv"), 2, "expanding", train_fn=train_fn)
+    assert sorted(seen) == ["fold_0", "fold_1"]
+    all_t = ExampleStore(path, "train").column("timestamp")
+    for f in result["folds"]:
+        train_t = np.concatenate(seen[f"fold_{f['index']}"]["train"])
+        eval_t = np.concatenate(seen[f"fold_{f['index']}"]["eval"])
+        assert len(train_t) == 6 * config.data.batch_size
+        assert train_t.max() < f["eval_start"], "a fold trained on its evaluation period"
+        assert train_t.min() >= f["train_start"]
+        assert eval_t.min() >= f["eval_start"] and eval_t.max() < f["eval_end"]
+        window = np.sort(all_t[(all_t >= f["eval_start"]) & (all_t < f["eval_end"])])
+        # Each evaluation pass (end of training, final) covers the window exactly once.
+        assert len(eval_t) == 2 * len(window) and np.array_equal(np.sort(eval_t)[::2], window)
+        assert 0.0 < f["metrics"]["auc"] < 1.0
+    aucs = [f["metrics"]["auc"] for f in result["folds"]]
+    s = result["summary"]["auc"]
+    assert s["mean"] == pytest.approx(np.mean(aucs))
+    assert s["std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert (s["min"], s["max"]) == (min(aucs), max(aucs))
+    assert "gauc" in result["summary"]
+    # Finished folds are not retrained.
+    seen.clear()
+    again = cv.run(config, str(tmp_path / "cv"), 2, "expanding", train_fn=train_fn)
+    assert not seen and again["summary"] == result["summary"]

@@ -1,0 +1,82 @@
+"""Hyperparameter sweep: grid or random search over config fields, resumable, one trial per folder.
+
+    python tools/sweep.py --config=configs/tiny.py --sweep=sweep.json --workdir=runs/sweep
+    # several hosts, no coordinator (DIR on a shared file system):
+    python tools/sweep.py ... --num_workers=4 --worker_index=$W     # trials i % 4 == W
+    python tools/sweep.py ... --trial_index=$SLURM_ARRAY_TASK_ID     # one trial per job
+    # every trial as K-fold time cross-validation (metric e.g. "cv/auc_mean"):
+    python tools/sweep.py ... --cv_folds=3 --cv_mode=expanding
+    python tools/sweep.py ... --report_only                          # rebuild the table
+
+The sweep file format is in influence_jax/experiments/sweep.py and docs/experiments.md. Writes
+DIR/trial_<i>/, DIR/results.csv and .parquet, DIR/best_config.py, and prints the trials best
+first. Rerun the same command after an interruption: finished trials are kept, an interrupted
+one resumes from its checkpoint. `tensorboard --logdir DIR` compares the trials (HParams tab).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from influence_jax import logs  # noqa: E402
+from influence_jax.config_check import ConfigError  # noqa: E402
+from influence_jax.data.schema import DataError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=True)
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (.json, or .py with get_sweep()).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep root: one trial_<i>/ folder per trial.")
+_TRIAL_INDEX = flags.DEFINE_integer("trial_index", -1, "Run only this trial (-1: see workers).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes sharing the sweep.")
+_WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This process: runs i % N == index.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the table and best config.")
+_CV_FOLDS = flags.DEFINE_integer("cv_folds", 0, "If > 0, each trial is K-fold time CV.")
+_CV_MODE = flags.DEFINE_enum("cv_mode", "expanding", ["expanding", "rolling"], "CV windows.")
+_CV_WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling CV: blocks of training per fold.")
+flags.mark_flags_as_required(["config", "sweep", "workdir"])
+
+
+def _cv_trial(config, workdir, folds: int, mode: str, window: int) -> dict[str, float]:
+    from influence_jax.experiments import cv
+
+    result = cv.run(config, workdir, folds, mode, window)
+    return {f"cv/{m}_{k}": v for m, s in result["summary"].items() for k, v in s.items()}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logs.quiet_libraries()
+    from influence_jax.experiments import sweep as sweep_lib
+    from influence_jax.experiments import trials
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    try:
+        sweep = sweep_lib.load(_SWEEP.value)
+        split = config.loop.final_eval_split
+        if not _REPORT_ONLY.value:
+            train_fn = trials.train_trial
+            if _CV_FOLDS.value:
+                train_fn = functools.partial(
+                    _cv_trial, folds=_CV_FOLDS.value, mode=_CV_MODE.value, window=_CV_WINDOW.value
+                )
+                config = trials.with_overrides(config, {"loop.final_eval_split": "train"})
+            indices = sweep_lib.assigned(
+                sweep.num_trials, _TRIAL_INDEX.value, _NUM_WORKERS.value, _WORKER_INDEX.value
+            )
+            sweep_lib.run(config, sweep, workdir, indices, train_fn)
+    except trials.Preempted as e:
+        print(f"sweep stopped: {e}", flush=True)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")
+    print(sweep_lib.report(workdir, sweep, split), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
