@@ -117,6 +117,7 @@ class RankState:
 
 
 def available(data_path: str) -> bool:
+    """Whether the prepared dataset has a ranking state (prepared after it existed)."""
     return os.path.isdir(os.path.join(data_path, FOLDER))
 
 
@@ -153,4 +154,5 @@ def seen_pairs(data_path: str, before: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_item_features(data_path: str) -> np.ndarray:
+    """[item_id vocab size, Fi] feature ids per item id (see `item_features`)."""
     return np.load(os.path.join(data_path, FOLDER, "item_features.npy"))

@@ -116,6 +116,7 @@ def contexts_from_log(
 
 
 def open_log(source: str, path: str) -> readers.EventSource:
+    """The raw log `path` read as `source` (taobao, movielens, retailrocket)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such event log")
     return readers.open_source(source, path)

@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 from influence_jax.data.schema import DataError
 
 
-def top_k_rows(user: np.ndarray, item: np.ndarray, score: np.ndarray, k: int):
+def top_k_rows(
+    user: np.ndarray, item: np.ndarray, score: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows, rank) of each user's k best: score descending, then item id ascending."""
     _, u = np.unique(user, return_inverse=True)
     _, i = np.unique(item, return_inverse=True)
@@ -49,6 +51,7 @@ def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
 
 
 def hms(seconds: float) -> str:
+    """H:MM:SS of a duration."""
     s = int(round(max(seconds, 0)))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
