@@ -320,7 +320,7 @@ def summary(rows: list[dict[str, Any]], sweep: Sweep, split: str = "test") -> st
     cols = ["rank", "trial", *sweep.params, sweep.metric]
     cols += [c for c in (f"{split}/auc", f"{split}/gauc") if c not in cols]
     cols += ["seconds", "status"]
-    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    cells = [[f"{r[c]:.1f}" if c == "seconds" else _fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[j]) for x in cells)) for j, c in enumerate(cols)]
     line = lambda xs: "  ".join(x.rjust(w) for x, w in zip(xs, widths, strict=True))
     return "\n".join([line(cols), *(line(x) for x in cells)])

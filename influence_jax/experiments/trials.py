@@ -141,7 +141,29 @@ def train_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, fl
     split = config.loop.final_eval_split
     if not any(k.startswith(split + "/") for k in metrics):
         raise Preempted(f"{workdir}: stopped before the final evaluation; run again to resume")
+    eval_split = config.loop.eval_split
+    if not any(k.startswith(eval_split + "/") for k in metrics):
+        # Killed after its last step: the rerun trained nothing, so the loop made no evaluation.
+        metrics = {**_saved_eval(workdir, eval_split), **metrics}
     return metrics
+
+
+def _saved_eval(workdir: str, split: str) -> dict[str, float]:
+    """The evaluation metrics stored with the latest checkpoint (checkpoint.py), as "split/k"."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
+    try:
+        step = manager.latest_step()
+        saved = (
+            manager.metadata(step).custom_metadata.get("metrics", {}) if step is not None else {}
+        )
+    finally:
+        manager.close()
+    return {f"{split}/{k}": float(v) for k, v in saved.items()}
 
 
 def share_synthetic_data(config: ml_collections.ConfigDict, workdir: str, root: str) -> None:
