@@ -138,14 +138,14 @@ class RankBench:
                     pending = out
                 to_host(pending)
 
-            steps, secs = bench_util.time_steps(run, seconds, repeats)
-            return common.ex_per_s(batch, steps, secs)
+            steps, secs, cpu = bench_util.time_steps(run, seconds, repeats)
+            return common.ex_per_s(batch, steps, secs), batch / cpu
 
         row = {"impl": "jax", "batch": batch, "params": int(self.num_params)}
         with bench_util.CpuShareOfOthers() as others:
-            row["score_ex_per_s"] = loop(self.score_fn, ready, False)
-            row["rank_path_ex_per_s"] = loop(self.score_fn, inputs, True)
-            row["eval_ex_per_s"] = loop(self.eval_fn, host, True)
+            row["score_ex_per_s"], row["score_ex_per_cpu_s"] = loop(self.score_fn, ready, False)
+            row["rank_path_ex_per_s"], _ = loop(self.score_fn, inputs, True)
+            row["eval_ex_per_s"], _ = loop(self.eval_fn, host, True)
         row["others_cpu"] = others.share
         score = sharding.to_host(self.score_fn(self.params, ready[0]))
         prob = sharding.to_host(
@@ -223,6 +223,9 @@ def run(
                     r["keras_score_ex_per_s"] = k
                     for key in ("score", "rank_path", "eval"):
                         r[f"{key}_vs_keras"] = r[f"{key}_ex_per_s"] / k
+                    r["score_cpu_vs_keras"] = (
+                        r["score_ex_per_cpu_s"] / same[0]["score_ex_per_cpu_s"]
+                    )
             rows += ours + refs
     return rows
 
@@ -234,7 +237,7 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
     )
     print(
         f"{'model':<9}{'impl':<18}{'batch':>7}{'params':>10}{'score ex/s':>13}{'rank path':>12}"
-        f"{'eval step':>12}{'vs keras':>10}{'others cpu':>12}"
+        f"{'eval step':>12}{'vs keras':>10}{'ex/cpu-s':>10}{'vs keras':>10}{'others cpu':>12}"
     )
     for r in rows:
         jax_row = r["impl"] == "jax"
@@ -247,13 +250,17 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
         )
         ratio = r.get("score_vs_keras")
         line += f"{ratio:>9.2f}x" if ratio else " " * 10
+        line += f"{r['score_ex_per_cpu_s']:>10,.0f}"
+        ratio = r.get("score_cpu_vs_keras")
+        line += f"{ratio:>9.2f}x" if ratio else " " * 10
         share = r.get("others_cpu")
         line += f"{share:>11.0%}" if share is not None else ""
         print(line)
     print(
         "  score: the ranking score function on ready device batches, results fetched to the host "
         "(Keras: model.predict on ready batches); rank path: the same with each host batch "
-        "transferred in; eval step: train.make_eval_step as evaluation runs it; candidates/s"
+        "transferred in; eval step: train.make_eval_step as evaluation runs it; candidates/s; "
+        "ex/cpu-s: scoring candidates per CPU-second of the process (all its threads)"
     )
     for r in rows:
         if r["impl"] == "jax":

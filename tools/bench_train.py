@@ -132,7 +132,7 @@ class JaxBench:
         }
         inputs = [{k: b[k] for k in common.ID_KEYS} for b in batches]
         with bench_util.CpuShareOfOthers() as others:
-            steps, secs = bench_util.time_steps(run_train, self.seconds, self.repeats)
+            steps, secs, _ = bench_util.time_steps(run_train, self.seconds, self.repeats)
             row["train_ex_per_s"] = common.ex_per_s(batch, steps, secs)
             row["train_step_s"] = statistics.median(secs) / steps
             if score:
@@ -151,9 +151,13 @@ class JaxBench:
             in_shardings=(params_sh, batch_sh),
             out_shardings=batch_sh,
         )
-        out = {"score_plain_ex_per_s": self._score_rate(plain, params, inputs)}
+        out = {}
+        out["score_plain_ex_per_s"], out["score_plain_ex_per_cpu_s"] = self._score_rate(
+            plain, params, inputs
+        )
         if variant != "fast":
             out["score_ex_per_s"] = out["score_plain_ex_per_s"]
+            out["score_ex_per_cpu_s"] = out["score_plain_ex_per_cpu_s"]
             return out
         fold = jax.jit(functools.partial(bench_cnn.fold_for_scoring, model))
         t0 = time.perf_counter()
@@ -171,7 +175,7 @@ class JaxBench:
             in_shardings=(sharding.replicated(self.mesh), batch_sh),
             out_shardings=batch_sh,
         )
-        out["score_ex_per_s"] = self._score_rate(folded, tables, inputs)
+        out["score_ex_per_s"], out["score_ex_per_cpu_s"] = self._score_rate(folded, tables, inputs)
         return out
 
     def _score_rate(self, score_fn, params, inputs: list[dict]) -> float:
@@ -184,8 +188,9 @@ class JaxBench:
                 pending = out
             sharding.to_host(pending)
 
-        steps, secs = bench_util.time_steps(run_score, self.seconds, self.repeats)
-        return common.ex_per_s(inputs[0][common.ID_KEYS[0]].shape[0], steps, secs)
+        steps, secs, cpu = bench_util.time_steps(run_score, self.seconds, self.repeats)
+        batch = inputs[0][common.ID_KEYS[0]].shape[0]
+        return common.ex_per_s(batch, steps, secs), batch / cpu
 
 
 def adam_config() -> ml_collections.ConfigDict:
@@ -245,6 +250,9 @@ def add_ratios(rows: list[dict], refs: list[dict], peak: float) -> None:
         if same and "score_plain_ex_per_s" in r:
             best = max(x["score_ex_per_s"] for x in same)
             r["score_plain_vs_best_ref"] = r["score_plain_ex_per_s"] / best
+        keras = [x for x in same if "score_ex_per_cpu_s" in x]
+        if keras and "score_ex_per_cpu_s" in r:  # per CPU-second: steadier on a shared machine
+            r["score_cpu_vs_keras"] = r["score_ex_per_cpu_s"] / keras[0]["score_ex_per_cpu_s"]
         r["matmul_flops_per_s"] = peak
         if "train_flops_per_example" in r:
             ex_limit = peak / r["train_flops_per_example"]
@@ -259,7 +267,8 @@ def add_ratios(rows: list[dict], refs: list[dict], peak: float) -> None:
 def print_table(rows: list[dict], refs: list[dict], peak: float, setup: str) -> None:
     print(f"\n{setup}")
     head = f"{'impl':<24}{'batch':>7}{'train ex/s':>13}{'score ex/s':>13}{'plain':>10}"
-    print(head + f"{'train/best':>12}{'score/best':>12}{'others cpu':>12}")
+    head += f"{'train/best':>12}{'score/best':>12}{'ex/cpu-s':>10}{'vs keras':>10}"
+    print(head + f"{'others cpu':>12}")
     for r in sorted(rows + refs, key=lambda x: (x["batch"], not x["impl"].startswith("jax"))):
         line = f"{r['impl']:<24}{r['batch']:>7}{r['train_ex_per_s']:>13,.0f}"
         line += f"{r['score_ex_per_s']:>13,.0f}"
@@ -268,12 +277,16 @@ def print_table(rows: list[dict], refs: list[dict], peak: float, setup: str) -> 
         for key in ("train", "score"):
             ratio = r.get(f"{key}_vs_best_ref")
             line += f"{ratio:>11.2f}x" if ratio else f"{'':>12}"
+        cpu, ratio = r.get("score_ex_per_cpu_s"), r.get("score_cpu_vs_keras")
+        line += f"{cpu:>10,.0f}" if cpu else f"{'':>10}"
+        line += f"{ratio:>9.2f}x" if ratio else f"{'':>10}"
         share = r.get("others_cpu")
         line += f"{share:>11.0%}" if share is not None else ""
         print(line)
     print(
         "  train/best, score/best: ratio to the fastest reference at that batch; others cpu: "
-        "share of the machine's CPU time that other processes used meanwhile"
+        "share of the machine's CPU time that other processes used meanwhile; ex/cpu-s: "
+        "scoring examples per CPU-second of the process (all its threads), vs keras: its ratio"
     )
     folded = [r for r in rows if "score_fold_s" in r]
     if folded:

@@ -17,12 +17,20 @@ from bench_refs import common
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 
-def time_steps(run: Callable[[int], None], seconds: float, repeats: int) -> tuple[int, list[float]]:
-    """Warms `run(steps)` up (compiling), sizes a run to about `seconds`, times `repeats` runs."""
+def time_steps(
+    run: Callable[[int], None], seconds: float, repeats: int
+) -> tuple[int, list[float], float]:
+    """Warms `run(steps)` up (compiling), sizes a run to about `seconds`, times `repeats` runs.
+
+    Returns (steps per run, wall seconds of each run, this process's CPU seconds per step over
+    all runs). CPU time counts every thread of the process; on a machine shared with other
+    jobs it varies far less than wall time, so examples per CPU-second compare implementations
+    even when the wall-clock figures are low.
+    """
     run(2)
     t0 = time.perf_counter()
     run(3)
-    return common.timed_runs(run, (time.perf_counter() - t0) / 3, seconds, repeats)
+    return common.timed_runs_cpu(run, (time.perf_counter() - t0) / 3, seconds, repeats)
 
 
 def matmul_flops_per_s(dtype: str) -> float:

@@ -100,6 +100,15 @@ def timed_runs(
     return steps, secs
 
 
+def timed_runs_cpu(
+    run: Callable[[int], None], step_seconds: float, seconds: float, repeats: int
+) -> tuple[int, list[float], float]:
+    """`timed_runs`, plus this process's CPU seconds (all threads) per step over the runs."""
+    cpu0 = time.process_time()
+    steps, secs = timed_runs(run, step_seconds, seconds, repeats)
+    return steps, secs, (time.process_time() - cpu0) / (steps * repeats)
+
+
 def ex_per_s(batch: int, steps: int, secs: list[float]) -> float:
     return batch * steps / statistics.median(secs)
 

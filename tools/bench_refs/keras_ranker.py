@@ -242,13 +242,16 @@ def bench(model: KerasRanker, data, batch: int, args) -> dict:
     model.predict(ds, steps=2, verbose=0)
     t0 = time.perf_counter()
     model.predict(ds, steps=3, verbose=0)
+    cpu0 = time.process_time()
     steps, secs = common.timed_runs(
         lambda k: model.predict(ds, steps=k, verbose=0),
         (time.perf_counter() - t0) / 3,
         args.seconds,
         args.repeats,
     )
+    cpu = (time.process_time() - cpu0) / (steps * args.repeats)
     return {
+        "score_ex_per_cpu_s": batch / cpu,
         "impl": "keras-tensorflow",
         "batch": batch,
         "score_ex_per_s": common.ex_per_s(batch, steps, secs),

@@ -86,7 +86,7 @@ def bench(batch: int, args) -> dict:
     t0 = time.perf_counter()
     model.predict(score_ds, steps=3, verbose=0)
     score_step = (time.perf_counter() - t0) / 3
-    score_steps, secs = common.timed_runs(
+    score_steps, secs, score_cpu = common.timed_runs_cpu(
         lambda n: model.predict(score_ds, steps=n, verbose=0),
         score_step,
         args.seconds,
@@ -97,6 +97,7 @@ def bench(batch: int, args) -> dict:
         "batch": batch,
         "train_ex_per_s": train,
         "score_ex_per_s": common.ex_per_s(batch, score_steps, secs),
+        "score_ex_per_cpu_s": batch / score_cpu,
         "train_steps": steps,
         "train_secs": timer.secs,
         "score_steps": score_steps,
