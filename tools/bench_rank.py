@@ -142,6 +142,7 @@ class RankBench:
             return common.ex_per_s(batch, steps, secs), batch / cpu
 
         row = {"impl": "jax", "batch": batch, "params": int(self.num_params)}
+        row["devices"] = self.mesh.devices.size
         with bench_util.CpuShareOfOthers() as others:
             row["score_ex_per_s"], row["score_ex_per_cpu_s"] = loop(self.score_fn, ready, False)
             row["rank_path_ex_per_s"], _ = loop(self.score_fn, inputs, True)
@@ -241,7 +242,8 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
     )
     for r in rows:
         jax_row = r["impl"] == "jax"
-        line = f"{r['model']:<9}{r['impl']:<18}{r['batch']:>7}{r['params']:>10,}"
+        impl = r["impl"] + (f" x{r['devices']}" if r.get("devices", 1) > 1 else "")
+        line = f"{r['model']:<9}{impl:<18}{r['batch']:>7}{r['params']:>10,}"
         line += f"{r['score_ex_per_s']:>13,.0f}"
         line += (
             f"{r['rank_path_ex_per_s']:>12,.0f}{r['eval_ex_per_s']:>12,.0f}"

@@ -56,6 +56,13 @@ _RANK_CONFIG = flags.DEFINE_string(
 _RANK_MODELS = flags.DEFINE_list(
     "rank_models", ["default", "full"], "--what=rank: default (the config's extractors), full."
 )
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices",
+    0,
+    "--what=rank on CPU: split the host into this many XLA devices (XLA_FLAGS "
+    "--xla_force_host_platform_device_count), so the data-parallel score function runs one "
+    "batch shard per core; 0 keeps JAX's single CPU device.",
+)
 _SCALE_BATCH = flags.DEFINE_integer("scale_batch", 1024, "Batch size of --what=scale.")
 _SCALE_VOCABS = flags.DEFINE_list("scale_vocabs", ["100000", "10000000"], "Item vocabularies.")
 _SCALE_EMBED = flags.DEFINE_integer("scale_embed_dim", 64, "Embedding width of the vocab scan.")
@@ -75,6 +82,13 @@ def main(argv: list[str]) -> None:
         import bench_input
 
         return bench_input.print_table(bench_input.run())
+    if _HOST_DEVICES.value:
+        if _WHAT.value != "rank":  # training would add cross-device all-reduces on one host
+            raise app.UsageError("--host_devices applies to --what=rank only")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}"
+        )
     kept = _KEEP_HOST_MEMORY.value and hostmem.keep_freed_host_memory()  # before JAX starts
     batches = [int(b) for b in _BATCHES.value]
     ref_kw = {"timeout": _REF_TIMEOUT.value, "as_json": _JSON.value}
