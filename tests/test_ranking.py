@@ -3,6 +3,7 @@ atomic writes, candidate-file errors and OOV counts, and tools/rank.py end to en
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -292,6 +293,16 @@ def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):
     assert not pairs & seen and len(pairs) == s["pairs_scored"]
     assert len({u for u, _ in pairs}) == len({u for u, _ in seen})  # every user of the log
     assert s["pairs_scored"] + s["seen_pairs_excluded"] == 30 * len({u for u, _ in seen})
+    # Scored in blocks of a few users (each block reduced to its top k): the same table.
+    small = tmp_path / "blocks.parquet"
+    s2 = ranking.rank(
+        run, str(small), top_k=7, as_of="end", exclude_seen=True, max_items=30, block_pairs=50
+    )
+    ranking.rank(run, str(out), top_k=7, as_of="end", exclude_seen=True, max_items=30)
+    assert pq.read_table(small).to_pydict() == pq.read_table(out).to_pydict()
+    per_user = collections.Counter(t["user_id"])
+    assert s2["pairs_scored"] == s["pairs_scored"]
+    assert s2["rows_written"] == sum(min(7, n) for n in per_user.values())
 
 
 def test_contexts_are_the_rank_state_and_old_datasets_fall_back(prepared_run, tmp_path, caplog):

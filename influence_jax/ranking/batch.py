@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -18,16 +18,57 @@ from influence_jax.data import readers
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
 from influence_jax.ranking.asof import contexts_from_log
-from influence_jax.ranking.candidates import default_candidates, file_candidates
-from influence_jax.ranking.contexts import IdMaps, load_contexts
+from influence_jax.ranking.candidates import Candidates, DefaultCandidates, file_candidates
+from influence_jax.ranking.contexts import Contexts, IdMaps, load_contexts
 from influence_jax.ranking.output import Progress, top_k_rows, write_table
 from influence_jax.ranking.run import Run, batched, global_batch, load_run, make_score_fn
 
 NUM_EXPLAINED_EVENTS = 3
+BLOCK_PAIRS = 1 << 20  # default candidates scored (and reduced to the top k) per block of users
 
 
 def _when(ts: int) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _score_top_k(
+    run: Run,
+    ctx: Contexts,
+    blocks: Iterator[Candidates],
+    total: int,
+    top_k: int,
+    batch_size: int | None,
+    log: Callable[[str], None],
+    progress_every: float,
+) -> tuple[Candidates, np.ndarray, np.ndarray]:
+    """Scores each block of candidates (whole users per block) and keeps each user's top k.
+
+    Returns the kept pairs (as one `Candidates`, in output order), their scores and ranks."""
+    fn, bs = make_score_fn(run), global_batch(run, batch_size)
+    progress = Progress(total, log, progress_every)
+    done, kept = 0, []
+    for c in blocks:
+        prob = batched(fn, run, len(c), c.gather, bs, lambda d, base=done: progress(base + d))
+        prob = np.zeros(0, np.float32) if prob is None else prob
+        rows, ranks = top_k_rows(c.user_out, c.item_out, prob, top_k)
+        kept.append((c, rows, prob[rows], ranks))
+        done += len(c)
+    if not kept:  # no user to rank: an empty table
+        e = np.zeros(0, np.int64)
+        items = np.zeros((0, len(run.schema.item_fields)), np.int32)
+        return Candidates(ctx, items, e, e, e, e, {}), np.zeros(0, np.float32), e
+    first = kept[0][0]
+    cat = lambda f: np.concatenate([getattr(c, f)[rows] for c, rows, _, _ in kept])
+    out = Candidates(
+        first.ctx,
+        first.items,
+        cat("ctx_row"),
+        cat("item_row"),
+        cat("user_out"),
+        cat("item_out"),
+        first.counts,
+    )
+    return out, np.concatenate([p for *_, p, _ in kept]), np.concatenate([r for *_, r in kept])
 
 
 def rank(
@@ -45,6 +86,7 @@ def rank(
     events: readers.EventSource | None = None,
     log: Callable[[str], None] = logging.info,
     progress_every: float = 10.0,
+    block_pairs: int = BLOCK_PAIRS,
 ) -> dict[str, Any]:
     """Scores the candidates, writes each user's top k to `output`; returns a summary.
 
@@ -79,27 +121,27 @@ def rank(
         ctx, log_counts = contexts_from_log(run.data_path, run.schema, events, when)
     else:
         ctx = load_contexts(run.data_path, run.schema, str(when))
-    cands = (
-        file_candidates(run, candidates, ctx, maps)
-        if candidates
-        else default_candidates(run, ctx, maps, max_items, exclude_seen)
-    )
-    n_users = len(np.unique(cands.ctx_row)) if len(cands) else 0
+    if candidates:
+        cands = file_candidates(run, candidates, ctx, maps)
+        total, blocks, counts = len(cands), iter([cands]), cands.counts
+    else:
+        default = DefaultCandidates(run, ctx, maps, max_items, exclude_seen)
+        total, blocks, counts = len(default), default.blocks(block_pairs), default.counts
+    n_users = len(np.unique(ctx.user_key[ctx.in_split])) if not candidates else None
     at = f" as of {when} ({_when(int(ctx.timestamp.max()))} UTC)" if len(ctx.timestamp) else ""
     what = (
-        f"{cands.counts['candidate_items']:,} train items each"
-        + (f", {cands.counts['seen_pairs_excluded']:,} seen pairs excluded" if exclude_seen else "")
+        f"{n_users:,} users{at}, {counts['candidate_items']:,} train items each"
+        + (f", {counts['seen_pairs_excluded']:,} seen pairs excluded" if exclude_seen else "")
         if not candidates
-        else f"candidates from {candidates}"
+        else f"candidates from {candidates}{at}"
     )
-    log(f"scoring {len(cands):,} pairs: {n_users:,} users{at}, {what}")
-    bs = global_batch(run, batch_size)
+    log(f"scoring {total:,} pairs: {what}")
     t1 = time.perf_counter()
-    progress = Progress(len(cands), log, progress_every)
-    prob = batched(make_score_fn(run), run, len(cands), cands.gather, bs, progress)
-    prob = np.zeros(0, np.float32) if prob is None else prob
+    cands, prob, ranks = _score_top_k(
+        run, ctx, blocks, total, top_k, batch_size, log, progress_every
+    )
     t_score = time.perf_counter() - t1
-    rows, ranks = top_k_rows(cands.user_out, cands.item_out, prob, top_k)
+    rows = np.arange(len(cands))
     cols = {
         "user_id": pa.array(cands.user_out[rows].tolist()),
         "rank": pa.array(ranks, pa.int32()),
@@ -119,13 +161,13 @@ def rank(
         "step": run.step,
         "as_of": when,
         "users": len(np.unique(cands.user_out)) if len(cands) else 0,
-        "pairs_scored": len(cands),
+        "pairs_scored": total,
         "rows_written": len(rows),
-        **cands.counts,
+        **counts,
         **log_counts,
         "seconds": round(time.perf_counter() - t0, 2),
         "scoring_seconds": round(t_score, 2),
-        "candidates_per_s": round(len(cands) / max(t_score, 1e-9), 1),
+        "candidates_per_s": round(total / max(t_score, 1e-9), 1),
     }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -185,23 +185,67 @@ def seen_keys(run: Run, ctx: Contexts, n_ids: int) -> np.ndarray:
     return np.unique(keys[h >= NUM_RESERVED])
 
 
+class DefaultCandidates:
+    """Each ranked user x every train item (see `train_items`), less the user's seen items if
+    `exclude_seen`, produced in blocks of whole users so memory stays bounded."""
+
+    def __init__(
+        self, run: Run, ctx: Contexts, maps: IdMaps, max_items: int = 0, exclude_seen: bool = False
+    ):
+        self.ctx, self.maps = ctx, maps
+        self.top, n_train = train_items(run, max_items)
+        self.items, lacking = item_rows(run.data_path, run.schema, self.top)
+        self.item_raw = maps.raw("item_id", self.top)[0]
+        self.users = np.flatnonzero(ctx.in_split)
+        self.n_ids = run.schema.vocab_sizes["item_id"]
+        self.seen: np.ndarray | None = None
+        if exclude_seen and len(self.users) and len(self.top):
+            seen = seen_keys(run, ctx, self.n_ids)
+            u, i = np.divmod(seen, self.n_ids)
+            self.seen = seen[np.isin(i, self.top) & np.isin(u, ctx.user_key[self.users])]
+        excluded = 0 if self.seen is None else len(self.seen)
+        self.total = len(self.users) * len(self.top) - excluded
+        self.counts = {
+            "candidate_items": len(self.top),
+            "train_items": n_train,
+            "seen_pairs_excluded": excluded,
+            "items_without_features": int(lacking.sum()),
+        }
+
+    def __len__(self) -> int:
+        return self.total
+
+    def blocks(self, pairs_per_block: int) -> Iterator[Candidates]:
+        """Candidates of consecutive users (in user_key order), about `pairs_per_block` each."""
+        n_items = len(self.top)
+        per = max(1, pairs_per_block // max(n_items, 1))
+        for a in range(0, len(self.users) if n_items else 0, per):
+            users = self.users[a : a + per]
+            ctx_row = np.repeat(users, n_items)
+            item_row = np.tile(np.arange(n_items), len(users))
+            if self.seen is not None and len(self.seen):
+                key = self.ctx.user_key[ctx_row] * self.n_ids + self.top[item_row]
+                pos = np.minimum(np.searchsorted(self.seen, key), len(self.seen) - 1)
+                keep = self.seen[pos] != key
+                ctx_row, item_row = ctx_row[keep], item_row[keep]
+            yield Candidates(
+                self.ctx,
+                self.items,
+                ctx_row,
+                item_row,
+                self.maps.user_raw(self.ctx.user_key[ctx_row]),
+                self.item_raw[item_row],
+                self.counts,
+            )
+
+
 def default_candidates(
     run: Run, ctx: Contexts, maps: IdMaps, max_items: int = 0, exclude_seen: bool = False
 ) -> Candidates:
-    """Each ranked user x every train item (see `train_items`), less the user's seen items if
-    `exclude_seen`."""
-    top, n_train = train_items(run, max_items)
-    users = np.flatnonzero(ctx.in_split)
-    ctx_row, item_idx = np.repeat(users, len(top)), np.tile(top, len(users))
-    counts = {"candidate_items": len(top), "train_items": n_train, "seen_pairs_excluded": 0}
-    if exclude_seen and len(ctx_row):
-        n_ids = run.schema.vocab_sizes["item_id"]
-        seen = seen_keys(run, ctx, n_ids)
-        key = ctx.user_key[ctx_row] * n_ids + item_idx
-        pos = np.minimum(np.searchsorted(seen, key), max(len(seen) - 1, 0))
-        drop = seen[pos] == key if len(seen) else np.zeros(len(key), bool)
-        ctx_row, item_idx = ctx_row[~drop], item_idx[~drop]
-        counts["seen_pairs_excluded"] = int(drop.sum())
-    user_out = maps.user_raw(ctx.user_key[ctx_row])
-    item_out = maps.raw("item_id", item_idx)[0]
-    return _candidates(run, ctx, ctx_row, item_idx, user_out, item_out, counts)
+    """All of `DefaultCandidates` as one block."""
+    d = DefaultCandidates(run, ctx, maps, max_items, exclude_seen)
+    blocks = list(d.blocks(max(len(d.users) * len(d.top), 1)))
+    if blocks:
+        return blocks[0]
+    empty = np.zeros(0, np.int64)
+    return Candidates(ctx, d.items, empty, empty, empty, empty, d.counts)
