@@ -67,7 +67,7 @@ class CNNExtractor(nn.Module):
     def __call__(self, x: Inputs, train: bool = False):
         ones = lambda a: jnp.ones(a.shape[:2], bool)
         tower = lambda name: ConvTower(self.filters, self.kernel_size, name=name)
-        gated_BxLxE = x.hist_BxLxE
+        gated_BxLxE = x.hist_BxLxE * x.gate_BxL[..., None]
         pooled = [
             tower("user_tower")(x.user_BxFxD, ones(x.user_BxFxD)),
             tower("item_tower")(x.item_BxFxD, ones(x.item_BxFxD)),
@@ -90,7 +90,7 @@ class DNNExtractor(nn.Module):
         parts = [x.user_BxFxD.reshape(B, -1), x.item_BxFxD.reshape(B, -1)]
         if self.use_history:
             n_B = jnp.maximum(jnp.sum(x.mask_BxL, axis=1, keepdims=True), 1)
-            w_BxL = x.mask_BxL.astype(x.hist_BxLxE.dtype)
+            w_BxL = x.gate_BxL.astype(x.hist_BxLxE.dtype)
             parts.append(jnp.einsum("bl,ble->be", w_BxL, x.hist_BxLxE) / n_B)
         h = jnp.concatenate(parts, -1)
         return MLP(self.hidden, self.dropout, out_bias=False, name="mlp")(h, train), {}
