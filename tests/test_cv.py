@@ -145,3 +145,30 @@ def test_cv_folds_never_train_on_or_after_their_window(tiny_data, tmp_path, monk
     seen.clear()
     again = cv.run(config, str(tmp_path / "cv"), 2, "expanding", train_fn=train_fn)
     assert not seen and again["summary"] == result["summary"]
+
+
+def test_a_sweep_can_score_each_trial_by_cross_validation(tiny_data, tmp_path_factory, tmp_path):
+    import functools
+
+    from influence_jax.experiments import sweep as sweep_lib
+
+    path = timestamped(tiny_data, str(tmp_path_factory.getbasetemp()))
+    config = helpers.tiny_config(**{"data.source": "prepared", "data.path": path})
+
+    def fake_fold(cfg, workdir):  # a fold's "AUC": its learning rate plus its window's end
+        end = cfg.data.eval_time_range[1]
+        return {"train/auc": cfg.opt.learning_rate + (end - T0) / (100 * DAY)}
+
+    sweep = sweep_lib.parse(
+        {"params": {"opt.learning_rate": [0.1, 0.2]}, "metric": "cv/auc_mean"}, "s.json"
+    )
+    fn = functools.partial(cv.trial_metrics, num_folds=3, train_fn=fake_fold)
+    records = sweep_lib.run(config, sweep, str(tmp_path), None, fn)
+    for r in records:
+        folds = trials.read_json(str(tmp_path / f"trial_{r['trial']:03d}" / cv.SUMMARY_FILE))
+        aucs = [f["metrics"]["auc"] for f in folds["folds"]]
+        assert len(aucs) == 3 and aucs == sorted(aucs)
+        assert r["metrics"]["cv/auc_mean"] == pytest.approx(np.mean(aucs))
+        assert r["metrics"]["cv/auc_std"] == pytest.approx(np.std(aucs, ddof=1))
+    rows = sweep_lib.table_rows(sweep_lib.collect(str(tmp_path)), sweep)
+    assert [r["opt.learning_rate"] for r in rows] == [0.2, 0.1]

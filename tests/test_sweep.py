@@ -155,6 +155,10 @@ def test_workers_share_one_table_and_finished_trials_are_kept(tmp_path, tiny_dat
     changed = sweep_lib.parse({**GRID, "params": {**GRID["params"], "model.embed_dim": [8, 32]}})
     with pytest.raises(ConfigError, match="use a new --workdir"):
         sweep_lib.run(config, changed, d, None, fake_train)
+    longer = helpers.tiny_config(**{"data.source": "prepared", "data.path": tiny_data[1],
+                                     "loop.num_steps": 99})  # fmt: skip
+    with pytest.raises(ConfigError, match="loop.num_steps: 20 then, 99 now"):
+        sweep_lib.run(longer, sweep, d, None, fake_train)
 
 
 def test_failed_trial_is_recorded_and_ranked_last(tmp_path, tiny_data):

@@ -42,19 +42,12 @@ _CV_WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling CV: blocks of trainin
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
-def _cv_trial(config, workdir, folds: int, mode: str, window: int) -> dict[str, float]:
-    from influence_jax.experiments import cv
-
-    result = cv.run(config, workdir, folds, mode, window)
-    return {f"cv/{m}_{k}": v for m, s in result["summary"].items() for k, v in s.items()}
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logs.quiet_libraries()
+    from influence_jax.experiments import cv, trials
     from influence_jax.experiments import sweep as sweep_lib
-    from influence_jax.experiments import trials
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     try:
@@ -64,7 +57,10 @@ def main(argv: list[str]) -> None:
             train_fn = trials.train_trial
             if _CV_FOLDS.value:
                 train_fn = functools.partial(
-                    _cv_trial, folds=_CV_FOLDS.value, mode=_CV_MODE.value, window=_CV_WINDOW.value
+                    cv.trial_metrics,
+                    num_folds=_CV_FOLDS.value,
+                    mode=_CV_MODE.value,
+                    window=_CV_WINDOW.value,
                 )
                 config = trials.with_overrides(config, {"loop.final_eval_split": "train"})
             indices = sweep_lib.assigned(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import math
 import os
 from typing import Any
@@ -154,6 +155,24 @@ def run(
     return result
 
 
+def trial_metrics(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_folds: int,
+    mode: str = "expanding",
+    window: int = 1,
+    train_fn: trials.TrainFn = trials.train_trial,
+) -> dict[str, float]:
+    """A whole cross-validation as one sweep trial: {"cv/<metric>_<mean|std|min|max>": value}."""
+    result = run(config, workdir, num_folds, mode, window, train_fn)
+    return {
+        f"cv/{m}_{k}": float(v)
+        for m, s in result["summary"].items()
+        for k, v in s.items()
+        if k != "folds"
+    }
+
+
 def summarise(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean, sample standard deviation, min and max of each metric over the finished folds."""
     out = {}
@@ -190,14 +209,20 @@ def format_summary(result: dict[str, Any]) -> str:
     lines = [f"{len(result['folds'])} folds ({result['mode']}):"]
     for f in result["folds"]:
         m = f["metrics"]
+        scores = " ".join(f"{k}={m[k]:.4f}" for k in METRICS if k in m)
         lines.append(
-            f"  fold {f['index']}: train {f['examples_train']:>7} ex before {f['train_end']}, "
-            f"eval {f['examples_eval']:>6} ex: "
-            + " ".join(f"{k}={m[k]:.4f}" for k in METRICS if k in m)
+            f"  fold {f['index']}: train {f['examples_train']} ex [{_utc(f['train_start'])}, "
+            f"{_utc(f['train_end'])}), eval {f['examples_eval']} ex up to "
+            f"{_utc(f['eval_end'])}: {scores}"
         )
-    for k, s in result["summary"].items():
+    for k in (k for k in METRICS if k in result["summary"]):
+        s = result["summary"][k]
         lines.append(
             f"  {k:>8}: mean {s['mean']:.4f}  std {s['std']:.4f}  min {s['min']:.4f}  "
             f"max {s['max']:.4f}"
         )
     return "\n".join(lines)
+
+
+def _utc(t: int) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M")

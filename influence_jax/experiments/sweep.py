@@ -243,12 +243,32 @@ def _claim(d: str, i: int, values: dict, sweep: Sweep, cfg: ml_collections.Confi
                 f"{path}: trial {i} ran with {before['params']}, but {sweep.source} now gives "
                 f"{values}; the sweep changed, so use a new --workdir"
             )
+        ran = trials.load_config_file(os.path.join(d, "config.py")).to_dict()
+        if ran != cfg.to_dict():
+            changed = _changed(ran, cfg.to_dict())
+            raise ConfigError(
+                f"{d}/config.py: trial {i} ran with another base config ({changed}); use the "
+                "same --config and overrides as before, or a new --workdir"
+            )
         return
     os.makedirs(d, exist_ok=True)
     trials.write_config_file(
         os.path.join(d, "config.py"), cfg, f"Config of sweep trial {i}: {values}."
     )
     trials.write_json(path, record)
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> str:
+    """The first dotted field whose value differs between two config dicts, with both values."""
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            found = _changed(x, y, f"{prefix}{k}.")
+            if found:
+                return found
+        elif x != y:
+            return f"{prefix}{k}: {x!r} then, {y!r} now"
+    return ""
 
 
 def collect(workdir: str) -> list[dict[str, Any]]:

@@ -179,9 +179,34 @@ def share_synthetic_data(config: ml_collections.ConfigDict, workdir: str, root: 
         return
     generator = json.dumps(synthetic.cfg_to_dict(config.data.synthetic), sort_keys=True)
     shared = os.path.join(root, "data-" + hashlib.sha1(generator.encode()).hexdigest()[:10])
-    synthetic.ensure(config.data.synthetic, shared)
+    _generate_once(config.data.synthetic, shared)
     os.makedirs(workdir, exist_ok=True)
     os.symlink(os.path.relpath(shared, workdir), link)
+
+
+def _generate_once(cfg: Any, shared: str, stale_s: float = 1800.0) -> None:
+    """synthetic.ensure, by one process at a time: workers starting together on a shared
+    folder must not replace the dataset under each other (a lock file; one older than
+    `stale_s` is taken to be left by a killed process)."""
+    from influence_jax.data import synthetic
+
+    lock = shared + ".lock"
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            try:
+                if time.time() - os.path.getmtime(lock) > stale_s:
+                    os.remove(lock)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.5)
+    try:
+        synthetic.ensure(cfg, shared)  # keeps the dataset when the same settings made it
+    finally:
+        os.remove(lock)
 
 
 def run_in_workdir(
