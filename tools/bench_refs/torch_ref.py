@@ -88,12 +88,13 @@ def bench(impl: str, batch: int, args, device: torch.device) -> dict:
         run(3)  # compile and warm up
         t0 = time.perf_counter()
         run(3)
-        steps, secs = common.timed_runs(
+        steps, secs, cpu = common.timed_runs_cpu(
             run, (time.perf_counter() - t0) / 3, args.seconds, args.repeats
         )
         out.update(
             {
                 f"{name}_ex_per_s": common.ex_per_s(batch, steps, secs),
+                f"{name}_ex_per_cpu_s": batch / cpu,
                 f"{name}_steps": steps,
                 f"{name}_secs": secs,
             }
