@@ -172,3 +172,10 @@ def test_a_sweep_can_score_each_trial_by_cross_validation(tiny_data, tmp_path_fa
         assert r["metrics"]["cv/auc_std"] == pytest.approx(np.std(aucs, ddof=1))
     rows = sweep_lib.table_rows(sweep_lib.collect(str(tmp_path)), sweep)
     assert [r["opt.learning_rate"] for r in rows] == [0.2, 0.1]
+    # The HParams tab compares trials by the CV summary: it is a scalar in each trial's folder.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "trial_001"))
+    acc.Reload()
+    mean = acc.Scalars("cv/auc_mean")[0].value
+    assert mean == pytest.approx(records[1]["metrics"]["cv/auc_mean"], rel=1e-6)

@@ -75,6 +75,15 @@ def test_grid_values_and_partition():
         sweep_lib.assigned(4, -1, 2, 2)
 
 
+def test_the_example_sweep_file_fits_the_default_config():
+    from configs import default
+
+    sweep = sweep_lib.load(str(ROOT / "configs" / "sweep_default.json"))
+    configs = sweep_lib.trial_configs(default.get_config(), sweep)
+    assert len(configs) == sweep.num_trials == 4
+    assert {c.model.extractors for _, c in configs} == {("din", "dnn", "cnn"), ("din",)}
+
+
 def test_random_values_are_reproducible_and_in_range():
     raw = {
         "method": "random",
