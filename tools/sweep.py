@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
 
 from absl import app, flags
@@ -36,10 +37,29 @@ _TRIAL_INDEX = flags.DEFINE_integer("trial_index", -1, "Run only this trial (-1:
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes sharing the sweep.")
 _WORKER_INDEX = flags.DEFINE_integer("worker_index", 0, "This process: runs i % N == index.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the table and best config.")
+_ISOLATE = flags.DEFINE_bool(
+    "isolate",
+    False,
+    "Run each trial in a fresh process (this command with --trial_index): memory stays bounded "
+    "over long sweeps (in one process it grew about 25 MB per tiny trial over the first eight) "
+    "at the cost of a JAX start-up per trial.",
+)
 _CV_FOLDS = flags.DEFINE_integer("cv_folds", 0, "If > 0, each trial is K-fold time CV.")
 _CV_MODE = flags.DEFINE_enum("cv_mode", "expanding", ["expanding", "rolling"], "CV windows.")
 _CV_WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling CV: blocks of training per fold.")
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
+
+
+def _run_isolated(indices: list[int], workdir: str) -> None:
+    """Each trial in a child process; the flags given last win, so the child runs one trial."""
+    for i in indices:
+        if os.path.exists(os.path.join(workdir, f"trial_{i:03d}", "result.json")):
+            continue
+        one = [f"--trial_index={i}", "--num_workers=1", "--worker_index=0", "--noisolate"]
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *one]
+        subprocess.run(cmd, check=False)
+        if not os.path.exists(os.path.join(workdir, f"trial_{i:03d}", "result.json")):
+            sys.exit(f"sweep stopped: trial {i} did not finish; run the same command to resume")
 
 
 def main(argv: list[str]) -> None:
@@ -66,7 +86,10 @@ def main(argv: list[str]) -> None:
             indices = sweep_lib.assigned(
                 sweep.num_trials, _TRIAL_INDEX.value, _NUM_WORKERS.value, _WORKER_INDEX.value
             )
-            sweep_lib.run(config, sweep, workdir, indices, train_fn)
+            if _ISOLATE.value:
+                _run_isolated(indices, workdir)
+            else:
+                sweep_lib.run(config, sweep, workdir, indices, train_fn)
     except trials.Preempted as e:
         print(f"sweep stopped: {e}", flush=True)
     except (ConfigError, DataError) as e:
