@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.normalise_scores = True  # standardise each f_j (running stats) so w_j is comparable
     model.din = ml_collections.ConfigDict({"hidden": (32,)})  # target-attention MLP widths
     model.dnn = ml_collections.ConfigDict({"hidden": (64, 32), "dropout": 0.2, "use_history": True})
+    model.bst = ml_collections.ConfigDict(  # self-attention (add "bst" to extractors to use)
+        {"heads": 2, "ff": 64, "hidden": (32,), "dropout": 0.1}
+    )
     model.cnn = ml_collections.ConfigDict(
         {"filters": 32, "kernel_size": 3, "hidden": (64,), "dropout": 0.2}
     )

@@ -26,7 +26,9 @@ def _pad_scramble(schema, batch):
     return dict(batch, hist=hist)
 
 
-@pytest.mark.parametrize("extractors", [("din",), ("dnn",), ("cnn",), ("din", "dnn", "cnn")])
+@pytest.mark.parametrize(
+    "extractors", [("din",), ("dnn",), ("cnn",), ("bst",), ("din", "dnn", "cnn", "bst")]
+)
 def test_each_extractor_shapes_and_padding(tiny_data, extractors):
     schema, path = tiny_data
     model = _model(schema, extractors=extractors)
@@ -46,6 +48,12 @@ def test_each_extractor_shapes_and_padding(tiny_data, extractors):
         )
         mask = batch["hist"][..., schema.hist_index("behaviour")] > 0
         assert np.all(np.asarray(c)[~mask] == 0)
+    if "bst" in extractors:
+        a = np.asarray(aux["bst"]["attention_BxL"])
+        mask = batch["hist"][..., schema.hist_index("behaviour")] > 0
+        assert a.shape == (16, schema.max_len) and np.all(a[~mask] == 0) and np.all(a >= 0)
+        # The target token's attention to the events plus to itself sums to 1.
+        assert np.all(a.sum(1) <= 1 + 1e-5) and np.any(a.sum(1) > 0.01)
 
 
 def test_logit_is_the_weighted_sum_of_contributions(tiny_data):

@@ -33,6 +33,7 @@ MODELS = {  # variant -> config.model overrides
     "ranker (din+dnn+cnn)": {"name": "ranker"},
     "seed CNN": {"name": "seed_cnn"},
     "DNN": {"name": "ranker", "extractors": ("dnn",), "combine": "sum"},
+    "ranker + bst": {"name": "ranker", "extractors": ("din", "dnn", "cnn", "bst")},
 }
 
 _DATA_ROOT = flags.DEFINE_string(
@@ -43,6 +44,7 @@ _DATA_ROOT = flags.DEFINE_string(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/quality", "Where prepared data and runs go.")
 _DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "Datasets to evaluate.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
+_MODELS = flags.DEFINE_list("models", list(MODELS), "Model variants to train (names of MODELS).")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "Override config.loop.num_steps (0: config's).")
 
 
@@ -96,7 +98,9 @@ def main(argv):
     for name in _DATASETS.value:
         data = prepared(name)
         results[name] = {}
-        for variant in MODELS:
+        for variant in _MODELS.value:
+            if variant not in MODELS:
+                raise app.UsageError(f"--models: unknown variant {variant!r}; have {list(MODELS)}")
             runs = []
             for seed in map(int, _SEEDS.value):
                 t0 = time.time()

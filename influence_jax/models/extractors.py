@@ -125,8 +125,53 @@ class TargetAttention(nn.Module):
         }
 
 
+class SelfAttention(nn.Module):
+    """BST-style: one transformer block over [target; gated events], read at the target token.
+
+    Tokens are the target item (its fields, projected to D) and each past event (all its
+    history fields, projected to D and scaled by its behaviour type's gate), plus a learned
+    position embedding. Padded events are masked out as keys and left out of the pooled
+    output. aux["attention_BxL"] is the target token's attention to each event (mean over heads).
+    """
+
+    heads: int = 2
+    ff: int = 64  # feed-forward width of the block
+    hidden: Sequence[int] = (32,)
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x: Inputs, train: bool = False):
+        B, L, _ = x.hist_BxLxE.shape
+        D = x.target_BxD.shape[-1]
+        if D % self.heads:
+            raise ValueError(f"bst: embed_dim {D} is not divisible by heads {self.heads}")
+        dh = D // self.heads
+        event_BxLxD = nn.Dense(D, name="event_proj")(x.hist_BxLxE) * x.gate_BxL[..., None]
+        target_BxD = nn.Dense(D, name="target_proj")(x.item_BxFxD.reshape(B, -1))
+        tok_BxTxD = jnp.concatenate([target_BxD[:, None], event_BxLxD], 1)
+        tok_BxTxD = tok_BxTxD + self.param("position", nn.initializers.normal(0.05), (L + 1, D))
+        key_BxT = jnp.concatenate([jnp.ones((B, 1), bool), x.mask_BxL], 1)
+        qkv = nn.DenseGeneral((3, self.heads, dh), name="qkv")(tok_BxTxD)  # [B, T, 3, H, dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh)
+        logits_BxHxTxT = jnp.where(key_BxT[:, None, None, :], logits_BxHxTxT, -1e9)
+        att_BxHxTxT = jax.nn.softmax(logits_BxHxTxT, axis=-1)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", att_BxHxTxT, v).reshape(B, L + 1, D)
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        h = nn.LayerNorm(name="ln_att")(tok_BxTxD + drop(nn.Dense(D, name="att_out")(mixed)))
+        ff = nn.Dense(D, name="ff_out")(nn.relu(nn.Dense(self.ff, name="ff_in")(h)))
+        h = nn.LayerNorm(name="ln_ff")(h + drop(ff))
+        n_B = jnp.maximum(jnp.sum(x.mask_BxL, axis=1, keepdims=True), 1)
+        pooled_BxD = jnp.einsum("bl,bld->bd", x.mask_BxL.astype(h.dtype), h[:, 1:]) / n_B
+        out = jnp.concatenate([h[:, 0], pooled_BxD], -1)
+        score_B = MLP(self.hidden, self.dropout, out_bias=False, name="mlp")(out, train)
+        attention_BxL = jnp.where(x.mask_BxL, jnp.mean(att_BxHxTxT[:, :, 0, 1:], axis=1), 0.0)
+        return score_B, {"attention_BxL": attention_BxL}
+
+
 EXTRACTORS: dict[str, type[nn.Module]] = {
     "cnn": CNNExtractor,
     "dnn": DNNExtractor,
     "din": TargetAttention,
+    "bst": SelfAttention,
 }
