@@ -41,7 +41,7 @@ REAL = {
 }
 FAST = (
     "--config.model.extractors=('dnn',)",
-    "--config.loop.num_steps=12",
+    "--config.loop.num_steps=40",
     "--config.loop.eval_every=0",
     "--config.ckpt.every=4",
 )
