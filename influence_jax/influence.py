@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from influence_jax import metrics, sharding
+from influence_jax.data import pipeline
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
 from influence_jax.data.store import ExampleStore
 from influence_jax.ranking import (
@@ -287,7 +288,9 @@ def report(
     plots and the same plots as TensorBoard images. Returns the report dict.
     """
     s, rng = run.schema, np.random.default_rng(seed)
-    store = ExampleStore(run.data_path, split, s)
+    # Histories as the run saw them in training (without config.data.drop_behaviours).
+    only_drop = {"drop_behaviours": run.config.data.get("drop_behaviours", ())}
+    store = pipeline.restrict(ExampleStore(run.data_path, split, s), only_drop, "eval")
     rows = np.arange(len(store))
     if len(rows) > max_examples:
         rows = np.sort(rng.choice(len(rows), max_examples, replace=False))

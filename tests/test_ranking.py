@@ -4,6 +4,7 @@ atomic writes, candidate-file errors and OOV counts, and tools/rank.py end to en
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -353,3 +354,19 @@ def test_histories_rebuilt_from_the_raw_log_equal_the_rank_state(prepared_run, t
     assert s["as_of"] == 1070 and s["users"] == len({u for u, *_, t in log if int(t) < 1070})
     with pytest.raises(DataError, match="unix time"):
         ranking.rank(run, str(tmp_path / "t.parquet"), events=src, as_of="end")
+
+
+def test_a_run_trained_without_a_behaviour_type_ranks_without_it(prepared_run, tmp_path):
+    """config.data.drop_behaviours (feature selection) holds in ranking as in training."""
+    run, _ = prepared_run
+    config = run.config.copy_and_resolve_references()
+    config.data.drop_behaviours = ("pv",)
+    dropped = dataclasses.replace(run, config=config)
+    kw = dict(top_k=3, explain=True, max_items=20)
+    ranking.rank(run, str(tmp_path / "a.parquet"), **kw)
+    ranking.rank(dropped, str(tmp_path / "b.parquet"), **kw)
+    full, kept = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert "pv" in full.column("event1_behaviour").to_pylist()
+    for k in (1, 2, 3):
+        assert "pv" not in kept.column(f"event{k}_behaviour").to_pylist()
+    assert np.abs(kept.column("behaviour_pv").to_numpy()).max() < 1e-6  # float rounding only

@@ -152,6 +152,19 @@ def time_rows(store: ExampleStore, time_range: tuple) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+def dropped_behaviour_ids(schema: Schema, data_cfg: Any) -> tuple[int, ...]:
+    """Behaviour ids of `config.data.drop_behaviours` (names checked against the schema)."""
+    drop = tuple(data_cfg.get("drop_behaviours", ()) or ())
+    types = schema.behaviour_types
+    unknown = [t for t in drop if t not in types]
+    if unknown:
+        raise ConfigError(
+            f"config.data.drop_behaviours: {unknown} not among the dataset's behaviour types "
+            f"{list(types)}"
+        )
+    return tuple(types.index(t) + NUM_RESERVED for t in drop)
+
+
 def restrict(store: ExampleStore, data_cfg: Any, role: str) -> ExampleStore | StoreView:
     """`store` as a run sees it under `config.data`; the store itself when no option is set.
 
@@ -167,14 +180,7 @@ def restrict(store: ExampleStore, data_cfg: Any, role: str) -> ExampleStore | St
     drop = tuple(data_cfg.get("drop_behaviours", ()) or ())
     if not time_range and not drop:
         return store
-    types = store.schema.behaviour_types
-    unknown = [t for t in drop if t not in types]
-    if unknown:
-        raise ConfigError(
-            f"config.data.drop_behaviours: {unknown} not among the dataset's behaviour types "
-            f"{list(types)}"
-        )
-    drop_ids = tuple(types.index(t) + NUM_RESERVED for t in drop)
+    drop_ids = dropped_behaviour_ids(store.schema, data_cfg)
     rows = None
     if time_range:
         if len(time_range) != 2:

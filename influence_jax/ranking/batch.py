@@ -4,6 +4,7 @@ user's top k and write them atomically; `benchmark_scoring` times the same path.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from absl import logging
 
-from influence_jax.data import readers
+from influence_jax.data import pipeline, readers
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
 from influence_jax.ranking.asof import contexts_from_log
@@ -121,6 +122,9 @@ def rank(
         ctx, log_counts = contexts_from_log(run.data_path, run.schema, events, when)
     else:
         ctx = load_contexts(run.data_path, run.schema, str(when))
+    # A run trained without some behaviour types (config.data.drop_behaviours) ranks without them.
+    drop_ids = pipeline.dropped_behaviour_ids(run.schema, run.config.data)
+    ctx = dataclasses.replace(ctx, hist=pipeline.drop_events(ctx.hist, run.schema, drop_ids))
     if candidates:
         cands = file_candidates(run, candidates, ctx, maps)
         total, blocks, counts = len(cands), iter([cands]), cands.counts
