@@ -57,6 +57,13 @@ def test_folds_tile_the_period_and_train_before_their_window(mode, window):
             assert f.eval_start == folds[i - 1].eval_end
 
 
+def test_synthetic_examples_are_in_time_order(tiny_data):
+    schema, path = tiny_data
+    t = {s: ExampleStore(path, s, schema).column("timestamp") for s in ("train", "valid", "test")}
+    assert np.all(np.diff(t["train"]) > 0) and len(cv.make_folds(t["train"], 3)) == 3
+    assert t["train"].max() < t["valid"].min() and t["valid"].max() < t["test"].min()
+
+
 def test_folds_need_real_timestamps():
     with pytest.raises(DataError, match="synthetic"):
         cv.make_folds(np.zeros(100, np.int64), 3)

@@ -24,6 +24,7 @@ DEFAULT_TYPE_PROBS = {"pv": 0.55, "cart": 0.15, "fav": 0.15, "buy": 0.15}
 NUM_AGE_BUCKETS = 8
 NUM_TIME_BUCKETS = 16
 PLANTED_FILE = "planted.json"
+START_TIME = 1_700_000_000  # unix s of the first synthetic example (2023-11-14)
 
 
 def time_gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
@@ -162,7 +163,7 @@ class _World:
             "label": label,
             "user_key": users.astype(np.int64),
             "target_type": np.full(n, BEHAVIOURS.index("buy") + r, np.int32),
-            "timestamp": np.zeros(n, np.int64),
+            "timestamp": np.zeros(n, np.int64),  # set by `generate`
         }
 
 
@@ -183,14 +184,18 @@ def generate(cfg: Any, output_dir: str) -> Schema:
     sizes = {"train": cfg.train_examples, "valid": cfg.valid_examples, "test": cfg.test_examples}
     with store.AtomicDir(output_dir) as tmp:
         schema0 = _schema(cfg, {})
-        splits = {}
+        splits, row = {}, 0
         for split, n in sizes.items():
             w = store.ShardWriter(tmp, split, schema0, rows_per_shard=cfg.rows_per_shard)
             done = 0
             while done < n:
                 k = min(cfg.rows_per_shard, n - done)
-                w.add(world.examples(k, rng))
-                done += k
+                ex = world.examples(k, rng)
+                # One example a minute, train then valid then test: a time order for
+                # time-respecting cross-validation (labels do not depend on it).
+                ex["timestamp"] = START_TIME + 60 * np.arange(row, row + k, dtype=np.int64)
+                w.add(ex)
+                done, row = done + k, row + k
             splits[split] = w.close()
         schema = _schema(cfg, splits)
         schema.save(tmp)

@@ -53,8 +53,9 @@ def boundaries(timestamps: np.ndarray, num_folds: int) -> np.ndarray:
         raise ConfigError(f"--cv_folds={num_folds}: need at least one fold")
     if not len(t) or t.min() == t.max():
         raise DataError(
-            "the train split's timestamps are all equal (the built-in synthetic data writes 0): "
-            "cross-validation by time needs a prepared dataset (tools/prepare_data.py)"
+            "the train split's timestamps are all equal: cross-validation by time needs a "
+            "prepared dataset (tools/prepare_data.py) or synthetic data generated since "
+            "synthetic examples carry timestamps (delete the old synthetic data folder)"
         )
     qs = np.quantile(t, np.arange(1, num_folds + 1) / (num_folds + 1), method="lower")
     edges = np.concatenate([[t.min()], np.ceil(qs).astype(np.int64), [t.max() + 1]])
