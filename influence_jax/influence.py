@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
-from influence_jax import metrics, sharding
+from influence_jax import sharding, summary
 from influence_jax.data import pipeline
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
 from influence_jax.data.store import ExampleStore
@@ -446,7 +446,7 @@ def _write(run: Run, result: dict[str, Any], output: str) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
-    with metrics.SummaryWriter(output) as writer:
+    with summary.SummaryWriter(output) as writer:
         for name, png in images.items():
             writer.image(f"influence/{name}", png, run.step)
         scalars = {

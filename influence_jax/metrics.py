@@ -1,30 +1,15 @@
-"""Exact split-level metrics (AUC, GAUC, logloss, accuracy, per behaviour type) on the host,
-the reduction of per-step sums/counts, and a TensorBoard writer that needs no TensorFlow.
+"""Exact split-level metrics (AUC, GAUC, logloss, accuracy, per behaviour type) on the host
+and the reduction of per-step sums/counts. The TensorBoard writer lives in summary.py.
 """
 
 from __future__ import annotations
 
-import os
-import struct
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tensorboard.compat.proto import (
-    event_pb2,
-    summary_pb2,
-    tensor_pb2,
-    tensor_shape_pb2,
-    types_pb2,
-)
-from tensorboard.plugins.text import metadata as text_metadata
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 _SUM_SUFFIX = "_sum"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG IHDR colour type -> Summary.Image colorspace (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
-_PNG_COLORSPACE = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 
 
 class MetricsError(ValueError):
@@ -368,94 +353,3 @@ def reduce_step_metrics(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- TensorBoard
-
-
-class SummaryWriter:
-    """Writes scalars, markdown text and PNG images as TensorBoard events, without TensorFlow.
-
-    Construct it with `enabled=jax.process_index() == 0`: a disabled writer creates no
-    file and every method is a no-op, so callers need no `if` around each write.
-    """
-
-    def __init__(self, logdir: str | os.PathLike, enabled: bool = True, flush_secs: int = 120):
-        self.logdir = os.fspath(logdir)
-        self.enabled = enabled
-        self._writer = EventFileWriter(self.logdir, flush_secs=flush_secs) if enabled else None
-
-    def _write(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-        if self._writer is None:
-            raise MetricsError(f"SummaryWriter({self.logdir}): written to after close()")
-        event = event_pb2.Event(
-            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
-        )
-        self._writer.add_event(event)
-
-    def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
-        """Writes each `values[tag]` under `prefix + tag` (e.g. prefix "eval/")."""
-        if not self.enabled:
-            return
-        summary_values = []
-        for tag, value in values.items():
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise MetricsError(f"scalars: {tag!r} is not a number ({value!r})") from None
-            summary_values.append(summary_pb2.Summary.Value(tag=prefix + tag, simple_value=number))
-        self._write(step, summary_values)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.scalars(step, {tag: value})
-
-    def text(self, tag: str, markdown: str, step: int) -> None:
-        """Writes markdown for TensorBoard's Text tab."""
-        if not self.enabled:
-            return
-        tensor = tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_STRING,
-            string_val=[markdown.encode("utf-8")],
-            tensor_shape=tensor_shape_pb2.TensorShapeProto(),
-        )
-        meta = text_metadata.create_summary_metadata(display_name=tag, description="")
-        self._write(step, [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
-
-    def image(
-        self,
-        tag: str,
-        png_bytes: bytes,
-        step: int,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> None:
-        """Writes an encoded PNG (e.g. from matplotlib `savefig(format="png")`).
-
-        Args:
-          height, width: pixels; read from the PNG header when not given.
-        """
-        if not self.enabled:
-            return
-        if png_bytes[:8] != _PNG_SIGNATURE or len(png_bytes) < 26:
-            raise MetricsError(f"image {tag!r}: png_bytes is not an encoded PNG")
-        png_width, png_height = struct.unpack(">II", png_bytes[16:24])
-        image = summary_pb2.Summary.Image(
-            height=png_height if height is None else int(height),
-            width=png_width if width is None else int(width),
-            colorspace=_PNG_COLORSPACE.get(png_bytes[25], 4),
-            encoded_image_string=bytes(png_bytes),
-        )
-        self._write(step, [summary_pb2.Summary.Value(tag=tag, image=image)])
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        """Flushes and closes the event file; later writes raise. Safe to call twice."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def __enter__(self) -> SummaryWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -15,7 +15,7 @@ import optax
 from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check, metrics, optim, sharding, sparse
+from influence_jax import config_check, metrics, optim, sharding, sparse, summary
 from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
 from influence_jax.data.schema import NUM_RESERVED, Schema
@@ -246,7 +246,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
     )
 
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.ckpt, config_json)
-    writer = metrics.SummaryWriter(workdir, enabled=jax.process_index() == 0)
+    writer = summary.SummaryWriter(workdir, enabled=jax.process_index() == 0)
     try:
         train_store = pipeline.restrict(
             ExampleStore(data_path, "train", schema), config.data, "train"

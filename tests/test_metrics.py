@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 from tensorboard.backend.event_processing import event_accumulator
 
-from influence_jax import metrics
+from influence_jax import metrics, summary
 
 
 def _data(n: int, seed: int, decimals: int | None = None):
@@ -199,12 +199,12 @@ def _png(height: int, width: int) -> bytes:
 
 def test_summary_writer_round_trip(tmp_path):
     png = _png(120, 160)
-    with metrics.SummaryWriter(tmp_path) as writer:
+    with summary.SummaryWriter(tmp_path) as writer:
         writer.scalars(1, {"loss": 0.25, "auc/buy": np.float32(0.75)}, prefix="eval/")
         writer.scalar("lr", 1e-3, 2)
         writer.text("config", "# Run\n`lr` = **0.001**", 0)
         writer.image("roc", png, 3)
-    with pytest.raises(metrics.MetricsError, match="after close"):
+    with pytest.raises(summary.SummaryError, match="after close"):
         writer.scalar("lr", 1.0, 4)
 
     ea = event_accumulator.EventAccumulator(
@@ -224,15 +224,15 @@ def test_summary_writer_round_trip(tmp_path):
 
 def test_summary_writer_rejects_non_png(tmp_path):
     with (
-        metrics.SummaryWriter(tmp_path) as writer,
-        pytest.raises(metrics.MetricsError, match="PNG"),
+        summary.SummaryWriter(tmp_path) as writer,
+        pytest.raises(summary.SummaryError, match="PNG"),
     ):
         writer.image("x", b"GIF89a...", 0)
 
 
 def test_disabled_summary_writer_writes_nothing(tmp_path):
     logdir = tmp_path / "tb"
-    writer = metrics.SummaryWriter(logdir, enabled=False)
+    writer = summary.SummaryWriter(logdir, enabled=False)
     writer.scalars(0, {"loss": 1.0})
     writer.scalar("loss", 1.0, 1)
     writer.text("t", "x", 0)

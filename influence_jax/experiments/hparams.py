@@ -5,7 +5,7 @@ trial's workdir gets a session-start summary (its values) and, when it ends, a s
 summary (its status). The metrics are the scalars training already writes there ("valid/auc",
 "test/auc", ...), so `tensorboard --logdir DIR` shows every trial in the HParams tab. The protos
 are the hparams plugin's own (tensorboard.plugins.hparams); only TensorFlow's summary ops are
-avoided, the same way metrics.SummaryWriter writes scalars.
+avoided, the same way summary.SummaryWriter writes scalars.
 """
 
 from __future__ import annotations

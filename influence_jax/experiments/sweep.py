@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from influence_jax import metrics as metrics_lib
+from influence_jax import summary as summary_lib
 from influence_jax.config_check import ConfigError
 from influence_jax.experiments import hparams, trials
 
@@ -230,7 +230,7 @@ def run(
             # Cross-validated trials: their summary is no training scalar yet; make it one.
             cv_metrics = {k: v for k, v in record["metrics"].items() if k.startswith("cv/")}
             if cv_metrics:
-                with metrics_lib.SummaryWriter(d) as writer:
+                with summary_lib.SummaryWriter(d) as writer:
                     writer.scalars(0, cv_metrics)
             hparams.write_session_end(d, record["status"] == "ok")
             trials.write_text(os.path.join(d, SESSION_END), record["run_id"] + "\n")
