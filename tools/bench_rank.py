@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 
 import bench_util
 import jax
@@ -80,7 +81,11 @@ def keras_spec(model, schema: Schema, params) -> dict:
         "extractors": list(model.extractors),
         "extractor_args": resolved,
         "out_bias": {  # each extractor's MLP: whether its output unit has a bias
-            n: any("bias" in mlp.get("out", {}) for mlp in params[n].values() if "out" in mlp)
+            n: any(
+                "bias" in sub["out"]
+                for sub in params[n].values()
+                if isinstance(sub, Mapping) and "out" in sub
+            )
             for n in model.extractors
         },
         "combine": model.combine,
@@ -89,6 +94,22 @@ def keras_spec(model, schema: Schema, params) -> dict:
         "type_embedding": model.type_embedding,
         "normalise_scores": bool(getattr(model, "normalise_scores", False)),
     }
+
+
+def _spread(params: dict) -> dict:
+    """Random values for the ranker's scalar-ish parameters, which start out symmetric (every
+    gate 1, equal extractor weights, unit score statistics): a Keras model that ignored a gate
+    or a weight would otherwise score the same and pass the check."""
+    rng = np.random.default_rng(0)
+    out = dict(params)
+    for name in ("behaviour_type_logits", "extractor_logits", "score_mean", "bias"):
+        if name in out:
+            x = out[name]
+            out[name] = jax.device_put(x + rng.normal(0, 0.5, x.shape).astype(x.dtype), x.sharding)
+    if "score_var" in out:
+        x = out["score_var"]
+        out["score_var"] = jax.device_put(rng.uniform(0.5, 2, x.shape).astype(x.dtype), x.sharding)
+    return out
 
 
 def _jsonable(v):
@@ -108,7 +129,7 @@ class RankBench:
         shapes = jax.eval_shape(init)
         rules = sharding.sharding_rules(config.mesh, shapes)
         self.params_sh = sharding.tree_shardings(shapes, rules, self.mesh)
-        self.params = jax.jit(init, out_shardings=self.params_sh)()
+        self.params = _spread(jax.jit(init, out_shardings=self.params_sh)())
         self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.params))
         batch_sh = sharding.batch_sharding(self.mesh)
 

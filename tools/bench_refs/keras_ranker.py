@@ -6,8 +6,8 @@ python tools/bench_refs/keras_ranker.py --spec=SPEC.json --data=BATCHES.npz [--c
 settings of the JAX model), the batches and, for the check, the JAX parameters with the JAX
 scores of a few examples; this process builds the same architecture, loads those parameters,
 compares scores and times `model.predict` over a repeating tf.data.Dataset of the batches,
-Keras' defaults otherwise (on a CPU-only machine: TensorFlow graphs without XLA). Only the
-extractors din, dnn and cnn have a Keras version. Needs the `bench` extra.
+Keras' defaults otherwise (on a CPU-only machine: TensorFlow graphs without XLA). The
+extractors din, dnn, cnn and bst have a Keras version. Needs the `bench` extra.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class KerasRanker(keras.Model):
         super().__init__(**kw)
         self.spec = s = spec
         D, L = s["embed_dim"], s["max_len"]
-        unknown = [n for n in s["extractors"] if n not in ("din", "dnn", "cnn")]
+        unknown = [n for n in s["extractors"] if n not in ("din", "dnn", "cnn", "bst")]
         if unknown or not s["share_item_embeddings"]:
             raise NotImplementedError(
                 f"no Keras version of extractors {unknown} / unshared item tables"
@@ -103,6 +103,8 @@ class KerasRanker(keras.Model):
                 for t in ("user", "item", "hist")
             }
             self.cnn_mlp = _mlp("cnn__mlp", c["hidden"], s["out_bias"]["cnn"])
+        if "bst" in s["extractors"]:
+            self._build_bst(args["bst"], L, D, init, s["out_bias"]["bst"])
         J = len(s["extractors"])
         zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
         self.beta = self.add_weight(shape=(J,), initializer=zeros, name="extractor_logits")
@@ -113,6 +115,44 @@ class KerasRanker(keras.Model):
             self.score_log_scale = self.add_weight(
                 shape=(), initializer=zeros, name="score_log_scale"
             )
+
+    def _build_bst(self, a: dict, L: int, D: int, init, out_bias: bool) -> None:
+        H = a["heads"]
+        dense = lambda n, name: keras.layers.Dense(n, name=f"bst__{name}")
+        self.bst = {n: dense(D, n) for n in ("event_proj", "target_proj", "att_out", "ff_out")}
+        self.bst["ff_in"] = keras.layers.Dense(a["ff"], activation="relu", name="bst__ff_in")
+        self.bst["qkv"] = keras.layers.EinsumDense(
+            "btd,dkhe->btkhe", (None, 3, H, D // H), bias_axes="khe", name="bst__qkv"
+        )
+        for n in ("ln_att", "ln_ff"):  # flax's LayerNorm: epsilon 1e-6
+            self.bst[n] = keras.layers.LayerNormalization(epsilon=1e-6, name=f"bst__{n}")
+        self.bst_position = self.add_weight(
+            shape=(L + 1, D), initializer=init, name="bst__position"
+        )
+        self.bst_mlp = _mlp("bst__mlp", a["hidden"], out_bias)
+        self.bst_heads = H
+
+    def _bst(self, hist_gated, item, mask):
+        """One transformer block over [target; gated events], read at the target token."""
+        b, B = self.bst, ops.shape(item)[0]
+        L, D, H = self.spec["max_len"], self.spec["embed_dim"], self.bst_heads
+        tok = ops.concatenate(
+            [b["target_proj"](ops.reshape(item, (B, -1)))[:, None], b["event_proj"](hist_gated)],
+            axis=1,
+        )
+        tok = tok + self.bst_position[None]
+        key = ops.concatenate([ops.ones((B, 1), "bool"), mask], axis=1)
+        qkv = b["qkv"](tok)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = ops.einsum("bqhd,bkhd->bhqk", q, k) / float(np.sqrt(D // H))
+        att = ops.softmax(ops.where(key[:, None, None, :], logits, NEG_INF), axis=-1)
+        mixed = ops.reshape(ops.einsum("bhqk,bkhd->bqhd", att, v), (B, L + 1, D))
+        h = b["ln_att"](tok + b["att_out"](mixed))
+        h = b["ln_ff"](h + b["ff_out"](b["ff_in"](h)))
+        m = ops.cast(mask, "float32")
+        n = ops.maximum(ops.sum(m, axis=1, keepdims=True), 1.0)
+        pooled = ops.einsum("bl,bld->bd", m, h[:, 1:]) / n
+        return _apply(self.bst_mlp, ops.concatenate([h[:, 0], pooled], axis=-1))
 
     def _embed(self, ids, vocabs: list[str]):
         return ops.stack([self.tables[v](ids[..., j]) for j, v in enumerate(vocabs)], axis=-2)
@@ -146,6 +186,7 @@ class KerasRanker(keras.Model):
         match = ops.cast(match, "float32")
         B, L = ops.shape(hist_ids)[0], s["max_len"]
         hist_flat = ops.reshape(hist, (B, L, len(self.kept) * s["embed_dim"]))
+        hist_gated = hist_flat * gate[..., None]  # events scaled by their type's gate
         scores = []
         for name in s["extractors"]:
             if name == "din":
@@ -153,10 +194,11 @@ class KerasRanker(keras.Model):
                 pos = ops.broadcast_to(self.position[None], ops.shape(event))
                 a = _apply(self.din_mlp, ops.concatenate([event * q, event, match, pos], axis=-1))
                 scores.append(ops.sum(ops.where(mask, gate * a, 0.0), axis=1))
+            elif name == "bst":
+                scores.append(self._bst(hist_gated, item, mask))
             elif name == "dnn":
                 n = ops.maximum(ops.sum(ops.cast(mask, "float32"), axis=1, keepdims=True), 1.0)
-                w = ops.cast(mask, "float32")
-                pooled = ops.einsum("bl,ble->be", w, hist_flat) / n
+                pooled = ops.einsum("bl,ble->be", gate, hist_flat) / n
                 h = ops.concatenate(
                     [ops.reshape(user, (B, -1)), ops.reshape(item, (B, -1)), pooled], axis=-1
                 )
@@ -166,7 +208,7 @@ class KerasRanker(keras.Model):
                     ops.max(self.convs["user"](user), axis=1),
                     ops.max(self.convs["item"](item), axis=1),
                     self._masked_max(
-                        self.convs["hist"](ops.where(mask[..., None], hist_flat, 0.0)), mask
+                        self.convs["hist"](ops.where(mask[..., None], hist_gated, 0.0)), mask
                     ),
                 ]
                 scores.append(_apply(self.cnn_mlp, ops.concatenate(pooled, axis=-1)))
@@ -194,6 +236,10 @@ def load_jax_params(model: KerasRanker, flat: dict[str, np.ndarray]) -> int:
     for var in model.weights:
         key = var.path.removeprefix(f"{model.name}/").replace("__", "/")
         key = key.removesuffix("/embeddings") if key.startswith("embeddings/") else key
+        if "/ln_" in key:  # Keras LayerNormalization's gamma / beta: flax's scale / bias
+            key = key.removesuffix("/gamma").removesuffix("/beta") + (
+                "/scale" if var.path.endswith("gamma") else "/bias"
+            )
         if key not in flat:
             raise KeyError(f"no JAX parameter {key!r} for Keras variable {var.path!r}")
         if tuple(flat[key].shape) != tuple(var.shape):
