@@ -49,7 +49,10 @@ def param_labels(params: Any) -> Any:
         key = getattr(path[-1], "key", None)
         if key in STATS_PARAMS:
             return "stats"
-        return "influence" if key in INFLUENCE_PARAMS else "default"
+        # The model's own top-level logit bias is such a scalar too: over standardised scores
+        # it alone carries the base rate, which it must reach within a short run.
+        top_bias = len(path) == 1 and key == "bias"
+        return "influence" if key in INFLUENCE_PARAMS or top_bias else "default"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
