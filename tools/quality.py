@@ -70,7 +70,7 @@ def run_one(name: str, data: str, variant: str, seed: int) -> dict[str, float]:
     if _STEPS.value:
         config.loop.num_steps = _STEPS.value
     config.loop.eval_every = 0
-    slug = variant.split()[0].replace("(", "")
+    slug = "".join(c if c.isalnum() else "_" for c in variant.split("(")[0].strip())
     workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{slug}-{seed}")
     if os.path.exists(workdir):
         import shutil
