@@ -53,7 +53,7 @@ def test_default_model_recovers_planted_behaviour_weights(tmp_path, seed):
     for t in types:
         assert learned[t] == pytest.approx(planted[t], rel=0.15), (t, planted, learned)
     # The planted labels come mostly from history events matching the target: the target
-    # attention extractor carries most of the weight (measured 0.71 on each seed).
+    # attention extractor carries most of the weight (measured 0.71-0.73 on each seed).
     extractors = {k: v for k, v in weights.items() if k.startswith("extractor/")}
     assert max(extractors, key=extractors.get) == "extractor/din", extractors
 
@@ -65,17 +65,16 @@ def test_default_model_recovers_planted_behaviour_weights(tmp_path, seed):
     ids=["history_absent", "only_history"],
 )
 def test_extractor_weights_follow_the_signal(tmp_path, absent):
-    """History left out of the labels: din (which reads only the history) ends lowest or tied.
+    """History left out of the labels: din (which reads only the history) ends lowest.
     Item and user signals left out: din, the extractor built for history, takes nearly all."""
     _, weights = _train(tmp_path, 0, absent)
     w = {k.removeprefix("extractor/"): v for k, v in weights.items() if k.startswith("extractor/")}
     assert set(w) == {"din", "dnn", "cnn"} and sum(w.values()) == pytest.approx(1.0, abs=1e-4)
     if absent == ("history",):
-        # Measured (seeds 0, 1, 2): din 0.241 / 0.209 / 0.197, cnn 0.269 / 0.201 / 0.233,
-        # dnn 0.49-0.59. Lowest on seeds 0 and 2; on seed 1 it ties with cnn, which adds
-        # little to dnn here either (both read the same user and item fields).
-        assert w["din"] < 0.3 and w["din"] <= min(w.values()) + 0.01, w
+        # Measured (seeds 0, 1, 2): din 0.209 / 0.180 / 0.179, cnn 0.229 / 0.218 / 0.242,
+        # dnn 0.562 / 0.602 / 0.579.
+        assert min(w, key=w.get) == "din" and w["din"] < 0.3, w
         assert w["din"] < 0.5 * w["dnn"], w
     else:
-        # Measured (seed 0): din 0.91, dnn 0.05, cnn 0.04.
+        # Measured (seed 0): din 0.913, dnn 0.046, cnn 0.041.
         assert w["din"] > 0.8, w
