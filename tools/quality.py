@@ -1,4 +1,4 @@
-"""Quality table: the full ranker against the seed CNN and a plain DNN, on real data, 3 seeds.
+"""Quality table: the default and full rankers vs the seed CNN and a DNN, real data, 3 seeds.
 
     python tools/quality.py --data_root=$INFLUENCE_JAX_DATA --workdir=runs/quality
 
@@ -33,7 +33,7 @@ MODELS = {  # variant -> config.model overrides
     "ranker (din+dnn+cnn)": {"name": "ranker"},
     "seed CNN": {"name": "seed_cnn"},
     "DNN": {"name": "ranker", "extractors": ("dnn",), "combine": "sum"},
-    "ranker + bst": {"name": "ranker", "extractors": ("din", "dnn", "cnn", "bst")},
+    "full ranker (+bst)": {"name": "ranker", "extractors": ("din", "dnn", "cnn", "bst")},
 }
 
 _DATA_ROOT = flags.DEFINE_string(
