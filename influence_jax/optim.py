@@ -43,7 +43,8 @@ def _core(opt_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformatio
 
 
 def param_labels(params: Any) -> Any:
-    """'influence' for the influence parameters, 'default' for everything else."""
+    """'influence' for the influence parameters and the top-level logit bias, 'stats' for
+    running statistics, 'default' for everything else."""
 
     def label(path, _):
         key = getattr(path[-1], "key", None)
