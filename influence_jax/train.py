@@ -111,7 +111,7 @@ def training_loss(
     # Learned influence weights (extractor, behaviour type) ride along for logging.
     sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
     loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
-    # Fits running statistics kept as parameters (e.g. the ranker's score_stats); touches
+    # Fits running statistics kept as parameters (the ranker's score_mean/var); touches
     # nothing else, and is not part of the reported loss.
     return loss + aux.get("stats_loss", 0.0), sums
 

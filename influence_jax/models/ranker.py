@@ -141,10 +141,10 @@ class Ranker(nn.Module):
         Without it, an extractor can grow its score instead of its weight, and w_j says nothing
         about which extractor carries the signal. Training standardises with the batch's own
         statistics (gradients flow through them, so f_j's scale cannot matter); evaluation and
-        ranking use running statistics, `score_stats` (means and variances). Those are
-        parameters fitted to the batch statistics by the loss term returned as
-        aux["stats_loss"]; the optimizer updates them with plain SGD (optim.STATS_PARAMS), so
-        they are an exponential moving average of the batch statistics.
+        ranking use running statistics, the parameters `score_mean` and `score_var`, fitted to
+        the batch statistics by the loss term returned as aux["stats_loss"]; the optimizer
+        updates them with plain SGD (optim.STATS_PARAMS), so they are an exponential moving
+        average of the batch statistics.
         """
         J = len(self.extractors)
         f_JxB = jnp.stack([scores[n] for n in self.extractors])
