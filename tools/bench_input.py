@@ -104,13 +104,16 @@ def vocab_scale(items=(100_000, 10_000_000), batch: int = 1024, dim: int = 64) -
             syn.num_items, syn.train_examples = n_items, 8 * batch
             syn.valid_examples = syn.test_examples = 1_000
             config.model.embed_dim = dim
-            config.opt.sparse_embeddings, config.opt.sparse_min_rows = sparse_on, 50_000
+            # Item tables go row-sparse (the 50K-row threshold, lowered for smaller test tables).
+            config.opt.sparse_embeddings = sparse_on
+            config.opt.sparse_min_rows = min(50_000, *items)
             with tempfile.TemporaryDirectory() as tmp:
                 schema = synthetic.generate(syn, os.path.join(tmp, "data"))
                 store = ExampleStore(os.path.join(tmp, "data"), "train", schema)
                 rate = step_rate(config, schema, store, batch, 5)
             rows.append(
                 {
+                    "section": "sparse_scale",
                     "items": n_items,
                     "update": "sparse" if sparse_on else "dense Adam",
                     "batch": batch,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from typing import Any
 
 import bench_util
 import jax
@@ -61,21 +62,12 @@ class JaxBench:
             **(STRAIGHTFORWARD if variant == "straightforward" else {}),
         )
 
-    def measure(
-        self,
-        batch: int,
-        variant: str = "fast",
-        item_vocab: int = common.ITEM_VOCAB,
-        embed_dim: int = common.EMBED_DIM,
-        max_len: int = common.MAX_LEN,
-        score: bool = True,
-        limit: bool = False,
-    ) -> dict:
-        """One row: train (and score) examples/s; with `limit`, the compiled step's FLOPs."""
-        model = self.model(variant, item_vocab, embed_dim)
+    def compile_step(self, model: BenchCNN, batch: dict) -> tuple[train.TrainState, Any, Any]:
+        """The engine's train step for `model` with plain Adam, jitted with the state donated
+        and compiled for `batch`'s shapes; returns (initial state, its shardings, the step)."""
         opt_cfg = adam_config()
         tx = optim.make_optimizer(opt_cfg, 1)
-        example = {k: np.zeros((2, max_len), np.int32) for k in common.ID_KEYS}
+        example = {k: np.zeros((2,) + batch[k].shape[1:], np.int32) for k in common.ID_KEYS}
 
         def init(rng: jax.Array) -> train.TrainState:
             init_rng, state_rng = jax.random.split(rng)
@@ -90,21 +82,35 @@ class JaxBench:
         rng = jax.random.PRNGKey(0)
         state_sh = sharding.tree_shardings(jax.eval_shape(init, rng), [], self.mesh)
         state = jax.jit(init, out_shardings=state_sh)(rng)
-        batch_sh = sharding.batch_sharding(self.mesh)
+        step = (
+            jax.jit(
+                train.make_train_step(model, tx, optim.learning_rate_schedule(opt_cfg, 1)),
+                in_shardings=(state_sh, sharding.batch_sharding(self.mesh)),
+                out_shardings=(state_sh, sharding.replicated(self.mesh)),
+                donate_argnums=0,
+            )
+            .lower(state, batch)
+            .compile()
+        )
+        return state, state_sh, step
+
+    def measure(
+        self,
+        batch: int,
+        variant: str = "fast",
+        item_vocab: int = common.ITEM_VOCAB,
+        embed_dim: int = common.EMBED_DIM,
+        max_len: int = common.MAX_LEN,
+        score: bool = True,
+        limit: bool = False,
+    ) -> dict:
+        """One row: train (and score) examples/s; with `limit`, the compiled step's FLOPs."""
+        model = self.model(variant, item_vocab, embed_dim)
         batches = [
             sharding.to_global(b, self.mesh)
             for b in common.make_batches(batch, max_len, item_vocab)
         ]
-        step = (
-            jax.jit(
-                train.make_train_step(model, tx, optim.learning_rate_schedule(opt_cfg, 1)),
-                in_shardings=(state_sh, batch_sh),
-                out_shardings=(state_sh, sharding.replicated(self.mesh)),
-                donate_argnums=0,
-            )
-            .lower(state, batches[0])
-            .compile()
-        )
+        state, state_sh, step = self.compile_step(model, batches[0])
 
         def run_train(steps: int) -> None:
             nonlocal state

@@ -5,6 +5,7 @@ python tools/benchmark.py --what=train --compare=torch --dtype=bfloat16
 python tools/benchmark.py --what=rank [--compare] [--rank_models=default,full]
 python tools/benchmark.py --what=scale
 python tools/benchmark.py --what=input
+python tools/benchmark.py --what=quality [--quality_dtypes=float32,bfloat16]
 
 `--what=train` (tools/bench_train.py) times the engine's own train step on the benchmark CNN
 (jitted, state donated) and its batch scoring on ready synthetic batches: examples/s, the median
@@ -17,6 +18,8 @@ config's model and the model with every registered extractor) through the rankin
 function and the evaluation step, and with `--compare` the same model in Keras.
 `--what=scale` times the step with a 100K vs 10M-row item table and with max_len 50 vs 200;
 `--what=input` the input pipeline against the step it feeds (tools/bench_input.py).
+`--what=quality` trains the benchmark CNN in each --quality_dtypes on the same planted-signal
+data and compares held-out AUC (tools/bench_quality.py): whether mixed precision keeps AUC.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from absl import app, flags  # noqa: E402
 from influence_jax import hostmem  # noqa: E402
 
 _WHAT = flags.DEFINE_enum(
-    "what", "train", ["train", "rank", "scale", "input"], "Which benchmark (see the docstring)."
+    "what",
+    "train",
+    ["train", "rank", "scale", "input", "quality"],
+    "Which benchmark (see the docstring).",
 )
 _BATCHES = flags.DEFINE_list("batches", ["1024", "4096"], "Batch sizes (--what=train|rank).")
 _COMPARE = flags.DEFINE_string(
@@ -67,6 +73,17 @@ _SCALE_BATCH = flags.DEFINE_integer("scale_batch", 1024, "Batch size of --what=s
 _SCALE_VOCABS = flags.DEFINE_list("scale_vocabs", ["100000", "10000000"], "Item vocabularies.")
 _SCALE_EMBED = flags.DEFINE_integer("scale_embed_dim", 64, "Embedding width of the vocab scan.")
 _SCALE_LENS = flags.DEFINE_list("scale_lens", ["50", "200"], "Sequence lengths of the scan.")
+_QUALITY_DTYPES = flags.DEFINE_list(
+    "quality_dtypes",
+    ["float32", "bfloat16"],
+    "--what=quality: compute dtypes, the first the reference.",
+)
+_QUALITY_STEPS = flags.DEFINE_integer(
+    "quality_steps", 300, "--what=quality: train steps per dtype."
+)
+_QUALITY_VOCAB = flags.DEFINE_integer(
+    "quality_item_vocab", 100_000, "--what=quality: item vocabulary of the planted data."
+)
 _REF_TIMEOUT = flags.DEFINE_integer("ref_timeout", 900, "Seconds before a reference is stopped.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory",
@@ -110,6 +127,13 @@ def main(argv: list[str]) -> None:
         )
         return _emit(rows, lambda: bench_rank.print_table(rows, kept))
 
+    if _WHAT.value == "quality":
+        import bench_quality
+
+        rows = bench_quality.run(
+            _QUALITY_DTYPES.value, batches[0], _QUALITY_STEPS.value, _QUALITY_VOCAB.value
+        )
+        return _emit(rows, lambda: bench_quality.print_table(rows))
     import bench_train
 
     jb = bench_train.JaxBench(_DTYPE.value, _SECONDS.value, _REPEATS.value, kept)
@@ -118,11 +142,10 @@ def main(argv: list[str]) -> None:
         rows = bench_train.scale(jb, _SCALE_BATCH.value, vocabs, _SCALE_EMBED.value, lens)
         setup = f"{jb.describe()}; batch {_SCALE_BATCH.value}"
         _emit(rows, lambda: bench_train.print_scale(rows, len(vocabs), setup))
-        if not _JSON.value:
-            import bench_input  # the engine's own model: dense Adam against row-sparse updates
+        import bench_input  # the engine's own model: dense Adam against row-sparse updates
 
-            bench_input.print_scale(bench_input.vocab_scale(batch=_SCALE_BATCH.value))
-        return
+        sparse_rows = bench_input.vocab_scale(vocabs, _SCALE_BATCH.value, _SCALE_EMBED.value)
+        return _emit(sparse_rows, lambda: bench_input.print_scale(sparse_rows))
     try:
         names = bench_train.compare_list(_COMPARE.value)
         rows = []

@@ -1,26 +1,84 @@
 #!/usr/bin/env bash
-# The training benchmark on one GPU (e.g. an H100 through the device tool), JAX and PyTorch
-# (eager and torch.compile, TF32 on: the like-for-like partner of JAX's default f32 precision)
-# side by side, one JSON object per line. Finishes in a few minutes.
+# Every GPU figure the README and the speed issues ask for, in one call of a few minutes on one
+# GPU (e.g. an H200 through the device tool), then a summary table against the targets.
 #
-#   bash tools/gpu_benchmark.sh                    # the figures for the README
-#   bash tools/gpu_benchmark.sh --dtype=bfloat16   # extra flags go to tools/benchmark.py
+#   bash tools/gpu_wheels.sh                         # here, once: wheels the GPU image lacks
+#   bash tools/gpu_benchmark.sh                      # there, with .whl carried
+#   SMOKE=1 bash tools/gpu_benchmark.sh              # tiny sizes, any machine
+#   PARTS=train,quality bash tools/gpu_benchmark.sh  # some parts only (tests: SMOKE=1 and these)
 #
-# Needs jax with CUDA and torch in the running Python (a GPU image: jax 0.11, torch, no grain);
-# the repository itself need not be installed. Results also go to $OUT when that is set.
-set -euo pipefail
+# Parts, most important first, each under a time limit: at most LIMIT seconds and what is left
+# of BUDGET (default 540: one device call is at most 10 minutes). A part that fails or runs
+# out of time is reported and the rest still run; one with under 30 s left is skipped.
+#   train       benchmark CNN, f32 (JAX default precision), fast and straightforward JAX,
+#               PyTorch eager (TF32 on, the like-for-like partner) at 8192 and 65536, and
+#               torch.compile at 65536
+#   train_bf16  the same JAX step with bfloat16 compute
+#   quality     f32 vs bf16 held-out AUC on planted data (does mixed precision keep AUC?)
+#   rank        candidates/s of the default and the full ranker, score fn and eval step
+#   scale       dense Adam vs the engine's row-sparse update, 100K vs 10M items (embedding 64),
+#               and the benchmark CNN's step at max_len 50 vs 200
+# JSON lines and logs go to $OUT (default /tmp/gpu_benchmark); tools/gpu_summary.py prints the
+# table last. Needs jax (with CUDA for GPU figures) and, for the reference, torch in python3;
+# the repository itself need not be installed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 export XLA_PYTHON_CLIENT_PREALLOCATE=false # leave GPU memory to the torch reference too
-export TF_CPP_MIN_LOG_LEVEL=2
+export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/gpu_benchmark}"
+mkdir -p "$out"
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python - <<'EOF'
-import jax
-print("jax", jax.__version__, jax.devices())
-EOF
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/influence_jax_site .whl/*.whl || exit 3
+  export PYTHONPATH="/tmp/influence_jax_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! python3 -c "import jax, flax, optax, ml_collections" 2>"$out/imports.log"; then
+  cat "$out/imports.log" >&2
+  echo "gpu_benchmark: a required package is missing (above); on a machine with PyPI run" \
+    "'bash tools/gpu_wheels.sh' and carry .whl with the call" >&2
+  exit 3
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
-out="${OUT:-/tmp}/gpu_benchmark.jsonl"
-python tools/benchmark.py --what=train --batches=8192,65536 --compare=torch --json \
-  --seconds=1.0 --repeats=3 "$@" | tee "$out"
-echo "results: $out" >&2
+if [ "${SMOKE:-0}" = 1 ]; then # minutes of CPU at most: checks that every part runs
+  B1=64 B2=128 ITEMS=2000 BIG_ITEMS=20000 STEPS=20 LIMIT=300 TRAIN_BATCHES=64
+  common=(--seconds=0.05 --repeats=1)
+  scale=(--scale_vocabs="$ITEMS,$BIG_ITEMS" --scale_embed_dim=16 --scale_lens=8,16)
+else
+  B1=8192 B2=65536 ITEMS=100000 BIG_ITEMS=10000000 STEPS=300 LIMIT=200 TRAIN_BATCHES=8192,65536
+  common=(--seconds=1.0 --repeats=3)
+  scale=(--scale_vocabs="$ITEMS,$BIG_ITEMS" --scale_embed_dim=64 --scale_lens=50,200)
+fi
+
+part() { # part NAME ARGS...: one benchmark.py run, JSON lines to $out/NAME.jsonl
+  local name=$1 rc left=$((${BUDGET:-540} - SECONDS)) limit
+  shift
+  case ",${PARTS:-all}," in *",$name,"* | ",all,") ;; *) return 0 ;; esac
+  if [ $left -lt 30 ]; then
+    echo "== $name skipped: ${left} s of the budget left" >&2
+    echo "{\"part\": \"$name\", \"rc\": \"skipped\"}" >>"$out/parts.jsonl"
+    return 0
+  fi
+  limit=$((left < LIMIT ? left : LIMIT))
+  echo "== $name ($limit s at most): benchmark.py $*" >&2
+  local t0=$SECONDS
+  timeout "$limit" python3 tools/benchmark.py --json "$@" >"$out/$name.jsonl" 2>"$out/$name.log"
+  rc=$?
+  echo "{\"part\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$out/parts.jsonl"
+  [ $rc = 0 ] || { echo "== $name failed (exit $rc):" >&2; tail -n 15 "$out/$name.log" >&2; }
+}
+
+: >"$out/parts.jsonl"
+part train --what=train --batches="$TRAIN_BATCHES" --variants=fast,straightforward \
+  --compare=torch-eager "${common[@]}"
+[ "${SMOKE:-0}" = 1 ] || part train_compile --what=train --batches="$B2" --variants=fast \
+  --compare=torch-compile "${common[@]}"
+part train_bf16 --what=train --dtype=bfloat16 --batches="$B1,$B2" --variants=fast "${common[@]}"
+part quality --what=quality --batches="$B1" --quality_steps="$STEPS" --quality_item_vocab="$ITEMS"
+part rank --what=rank --batches="$B1,$B2" --rank_models=default,full "${common[@]}"
+part scale --what=scale --scale_batch="$B1" "${scale[@]}" "${common[@]}"
+
+python3 tools/gpu_summary.py "$out" | tee "$out/summary.txt"
