@@ -95,12 +95,16 @@ def run(
     batch: int,
     steps: int,
     item_vocab: int = common.ITEM_VOCAB,
-    test_batches: int = 4,
+    test_examples: int = 131_072,
     max_len: int = common.MAX_LEN,
 ) -> list[dict]:
-    """A row per dtype (first row: the reference dtype), each with `auc_vs_first`."""
+    """A row per dtype (first row: the reference dtype), each with `auc_vs_first`.
+
+    The held-out set (rounded up to whole batches) is the same for every dtype, so the AUC
+    differences are paired; at the default 131K examples an AUC's standard error is ~0.0015.
+    """
     data = PlantedData(item_vocab, max_len)
-    test, true_logit = data.batch(batch * test_batches, seed=10**6)
+    test, true_logit = data.batch(-(-test_examples // batch) * batch, seed=10**6)
     oracle = metrics.auc(test["label"], true_logit)
     rows = []
     for dtype in dtypes:

@@ -84,6 +84,9 @@ _QUALITY_STEPS = flags.DEFINE_integer(
 _QUALITY_VOCAB = flags.DEFINE_integer(
     "quality_item_vocab", 100_000, "--what=quality: item vocabulary of the planted data."
 )
+_QUALITY_TEST = flags.DEFINE_integer(
+    "quality_test_examples", 131_072, "--what=quality: held-out examples (whole batches)."
+)
 _REF_TIMEOUT = flags.DEFINE_integer("ref_timeout", 900, "Seconds before a reference is stopped.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory",
@@ -131,7 +134,11 @@ def main(argv: list[str]) -> None:
         import bench_quality
 
         rows = bench_quality.run(
-            _QUALITY_DTYPES.value, batches[0], _QUALITY_STEPS.value, _QUALITY_VOCAB.value
+            _QUALITY_DTYPES.value,
+            batches[0],
+            _QUALITY_STEPS.value,
+            _QUALITY_VOCAB.value,
+            _QUALITY_TEST.value,
         )
         return _emit(rows, lambda: bench_quality.print_table(rows))
     import bench_train

@@ -44,11 +44,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 if [ "${SMOKE:-0}" = 1 ]; then # minutes of CPU at most: checks that every part runs
-  B1=64 B2=128 ITEMS=2000 BIG_ITEMS=20000 STEPS=20 LIMIT=300 TRAIN_BATCHES=64
+  B1=64 B2=128 ITEMS=2000 BIG_ITEMS=20000 STEPS=80 TEST=4096 LIMIT=300 TRAIN_BATCHES=64
   common=(--seconds=0.05 --repeats=1)
   scale=(--scale_vocabs="$ITEMS,$BIG_ITEMS" --scale_embed_dim=16 --scale_lens=8,16)
 else
-  B1=8192 B2=65536 ITEMS=100000 BIG_ITEMS=10000000 STEPS=300 LIMIT=200 TRAIN_BATCHES=8192,65536
+  B1=8192 B2=65536 ITEMS=100000 BIG_ITEMS=10000000 STEPS=300 TEST=131072 LIMIT=200
+  TRAIN_BATCHES=8192,65536
   common=(--seconds=1.0 --repeats=3)
   scale=(--scale_vocabs="$ITEMS,$BIG_ITEMS" --scale_embed_dim=64 --scale_lens=50,200)
 fi
@@ -77,7 +78,8 @@ part train --what=train --batches="$TRAIN_BATCHES" --variants=fast,straightforwa
 [ "${SMOKE:-0}" = 1 ] || part train_compile --what=train --batches="$B2" --variants=fast \
   --compare=torch-compile "${common[@]}"
 part train_bf16 --what=train --dtype=bfloat16 --batches="$B1,$B2" --variants=fast "${common[@]}"
-part quality --what=quality --batches="$B1" --quality_steps="$STEPS" --quality_item_vocab="$ITEMS"
+part quality --what=quality --batches="$B1" --quality_steps="$STEPS" --quality_item_vocab="$ITEMS" \
+  --quality_test_examples="$TEST"
 part rank --what=rank --batches="$B1,$B2" --rank_models=default,full "${common[@]}"
 part scale --what=scale --scale_batch="$B1" "${scale[@]}" "${common[@]}"
 

@@ -88,11 +88,6 @@ def targets(parts: dict[str, list[dict]], small: int, large: int) -> list[str]:
         f"  train b={small}: ours / PyTorch eager {_fmt(ratio, '.2f')}x vs "
         f"{EAGER_RATIO_TARGET:.0f}x: {verdict(ratio_ok)}"
     )
-    if quality:
-        lines.append(
-            "  held-out AUC (planted data, oracle "
-            f"{quality[0]['oracle_auc']:.4f}): " + ", ".join(f"{d} {a:.4f}" for d, a in auc.items())
-        )
     sparse = [r for r in parts.get("scale", []) if r.get("section") == "sparse_scale"]
     for update in ("dense Adam", "sparse"):
         got = sorted((r["items"], r["step_ms"]) for r in sparse if r["update"] == update)
@@ -105,6 +100,16 @@ def targets(parts: dict[str, list[dict]], small: int, large: int) -> list[str]:
                 f"throughput ({lo_ms:.1f} -> {hi_ms:.1f} ms/step){tail}"
             )
     return lines
+
+
+def quality_line(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    aucs = ", ".join(f"{r['dtype']} {r['test_auc']:.4f}" for r in rows)
+    return [
+        f"held-out AUC, {rows[0]['steps']} steps of {rows[0]['batch']} on planted data "
+        f"({rows[0]['test_examples']:,} examples, oracle {rows[0]['oracle_auc']:.4f}): {aucs}"
+    ]
 
 
 def rank_table(rows: list[dict]) -> list[str]:
@@ -122,7 +127,8 @@ def summary(folder: str) -> str:
     parts, status = load(folder)
     train = [r for p in ("train", "train_compile", "train_bf16") for r in parts.get(p, [])]
     batches = sorted({r["batch"] for r in train if "batch" in r})
-    device = next((r["device"] for r in train if r.get("impl", "").startswith("jax")), "?")
+    jax_rows = [r for r in train + parts.get("quality", []) if r.get("impl", "").startswith("jax")]
+    device = next((r["device"] for r in jax_rows), "?")
     lines = [f"device: {device}"]
     state = lambda rc: "ok" if rc == 0 else "skipped" if rc == "skipped" else f"exit {rc}"
     took = lambda s: f" ({s['seconds']} s)" if "seconds" in s else ""
@@ -130,7 +136,7 @@ def summary(folder: str) -> str:
     if batches:
         small, large = batches[0], batches[-1]
         lines += train_table(train, small, large) + targets(parts, small, large)
-    lines += rank_table(parts.get("rank", []))
+    lines += quality_line(parts.get("quality", [])) + rank_table(parts.get("rank", []))
     return "\n".join(lines)
 
 
