@@ -80,9 +80,10 @@ def test_gpu_summary_counts_bf16_only_where_it_keeps_auc(tmp_path):
         [row("jax", 8192, 3.5e6), row("jax", 65536, 6e6), row("torch-eager", 8192, 1e6)],
     )
     _write(tmp_path, "train_bf16", [row("jax-bfloat16", 65536, 9e6)])
-    quality = [
-        {"dtype": "float32", "test_auc": 0.700, "oracle_auc": 0.8},
-        {"dtype": "bfloat16", "test_auc": 0.690, "oracle_auc": 0.8},
+    quality = [  # the keys of bench_quality's rows
+        {"dtype": d, "test_auc": auc, "oracle_auc": 0.8, "steps": 300, "batch": 8192}
+        | {"impl": impl, "test_examples": 131072, "device": "GPU X"}
+        for d, impl, auc in (("float32", "jax", 0.700), ("bfloat16", "jax-bfloat16", 0.690))
     ]
     _write(tmp_path, "quality", quality)
     scale = [
@@ -104,6 +105,8 @@ def test_gpu_summary_counts_bf16_only_where_it_keeps_auc(tmp_path):
     assert "bf16 does not keep AUC" in text and "best counted 6,000,000" in text
     assert "NOT met" in text
     assert "ours / PyTorch eager 3.50x vs 3x: met" in text
+    assert "300 steps of 8192 on planted data (131,072 examples, oracle 0.8000): " in text
+    assert "float32 0.7000, bfloat16 0.6900" in text
 
     quality[1]["test_auc"] = 0.699  # within AUC_TOLERANCE: bf16 counts
     _write(tmp_path, "quality", quality)

@@ -56,9 +56,13 @@ def train_and_score(
     train_batches = [data.batch(batch, seed=1 + i)[0] for i in range(steps)]
     state, _, step = jb.compile_step(model, sharding.to_global(train_batches[0], jb.mesh))
     t0 = time.perf_counter()
+    pending = None
     for b in train_batches:
         state, m = step(state, sharding.to_global(b, jb.mesh))
-    last = jax.device_get(m)
+        if pending is not None:  # step t-1's metrics while step t runs: two steps in flight
+            jax.device_get(pending)
+        pending = m
+    last = jax.device_get(pending)
     train_s = time.perf_counter() - t0
     score = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
     inputs = {k: test[k] for k in common.ID_KEYS}
