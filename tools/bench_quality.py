@@ -47,13 +47,11 @@ class PlantedData:
         return b, logit
 
 
-def train_and_score(
-    dtype: str, data: PlantedData, batch: int, steps: int, test: dict, item_vocab: int
-) -> dict:
-    """One dtype: `steps` train steps on fresh planted batches, then AUC on `test`."""
+def train_and_score(dtype: str, train_batches: list[dict], test: dict, item_vocab: int) -> dict:
+    """One dtype: a train step per batch of `train_batches`, then AUC on `test`."""
     jb = bench_train.JaxBench(dtype, 0.0, 0, host_memory_kept=False)
     model = jb.model("fast", item_vocab, common.EMBED_DIM)
-    train_batches = [data.batch(batch, seed=1 + i)[0] for i in range(steps)]
+    batch, steps = len(train_batches[0]["label"]), len(train_batches)
     state, _, step = jb.compile_step(model, sharding.to_global(train_batches[0], jb.mesh))
     t0 = time.perf_counter()
     pending = None
@@ -110,9 +108,10 @@ def run(
     data = PlantedData(item_vocab, max_len)
     test, true_logit = data.batch(-(-test_examples // batch) * batch, seed=10**6)
     oracle = metrics.auc(test["label"], true_logit)
+    train_batches = [data.batch(batch, seed=1 + i)[0] for i in range(steps)]
     rows = []
     for dtype in dtypes:
-        row = train_and_score(dtype, data, batch, steps, test, item_vocab)
+        row = train_and_score(dtype, train_batches, test, item_vocab)
         row["oracle_auc"] = oracle
         row["auc_vs_first"] = row["test_auc"] - (rows[0]["test_auc"] if rows else row["test_auc"])
         rows.append(row)
