@@ -65,9 +65,7 @@ def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "NOT met")
 
 
-def targets(parts: dict[str, list[dict]], small: int, large: int) -> list[str]:
-    train = [r for p in ("train", "train_compile", "train_bf16") for r in parts.get(p, [])]
-    quality = parts.get("quality", [])
+def targets(train: list[dict], quality: list[dict], small: int, large: int) -> list[str]:
     auc = {r["dtype"]: r["test_auc"] for r in quality}
     bf16_keeps = None
     if "float32" in auc and "bfloat16" in auc:
@@ -88,7 +86,13 @@ def targets(parts: dict[str, list[dict]], small: int, large: int) -> list[str]:
         f"  train b={small}: ours / PyTorch eager {_fmt(ratio, '.2f')}x vs "
         f"{EAGER_RATIO_TARGET:.0f}x: {verdict(ratio_ok)}"
     )
-    sparse = [r for r in parts.get("scale", []) if r.get("section") == "sparse_scale"]
+    return lines
+
+
+def sparse_lines(rows: list[dict]) -> list[str]:
+    """Dense Adam vs row-sparse, largest item table against the smallest."""
+    lines = []
+    sparse = [r for r in rows if r.get("section") == "sparse_scale"]
     for update in ("dense Adam", "sparse"):
         got = sorted((r["items"], r["step_ms"]) for r in sparse if r["update"] == update)
         if len(got) >= 2:
@@ -135,7 +139,9 @@ def summary(folder: str) -> str:
     lines.append("parts: " + ", ".join(f"{s['part']} {state(s['rc'])}{took(s)}" for s in status))
     if batches:
         small, large = batches[0], batches[-1]
-        lines += train_table(train, small, large) + targets(parts, small, large)
+        quality = parts.get("quality", [])
+        lines += train_table(train, small, large) + targets(train, quality, small, large)
+    lines += sparse_lines(parts.get("scale", []))
     lines += quality_line(parts.get("quality", [])) + rank_table(parts.get("rank", []))
     return "\n".join(lines)
 
