@@ -63,11 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.cnn = ml_collections.ConfigDict(
         {"filters": 32, "kernel_size": 3, "hidden": (64,), "dropout": 0.2}
     )
-    # seed_cnn only: Conv1D channels, kernel width, hidden width, dropout rate.
-    model.filters = 32  # Conv1D output channels C per tower
-    model.kernel_size = 3  # Conv1D width, positions
-    model.hidden = 128  # Dense(relu) width after the towers
-    model.dropout = 0.2  # dropout rate before and after the hidden layer
+    # The seed design (model.name="seed_cnn"): Conv1D output channels C per tower, Conv1D width
+    # in positions, Dense(relu) width after the towers, dropout before and after that layer.
+    model.seed_cnn = ml_collections.ConfigDict(
+        {"filters": 32, "kernel_size": 3, "hidden": 128, "dropout": 0.2}
+    )
 
     config.opt = opt = ml_collections.ConfigDict()
     opt.name = "adam"  # "adam" or "adamw"
@@ -88,7 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
     loop.eval_every = 500  # steps between validation runs; 0 = only at the end
     loop.eval_split = "valid"  # split used during training
     loop.final_eval_split = "test"  # split evaluated once at the end ("" to skip)
-    loop.sync_every = 1  # fetch step t-1's metrics while step t runs (bounds dispatch depth)
     loop.early_stop_metric = "auc"  # eval_split metric (auc, gauc, logloss...) for best/early stop
     loop.early_stop_mode = "auto"  # "max", "min" or "auto" (min for *loss*, max otherwise)
     loop.early_stop_patience = 0  # evaluations without improvement before stopping; 0 = never

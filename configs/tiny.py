@@ -16,7 +16,8 @@ def get_config():
         syn.rows_per_shard = 1_000
         config.data.batch_size = 64
         config.data.eval_batch_size = 128
-        config.model.embed_dim, config.model.filters, config.model.hidden = 8, 8, 16
+        config.model.embed_dim = 8
+        config.model.seed_cnn.filters, config.model.seed_cnn.hidden = 8, 16
         config.opt.warmup_steps = 2
         config.loop.num_steps = 20
         config.loop.log_every = 5

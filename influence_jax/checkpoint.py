@@ -1,5 +1,11 @@
-"""Orbax checkpoints of a run: train state (params, optimizer, step, RNG), data position and loop
-bookkeeping; keeps the last K steps plus the best one, and verifies every checkpoint it restores.
+"""Orbax checkpoints and the layout of a run's workdir; every save and every restore.
+
+A workdir holds config.json (the resolved config), checkpoints/<step>/ (train state: params,
+optimizer, step, RNG; the data position and loop bookkeeping; per-leaf checksums), best.json
+(the best evaluation's step) and, for synthetic runs, data/ (the generated dataset). This module
+is the only one that names those paths or builds an Orbax CheckpointManager. Training keeps the
+last K steps plus the best one; every restore, the ranker's params-only one included, verifies
+the checksums saved with the step.
 """
 
 from __future__ import annotations
@@ -12,12 +18,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from influence_jax import files
+from influence_jax.errors import DataError
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+BEST_FILE = "best.json"
+DATA_DIR = "data"
 PACKAGES = ("influence_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 # Orbax splits each replicated array across its replicas so that every host writes a part; each
 # part costs one small jit compile per device on the first save (seconds on 8 CPU devices,
@@ -25,8 +39,59 @@ PACKAGES = ("influence_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint
 REPLICA_PARALLEL_MIN_BYTES = 4 << 20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or used; the message names the step and the folder."""
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG_FILE)
+
+
+def best_path(workdir: str) -> str:
+    return os.path.join(workdir, BEST_FILE)
+
+
+def data_dir(workdir: str) -> str:
+    """Where a synthetic run generates its dataset."""
+    return os.path.join(workdir, DATA_DIR)
+
+
+def write_config(workdir: str, config_json: dict) -> None:
+    """WORKDIR/config.json (process 0, atomically)."""
+    if jax.process_index() == 0:
+        files.write_json(config_path(workdir), config_json)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (WORKDIR/config.json), in today's layout."""
+    path = config_path(workdir)
+    raw = files.read_json(path)
+    if raw is None:
+        raise DataError(f"{path}: no such file; is {workdir!r} a training workdir?")
+    return ml_collections.ConfigDict(upgrade_config(raw))
+
+
+def upgrade_config(raw: dict) -> dict:
+    """A config.json of an older run in today's layout: the seed CNN's settings moved from
+    config.model into config.model.seed_cnn, and loop.sync_every (never read) is gone."""
+    model = raw.get("model", {})
+    if "seed_cnn" not in model:
+        flat = {
+            k: model.pop(k) for k in ("filters", "kernel_size", "hidden", "dropout") if k in model
+        }
+        model["seed_cnn"] = flat
+    raw.get("loop", {}).pop("sync_every", None)
+    return raw
+
+
+def write_best(workdir: str, record: dict) -> None:
+    """WORKDIR/best.json: {"step", "metric", "value", "mode", "checkpoint"} (process 0)."""
+    if jax.process_index() == 0:
+        files.write_json(best_path(workdir), record)
+
+
+def read_best(workdir: str) -> dict | None:
+    return files.read_json(best_path(workdir))
 
 
 def package_versions() -> dict[str, str]:
@@ -37,6 +102,10 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message names the step and the folder."""
 
 
 class LatestPlusBest:
@@ -99,6 +168,38 @@ def tree_digest(tree: Any) -> tuple[list[int], list[str]]:
     return [int(s) for s, _ in pairs], bad
 
 
+def _manager(directory: str, options: ocp.CheckpointManagerOptions, **kw) -> Any:
+    """The one place an Orbax CheckpointManager is built: a state item and a JSON item."""
+    handlers = {"state": _state_handler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers, **kw)
+
+
+def _reader(workdir: str) -> Any:
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: no checkpoints; train the run first")
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return _manager(directory, options)
+
+
+def _check_digest(state: Any, expected: Sequence[int] | None, keep: list[int] | None = None):
+    """Raises CheckpointError naming the leaves whose checksums differ from `expected`.
+
+    `keep`: positions of `state`'s leaves among the saved leaves (a partial restore)."""
+    if expected is None:  # checkpoints written before checksums existed
+        return
+    expected = [expected[i] for i in keep] if keep is not None else list(expected)
+    got, _ = tree_digest(state)
+    if got != expected:
+        flat, _ = jax.tree_util.tree_flatten_with_path(state)
+        diff = [
+            jax.tree_util.keystr(p)
+            for (p, _), a, b in zip(flat, got, expected, strict=False)
+            if a != b
+        ]
+        raise CheckpointError(f"checksum mismatch in {', '.join(diff[:5])}")
+
+
 class Checkpointer:
     """Saves and restores `{"state": TrainState, "data": JSON}` under `directory`.
 
@@ -109,7 +210,8 @@ class Checkpointer:
     and versions of the run that created the folder.
     """
 
-    def __init__(self, directory: str, ckpt_cfg: Any, config_json: dict | None = None):
+    def __init__(self, workdir: str, ckpt_cfg: Any, config_json: dict | None = None):
+        self.workdir = workdir
         self.policy = LatestPlusBest(ckpt_cfg.max_to_keep or 0)
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=bool(ckpt_cfg.async_save),
@@ -118,13 +220,8 @@ class Checkpointer:
             preservation_policy=self.policy,
         )
         self.metadata = {"config": config_json or {}, "versions": package_versions()}
-        self.directory = os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler()},
-            metadata=self.metadata,
-        )
+        self.directory = checkpoint_dir(workdir)
+        self.manager = _manager(self.directory, options, metadata=self.metadata)
 
     @property
     def best_step(self) -> int | None:
@@ -208,17 +305,7 @@ class Checkpointer:
             ),
         )
         data = dict(out["data"])
-        expected = data.pop("digest", None)
-        if expected is not None:
-            got, _ = tree_digest(out["state"])
-            if got != list(expected):
-                flat, _ = jax.tree_util.tree_flatten_with_path(out["state"])
-                diff = [
-                    jax.tree_util.keystr(p)
-                    for (p, _), a, b in zip(flat, got, expected, strict=False)
-                    if a != b
-                ]
-                raise CheckpointError(f"checksum mismatch in {', '.join(diff[:5])}")
+        _check_digest(out["state"], data.pop("digest", None))
         return out["state"], data
 
     def wait(self) -> None:
@@ -232,8 +319,96 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings, for sharded restore."""
-    return jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
+def resolve_step(workdir: str, step: str | int, available: Sequence[int]) -> int:
+    """`step` ("latest", "best" or a number) -> a saved step; best comes from WORKDIR/best.json."""
+    available = sorted(available)
+    if not available:
+        raise DataError(f"{checkpoint_dir(workdir)}: no checkpoints; train the run first")
+    if str(step) == "latest":
+        return max(available)
+    if str(step) == "best":
+        path = best_path(workdir)
+        if not os.path.exists(path):
+            logging.warning("%s not found: --step=best falls back to the latest step", path)
+            return max(available)
+        try:
+            n = int(files.read_json(path)["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f'{path}: expected {{"step": N, ...}} ({e!r})') from None
+    else:
+        try:
+            n = int(step)
+        except ValueError:
+            raise DataError(f"--step must be a number, best or latest; got {step!r}") from None
+    if n not in available:
+        raise DataError(f"{checkpoint_dir(workdir)}: no step {n}; saved steps are {available}")
+    return n
+
+
+def restore_params(
+    workdir: str, abstract_state: Any, step: str | int = "latest"
+) -> tuple[Any, int]:
+    """The parameters alone of WORKDIR's checkpoint `step`, into `abstract_state.params`'
+    shardings, verified against the checksums saved with them.
+
+    Args:
+      abstract_state: the run's whole TrainState as ShapeDtypeStructs (engine.setup), so that
+        each parameter's place among the saved checksums is known.
+
+    Returns:
+      (params, step).
+
+    Raises:
+      DataError: no such step, parameters that do not fit the model (another dataset), or a
+        checkpoint that fails its checksums.
+    """
+    manager = _reader(workdir)
+    try:
+        n = resolve_step(workdir, step, manager.all_steps())
+        abstract = {"params": abstract_state.params}
+        state_args = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,  # only the "params" subtree of the saved TrainState is read
+        )
+        where = f"{checkpoint_dir(workdir)}/{n}"
+        try:
+            out = manager.restore(
+                n, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore())
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(
+                f"{where}: the saved parameters do not fit the model built from the run's config "
+                f"and this dataset ({str(e).splitlines()[0][:200]}); was the run trained on "
+                "another dataset (--data)?"
+            ) from None
+        params = out["state"]["params"]
+        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+        keep = [i for i, (path, _) in enumerate(flat) if getattr(path[0], "name", None) == "params"]
+        digest = out["data"].get("digest")
+        if digest is not None and len(digest) != len(flat):
+            raise DataError(
+                f"{where}: the saved state has {len(digest)} arrays, the run's config gives "
+                f"{len(flat)}; the checkpoint does not belong to this config"
+            )
+        try:
+            _check_digest(params, digest, keep)
+        except CheckpointError as e:
+            raise DataError(
+                f"{where}: {e}: the checkpoint is corrupted; use another --step"
+            ) from None
+        return params, n
+    finally:
+        manager.close()
+
+
+def saved_metrics(workdir: str, step: int | None = None) -> dict[str, float]:
+    """The evaluation metrics saved with checkpoint `step` (default: the latest); {} if none."""
+    manager = _reader(workdir)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return {}
+        return dict(manager.metadata(step).custom_metadata.get("metrics", {}))
+    finally:
+        manager.close()

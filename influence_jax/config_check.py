@@ -1,49 +1,49 @@
-"""Start-up validation of a config: one clear error naming the field, before any work starts."""
+"""Every check of a config, in one place: one clear ConfigError naming the field.
+
+`check(config)` needs nothing but the config and runs before JAX starts (main.py calls it
+before the multi-process runtime); with `num_devices` it also checks the mesh and the batch
+split over devices and processes. `check_schema(config, schema)` checks the names that only the
+dataset can confirm (dropped behaviour types, a per-type early-stopping metric, splits).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from influence_jax import metrics
+from influence_jax.errors import ConfigError
+from influence_jax.models import EXTRACTORS, MODELS, model_fields
 
-class ConfigError(ValueError):
-    """A config value a user set is invalid; the message names the field and what to do."""
+DATA_SOURCES = ("synthetic", "prepared")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+COMBINE = ("softmax", "sum")
+EARLY_STOP_MODES = ("auto", "max", "min")
 
 
-def check(config: Any, num_devices: int, num_processes: int = 1) -> None:
-    """Raises ConfigError for the first invalid field of `config` on `num_devices` devices."""
-    from influence_jax.models import MODELS
+def check(config: Any, num_devices: int | None = None, num_processes: int = 1) -> None:
+    """Raises ConfigError for the first invalid field of `config`.
 
-    d = config.data
-    if d.source not in ("synthetic", "prepared"):
-        raise ConfigError(f"config.data.source: {d.source!r} is not 'synthetic' or 'prepared'")
-    if d.source == "prepared" and not d.path:
-        raise ConfigError(
-            "config.data.path: set it to a prepared dataset folder "
-            "(tools/prepare_data.py) when config.data.source='prepared'"
-        )
-    for field in ("batch_size", "eval_batch_size"):
-        if getattr(d, field) <= 0:
-            raise ConfigError(f"config.data.{field}: must be positive, got {getattr(d, field)}")
-    if config.model.name not in MODELS:
-        raise ConfigError(
-            f"config.model.name: unknown model {config.model.name!r}; choose from {sorted(MODELS)}"
-        )
-    if not 0.0 <= config.model.dropout < 1.0:
-        raise ConfigError(f"config.model.dropout: must be in [0, 1), got {config.model.dropout}")
-    for field in ("num_steps", "log_every"):
-        if getattr(config.loop, field) <= 0:
-            raise ConfigError(
-                f"config.loop.{field}: must be positive, got {getattr(config.loop, field)}"
-            )
-    if config.opt.learning_rate <= 0:
-        raise ConfigError(
-            f"config.opt.learning_rate: must be positive, got {config.opt.learning_rate}"
-        )
-    if config.ckpt.every <= 0:
-        raise ConfigError(f"config.ckpt.every: must be positive, got {config.ckpt.every}")
+    Args:
+      num_devices: devices of the run; when given, the mesh and the division of the batches
+        over data-parallel devices and processes are checked too.
+    """
+    _check_data(config.data)
+    _check_model(config.model)
+    _check_opt(config.opt)
+    _check_loop(config.loop)
+    _check_mesh(config.mesh)
+    _positive(config.ckpt, "ckpt", "every")
+    _at_least(config.ckpt, "ckpt", "max_to_keep", 0)
+    if num_devices is not None:
+        check_devices(config, num_devices, num_processes)
+
+
+def check_devices(config: Any, num_devices: int, num_processes: int = 1) -> None:
+    """The mesh fits `num_devices`; both batch sizes divide over its data axis and processes."""
     data_par = mesh_axis_sizes(config.mesh, num_devices)["data"]
     for field in ("batch_size", "eval_batch_size"):
-        b = getattr(d, field)
+        b = getattr(config.data, field)
         if b % data_par:
             raise ConfigError(
                 f"config.data.{field}={b} does not divide over the {data_par} data-parallel "
@@ -52,6 +52,30 @@ def check(config: Any, num_devices: int, num_processes: int = 1) -> None:
         if b % num_processes:
             raise ConfigError(
                 f"config.data.{field}={b} does not divide over {num_processes} processes"
+            )
+
+
+def check_schema(config: Any, schema: Any) -> None:
+    """Names that the dataset must confirm: behaviour types and splits."""
+    types = tuple(schema.behaviour_types)
+    unknown = [t for t in config.data.drop_behaviours if t not in types]
+    if unknown:
+        raise ConfigError(
+            f"config.data.drop_behaviours: {unknown} not among the dataset's behaviour types "
+            f"{list(types)}"
+        )
+    _, _, kind = config.loop.early_stop_metric.partition("/")
+    if kind and kind not in types:
+        raise ConfigError(
+            f"config.loop.early_stop_metric: {config.loop.early_stop_metric!r}: {kind!r} is not "
+            f"a behaviour type of the dataset {list(types)}"
+        )
+    for field in ("eval_split", "final_eval_split"):
+        split = getattr(config.loop, field)
+        if split and split not in schema.splits:
+            raise ConfigError(
+                f"config.loop.{field}: the dataset has no split {split!r}; it has "
+                f"{sorted(schema.splits)}"
             )
 
 
@@ -69,3 +93,152 @@ def mesh_axis_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     if data * model != num_devices:
         raise ConfigError(f"config.mesh: data={data} x model={model} != {num_devices} devices")
     return {"data": data, "model": model}
+
+
+def metric_mode(metric: str, mode: str) -> str:
+    """'max' or 'min' for `metric`; mode 'auto' means min for losses, max otherwise."""
+    if mode in ("max", "min"):
+        return mode
+    if mode != "auto":
+        raise ConfigError(f"config.loop.early_stop_mode: {mode!r} is not one of {EARLY_STOP_MODES}")
+    return metrics.mode(metric)
+
+
+def _positive(node: Any, where: str, field: str) -> None:
+    value = getattr(node, field)
+    if not value > 0:
+        raise ConfigError(f"config.{where}.{field}: must be positive, got {value}")
+
+
+def _at_least(node: Any, where: str, field: str, low: float) -> None:
+    value = getattr(node, field)
+    if not value >= low:
+        raise ConfigError(f"config.{where}.{field}: must be >= {low}, got {value}")
+
+
+def _one_of(value: Any, choices: tuple, field: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"config.{field}: {value!r} is not one of {choices}")
+
+
+def _rate(value: float, field: str) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"config.{field}: must be in [0, 1), got {value}")
+
+
+def _check_data(d: Any) -> None:
+    _one_of(d.source, DATA_SOURCES, "data.source")
+    if d.source == "prepared" and not d.path:
+        raise ConfigError(
+            "config.data.path: set it to a prepared dataset folder "
+            "(tools/prepare_data.py) when config.data.source='prepared'"
+        )
+    for field in ("batch_size", "eval_batch_size", "num_threads"):
+        _positive(d, "data", field)
+    _at_least(d, "data", "prefetch", 0)
+    for field in ("train_time_range", "eval_time_range"):
+        value = tuple(getattr(d, field) or ())
+        if value and len(value) != 2:
+            raise ConfigError(f"config.data.{field}: give () or (start, end), got {value}")
+    if isinstance(d.drop_behaviours, str):
+        raise ConfigError(
+            f"config.data.drop_behaviours: give a tuple of names, e.g. ({d.drop_behaviours!r},)"
+        )
+    if d.source == "synthetic":
+        syn = d.synthetic
+        sizes = ("num_users", "num_items", "num_categories", "max_len", "min_len")
+        for field in sizes + ("train_examples", "valid_examples", "test_examples"):
+            _positive(syn, "data.synthetic", field)
+        _positive(syn, "data.synthetic", "rows_per_shard")
+        if syn.min_len > syn.max_len:
+            raise ConfigError(
+                f"config.data.synthetic.min_len: {syn.min_len} exceeds max_len {syn.max_len}"
+            )
+
+
+def _check_fields(args: Any, cls: type, where: str) -> None:
+    """`args` (a sub-config) sets only fields that `cls` declares, with sane dropout rates."""
+    args = args.to_dict() if hasattr(args, "to_dict") else dict(args or {})
+    declared = model_fields(cls)
+    unknown = sorted(set(args) - declared)
+    if unknown:
+        raise ConfigError(
+            f"config.model.{where}: unknown field(s) {unknown}; {cls.__name__} takes "
+            f"{sorted(declared)}"
+        )
+    for field, value in args.items():
+        if field == "dropout":
+            _rate(value, f"model.{where}.dropout")
+        elif field in ("filters", "kernel_size", "heads", "ff") and not value > 0:
+            raise ConfigError(f"config.model.{where}.{field}: must be positive, got {value}")
+        elif field == "hidden" and not all(h > 0 for h in _seq(value)):
+            raise ConfigError(f"config.model.{where}.hidden: widths must be positive, got {value}")
+
+
+def _seq(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def _check_model(m: Any) -> None:
+    if m.name not in MODELS:
+        raise ConfigError(
+            f"config.model.name: unknown model {m.name!r}; choose from {sorted(MODELS)}"
+        )
+    _positive(m, "model", "embed_dim")
+    if m.name == "ranker":
+        names = tuple(m.extractors)
+        unknown = [n for n in names if n not in EXTRACTORS]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(
+                f"config.model.extractors: {names!r} must be a non-empty tuple of distinct names "
+                f"from {sorted(EXTRACTORS)}"
+            )
+        _one_of(m.combine, COMBINE, "model.combine")
+    # Every model's and extractor's own settings, used now or not: a typo fails today.
+    for name, cls in {**MODELS, **EXTRACTORS}.items():
+        if name in m:
+            _check_fields(m[name], cls, name)
+
+
+def _check_opt(o: Any) -> None:
+    _one_of(o.name, OPTIMIZERS, "opt.name")
+    _one_of(o.schedule, SCHEDULES, "opt.schedule")
+    for field in ("learning_rate", "influence_lr_multiplier", "sparse_learning_rate",
+                  "sparse_min_rows"):  # fmt: skip
+        _positive(o, "opt", field)
+    for field in ("warmup_steps", "weight_decay", "grad_clip"):
+        _at_least(o, "opt", field, 0)
+    if not 0 < o.stats_rate <= 1:
+        raise ConfigError(f"config.opt.stats_rate: must be in (0, 1], got {o.stats_rate}")
+
+
+def _check_loop(lp: Any) -> None:
+    for field in ("num_steps", "log_every"):
+        _positive(lp, "loop", field)
+    _at_least(lp, "loop", "eval_every", 0)
+    _at_least(lp, "loop", "early_stop_patience", 0)
+    if not lp.eval_split:
+        raise ConfigError("config.loop.eval_split: name the split evaluated during training")
+    metric = lp.early_stop_metric
+    if not metric:
+        if lp.early_stop_patience:
+            raise ConfigError("config.loop.early_stop_patience: set config.loop.early_stop_metric")
+    elif metric.partition("/")[0] not in metrics.METRICS:
+        raise ConfigError(
+            f"config.loop.early_stop_metric: {metric!r} is not one of {metrics.METRICS}, "
+            "optionally '/<behaviour type>'"
+        )
+    metric_mode(metric, lp.early_stop_mode)
+
+
+def _check_mesh(mesh: Any) -> None:
+    for field in ("data", "model"):
+        value = getattr(mesh, field)
+        if not isinstance(value, int) or value == 0 or value < -1:
+            raise ConfigError(f"config.mesh.{field}: give a positive size or -1, got {value!r}")
+    if mesh.data == -1 and mesh.model == -1:
+        raise ConfigError("config.mesh: at most one of data and model may be -1")
+    _positive(mesh, "mesh", "shard_min_rows")
+    for entry in mesh.rules:
+        if not isinstance(entry, list | tuple) or len(entry) != 2:
+            raise ConfigError(f"config.mesh.rules: {entry!r} is not a (regex, spec) pair")

@@ -9,7 +9,6 @@ the model's own additive parts `w_j * f_j(x)` of the logit.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,20 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
-from influence_jax import influence_plots, sharding, summary
-from influence_jax.data import pipeline
-from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
-from influence_jax.data.store import ExampleStore
-from influence_jax.ranking import (
-    NUM_EXPLAINED_EVENTS,
-    IdMaps,
-    Run,
-    batched,
-    global_batch,
-    param_shardings,
-    write_table,
-)
+from influence_jax import files, influence_plots, summary
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
+from influence_jax.errors import DataError
+from influence_jax.scoring import Run, batched, global_batch
 
+NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--explain)
 MAX_K = 5  # faithfulness: remove k = 1..MAX_K events
 RANDOM_DRAWS = 10  # random k-subsets per example and k
 HIST_LEN_EDGES = (1, 5, 10, 20, 50, 100, 200)  # history-length segments: [0], [1, 5), ...
@@ -76,8 +67,10 @@ def make_masked_fn(run: Run) -> Callable:
             "contributions": aux.get("contributions", {}),
         }
 
-    batch_sh = sharding.batch_sharding(run.mesh)
-    return jax.jit(fn, in_shardings=(param_shardings(run.params), batch_sh), out_shardings=batch_sh)
+    eng = run.engine
+    return jax.jit(
+        fn, in_shardings=(eng.param_shardings, eng.batch_sharding), out_shardings=eng.batch_sharding
+    )
 
 
 def real_events(hist: np.ndarray, schema: Schema) -> np.ndarray:
@@ -132,9 +125,9 @@ def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     )
 
 
-def explain_columns(run: Run, n: int, gather: Callable, maps: IdMaps) -> dict[str, pa.Array]:
+def explain_columns(run: Run, n: int, gather: Callable) -> dict[str, pa.Array]:
     """Per row: each behaviour type's and extractor's contribution and the top events."""
-    s, L = run.schema, run.schema.max_len
+    s, L, maps = run.schema, run.schema.max_len, run.dataset.id_maps
     masks = lambda h, r: np.concatenate([loo_masks(h, s), type_masks(h, s)], 1)
     out = masked_deltas(run, n, gather, masks, L + s.num_behaviour_types)
     delta = out["delta"]
@@ -287,9 +280,7 @@ def report(
     plots and the same plots as TensorBoard images. Returns the report dict.
     """
     s, rng = run.schema, np.random.default_rng(seed)
-    # Histories as the run saw them in training (without config.data.drop_behaviours).
-    only_drop = {"drop_behaviours": run.config.data.get("drop_behaviours", ())}
-    store = pipeline.restrict(ExampleStore(run.data_path, split, s), only_drop, "eval")
+    store = run.dataset.examples(split)  # histories as training saw them (drop_behaviours)
     rows = np.arange(len(store))
     if len(rows) > max_examples:
         rows = np.sort(rng.choice(len(rows), max_examples, replace=False))
@@ -323,7 +314,7 @@ def report(
             e["share"] = e["influence"] / total
     for k, e in result["extractors"].items():
         e["weight"] = w_ext.get(k)
-    maps = IdMaps(run.data_path, s)
+    maps = run.dataset.id_maps
     result["segments"] = _segments(run, maps, ex, loto, contrib, min(n_boot, 300), rng)
 
     # Per-event influence for a sample of predictions with at least one past event.
@@ -357,8 +348,7 @@ def _per_event(run, maps, ex, rows, pick, loo, output) -> dict[str, Any]:
         "behaviour": pa.array(beh),
         "loo_delta": pa.array(loo[b, l_pos].astype(np.float32)),
     }
-    os.makedirs(output, exist_ok=True)
-    write_table(pa.table(cols), os.path.join(output, "events.parquet"))
+    files.write_table(pa.table(cols), os.path.join(output, "events.parquet"))
     d = loo[b, l_pos]
     by_type = {
         t: float(d[beh == t].mean()) if (beh == t).any() else None for t in s.behaviour_types
@@ -380,13 +370,8 @@ def _write(run: Run, result: dict[str, Any], output: str) -> None:
     images = influence_plots.plots(result)
     result["plots"] = {name: f"{name}.png" for name in images}
     for name, png in images.items():
-        with open(os.path.join(output, f"{name}.png.tmp"), "wb") as f:
-            f.write(png)
-        os.replace(os.path.join(output, f"{name}.png.tmp"), os.path.join(output, f"{name}.png"))
-    path = os.path.join(output, "influence.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+        files.write_bytes(os.path.join(output, f"{name}.png"), png)
+    files.write_json(os.path.join(output, "influence.json"), result)
     with summary.SummaryWriter(output) as writer:
         for name, png in images.items():
             writer.image(f"influence/{name}", png, run.step)

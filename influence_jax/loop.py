@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -16,15 +15,8 @@ from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
 from influence_jax import metrics, sharding
-from influence_jax.config_check import ConfigError
-
-BEST_FILE = "best.json"
-# Keys of metrics.evaluate that can pick the best checkpoint; "<key>/<behaviour type>" also works.
-SELECTABLE_METRICS = ("auc", "gauc", "gauc_impression", "logloss", "accuracy")
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. a non-finite loss); the message names the step."""
+from influence_jax.config_check import metric_mode
+from influence_jax.errors import TrainingError
 
 
 class Preemption:
@@ -62,35 +54,6 @@ class Preemption:
     def restore(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-def metric_mode(metric: str, mode: str) -> str:
-    """'max' or 'min' for `metric`; mode 'auto' means min for losses, max otherwise."""
-    if mode in ("max", "min"):
-        return mode
-    if mode != "auto":
-        raise ConfigError(f"config.loop.early_stop_mode: {mode!r} is not 'auto', 'max' or 'min'")
-    return "min" if "loss" in metric.split("/")[0] else "max"
-
-
-def check_config(loop_cfg: Any, behaviour_types: tuple[str, ...]) -> None:
-    """Raises ConfigError for an early-stopping metric that evaluation does not produce."""
-    metric = loop_cfg.early_stop_metric
-    if loop_cfg.early_stop_patience < 0:
-        raise ConfigError(
-            f"config.loop.early_stop_patience: must be >= 0, got {loop_cfg.early_stop_patience}"
-        )
-    if not metric:
-        if loop_cfg.early_stop_patience:
-            raise ConfigError("config.loop.early_stop_patience: set config.loop.early_stop_metric")
-        return
-    base, _, kind = metric.partition("/")
-    if base not in SELECTABLE_METRICS or (kind and kind not in behaviour_types):
-        raise ConfigError(
-            f"config.loop.early_stop_metric: {metric!r} is not one of {SELECTABLE_METRICS}, "
-            f"optionally '/<behaviour type>' with a type of {tuple(behaviour_types)}"
-        )
-    metric_mode(metric, loop_cfg.early_stop_mode)
 
 
 @dataclasses.dataclass
@@ -247,7 +210,7 @@ class Loop:
         self.writer.flush()
         logging.info(
             "eval %s at step %d (%.1fs): %s", split, step, time.perf_counter() - t0,
-            " ".join(f"{k}={m[k]:.4f}" for k in SELECTABLE_METRICS if k in m),
+            metrics.format_metrics(m),
         )  # fmt: skip
         return m
 
@@ -260,8 +223,6 @@ class Loop:
         elif self.ckpt.is_saving():
             return
         self._best_unwritten = False
-        if jax.process_index() != 0:
-            return
         s = self.stopper
         record = {
             "step": s.best_step,
@@ -270,10 +231,7 @@ class Loop:
             "mode": s.mode,
             "checkpoint": os.path.join(self.ckpt.directory, str(s.best_step)),
         }
-        path = os.path.join(self.workdir, BEST_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(path + ".tmp", path)
+        ckpt_lib.write_best(self.workdir, record)
 
     def _log(self, done, num_steps, window, elapsed, wait, start, t_start) -> None:
         m = metrics.reduce_step_metrics(window)

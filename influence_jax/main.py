@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from influence_jax import hostmem, logs
+from influence_jax import errors, hostmem, logs
 
 # Config files import their siblings as `configs.<name>`; make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,19 +53,24 @@ def main(argv):
     logs.quiet_libraries()
     if _KEEP_HOST_MEMORY.value:
         hostmem.keep_freed_host_memory()
-    _init_distributed()
-    import jax
+    from influence_jax import config_check
 
-    from influence_jax import train
-
-    if jax.process_index() != 0:
-        logging.set_verbosity(logging.WARNING)
-    logging.info(
-        "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
-    )
     try:
+        config_check.check(_CONFIG.value)  # before the multi-process runtime starts
+        _init_distributed()
+        import jax
+
+        from influence_jax import train
+
+        if jax.process_index() != 0:
+            logging.set_verbosity(logging.WARNING)
+        logging.info(
+            "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
+        )
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.TrainingError as e:
+    except (errors.ConfigError, errors.DataError) as e:
+        sys.exit(f"error: {e}")
+    except errors.TrainingError as e:
         logging.error("%s", e)
         sys.exit(f"training stopped: {e}")
 

@@ -10,6 +10,20 @@ from typing import Any
 import numpy as np
 
 _SUM_SUFFIX = "_sum"
+# The split metrics, in the order reports print them; any can pick the best checkpoint.
+METRICS = ("auc", "gauc", "gauc_impression", "logloss", "accuracy")
+LOWER_IS_BETTER = ("logloss",)
+
+
+def mode(metric: str) -> str:
+    """'min' for a metric where lower is better ("logloss", "valid/logloss/buy"), else 'max'."""
+    lower = any(p in LOWER_IS_BETTER or p == "loss" for p in metric.split("/"))
+    return "min" if lower else "max"
+
+
+def format_metrics(m: Mapping[str, float], keys: Sequence[str] = METRICS) -> str:
+    """Formats `keys` present in `m` and not NaN: "auc=0.7066 gauc=0.7097 ..."."""
+    return " ".join(f"{k}={m[k]:.4f}" for k in keys if k in m and m[k] == m[k])
 
 
 class MetricsError(ValueError):

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from influence_jax.config_check import ConfigError, mesh_axis_sizes
+from influence_jax.config_check import mesh_axis_sizes
 
 DATA, MODEL = "data", "model"
 
@@ -31,10 +31,7 @@ def sharding_rules(mesh_cfg: Any, shapes: Any) -> list[tuple[str, P]]:
     row-sharded over the model axis; everything else stays replicated.
     """
     rules = []
-    for entry in mesh_cfg.rules:
-        if len(entry) != 2:
-            raise ConfigError(f"config.mesh.rules: {entry!r} is not a (regex, spec) pair")
-        regex, spec = entry
+    for regex, spec in mesh_cfg.rules:  # (regex, spec) pairs, checked in config_check
         rules.append((regex, P(*spec) if isinstance(spec, (list, tuple)) else P(spec)))
     if mesh_cfg.shard_embeddings:
         for path, leaf in _flat_paths(shapes):

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices before JAX is imported; the repo root importable."""
+"""Test setup: 8 fake CPU devices before JAX is imported; the repo root importable; the fixtures
+shared across test files (their code lives in tests/helpers.py)."""
 
 import os
 import sys
@@ -12,42 +13,48 @@ sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(pytestconfig, tmp_path_factory):
+    """One persistent compilation cache for this process and every child process: a program
+    compiled once (the tiny model's steps recur in many tests) is loaded, not compiled, again."""
+    import jax
+
+    cache = helpers.session_cache(pytestconfig, tmp_path_factory)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """(schema, path) of the tiny synthetic dataset, generated once per test session."""
-    from tests import helpers
-
     return helpers.tiny_dataset(str(tmp_path_factory.mktemp("data")))
 
 
-# Fixtures shared by the subprocess tests (test_resume, test_faults, test_multihost).
 @pytest.fixture
 def jax_cache(pytestconfig, tmp_path_factory) -> str:
     """A compilation cache shared by every subprocess of the session."""
-    from tests.test_resume import session_cache
-
-    return session_cache(pytestconfig, tmp_path_factory)
+    return helpers.session_cache(pytestconfig, tmp_path_factory)
 
 
 @pytest.fixture
 def reference(tmp_path_factory, jax_cache):
-    """The uninterrupted one-process, 8-device tiny run of test_resume.py (once per session)."""
-    from tests.test_resume import reference_run
-
-    return reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
+    """The uninterrupted one-process, 8-device tiny run (once per session)."""
+    return helpers.reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
 
 
-# Fixtures shared by test_ranking and test_influence: one trained tiny run per session.
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> str:
-    from tests.test_ranking import trained_tiny_run
-
-    return trained_tiny_run(tmp_path_factory)
+    """One trained tiny run per session, shared by the ranking and influence tests."""
+    return helpers.trained_tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def run(run_dir):
-    from influence_jax import ranking
+    from influence_jax import scoring
 
-    return ranking.load_run(run_dir)
+    return scoring.load_run(run_dir)

@@ -1,20 +1,39 @@
-"""Shared test helpers: tiny configs, tiny synthetic datasets and one-step runners."""
+"""Shared test helpers (the only module tests import from each other): tiny configs and datasets,
+the engine on tiny configs, hand-made event logs, trained tiny runs, and real training processes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from configs import tiny
-from influence_jax import optim, sharding, train
-from influence_jax.data import pipeline, synthetic
+from influence_jax import engine, sharding, train
+from influence_jax.data import pipeline, prepare, readers, synthetic
+from influence_jax.data.schema import Schema
 from influence_jax.data.store import ExampleStore
-from influence_jax.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+BENCH = TOOLS / "bench"  # benchmark code: importable as top-level modules from this folder
+
+# ----------------------------------------------------------------------------- tiny configs
 
 
 def tiny_config(**overrides):
+    """configs/tiny.py with dotted overrides, e.g. tiny_config(**{"loop.num_steps": 5})."""
     config = tiny.get_config()
     for dotted, value in overrides.items():
         node = config
@@ -38,17 +57,200 @@ def first_batch(schema, path, batch_size: int = 64) -> dict[str, np.ndarray]:
     return pipeline.TrainBatches(store, batch_size, seed=0, num_batches=1)[0]
 
 
-def setup(config, schema, devices=None, mesh_cfg=None):
-    """(model, state, jitted train step, mesh) for `config` on `devices`."""
-    mesh_cfg = mesh_cfg or config.mesh
-    mesh = sharding.make_mesh(mesh_cfg, devices)
-    model = build_model(config.model, schema)
-    lr = optim.learning_rate_schedule(config.opt, config.loop.num_steps)
-    tx = optim.make_optimizer(config.opt, config.loop.num_steps)
-    state, state_sh = train.create_state(model, tx, schema, config.seed, mesh, mesh_cfg)
-    step = jax.jit(
-        train.make_train_step(model, tx, lr),
-        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
+def setup(config, schema, devices=None) -> tuple[engine.Engine, engine.TrainState]:
+    """(engine, initial state) of `config` on `devices` (default all), state not donated."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    eng = engine.setup(config, schema, mesh, donate=False)
+    return eng, eng.init_state()
+
+
+def trained_tiny_run(tmp_path_factory) -> str:
+    """WORKDIR of a configs/tiny.py run, trained once per test session."""
+    workdir = tmp_path_factory.getbasetemp() / "tiny-ranking-run"
+    if not (workdir / "done").exists():
+        train.train_and_evaluate(tiny_config(), str(workdir))
+        (workdir / "done").touch()
+    return str(workdir)
+
+
+# ----------------------------------------------------------------------------- event logs
+
+# user, item, category, behaviour, time (Taobao layout). Boundaries: valid 500, test 900.
+LOG = """\
+7,10,1,pv,100
+7,11,1,fav,200
+7,12,2,pv,300
+7,10,1,cart,300
+7,10,1,buy,400
+7,13,2,pv,400
+7,12,2,buy,1000
+8,11,1,pv,150
+8,11,1,buy,250
+8,12,2,buy,600
+9,13,2,buy,120
+"""
+ITEM = {10: 2, 11: 3, 12: 4, 13: 5}  # raw item -> vocabulary id (sorted raw ids from 2)
+CAT = {1: 2, 2: 3}
+PV, CART, FAV, BUY = 2, 3, 4, 5  # behaviour ids: type k -> k + 2
+
+
+def write(path, text: str) -> str:
+    with open(path, "w", newline="") as f:
+        f.write(text)
+    return str(path)
+
+
+def prepare_log(path, out, source="taobao", **kw) -> Schema:
+    """Prepares the log `path` into `out` (boundaries valid 500, test 900 by default)."""
+    kw.setdefault("valid_start", 500)
+    kw.setdefault("test_start", 900)
+    kw.setdefault("min_timestamp", 0)
+    return prepare.prepare(
+        readers.open_source(source, str(path)), str(out), prepare.PrepareOptions(**kw)
     )
-    return model, state, step, mesh
+
+
+def rows(out, split: str) -> dict[str, np.ndarray]:
+    store = ExampleStore(str(out), split)
+    return store.gather(np.arange(len(store)))
+
+
+def random_log(n_users: int, n_items: int, n: int, seed: int) -> str:
+    """A Taobao-layout log with many timestamp ties."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(1, n_users + 1, n)
+    items = rng.integers(1, n_items + 1, n)
+    beh = rng.choice(["pv", "cart", "fav", "buy"], n, p=[0.5, 0.2, 0.1, 0.2])
+    ts = rng.integers(1000, 1100, n)
+    return "".join(
+        f"{u},{i},{i % 3},{b},{t}\n" for u, i, b, t in zip(users, items, beh, ts, strict=True)
+    )
+
+
+# ----------------------------------------------------------------------------- real processes
+
+FLAGS = ("--config.ckpt.every=5",)  # tiny: 20 steps, evaluations at 10 and 20
+
+
+@dataclasses.dataclass
+class Finished:
+    returncode: int
+    log: str
+
+
+def subprocess_env(cache_dir: str, devices: int = 8, **extra: str) -> dict[str, str]:
+    """The environment of a test's child process: CPU, `devices` fake devices, a shared
+    persistent compilation cache (only the first process of a session compiles)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        **extra,
+    )
+    return env
+
+
+def start(
+    workdir: Path, *overrides: str, cache: str, devices: int = 8, tag: str = "", **env: str
+) -> tuple[subprocess.Popen, Path]:
+    """Starts the training command on configs/tiny.py; its output goes to WORKDIR-TAG.log."""
+    log = workdir.parent / f"{workdir.name}{tag}.log"
+    cmd = [sys.executable, "-m", "influence_jax.main", "--config=configs/tiny.py",
+           f"--workdir={workdir}", *overrides]  # fmt: skip
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=subprocess_env(cache, devices, **env), stdout=f, stderr=f
+        )
+    return proc, log
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> Finished:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"timed out after {timeout}s:\n{log.read_text()[-4000:]}")
+    return Finished(proc.returncode, log.read_text())
+
+
+def run_main(workdir: Path, *overrides: str, cache: str, **kw) -> Finished:
+    return finish(*start(workdir, *overrides, cache=cache, **kw))
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Polls every 10 ms until `predicate()`; fails if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"condition not reached (rc={proc.poll()}):\n{log.read_text()[-4000:]}")
+        time.sleep(0.01)
+
+
+def run_tool(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs tools/NAME.py with `args` from the repo root; output captured as text."""
+    cmd = [sys.executable, str(TOOLS / f"{name}.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def bench_module(name: str):
+    """The benchmark module tools/bench/NAME.py (its siblings import each other by name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def ckpt_steps(workdir: Path) -> list[int]:
+    """Committed checkpoint steps (half-written ones carry a suffix)."""
+    return sorted(int(n) for n in os.listdir(Path(workdir) / "checkpoints") if n.isdigit())
+
+
+def load_state(workdir: Path, step: int) -> dict:
+    """A checkpoint's TrainState as a dict of numpy arrays (no devices or model needed)."""
+    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as c:
+        tree = c.metadata(path).item_metadata.tree
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return c.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def assert_trees_equal(a: dict, b: dict) -> None:
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    differ = [
+        jax.tree_util.keystr(p)
+        for (p, x), (_, y) in zip(flat_a, flat_b, strict=True)
+        if not np.array_equal(x, y)
+    ]
+    assert not differ, f"{len(differ)} of {len(flat_a)} leaves differ: {differ[:8]}"
+
+
+def scalars(workdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run's TensorBoard event files, read back by TensorBoard."""
+    acc = EventAccumulator(str(workdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+@functools.lru_cache(maxsize=1)
+def reference_run(base: str, cache: str) -> Path:
+    """WORKDIR of one uninterrupted run of configs/tiny.py with FLAGS, made once per session."""
+    workdir = Path(base) / "reference"
+    out = run_main(workdir, *FLAGS, cache=cache)
+    assert out.returncode == 0, out.log[-4000:]
+    assert ckpt_steps(workdir)[-1] == 20
+    return workdir
+
+
+def session_cache(pytestconfig, tmp_path_factory) -> str:
+    """The compilation cache of the subprocesses: kept across sessions in pytest's cache."""
+    if getattr(pytestconfig, "cache", None) is not None:
+        return str(pytestconfig.cache.mkdir("jax-compilation-cache"))
+    return str(tmp_path_factory.getbasetemp() / "jax-cache")

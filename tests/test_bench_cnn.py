@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax.models import bench_cnn
-from influence_jax.models.bench_cnn import STRAIGHTFORWARD, BenchCNN
+from tests import helpers
+
+bench_cnn = helpers.bench_module("bench_cnn")
+STRAIGHTFORWARD, BenchCNN = bench_cnn.STRAIGHTFORWARD, bench_cnn.BenchCNN
 
 SMALL = dict(user_vocab=50, item_vocab=300, behaviour_vocab=6, embed_dim=8, filters=16, hidden=32)
 

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests import helpers
+from tests.helpers import ROOT
 
 TOOLS = os.path.join(ROOT, "tools")
 KEYS = {
@@ -45,11 +46,7 @@ def test_rank_benchmark_json_and_table(capsys):
         assert min(r["score_ex_per_s"], r["rank_path_ex_per_s"], r["eval_ex_per_s"]) > 0
         assert r["eval_vs_score_max_abs_diff"] < 1e-6  # same probabilities from both paths
 
-    sys.path.insert(0, TOOLS)
-    try:
-        import bench_rank
-    finally:
-        sys.path.remove(TOOLS)
+    bench_rank = helpers.bench_module("bench_rank")
     bench_rank.print_table(rows, host_memory_kept=False)
     out = capsys.readouterr().out
     assert "score ex/s" in out and "eval step" in out and "default" in out

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from influence_jax import config_check
-from influence_jax.config_check import ConfigError
+from influence_jax.errors import ConfigError
 from tests import helpers
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
@@ -35,7 +35,20 @@ def test_every_config_builds_and_checks(path):
         ({"data.batch_size": 60}, "config.data.batch_size=60 does not divide"),
         ({"data.eval_batch_size": 100}, "config.data.eval_batch_size=100 does not divide"),
         ({"model.name": "resnet"}, "config.model.name"),
-        ({"model.dropout": 1.0}, "config.model.dropout"),
+        ({"model.cnn.dropout": 1.0}, "config.model.cnn.dropout"),
+        ({"model.seed_cnn.dropout": -0.1}, "config.model.seed_cnn.dropout"),
+        ({"model.extractors": ()}, "config.model.extractors"),
+        ({"model.combine": "mean"}, "config.model.combine"),
+        ({"opt.name": "sgd"}, "config.opt.name"),
+        ({"opt.schedule": "linear"}, "config.opt.schedule"),
+        ({"opt.stats_rate": 0.0}, "config.opt.stats_rate"),
+        ({"opt.sparse_learning_rate": 0.0}, "config.opt.sparse_learning_rate"),
+        ({"loop.eval_every": -1}, "config.loop.eval_every"),
+        ({"loop.early_stop_metric": "aucc"}, "config.loop.early_stop_metric"),
+        ({"loop.early_stop_mode": "up"}, "config.loop.early_stop_mode"),
+        ({"ckpt.every": 0}, "config.ckpt.every"),
+        ({"data.train_time_range": (1,)}, "config.data.train_time_range"),
+        ({"mesh.rules": (("embed",),)}, "config.mesh.rules"),
         ({"loop.num_steps": 0}, "config.loop.num_steps"),
         ({"opt.learning_rate": 0.0}, "config.opt.learning_rate"),
         ({"data.source": "csv"}, "config.data.source"),

@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from influence_jax.config_check import ConfigError
+from influence_jax import files
 from influence_jax.data import pipeline
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
+from influence_jax.errors import ConfigError
 from influence_jax.experiments import cv, trials
 from tests import helpers
 
@@ -172,7 +173,7 @@ def test_a_sweep_can_score_each_trial_by_cross_validation(tiny_data, tmp_path_fa
     fn = functools.partial(cv.trial_metrics, num_folds=3, train_fn=fake_fold)
     records = sweep_lib.run(config, sweep, str(tmp_path), None, fn)
     for r in records:
-        folds = trials.read_json(str(tmp_path / f"trial_{r['trial']:03d}" / cv.SUMMARY_FILE))
+        folds = files.read_json(str(tmp_path / f"trial_{r['trial']:03d}" / cv.SUMMARY_FILE))
         aucs = [f["metrics"]["auc"] for f in folds["folds"]]
         assert len(aucs) == 3 and aucs == sorted(aucs)
         assert r["metrics"]["cv/auc_mean"] == pytest.approx(np.mean(aucs))

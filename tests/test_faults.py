@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from influence_jax import checkpoint as ckpt_lib
-from tests.test_resume import (
+from tests.helpers import (
     FLAGS,
     assert_trees_equal,
     ckpt_steps,
@@ -111,7 +111,7 @@ def _ckpt_cfg(**kw):
 
 
 def test_checkpointer_refuses_nan_state_and_verifies_checksums(tmp_path):
-    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), _ckpt_cfg())
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), _ckpt_cfg())
     # Big enough that the array data, not metadata, is the largest file of a checkpoint.
     good = {"w": jnp.arange(1 << 16, dtype=jnp.float32).reshape(256, 256), "step": jnp.int32(3)}
     with pytest.raises(ckpt_lib.CheckpointError, match=r"step 1: not saved .*\['w'\]"):
@@ -121,10 +121,10 @@ def test_checkpointer_refuses_nan_state_and_verifies_checksums(tmp_path):
     ckpt.save(4, {"w": good["w"] + 1, "step": jnp.int32(4)}, {"next_batch": 4})
     ckpt.close()
 
-    with open(_largest_file(tmp_path / "ck" / "4" / "state"), "r+b") as f:
+    with open(_largest_file(tmp_path / "run" / "checkpoints" / "4" / "state"), "r+b") as f:
         f.seek(os.path.getsize(f.name) // 2)
         f.write(b"\xff\xff")
-    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), _ckpt_cfg())
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), _ckpt_cfg())
     with pytest.raises(ckpt_lib.CheckpointError, match=r"checksum mismatch in \['w'\]"):
         ckpt._restore_verified(good, 4)
     state, data, step = ckpt.restore(good)

@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests import helpers
+from tests.helpers import ROOT
 
 TOOLS = os.path.join(ROOT, "tools")
 
@@ -18,12 +19,7 @@ def _rows(path) -> list[dict]:
 
 
 def _summary_module():
-    sys.path.insert(0, TOOLS)
-    try:
-        import gpu_summary
-    finally:
-        sys.path.remove(TOOLS)
-    return gpu_summary
+    return helpers.bench_module("gpu_summary")
 
 
 def test_gpu_benchmark_smoke_train_and_quality(tmp_path):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import matplotlib.image
@@ -18,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from influence_jax import influence, ranking, train
+from influence_jax import influence, ranking, scoring, train
 from influence_jax.data.store import ExampleStore
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("INFLUENCE_JAX_DATA", "")
 TAOBAO_STEPS = 60  # the gap held with every seed tried at 60 and 100 steps (see the test)
 
@@ -123,10 +121,8 @@ def test_batched_deltas_equal_one_at_a_time(run):
 
 def test_influence_report_cli(run_dir, tmp_path):
     out = tmp_path / "report"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "influence_report.py")]
-    cmd += [f"--workdir={run_dir}", f"--output={out}", "--sample=24", "--bootstrap=100"]
-    cmd += ["--max_examples=128"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    args = [f"--workdir={run_dir}", f"--output={out}", "--sample=24", "--bootstrap=100"]
+    r = helpers.run_tool("influence_report", *args, "--max_examples=128", timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "faithfulness" in r.stdout and "behaviour" in r.stdout
     saved = json.loads((out / "influence.json").read_text())
@@ -153,7 +149,7 @@ def test_taobao_rank_and_report(tmp_path):
     config.data.path = data
     config.loop.num_steps, config.loop.eval_every, config.ckpt.every = TAOBAO_STEPS, 0, TAOBAO_STEPS
     train.train_and_evaluate(config, str(tmp_path / "run"))
-    run = ranking.load_run(str(tmp_path / "run"), data)
+    run = scoring.load_run(str(tmp_path / "run"), data)
 
     raw = pcsv.read_csv(
         log, read_options=pcsv.ReadOptions(column_names=list(readers.TAOBAO_COLUMNS))

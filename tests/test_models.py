@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax.config_check import ConfigError
+from influence_jax import config_check
+from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
 from influence_jax.models.layers import ConvTower, masked_max
 from tests import helpers
@@ -38,7 +39,7 @@ def test_seed_cnn_shapes_and_history_padding(tiny_data):
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     logit, aux = model.apply({"params": params}, batch)
     assert logit.shape == (16,)
-    assert aux["pooled"]["hist"].shape == (16, config.model.filters)
+    assert aux["pooled"]["hist"].shape == (16, config.model.seed_cnn.filters)
     # Rewrite the ids at padded history positions (behaviour id stays 0 = padding).
     hist = batch["hist"].copy()
     pad = hist[..., schema.hist_index("behaviour")] == 0
@@ -52,9 +53,8 @@ def test_seed_cnn_shapes_and_history_padding(tiny_data):
 
 def test_dropout_only_in_training(tiny_data):
     schema, path = tiny_data
-    model = build_model(
-        helpers.tiny_config(**{"model.dropout": 0.5, "model.name": "seed_cnn"}).model, schema
-    )
+    config = helpers.tiny_config(**{"model.seed_cnn.dropout": 0.5, "model.name": "seed_cnn"})
+    model = build_model(config.model, schema)
     batch = helpers.first_batch(schema, path, 16)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     a, _ = model.apply({"params": params}, batch, train=False)
@@ -66,7 +66,6 @@ def test_dropout_only_in_training(tiny_data):
     assert not np.allclose(np.asarray(a), np.asarray(c))
 
 
-def test_unknown_model_name_is_a_config_error(tiny_data):
-    schema, _ = tiny_data
+def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match="config.model.name"):
-        build_model(helpers.tiny_config(**{"model.name": "nope"}).model, schema)
+        config_check.check(helpers.tiny_config(**{"model.name": "nope"}))

@@ -12,7 +12,7 @@ import numpy as np
 from influence_jax.data import pipeline
 from influence_jax.data.schema import Schema
 from influence_jax.data.store import ExampleStore
-from tests.test_resume import (
+from tests.helpers import (
     FLAGS,
     ckpt_steps,
     finish,

@@ -15,46 +15,10 @@ import pytest
 from influence_jax.data import audit, prepare, readers
 from influence_jax.data.schema import DataError, Schema
 from influence_jax.data.store import ExampleStore
+from tests.helpers import BUY, CART, CAT, FAV, ITEM, LOG, PV, random_log, rows, write
+from tests.helpers import prepare_log as run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# user, item, category, behaviour, time (Taobao layout). Boundaries: valid 500, test 900.
-LOG = """\
-7,10,1,pv,100
-7,11,1,fav,200
-7,12,2,pv,300
-7,10,1,cart,300
-7,10,1,buy,400
-7,13,2,pv,400
-7,12,2,buy,1000
-8,11,1,pv,150
-8,11,1,buy,250
-8,12,2,buy,600
-9,13,2,buy,120
-"""
-ITEM = {10: 2, 11: 3, 12: 4, 13: 5}  # raw item -> vocabulary id (sorted raw ids from 2)
-CAT = {1: 2, 2: 3}
-PV, CART, FAV, BUY = 2, 3, 4, 5  # behaviour ids: type k -> k + 2
-
-
-def write(path, text: str) -> str:
-    with open(path, "w", newline="") as f:
-        f.write(text)
-    return str(path)
-
-
-def run(path, out, source="taobao", **kw) -> Schema:
-    kw.setdefault("valid_start", 500)
-    kw.setdefault("test_start", 900)
-    kw.setdefault("min_timestamp", 0)
-    return prepare.prepare(
-        readers.open_source(source, str(path)), str(out), prepare.PrepareOptions(**kw)
-    )
-
-
-def rows(out, split: str) -> dict[str, np.ndarray]:
-    store = ExampleStore(str(out), split)
-    return store.gather(np.arange(len(store)))
 
 
 def find(cols, user_key: int, t: int, label: float = 1.0) -> int:
@@ -172,20 +136,9 @@ def test_audit_passes_then_fails_on_corrupted_copies(tmp_path):
         corrupt(fn.__name__, fn)
 
 
-def _random_log(n_users: int, n_items: int, n: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    users = rng.integers(1, n_users + 1, n)
-    items = rng.integers(1, n_items + 1, n)
-    beh = rng.choice(["pv", "cart", "fav", "buy"], n, p=[0.5, 0.2, 0.1, 0.2])
-    ts = rng.integers(1000, 1100, n)  # many ties
-    return "".join(
-        f"{u},{i},{i % 3},{b},{t}\n" for u, i, b, t in zip(users, items, beh, ts, strict=True)
-    )
-
-
 @pytest.mark.parametrize("strategy", ["uniform", "popularity"])
 def test_negatives_are_never_items_the_user_touched_by_then(tmp_path, strategy):
-    text = _random_log(12, 25, 600, seed=1)
+    text = random_log(12, 25, 600, seed=1)
     out = tmp_path / "p"
     schema = run(
         write(tmp_path / "log.csv", text),
@@ -221,7 +174,7 @@ def test_negatives_are_never_items_the_user_touched_by_then(tmp_path, strategy):
 
 
 def test_output_does_not_depend_on_bucket_count_and_is_seeded(tmp_path):
-    log = write(tmp_path / "log.csv", _random_log(30, 40, 800, seed=2))
+    log = write(tmp_path / "log.csv", random_log(30, 40, 800, seed=2))
 
     def table(out, **kw):
         run(log, out, neg_ratio=3, valid_start=1060, test_start=1080, max_len=4, **kw)
@@ -436,7 +389,7 @@ def test_rank_state_equals_a_training_example_at_the_cut(tmp_path):
 
 def test_rank_state_histories_hold_only_events_before_the_cut(tmp_path):
     """Against a plain-Python reference: the 5 most recent events strictly before each cut."""
-    text = _random_log(12, 25, 600, seed=2)
+    text = random_log(12, 25, 600, seed=2)
     schema = run(
         write(tmp_path / "log.csv", text),
         tmp_path / "p",

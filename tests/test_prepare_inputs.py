@@ -13,7 +13,8 @@ import pytest
 from influence_jax.data import audit, prepare, readers
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
-from tests.test_prepare import LOG, rows, run, write
+from tests.helpers import LOG, rows, write
+from tests.helpers import prepare_log as run
 
 
 def all_rows(out) -> dict[str, np.ndarray]:

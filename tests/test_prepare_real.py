@@ -88,19 +88,21 @@ def test_taobao_rank_state_is_leak_free_and_rebuilt_exactly_from_the_log(tmp_pat
     """Every user with an event before each cut has a row whose history ends before the cut;
     the same histories come back when rebuilt from the raw log (ranking --events)."""
     from influence_jax import ranking
+    from influence_jax.data.dataset import Dataset
 
     path = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
     out = str(tmp_path / "taobao")
     schema = prepare.prepare(readers.open_source("taobao", path), out, prepare.PrepareOptions())
+    dataset = Dataset(out)
     lo, hi = readers.TAOBAO_WINDOW
     raw = np.loadtxt(path, delimiter=",", usecols=(0, 4), dtype=np.int64)
     raw = raw[(raw[:, 1] >= lo) & (raw[:, 1] <= hi)]
     src = ranking.open_log("taobao", path)
     for cut, t in schema.extra["rank_state"]["cuts"].items():
-        ctx = ranking.load_contexts(out, schema, cut)
+        ctx = ranking.load_contexts(dataset, cut)
         assert len(ctx.user_key) == len(np.unique(raw[raw[:, 1] < t, 0]))
         last = np.load(os.path.join(out, "rank_state", cut, "last_ts.npy"))
         assert (last < t).all() and (ctx.hist[:, 0, 0] > 0).all()
-        rebuilt, _ = ranking.contexts_from_log(out, schema, src, t)
+        rebuilt, _ = ranking.contexts_from_log(dataset, src, t)
         np.testing.assert_array_equal(rebuilt.hist, ctx.hist)
         np.testing.assert_array_equal(rebuilt.user_key, ctx.user_key)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax.config_check import ConfigError
+from influence_jax import config_check
+from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
 from tests import helpers
 
@@ -92,7 +93,7 @@ def test_behaviour_type_weights_are_non_negative_and_gate_events(tiny_data):
 
 def test_gradients_reach_every_parameter(tiny_data):
     schema, path = tiny_data
-    model = _model(schema, dropout=0.0)
+    model = _model(schema)
     batch = helpers.first_batch(schema, path, 64)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
 
@@ -108,10 +109,14 @@ def test_gradients_reach_every_parameter(tiny_data):
     assert "embed_behaviour" not in params["embeddings"] and "behaviour_type_logits" in params
 
 
-def test_unknown_extractor_is_a_config_error(tiny_data):
-    schema, _ = tiny_data
+def test_unknown_extractor_or_extractor_field_is_a_config_error():
     with pytest.raises(ConfigError, match="config.model.extractors"):
-        _model(schema, extractors=("din", "transformer"))
+        config_check.check(helpers.tiny_config(**{"model.extractors": ("din", "transformer")}))
+    config = helpers.tiny_config()
+    with config.unlocked():
+        config.model.din.hiden = (8,)  # a typo inside an extractor's own settings
+    with pytest.raises(ConfigError, match=r"config.model.din: unknown field\(s\) \['hiden'\]"):
+        config_check.check(config)
 
 
 def test_type_embedding_switch(tiny_data):

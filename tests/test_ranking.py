@@ -4,13 +4,10 @@ atomic writes, candidate-file errors and OOV counts, and tools/rank.py end to en
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,27 +17,17 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from influence_jax import ranking, sharding, train
+from influence_jax import checkpoint, ranking, scoring, sharding
 from influence_jax.data import pipeline
+from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
+from influence_jax.engine import EVAL_KEYS
 from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def trained_tiny_run(tmp_path_factory) -> str:
-    """A configs/tiny.py run, trained once per test session (tests/test_influence.py shares it)."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny-ranking-run"
-    if not (workdir / "done").exists():
-        train.train_and_evaluate(helpers.tiny_config(), str(workdir))
-        (workdir / "done").touch()
-    return str(workdir)
-
-
-def rank_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "rank.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+def rank_cli(*args: str):
+    return helpers.run_tool("rank", *args, timeout=120)
 
 
 def write_csv(path, rows: list[str]) -> str:
@@ -66,9 +53,30 @@ def test_params_only_restore_matches_the_full_checkpoint(run_dir, run):
     )
 
 
+def test_params_only_restore_verifies_the_saved_checksums(run_dir, tmp_path):
+    """A wrong checksum of a parameter fails the ranker's restore, naming the leaf; one of the
+    optimizer state (which the ranker does not read) does not."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    meta = copy / "checkpoints" / "20" / "data" / "metadata"
+    saved = json.loads(meta.read_text())
+    digest = list(saved["digest"])
+    # TrainState leaves in order: step, the parameters (sorted paths), the optimizer, the RNG.
+    params = jax.tree_util.tree_flatten_with_path(scoring.load_run(run_dir).params)[0]
+    first = jax.tree_util.keystr(params[0][0])
+    saved["digest"] = [digest[0], digest[1] ^ 1, *digest[2:]]
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(DataError, match=rf"checksum mismatch in {re.escape(first)}"):
+        scoring.load_run(str(copy))
+    assert scoring.load_run(str(copy), step="10").step == 10
+    saved["digest"] = [*digest[:-2], digest[-2] ^ 1, digest[-1]]  # an optimizer leaf
+    meta.write_text(json.dumps(saved))
+    assert scoring.load_run(str(copy)).step == 20
+
+
 def test_step_selection(run_dir):
     assert ranking.load_run(run_dir, step="10").step == 10
-    best = os.path.join(run_dir, ranking.BEST_FILE)
+    best = os.path.join(run_dir, checkpoint.BEST_FILE)
     saved = open(best).read() if os.path.exists(best) else None
     try:
         if saved is not None:
@@ -97,13 +105,13 @@ def test_step_selection(run_dir):
 def test_scores_equal_the_eval_step(run):
     store = ExampleStore(run.data_path, "test", run.schema)
     batch = pipeline.EvalBatches(store, 128)[1]
-    batch = {k: batch[k].astype(np.int32) if k == "user_key" else batch[k] for k in train.EVAL_KEYS}
-    eval_step = jax.jit(train.make_eval_step(run.model))
+    batch = {k: batch[k].astype(np.int32) if k == "user_key" else batch[k] for k in EVAL_KEYS}
+    eval_step = run.engine.eval_step
     want = sharding.to_host(eval_step(run.params, sharding.to_global(batch, run.mesh))["prob"])
     # Another batch size, so padding and sharding differ from the eval step's.
     gather = lambda r: {k: batch[k][r] for k in ("user", "item", "hist")}
-    fn = ranking.make_score_fn(run)
-    got = ranking.batched(fn, run, 128, gather, ranking.global_batch(run, 48))
+    fn = scoring.make_score_fn(run)
+    got = scoring.batched(fn, run, 128, gather, scoring.global_batch(run, 48))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
@@ -120,10 +128,10 @@ def test_ranked_scores_equal_eval_scores_of_each_users_latest_example(run, tmp_p
     summary = ranking.rank(run, str(out), top_k=1, candidates=path)
     assert summary["pairs_scored"] == len(rows) and summary["unknown_users"] == 0
     got = pq.read_table(out).to_pydict()
-    eval_step = jax.jit(train.make_eval_step(run.model))
+    eval_step = run.engine.eval_step
     batch = dict(ex, weight=np.ones(len(rows), np.float32), user_key=uk[rows].astype(np.int32))
-    batch = {k: batch[k] for k in train.EVAL_KEYS}
-    pad = ranking.global_batch(run, len(rows)) - len(rows)
+    batch = {k: batch[k] for k in EVAL_KEYS}
+    pad = scoring.global_batch(run, len(rows)) - len(rows)
     batch = {k: np.concatenate([v, v[:pad]]) for k, v in batch.items()}
     want = sharding.to_host(eval_step(run.params, sharding.to_global(batch, run.mesh))["prob"])
     by_user = dict(zip(uk[rows].tolist(), want[: len(rows)].tolist(), strict=True))
@@ -234,28 +242,19 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["top.parquet"]
 
 
-def test_benchmark_scoring_reports_a_rate(run):
-    assert ranking.benchmark_scoring(run, batch=256, n=2) > 0
-
-
 # Ranking on a prepared dataset with a ranking state (rank_state/), with untrained parameters:
 # these tests check who is ranked, against what and with which history, not the scores.
 @pytest.fixture(scope="module")
 def prepared_run(tmp_path_factory):
-    from influence_jax.data import prepare, readers
-    from tests.test_prepare import _random_log, write
-
     d = tmp_path_factory.mktemp("prepared-ranking")
-    text = _random_log(20, 60, 1500, seed=5)
-    opts = prepare.PrepareOptions(
-        valid_start=1060, test_start=1080, min_timestamp=0, max_len=5, neg_ratio=2
-    )
+    text = helpers.random_log(20, 60, 1500, seed=5)
     data = str(d / "data")
-    schema = prepare.prepare(readers.open_source("taobao", write(d / "log.csv", text)), data, opts)
-    config = helpers.tiny_config()
-    model, state, _, mesh = helpers.setup(config, schema)
+    helpers.prepare_log(
+        helpers.write(d / "log.csv", text), data, valid_start=1060, test_start=1080, max_len=5,
+        neg_ratio=2,
+    )  # fmt: skip
     log = [line.split(",") for line in text.splitlines()]
-    return ranking.Run(str(d), config, schema, data, model, state.params, 0, mesh), log
+    return scoring.make_run(helpers.tiny_config(), data, workdir=str(d)), log
 
 
 def test_default_candidates_are_every_train_item_for_every_user_at_the_cut(prepared_run, tmp_path):
@@ -308,7 +307,7 @@ def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):
 
 def test_contexts_are_the_rank_state_and_old_datasets_fall_back(prepared_run, tmp_path, caplog):
     run, _ = prepared_run
-    ctx = ranking.load_contexts(run.data_path, run.schema, "valid")
+    ctx = ranking.load_contexts(run.dataset, "valid")
     st = np.load(os.path.join(run.data_path, "rank_state", "valid", "hist.npy"))
     keys = np.load(os.path.join(run.data_path, "rank_state", "valid", "user_key.npy"))
     np.testing.assert_array_equal(ctx.hist, st[np.argsort(keys)])
@@ -316,14 +315,14 @@ def test_contexts_are_the_rank_state_and_old_datasets_fall_back(prepared_run, tm
     old = tmp_path / "old"
     shutil.copytree(run.data_path, old, ignore=shutil.ignore_patterns("rank_state"))
     with caplog.at_level("WARNING"):
-        ctx = ranking.load_contexts(str(old), run.schema, "valid")
+        ctx = ranking.load_contexts(Dataset(str(old)), "valid")
     assert "rerun tools/prepare_data.py" in caplog.text
     valid = ExampleStore(str(old), "valid", run.schema)
     assert set(ctx.user_key[ctx.in_split]) == set(valid.column("user_key"))
     with pytest.raises(DataError, match="prepare_data.py"):
-        ranking.load_contexts(str(old), run.schema, "end")
+        ranking.load_contexts(Dataset(str(old)), "end")
     with pytest.raises(DataError, match="--as_of"):
-        ranking.load_contexts(run.data_path, run.schema, "train")
+        ranking.load_contexts(run.dataset, "train")
 
 
 def test_progress_line_reports_rate_and_eta():
@@ -345,8 +344,8 @@ def test_histories_rebuilt_from_the_raw_log_equal_the_rank_state(prepared_run, t
     run, log = prepared_run
     src = ranking.open_log("taobao", os.path.join(run.workdir, "log.csv"))
     for cut, t in run.schema.extra["rank_state"]["cuts"].items():
-        got, counts = ranking.contexts_from_log(run.data_path, run.schema, src, t)
-        want = ranking.load_contexts(run.data_path, run.schema, cut)
+        got, counts = ranking.contexts_from_log(run.dataset, src, t)
+        want = ranking.load_contexts(run.dataset, cut)
         for f in ("user_key", "user", "hist", "timestamp"):
             np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f"{cut} {f}")
         assert counts["log_events"] == len(log) and counts["log_users_not_in_dataset"] == 0
@@ -361,7 +360,7 @@ def test_a_run_trained_without_a_behaviour_type_ranks_without_it(prepared_run, t
     run, _ = prepared_run
     config = run.config.copy_and_resolve_references()
     config.data.drop_behaviours = ("pv",)
-    dropped = dataclasses.replace(run, config=config)
+    dropped = scoring.make_run(config, run.data_path, run.params)
     kw = dict(top_k=3, explain=True, max_items=20)
     ranking.rank(run, str(tmp_path / "a.parquet"), **kw)
     ranking.rank(dropped, str(tmp_path / "b.parquet"), **kw)

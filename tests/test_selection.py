@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from influence_jax.config_check import ConfigError
 from influence_jax.data import pipeline
 from influence_jax.data.schema import NUM_RESERVED
 from influence_jax.data.store import ExampleStore
+from influence_jax.errors import ConfigError
 from influence_jax.experiments import selection, trials
 from tests import helpers
 

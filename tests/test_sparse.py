@@ -11,7 +11,7 @@ from tests import helpers
 
 def _setup(tiny_data, batch_size=32):
     schema, path = tiny_data
-    model = build_model(helpers.tiny_config(**{"model.dropout": 0.0}).model, schema)
+    model = build_model(helpers.tiny_config().model, schema)
     batch = helpers.first_batch(schema, path, batch_size)
     params = model.init(jax.random.PRNGKey(0), batch)["params"]
     return schema, model, batch, params
@@ -60,24 +60,15 @@ def test_rowwise_adagrad_touches_only_batch_rows_and_matches_reference(tiny_data
 
 
 def test_sparse_train_step_learns_and_keeps_unused_rows(tiny_data):
-    from influence_jax import optim, train
-
-    schema, model, batch, params = _setup(tiny_data, 64)
-    config = helpers.tiny_config(**{"model.dropout": 0.0, "opt.schedule": "constant"})
-    vocabs = sparse.sparse_vocabs(schema, params, min_rows=100)
-    lr = optim.learning_rate_schedule(config.opt, 100)
-    tx = optim.make_optimizer(config.opt, 100)
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=sparse.init_opt_state(tx, params, vocabs),
-        rng=jax.random.PRNGKey(0),
-    )
-    step = jax.jit(sparse.make_train_step(model, tx, lr, schema, vocabs, train.training_loss, 0.05))
-    table0 = np.asarray(params["embeddings"]["embed_item_id"])
+    schema, path = tiny_data
+    batch = helpers.first_batch(schema, path, 64)
+    config = helpers.tiny_config(**{"opt.schedule": "constant", "opt.sparse_min_rows": 100})
+    eng, state = helpers.setup(config, schema, jax.devices()[:1])
+    assert set(eng.sparse_vocabs) == {"user_id", "item_id"}
+    table0 = np.asarray(state.params["embeddings"]["embed_item_id"])
     losses = []
     for _ in range(30):
-        state, m = step(state, batch)
+        state, m = eng.train_step(state, batch)
         losses.append(float(m["loss_sum"] / m["count"]))
     assert losses[-1] < 0.85 * losses[0], losses
     table = np.asarray(state.params["embeddings"]["embed_item_id"])
@@ -87,6 +78,15 @@ def test_sparse_train_step_learns_and_keeps_unused_rows(tiny_data):
     # No dense optimizer moments exist for the sparse tables: nothing of their size is kept.
     shapes = {x.shape for x in jax.tree_util.tree_leaves(state.opt_state["dense"])}
     assert table.shape not in shapes
+    # The row-wise Adagrad rate is the config's: a larger one moves the used rows further.
+    fast = helpers.tiny_config(
+        **{"opt.schedule": "constant", "opt.sparse_min_rows": 100, "opt.sparse_learning_rate": 0.5}
+    )
+    eng2, state2 = helpers.setup(fast, schema, jax.devices()[:1])
+    state2, _ = eng2.train_step(state2, batch)
+    state1, _ = eng.train_step(eng.init_state(), batch)
+    step_of = lambda st: np.abs(np.asarray(st.params["embeddings"]["embed_item_id"]) - table0).max()
+    assert step_of(state2) > 5 * step_of(state1) > 0
 
 
 def test_train_and_evaluate_with_sparse_tables_on_eight_devices(tmp_path):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from influence_jax.config_check import ConfigError
+from influence_jax.errors import ConfigError
 from influence_jax.experiments import sweep as sweep_lib
 from influence_jax.experiments import trials
 from tests import helpers
-from tests.test_resume import subprocess_env
+from tests.helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = {
@@ -91,7 +91,7 @@ def test_random_values_are_reproducible_and_in_range():
         "seed": 3,
         "params": {
             "opt.learning_rate": {"log_uniform": [1e-4, 1e-2]},
-            "model.dropout": {"uniform": [0.0, 0.5]},
+            "model.cnn.dropout": {"uniform": [0.0, 0.5]},
             "model.embed_dim": {"int_uniform": [4, 6]},
             "model.extractors": [["din"], ["din", "dnn"]],
         },
@@ -100,7 +100,7 @@ def test_random_values_are_reproducible_and_in_range():
     a = [sweep_lib.trial_values(sweep, i) for i in range(20)]
     assert a == [sweep_lib.trial_values(sweep_lib.parse(raw), i) for i in range(20)]
     assert all(1e-4 <= v["opt.learning_rate"] <= 1e-2 for v in a)
-    assert all(0.0 <= v["model.dropout"] <= 0.5 for v in a)
+    assert all(0.0 <= v["model.cnn.dropout"] <= 0.5 for v in a)
     assert {v["model.embed_dim"] for v in a} == {4, 5, 6}
     assert len({v["opt.learning_rate"] for v in a}) == 20
     # Log-uniform: about half the draws below the geometric mean 1e-3.

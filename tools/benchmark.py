@@ -7,19 +7,20 @@ python tools/benchmark.py --what=scale
 python tools/benchmark.py --what=input
 python tools/benchmark.py --what=quality [--quality_dtypes=float32,bfloat16]
 
-`--what=train` (tools/bench_train.py) times the engine's own train step on the benchmark CNN
-(jitted, state donated) and its batch scoring on ready synthetic batches: examples/s, the median
-of --repeats timed runs of about --seconds each, after warm-up. `--compare` (= `--compare=all`,
-or a list such as `--compare=keras,torch`) runs the references of tools/bench_refs/, each in its
-own process, and prints our ratio to the best of them. The limit is the FLOPs per example of the
-compiled train step (XLA's cost analysis) against a timed large matmul on the same device.
-`--what=rank` (tools/bench_rank.py) scores candidates with the engine's own ranker (the default
-config's model and the model with every registered extractor) through the ranking score
-function and the evaluation step, and with `--compare` the same model in Keras.
+The benchmark code lives in tools/bench/. `--what=train` (bench_train.py) times the engine's
+own train step on the benchmark CNN (jitted, state donated) and its batch scoring on ready
+synthetic batches: examples/s, the median of --repeats timed runs of about --seconds each, after
+warm-up. `--compare` (= `--compare=all`, or a list such as `--compare=keras,torch`) runs the
+references of tools/bench/bench_refs/, each in its own process, and prints our ratio to the
+best of them. The limit is the FLOPs per example of the compiled train step (XLA's cost
+analysis) against a timed large matmul on the same device. `--what=rank` (bench_rank.py)
+scores candidates with the engine's own ranker (the default config's model and the model
+with every registered extractor) through the ranking score function and the evaluation step,
+and with `--compare` the same model in Keras.
 `--what=scale` times the step with a 100K vs 10M-row item table and with max_len 50 vs 200;
-`--what=input` the input pipeline against the step it feeds (tools/bench_input.py).
+`--what=input` the input pipeline against the step it feeds (bench_input.py).
 `--what=quality` trains the benchmark CNN in each --quality_dtypes on the same planted-signal
-data and compares held-out AUC (tools/bench_quality.py): whether mixed precision keeps AUC.
+data and compares held-out AUC (bench_quality.py): whether mixed precision keeps AUC.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sys
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TOOLS))  # the repo root: influence_jax without installing
-sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.join(TOOLS, "bench"))  # the benchmark code (tools/bench/)
 
 from absl import app, flags  # noqa: E402
 

@@ -18,7 +18,7 @@
 #   rank        candidates/s of the default and the full ranker, score fn and eval step
 #   scale       dense Adam vs the engine's row-sparse update, 100K vs 10M items (embedding 64),
 #               and the benchmark CNN's step at max_len 50 vs 200
-# JSON lines and logs go to $OUT (default /tmp/gpu_benchmark); tools/gpu_summary.py prints the
+# JSON lines and logs go to $OUT (default /tmp/gpu_benchmark); tools/bench/gpu_summary.py prints the
 # table last. Needs jax (with CUDA for GPU figures) and, for the reference, torch in python3;
 # the repository itself need not be installed.
 set -uo pipefail
@@ -83,4 +83,4 @@ part quality --what=quality --batches="$B1" --quality_steps="$STEPS" --quality_i
 part rank --what=rank --batches="$B1,$B2" --rank_models=default,full "${common[@]}"
 part scale --what=scale --scale_batch="$B1" "${scale[@]}" "${common[@]}"
 
-python3 tools/gpu_summary.py "$out" | tee "$out/summary.txt"
+python3 tools/bench/gpu_summary.py "$out" | tee "$out/summary.txt"

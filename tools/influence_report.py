@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import influence, logs, ranking  # noqa: E402
+from influence_jax import influence, logs, scoring  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
     logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
     try:
-        run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+        run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
         r = influence.report(
             run,
             _OUTPUT.value,

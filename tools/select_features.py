@@ -22,8 +22,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from influence_jax import logs  # noqa: E402
-from influence_jax.config_check import ConfigError  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
+from influence_jax.errors import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the rounds and the summary.")

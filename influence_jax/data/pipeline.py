@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from influence_jax.config_check import ConfigError
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
 from influence_jax.data.store import ExampleStore
+from influence_jax.errors import ConfigError
 
 try:  # Grain is optional at run time; see pyproject.toml.
     import grain
@@ -182,9 +182,7 @@ def restrict(store: ExampleStore, data_cfg: Any, role: str) -> ExampleStore | St
         return store
     drop_ids = dropped_behaviour_ids(store.schema, data_cfg)
     rows = None
-    if time_range:
-        if len(time_range) != 2:
-            raise ConfigError(f"config.data.{field}: give () or (start, end), got {time_range}")
+    if time_range:  # () or (start, end): checked in config_check
         rows = time_rows(store, time_range)
         if not len(rows):
             t = store.column("timestamp")

@@ -14,6 +14,10 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+
+from influence_jax.errors import DataError  # noqa: F401 - re-exported for the data modules
+
 PAD_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
@@ -23,10 +27,6 @@ SCHEMA_VERSION = 1
 # The history must carry these roles; the model finds them by name.
 HIST_ITEM = "item_id"
 HIST_BEHAVIOUR = "behaviour"
-
-
-class DataError(ValueError):
-    """Bad input data or a bad prepared dataset; the message names the file, line or field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,3 +145,14 @@ class Schema:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e})") from None
         return cls.from_json(d, source=path)
+
+
+def dummy_batch(schema: Schema, batch_size: int = 2) -> dict[str, np.ndarray]:
+    """Zeros shaped like a model batch, for initialisation and shape inference."""
+    return {
+        "user": np.zeros((batch_size, len(schema.user_fields)), np.int32),
+        "item": np.zeros((batch_size, len(schema.item_fields)), np.int32),
+        "hist": np.zeros((batch_size, schema.max_len, len(schema.hist_fields)), np.int32),
+        "label": np.zeros((batch_size,), np.float32),
+        "weight": np.ones((batch_size,), np.float32),
+    }

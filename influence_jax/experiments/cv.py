@@ -25,8 +25,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from influence_jax.config_check import ConfigError
-from influence_jax.data.schema import DataError
+from influence_jax import files
+from influence_jax.errors import ConfigError, DataError
 from influence_jax.experiments import trials
 
 MODES = ("expanding", "rolling")
@@ -151,7 +151,7 @@ def run(
             }
         )
     result = {"mode": mode, "window": window, "folds": out, "summary": summarise(out)}
-    trials.write_json(os.path.join(workdir, SUMMARY_FILE), result)
+    files.write_json(os.path.join(workdir, SUMMARY_FILE), result)
     _write_csv(out, os.path.join(workdir, "cv.csv"))
     return result
 
@@ -196,13 +196,15 @@ def summarise(folds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def _write_csv(folds: list[dict[str, Any]], path: str) -> None:
     cols = ["index", "train_start", "train_end", "eval_start", "eval_end", "examples_train",
             "examples_eval", "status", *METRICS]  # fmt: skip
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for fold in folds:
-            w.writerow([fold.get(c, fold["metrics"].get(c, "")) for c in cols])
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for fold in folds:
+                w.writerow([fold.get(c, fold["metrics"].get(c, "")) for c in cols])
+
+    files.write_atomic(path, write)
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -22,7 +22,8 @@ from typing import Any
 
 import ml_collections
 
-from influence_jax.config_check import ConfigError
+from influence_jax import files
+from influence_jax.errors import ConfigError
 from influence_jax.experiments import trials
 
 CRITERIA = ("share", "influence")  # share: influence / the group's total influence
@@ -35,9 +36,9 @@ ReportFn = Callable[[str, str, str], dict[str, Any]]  # (run workdir, output, sp
 
 def influence_report(workdir: str, output: str, split: str) -> dict[str, Any]:
     """influence.report of the run in `workdir` on `split`, sized for selection (not plots)."""
-    from influence_jax import influence, ranking
+    from influence_jax import influence, scoring
 
-    run = ranking.load_run(workdir)
+    run = scoring.load_run(workdir)
     return influence.report(run, output, split=split, sample=64, max_examples=5_000, n_boot=200)
 
 
@@ -168,7 +169,7 @@ def run(
         "selected_round": selected,
         "stopped": stopped,
     }
-    trials.write_json(os.path.join(workdir, SUMMARY_FILE), result)
+    files.write_json(os.path.join(workdir, SUMMARY_FILE), result)
     best = trials.load_config_file(os.path.join(workdir, f"round_{selected}", "config.py"))
     doc = (
         f"Config selected by influence in {os.path.abspath(workdir)} (round {selected}, "
@@ -181,12 +182,12 @@ def run(
 def _report(round_dir: str, given: str | None, split: str, report_fn: ReportFn) -> dict:
     """The influence report of a finished round: `given`, the one written before, or a new one."""
     if given:
-        report = trials.read_json(given)
+        report = files.read_json(given)
         if report is None:
             raise ConfigError(f"--report={given}: no such file")
         return report
     out = os.path.join(round_dir, REPORT_DIR)
-    report = trials.read_json(os.path.join(out, "influence.json"))
+    report = files.read_json(os.path.join(out, "influence.json"))
     return report if report is not None else report_fn(round_dir, out, split)
 
 

@@ -6,7 +6,7 @@ A sweep file (JSON, or a Python file with `get_sweep()` returning the same dict)
      "metric": "valid/auc", "mode": "max",
      "params": {"opt.learning_rate": [1e-3, 3e-3],               # a list: choose one value
                 "model.extractors": [["din"], ["din", "dnn"]],
-                "model.dropout": {"uniform": [0.0, 0.5]},          # random search only
+                "model.dnn.dropout": {"uniform": [0.0, 0.5]},      # random search only
                 "opt.weight_decay": {"log_uniform": [1e-6, 1e-3]},
                 "model.embed_dim": {"int_uniform": [8, 32]}}}
 
@@ -32,9 +32,11 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import pyarrow as pa
 
+from influence_jax import files
 from influence_jax import summary as summary_lib
-from influence_jax.config_check import ConfigError
+from influence_jax.errors import ConfigError
 from influence_jax.experiments import hparams, trials
 
 METHODS = ("grid", "random")
@@ -233,7 +235,7 @@ def run(
                 with summary_lib.SummaryWriter(d) as writer:
                     writer.scalars(0, cv_metrics)
             hparams.write_session_end(d, record["status"] == "ok")
-            trials.write_text(os.path.join(d, SESSION_END), record["run_id"] + "\n")
+            files.write_text(os.path.join(d, SESSION_END), record["run_id"] + "\n")
         records.append(record)
     return records
 
@@ -241,7 +243,7 @@ def run(
 def _claim(d: str, i: int, values: dict, sweep: Sweep, cfg: ml_collections.ConfigDict) -> None:
     """Writes the trial's values and config file, or checks them against an earlier run's."""
     path = os.path.join(d, TRIAL_FILE)
-    before = trials.read_json(path)
+    before = files.read_json(path)
     record = json.loads(json.dumps({"trial": i, "params": values}))
     if before is not None:
         if before != record:
@@ -261,7 +263,7 @@ def _claim(d: str, i: int, values: dict, sweep: Sweep, cfg: ml_collections.Confi
     trials.write_config_file(
         os.path.join(d, "config.py"), cfg, f"Config of sweep trial {i}: {values}."
     )
-    trials.write_json(path, record)
+    files.write_json(path, record)
 
 
 def _changed(a: dict, b: dict, prefix: str = "") -> str:
@@ -280,7 +282,7 @@ def _changed(a: dict, b: dict, prefix: str = "") -> str:
 def collect(workdir: str) -> list[dict[str, Any]]:
     """Every finished trial's result record under `workdir`, by trial index."""
     paths = glob.glob(os.path.join(workdir, "trial_*", trials.RESULT_FILE))
-    records = [trials.read_json(p) for p in paths]
+    records = [files.read_json(p) for p in paths]
     return sorted((r for r in records if r is not None), key=lambda r: r["trial"])
 
 
@@ -321,23 +323,17 @@ def write_table(rows: list[dict[str, Any]], workdir: str) -> list[str]:
     if not rows:
         return []
     path = os.path.join(workdir, TABLE + ".csv")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    paths = [path]
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        ppath = os.path.join(workdir, TABLE + ".parquet")
-        pq.write_table(pa.Table.from_pylist(rows), f"{ppath}.tmp-{os.getpid()}")
-        os.replace(f"{ppath}.tmp-{os.getpid()}", ppath)
-        paths.append(ppath)
-    except ImportError:  # pragma: no cover - pyarrow is a dependency; CSV is enough
-        pass
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+    files.write_atomic(path, write)
+    ppath = os.path.join(workdir, TABLE + ".parquet")
+    files.write_table(pa.Table.from_pylist(rows), ppath)
+    paths = [path, ppath]
     return paths
 
 

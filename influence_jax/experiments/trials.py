@@ -21,41 +21,17 @@ from typing import Any
 
 import ml_collections
 
-from influence_jax.config_check import ConfigError
+from influence_jax import checkpoint
+from influence_jax.errors import ConfigError, TrainingError
+from influence_jax.files import read_json, write_json, write_text
 
 RESULT_FILE = "result.json"
-BEST_FILE = "best.json"  # written by loop.py: the best evaluation of a run
-DATA_DIR = "data"  # train.load_data generates synthetic data into WORKDIR/data
 
 TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, float]]
 
 
 class Preempted(RuntimeError):
     """A trial stopped (SIGTERM) before its final evaluation; the same command resumes it."""
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically: a reader sees the old file or the whole new one, never a part."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> Any | None:
-    """The JSON in `path`, or None when there is no such file."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 def get_field(config: ml_collections.ConfigDict, dotted: str, where: str = "") -> Any:
@@ -149,21 +125,8 @@ def train_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, fl
 
 
 def _saved_eval(workdir: str, split: str) -> dict[str, float]:
-    """The evaluation metrics stored with the latest checkpoint (checkpoint.py), as "split/k"."""
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-    )
-    try:
-        step = manager.latest_step()
-        saved = (
-            manager.metadata(step).custom_metadata.get("metrics", {}) if step is not None else {}
-        )
-    finally:
-        manager.close()
-    return {f"{split}/{k}": float(v) for k, v in saved.items()}
+    """The evaluation metrics stored with the latest checkpoint, as "split/k"."""
+    return {f"{split}/{k}": float(v) for k, v in checkpoint.saved_metrics(workdir).items()}
 
 
 def share_synthetic_data(config: ml_collections.ConfigDict, workdir: str, root: str) -> None:
@@ -174,7 +137,7 @@ def share_synthetic_data(config: ml_collections.ConfigDict, workdir: str, root: 
 
     if config.data.source != "synthetic":
         return
-    link = os.path.join(workdir, DATA_DIR)
+    link = checkpoint.data_dir(workdir)
     if os.path.lexists(link):
         return
     generator = json.dumps(synthetic.cfg_to_dict(config.data.synthetic), sort_keys=True)
@@ -223,8 +186,6 @@ def run_in_workdir(
     Returns:
       {**info, "status", "error", "metrics", "best", "seconds", "finished_unix", "run_id"}.
     """
-    from influence_jax.loop import TrainingError
-
     path = os.path.join(workdir, RESULT_FILE)
     done = read_json(path)
     if done is not None:
@@ -241,7 +202,7 @@ def run_in_workdir(
         "status": status,
         "error": error,
         "metrics": {k: float(v) for k, v in metrics.items()},
-        "best": read_json(os.path.join(workdir, BEST_FILE)),
+        "best": checkpoint.read_best(workdir),
         "seconds": round(time.time() - t0, 2),
         "finished_unix": time.time(),
         "run_id": uuid.uuid4().hex,

@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from influence_jax.data import rank_state, readers
+from influence_jax.data.dataset import Dataset
 from influence_jax.data.history import Events, sort_events, state_as_of
 from influence_jax.data.plan import RECORD
-from influence_jax.data.schema import OOV_ID, DataError, Schema
+from influence_jax.data.schema import OOV_ID, DataError
 from influence_jax.data.vocab import Vocab, positions
 from influence_jax.ranking.contexts import Contexts
 
@@ -54,12 +55,14 @@ def _concat(parts: list) -> np.ndarray | pa.Array | None:
 
 
 def contexts_from_log(
-    data_path: str, schema: Schema, source: readers.EventSource, as_of: int
+    dataset: Dataset, source: readers.EventSource, as_of: int
 ) -> tuple[Contexts, dict[str, int]]:
-    """Every dataset user with an event strictly before `as_of` (unix s) in the log, as of then.
+    """Every dataset user with an event strictly before `as_of` (unix s) in the log, as of then
+    (histories without the run's dropped behaviour types).
 
     Returns the contexts and counts (events read, events before as_of, users skipped)."""
-    if not rank_state.available(data_path):
+    data_path, schema = dataset.path, dataset.schema
+    if not dataset.has_rank_state:
         raise DataError(f"{data_path}: no rank_state/; rerun tools/prepare_data.py first")
     if tuple(source.behaviour_types) != tuple(schema.behaviour_types):
         raise DataError(
@@ -102,7 +105,7 @@ def contexts_from_log(
     ctx = Contexts(
         s.user,
         np.asarray(users.user)[row],
-        s.hist,
+        dataset.drop_events(s.hist),
         np.full(len(s.user), as_of, np.int64),
         np.ones(len(s.user), bool),
         seen,

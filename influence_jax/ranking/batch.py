@@ -1,10 +1,9 @@
 """Batch ranking: score every candidate pair with the run's jitted scoring function, keep each
-user's top k and write them atomically; `benchmark_scoring` times the same path.
+user's top k and write them atomically (with `explain`, each row's influence columns).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import time
 from collections.abc import Callable, Iterator
@@ -15,16 +14,16 @@ import numpy as np
 import pyarrow as pa
 from absl import logging
 
-from influence_jax.data import pipeline, readers
-from influence_jax.data.schema import DataError
-from influence_jax.data.store import ExampleStore
+from influence_jax import influence
+from influence_jax.data import readers
+from influence_jax.errors import DataError
+from influence_jax.files import write_table
 from influence_jax.ranking.asof import contexts_from_log
 from influence_jax.ranking.candidates import Candidates, DefaultCandidates, file_candidates
-from influence_jax.ranking.contexts import Contexts, IdMaps, load_contexts
-from influence_jax.ranking.output import Progress, top_k_rows, write_table
-from influence_jax.ranking.run import Run, batched, global_batch, load_run, make_score_fn
+from influence_jax.ranking.contexts import Contexts, load_contexts
+from influence_jax.ranking.output import Progress, top_k_rows
+from influence_jax.scoring import Run, batched, global_batch, make_score_fn
 
-NUM_EXPLAINED_EVENTS = 3
 BLOCK_PAIRS = 1 << 20  # default candidates scored (and reduced to the top k) per block of users
 
 
@@ -111,7 +110,6 @@ def rank(
     if max_items < 0:
         raise DataError(f"--max_items must be 0 (all) or more, got {max_items}")
     t0 = time.perf_counter()
-    maps = IdMaps(run.data_path, run.schema)
     when = as_of or split
     log_counts: dict[str, int] = {}
     if events is not None:
@@ -119,17 +117,15 @@ def rank(
             when = int(when)
         except ValueError:
             raise DataError(f"--as_of must be a unix time with --events, not {when!r}") from None
-        ctx, log_counts = contexts_from_log(run.data_path, run.schema, events, when)
+        ctx, log_counts = contexts_from_log(run.dataset, events, when)
     else:
-        ctx = load_contexts(run.data_path, run.schema, str(when))
-    # A run trained without some behaviour types (config.data.drop_behaviours) ranks without them.
-    drop_ids = pipeline.dropped_behaviour_ids(run.schema, run.config.data)
-    ctx = dataclasses.replace(ctx, hist=pipeline.drop_events(ctx.hist, run.schema, drop_ids))
+        # Without the behaviour types the run was trained without, as its training histories.
+        ctx = load_contexts(run.dataset, str(when))
     if candidates:
-        cands = file_candidates(run, candidates, ctx, maps)
+        cands = file_candidates(run, candidates, ctx)
         total, blocks, counts = len(cands), iter([cands]), cands.counts
     else:
-        default = DefaultCandidates(run, ctx, maps, max_items, exclude_seen)
+        default = DefaultCandidates(run, ctx, max_items, exclude_seen)
         total, blocks, counts = len(default), default.blocks(block_pairs), default.counts
     n_users = len(np.unique(ctx.user_key[ctx.in_split])) if not candidates else None
     at = f" as of {when} ({_when(int(ctx.timestamp.max()))} UTC)" if len(ctx.timestamp) else ""
@@ -153,10 +149,8 @@ def rank(
         "score": pa.array(prob[rows], pa.float32()),
     }
     if explain:
-        from influence_jax import influence  # influence builds on this package
-
         gather = lambda r: cands.gather(rows[r])
-        cols.update(influence.explain_columns(run, len(rows), gather, maps))
+        cols.update(influence.explain_columns(run, len(rows), gather))
         c = cands.ctx_row[rows]  # users without a context (user_key -1) have no ranking time
         cols["ranking_time"] = pa.array(cands.ctx.timestamp[c], mask=cands.ctx.user_key[c] < 0)
     if jax.process_index() == 0:
@@ -173,22 +167,3 @@ def rank(
         "scoring_seconds": round(t_score, 2),
         "candidates_per_s": round(total / max(t_score, 1e-9), 1),
     }
-
-
-def benchmark_scoring(run_or_workdir: Run | str, batch: int | None = None, n: int = 20) -> float:
-    """Candidates scored per second by the ranking path (gather, transfer, jitted score, fetch).
-
-    Args:
-      run_or_workdir: a loaded `Run` or a training workdir (its latest checkpoint).
-      batch: global batch (default: the run's eval batch); n: batches timed after a warm-up.
-    """
-    run = load_run(run_or_workdir) if isinstance(run_or_workdir, str) else run_or_workdir
-    bs = global_batch(run, batch)
-    store = ExampleStore(run.data_path, "train", run.schema)
-    ex = store.gather(np.arange(bs) % max(len(store), 1))
-    gather = lambda rows: {k: ex[k][rows % bs] for k in ("user", "item", "hist")}
-    fn = make_score_fn(run)
-    jax.block_until_ready(batched(fn, run, bs, gather, bs))  # compile
-    t0 = time.perf_counter()
-    batched(fn, run, bs * n, gather, bs)
-    return bs * n / (time.perf_counter() - t0)

@@ -17,10 +17,10 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from influence_jax.data import rank_state
+from influence_jax.data.idmaps import IdMaps
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError
-from influence_jax.data.store import ExampleStore
-from influence_jax.ranking.contexts import Contexts, IdMaps, item_rows
-from influence_jax.ranking.run import Run
+from influence_jax.ranking.contexts import Contexts, item_rows
+from influence_jax.scoring import Run
 
 
 @dataclasses.dataclass
@@ -109,7 +109,7 @@ def _candidates(
     run: Run, ctx: Contexts, ctx_row, item_idx, user_out, item_out, counts
 ) -> Candidates:
     ids, inverse = np.unique(item_idx, return_inverse=True)
-    items, lacking = item_rows(run.data_path, run.schema, ids)
+    items, lacking = item_rows(run.dataset, ids)
     counts["items_without_features"] = int(lacking.sum())
     return Candidates(ctx, items, ctx_row, inverse, user_out, item_out, counts)
 
@@ -126,8 +126,9 @@ def _add_contexts(ctx: Contexts, user: np.ndarray) -> Contexts:
     )
 
 
-def file_candidates(run: Run, path: str, ctx: Contexts, maps: IdMaps) -> Candidates:
+def file_candidates(run: Run, path: str, ctx: Contexts) -> Candidates:
     """Pairs from a candidates file (repeats dropped); unknown ids go through the OOV ids."""
+    maps = run.dataset.id_maps
     user_raw, item_raw = read_candidate_ids(path, maps)
     n_in = len(user_raw)
     users, u_inv = np.unique(user_raw, return_inverse=True)
@@ -163,8 +164,7 @@ def file_candidates(run: Run, path: str, ctx: Contexts, maps: IdMaps) -> Candida
 def train_items(run: Run, max_items: int = 0) -> tuple[np.ndarray, int]:
     """(sorted item_id indices, number of train items): the items that are targets (positive or
     sampled negative) of training examples; with `max_items` > 0 only that many most frequent."""
-    store = ExampleStore(run.data_path, "train", run.schema)
-    ids = store.column("item")[:, run.schema.item_index("item_id")]
+    ids = run.dataset.store("train").column("item")[:, run.schema.item_index("item_id")]
     ids, n = np.unique(ids[ids >= NUM_RESERVED], return_counts=True)
     if max_items > 0:
         return np.sort(ids[np.lexsort((ids, -n))[:max_items]]), len(ids)
@@ -176,7 +176,7 @@ def seen_keys(run: Run, ctx: Contexts, n_ids: int) -> np.ndarray:
     the ranking time (rank_state/seen; without a ranking state: the items in the history)."""
     if ctx.seen is not None:
         return ctx.seen
-    if rank_state.available(run.data_path):
+    if run.dataset.has_rank_state:
         before = int(ctx.timestamp.max()) if len(ctx.timestamp) else 0
         u, i = rank_state.seen_pairs(run.data_path, before)
         return np.unique(u.astype(np.int64) * n_ids + i)
@@ -189,13 +189,11 @@ class DefaultCandidates:
     """Each ranked user x every train item (see `train_items`), less the user's seen items if
     `exclude_seen`, produced in blocks of whole users so memory stays bounded."""
 
-    def __init__(
-        self, run: Run, ctx: Contexts, maps: IdMaps, max_items: int = 0, exclude_seen: bool = False
-    ):
-        self.ctx, self.maps = ctx, maps
+    def __init__(self, run: Run, ctx: Contexts, max_items: int = 0, exclude_seen: bool = False):
+        self.ctx, self.maps = ctx, run.dataset.id_maps
         self.top, n_train = train_items(run, max_items)
-        self.items, lacking = item_rows(run.data_path, run.schema, self.top)
-        self.item_raw = maps.raw("item_id", self.top)[0]
+        self.items, lacking = item_rows(run.dataset, self.top)
+        self.item_raw = self.maps.raw("item_id", self.top)[0]
         self.users = np.flatnonzero(ctx.in_split)
         self.n_ids = run.schema.vocab_sizes["item_id"]
         self.seen: np.ndarray | None = None
@@ -240,10 +238,10 @@ class DefaultCandidates:
 
 
 def default_candidates(
-    run: Run, ctx: Contexts, maps: IdMaps, max_items: int = 0, exclude_seen: bool = False
+    run: Run, ctx: Contexts, max_items: int = 0, exclude_seen: bool = False
 ) -> Candidates:
     """All of `DefaultCandidates` as one block."""
-    d = DefaultCandidates(run, ctx, maps, max_items, exclude_seen)
+    d = DefaultCandidates(run, ctx, max_items, exclude_seen)
     blocks = list(d.blocks(max(len(d.users) * len(d.top), 1)))
     if blocks:
         return blocks[0]

@@ -1,5 +1,6 @@
-"""Who is ranked and with what: raw ids <-> vocabulary indices, each user's context (features and
-history as of the ranking time) and the feature rows of candidate items.
+"""Who is ranked and with what: each user's context (features and history as of the ranking
+time) and the feature rows of candidate items. Histories come without the behaviour types the
+run was trained without (the run's Dataset applies config.data.drop_behaviours).
 
 Datasets prepared with a ranking state (`rank_state/`, see data/rank_state.py) give every user
 with an event before the cut (valid_start, test_start or the end of the log) the history a
@@ -11,72 +12,18 @@ prepared example in the split (users without one have no history), as before.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
-import pyarrow as pa
 from absl import logging
 
 from influence_jax.data import rank_state
+from influence_jax.data.dataset import Dataset
+from influence_jax.data.idmaps import IdMaps  # noqa: F401 - re-exported (ranking.IdMaps)
 from influence_jax.data.plan import SPLITS
-from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError, Schema
-from influence_jax.data.store import ExampleStore
-from influence_jax.data.vocab import Vocab, positions
+from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError
+from influence_jax.data.vocab import positions
 
 AS_OF = ("valid", "test", "end")  # ranking times: the split boundaries and after the last event
-
-
-class IdMaps:
-    """Raw ids <-> vocabulary indices of a prepared dataset (or of synthetic data: raw = id - 2)."""
-
-    def __init__(self, data_path: str, schema: Schema):
-        self.path, self.schema = data_path, schema
-        self.synthetic = not os.path.isdir(os.path.join(data_path, "vocab"))
-        self._vocabs: dict[str, Vocab] = {}
-
-    def _vocab(self, name: str) -> Vocab:
-        if name not in self._vocabs:
-            self._vocabs[name] = Vocab.load(self.path, name)
-        return self._vocabs[name]
-
-    def integer(self, name: str) -> bool:
-        """Whether raw ids of vocabulary `name` are integers."""
-        return self.synthetic or isinstance(self._vocab(name).keys, np.ndarray)
-
-    def lookup(self, name: str, raw: np.ndarray) -> np.ndarray:
-        """Vocabulary index of each raw id; OOV_ID for unknown ones."""
-        if not self.synthetic:
-            return self._vocab(name).lookup(raw)
-        raw = np.asarray(raw, np.int64)
-        ok = (raw >= 0) & (raw < self.schema.vocab_sizes[name] - NUM_RESERVED)
-        return np.where(ok, raw + NUM_RESERVED, OOV_ID).astype(np.int32)
-
-    def raw(self, name: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(raw ids, valid) for indices; reserved ids (padding, OOV) are not valid."""
-        idx = np.asarray(idx, np.int64)
-        ok = idx >= NUM_RESERVED
-        pos = np.where(ok, idx - NUM_RESERVED, 0)
-        if self.synthetic:
-            return pos, ok
-        keys = self._vocab(name).keys
-        if isinstance(keys, np.ndarray):
-            return keys[pos] if len(keys) else pos, ok
-        return np.asarray(keys.take(pa.array(pos)).to_pylist(), object), ok
-
-    def user_keys(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(user_key, found) of raw user ids; user_key indexes every user of the dataset."""
-        if self.synthetic:
-            raw = np.asarray(raw, np.int64)
-            return raw, (raw >= 0) & (raw < self.schema.vocab_sizes["user_id"] - NUM_RESERVED)
-        return positions(self._vocab("user_key").keys, raw)
-
-    def user_raw(self, keys: np.ndarray) -> np.ndarray:
-        if self.synthetic:
-            return np.asarray(keys, np.int64)
-        ks = self._vocab("user_key").keys
-        return (
-            ks[keys] if isinstance(ks, np.ndarray) else np.asarray(ks.take(pa.array(keys)), object)
-        )
 
 
 @dataclasses.dataclass
@@ -95,11 +42,17 @@ class Contexts:
         return positions(self.user_key, keys)
 
 
-def load_contexts(data_path: str, schema: Schema, as_of: str) -> Contexts:
+def load_contexts(dataset: Dataset, as_of: str) -> Contexts:
     """Every user's context as of `as_of` (valid, test or end; see the module docstring)."""
-    if as_of not in AS_OF and not (as_of in SPLITS and not rank_state.available(data_path)):
+    ctx = _load_contexts(dataset, as_of)
+    return dataclasses.replace(ctx, hist=dataset.drop_events(ctx.hist))
+
+
+def _load_contexts(dataset: Dataset, as_of: str) -> Contexts:
+    data_path, schema = dataset.path, dataset.schema
+    if as_of not in AS_OF and not (as_of in SPLITS and not dataset.has_rank_state):
         raise DataError(f"--as_of/--split must be one of {list(AS_OF)}, not {as_of!r}")
-    if rank_state.available(data_path):
+    if dataset.has_rank_state:
         s = rank_state.load_state(data_path, schema, as_of)
         n = len(s.user_key)
         return Contexts(
@@ -121,14 +74,15 @@ def load_contexts(data_path: str, schema: Schema, as_of: str) -> Contexts:
         data_path,
         as_of,
     )
-    return contexts_from_examples(data_path, schema, as_of)
+    return contexts_from_examples(dataset, as_of)
 
 
-def contexts_from_examples(data_path: str, schema: Schema, split: str) -> Contexts:
+def contexts_from_examples(dataset: Dataset, split: str) -> Contexts:
     """Each user's latest example in `split`, else in the splits before it (SPLITS order)."""
+    schema = dataset.schema
     order = list(SPLITS)
     splits = order[: order.index(split) + 1] if split in order else [split]
-    stores = [ExampleStore(data_path, s, schema) for s in splits]
+    stores = [dataset.store(s) for s in splits]
     keys, rows, src = [], [], []
     for si, store in enumerate(stores):
         uk, ts = store.column("user_key"), store.column("timestamp")
@@ -149,35 +103,35 @@ def contexts_from_examples(data_path: str, schema: Schema, split: str) -> Contex
     return Contexts(keys, user, hist, ts, src == len(stores) - 1)
 
 
-def item_rows(data_path: str, schema: Schema, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def item_rows(dataset: Dataset, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Feature rows [len(ids), Fi] of item_id indices, and which ones lack features.
 
     With a ranking state every item id has its row (rank_state/item_features.npy); otherwise
     rows come from the items of every split's examples, and an item seen only in histories
     takes the item fields histories carry (e.g. category); anything else is OOV.
     """
-    if not rank_state.available(data_path):
-        return item_rows_from_examples(data_path, schema, ids)
-    table = rank_state.load_item_features(data_path)
+    schema = dataset.schema
+    if not dataset.has_rank_state:
+        return item_rows_from_examples(dataset, ids)
+    table = rank_state.load_item_features(dataset.path)
     inside = (ids >= 0) & (ids < len(table))
     out = table[np.where(inside, ids, OOV_ID)].copy()
     out[:, schema.item_index("item_id")] = np.where(inside, ids, OOV_ID)
     return out, ~inside
 
 
-def item_rows_from_examples(
-    data_path: str, schema: Schema, ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def item_rows_from_examples(dataset: Dataset, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`item_rows` for datasets without a ranking state (synthetic data, older preparations).
 
     Rows come from the items of every split's examples; an item seen only in histories takes
     the item fields histories carry (e.g. category); anything else is OOV.
     """
+    schema = dataset.schema
     col = schema.item_index("item_id")
     out = np.full((len(ids), len(schema.item_fields)), OOV_ID, np.int32)
     out[:, col] = ids
     todo = ids >= NUM_RESERVED
-    stores = [ExampleStore(data_path, s, schema) for s in schema.splits]
+    stores = [dataset.store(s) for s in schema.splits]
     for store in stores:
         item = store.column("item")
         known, first = np.unique(item[:, col], return_index=True)

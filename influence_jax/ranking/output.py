@@ -1,20 +1,13 @@
-"""Ranking output: each user's top k with deterministic ties, atomic Parquet/CSV writes, and the
-progress line (pairs done, rate, ETA) printed while candidates are scored.
+"""Ranking output: each user's top k with deterministic ties, and the progress line (pairs done,
+rate, ETA) printed while candidates are scored. Tables are written by files.write_table.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
-
-from influence_jax.data.schema import DataError
 
 
 def top_k_rows(
@@ -29,25 +22,6 @@ def top_k_rows(
     rank = np.arange(len(g)) - np.maximum.accumulate(np.where(first, np.arange(len(g)), 0)) + 1
     keep = rank <= k
     return order[keep], rank[keep]
-
-
-def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
-    """Writes `table` as Parquet or CSV atomically: a temporary file, then a rename."""
-    if fmt not in ("parquet", "csv"):
-        raise DataError(f"--format must be parquet or csv, not {fmt!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
-    os.close(fd)
-    try:
-        if fmt == "parquet":
-            pq.write_table(table, tmp)
-        else:
-            pcsv.write_csv(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def hms(seconds: float) -> str:

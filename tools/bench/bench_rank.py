@@ -4,8 +4,8 @@ For the config's model ("default") and the same model with every registered extr
 ("full"), on synthetic examples of the config's sizes: the ranking score function (jitted
 like ranking.make_score_fn: params in their shardings, batch split over the data axis) on
 ready device batches and on host batches (the ranking loop's transfer in and out included),
-the evaluation step (train.make_eval_step, as train.evaluate runs it) on the same batches, and
-with `compare` the same architecture in Keras (tools/bench_refs/keras_ranker.py, its own
+the evaluation step (engine.setup's, as evaluation.evaluate runs it) on the same batches, and
+with `compare` the same architecture in Keras (tools/bench/bench_refs/keras_ranker.py, its own
 process) loaded with the same parameters, its scores checked against ours.
 """
 
@@ -23,11 +23,10 @@ import jax
 import numpy as np
 from bench_refs import common
 
-from influence_jax import sharding, train
+from influence_jax import engine, sharding
 from influence_jax.data import synthetic
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.data.store import ExampleStore
-from influence_jax.models import build_model
 from influence_jax.models.extractors import EXTRACTORS
 
 CHECK_ROWS = 64  # examples whose Keras scores are compared with ours
@@ -51,7 +50,7 @@ def make_examples(config, n: int, workdir: str) -> tuple[Schema, dict[str, np.nd
     schema = synthetic.generate(syn, workdir)
     ex = ExampleStore(workdir, "train", schema).gather(np.arange(n))
     out = {k: ex[k] for k in ("user", "item", "hist", "label")}
-    out["user_key"] = ex["user_key"].astype(np.int32)  # as train.evaluate passes it
+    out["user_key"] = ex["user_key"].astype(np.int32)  # as evaluation.evaluate passes it
     out["target_type"] = ex["target_type"].astype(np.int32)
     out["weight"] = np.ones(n, np.float32)
     return schema, out
@@ -121,25 +120,12 @@ class RankBench:
 
     def __init__(self, config, schema: Schema):
         self.config, self.schema = config, schema
-        self.model = build_model(config.model, schema)
-        self.mesh = sharding.make_mesh(config.mesh)
-        init = lambda: self.model.init(
-            jax.random.PRNGKey(config.seed), train.dummy_batch(schema), train=False
-        )["params"]
-        shapes = jax.eval_shape(init)
-        rules = sharding.sharding_rules(config.mesh, shapes)
-        self.params_sh = sharding.tree_shardings(shapes, rules, self.mesh)
-        self.params = _spread(jax.jit(init, out_shardings=self.params_sh)())
+        eng = engine.setup(config, schema)  # what ranking and evaluation run
+        self.model, self.mesh, self.params_sh = eng.model, eng.mesh, eng.param_shardings
+        self.params = _spread(eng.init_state().params)
         self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.params))
-        batch_sh = sharding.batch_sharding(self.mesh)
-
-        def score(params, batch):  # ranking.make_score_fn's function
-            logit_B, _ = self.model.apply({"params": params}, batch, train=False)
-            return jax.nn.sigmoid(logit_B)
-
-        jit = lambda f: jax.jit(f, in_shardings=(self.params_sh, batch_sh), out_shardings=batch_sh)
-        self.score_fn = jit(score)
-        self.eval_fn = jit(train.make_eval_step(self.model))
+        self.score_fn = eng.score_fn()  # the ranking score function (scoring.make_score_fn)
+        self.eval_fn = eng.eval_step
 
     def measure(self, ex: dict[str, np.ndarray], batch: int, seconds: float, repeats: int):
         n = common.NUM_DISTINCT_BATCHES
@@ -282,7 +268,7 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
     print(
         "  score: the ranking score function on ready device batches, results fetched to the host "
         "(Keras: model.predict on ready batches); rank path: the same with each host batch "
-        "transferred in; eval step: train.make_eval_step as evaluation runs it; candidates/s; "
+        "transferred in; eval step: the engine's, as evaluation runs it; candidates/s; "
         "ex/cpu-s: scoring candidates per CPU-second of the process (all its threads)"
     )
     for r in rows:

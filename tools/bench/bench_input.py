@@ -13,20 +13,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 
 from configs import default  # noqa: E402
-from influence_jax import (  # noqa: E402
-    optim,  # noqa: E402
-    sharding,
-    sparse,
-    train,
-)
+from influence_jax import engine, sharding  # noqa: E402
 from influence_jax.data import pipeline, synthetic  # noqa: E402
 from influence_jax.data.store import ExampleStore  # noqa: E402
-from influence_jax.models import build_model  # noqa: E402
 
 
 def input_rate(store: ExampleStore, batch: int, n: int, threads: int, prefetch: int) -> float:
@@ -41,23 +35,11 @@ def input_rate(store: ExampleStore, batch: int, n: int, threads: int, prefetch: 
 
 
 def step_rate(config, schema, store: ExampleStore, batch: int, n: int, warmup: int = 1) -> float:
-    mesh = sharding.make_mesh(config.mesh)
-    model = build_model(config.model, schema)
-    lr = optim.learning_rate_schedule(config.opt, 1000)
-    tx = optim.make_optimizer(config.opt, 1000)
-    vocabs = train.sparse_vocabs_for(config.opt, model, schema)
-    state, sh = train.create_state(model, tx, schema, 0, mesh, config.mesh, vocabs)
-    step_fn = (
-        sparse.make_train_step(model, tx, lr, schema, vocabs, train.training_loss, 0.05)
-        if vocabs
-        else train.make_train_step(model, tx, lr)
-    )
-    step = jax.jit(
-        step_fn,
-        donate_argnums=0,
-        in_shardings=(sh, sharding.batch_sharding(mesh)),
-        out_shardings=(sh, sharding.replicated(mesh)),
-    )
+    """Examples/s of the engine's jitted train step (dense or row-sparse from config)."""
+    with config.unlocked():
+        config.loop.num_steps = 1000
+    eng = engine.setup(config, schema)
+    state, step, mesh = eng.init_state(), eng.train_step, eng.mesh
     source = pipeline.TrainBatches(store, batch, seed=0, num_batches=4)
     batches = [sharding.to_global(source[i], mesh) for i in range(4)]
     for i in range(warmup):  # compiles; later ones fault in the pages of large tables

@@ -1,6 +1,6 @@
 """Reference: the benchmark CNN in PyTorch, eager and torch.compile, written as users write it.
 
-python tools/bench_refs/torch_ref.py --batches=1024,4096 [--impls=eager,compile] [--json]
+python tools/bench/bench_refs/torch_ref.py --batches=1024,4096 [--impls=eager,compile] [--json]
 
 Runs on CUDA when it is available (TF32 on for matmuls and convolutions, the like-for-like
 partner of JAX's default f32 precision on GPUs; --no-tf32 turns it off), else on the CPU with

@@ -2,7 +2,7 @@
 
 Three towers over length-L id sequences (user, item, behaviour): Embedding -> Conv1D (VALID,
 relu) -> MaxPool (window = stride = `pool`); concat -> flatten -> Dropout -> Dense relu ->
-Dropout -> Dense 1. The references in tools/bench_refs/ build exactly this model.
+Dropout -> Dense 1. The references in tools/bench/bench_refs/ build exactly this model.
 
 Each costly op has a straightforward formulation (flax's layers) and a faster one, chosen by
 the fields below; all compute the same function with the same parameters, so the benchmark can

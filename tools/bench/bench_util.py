@@ -92,7 +92,7 @@ class CpuShareOfOthers:
 
 
 def run_reference(name: str, script: str, args: list[str], timeout: int, as_json: bool):
-    """Runs tools/bench_refs/`script` with `--json` in its own process; returns its JSON rows.
+    """Runs tools/bench/bench_refs/`script` with `--json` in its own process; returns its JSON rows.
 
     A missing optional dependency, a failure or a timeout prints a note and returns what the
     reference printed before it stopped (each row gets `others_cpu`).

@@ -1,6 +1,6 @@
 """Reference: the engine's ranker (influence_jax/models/ranker.py) in Keras 3 on TensorFlow.
 
-python tools/bench_refs/keras_ranker.py --spec=SPEC.json --data=BATCHES.npz [--check=P.npz]
+python tools/bench/bench_refs/keras_ranker.py --spec=SPEC.json --data=BATCHES.npz [--check=P.npz]
 
 `tools/benchmark.py --what=rank --compare` writes the spec (schema, sizes and extractor
 settings of the JAX model), the batches and, for the check, the JAX parameters with the JAX

@@ -1,7 +1,7 @@
 """`benchmark.py --what=train|scale`: the benchmark CNN's train step and batch scoring.
 
-Times the engine's own train step (train.make_train_step, jitted with the state donated) and
-batch scoring on ready synthetic batches, against the references of tools/bench_refs/, and
+Times the engine's own train step (engine.setup, jitted with the state donated) and
+batch scoring on ready synthetic batches, against the references of tools/bench/bench_refs/, and
 the compiled step's FLOPs (XLA's cost analysis) against a timed large matmul.
 """
 
@@ -12,17 +12,17 @@ import statistics
 import time
 from typing import Any
 
+import bench_cnn
 import bench_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from bench_cnn import STRAIGHTFORWARD, BenchCNN
 from bench_refs import common
 
 from configs import default as default_config
-from influence_jax import optim, sharding, train
-from influence_jax.models import bench_cnn
-from influence_jax.models.bench_cnn import STRAIGHTFORWARD, BenchCNN
+from influence_jax import engine, sharding
 
 REFS = {  # --compare name -> (script, its --impls)
     "keras": ("keras_ref.py", ""),
@@ -62,37 +62,14 @@ class JaxBench:
             **(STRAIGHTFORWARD if variant == "straightforward" else {}),
         )
 
-    def compile_step(self, model: BenchCNN, batch: dict) -> tuple[train.TrainState, Any, Any]:
-        """The engine's train step for `model` with plain Adam, jitted with the state donated
-        and compiled for `batch`'s shapes; returns (initial state, its shardings, the step)."""
-        opt_cfg = adam_config()
-        tx = optim.make_optimizer(opt_cfg, 1)
+    def compile_step(self, model: BenchCNN, batch: dict) -> tuple[Any, Any, Any]:
+        """The engine's train step for `model` with plain Adam (engine.setup), jitted with the
+        state donated and compiled for `batch`'s shapes; returns (initial state, its shardings,
+        the step)."""
         example = {k: np.zeros((2,) + batch[k].shape[1:], np.int32) for k in common.ID_KEYS}
-
-        def init(rng: jax.Array) -> train.TrainState:
-            init_rng, state_rng = jax.random.split(rng)
-            params = model.init({"params": init_rng}, example, train=False)["params"]
-            return train.TrainState(
-                step=jnp.zeros((), jnp.int32),
-                params=params,
-                opt_state=tx.init(params),
-                rng=state_rng,
-            )
-
-        rng = jax.random.PRNGKey(0)
-        state_sh = sharding.tree_shardings(jax.eval_shape(init, rng), [], self.mesh)
-        state = jax.jit(init, out_shardings=state_sh)(rng)
-        step = (
-            jax.jit(
-                train.make_train_step(model, tx, optim.learning_rate_schedule(opt_cfg, 1)),
-                in_shardings=(state_sh, sharding.batch_sharding(self.mesh)),
-                out_shardings=(state_sh, sharding.replicated(self.mesh)),
-                donate_argnums=0,
-            )
-            .lower(state, batch)
-            .compile()
-        )
-        return state, state_sh, step
+        eng = engine.setup(bench_config(), None, self.mesh, model=model, example=example)
+        state = eng.init_state()
+        return state, eng.state_shardings, eng.train_step.lower(state, batch).compile()
 
     def measure(
         self,
@@ -199,18 +176,22 @@ class JaxBench:
         return common.ex_per_s(batch, steps, secs), batch / cpu
 
 
-def adam_config() -> ml_collections.ConfigDict:
-    """The engine's optimizer config with the benchmark's plain Adam: constant rate, no clip."""
-    opt_cfg = default_config.get_config().opt
-    with opt_cfg.unlocked():
-        opt_cfg.update(
+def bench_config() -> ml_collections.ConfigDict:
+    """The default config with the benchmark's plain Adam (constant rate, no clip), dense
+    updates, all parameters replicated, seed 0."""
+    config = default_config.get_config()
+    with config.unlocked():
+        config.opt.update(
             name="adam",
             learning_rate=common.LEARNING_RATE,
             schedule="constant",
             warmup_steps=0,
             grad_clip=0.0,
+            sparse_embeddings=False,
         )
-    return opt_cfg
+        config.loop.num_steps = 1
+        config.seed = 0
+    return config
 
 
 def flops(compiled) -> float:

@@ -1,6 +1,6 @@
 """Reference: the benchmark CNN in Keras 3 on the TensorFlow backend, written as users write it.
 
-python tools/bench_refs/keras_ref.py --batches=1024,4096 [--json]
+python tools/bench/bench_refs/keras_ref.py --batches=1024,4096 [--json]
 
 Training is `model.fit` over a repeating tf.data.Dataset of ready batches (one fit epoch per
 timed run); scoring is `model.predict`. Keras' own defaults otherwise (on a CPU-only machine

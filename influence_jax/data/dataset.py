@@ -1,0 +1,72 @@
+"""A prepared dataset opened once and seen as a run sees it under its `config.data`.
+
+Every reader of a trained run (ranking, influence reports, evaluation) goes through one
+`Dataset`: its splits are opened once and cached, and the run's restrictions are applied here,
+not by each consumer: `examples(split)` holds the histories without the behaviour types the run
+was trained without (`config.data.drop_behaviours`), `eval_examples(split)` is also limited to
+`config.data.eval_time_range`, and `drop_events` applies the same removal to histories built
+elsewhere (ranking contexts).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from influence_jax.data import pipeline, rank_state
+from influence_jax.data.idmaps import IdMaps
+from influence_jax.data.schema import Schema
+from influence_jax.data.store import ExampleStore
+
+
+class Dataset:
+    """The dataset in folder `path` under the data config `data_cfg` (None: no restriction)."""
+
+    def __init__(self, path: str, data_cfg: Mapping[str, Any] | None = None, schema=None):
+        self.path = path
+        self.schema: Schema = schema if schema is not None else Schema.load(path)
+        self.data_cfg = data_cfg if data_cfg is not None else {}
+        self.drop_behaviours = tuple(self.data_cfg.get("drop_behaviours", ()) or ())
+        # Names are checked against the schema here, once, with the config field in the message.
+        self.drop_ids = pipeline.dropped_behaviour_ids(self.schema, self.data_cfg)
+        self._stores: dict[str, ExampleStore] = {}
+
+    def store(self, split: str) -> ExampleStore:
+        """The split as stored (no restriction), opened once."""
+        if split not in self._stores:
+            self._stores[split] = ExampleStore(self.path, split, self.schema)
+        return self._stores[split]
+
+    def examples(self, split: str):
+        """The split with the run's dropped behaviour types removed from every history."""
+        return pipeline.restrict(
+            self.store(split), {"drop_behaviours": self.drop_behaviours}, "eval"
+        )
+
+    def eval_examples(self, split: str):
+        """`examples(split)` limited to `config.data.eval_time_range`: what evaluation covers."""
+        return pipeline.restrict(self.store(split), self.data_cfg, "eval")
+
+    def train_examples(self):
+        """The train split as training reads it (`config.data.train_time_range` too)."""
+        return pipeline.restrict(self.store("train"), self.data_cfg, "train")
+
+    def drop_events(self, hist_NxLxF: np.ndarray) -> np.ndarray:
+        """`hist` without the run's dropped behaviour types (as in every training history)."""
+        return pipeline.drop_events(hist_NxLxF, self.schema, self.drop_ids)
+
+    @functools.cached_property
+    def id_maps(self) -> IdMaps:
+        return IdMaps(self.path, self.schema)
+
+    @property
+    def has_rank_state(self) -> bool:
+        return rank_state.available(self.path)
+
+    @property
+    def synthetic(self) -> bool:
+        return not os.path.isdir(os.path.join(self.path, "vocab"))

@@ -1,0 +1,214 @@
+"""One setup for everything that trains, restores or scores a model: `setup(config, schema)`
+returns the model, the optimizer, the train state's shardings and abstract shapes, and the
+jitted train and eval steps (dense or row-sparse from config).
+
+Training, the tests, the benchmarks and the ranker's abstract restore all call `setup`, so a
+setting such as `config.opt.sparse_learning_rate` is read in one place. The steps are pure:
+`train_step(state, batch) -> (state, metrics)` returns sums and counts, not means, so that
+averages over steps, devices and hosts are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from influence_jax import optim, sharding, sparse
+from influence_jax.data.schema import Schema, dummy_batch
+from influence_jax.models import build_model
+
+EVAL_KEYS = ("user", "item", "hist", "label", "weight", "user_key", "target_type")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base PRNG key; step t's dropout key is fold_in(rng, t)
+
+
+def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dict[str, jax.Array]:
+    """Sums (not means) so averages over steps, devices and hosts stay exact."""
+    loss_B = optax.sigmoid_binary_cross_entropy(logit_B, label_B)
+    correct_B = ((logit_B > 0) == (label_B > 0.5)).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(loss_B * weight_B),
+        "accuracy_sum": jnp.sum(correct_B * weight_B),
+        "count": jnp.sum(weight_B),
+    }
+
+
+def training_loss(
+    model: nn.Module, params: Any, batch: dict[str, jax.Array], dropout_rng: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(mean loss, sums) of one training batch; the sums carry the learned influence weights."""
+    logit_B, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
+    sums = bce_sums(logit_B, batch["label"], batch["weight"])
+    # Learned influence weights (extractor, behaviour type) ride along for logging.
+    sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
+    loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+    # Fits running statistics kept as parameters (the ranker's score_mean/var); touches
+    # nothing else, and is not part of the reported loss.
+    return loss + aux.get("stats_loss", 0.0), sums
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: Any):
+    """Returns the pure `train_step(state, batch) -> (state, metrics)` (dense updates)."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        dropout_rng = jax.random.fold_in(state.rng, state.step)
+        loss_fn = lambda params: training_loss(model, params, batch, dropout_rng)
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        out = dict(
+            sums, grad_norm=optax.tree_utils.tree_norm(grads), learning_rate=lr_schedule(state.step)
+        )
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module):
+    """Returns `eval_step(params, batch) -> dict` of probabilities and pass-through columns."""
+
+    def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logit_B, _ = model.apply({"params": params}, batch, train=False)
+        keep = {k: batch[k] for k in ("label", "weight", "user_key", "target_type") if k in batch}
+        return dict(keep, prob=jax.nn.sigmoid(logit_B))
+
+    return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """A model with everything needed to train, restore and score it on one mesh.
+
+    Nothing here holds device memory until `init_state()` is called: `abstract_state` is a
+    TrainState of ShapeDtypeStructs carrying their shardings (the target of a restore).
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    mesh: Mesh
+    sparse_vocabs: tuple[str, ...]  # tables with row-sparse updates (sparse.py); () = dense
+    state_shardings: Any  # TrainState of NamedSharding
+    abstract_state: Any  # TrainState of ShapeDtypeStruct(sharding=...)
+    train_step: Callable  # jitted (state, batch) -> (state, metrics)
+    eval_step: Callable  # jitted (params, batch) -> {prob, label, weight, ...}
+    init_fn: Callable  # jitted rng -> TrainState, created in its shardings
+    seed: int
+
+    def init_state(self) -> TrainState:
+        """The initial train state, created directly in its shardings (nothing on one device)."""
+        return self.init_fn(jax.random.PRNGKey(self.seed))
+
+    @property
+    def param_shardings(self) -> Any:
+        return self.state_shardings.params
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return sharding.batch_sharding(self.mesh)
+
+    def score_fn(self) -> Callable:
+        """Jitted `score(params, batch) -> prob_B`, the eval step's probabilities alone."""
+
+        def score(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+            logit_B, _ = self.model.apply({"params": params}, batch, train=False)
+            return jax.nn.sigmoid(logit_B)
+
+        return jax.jit(
+            score,
+            in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
+
+
+def setup(
+    config: Any,
+    schema: Schema | None,
+    mesh: Mesh | None = None,
+    *,
+    model: nn.Module | None = None,
+    example: dict[str, np.ndarray] | None = None,
+    donate: bool = True,
+) -> Engine:
+    """Builds the engine of `config` for `schema` on `mesh` (default: from `config.mesh`).
+
+    Args:
+      config: a full config (reads seed, model, opt, mesh and loop.num_steps).
+      schema: the dataset schema (vocabulary sizes, fields); may be None with `model` and
+        `example` given and row-sparse updates off.
+      mesh: the device mesh; default `sharding.make_mesh(config.mesh)` over all devices.
+      model: a module to use instead of `build_model(config.model, schema)` (benchmarks).
+      example: a batch of the model's input shapes for initialisation (default: from schema).
+      donate: donate the state to the train step (its input buffers are reused).
+    """
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    model = model if model is not None else build_model(config.model, schema)
+    example = example if example is not None else dummy_batch(schema)
+    num_steps = int(config.loop.num_steps)
+    lr_schedule = optim.learning_rate_schedule(config.opt, num_steps)
+    tx = optim.make_optimizer(config.opt, num_steps)
+
+    init_params = lambda rng: model.init({"params": rng}, example, train=False)["params"]
+    vocabs: tuple[str, ...] = ()
+    if config.opt.sparse_embeddings and schema is not None:
+        shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+        vocabs = sparse.sparse_vocabs(schema, shapes, config.opt.sparse_min_rows)
+
+    def init(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        params = init_params(init_rng)
+        opt_state = sparse.init_opt_state(tx, params, vocabs) if vocabs else tx.init(params)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng
+        )
+
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    rules = sharding.sharding_rules(config.mesh, shapes.params)
+    state_sh = sharding.tree_shardings(shapes, rules, mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
+    )
+    batch_sh = sharding.batch_sharding(mesh)
+    if vocabs:
+        step = sparse.make_train_step(
+            model, tx, lr_schedule, schema, vocabs, training_loss, config.opt.sparse_learning_rate
+        )
+    else:
+        step = make_train_step(model, tx, lr_schedule)
+    train_step = jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0 if donate else (),
+    )
+    eval_step = jax.jit(
+        make_eval_step(model), in_shardings=(state_sh.params, batch_sh), out_shardings=batch_sh
+    )
+    return Engine(
+        model=model,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        mesh=mesh,
+        sparse_vocabs=vocabs,
+        state_shardings=state_sh,
+        abstract_state=abstract,
+        train_step=train_step,
+        eval_step=eval_step,
+        init_fn=jax.jit(init, out_shardings=state_sh),
+        seed=int(config.seed),
+    )

@@ -1,0 +1,64 @@
+"""Atomic writes: a reader sees the old file or the whole new one, never a part, and a crash
+leaves at most a `<name>.tmp-*` file beside the target (never a file that looks complete)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from influence_jax.errors import DataError
+
+
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """Calls `write(tmp)` on a temporary path in the target's folder, then renames it to `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomic(path, write)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(path: str) -> Any | None:
+    """The JSON in `path`, or None when there is no such file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
+    """Writes `table` as Parquet or CSV atomically."""
+    if fmt not in ("parquet", "csv"):
+        raise DataError(f"--format must be parquet or csv, not {fmt!r}")
+    write_atomic(
+        path, lambda tmp: (pq.write_table if fmt == "parquet" else pcsv.write_csv)(table, tmp)
+    )

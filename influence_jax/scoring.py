@@ -1,0 +1,149 @@
+"""The read side's base: a trained run loaded for scoring, and batched scoring over the mesh.
+
+`load_run(workdir)` rebuilds the engine (engine.setup) from the run's saved config and the
+dataset's schema, restores the parameters only, verified against their saved checksums
+(checkpoint.restore_params), and opens the dataset once as the run saw it (data/dataset.py:
+its dropped behaviour types already removed). Ranking, influence reports and evaluation all
+start here; this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from influence_jax import checkpoint, engine, sharding
+from influence_jax.data import synthetic
+from influence_jax.data.dataset import Dataset
+from influence_jax.data.schema import Schema
+from influence_jax.errors import DataError
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run ready to score: its config, dataset view, engine and parameters."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    dataset: Dataset
+    engine: engine.Engine
+    params: Any
+    step: int
+
+    @property
+    def schema(self) -> Schema:
+        return self.dataset.schema
+
+    @property
+    def data_path(self) -> str:
+        return self.dataset.path
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.model
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.engine.mesh
+
+
+def make_run(
+    config: Any, data_path: str, params: Any = None, step: int = 0, workdir: str = ""
+) -> Run:
+    """A Run from a config and a dataset folder; `params` default to a fresh initialisation."""
+    dataset = Dataset(data_path, config.data)
+    eng = engine.setup(config, dataset.schema)
+    params = params if params is not None else eng.init_state().params
+    return Run(workdir, config, dataset, eng, params, step)
+
+
+def _data_path(config: Any, workdir: str, data: str | None) -> str:
+    if data:
+        if not os.path.isdir(data):
+            raise DataError(f"--data={data}: no such dataset folder")
+        return data
+    if config.data.source == "synthetic":
+        path = checkpoint.data_dir(workdir)
+        try:
+            Schema.load(path)
+        except DataError:  # the workdir can regenerate its synthetic data
+            synthetic.ensure(ml_collections.ConfigDict(config.data.synthetic.to_dict()), path)
+        return path
+    if not config.data.path or not os.path.isdir(config.data.path):
+        raise DataError(
+            f"{checkpoint.config_path(workdir)}: data path {config.data.path!r} is not a folder; "
+            "pass --data"
+        )
+    return config.data.path
+
+
+def load_run(workdir: str, data: str | None = None, step: str | int = "latest") -> Run:
+    """The run in `workdir` at `step` ("latest", "best" or a number), parameters only.
+
+    Raises:
+      DataError: no such run or step, a checkpoint that fails its checksums, or a dataset whose
+        schema does not fit the checkpoint (e.g. `--data` of another dataset).
+    """
+    config = checkpoint.read_config(workdir)
+    dataset = Dataset(_data_path(config, workdir, data), config.data)
+    eng = engine.setup(config, dataset.schema)
+    params, n = checkpoint.restore_params(workdir, eng.abstract_state, step)
+    return Run(os.path.abspath(workdir), config, dataset, eng, params, n)
+
+
+def make_score_fn(run: Run) -> Callable:
+    """The jitted `score(params, batch) -> prob_B` (the eval step's probabilities)."""
+    return run.engine.score_fn()
+
+
+def global_batch(run: Run, batch_size: int | None = None) -> int:
+    """`batch_size` (default: the eval batch) rounded up to a multiple of the data axis."""
+    n_data = math.lcm(run.mesh.shape[sharding.DATA], jax.process_count())
+    size = int(batch_size or run.config.data.eval_batch_size)
+    return max(n_data, -(-size // n_data) * n_data)
+
+
+def batched(
+    fn: Callable,
+    run: Run,
+    n: int,
+    gather: Callable[[np.ndarray], dict],
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> Any:
+    """Runs `fn(params, batch)` over rows 0..n-1 in global batches; returns host arrays [n, ...].
+
+    The last batch is padded with row 0 and the padding dropped. Each process gathers its slice
+    of every global batch; batch t+1 is dispatched before batch t is fetched. `progress`, if
+    given, is called with the number of rows done after each fetch.
+    """
+    p, local = jax.process_index(), batch_size // jax.process_count()
+    outs, pending = [], None
+    fetch = lambda out: jax.tree_util.tree_map(sharding.to_host, out)
+
+    def collect(out: Any) -> None:
+        outs.append(fetch(out))
+        if progress is not None:
+            progress(min(n, len(outs) * batch_size))
+
+    for start in range(0, n, batch_size):
+        idx = np.arange(start + p * local, start + (p + 1) * local)
+        batch = gather(np.where(idx < n, idx, 0))
+        out = fn(run.params, sharding.to_global(batch, run.mesh))
+        if pending is not None:
+            collect(pending)
+        pending = out
+    if pending is not None:
+        collect(pending)
+    if not outs:
+        return None
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *outs)
