@@ -62,3 +62,24 @@ def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
     write_atomic(
         path, lambda tmp: (pq.write_table if fmt == "parquet" else pcsv.write_csv)(table, tmp)
     )
+
+
+def check_output(path: str, flag: str, folder: bool = False) -> None:
+    """Raises DataError unless `path` (a file, or a folder with `folder`) can be written, before
+    any work is done: not a folder where a file goes (or the reverse), no file in the way of
+    its parent folders, and a writable place to create them."""
+    p = os.path.abspath(path)
+    if folder and os.path.exists(p) and not os.path.isdir(p):
+        raise DataError(f"--{flag}={path}: exists and is not a folder")
+    if not folder and os.path.isdir(p):
+        raise DataError(f"--{flag}={path}: is a folder; give a file path")
+    existing = p if folder else os.path.dirname(p)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"--{flag}={path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise DataError(f"--{flag}={path}: cannot write in {existing} ({e.strerror})") from None

@@ -28,6 +28,16 @@ from influence_jax.data.store import ExampleStore
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 BENCH = TOOLS / "bench"  # benchmark code: importable as top-level modules from this folder
+DATA = os.environ.get("INFLUENCE_JAX_DATA", "")  # the real datasets (CI sets it)
+needs_data = pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set")
+
+
+def need(*parts: str) -> str:
+    """A file of the real datasets; fails (does not skip) when INFLUENCE_JAX_DATA lacks it."""
+    path = os.path.join(DATA, *parts)
+    assert os.path.exists(path), f"INFLUENCE_JAX_DATA={DATA!r} is set but {path} is missing"
+    return path
+
 
 # ----------------------------------------------------------------------------- tiny configs
 
@@ -138,13 +148,17 @@ class Finished:
     log: str
 
 
-def subprocess_env(cache_dir: str, devices: int = 8, **extra: str) -> dict[str, str]:
+def subprocess_env(
+    cache_dir: str, devices: int = 8, optimize: bool = False, **extra: str
+) -> dict[str, str]:
     """The environment of a test's child process: CPU, `devices` fake devices, a shared
-    persistent compilation cache (only the first process of a session compiles)."""
+    persistent compilation cache (only the first process of a session compiles), and unless
+    `optimize` (long trainings) LLVM's optimisation off, as in this process (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    flags = f"--xla_force_host_platform_device_count={devices}"
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=flags if optimize else f"{flags} --xla_backend_optimization_level=0",
         JAX_COMPILATION_CACHE_DIR=cache_dir,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         TF_CPP_MIN_LOG_LEVEL="2",
@@ -154,16 +168,23 @@ def subprocess_env(cache_dir: str, devices: int = 8, **extra: str) -> dict[str, 
 
 
 def start(
-    workdir: Path, *overrides: str, cache: str, devices: int = 8, tag: str = "", **env: str
+    workdir: Path,
+    *overrides: str,
+    cache: str,
+    devices: int = 8,
+    tag: str = "",
+    config: str = "configs/tiny.py",
+    optimize: bool = False,
+    **env: str,
 ) -> tuple[subprocess.Popen, Path]:
-    """Starts the training command on configs/tiny.py; its output goes to WORKDIR-TAG.log."""
+    """Starts the training command on `config`; its output goes to WORKDIR-TAG.log."""
     log = workdir.parent / f"{workdir.name}{tag}.log"
-    cmd = [sys.executable, "-m", "influence_jax.main", "--config=configs/tiny.py",
+    cmd = [sys.executable, "-m", "influence_jax.main", f"--config={config}",
            f"--workdir={workdir}", *overrides]  # fmt: skip
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=subprocess_env(cache, devices, **env), stdout=f, stderr=f
+            cmd, cwd=ROOT, env=subprocess_env(cache, devices, optimize, **env), stdout=f, stderr=f
         )
     return proc, log
 

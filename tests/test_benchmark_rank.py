@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 from tests.helpers import ROOT
 
@@ -23,6 +25,7 @@ KEYS = {
 }
 
 
+@pytest.mark.slow  # a benchmark's smoke run: the slow tier
 def test_rank_benchmark_json_and_table(capsys):
     cmd = [
         sys.executable,

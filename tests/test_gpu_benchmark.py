@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 from tests.helpers import ROOT
 
@@ -22,6 +24,7 @@ def _summary_module():
     return helpers.bench_module("gpu_summary")
 
 
+@pytest.mark.slow  # a benchmark's smoke run: the slow tier
 def test_gpu_benchmark_smoke_train_and_quality(tmp_path):
     env = dict(os.environ, SMOKE="1", PARTS="train,quality", OUT=str(tmp_path))
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

@@ -20,7 +20,6 @@ from influence_jax import influence, ranking, scoring, train
 from influence_jax.data.store import ExampleStore
 from tests import helpers
 
-DATA = os.environ.get("INFLUENCE_JAX_DATA", "")
 TAOBAO_STEPS = 60  # the gap held with every seed tried at 60 and 100 steps (see the test)
 
 
@@ -130,19 +129,14 @@ def test_influence_report_cli(run_dir, tmp_path):
     assert (out / "behaviour_influence.png").exists() and (out / "deletion_curves.png").exists()
 
 
-def need(*parts: str) -> str:
-    path = os.path.join(DATA, *parts)
-    assert os.path.exists(path), f"INFLUENCE_JAX_DATA={DATA!r} is set but {path} is missing"
-    return path
-
-
-@pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set")
+@pytest.mark.slow
+@helpers.needs_data
 def test_taobao_rank_and_report(tmp_path):
     """A short Taobao run: rank raw-id candidates, then the report's faithfulness gap holds."""
     from configs import taobao
     from influence_jax.data import prepare, readers
 
-    log = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
+    log = helpers.need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
     data = str(tmp_path / "taobao")
     prepare.prepare(readers.open_source("taobao", log), data, prepare.PrepareOptions())
     config = taobao.get_config()

@@ -1,20 +1,19 @@
 """Honest influence: the default model recovers the planted behaviour-type weights, and its
 extractor weights follow the extractor that carries the signal.
 
-Trains configs/default.py (CPU-sized) on three data/init seeds and compares the learned
-behaviour-type weights (normalised to sum 1) with the generator's planted ones; then trains on
-data with signals left out of the labels and checks where the extractor weight goes.
+Trains configs/default.py (the README's default run, one CPU device, in its own process) on
+three data/init seeds and compares the learned behaviour-type weights (normalised to sum 1)
+with the generator's planted ones; then trains on data with signals left out of the labels and
+checks where the extractor weight goes. Five full default trainings: the slow tier
+(`python -m pytest -m slow`), which CI runs too.
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from configs import default
-from influence_jax import train
+from tests import helpers
 
 
 def _kendall_tau(a, b):
@@ -25,27 +24,28 @@ def _kendall_tau(a, b):
     return s / (n * (n - 1) / 2)
 
 
-def _train(tmp_path, seed: int, absent: tuple[str, ...] = ()):
+def _train(tmp_path, cache: str, seed: int, absent: tuple[str, ...] = ()):
     """Trains the default model; returns (workdir, learned weights by TensorBoard tag)."""
-    config = default.get_config()
-    config.seed = config.data.synthetic.seed = seed
-    config.data.synthetic.signals_absent = absent
-    config.loop.eval_every = 0
-    config.loop.final_eval_split = ""
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    acc = EventAccumulator(workdir, size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = [t for t in acc.Tags()["scalars"] if t.startswith("influence/")]
-    return workdir, {t.removeprefix("influence/"): acc.Scalars(t)[-1].value for t in tags}
+    workdir = tmp_path / "run"
+    flags = [f"--config.seed={seed}", f"--config.data.synthetic.seed={seed}",
+             "--config.loop.eval_every=0", "--config.loop.final_eval_split="]  # fmt: skip
+    if absent:
+        flags.append(f"--config.data.synthetic.signals_absent={absent!r}")
+    out = helpers.run_main(
+        workdir, *flags, cache=cache, devices=1, config="configs/default.py", optimize=True
+    )
+    assert out.returncode == 0, out.log[-4000:]
+    tags = helpers.scalars(workdir)
+    prefix = "influence/"
+    return workdir, {t[len(prefix) :]: v[-1][1] for t, v in tags.items() if t.startswith(prefix)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_model_recovers_planted_behaviour_weights(tmp_path, seed):
-    workdir, weights = _train(tmp_path, seed)
-    with open(os.path.join(workdir, "planted.json")) as f:
-        planted = json.load(f)["behaviour_type_weights_normalised"]
+def test_default_model_recovers_planted_behaviour_weights(tmp_path, jax_cache, seed):
+    workdir, weights = _train(tmp_path, jax_cache, seed)
+    planted = json.loads((workdir / "planted.json").read_text())
+    planted = planted["behaviour_type_weights_normalised"]
     learned = {t: weights[f"behaviour/{t}"] for t in planted}
     types = sorted(planted)
     tau = _kendall_tau([planted[t] for t in types], [learned[t] for t in types])
@@ -64,10 +64,10 @@ def test_default_model_recovers_planted_behaviour_weights(tmp_path, seed):
     [("history",), ("item", "user")],
     ids=["history_absent", "only_history"],
 )
-def test_extractor_weights_follow_the_signal(tmp_path, absent):
+def test_extractor_weights_follow_the_signal(tmp_path, jax_cache, absent):
     """History left out of the labels: din (which reads only the history) ends lowest.
     Item and user signals left out: din, the extractor built for history, takes nearly all."""
-    _, weights = _train(tmp_path, 0, absent)
+    _, weights = _train(tmp_path, jax_cache, 0, absent)
     w = {k.removeprefix("extractor/"): v for k, v in weights.items() if k.startswith("extractor/")}
     assert set(w) == {"din", "dnn", "cnn"} and sum(w.values()) == pytest.approx(1.0, abs=1e-4)
     if absent == ("history",):

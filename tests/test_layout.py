@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.helpers import ROOT
@@ -155,3 +157,22 @@ def test_test_files_share_code_only_through_helpers():
                 if node.module == "tests":
                     assert [a.name for a in node.names] == ["helpers"], path.name
     assert os.path.exists(ROOT / "tests" / "helpers.py")
+
+
+def test_sources_are_named_in_one_registry():
+    """A new source is a reader and one entry in data/sources.py: no tool or module names one."""
+    from influence_jax.data import readers
+
+    names = sorted(readers.SOURCES)
+    assert names == ["events", "movielens", "retailrocket", "taobao"]
+    for path in _sources():
+        if path.name == "sources.py":
+            continue
+        text = path.read_text()
+        for name in ("movielens", "retailrocket", "taobao"):  # "events" is an ordinary word too
+            assert f'"{name}"' not in text, (path, name)
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--helpfull"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    ).stdout  # fmt: skip
+    assert f"<{'|'.join(names)}>" in help_text

@@ -9,19 +9,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 from influence_jax.data import audit, prepare, readers
 from influence_jax.data.store import ExampleStore
+from tests import helpers
 
-DATA = os.environ.get("INFLUENCE_JAX_DATA", "")
-pytestmark = pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set")
-
-
-def need(*parts: str) -> str:
-    path = os.path.join(DATA, *parts)
-    assert os.path.exists(path), f"INFLUENCE_JAX_DATA={DATA!r} is set but {path} is missing"
-    return path
+pytestmark = helpers.needs_data
 
 
 def prepare_and_audit(source: str, path: str, out, **kw):
@@ -35,7 +28,7 @@ def prepare_and_audit(source: str, path: str, out, **kw):
 
 
 def test_taobao_sample(tmp_path):
-    path = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
+    path = helpers.need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
     schema, report = prepare_and_audit("taobao", path, tmp_path / "taobao")
     c = schema.extra["counts"]
     assert c["rows_valid"] == 84_287 and c["outside_time_window"] == 35
@@ -48,7 +41,7 @@ def test_taobao_sample(tmp_path):
 
 
 def test_movielens_100k(tmp_path):
-    schema, report = prepare_and_audit("movielens", need("ml-100k"), tmp_path / "ml")
+    schema, report = prepare_and_audit("movielens", helpers.need("ml-100k"), tmp_path / "ml")
     c = schema.extra["counts"]
     assert (c["events"], c["users"], c["items"], c["targets"]) == (100_000, 943, 1_682, 100_000)
     assert c["behaviours"] == {"r1": 6_110, "r2": 11_370, "r3": 27_145, "r4": 34_174, "r5": 21_201}
@@ -60,7 +53,7 @@ def test_movielens_100k(tmp_path):
 
 
 def test_cml_retailrocket(tmp_path):
-    path = need("cml_retailrocket", "train.csv")
+    path = helpers.need("cml_retailrocket", "train.csv")
     schema, _ = prepare_and_audit("retailrocket", path, tmp_path / "rr")
     c = schema.extra["counts"]
     assert (c["events"], c["users"], c["items"], c["targets"]) == (97_381, 2_174, 29_905, 9_551)
@@ -73,7 +66,7 @@ def test_short_training_on_prepared_taobao(tmp_path):
     from configs import taobao
     from influence_jax import train
 
-    path = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
+    path = helpers.need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
     prepare_and_audit("taobao", path, tmp_path / "taobao")
     config = taobao.get_config()
     config.data.path = str(tmp_path / "taobao")
@@ -90,7 +83,7 @@ def test_taobao_rank_state_is_leak_free_and_rebuilt_exactly_from_the_log(tmp_pat
     from influence_jax import ranking
     from influence_jax.data.dataset import Dataset
 
-    path = need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
+    path = helpers.need("taobao_userbehavior_sample", "UserBehavior_head814users.csv")
     out = str(tmp_path / "taobao")
     schema = prepare.prepare(readers.open_source("taobao", path), out, prepare.PrepareOptions())
     dataset = Dataset(out)

@@ -101,7 +101,7 @@ def test_gradients_reach_every_parameter(tiny_data):
         logit, _ = model.apply({"params": p}, batch)
         return jnp.mean(jnp.square(logit - batch["label"]))
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     dead = [jax.tree_util.keystr(k) for k, g in flat if not np.any(np.asarray(g) != 0)]
     assert dead == [], dead

@@ -11,15 +11,14 @@ deletion_curves.png and the same plots as TensorBoard images (tensorboard --logd
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import influence, logs, scoring  # noqa: E402
+from influence_jax import cli, files, influence, scoring  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
@@ -34,26 +33,21 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling and bootstrap seed.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
-    logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
-    try:
-        run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
-        r = influence.report(
-            run,
-            _OUTPUT.value,
-            split=_SPLIT.value,
-            sample=_SAMPLE.value,
-            max_examples=_MAX_EXAMPLES.value,
-            n_boot=_BOOTSTRAP.value,
-            seed=_SEED.value,
-        )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _report() -> None:
+    files.check_output(_OUTPUT.value, "output", folder=True)  # before any work
+    for flag, low in ((_SAMPLE, 0), (_MAX_EXAMPLES, 1), (_BOOTSTRAP, 1)):
+        if flag.value < low:
+            raise DataError(f"--{flag.name} must be at least {low}, got {flag.value}")
+    run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+    r = influence.report(
+        run,
+        _OUTPUT.value,
+        split=_SPLIT.value,
+        sample=_SAMPLE.value,
+        max_examples=_MAX_EXAMPLES.value,
+        n_boot=_BOOTSTRAP.value,
+        seed=_SEED.value,
+    )
     print(f"influence of {r['examples']} {r['split']} predictions at step {r['step']}:")
     for name, v in r["behaviour_types"].items():
         ci = f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"
@@ -69,6 +63,12 @@ def main(argv: list[str]) -> None:
         + f" | gap holds for every k: {f['holds']}"
     )
     print(f"report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run(_report, "influence_report")
 
 
 if __name__ == "__main__":

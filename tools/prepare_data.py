@@ -28,14 +28,13 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from influence_jax.data.schema import DataError
 
 _SOURCE = flags.DEFINE_enum(
-    "source",
-    None,
-    ["taobao", "movielens", "retailrocket", "events"],
-    "Raw data format.",
-    required=True,
+    "source", None, sorted(readers.SOURCES), "Raw data format (data/sources.py).", required=True
 )
 _INPUT = flags.DEFINE_string(
-    "input", None, "Log file (movielens: the ml-100k folder).", required=True
+    "input",
+    None,
+    "The raw log: " + "; ".join(f"{n}: {s.input}" for n, s in readers.SOURCES.items()) + ".",
+    required=True,
 )
 _OUTPUT = flags.DEFINE_string(
     "output", None, "Prepared dataset folder (replaced atomically).", required=True

@@ -24,11 +24,8 @@ from influence_jax import train  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
 
-DATASETS = {  # name -> (reader source, path under the data root, config module)
-    "taobao": ("taobao", "taobao_userbehavior_sample/UserBehavior_head814users.csv", "taobao"),
-    "movielens": ("movielens", "ml-100k", "movielens"),
-    "retailrocket": ("retailrocket", "cml_retailrocket/train.csv", "retailrocket"),
-}
+# Every registered source with a public sample and a config (data/sources.py).
+DATASETS = {n: s for n, s in readers.SOURCES.items() if s.sample and s.config}
 MODELS = {  # variant -> config.model overrides
     "ranker (din+dnn+cnn)": {"name": "ranker"},
     "seed CNN": {"name": "seed_cnn"},
@@ -49,20 +46,19 @@ _STEPS = flags.DEFINE_integer("num_steps", 0, "Override config.loop.num_steps (0
 
 
 def prepared(name: str) -> str:
-    source, rel, _ = DATASETS[name]
     out = os.path.join(_WORKDIR.value, "prepared", name)
     try:
         Schema.load(out)
     except DataError:
-        path = os.path.join(_DATA_ROOT.value, rel)
+        path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
         if not os.path.exists(path):
             raise DataError(f"{path}: missing; set --data_root to the shared data folder") from None
-        prepare.prepare(readers.open_source(source, path), out, prepare.PrepareOptions())
+        prepare.prepare(readers.open_source(name, path), out, prepare.PrepareOptions())
     return out
 
 
 def run_one(name: str, data: str, variant: str, seed: int) -> dict[str, float]:
-    module = __import__(f"configs.{DATASETS[name][2]}", fromlist=["get_config"])
+    module = __import__(f"configs.{DATASETS[name].config}", fromlist=["get_config"])
     config = module.get_config()
     config.data.path, config.seed = data, seed
     for k, v in MODELS[variant].items():

@@ -24,15 +24,15 @@ progress line with rate and ETA goes to stderr. --data may be left out for a syn
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import hostmem, logs, ranking  # noqa: E402
+from influence_jax import cli, files, hostmem, ranking  # noqa: E402
+from influence_jax.data import readers  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
@@ -56,7 +56,10 @@ _EVENTS = flags.DEFINE_string(
     "events", None, "Raw event log: rebuild histories as of --as_of=UNIX_TS from it."
 )
 _SOURCE = flags.DEFINE_enum(
-    "source", None, ["taobao", "movielens", "retailrocket"], "Format of --events."
+    "source",
+    None,
+    [n for n, s in readers.SOURCES.items() if s.replayable],
+    "Format of --events (a source of data/sources.py).",
 )
 _MAX_ITEMS = flags.DEFINE_integer(
     "max_items", 0, "Without --candidates: score only the N most frequent training items (0: all)."
@@ -72,66 +75,50 @@ _BATCH = flags.DEFINE_integer("batch_size", None, "Global scoring batch (default
 flags.mark_flags_as_required(["workdir", "output"])
 
 
+def _rank() -> None:
+    files.check_output(_OUTPUT.value, "output")  # before any work
+    if _EVENTS.value and (not _SOURCE.value or not _AS_OF.value):
+        raise DataError("--events needs --source and --as_of=UNIX_TS")
+    run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+    events = ranking.open_log(_SOURCE.value, _EVENTS.value) if _EVENTS.value else None
+    s = ranking.rank(
+        run,
+        _OUTPUT.value,
+        top_k=_TOP_K.value,
+        candidates=_CANDIDATES.value,
+        split=_SPLIT.value,
+        explain=_EXPLAIN.value,
+        fmt=_FORMAT.value,
+        max_items=_MAX_ITEMS.value,
+        batch_size=_BATCH.value,
+        as_of=_AS_OF.value,
+        events=events,
+        exclude_seen=_EXCLUDE_SEEN.value,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+        progress_every=_PROGRESS.value,
+    )
+    print(
+        f"ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "
+        f"{s['pairs_scored']} pairs scored ({s['candidates_per_s']:.0f}/s with compilation), "
+        f"{s['rows_written']} rows -> {_OUTPUT.value} in {s['seconds']} s"
+    )
+    counts = ("unknown_users", "unknown_user_pairs", "users_without_history", "unknown_items",
+              "unknown_item_pairs", "items_without_features", "duplicate_pairs")  # fmt: skip
+    print(
+        "unknown users (OOV): {unknown_users} ({unknown_user_pairs} pairs); users without "
+        "history: {users_without_history}; unknown items (OOV): {unknown_items} "
+        "({unknown_item_pairs} pairs); items without features: {items_without_features}; "
+        "repeated pairs dropped: {duplicate_pairs}".format(**{k: s.get(k, 0) for k in counts})
+    )
+    print("summary " + json.dumps(s, sort_keys=True))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _KEEP_HOST_MEMORY.value:
         hostmem.keep_freed_host_memory()  # before JAX starts its CPU client
-    logging.set_verbosity(logging.WARNING)
-    # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
-    logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
-    try:
-        run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
-        events = None
-        if _EVENTS.value:
-            if not _SOURCE.value or not _AS_OF.value:
-                raise DataError("--events needs --source and --as_of=UNIX_TS")
-            events = ranking.open_log(_SOURCE.value, _EVENTS.value)
-        s = ranking.rank(
-            run,
-            _OUTPUT.value,
-            top_k=_TOP_K.value,
-            candidates=_CANDIDATES.value,
-            split=_SPLIT.value,
-            explain=_EXPLAIN.value,
-            fmt=_FORMAT.value,
-            max_items=_MAX_ITEMS.value,
-            batch_size=_BATCH.value,
-            as_of=_AS_OF.value,
-            events=events,
-            exclude_seen=_EXCLUDE_SEEN.value,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
-            progress_every=_PROGRESS.value,
-        )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(
-        f"ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "
-        f"{s['pairs_scored']} pairs scored ({s['candidates_per_s']:.0f}/s with compilation), "
-        f"{s['rows_written']} rows -> "
-        f"{_OUTPUT.value} in {s['seconds']} s"
-    )
-    print(
-        "unknown users (OOV): {unknown_users} ({unknown_user_pairs} pairs); users without "
-        "history: {users_without_history}; unknown items (OOV): {unknown_items} "
-        "({unknown_item_pairs} pairs); items without features: {items_without_features}; "
-        "repeated pairs dropped: {duplicate_pairs}".format(
-            **{
-                k: s.get(k, 0)
-                for k in (
-                    "unknown_users",
-                    "unknown_user_pairs",
-                    "users_without_history",
-                    "unknown_items",
-                    "unknown_item_pairs",
-                    "items_without_features",
-                    "duplicate_pairs",
-                )
-            }
-        )
-    )
-    print("summary " + json.dumps(s, sort_keys=True))
+    cli.run(_rank, "rank")
 
 
 if __name__ == "__main__":

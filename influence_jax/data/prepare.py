@@ -66,7 +66,7 @@ def _schema(source: readers.EventSource, plan: Plan, opts: PrepareOptions) -> Sc
         "negatives": "sampled items the user had not interacted with at or before the target "
         "time; label 0, same user, history, timestamp and target_type",
         # With ratings as behaviours the target's behaviour id encodes its label.
-        "target_type_reveals_label": thr is not None and source.name == "movielens",
+        "target_type_reveals_label": thr is not None and source.behaviour_is_value,
     }
     return Schema(
         name=opts.name or source.name,

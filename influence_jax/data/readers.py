@@ -31,10 +31,12 @@ from influence_jax.data.sources import (  # noqa: F401  (re-exported)
     ML_RATINGS,
     ML_ZIP_PREFIX,
     RETAILROCKET_BEHAVIOURS,
+    SOURCES,
     TAOBAO_BEHAVIOURS,
     TAOBAO_COLUMNS,
     TAOBAO_WINDOW,
     EventSource,
+    SourceSpec,
     events,
     movielens,
     read_table,
@@ -45,17 +47,11 @@ from influence_jax.data.sources import (  # noqa: F401  (re-exported)
 
 
 def open_source(source: str, path: str, **kwargs) -> EventSource:
-    """The reader for `source` ("taobao", "movielens", "retailrocket" or "events")."""
-    readers = {
-        "taobao": taobao,
-        "movielens": movielens,
-        "retailrocket": retailrocket,
-        "events": events,
-    }
-    if source not in readers:
-        raise DataError(f"unknown source {source!r}; choose one of {sorted(readers)}")
+    """The reader of `source` (a name of SOURCES: taobao, movielens, retailrocket, events)."""
+    if source not in SOURCES:
+        raise DataError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
     if source != "events" and kwargs:
         raise DataError(
             f"{source}: column-mapping options {sorted(kwargs)} only apply to --source=events"
         )
-    return readers[source](path, **kwargs)
+    return SOURCES[source].open(path, **kwargs)

@@ -42,7 +42,7 @@ class Schema:
     """What a prepared dataset holds. See module docstring for id conventions.
 
     Attributes:
-      name: dataset name, e.g. "synthetic" or "taobao".
+      name: dataset name, e.g. synthetic or taobao.
       vocab_sizes: rows of each vocabulary, reserved ids included.
       user_fields / item_fields / hist_fields: columns of the `user` [N, Fu], `item` [N, Fi]
         and `hist` [N, L, Fh] arrays, in order.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,9 @@ class EventSource:
     item_table: SideTable | None = None
     defaults: dict[str, object] = dataclasses.field(default_factory=dict)
     notes: dict[str, object] = dataclasses.field(default_factory=dict)
+    # The behaviour type spells out the event's value (MovieLens: r1..r5 are the ratings), so a
+    # label defined by a value threshold can be read off the target's type.
+    behaviour_is_value: bool = False
 
     @property
     def has_event_category(self) -> bool:
@@ -212,6 +215,7 @@ def movielens(path: str) -> EventSource:
         user_table=user_table,
         item_table=item_table,
         defaults={"target_behaviours": ("any",), "neg_ratio": 0, "label_threshold": 4.0},
+        behaviour_is_value=True,
         notes={
             "category": "first genre index in u.item",
             "genres": genre_names,
@@ -280,3 +284,43 @@ def events(
         item_table=it,
         defaults={"target_behaviours": ("any",), "neg_ratio": 1},
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One registered source: how to open it and what the tools offer for it."""
+
+    name: str
+    open: Callable[..., EventSource]  # (path, **column-mapping options) -> EventSource
+    input: str  # what --input names, for help texts
+    replayable: bool = True  # rank.py --events can rebuild histories from a log of it
+    sample: str = ""  # its public sample under $INFLUENCE_JAX_DATA (tools/quality.py), if any
+    config: str = ""  # configs/<config>.py trains on it
+
+
+# The one registry of sources: tools/prepare_data.py, tools/rank.py and tools/quality.py build
+# their flags and tables from it. A new source is a reader function above plus one entry here.
+SOURCES: dict[str, SourceSpec] = {
+    s.name: s
+    for s in (
+        SourceSpec(
+            "taobao",
+            taobao,
+            "UserBehavior.csv (or .csv.gz)",
+            sample="taobao_userbehavior_sample/UserBehavior_head814users.csv",
+            config="taobao",
+        ),
+        SourceSpec(
+            "movielens", movielens, "the ml-100k folder", sample="ml-100k", config="movielens"
+        ),
+        SourceSpec(
+            "retailrocket",
+            retailrocket,
+            "CML Retailrocket train.csv",
+            sample="cml_retailrocket/train.csv",
+            config="retailrocket",
+        ),
+        # Any CSV/Parquet log with a column mapping; rank.py --events has no flags to map one.
+        SourceSpec("events", events, "a CSV or Parquet event log", replayable=False),
+    )
+}

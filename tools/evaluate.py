@@ -1,0 +1,61 @@
+"""Evaluates a trained run's checkpoint on a split, exactly as training evaluates: AUC, GAUC
+(user- and impression-weighted), logloss and accuracy over every example, overall and per
+target behaviour type.
+
+    python tools/evaluate.py --workdir=runs/demo
+    python tools/evaluate.py --workdir=runs/taobao --data=.prepared/taobao --split=valid \
+      --step=best --output=runs/taobao/valid_metrics.json
+
+Prints one line of metrics and one per behaviour type; --output also writes them as JSON
+(atomically). --data may be left out for a synthetic run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from influence_jax import cli, evaluation, files, metrics, scoring  # noqa: E402
+from influence_jax.errors import DataError  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+_DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (default: the run's own).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate.")
+_STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, best or latest.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the metrics to this JSON file.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: the eval batch).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _evaluate() -> None:
+    if _BATCH.value is not None and _BATCH.value < 1:
+        raise DataError(f"--batch_size must be positive, got {_BATCH.value}")
+    run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+    if _SPLIT.value not in run.schema.splits:
+        raise DataError(f"--split={_SPLIT.value}: the dataset has {sorted(run.schema.splits)}")
+    m = evaluation.evaluate_run(run, _SPLIT.value, _BATCH.value)
+    n = int(m["num_examples"])
+    print(
+        f"{_SPLIT.value} metrics at step {run.step} ({n:,} examples): {metrics.format_metrics(m)}"
+    )
+    for t in run.schema.behaviour_types:
+        if f"auc/{t}" in m:
+            keys = ("auc", "logloss", "accuracy")
+            line = " ".join(f"{k}={m[f'{k}/{t}']:.4f}" for k in keys)
+            print(f"  target {t}: {line} ({int(m[f'num_examples/{t}']):,} examples)")
+    if _OUTPUT.value:
+        files.write_json(_OUTPUT.value, {"step": run.step, "split": _SPLIT.value, "metrics": m})
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run(_evaluate, "evaluate")
+
+
+if __name__ == "__main__":
+    app.run(main)
