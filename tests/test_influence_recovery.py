@@ -37,7 +37,10 @@ def _train(tmp_path, cache: str, seed: int, absent: tuple[str, ...] = ()):
     assert out.returncode == 0, out.log[-4000:]
     tags = helpers.scalars(workdir)
     prefix = "influence/"
-    return workdir, {t[len(prefix) :]: v[-1][1] for t, v in tags.items() if t.startswith(prefix)}
+    weights = {t[len(prefix) :]: v[-1][1] for t, v in tags.items() if t.startswith(prefix)}
+    # The measured figures, shown by `python -m pytest -m slow -rP` (the README quotes them).
+    print(f"seed {seed} absent {list(absent)}:", json.dumps(weights, sort_keys=True))
+    return workdir, weights
 
 
 @pytest.mark.slow
