@@ -372,6 +372,8 @@ def restore_params(
             partial_restore=True,  # only the "params" subtree of the saved TrainState is read
         )
         where = f"{checkpoint_dir(workdir)}/{n}"
+        saved = manager.item_metadata(n)["state"]
+        _check_shapes(abstract_state.params, getattr(saved, "tree", saved)["params"], where)
         try:
             out = manager.restore(
                 n, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore())
@@ -400,6 +402,30 @@ def restore_params(
         return params, n
     finally:
         manager.close()
+
+
+def _check_shapes(want: Any, saved: Any, where: str) -> None:
+    """Raises DataError naming the first parameter whose saved shape differs from the model's
+    (before Orbax tries, and fails noisily, to read it)."""
+    shape = lambda tree: {
+        jax.tree_util.keystr(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    want, saved = shape(want), shape(saved)
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    if missing or extra:
+        raise DataError(
+            f"{where}: the saved parameters are not those of the model the run's config builds "
+            f"for this dataset (missing {missing[:3]}, unexpected {extra[:3]}): was the run "
+            "trained on another dataset? Pass the --data it was trained on"
+        )
+    for path, shp in want.items():
+        if saved[path] != shp:
+            raise DataError(
+                f"{where}: parameter {path} has shape {saved[path]} in the checkpoint but "
+                f"{shp} for this dataset: was the run trained on another dataset? Pass the "
+                "--data it was trained on"
+            )
 
 
 def saved_metrics(workdir: str, step: int | None = None) -> dict[str, float]:

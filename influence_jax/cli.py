@@ -1,14 +1,16 @@
-"""What the command-line tools share: quiet library logs, and a user's mistake (bad data, a bad
-flag value, a missing file) or Ctrl-C ends in one line on stderr and a non-zero exit, never in a
-traceback. Tools define their own flags; this module reads none."""
+"""What the entry points share: quiet library logs, and a user's mistake (bad data, a bad flag or
+config override, a missing file) or Ctrl-C ends in one line on stderr and a non-zero exit,
+never in a traceback. Entry points define their own flags; this module defines none."""
 
 from __future__ import annotations
 
 import logging as std_logging
+import re
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from absl import logging
+from absl import flags, logging
 
 from influence_jax import logs
 from influence_jax.errors import ConfigError, DataError
@@ -27,3 +29,29 @@ def run(body: Callable[[], None], tool: str) -> None:
     except KeyboardInterrupt:
         print(f"{tool}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with a bad flag or config
+    override as one line (ml_collections raises while it applies `--config.a.b=value`)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit("error: " + " ".join(str(e).split()))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        text = str(e).replace("\\n", " ").replace("\\'", "'")
+        name, hint = re.search(r"'(\w+)'", text), re.search(r"Did you mean [^?]*\?", text)
+        detail = f"no field {name.group(1)!r}" if name else " ".join(text.split())
+        detail += f" ({hint.group(0)})" if hint else ""
+        sys.exit(f"error: a config override ({', '.join(overrides)}) is not valid: {detail}")
+
+
+def loaded_config(config: Any) -> Any:
+    """The value of a config_flags flag; a file that failed to load (ml_collections defers that
+    error to the config's first use) exits with one line."""
+    try:
+        config.keys()
+    except OSError as e:
+        sys.exit("error: --config: " + " ".join(str(e).split()))
+    return config

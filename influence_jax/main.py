@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from influence_jax import errors, hostmem, logs
+from influence_jax import cli, errors, hostmem, logs
 
 # Config files import their siblings as `configs.<name>`; make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +56,8 @@ def main(argv):
     from influence_jax import config_check
 
     try:
-        config_check.check(_CONFIG.value)  # before the multi-process runtime starts
+        config = cli.loaded_config(_CONFIG.value)
+        config_check.check(config)  # before the multi-process runtime starts
         _init_distributed()
         import jax
 
@@ -67,7 +68,7 @@ def main(argv):
         logging.info(
             "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
         )
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value)
     except (errors.ConfigError, errors.DataError) as e:
         sys.exit(f"error: {e}")
     except errors.TrainingError as e:
@@ -76,7 +77,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

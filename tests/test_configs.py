@@ -3,6 +3,8 @@
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +63,24 @@ def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
         config_check.check(config, num_devices=8)
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config=configs/tiny.py", "--config.loop.num_stepz=5"],
+         "error: a config override (--config.loop.num_stepz) is not valid: no field 'num_stepz' "
+         '(Did you mean "num_steps" instead of "num_stepz"?)'),
+        (["--config=configs/tiny.py", "--config.data.batch_size=0"],
+         "error: config.data.batch_size: must be positive, got 0"),
+        (["--config=configs/nope.py"], "error: --config: "),
+    ],
+)  # fmt: skip
+def test_main_reports_a_bad_config_in_one_line_before_any_work(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "influence_jax.main", f"--workdir={workdir}", *args],
+        capture_output=True, text=True, cwd=helpers.ROOT, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr and not workdir.exists()

@@ -51,3 +51,18 @@ def test_tools_refuse_bad_outputs_and_values_in_one_line(run_dir, tmp_path, tool
     assert message.format(tmp=tmp_path) in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # nothing written
+
+
+def test_a_dataset_the_run_was_not_trained_on_is_one_clear_line(run_dir, tmp_path):
+    from influence_jax.data import synthetic
+
+    other = helpers.tiny_config(**{"data.synthetic.num_items": 600})
+    synthetic.ensure(other.data.synthetic, str(tmp_path / "other"))
+    out = tmp_path / "top.parquet"
+    r = helpers.run_tool("rank", f"--workdir={run_dir}", f"--data={tmp_path / 'other'}",
+                         f"--output={out}", timeout=180)  # fmt: skip
+    assert r.returncode == 2 and not out.exists()
+    assert "['embeddings']['embed_item_id'] has shape (502, 8) in the checkpoint but (602, 8)" in (
+        r.stderr
+    )
+    assert "another dataset" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import logs  # noqa: E402
+from influence_jax import cli, logs  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 from influence_jax.errors import ConfigError  # noqa: E402
 
@@ -39,7 +39,8 @@ def main(argv: list[str]) -> None:
     from influence_jax.experiments import cv, trials
 
     try:
-        result = cv.run(_CONFIG.value, _WORKDIR.value, _FOLDS.value, _MODE.value, _WINDOW.value)
+        config = cli.loaded_config(_CONFIG.value)
+        result = cv.run(config, _WORKDIR.value, _FOLDS.value, _MODE.value, _WINDOW.value)
     except trials.Preempted as e:
         print(f"cross-validation stopped: {e}", flush=True)
         return
@@ -49,4 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

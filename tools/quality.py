@@ -10,7 +10,6 @@ Markdown table (also written to WORKDIR/quality.md and quality.json).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import train  # noqa: E402
+from influence_jax import files, train  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
 
@@ -110,11 +109,8 @@ def main(argv):
             results[name][variant] = runs
     md = table(results)
     print(md)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    with open(os.path.join(_WORKDIR.value, "quality.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(_WORKDIR.value, "quality.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    files.write_text(os.path.join(_WORKDIR.value, "quality.md"), md + "\n")
+    files.write_json(os.path.join(_WORKDIR.value, "quality.json"), results)
 
 
 if __name__ == "__main__":

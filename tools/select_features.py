@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import logs  # noqa: E402
+from influence_jax import cli, logs, metrics  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 from influence_jax.errors import ConfigError  # noqa: E402
 
@@ -44,12 +44,10 @@ def main(argv: list[str]) -> None:
     logs.quiet_libraries()
     from influence_jax.experiments import selection, trials
 
-    mode = _MODE.value
-    if mode == "auto":
-        mode = "min" if "loss" in _METRIC.value else "max"
+    mode = _MODE.value if _MODE.value != "auto" else metrics.mode(_METRIC.value)
     try:
         result = selection.run(
-            _CONFIG.value,
+            cli.loaded_config(_CONFIG.value),
             _WORKDIR.value,
             _THRESHOLD.value,
             criterion=_CRITERION.value,
@@ -69,4 +67,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import logs  # noqa: E402
+from influence_jax import cli, logs  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 from influence_jax.errors import ConfigError  # noqa: E402
 
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     from influence_jax.experiments import cv, trials
     from influence_jax.experiments import sweep as sweep_lib
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = cli.loaded_config(_CONFIG.value), _WORKDIR.value
     try:
         sweep = sweep_lib.load(_SWEEP.value)
         split = config.loop.final_eval_split
@@ -98,4 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

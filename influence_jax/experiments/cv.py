@@ -25,12 +25,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from influence_jax import files
+from influence_jax import files, metrics
 from influence_jax.errors import ConfigError, DataError
 from influence_jax.experiments import trials
 
 MODES = ("expanding", "rolling")
-METRICS = ("auc", "gauc", "logloss", "accuracy")  # summarised over folds
+METRICS = metrics.METRICS  # summarised over folds
 SPLIT = "train"  # folds are cut from the training period
 SUMMARY_FILE = "cv.json"
 

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import pyarrow as pa
 
-from influence_jax import files
+from influence_jax import files, metrics
 from influence_jax import summary as summary_lib
 from influence_jax.errors import ConfigError
 from influence_jax.experiments import hparams, trials
@@ -118,7 +118,7 @@ def parse(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         )
     mode = raw.get("mode", "auto")
     if mode == "auto":
-        mode = "min" if "loss" in raw.get("metric", "valid/auc") else "max"
+        mode = metrics.mode(raw.get("metric", "valid/auc"))
     if mode not in ("max", "min"):
         raise ConfigError(f"{where}mode: {mode!r} is not 'max', 'min' or 'auto'")
     return Sweep(
