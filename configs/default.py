@@ -87,8 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
     loop.log_every = 100  # steps between progress lines and train summaries
     loop.eval_every = 500  # steps between validation runs; 0 = only at the end
     loop.eval_split = "valid"  # split used during training
-    loop.final_eval_split = "test"  # split evaluated once at the end ("" to skip)
-    loop.early_stop_metric = "auc"  # eval_split metric (auc, gauc, logloss...) for best/early stop
+    loop.final_eval_split = "test"  # evaluated once at the end, on the best checkpoint ("" skips)
+    loop.early_stop_metric = "auc"  # eval_split metric picking the best step and early stops
     loop.early_stop_mode = "auto"  # "max", "min" or "auto" (min for *loss*, max otherwise)
     loop.early_stop_patience = 0  # evaluations without improvement before stopping; 0 = never
 
@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     ckpt.every = 500  # steps between checkpoints (also one at each evaluation and at the end)
     ckpt.max_to_keep = 3  # most recent checkpoints kept (plus the best); 0 = keep all
     ckpt.async_save = True  # write checkpoints in the background
-    ckpt.keep_best = True  # also keep the best step by loop.early_stop_metric (WORKDIR/best.json)
+    ckpt.keep_best = True  # keep the best step (best.json); the final eval uses it, else the last
 
     config.lock()
     return config

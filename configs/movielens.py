@@ -3,7 +3,7 @@
 Prepare (behaviour types are the ratings r1..r5; user features age group, gender, occupation,
 zip prefix; item category = first genre; no sampled negatives):
 
-    python tools/prepare_data.py --source=movielens --input=/work/shared/data/ml-100k \
+    python tools/prepare_data.py --source=movielens --input=$INFLUENCE_JAX_DATA/ml-100k \
       --output=.prepared/movielens --label_threshold=4 --neg_ratio=0 --max_len=50
 
 Train:

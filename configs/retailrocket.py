@@ -3,7 +3,7 @@
 Prepare:
 
     python tools/prepare_data.py --source=retailrocket \
-      --input=/work/shared/data/cml_retailrocket/train.csv \
+      --input=$INFLUENCE_JAX_DATA/cml_retailrocket/train.csv \
       --output=.prepared/retailrocket --target_behaviour=buy --neg_ratio=4 --max_len=50
 
 Train:

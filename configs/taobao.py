@@ -4,7 +4,7 @@ Prepare (the 814-user sample in shared/data; the full 3.5 GB UserBehavior.csv, o
 unpacked to .csv or .csv.gz, runs unchanged with the flags in brackets):
 
     python tools/prepare_data.py --source=taobao \
-      --input=/work/shared/data/taobao_userbehavior_sample/UserBehavior_head814users.csv \
+      --input=$INFLUENCE_JAX_DATA/taobao_userbehavior_sample/UserBehavior_head814users.csv \
       --output=.prepared/taobao --target_behaviour=buy --neg_ratio=4 --max_len=50 \
       [--memory_mb=4096 --min_count_for=item_id=5]
 

@@ -308,6 +308,11 @@ class Checkpointer:
         _check_digest(out["state"], data.pop("digest", None))
         return out["state"], data
 
+    def restore_params(self, abstract_state: Any, step: int) -> Any:
+        """The parameters alone of `step`, verified (see the module-level restore_params)."""
+        self.manager.wait_until_finished()
+        return _restore_params(self.manager, abstract_state, step, f"{self.directory}/{step}")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -365,43 +370,44 @@ def restore_params(
     manager = _reader(workdir)
     try:
         n = resolve_step(workdir, step, manager.all_steps())
-        abstract = {"params": abstract_state.params}
-        state_args = ocp.args.PyTreeRestore(
-            item=abstract,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True,  # only the "params" subtree of the saved TrainState is read
-        )
-        where = f"{checkpoint_dir(workdir)}/{n}"
-        saved = manager.item_metadata(n)["state"]
-        _check_shapes(abstract_state.params, getattr(saved, "tree", saved)["params"], where)
-        try:
-            out = manager.restore(
-                n, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore())
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(
-                f"{where}: the saved parameters do not fit the model built from the run's config "
-                f"and this dataset ({str(e).splitlines()[0][:200]}); was the run trained on "
-                "another dataset (--data)?"
-            ) from None
-        params = out["state"]["params"]
-        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
-        keep = [i for i, (path, _) in enumerate(flat) if getattr(path[0], "name", None) == "params"]
-        digest = out["data"].get("digest")
-        if digest is not None and len(digest) != len(flat):
-            raise DataError(
-                f"{where}: the saved state has {len(digest)} arrays, the run's config gives "
-                f"{len(flat)}; the checkpoint does not belong to this config"
-            )
-        try:
-            _check_digest(params, digest, keep)
-        except CheckpointError as e:
-            raise DataError(
-                f"{where}: {e}: the checkpoint is corrupted; use another --step"
-            ) from None
-        return params, n
+        return _restore_params(manager, abstract_state, n, f"{checkpoint_dir(workdir)}/{n}"), n
     finally:
         manager.close()
+
+
+def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> Any:
+    saved = manager.item_metadata(n)["state"]
+    _check_shapes(abstract_state.params, getattr(saved, "tree", saved)["params"], where)
+    abstract = {"params": abstract_state.params}
+    state_args = ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,  # only the "params" subtree of the saved TrainState is read
+    )
+    try:
+        out = manager.restore(
+            n, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore())
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{where}: the saved parameters do not fit the model built from the run's config "
+            f"and this dataset ({str(e).splitlines()[0][:200]}); was the run trained on "
+            "another dataset (--data)?"
+        ) from None
+    params = out["state"]["params"]
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+    keep = [i for i, (path, _) in enumerate(flat) if getattr(path[0], "name", None) == "params"]
+    digest = out["data"].get("digest")
+    if digest is not None and len(digest) != len(flat):
+        raise DataError(
+            f"{where}: the saved state has {len(digest)} arrays, the run's config gives "
+            f"{len(flat)}; the checkpoint does not belong to this config"
+        )
+    try:
+        _check_digest(params, digest, keep)
+    except CheckpointError as e:
+        raise DataError(f"{where}: {e}: the checkpoint is corrupted; use another --step") from None
+    return params
 
 
 def _check_shapes(want: Any, saved: Any, where: str) -> None:

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from influence_jax import metrics, sharding
+from influence_jax import metrics, scoring, sharding
 from influence_jax.data import pipeline
-from influence_jax.data.schema import NUM_RESERVED
+from influence_jax.data.schema import HIST_ITEM, NUM_RESERVED
 from influence_jax.engine import EVAL_KEYS
 from influence_jax.scoring import Run
 
@@ -63,3 +63,25 @@ def evaluate_run(run: Run, split: str, batch_size: int | None = None) -> dict[st
         d.prefetch,
         d.num_threads,
     )
+
+
+def predict(run: Run, split: str, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """One row per example of `split` (as evaluation sees it), in the split's order: raw user and
+    item ids, timestamp, label, target behaviour and the model's probability."""
+    examples = run.dataset.eval_examples(split)
+    keys = ("user", "item", "hist")
+    gather = lambda rows: {k: v for k, v in examples.gather(rows).items() if k in keys}
+    bs = scoring.global_batch(run, batch_size)
+    n = len(examples)
+    prob = scoring.batched(run.engine.score_fn(), run, n, gather, bs)
+    maps, schema = run.dataset.id_maps, run.schema
+    item_idx = examples.column("item")[:, schema.item_index(HIST_ITEM)]
+    types = np.asarray(["", "", *schema.behaviour_types], object)
+    return {
+        "user_id": maps.user_raw(examples.column("user_key")),
+        "item_id": maps.raw("item_id", item_idx)[0],
+        "timestamp": examples.column("timestamp"),
+        "label": examples.column("label"),
+        "target_behaviour": types[examples.column("target_type")],
+        "score": np.zeros(0, np.float32) if prob is None else prob,
+    }

@@ -230,6 +230,26 @@ def accuracy(labels: Any, probs: Any, weights: Any | None = None, threshold: flo
     return _accuracy(*_split_weights(y, w), p, threshold)
 
 
+def average_precision(labels: Any, scores: Any, weights: Any | None = None) -> float:
+    """Area under the precision-recall curve as average precision (sklearn's definition):
+    the sum over distinct score thresholds, highest first, of precision times the recall
+    gained there; equal scores enter together.
+
+    Returns:
+      nan when there is no positive or a score is NaN.
+    """
+    y, s, w, _ = _prepare(labels, scores, weights)
+    pos, neg = _split_weights(y, w)
+    if pos.sum() == 0 or np.isnan(s).any():
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, pos, neg = s[order], pos[order], neg[order]
+    run_end = np.r_[s[1:] != s[:-1], True]
+    tp, fp = np.cumsum(pos)[run_end], np.cumsum(neg)[run_end]
+    precision, recall = tp / (tp + fp), tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def evaluate(
     labels: Any,
     probs: Any,

@@ -116,11 +116,20 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         final = {}
         split = config.loop.final_eval_split
         if split and not preempt.requested:
-            m = evaluate(state.params, split)
+            params, at, which = state.params, int(state.step), "last step"
+            best = loop.stopper.best_step
+            if config.ckpt.keep_best and best is not None:
+                # The checkpoint chosen by the validation metric, not whatever the last step was.
+                which = f"best {config.loop.eval_split}/{loop.stopper.metric}"
+                if best != at:
+                    params, at = ckpt.restore_params(eng.abstract_state, best), best
+            m = evaluate(params, split)
             final = {f"{split}/{k}": v for k, v in m.items()}
-            writer.scalars(int(state.step), final)
-            logging.info("final %s: %s", split, metrics.format_metrics(m))
-            print(f"final {split} metrics: {metrics.format_metrics(m)}", flush=True)
+            writer.scalars(int(state.step), {**final, f"{split}/step": at})
+            final[f"{split}/step"] = at
+            line = f"final {split} metrics at step {at} ({which}): {metrics.format_metrics(m)}"
+            logging.info("%s", line)
+            print(line, flush=True)
         final.update(loop.last_eval)
         return final
     finally:

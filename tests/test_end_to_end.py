@@ -28,6 +28,10 @@ def test_train_and_evaluate_writes_checkpoint_events_config_and_resumes(tmp_path
     result = train.train_and_evaluate(config, workdir)
 
     assert 0.0 <= result["test/auc"] <= 1.0 and np.isfinite(result["test/logloss"])
+    # The final test metrics are those of the best checkpoint by the validation metric.
+    with open(os.path.join(workdir, "best.json")) as f:
+        best = json.load(f)
+    assert result["test/step"] == best["step"] and best["metric"] == "valid/auc"
     assert "valid/auc" in result and "valid/gauc" in result
     assert _steps(workdir) == [10, 20]
     with open(os.path.join(workdir, "config.json")) as f:

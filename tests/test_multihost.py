@@ -37,7 +37,7 @@ def _global_batches_independent_of_process_count(data_dir) -> bool:
 
 
 def _final_metrics(log: str) -> str:
-    (line,) = re.findall(r"^final test metrics: .*$", log, re.M)
+    (line,) = re.findall(r"^final test metrics at .*$", log, re.M)
     return line
 
 

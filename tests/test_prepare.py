@@ -420,3 +420,108 @@ def test_rank_state_histories_hold_only_events_before_the_cut(tmp_path):
             got = h[: len(before)][:, [0, 2, 3]].tolist()
             assert got == want, (cut, k)
             assert not h[len(before) :].any()
+
+
+# user, item, category, behaviour, time. Boundaries: valid 500, test 900; horizon 100 s.
+CONVERSION_LOG = """\
+1,10,1,pv,100
+1,10,1,pv,110
+1,10,1,buy,150
+1,11,1,pv,200
+1,11,1,pv,400
+1,11,1,cart,420
+1,12,2,pv,300
+2,10,1,pv,120
+2,10,1,buy,500
+2,12,2,pv,600
+2,12,2,buy,600
+3,11,1,pv,950
+3,11,1,buy,960
+"""
+
+
+def _conversion(tmp_path, **kw):
+    base = dict(task="conversion", target_behaviours=("buy",), horizon_hours=100 / 3600,
+                session_gap_minutes=1.0)  # fmt: skip
+    kw = {**base, **kw}
+    out = tmp_path / "conv"
+    return run(write(tmp_path / "log.csv", CONVERSION_LOG), out, **kw), out
+
+
+def test_conversion_examples_are_exposures_labelled_within_the_horizon(tmp_path):
+    schema, out = _conversion(tmp_path)
+    got = {
+        s: sorted(
+            zip(
+                r["user_key"].tolist(),
+                r["item"][:, 0].tolist(),
+                r["timestamp"].tolist(),
+                r["label"].tolist(),
+                strict=True,
+            )
+        )  # fmt: skip
+        for s in prepare.SPLITS
+        for r in [rows(out, s)]
+    }
+    assert got == {
+        # user 1: the views of item 10 at 100 and 110 merge (10 s apart) and convert at 150;
+        # item 11 viewed at 200 (no purchase) and again at 400, whose horizon reaches
+        # valid_start: dropped; item 12 not bought. User 2 buys item 10 380 s after the view.
+        "train": [
+            (0, ITEM[10], 100, 1.0),
+            (0, ITEM[11], 200, 0.0),
+            (0, ITEM[12], 300, 0.0),
+            (1, ITEM[10], 120, 0.0),
+        ],  # fmt: skip
+        # A purchase at the view's own second converts it.
+        "valid": [(1, ITEM[12], 600, 1.0)],
+        # User 3's view at 950 ends the log within its horizon: dropped.
+        "test": [],
+    }
+    c = schema.extra["counts"]
+    assert (c["exposures"], c["exposures_merged"], c["exposures_immature"]) == (8, 1, 2)
+    assert c["conversions"] == 2 and c["negatives"] == 0
+    assert schema.label["task"] == "conversion" and schema.label["exposure"] == "pv"
+    train = rows(out, "train")
+    # Every example's target type is the exposure's; its history holds only earlier events,
+    # the earlier views of the same item included.
+    assert set(train["target_type"].tolist()) == {PV}
+    r = find(train, user_key=0, t=200, label=0.0)
+    assert train["hist"][r, :3, 0].tolist() == [ITEM[10], ITEM[10], ITEM[10]]  # buy, pv, pv
+    assert audit.audit_leakage(str(out))["negatives"] == 0
+
+
+def test_the_audit_fails_a_conversion_label_past_the_cut(tmp_path):
+    _, out = _conversion(tmp_path)
+    a = np.load(out / "train" / "part-00000" / "timestamp.npy", mmap_mode="r+")
+    a[np.argmax(a)] = 450  # 450 + 100 s reaches valid_start 500
+    with pytest.raises(DataError, match="reaches past the split's end 500.*label maturity"):
+        audit.audit_leakage(str(out))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"neg_ratio": 2}, "no --neg_ratio"),
+        ({"exposure": "buy"}, "exposure=buy is also a --target_behaviour"),
+        ({"exposure": "click"}, "--exposure: 'click' is not a behaviour type"),
+        ({"horizon_hours": 0.0}, "horizon_hours > 0"),
+    ],
+)
+def test_conversion_options_are_checked(tmp_path, kw, match):
+    with pytest.raises(DataError, match=match):
+        _conversion(tmp_path, **kw)
+
+
+def test_conversion_from_the_cli(tmp_path):
+    log = write(tmp_path / "log.csv", CONVERSION_LOG)
+    out = tmp_path / "cli"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "prepare_data.py"), "--source=taobao",
+           f"--input={log}", f"--output={out}", "--task=conversion", "--horizon_hours=0.0277",
+           "--session_gap_minutes=1", "--valid_start=500", "--test_start=900",
+           "--min_timestamp=0"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    schema = json.loads((out / "schema.json").read_text())
+    assert schema["label"]["exposure"] == "pv" and schema["label"]["target_behaviours"] == ["buy"]
+    assert json.loads(res.stdout)["rows"] == {"train": 4, "valid": 1, "test": 0}

@@ -6,9 +6,11 @@ Expected counts come from /work/shared/data/README.md.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
+import pytest
 
 from influence_jax.data import audit, prepare, readers
 from influence_jax.data.store import ExampleStore
@@ -99,3 +101,20 @@ def test_taobao_rank_state_is_leak_free_and_rebuilt_exactly_from_the_log(tmp_pat
         rebuilt, _ = ranking.contexts_from_log(dataset, src, t)
         np.testing.assert_array_equal(rebuilt.hist, ctx.hist)
         np.testing.assert_array_equal(rebuilt.user_key, ctx.user_key)
+
+
+@pytest.mark.slow
+def test_quality_table_puts_baselines_beside_the_models(tmp_path):
+    """tools/quality.py end to end on the Taobao sample, one short model: the baselines' rows,
+    the best baseline chosen on the validation split, and the paired interval."""
+    r = helpers.run_tool(
+        "quality", f"--data_root={helpers.DATA}", f"--workdir={tmp_path}", "--datasets=taobao",
+        "--seeds=0,1", "--models=DNN", "--num_steps=10", "--n_boot=50", timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((tmp_path / "quality.json").read_text())["taobao"]
+    assert saved["positives"] > 100 and saved["best_baseline"] in saved["baselines"]
+    assert {"logistic_regression", "in_history"} <= set(saved["baselines"])
+    d = saved["models"]["DNN"]
+    assert len(d["auc"]) == 2 and d["vs_best_baseline"]["ci_low"] <= d["vs_best_baseline"]["diff"]
+    assert "baseline: in_history" in (tmp_path / "quality.md").read_text()

@@ -19,7 +19,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check
+from influence_jax import config_check, evaluation, scoring
 from influence_jax import loop as loop_lib
 from influence_jax.errors import ConfigError
 from tests import helpers
@@ -82,6 +82,13 @@ def test_early_stopping_keeps_last_k_plus_best_and_records_it(tmp_path, jax_cach
         best = json.load(f)
     assert best["step"] == stopper.best_step and best["metric"] == "valid/logloss"
     assert best["mode"] == "max" and best["value"] == pytest.approx(stopper.best, rel=1e-6)
+    # The final test metrics are the best checkpoint's, not the last step's.
+    assert stopper.best_step < stop
+    assert f"final test metrics at step {stopper.best_step} (best valid/logloss)" in out.log
+    final = {k: v[-1] for k, v in scalars(workdir).items() if k.startswith("test/")}
+    assert final["test/step"] == (stop, stopper.best_step)
+    best_run = evaluation.evaluate_run(scoring.load_run(str(workdir), step="best"), "test")
+    assert final["test/auc"][1] == pytest.approx(best_run["auc"], rel=1e-6)
 
     manager = ocp.CheckpointManager(
         workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)

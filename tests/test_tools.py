@@ -4,28 +4,36 @@ training gave, and every tool refuses a bad output path or flag value in one lin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 import pytest
 
-from influence_jax import evaluation, scoring
+from influence_jax import evaluation, metrics, scoring
+from influence_jax.data.dataset import Dataset
 from tests import helpers
 
 
 def test_evaluate_cli_gives_the_metrics_training_gave(run_dir, tmp_path):
     out = tmp_path / "sub" / "metrics.json"
-    r = helpers.run_tool("evaluate", f"--workdir={run_dir}", f"--output={out}", timeout=180)
+    args = (f"--workdir={run_dir}", f"--output={out}", "--step=best")
+    r = helpers.run_tool("evaluate", *args, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.startswith("test metrics at step 20 (512 examples): auc=")
+    best = json.loads((Path(run_dir) / "best.json").read_text())["step"]
+    assert r.stdout.startswith(f"test metrics at step {best} (512 examples): auc=")
     assert "  target buy: auc=" in r.stdout
     saved = json.loads(out.read_text())
-    assert saved["step"] == 20 and saved["split"] == "test"
-    # The same numbers as the final evaluation of training (TensorBoard keeps float32).
+    assert saved["step"] == best and saved["split"] == "test"
+    # The same numbers as the final evaluation of training, which is that of the best step
+    # by the validation metric (TensorBoard keeps float32).
     trained = {k: v[-1][1] for k, v in helpers.scalars(run_dir).items() if k.startswith("test/")}
+    assert trained["test/step"] == best
     for key in ("auc", "gauc", "logloss", "accuracy"):
         assert saved["metrics"][key] == pytest.approx(trained[f"test/{key}"], rel=1e-6), key
     # In process, with another batch size: exact metrics do not depend on it.
-    again = evaluation.evaluate_run(scoring.load_run(run_dir), "test", batch_size=56)
+    again = evaluation.evaluate_run(scoring.load_run(run_dir, step="best"), "test", batch_size=56)
     for key in ("auc", "gauc", "logloss"):
         np.testing.assert_allclose(again[key], saved["metrics"][key], rtol=1e-6)
 
@@ -66,3 +74,51 @@ def test_a_dataset_the_run_was_not_trained_on_is_one_clear_line(run_dir, tmp_pat
         r.stderr
     )
     assert "another dataset" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_evaluate_writes_per_example_predictions(run_dir, tmp_path):
+    out = tmp_path / "pred.parquet"
+    args = (f"--workdir={run_dir}", "--step=best", f"--predictions={out}", "--json")
+    r = helpers.run_tool("evaluate", *args, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = json.loads(r.stdout)
+    t = pq.read_table(out).to_pydict()
+    assert list(t) == ["user_id", "item_id", "timestamp", "label", "target_behaviour", "score"]
+    assert len(t["score"]) == 512 == printed["metrics"]["num_examples"]
+    # The rows are the split's, in order, with raw ids (synthetic raw id = index - 2).
+    store = scoring.load_run(run_dir).dataset.store("test")
+    np.testing.assert_array_equal(t["item_id"], store.column("item")[:, 0] - 2)
+    np.testing.assert_array_equal(t["label"], store.column("label"))
+    assert metrics.auc(t["label"], t["score"]) == pytest.approx(printed["metrics"]["auc"], rel=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export_split_reads_back_row_for_row(tmp_path, fmt):
+    """A prepared Taobao-layout log exported with raw ids: the same rows, labels and histories."""
+    log = helpers.write(tmp_path / "log.csv", helpers.random_log(15, 40, 800, seed=3))
+    data = tmp_path / "data"
+    helpers.prepare_log(log, data, valid_start=1060, test_start=1080, max_len=6, neg_ratio=1)
+    out = tmp_path / f"train.{fmt}"
+    r = helpers.run_tool("export_split", f"--data={data}", "--split=train", f"--output={out}",
+                         f"--format={fmt}", timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = (pq.read_table(out) if fmt == "parquet" else pcsv.read_csv(out)).to_pydict()
+    d = Dataset(str(data))
+    ex = d.store("train").gather(np.arange(len(d.store("train"))))
+    maps = d.id_maps
+    assert len(t["label"]) == len(ex["label"]) == int(r.stdout.split()[1].replace(",", ""))
+    np.testing.assert_array_equal(t["label"], ex["label"])
+    want = set(zip(maps.user_raw(ex["user_key"]).tolist(),
+                   maps.raw("item_id", ex["item"][:, 0])[0].tolist(),
+                   ex["timestamp"].tolist(), strict=True))  # fmt: skip
+    got = set(zip(t["user_id"], t["item_id"], t["timestamp"], strict=True))
+    assert got == want
+    # Histories: raw item ids, most recent first, padding left out.
+    for k in range(0, len(ex["label"]), 97):
+        beh = ex["hist"][k, :, 2]
+        items = maps.raw("item_id", ex["hist"][k, beh > 0, 0])[0].tolist()
+        got_items = t["hist_item_id"][k]
+        if fmt == "csv":
+            got_items = [int(x) for x in str(got_items).split("|")] if got_items != "" else []
+        assert got_items == items, k
+        assert t["target_behaviour"][k] in ("pv", "cart", "fav", "buy")

@@ -1,8 +1,10 @@
 """Prepares a raw interaction log into a dataset folder (shards, vocab/, schema.json).
 
     python tools/prepare_data.py --source=taobao \
-      --input=/work/shared/data/taobao_userbehavior_sample/UserBehavior_head814users.csv \
+      --input=$INFLUENCE_JAX_DATA/taobao_userbehavior_sample/UserBehavior_head814users.csv \
       --output=.prepared/taobao --target_behaviour=buy --neg_ratio=4 --max_len=50
+    python tools/prepare_data.py --source=taobao --task=conversion --exposure=pv \
+      --target_behaviour=buy --horizon_hours=6 --input=... --output=.prepared/taobao_conversion
 
 Besides the example shards it writes rank_state/ (every user's history as of valid_start,
 test_start and the end of the log, for tools/rank.py). Sources: taobao (UserBehavior.csv,
@@ -41,6 +43,20 @@ _OUTPUT = flags.DEFINE_string(
 )
 _NAME = flags.DEFINE_string("name", None, "Dataset name in schema.json (default: the source).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 50, "History length: most recent events kept.")
+_TASK = flags.DEFINE_enum(
+    "task",
+    "next_item",
+    list(prepare.TASKS),
+    "next_item: every target event with sampled negatives; conversion: every exposure, labelled "
+    "by a target event on the same item within --horizon_hours (no sampled negatives).",
+)
+_EXPOSURE = flags.DEFINE_string(
+    "exposure", None, "conversion: the exposure behaviour (default: taobao pv, retailrocket view)."
+)
+_HORIZON = flags.DEFINE_float("horizon_hours", 24.0, "conversion: label window after an exposure.")
+_SESSION_GAP = flags.DEFINE_float(
+    "session_gap_minutes", 30.0, "conversion: repeated exposures of an item closer than this merge."
+)
 _TARGET = flags.DEFINE_list(
     "target_behaviour",
     None,
@@ -139,6 +155,10 @@ def main(argv: list[str]) -> None:
         source = readers.open_source(_SOURCE.value, _INPUT.value, **_event_kwargs())
         opts = prepare.PrepareOptions(
             max_len=_MAX_LEN.value,
+            task=_TASK.value,
+            exposure=_EXPOSURE.value,
+            horizon_hours=_HORIZON.value,
+            session_gap_minutes=_SESSION_GAP.value,
             target_behaviours=tuple(_TARGET.value or ()) or None,
             neg_ratio=_NEG_RATIO.value,
             neg_strategy=_NEG_STRATEGY.value,

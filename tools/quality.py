@@ -1,16 +1,26 @@
-"""Quality table: the default and full rankers vs the seed CNN and a DNN, real data, 3 seeds.
+"""Quality table: the default and full rankers, the seed CNN and a DNN against the baselines of
+influence_jax/baselines.py on the same rows, real data, 3 seeds.
 
     python tools/quality.py --data_root=$INFLUENCE_JAX_DATA --workdir=runs/quality
+    python tools/quality.py --data_root=$INFLUENCE_JAX_DATA --workdir=runs/quality_conversion \
+      --task=conversion --horizon_hours=6
 
 Prepares each dataset once (tools/prepare_data.py defaults: Taobao and Retailrocket predict buy
-with 4 sampled negatives, MovieLens predicts rating >= 4), trains every (model, seed) with the
-dataset's config, and prints test AUC / GAUC / logloss as mean and spread over seeds, as a
-Markdown table (also written to WORKDIR/quality.md and quality.json).
+with 4 sampled negatives, MovieLens predicts rating >= 4; with --task=conversion every view is
+an example labelled by a purchase within --horizon_hours, for the sources with an exposure
+behaviour), scores every baseline, trains every (model, seed) with the dataset's config
+(evaluating the validation split as the config says) and scores the test split with its best
+checkpoint by validation AUC. The Markdown table (also WORKDIR/quality.md and quality.json)
+gives test AUC / GAUC / PR-AUC / logloss as mean ± standard deviation over seeds, each
+baseline's figures, and for each model the AUC difference to the best baseline (the one with
+the best validation AUC, so that the test split picks nothing) with a 95 % interval from
+resampling users.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -19,8 +29,9 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import files, train  # noqa: E402
+from influence_jax import baselines, evaluation, files, metrics, scoring, train  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
+from influence_jax.data.dataset import Dataset  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
 
 # Every registered source with a public sample and a config (data/sources.py).
@@ -42,21 +53,31 @@ _DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "Datasets to evaluate.
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Model variants to train (names of MODELS).")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "Override config.loop.num_steps (0: config's).")
+_N_BOOT = flags.DEFINE_integer("n_boot", 500, "User resamples for the interval of the difference.")
+_TASK = flags.DEFINE_enum(
+    "task", "next_item", ["next_item", "conversion"], "The prepared task (tools/prepare_data.py)."
+)
+_HORIZON = flags.DEFINE_float("horizon_hours", 6.0, "--task=conversion: the label window.")
 
 
 def prepared(name: str) -> str:
-    out = os.path.join(_WORKDIR.value, "prepared", name)
+    task = _TASK.value
+    out = os.path.join(
+        _WORKDIR.value, "prepared", name if task == "next_item" else f"{name}-{task}"
+    )
     try:
         Schema.load(out)
     except DataError:
         path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
         if not os.path.exists(path):
             raise DataError(f"{path}: missing; set --data_root to the shared data folder") from None
-        prepare.prepare(readers.open_source(name, path), out, prepare.PrepareOptions())
+        opts = prepare.PrepareOptions(task=task, horizon_hours=_HORIZON.value)
+        prepare.prepare(readers.open_source(name, path), out, opts)
     return out
 
 
-def run_one(name: str, data: str, variant: str, seed: int) -> dict[str, float]:
+def run_one(name: str, data: str, variant: str, seed: int) -> np.ndarray:
+    """Trains one (model, seed); returns its test scores (best checkpoint), rows in split order."""
     module = __import__(f"configs.{DATASETS[name].config}", fromlist=["get_config"])
     config = module.get_config()
     config.data.path, config.seed = data, seed
@@ -64,49 +85,84 @@ def run_one(name: str, data: str, variant: str, seed: int) -> dict[str, float]:
         config.model[k] = v
     if _STEPS.value:
         config.loop.num_steps = _STEPS.value
-    config.loop.eval_every = 0
+        config.loop.eval_every = 0  # a short run: one evaluation, at the end
     slug = "".join(c if c.isalnum() else "_" for c in variant.split("(")[0].strip())
     workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{slug}-{seed}")
     if os.path.exists(workdir):
-        import shutil
-
         shutil.rmtree(workdir)
-    return train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
+    run = scoring.load_run(workdir, data, step="best")
+    return evaluation.predict(run, "test")["score"]
+
+
+def _cell(values: list[float]) -> str:
+    v = np.asarray(values)
+    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"
 
 
 def table(results: dict) -> str:
-    lines = ["| dataset | model | test AUC | test GAUC | test logloss |", "|---|---|---|---|---|"]
-    for name, by_model in results.items():
-        for variant, runs in by_model.items():
-            cells = []
-            for key in ("test/auc", "test/gauc", "test/logloss"):
-                v = np.array([r[key] for r in runs])
-                cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
-            lines.append(f"| {name} | {variant} | " + " | ".join(cells) + " |")
+    cols = ("dataset (test positives / rows)", "model", "AUC", "GAUC", "PR-AUC", "logloss",
+            "AUC - best baseline (95 % CI)")  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    f = lambda x: f"{x:.4f}" if x == x else "-"
+    for name, r in results.items():
+        where = f"{name} ({r['positives']:,} / {r['rows']:,})"
+        for variant, m in r["models"].items():
+            d = m["vs_best_baseline"]
+            cells = [_cell(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
+            ci = f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
+            lines.append(f"| {where} | {variant} | " + " | ".join(cells) + f" | {ci} |")
+        for base, m in r["baselines"].items():
+            label = f"baseline: {base}" + (" (best on valid)" if base == r["best_baseline"] else "")
+            cells = [f(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
+            lines.append(f"| {where} | {label} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
+
+
+def evaluate_dataset(name: str) -> dict:
+    """Baselines and every (model, seed) on one dataset."""
+    data = prepared(name)
+    dataset = Dataset(data)
+    best = next(iter(baselines.report(dataset, "valid")))  # best validation AUC first
+    base = baselines.scores(dataset, "test")
+    label, users = base["label"], base["user_key"]
+    out = {
+        "positives": int(label.sum()),
+        "rows": len(label),
+        "best_baseline": best,
+        "baselines": baselines.report(dataset, "test"),
+        "models": {},
+    }
+    for variant in _MODELS.value:
+        if variant not in MODELS:
+            raise app.UsageError(f"--models: unknown variant {variant!r}; have {list(MODELS)}")
+        scores = []
+        for seed in map(int, _SEEDS.value):
+            t0 = time.time()
+            scores.append(run_one(name, data, variant, seed))
+            auc = metrics.auc(label, scores[-1])
+            print(f"{name:12s} {variant:22s} seed {seed}: test AUC {auc:.4f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+        per_seed = [baselines.evaluate(label, s, users, prob=True) for s in scores]
+        m = {k: [r[k] for r in per_seed] for k in ("auc", "gauc", "pr_auc", "logloss")}
+        m["vs_best_baseline"] = baselines.paired_auc_difference(
+            label, users, scores, base["scores"][best], _N_BOOT.value
+        )
+        out["models"][variant] = m
+    return out
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    results: dict = {}
-    for name in _DATASETS.value:
-        data = prepared(name)
-        results[name] = {}
-        for variant in _MODELS.value:
-            if variant not in MODELS:
-                raise app.UsageError(f"--models: unknown variant {variant!r}; have {list(MODELS)}")
-            runs = []
-            for seed in map(int, _SEEDS.value):
-                t0 = time.time()
-                m = run_one(name, data, variant, seed)
-                runs.append({k: float(v) for k, v in m.items() if k.startswith("test/")})
-                print(
-                    f"{name:12s} {variant:22s} seed {seed}: test AUC {m['test/auc']:.4f} "
-                    f"({time.time() - t0:.0f}s)",
-                    flush=True,
-                )
-            results[name][variant] = runs
+    names = list(_DATASETS.value)
+    if _TASK.value == "conversion":  # only sources that name an exposure behaviour
+        path = lambda n: os.path.join(_DATA_ROOT.value, DATASETS[n].sample)
+        keep = [n for n in names if readers.open_source(n, path(n)).defaults.get("exposure")]
+        for n in sorted(set(names) - set(keep)):
+            print(f"{n}: no exposure behaviour, not a conversion dataset; left out", flush=True)
+        names = keep
+    results = {name: evaluate_dataset(name) for name in names}
     md = table(results)
     print(md)
     files.write_text(os.path.join(_WORKDIR.value, "quality.md"), md + "\n")

@@ -34,12 +34,25 @@ def _fail(split: str, row: int, what: str) -> DataError:
     return DataError(f"leakage audit: {split} row {row}: {what}")
 
 
-def _check_bounds(split: str, t: np.ndarray, valid_start: int, test_start: int) -> None:
+def _check_bounds(
+    split: str, t: np.ndarray, valid_start: int, test_start: int, t_end: int, horizon: int | None
+) -> None:
     lo, hi = {
         "train": (None, valid_start),
         "valid": (valid_start, test_start),
         "test": (test_start, None),
     }[split]
+    if horizon is not None:  # conversion labels: the horizon must end before the split does
+        end = hi if hi is not None else t_end
+        late = t + horizon >= end
+        if late.any():
+            r = int(np.argmax(late))
+            raise _fail(
+                split,
+                r,
+                f"exposure at {t[r]} with a {horizon} s horizon reaches past the split's end "
+                f"{end}: its label depends on events after the cut (label maturity)",
+            )
     bad = np.zeros(len(t), bool)
     if lo is not None:
         bad |= t < lo
@@ -104,7 +117,8 @@ def _check_history(
 def audit_leakage(prepared_dir: str, block_rows: int = 1 << 15) -> dict:
     """Checks a prepared dataset for time leakage; raises DataError on the first violation.
 
-    Checks: (1) every target time lies in its split's range; (2) histories are left-aligned,
+    Checks: (1) every target time lies in its split's range, and for conversion labels the
+    horizon ends before the split does; (2) histories are left-aligned,
     most recent first, and every history event is strictly before its target (the stored time
     of the most recent event is earlier than the target and agrees with its time_gap bucket;
     no time_gap is the zero/negative bucket; gaps never shrink along the history); (3) sampled
@@ -120,6 +134,10 @@ def audit_leakage(prepared_dir: str, block_rows: int = 1 << 15) -> dict:
         valid_start, test_start = int(bounds["valid_start"]), int(bounds["test_start"])
     except (KeyError, TypeError, ValueError):
         raise DataError(f"{prepared_dir}: schema.json has no extra.split boundaries") from None
+    horizon = None
+    if schema.label.get("task") == "conversion":
+        horizon = int(round(float(schema.label["horizon_hours"]) * 3600))
+    t_end = int(bounds.get("t_max", 0)) + 1
     gi, ii = schema.hist_index("time_gap"), schema.hist_index("item_id")
     bi, item_col = schema.hist_index("behaviour"), schema.item_index("item_id")
     counts = {
@@ -137,7 +155,7 @@ def audit_leakage(prepared_dir: str, block_rows: int = 1 << 15) -> dict:
             continue
         store = ExampleStore(prepared_dir, split, schema)
         t = store.column("timestamp")
-        _check_bounds(split, t, valid_start, test_start)
+        _check_bounds(split, t, valid_start, test_start, t_end, horizon)
         last_ts = _sidecar(prepared_dir, split, "hist_last_ts", rows)
         sampled = _sidecar(prepared_dir, split, "sampled", rows).astype(bool)
         for r0 in range(0, rows, block_rows):

@@ -1,6 +1,7 @@
-"""Examples from one bucket of sorted events: each target event becomes a positive (or a
-thresholded label) plus sampled negatives, all with the target's history (see history.py), and
-sidecar columns for the leakage audit.
+"""Examples from one bucket of sorted events, all with the target's history (see history.py),
+and sidecar columns for the leakage audit. Task next_item: each target event becomes a positive
+(or a thresholded label) plus sampled negatives. Task conversion: each exposure becomes an
+example labelled by whether a target event on the same item follows within the horizon.
 """
 
 from __future__ import annotations
@@ -27,13 +28,22 @@ def bucket_examples(
     events = Events.of(ev)
     user, item, ts = events.user, events.item, events.ts
     start, lo = user_spans(events)
-    is_target = plan.targets[events.beh]
+    n_items = len(plan.item_rows)
+    pair_key = (user.astype(np.int64) // plan.num_buckets) * n_items
+    if opts.task == "conversion":
+        rows, label = exposures(events, pair_key + item, plan, opts, counts)
+        is_target = np.zeros(len(ts), bool)
+        is_target[rows] = True
+        positive = np.zeros(len(ts), np.float32)
+        positive[rows] = label
+    else:
+        is_target = plan.targets[events.beh]
+        value = ev["value"] >= opts.label_threshold if opts.label_threshold is not None else 1.0
+        positive = np.broadcast_to(np.float32(1.0) * value, ts.shape).astype(np.float32)
     short = is_target & (lo - start < opts.min_history)
     counts["targets_short_history"] += int(short.sum())
     targets = np.flatnonzero(is_target & ~short)
     counts["targets"] += len(targets)
-    n_items = len(plan.item_rows)
-    pair_key = (user.astype(np.int64) // plan.num_buckets) * n_items
     pairs = (np.zeros(1, np.int64), np.zeros(1, np.int64))
     if opts.neg_ratio:
         keys, first = np.unique(pair_key + item, return_index=True)  # first = earliest time
@@ -43,12 +53,62 @@ def bucket_examples(
     block = max(256, int(opts.memory_mb * 2**20 * BLOCK_SHARE / (k1 * row_bytes * 2)))
     for b0 in range(0, len(targets), block):
         tg = targets[b0 : b0 + block]
-        yield from _examples(tg, ev, events, start, lo, pair_key, pairs, plan, opts, schema, counts)
+        yield from _examples(
+            tg, positive[tg], events, start, lo, pair_key, pairs, plan, opts, schema, counts
+        )
+
+
+def exposures(
+    events: Events, pair: np.ndarray, plan: Plan, opts: PrepareOptions, counts: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Conversion task: (rows of the bucket's exposures that become examples, their labels).
+
+    An exposure is an event of behaviour `opts.exposure`; one of the same user and item within
+    `session_gap_minutes` of the previous one merges into it. Its label is 1 when a target event
+    on the same pair happens at or after it and at most `horizon_hours` later. An exposure whose
+    horizon reaches its split's end (valid_start, test_start, the end of the log) is dropped:
+    its label would depend on events after the cut.
+
+    Args:
+      pair: per event, a key of its (user, item) pair within the bucket.
+    """
+    ts = events.ts
+    exp = np.flatnonzero(events.beh == plan.exposure)
+    o = np.lexsort((ts[exp], pair[exp]))
+    exp, k, t = exp[o], pair[exp][o], ts[exp][o]
+    gap = int(opts.session_gap_minutes * 60)
+    new = np.ones(len(exp), bool)
+    new[1:] = (k[1:] != k[:-1]) | (t[1:] - t[:-1] > gap)
+    counts["exposures"] += len(exp)
+    counts["exposures_merged"] += int((~new).sum())
+    exp, k, t = exp[new], k[new], t[new]
+    horizon = int(round(opts.horizon_hours * 3600))
+    label = np.zeros(len(exp), bool)
+    tgt = np.flatnonzero(plan.targets[events.beh])
+    if len(tgt) and len(exp):
+        # Targets sorted by (pair, time) on one line: pair group g at g * span + time.
+        o = np.lexsort((ts[tgt], pair[tgt]))
+        tk, tt = pair[tgt][o], ts[tgt][o]
+        groups, g = np.unique(tk, return_inverse=True)
+        t0, span = int(min(tt.min(), t.min())), int(max(tt.max(), t.max())) + 1
+        span -= t0
+        pos = np.minimum(np.searchsorted(groups, k), len(groups) - 1)
+        found = groups[pos] == k
+        i = np.searchsorted(g * span + (tt - t0), pos * span + (t - t0))  # first target >= t
+        i_ok = np.minimum(i, len(tt) - 1)
+        label = found & (i < len(tt)) & (g[i_ok] == pos) & (tt[i_ok] - t <= horizon)
+    valid_start, test_start = plan.bounds
+    end = np.where(t < valid_start, valid_start, np.where(t < test_start, test_start, plan.t_end))
+    mature = t + horizon < end
+    counts["exposures_immature"] += int((~mature).sum())
+    counts["conversions"] += int(label[mature].sum())
+    order = np.argsort(exp[mature])
+    return exp[mature][order], label[mature][order].astype(np.float32)
 
 
 def _examples(
     tg: np.ndarray,
-    ev: np.ndarray,
+    positive: np.ndarray,
     events: Events,
     start: np.ndarray,
     lo: np.ndarray,
@@ -79,7 +139,7 @@ def _examples(
         counts["negatives"] += int(neg_ok.sum())
         counts["negatives_unsampleable"] += int((~neg_ok).sum())
     label = np.zeros((len(tg), k1), np.float32)
-    label[:, 0] = 1.0 if opts.label_threshold is None else ev["value"][tg] >= opts.label_threshold
+    label[:, 0] = positive
     keep = ok.reshape(-1)
     rep = np.repeat(np.arange(len(tg)), k1)[keep]
     out = {

@@ -40,12 +40,27 @@ READ_SHARE = 1 / 256  # one CSV block; pyarrow keeps a few dozen in flight
 MAX_BUCKETS = 1000  # bucket files open at once while partitioning
 
 
+TASKS = ("next_item", "conversion")
+
+
 @dataclasses.dataclass
 class PrepareOptions:
-    """How to turn events into examples. None means "the source's default"."""
+    """How to turn events into examples. None means "the source's default".
+
+    Tasks: `next_item`, every target event a positive with `neg_ratio` sampled negatives (items
+    the user had not touched); `conversion`, every exposure (an event of behaviour `exposure`,
+    repeated ones of the same user and item within `session_gap_minutes` counted once) an
+    example, labelled 1 when the user performs a target behaviour on that item within
+    `horizon_hours` from it, with no sampled negatives; an exposure whose horizon reaches past
+    its split's end is dropped (label maturity).
+    """
 
     max_len: int = 50  # history length L
+    task: str = "next_item"  # see TASKS
     target_behaviours: tuple[str, ...] | None = None  # names, or ("any",)
+    exposure: str | None = None  # conversion: the behaviour that is an exposure (e.g. pv)
+    horizon_hours: float = 24.0  # conversion: a target event within this long counts
+    session_gap_minutes: float = 30.0  # conversion: repeated exposures closer than this merge
     neg_ratio: int | None = None  # sampled negatives per positive
     neg_strategy: str = "uniform"  # or "popularity"
     label_threshold: float | None = None  # label = value >= threshold instead of 1
@@ -71,13 +86,16 @@ class PrepareOptions:
     def resolve(self, source: readers.EventSource) -> PrepareOptions:
         d = source.defaults
         out = dataclasses.replace(self)
-        for key in (
-            "target_behaviours",
-            "neg_ratio",
-            "label_threshold",
-            "min_timestamp",
-            "max_timestamp",
-        ):
+        if out.task not in TASKS:
+            raise DataError(f"--task must be one of {TASKS}, not {out.task!r}")
+        conversion = out.task == "conversion"
+        if conversion and (out.neg_ratio or out.label_threshold is not None):
+            raise DataError(
+                "--task=conversion labels real exposures: no --neg_ratio or --label_threshold"
+            )
+        keys = ["target_behaviours", "exposure", "min_timestamp", "max_timestamp"]
+        keys += [] if conversion else ["neg_ratio", "label_threshold"]
+        for key in keys:
             if getattr(out, key) is None and key in d:
                 setattr(out, key, d[key])
         out.neg_ratio = int(out.neg_ratio or 0)
@@ -91,6 +109,21 @@ class PrepareOptions:
                 f"types {list(source.behaviour_types)}"
             )
         out.target_behaviours = tuple(b for b in source.behaviour_types if b in targets)
+        if conversion:
+            if out.exposure not in source.behaviour_types:
+                raise DataError(
+                    f"--exposure: {out.exposure!r} is not a behaviour type of the source "
+                    f"{list(source.behaviour_types)}; name the behaviour that shows an item"
+                )
+            if out.exposure in out.target_behaviours:
+                raise DataError(
+                    f"--exposure={out.exposure} is also a --target_behaviour; an exposure cannot "
+                    "convert into itself"
+                )
+            if not (out.horizon_hours > 0 and out.session_gap_minutes >= 0):
+                raise DataError("--task=conversion needs horizon_hours > 0, session_gap >= 0")
+        else:
+            out.exposure = None
         if out.neg_strategy not in ("uniform", "popularity"):
             raise DataError(
                 f"--neg_strategy must be uniform or popularity, not {out.neg_strategy!r}"
@@ -187,7 +220,9 @@ class Plan:
     pool: np.ndarray  # dense items that may be sampled as negatives
     pool_cdf: np.ndarray  # cumulative popularity over `pool`
     targets: np.ndarray  # bool per behaviour code
+    exposure: int | None  # conversion: the exposure's behaviour code
     bounds: tuple[int, int]  # valid_start, test_start
+    t_end: int  # one second after the last event (the test split's end)
     num_buckets: int
     counts: dict[str, int]
 
@@ -278,7 +313,9 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
         pool,
         np.cumsum(item_counts[pool]).astype(np.float64),
         np.isin(source.behaviour_types, opts.target_behaviours),
+        source.behaviour_types.index(opts.exposure) if opts.exposure else None,
         _bounds(scan, opts),
+        scan.t_max + 1,
         opts.num_buckets or _num_buckets(int(scan.behaviours.sum()), opts.memory_mb),
         counts,
     )

@@ -35,6 +35,7 @@ from influence_jax.data.plan import (  # noqa: F401  (re-exported)
     RECORD,
     SHARD_SHARE,
     SPLITS,
+    TASKS,
     Plan,
     PrepareOptions,
     Scan,
@@ -56,8 +57,41 @@ def _schema(source: readers.EventSource, plan: Plan, opts: PrepareOptions) -> Sc
     sizes = {name: v.size for name, v in plan.vocabs.items()}
     sizes["behaviour"] = NUM_RESERVED + len(source.behaviour_types)
     sizes["time_gap"] = NUM_RESERVED + NUM_GAP_BUCKETS
+    return Schema(
+        name=opts.name or source.name,
+        vocab_sizes=sizes,
+        user_fields=tuple(plan.user_fields),
+        item_fields=tuple(plan.item_fields),
+        hist_fields=tuple(hist),
+        max_len=opts.max_len,
+        behaviour_types=tuple(source.behaviour_types),
+        label=_label(source, opts),
+    )
+
+
+def _label(source: readers.EventSource, opts: PrepareOptions) -> dict:
+    """How the examples' labels were made, for people and reports (schema.json "label")."""
+    if opts.task == "conversion":
+        return {
+            "task": "conversion",
+            "exposure": opts.exposure,
+            "target_behaviours": list(opts.target_behaviours),
+            "horizon_hours": opts.horizon_hours,
+            "session_gap_minutes": opts.session_gap_minutes,
+            "positive": f"an exposure ({opts.exposure}) followed by a target event on the same "
+            f"item by the same user within {opts.horizon_hours:g} h (from the exposure's time)",
+            "negatives": "exposures without such an event; none sampled",
+            "sessions": f"an exposure of the same user and item within "
+            f"{opts.session_gap_minutes:g} min of the previous one is merged into it",
+            "maturity": "exposures whose horizon reaches their split's end (train: valid_start, "
+            "valid: test_start, test: the end of the log) are dropped",
+            "neg_ratio": 0,
+            "target_type": "the exposure's behaviour",
+            "target_type_reveals_label": False,
+        }
     thr = opts.label_threshold
-    label = {
+    return {
+        "task": "next_item",
         "target_behaviours": list(opts.target_behaviours),
         "positive": "every target event" if thr is None else f"target event with value >= {thr}",
         "label_threshold": thr,
@@ -68,16 +102,6 @@ def _schema(source: readers.EventSource, plan: Plan, opts: PrepareOptions) -> Sc
         # With ratings as behaviours the target's behaviour id encodes its label.
         "target_type_reveals_label": thr is not None and source.behaviour_is_value,
     }
-    return Schema(
-        name=opts.name or source.name,
-        vocab_sizes=sizes,
-        user_fields=tuple(plan.user_fields),
-        item_fields=tuple(plan.item_fields),
-        hist_fields=tuple(hist),
-        max_len=opts.max_len,
-        behaviour_types=tuple(source.behaviour_types),
-        label=label,
-    )
 
 
 def _source_block_bytes(opts: PrepareOptions) -> int:
@@ -117,6 +141,10 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
                 "targets_short_history",
                 "negatives",
                 "negatives_unsampleable",
+                "exposures",
+                "exposures_merged",
+                "exposures_immature",
+                "conversions",
             ),
             0,
         )
@@ -222,6 +250,7 @@ def _extra(
             "no_history": int(NO_HISTORY),
         },
         "options": {
+            "task": opts.task,
             "max_len": opts.max_len,
             "seed": opts.seed,
             "dedupe": opts.dedupe,

@@ -123,6 +123,7 @@ def taobao(path: str) -> EventSource:
         defaults={
             "target_behaviours": ("buy",),
             "neg_ratio": 4,
+            "exposure": "pv",
             "min_timestamp": TAOBAO_WINDOW[0],
             "max_timestamp": TAOBAO_WINDOW[1],
         },
@@ -144,7 +145,7 @@ def retailrocket(path: str) -> EventSource:
         "retailrocket",
         [f],
         RETAILROCKET_BEHAVIOURS,
-        defaults={"target_behaviours": ("buy",), "neg_ratio": 4},
+        defaults={"target_behaviours": ("buy",), "neg_ratio": 4, "exposure": "view"},
     )
 
 
