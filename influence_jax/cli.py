@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from influence_jax import logs
 from influence_jax.errors import ConfigError, DataError
@@ -29,6 +29,17 @@ def run(body: Callable[[], None], tool: str) -> None:
     except KeyboardInterrupt:
         print(f"{tool}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def tool_main(body: Callable[[], None], tool: str) -> Callable[[list[str]], None]:
+    """The absl `main` of a tool whose whole work is `body` (no positional arguments)."""
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        run(body, tool)
+
+    return main
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -47,11 +47,5 @@ def _baselines() -> None:
         files.write_json(_OUTPUT.value, {"data": _DATA.value, "split": _SPLIT.value, "rows": table})
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run(_baselines, "baselines")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.tool_main(_baselines, "baselines"), flags_parser=cli.parse_flags)

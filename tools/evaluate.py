@@ -68,11 +68,5 @@ def _evaluate() -> None:
         files.write_table(table, _PREDICTIONS.value)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run(_evaluate, "evaluate")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.tool_main(_evaluate, "evaluate"), flags_parser=cli.parse_flags)

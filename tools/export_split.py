@@ -36,11 +36,5 @@ def _export() -> None:
     print(f"wrote {n:,} {_SPLIT.value} examples to {_OUTPUT.value}")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run(_export, "export_split")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.tool_main(_export, "export_split"), flags_parser=cli.parse_flags)

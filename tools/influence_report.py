@@ -65,11 +65,5 @@ def _report() -> None:
     print(f"report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.run(_report, "influence_report")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.tool_main(_report, "influence_report"), flags_parser=cli.parse_flags)
