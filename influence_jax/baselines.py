@@ -192,7 +192,11 @@ def evaluate(label: np.ndarray, score: np.ndarray, user_key: np.ndarray, prob: b
 
 def report(dataset: Dataset, split: str = "test", seed: int = 0) -> dict[str, dict]:
     """{baseline: metrics} on `split`, best AUC first."""
-    s = scores(dataset, split, seed)
+    return table(scores(dataset, split, seed))
+
+
+def table(s: dict[str, Any]) -> dict[str, dict]:
+    """{baseline: metrics} of a `scores` result, best AUC first."""
     probs = set(s["probabilities"])
     rows = {
         name: evaluate(s["label"], v, s["user_key"], name in probs)

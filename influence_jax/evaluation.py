@@ -76,7 +76,7 @@ def predict(run: Run, split: str, batch_size: int | None = None) -> dict[str, np
     prob = scoring.batched(run.engine.score_fn(), run, n, gather, bs)
     maps, schema = run.dataset.id_maps, run.schema
     item_idx = examples.column("item")[:, schema.item_index(HIST_ITEM)]
-    types = np.asarray(["", "", *schema.behaviour_types], object)
+    types = schema.behaviour_names()
     return {
         "user_id": maps.user_raw(examples.column("user_key")),
         "item_id": maps.raw("item_id", item_idx)[0],

@@ -139,7 +139,7 @@ def explain_columns(run: Run, n: int, gather: Callable) -> dict[str, pa.Array]:
     top = top_events(delta[:, :L], real, NUM_EXPLAINED_EVENTS)
     rows = np.arange(n)[:, None]
     ev, ok = hist[rows, top], real[rows, top]
-    names = np.asarray(["", ""] + list(s.behaviour_types), object)
+    names = s.behaviour_names()
     for k in range(top.shape[1]):
         item, item_ok = maps.raw("item_id", ev[:, k, s.hist_index("item_id")])
         p = f"event{k + 1}_"

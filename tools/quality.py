@@ -130,7 +130,7 @@ def evaluate_dataset(name: str) -> dict:
         "positives": int(label.sum()),
         "rows": len(label),
         "best_baseline": best,
-        "baselines": baselines.report(dataset, "test"),
+        "baselines": baselines.table(base),
         "models": {},
     }
     for variant in _MODELS.value:

@@ -11,7 +11,6 @@ elsewhere (ranking contexts).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,7 +65,3 @@ class Dataset:
     @property
     def has_rank_state(self) -> bool:
         return rank_state.available(self.path)
-
-    @property
-    def synthetic(self) -> bool:
-        return not os.path.isdir(os.path.join(self.path, "vocab"))

@@ -38,8 +38,10 @@ def bucket_examples(
         positive[rows] = label
     else:
         is_target = plan.targets[events.beh]
-        value = ev["value"] >= opts.label_threshold if opts.label_threshold is not None else 1.0
-        positive = np.broadcast_to(np.float32(1.0) * value, ts.shape).astype(np.float32)
+        thr = opts.label_threshold
+        positive = (ev["value"] >= thr if thr is not None else np.ones(len(ts), bool)).astype(
+            np.float32
+        )
     short = is_target & (lo - start < opts.min_history)
     counts["targets_short_history"] += int(short.sum())
     targets = np.flatnonzero(is_target & ~short)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from influence_jax import files
 from influence_jax.data.dataset import Dataset
-from influence_jax.data.schema import HIST_BEHAVIOUR, HIST_ITEM, NUM_RESERVED
+from influence_jax.data.schema import HIST_BEHAVIOUR, HIST_ITEM
 from influence_jax.errors import DataError
 
 FORMATS = ("parquet", "csv")
@@ -39,7 +39,7 @@ def _lists(values: pa.Array, lengths: np.ndarray) -> pa.Array:
 def table(dataset: Dataset, split: str, rows: np.ndarray) -> pa.Table:
     """The export table of `rows` of `split` (see the module docstring)."""
     s, ex = dataset.schema, dataset.examples(split).gather(rows)
-    types = np.asarray([""] * NUM_RESERVED + list(s.behaviour_types), object)  # by behaviour id
+    types = s.behaviour_names()
     cols: dict[str, pa.Array] = {}
     for j, f in enumerate(s.user_fields):
         name = "user_id" if f.name == "user_id" else f"user_{f.name}"

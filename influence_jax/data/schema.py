@@ -96,6 +96,10 @@ class Schema:
     def num_behaviour_types(self) -> int:
         return len(self.behaviour_types)
 
+    def behaviour_names(self) -> np.ndarray:
+        """Behaviour type name by behaviour id (object array; "" at the reserved ids)."""
+        return np.asarray([""] * NUM_RESERVED + list(self.behaviour_types), object)
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["version"] = SCHEMA_VERSION
