@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from influence_jax.data.schema import NUM_RESERVED, Schema
+from influence_jax.data.schema import NUM_RESERVED, OOV_ID, Schema
 
 GROUPS = ("user", "item", "hist")
 
@@ -64,6 +64,10 @@ def gather_rows(
             batch[g] = jnp.asarray(batch[g]).at[..., j].set(new)
             offset += col.shape[0]
         table = params["embeddings"][f"embed_{v}"]
+        if schema.table_rows(v) < schema.vocab_sizes[v]:
+            # Ids after the training period keep their own positions (exact matches see
+            # them) but read and update the OOV row; their updates add up there.
+            uniq = jnp.where(uniq < table.shape[0], uniq, OOV_ID)
         params["embeddings"][f"embed_{v}"] = jnp.take(table, uniq, axis=0)
         rows[v] = {"ids": uniq, "valid": valid}
     return params, batch, rows

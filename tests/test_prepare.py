@@ -213,6 +213,7 @@ def test_rare_ids_map_to_oov_but_user_key_stays_dense(tmp_path):
         neg_ratio=0,
         min_count=2,
         min_count_overrides={"user_id": 3},
+        vocab_period="all",
     )
     # Items 10, 11, 12 are seen 3 times, 13 twice: all kept; categories too.
     assert schema.vocab_sizes["item_id"] == 6
@@ -221,11 +222,44 @@ def test_rare_ids_map_to_oov_but_user_key_stays_dense(tmp_path):
     train = rows(out, "train")
     r = find(train, user_key=2, t=120)
     assert train["user"][r, 0] == 1
-    run(write(tmp_path / "log2.csv", LOG), tmp_path / "q", max_len=3, neg_ratio=0, min_count=3)
+    log2 = write(tmp_path / "log2.csv", LOG)
+    run(log2, tmp_path / "q", max_len=3, neg_ratio=0, min_count=3, vocab_period="all")
     q = rows(tmp_path / "q", "test")  # user 7 at t=1000: buy 10, pv 13 (rare -> OOV), cart 10
     np.testing.assert_array_equal(q["hist"][0, :, 0], [2, 1, 2])
     assert prepare.Vocab.load(str(tmp_path / "q"), "item_id").keys.tolist() == [10, 11, 12]
     assert prepare.Vocab.load(str(tmp_path / "q"), "item_id").lookup([13, 12]).tolist() == [1, 4]
+
+
+def test_vocabularies_come_from_the_training_period_and_later_ids_still_match(tmp_path):
+    # After valid_start (500): a new user 10 and a new item 14 of a new category 3; user 7
+    # views item 14 at 950 and buys it at 990 (a test example whose history holds the view).
+    log = write(
+        tmp_path / "log.csv",
+        LOG + "10,14,3,pv,600\n10,14,3,buy,700\n7,14,3,pv,950\n7,14,3,buy,990\n",
+    )
+    schema = run(log, tmp_path / "p", max_len=3, neg_ratio=0)
+    assert schema.table_sizes == {"user_id": 2 + 3, "item_id": 2 + 4, "category": 2 + 2}
+    assert schema.vocab_sizes["item_id"] == 2 + 5 and schema.vocab_sizes["user_id"] == 2 + 4
+    assert schema.extra["counts"]["item_id_after_training"] == 1
+    assert schema.extra["vocab_period"]["period"] == "train"
+    items = prepare.Vocab.load(str(tmp_path / "p"), "item_id")
+    assert items.keys.tolist() == [10, 11, 12, 13, 14] and items.lookup([14, 10]).tolist() == [6, 2]
+    test = rows(tmp_path / "p", "test")
+    r = find(test, user_key=0, t=990)
+    # The late item keeps its own id (6, beyond the 6 embedding rows) in the target and in the
+    # history, so "same item as the target" still holds; so does its late category (4).
+    np.testing.assert_array_equal(test["item"][r], [6, 4])
+    np.testing.assert_array_equal(test["hist"][r, 0, :3], [6, 4, PV])
+    valid = rows(tmp_path / "p", "valid")
+    assert valid["user"][find(valid, user_key=3, t=700), 0] == 5  # user 10: late id 5
+    audit.audit_leakage(str(tmp_path / "p"))
+    # --vocab_period=all: one table over the whole log, ids sorted as before.
+    whole = run(log, tmp_path / "q", max_len=3, neg_ratio=0, vocab_period="all")
+    assert whole.table_sizes == {} and whole.vocab_sizes["item_id"] == 2 + 5
+    q = rows(tmp_path / "q", "test")
+    np.testing.assert_array_equal(q["item"][find(q, user_key=0, t=990)], [6, 4])
+    with pytest.raises(DataError, match="vocab_period"):
+        run(log, tmp_path / "r", vocab_period="future")
 
 
 def test_duplicates_are_counted_and_merged_only_with_dedupe(tmp_path):

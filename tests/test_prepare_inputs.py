@@ -140,7 +140,14 @@ def _movielens(folder) -> None:
 def test_movielens_ratings_side_features_and_threshold_label(tmp_path):
     _movielens(tmp_path / "ml")
     out = tmp_path / "p"
-    schema = run(tmp_path / "ml", out, source="movielens", valid_start=250, test_start=10**9)
+    schema = run(
+        tmp_path / "ml",
+        out,
+        source="movielens",
+        valid_start=250,
+        test_start=10**9,
+        vocab_period="all",
+    )
     assert schema.behaviour_types == ("r1", "r2", "r3", "r4", "r5")
     assert [f.name for f in schema.user_fields] == [
         "user_id",

@@ -1,5 +1,7 @@
 """Row-sparse embedding updates: same forward pass, only looked-up rows change, exact Adagrad."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,40 @@ def test_train_and_evaluate_with_sparse_tables_on_eight_devices(tmp_path):
     )
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert np.isfinite(result["test/logloss"]) and 0 < result["test/auc"] < 1
+
+
+def test_ids_after_the_training_period_embed_as_oov_but_keep_exact_matches(tiny_data):
+    """With table_sizes (prepare_data.py --vocab_period=train) ids at or above the table embed
+    as OOV but keep their identity: renaming late ids among themselves changes nothing, turning
+    them into OOV loses their exact matches; the row-sparse path agrees with the dense one."""
+    schema, path = tiny_data
+    n = schema.vocab_sizes["item_id"]
+    late = dataclasses.replace(schema, table_sizes={"item_id": n // 2})
+    model = build_model(helpers.tiny_config().model, late)
+    batch = helpers.first_batch(schema, path, 64)
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    assert params["embeddings"]["embed_item_id"].shape[0] == n // 2
+    full, _ = model.apply({"params": params}, batch)
+
+    def mapped(f):
+        out = dict(batch)
+        out["item"] = batch["item"].copy()
+        out["item"][:, 0] = f(batch["item"][:, 0])
+        out["hist"] = batch["hist"].copy()
+        out["hist"][..., 0] = f(batch["hist"][..., 0])
+        return out
+
+    perm = np.arange(n)
+    perm[n // 2 :] = n // 2 + np.random.default_rng(0).permutation(n - n // 2)
+    renamed, _ = model.apply({"params": params}, mapped(lambda ids: perm[ids]))
+    np.testing.assert_allclose(np.asarray(renamed), np.asarray(full), rtol=1e-6, atol=1e-6)
+    is_late = batch["item"][:, :1] >= n // 2
+    assert (is_late & (batch["hist"][..., 0] == batch["item"][:, :1])).any()  # late matches
+    oov, _ = model.apply(
+        {"params": params}, mapped(lambda ids: np.where(ids >= n // 2, 1, ids).astype(ids.dtype))
+    )
+    assert not np.allclose(np.asarray(oov), np.asarray(full), atol=1e-4)
+    vparams, vbatch, rows = sparse.gather_rows(params, batch, late, ("item_id",))
+    virt, _ = model.apply({"params": vparams}, vbatch)
+    np.testing.assert_allclose(np.asarray(virt), np.asarray(full), rtol=1e-6, atol=1e-6)
+    assert int(rows["item_id"]["ids"].max()) < n // 2  # late ids read and update the OOV row

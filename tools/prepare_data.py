@@ -88,7 +88,17 @@ _MIN_TS = flags.DEFINE_integer(
     "Drop events before this (unix s; taobao defaults to the official 2017-11-25..12-03 window).",
 )
 _MAX_TS = flags.DEFINE_integer("max_timestamp", None, "Drop events after this (unix s).")
-_MIN_COUNT = flags.DEFINE_integer("min_count", 1, "Ids seen fewer times map to OOV (id 1).")
+_MIN_COUNT = flags.DEFINE_integer(
+    "min_count", 1, "Ids seen fewer times (in --vocab_period) embed as OOV (id 1)."
+)
+_VOCAB_PERIOD = flags.DEFINE_enum(
+    "vocab_period",
+    "train",
+    ["train", "all"],
+    "Events the user/item/category vocabularies come from. train: before valid_start, as a "
+    "model deployed at the cut knows them; later ids embed as OOV but keep their own ids for "
+    "exact matches (same item as the target). all: the whole log.",
+)
 _MIN_COUNT_FOR = flags.DEFINE_list(
     "min_count_for", [], "Per-vocabulary thresholds, e.g. item_id=5,user_id=1."
 )
@@ -171,6 +181,7 @@ def main(argv: list[str]) -> None:
             min_timestamp=_MIN_TS.value,
             max_timestamp=_MAX_TS.value,
             min_count=_MIN_COUNT.value,
+            vocab_period=_VOCAB_PERIOD.value,
             min_count_overrides=_overrides(),
             min_history=_MIN_HISTORY.value,
             dedupe=_DEDUPE.value,

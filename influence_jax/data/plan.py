@@ -41,6 +41,10 @@ MAX_BUCKETS = 1000  # bucket files open at once while partitioning
 
 
 TASKS = ("next_item", "conversion")
+# Which events make the embedding vocabularies. "train": those before valid_start, as a model
+# deployed at the cut would know them; every later id keeps its own id beyond the table (exact
+# matches see it) but embeds as OOV. "all": the whole log (ids below min_count map to OOV).
+VOCAB_PERIODS = ("train", "all")
 
 
 @dataclasses.dataclass
@@ -71,7 +75,8 @@ class PrepareOptions:
     test_start: int | None = None
     min_timestamp: int | None = None  # events outside [min, max] are dropped (counted)
     max_timestamp: int | None = None
-    min_count: int = 1  # ids seen fewer times map to OOV
+    min_count: int = 1  # ids seen fewer times (in the vocabulary period) map to OOV
+    vocab_period: str = "train"  # see VOCAB_PERIODS
     min_count_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
     min_history: int = 0  # targets with fewer earlier events are dropped
     dedupe: bool = False
@@ -124,6 +129,10 @@ class PrepareOptions:
                 raise DataError("--task=conversion needs horizon_hours > 0, session_gap >= 0")
         else:
             out.exposure = None
+        if out.vocab_period not in VOCAB_PERIODS:
+            raise DataError(
+                f"--vocab_period must be one of {VOCAB_PERIODS}, not {out.vocab_period!r}"
+            )
         if out.neg_strategy not in ("uniform", "popularity"):
             raise DataError(
                 f"--neg_strategy must be uniform or popularity, not {out.neg_strategy!r}"
@@ -225,6 +234,9 @@ class Plan:
     t_end: int  # one second after the last event (the test split's end)
     num_buckets: int
     counts: dict[str, int]
+    category_keys: np.ndarray | pa.Array | None = None  # every raw category, sorted
+    item_category: np.ndarray | None = None  # per dense item: its category's key position or -1
+    table_sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # see Schema
 
 
 def _side_columns(
@@ -274,6 +286,7 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
         counts["items_with_several_categories"] = int(pc.sum(pc.not_equal(lo, hi)).as_py() or 0)
         pos, _ = positions(cat_keys, raw_keys(lo))  # an item's category: its smallest raw one
         item_cols.append(cat_ids[pos])
+        item_cat = pos
     elif source.item_table is not None and source.item_table.category is not None:
         t = source.item_table
         vc = value_counts(t.category).sort_by("k")
@@ -284,7 +297,11 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
         cpos, _ = positions(cat_keys, t.category)
         col[ipos[ifound]] = cat_ids[cpos][ifound]
         item_cols.append(col)
-    if len(item_cols) == 2:
+        item_cat = np.full(len(item_keys), -1, np.int64)
+        item_cat[ipos[ifound]] = cpos[ifound]
+    if len(item_cols) == 1:
+        cat_keys, item_cat = None, None
+    else:
         vocabs["category"] = Vocab(take_keys(cat_keys, cat_ids >= NUM_RESERVED))
         item_fields.append(Field("category", "category"))
         counts["categories"] = len(cat_keys)
@@ -318,6 +335,69 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
         scan.t_max + 1,
         opts.num_buckets or _num_buckets(int(scan.behaviours.sum()), opts.memory_mb),
         counts,
+        cat_keys,
+        item_cat,
+    )
+
+
+def training_vocabs(
+    plan: Plan, user_n: np.ndarray, item_n: np.ndarray, opts: PrepareOptions
+) -> Plan:
+    """The plan with user, item and category vocabularies from the training period.
+
+    Ids with at least min_count training events (t < valid_start; a category counts the
+    training events of its items) come first and get embedding rows (`table_sizes`); every
+    other id seen in the log follows them, so exact matches still see it, and embeds as OOV.
+    Negatives are drawn from the training period's items, by their training popularity.
+
+    Args:
+      user_n, item_n: training-period events per dense user and item (from `partition`).
+    """
+    mc = lambda name: opts.min_count_overrides.get(name, opts.min_count)
+    vocabs, sizes, counts = dict(plan.vocabs), {}, dict(plan.counts)
+    user_rows, item_rows = plan.user_rows.copy(), plan.item_rows.copy()
+
+    def remap(name: str, keys, n: np.ndarray) -> np.ndarray:
+        table = n >= mc(name)
+        t = int(table.sum())
+        ids = np.empty(len(n), np.int32)
+        ids[table] = NUM_RESERVED + np.arange(t)
+        ids[~table] = NUM_RESERVED + t + np.arange(len(n) - t)
+        first, late = take_keys(keys, table), take_keys(keys, ~table)
+        joined = (
+            np.concatenate([first, late])
+            if isinstance(keys, np.ndarray)
+            else pa.concat_arrays([first, late])
+        )
+        vocabs[name], sizes[name] = Vocab(joined), NUM_RESERVED + t
+        counts[f"{name}_after_training"] = len(n) - t
+        return ids
+
+    user_rows[:, 0] = remap("user_id", plan.user_keys, user_n)
+    item_rows[:, 0] = remap("item_id", plan.item_keys, item_n)
+    if plan.item_category is not None:
+        has = plan.item_category >= 0
+        cat_n = np.bincount(
+            plan.item_category[has], weights=item_n[has], minlength=len(plan.category_keys)
+        ).astype(np.int64)
+        cat_ids = remap("category", plan.category_keys, cat_n)
+        col = [f.name for f in plan.item_fields].index("category")
+        item_rows[:, col] = np.where(has, cat_ids[np.maximum(plan.item_category, 0)], OOV_ID)
+    pool = np.flatnonzero(item_n >= mc("item_id"))
+    if opts.neg_ratio and not len(pool):
+        raise DataError(
+            f"no item reaches min_count={mc('item_id')} in the training period (before "
+            f"valid_start {plan.bounds[0]}); nothing to sample negatives from"
+        )
+    return dataclasses.replace(
+        plan,
+        user_rows=user_rows,
+        item_rows=item_rows,
+        vocabs=vocabs,
+        pool=pool,
+        pool_cdf=np.cumsum(item_n[pool]).astype(np.float64),
+        counts=counts,
+        table_sizes=sizes,
     )
 
 
@@ -359,9 +439,14 @@ def _bounds(scan: Scan, opts: PrepareOptions) -> tuple[int, int]:
 
 def partition(
     source: readers.EventSource, plan: Plan, opts: PrepareOptions, folder: str, block_bytes: int
-) -> list[str]:
-    """Pass 2: dense-index every event and append it to the file of bucket user % P."""
+) -> tuple[list[str], tuple[np.ndarray, np.ndarray]]:
+    """Pass 2: dense-index every event and append it to the file of bucket user % P.
+
+    Returns the bucket files and the training-period events (t < valid_start) per dense user
+    and per dense item."""
     os.makedirs(folder, exist_ok=True)
+    user_n = np.zeros(len(plan.user_keys), np.int64)
+    item_n = np.zeros(len(plan.item_keys), np.int64)
     paths = [os.path.join(folder, f"bucket-{b:05d}.bin") for b in range(plan.num_buckets)]
     files = [open(p, "wb") for p in paths]
     user_pos, item_pos = indexer(plan.user_keys), indexer(plan.item_keys)
@@ -378,6 +463,9 @@ def partition(
             rec["ts"] = chunk.timestamp
             rec["value"] = 1.0 if chunk.value is None else chunk.value
             rec["beh"] = chunk.behaviour
+            train = rec["ts"] < plan.bounds[0]
+            user_n += np.bincount(rec["user"][train], minlength=len(user_n))
+            item_n += np.bincount(rec["item"][train], minlength=len(item_n))
             bucket = rec["user"] % plan.num_buckets
             rec = rec[np.argsort(bucket, kind="stable")]
             ends = np.cumsum(np.bincount(bucket, minlength=plan.num_buckets))
@@ -387,4 +475,4 @@ def partition(
     finally:
         for f in files:
             f.close()
-    return paths
+    return paths, (user_n, item_n)

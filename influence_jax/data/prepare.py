@@ -42,11 +42,19 @@ from influence_jax.data.plan import (  # noqa: F401  (re-exported)
     make_plan,
     partition,
     scan_log,
+    training_vocabs,
 )
 from influence_jax.data.rank_state import RankStateWriter
 from influence_jax.data.schema import NUM_RESERVED, Field, Schema
 from influence_jax.data.store import AtomicDir, ShardWriter
 from influence_jax.data.vocab import Vocab, indexer, positions  # noqa: F401  (re-exported)
+
+VOCAB_RULES = {
+    "train": "ids with min_count events before valid_start have embedding rows (schema "
+    "table_sizes); every later id keeps its own id beyond them, so exact matches see it, but "
+    "embeds as OOV",
+    "all": "ids with min_count events in the whole log; the others map to OOV (id 1)",
+}
 
 
 def _schema(source: readers.EventSource, plan: Plan, opts: PrepareOptions) -> Schema:
@@ -66,6 +74,7 @@ def _schema(source: readers.EventSource, plan: Plan, opts: PrepareOptions) -> Sc
         max_len=opts.max_len,
         behaviour_types=tuple(source.behaviour_types),
         label=_label(source, opts),
+        table_sizes=dict(plan.table_sizes),
     )
 
 
@@ -130,7 +139,6 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
             plan.counts["items"],
             plan.num_buckets,
         )
-        schema = _schema(source, plan, opts)
         tmp = opts.tmp_dir or os.path.join(root, "_buckets")
         if opts.tmp_dir:
             tmp = os.path.join(tmp, os.path.basename(root) + "-buckets")
@@ -149,7 +157,10 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
             0,
         )
         try:
-            paths = partition(source, plan, opts, tmp, block_bytes)
+            paths, (user_n, item_n) = partition(source, plan, opts, tmp, block_bytes)
+            if opts.vocab_period == "train":
+                plan = training_vocabs(plan, user_n, item_n, opts)
+            schema = _schema(source, plan, opts)
             pa.default_memory_pool().release_unused()
             state = RankStateWriter(root, plan, schema, scan.t_max)
             splits = _write_examples(paths, root, plan, opts, schema, counts, state)
@@ -239,6 +250,7 @@ def _extra(
             "behaviours": dict(zip(source.behaviour_types, scan.behaviours.tolist(), strict=True)),
         },
         "min_count": {"default": opts.min_count, **opts.min_count_overrides},
+        "vocab_period": {"period": opts.vocab_period, "rule": VOCAB_RULES[opts.vocab_period]},
         "vocab_files": vocab_files,
         "user_key": "position of the raw user id in vocab/user_key, every user (never OOV): "
         "prepare.positions(prepare.Vocab.load(dir, 'user_key').keys, raw_ids)",

@@ -43,7 +43,11 @@ class Schema:
 
     Attributes:
       name: dataset name, e.g. synthetic or taobao.
-      vocab_sizes: rows of each vocabulary, reserved ids included.
+      vocab_sizes: ids of each vocabulary (its id range), reserved ids included.
+      table_sizes: embedding rows of a vocabulary whose ids were first seen partly after the
+        training period (`prepare_data.py --vocab_period=train`): ids at or above it keep their
+        own id, so exact matches (same item as the target) still see them, but embed as OOV,
+        as they would for a model deployed at the cut. Absent: the whole id range.
       user_fields / item_fields / hist_fields: columns of the `user` [N, Fu], `item` [N, Fi]
         and `hist` [N, L, Fh] arrays, in order.
       max_len: L, the history length (most recent events, left-aligned, zero-padded).
@@ -63,8 +67,15 @@ class Schema:
     label: dict[str, Any] = dataclasses.field(default_factory=dict)
     splits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    table_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        for v, n in self.table_sizes.items():
+            if v not in self.vocab_sizes or not NUM_RESERVED <= n <= self.vocab_sizes[v]:
+                raise DataError(
+                    f"schema: table_sizes[{v!r}] = {n} must be within [{NUM_RESERVED}, "
+                    f"vocab_sizes[{v!r}] = {self.vocab_sizes.get(v)}]"
+                )
         for group in ("user_fields", "item_fields", "hist_fields"):
             for f in getattr(self, group):
                 if f.vocab not in self.vocab_sizes:
@@ -85,6 +96,10 @@ class Schema:
         if self.max_len <= 0:
             raise DataError(f"schema: max_len must be positive, got {self.max_len}")
 
+    def table_rows(self, vocab: str) -> int:
+        """Embedding rows of `vocab`: ids at or above it embed as OOV (see table_sizes)."""
+        return self.table_sizes.get(vocab, self.vocab_sizes[vocab])
+
     def hist_index(self, name: str) -> int:
         """Column of history field `name` in the `hist` array."""
         return [f.name for f in self.hist_fields].index(name)
@@ -102,6 +117,8 @@ class Schema:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if not self.table_sizes:
+            del d["table_sizes"]
         d["version"] = SCHEMA_VERSION
         return d
 
@@ -123,6 +140,7 @@ class Schema:
             label=d.get("label", {}),
             splits=d.get("splits", {}),
             extra=d.get("extra", {}),
+            table_sizes={k: int(v) for k, v in d.get("table_sizes", {}).items()},
             **groups,
         )
 

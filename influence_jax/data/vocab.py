@@ -18,10 +18,13 @@ from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError
 
 
 class Vocab:
-    """Raw id -> index: `keys` are the kept raw ids, sorted; index = NUM_RESERVED + position."""
+    """Raw id -> index: `keys` are the kept raw ids in index order; index = NUM_RESERVED +
+    position. Keys are sorted, except with a training-period vocabulary: the ids seen in
+    training first (sorted), then those first seen later (sorted)."""
 
     def __init__(self, keys: np.ndarray | pa.Array):
         self.keys = keys
+        self._sorted: tuple | None = None  # (sorted keys, their positions or None), lazily
 
     @property
     def size(self) -> int:
@@ -29,7 +32,16 @@ class Vocab:
 
     def lookup(self, raw) -> np.ndarray:
         """Index of each raw id (int array or strings); OOV_ID for ids not kept."""
-        pos, found = positions(self.keys, raw)
+        if self._sorted is None:
+            keys, order = self.keys, None
+            if isinstance(keys, np.ndarray) and len(keys) > 1 and (keys[1:] < keys[:-1]).any():
+                order = np.argsort(keys, kind="stable")
+                keys = keys[order]
+            self._sorted = (keys, order)
+        keys, order = self._sorted
+        pos, found = positions(keys, raw)
+        if order is not None:
+            pos = order[pos]
         return np.where(found, pos + NUM_RESERVED, OOV_ID).astype(np.int32)
 
     def save(self, folder: str, name: str) -> str:

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from influence_jax.data.schema import HIST_BEHAVIOUR, PAD_ID, Field, Schema
+from influence_jax.data.schema import HIST_BEHAVIOUR, OOV_ID, PAD_ID, Field, Schema
 
 NEG_INF = -1e9
 
@@ -32,13 +32,13 @@ class Embeddings(nn.Module):
 
     def setup(self):
         self.tables = {
-            v: self._table(f"embed_{v}", n)
-            for v, n in self.schema.vocab_sizes.items()
+            v: self._table(f"embed_{v}", self.schema.table_rows(v))
+            for v in self.schema.vocab_sizes
             if v not in self.skip
         }
         if not self.share_item:
             self.hist_tables = {
-                f.vocab: self._table(f"embed_hist_{f.vocab}", self.schema.vocab_sizes[f.vocab])
+                f.vocab: self._table(f"embed_hist_{f.vocab}", self.schema.table_rows(f.vocab))
                 for f in self.schema.hist_fields
                 if f.vocab not in self.skip
             }
@@ -54,9 +54,16 @@ class Embeddings(nn.Module):
     def lookup(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
         """ids [..., F] -> embeddings [..., F, D], one table per field's vocabulary."""
         tables = self.hist_tables if hist and not self.share_item else self.tables
-        return jnp.stack(
-            [jnp.take(tables[f.vocab], ids[..., j], axis=0) for j, f in enumerate(fields)], axis=-2
-        )
+        out = []
+        for j, f in enumerate(fields):
+            table, ids_j = tables[f.vocab], ids[..., j]
+            if self.schema.table_rows(f.vocab) < self.schema.vocab_sizes[f.vocab]:
+                # Ids first seen after the training period have no row: they embed as OOV.
+                # (Under row-sparse training `table` holds only the batch's rows and the ids
+                # are positions in it, all below its size.)
+                ids_j = jnp.where(ids_j < table.shape[0], ids_j, OOV_ID)
+            out.append(jnp.take(table, ids_j, axis=0))
+        return jnp.stack(out, axis=-2)
 
     def __call__(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
         return self.lookup(ids, fields, hist)
