@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     data.synthetic = syn = ml_collections.ConfigDict()
     syn.seed = 0  # same seed, same data
+    syn.task = "click"  # "click" (target_type buy) or "conversion" (view exposures that convert)
     syn.num_users = 5_000  # distinct users
     syn.num_items = 20_000  # distinct items
     syn.num_categories = 50  # item categories
@@ -41,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     syn.history_scale = 1.0  # logit units per unit of weighted matching history
     syn.item_quality_scale = 0.5  # logit units per s.d. of item quality
     syn.user_scale = 0.3  # logit units per s.d. of user activity
-    syn.bias = -1.5  # base logit
+    syn.bias = -1.5  # base logit (task "click")
+    syn.conversion_bias = -3.5  # base logit of a conversion (task "conversion"; ~5-10 % positive)
+    syn.repeat_view_prob = 0.3  # conversion: share of exposures with 1-3 earlier views of the item
     syn.recency_decay = 0.95  # per-position decay of an event's influence (most recent first)
     syn.signals_absent = ()  # any of "history", "item", "user": signals left out of the labels
     syn.rows_per_shard = 65_536  # rows per on-disk shard

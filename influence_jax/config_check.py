@@ -8,9 +8,11 @@ dataset can confirm (dropped behaviour types, a per-type early-stopping metric, 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from influence_jax import metrics
+from influence_jax.data import synthetic
 from influence_jax.errors import ConfigError
 from influence_jax.models import EXTRACTORS, MODELS, model_fields
 
@@ -154,6 +156,21 @@ def _check_data(d: Any) -> None:
             raise ConfigError(
                 f"config.data.synthetic.min_len: {syn.min_len} exceeds max_len {syn.max_len}"
             )
+        _check_synthetic_task(syn)
+
+
+def _check_synthetic_task(syn: Any) -> None:
+    """The task and its conversion fields (a bias in logits, a probability)."""
+    _one_of(syn.task, synthetic.TASKS, "data.synthetic.task")
+    if not math.isfinite(syn.conversion_bias):  # ConfigDict's typing rejects non-numbers
+        raise ConfigError(
+            f"config.data.synthetic.conversion_bias: must be a finite logit, got "
+            f"{syn.conversion_bias}"
+        )
+    if not 0.0 <= syn.repeat_view_prob <= 1.0:
+        raise ConfigError(
+            f"config.data.synthetic.repeat_view_prob: must be in [0, 1], got {syn.repeat_view_prob}"
+        )
 
 
 def _check_fields(args: Any, cls: type, where: str) -> None:

@@ -56,6 +56,9 @@ def test_every_config_builds_and_checks(path):
         ({"data.source": "csv"}, "config.data.source"),
         ({"data.source": "prepared"}, "config.data.path"),
         ({"mesh.data": 3}, "config.mesh"),
+        ({"data.synthetic.task": "buy"}, "config.data.synthetic.task"),
+        ({"data.synthetic.conversion_bias": float("nan")}, "config.data.synthetic.conversion_bias"),
+        ({"data.synthetic.repeat_view_prob": 1.5}, "config.data.synthetic.repeat_view_prob"),
     ],
 )
 def test_bad_config_values_name_the_field(overrides, field):

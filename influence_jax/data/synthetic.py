@@ -5,6 +5,14 @@ a gender. A history event of behaviour type t on an item of the target's categor
 label's logit up by `type_weight[t]` (planted, per type), decayed by recency; an item-quality
 term and a user-activity term add signals that need no history. Labels are Bernoulli draws from
 sigmoid(logit). Same config and seed, same bytes on disk.
+
+Two tasks (`cfg.task`). "click": the target is a candidate item, target_type buy, the logit's
+base is `cfg.bias`. "conversion" mirrors tools/prepare_data.py --task=conversion: each example
+is an exposure, a view (pv) of the target item, and the label says whether it converts; the
+conversion logit has the same planted terms around a low base `cfg.conversion_bias` (positive
+rate about 5-10 %), and with probability `cfg.repeat_view_prob` the history holds 1-3 earlier
+views of the exposed item itself, as real logs do. Such an event counts like any event on the
+target's category (no extra same-item effect is planted).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from influence_jax.data import store
 from influence_jax.data.schema import NUM_RESERVED, DataError, Field, Schema
 
 BEHAVIOURS = ("pv", "cart", "fav", "buy")
+TASKS = ("click", "conversion")
 DEFAULT_TYPE_WEIGHTS = {"pv": 0.15, "cart": 0.6, "fav": 0.35, "buy": 1.0}
 DEFAULT_TYPE_PROBS = {"pv": 0.55, "cart": 0.15, "fav": 0.15, "buy": 0.15}
 NUM_AGE_BUCKETS = 8
@@ -36,16 +45,47 @@ def time_gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
 def _planted(cfg: Any) -> dict[str, Any]:
     weights = {b: float(cfg.type_weights[b]) for b in BEHAVIOURS}
     total = sum(weights.values())
-    return {
+    conversion = cfg.task == "conversion"
+    planted = {
+        "task": cfg.task,
         "behaviour_type_weights": weights,
         "behaviour_type_weights_normalised": {b: w / total for b, w in weights.items()},
         "history_scale": float(cfg.history_scale),
         "item_quality_scale": float(cfg.item_quality_scale),
         "user_scale": float(cfg.user_scale),
-        "bias": float(cfg.bias),
+        "bias": float(cfg.conversion_bias if conversion else cfg.bias),
         "recency_decay": float(cfg.recency_decay),
         "signals_absent": list(cfg.signals_absent),
         "seed": int(cfg.seed),
+    }
+    if conversion:
+        planted["repeat_view_prob"] = float(cfg.repeat_view_prob)
+        planted["same_item_extra_weight"] = 0.0
+    return planted
+
+
+def _label(cfg: Any) -> dict[str, Any]:
+    """How the labels were made (schema.json "label"), in the terms of prepare._label."""
+    if cfg.task != "conversion":
+        return {
+            "kind": "synthetic",
+            "task": "click",
+            "definition": "Bernoulli(sigmoid(planted logit))",
+        }
+    return {
+        "kind": "synthetic",
+        "task": "conversion",
+        "definition": "Bernoulli(sigmoid(planted conversion logit))",
+        "exposure": "pv",
+        "positive": "the exposure converts: a Bernoulli(sigmoid(conversion logit)) draw, the "
+        "logit = conversion_bias + history_scale * sum of planted type weights of history "
+        "events on the target's category (decayed by recency) + item quality + user activity",
+        "negatives": "exposures that did not convert; none sampled",
+        "repeat_views": f"with probability {float(cfg.repeat_view_prob):g} the history holds "
+        "1-3 earlier views of the exposed item (counted as same-category events)",
+        "neg_ratio": 0,
+        "target_type": "the exposure's behaviour (pv)",
+        "target_type_reveals_label": False,
     }
 
 
@@ -72,7 +112,7 @@ def _schema(cfg: Any, splits: dict[str, dict]) -> Schema:
         ),
         max_len=cfg.max_len,
         behaviour_types=BEHAVIOURS,
-        label={"kind": "synthetic", "definition": "Bernoulli(sigmoid(planted logit))"},
+        label=_label(cfg),
         splits=splits,
         extra={"generator": cfg_to_dict(cfg), "planted": _planted(cfg)},
     )
@@ -112,22 +152,9 @@ class _World:
         return out
 
     def examples(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`n` examples of the configured task (the draws of "click" never change)."""
         cfg, r = self.cfg, NUM_RESERVED
-        L = cfg.max_len
-        users = rng.integers(0, cfg.num_users, n)
-        lengths = rng.integers(cfg.min_len, L + 1, n)
-        valid_NxL = np.arange(L)[None, :] < lengths[:, None]
-        # History items: from the user's favourite categories with prob 0.6, else by popularity.
-        fav_NxL = self.user_fav[users][np.arange(n)[:, None], rng.integers(0, 3, (n, L))]
-        from_fav = rng.random((n, L)) < 0.6
-        hist_item = np.where(
-            from_fav,
-            self._items_in_cats(fav_NxL, rng),
-            rng.choice(cfg.num_items, (n, L), p=self.item_pop),
-        )
-        probs = np.array([cfg.type_probs[b] for b in BEHAVIOURS], np.float64)
-        hist_type = rng.choice(len(BEHAVIOURS), (n, L), p=probs / probs.sum())
-        gaps = np.cumsum(rng.exponential(3600.0 * 6, (n, L)), axis=1) + 60
+        users, valid_NxL, hist_item, hist_type, gaps = self._histories(n, rng)
         # Target: half the time in one of the user's favourite categories.
         tcat = np.where(
             rng.random(n) < 0.5,
@@ -136,13 +163,18 @@ class _World:
         )
         target = self._items_in_cats(tcat, rng)
         target_cat = self.item_cat[target]
+        target_type = "buy"
+        if cfg.task == "conversion":
+            target_type = "pv"  # the exposure is a view of the target
+            self._add_repeat_views(target, valid_NxL, hist_item, hist_type, rng)
 
         w = np.array([cfg.type_weights[b] for b in BEHAVIOURS])
         match_NxL = (self.item_cat[hist_item] == target_cat[:, None]) & valid_NxL
-        decay = cfg.recency_decay ** np.arange(L)
+        decay = cfg.recency_decay ** np.arange(cfg.max_len)
         hist_term = (w[hist_type] * match_NxL * decay).sum(1)
         absent = set(cfg.signals_absent)
-        logit = cfg.bias + (0 if "history" in absent else cfg.history_scale * hist_term)
+        bias = cfg.conversion_bias if cfg.task == "conversion" else cfg.bias
+        logit = bias + (0 if "history" in absent else cfg.history_scale * hist_term)
         logit = logit + (
             0 if "item" in absent else cfg.item_quality_scale * self.item_quality[target]
         )
@@ -162,9 +194,51 @@ class _World:
             "hist": hist,
             "label": label,
             "user_key": users.astype(np.int64),
-            "target_type": np.full(n, BEHAVIOURS.index("buy") + r, np.int32),
+            "target_type": np.full(n, BEHAVIOURS.index(target_type) + r, np.int32),
             "timestamp": np.zeros(n, np.int64),  # set by `generate`
         }
+
+    def _histories(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """(users, valid_NxL, hist_item, hist_type, gaps): users and their histories, most
+        recent event first; gaps in seconds before the target."""
+        cfg = self.cfg
+        L = cfg.max_len
+        users = rng.integers(0, cfg.num_users, n)
+        lengths = rng.integers(cfg.min_len, L + 1, n)
+        valid_NxL = np.arange(L)[None, :] < lengths[:, None]
+        # History items: from the user's favourite categories with prob 0.6, else by popularity.
+        fav_NxL = self.user_fav[users][np.arange(n)[:, None], rng.integers(0, 3, (n, L))]
+        from_fav = rng.random((n, L)) < 0.6
+        hist_item = np.where(
+            from_fav,
+            self._items_in_cats(fav_NxL, rng),
+            rng.choice(cfg.num_items, (n, L), p=self.item_pop),
+        )
+        probs = np.array([cfg.type_probs[b] for b in BEHAVIOURS], np.float64)
+        hist_type = rng.choice(len(BEHAVIOURS), (n, L), p=probs / probs.sum())
+        gaps = np.cumsum(rng.exponential(3600.0 * 6, (n, L)), axis=1) + 60
+        return users, valid_NxL, hist_item, hist_type, gaps
+
+    def _add_repeat_views(
+        self,
+        target: np.ndarray,
+        valid_NxL: np.ndarray,
+        hist_item: np.ndarray,
+        hist_type: np.ndarray,
+        rng: np.random.Generator,
+    ) -> None:
+        """Earlier views of the exposed item, in place: with probability repeat_view_prob an
+        exposure's history gets 1-3 of its events (random valid positions) turned into views
+        of the target item."""
+        n, L = hist_item.shape
+        repeat = rng.random(n) < self.cfg.repeat_view_prob
+        count = rng.integers(1, 4, n)
+        # Rank the valid positions of each row in a random order; padding ranks last.
+        keys = rng.random((n, L)) + ~valid_NxL
+        rank = np.argsort(np.argsort(keys, axis=1), axis=1)
+        views = repeat[:, None] & valid_NxL & (rank < count[:, None])
+        hist_item[views] = np.broadcast_to(target[:, None], (n, L))[views]
+        hist_type[views] = BEHAVIOURS.index("pv")
 
 
 def generate(cfg: Any, output_dir: str) -> Schema:
@@ -179,6 +253,8 @@ def generate(cfg: Any, output_dir: str) -> Schema:
     for b in BEHAVIOURS:
         if cfg.type_weights[b] < 0:
             raise DataError(f"config.data.synthetic.type_weights.{b} must be >= 0")
+    if cfg.task not in TASKS:
+        raise DataError(f"config.data.synthetic.task: {cfg.task!r} is not one of {TASKS}")
     rng = np.random.default_rng(cfg.seed)
     world = _World(cfg, rng)
     sizes = {"train": cfg.train_examples, "valid": cfg.valid_examples, "test": cfg.test_examples}
