@@ -53,12 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
     model.name = "ranker"  # registry name: "ranker" (weighted extractors) or "seed_cnn"
     model.embed_dim = 16  # embedding width D per field
     model.share_item_embeddings = True  # history items use the target item's embedding table
+    # Initial output bias: "zero", or "prior", the log-odds of the train split's positive rate
+    # (the model starts calibrated; matters on rare labels such as conversions).
+    model.output_bias = "zero"
     model.extractors = ("din", "dnn", "cnn")  # f_j combined as sum_j w_j f_j (ranker only)
     model.combine = "softmax"  # extractor weights: "softmax" (learned, sum to 1) or "sum"
     model.behaviour_gates = True  # learn one non-negative weight per behaviour type
     model.type_embedding = False  # extractors also read a type embedding (not only its gate)
     model.normalise_scores = True  # standardise each f_j (running stats) so w_j is comparable
     model.din = ml_collections.ConfigDict({"hidden": (32,)})  # target-attention MLP widths
+    # Gated counts of history events matching the target (add "match" to extractors to use):
+    # MLP widths, recency decays in history positions.
+    model.match = ml_collections.ConfigDict({"hidden": (16,), "taus": (1.0, 4.0, 16.0)})
     model.dnn = ml_collections.ConfigDict({"hidden": (64, 32), "dropout": 0.2, "use_history": True})
     model.bst = ml_collections.ConfigDict(  # self-attention (add "bst" to extractors to use)
         {"heads": 2, "ff": 64, "hidden": (32,), "dropout": 0.1}

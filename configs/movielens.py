@@ -28,9 +28,11 @@ def get_config():
     # The behaviour type is the rating value (r1..r5): extractors need to read it, not only
     # its gate, to learn what a user's past ratings say about the next one.
     config.model.type_embedding = True
+    config.model.extractors = ("din", "dnn", "cnn", "match")  # + gated exact-match counts
+    config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.loop.num_steps = 500  # about 3 epochs of the train split (more overfits)
     config.loop.log_every = 100  # steps between progress lines
-    config.loop.eval_every = 500  # steps between validation runs
-    config.ckpt.every = 500  # steps between checkpoints
+    config.loop.eval_every = 100  # steps between validation runs (the best one is kept)
+    config.ckpt.every = 100  # steps between checkpoints
     return config

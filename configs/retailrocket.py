@@ -25,9 +25,11 @@ def get_config():
     config.data.batch_size = 512  # global training batch, examples
     config.data.eval_batch_size = 2048  # global evaluation batch, examples
     config.model.embed_dim = 16  # embedding width D per field
+    config.model.extractors = ("din", "dnn", "cnn", "match")  # + gated exact-match counts
+    config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.loop.num_steps = 1_000  # about 13 epochs of the train split
     config.loop.log_every = 100  # steps between progress lines
-    config.loop.eval_every = 250  # steps between validation runs
-    config.ckpt.every = 250  # steps between checkpoints
+    config.loop.eval_every = 100  # steps between validation runs (the best one is kept)
+    config.ckpt.every = 100  # steps between checkpoints
     return config

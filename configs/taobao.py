@@ -27,10 +27,12 @@ def get_config():
     config.data.batch_size = 256  # global training batch, examples
     config.data.eval_batch_size = 1024  # global evaluation batch, examples
     config.model.embed_dim = 16  # embedding width D per field
+    config.model.extractors = ("din", "dnn", "cnn", "match")  # + gated exact-match counts
+    config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.opt.warmup_steps = 30  # linear warm-up, steps
     config.loop.num_steps = 300  # about 11 epochs of the sample's train split
     config.loop.log_every = 50  # steps between progress lines
-    config.loop.eval_every = 100  # steps between validation runs
-    config.ckpt.every = 100  # steps between checkpoints
+    config.loop.eval_every = 50  # steps between validation runs (the best one is kept)
+    config.ckpt.every = 50  # steps between checkpoints
     return config

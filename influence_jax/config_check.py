@@ -14,7 +14,7 @@ from typing import Any
 from influence_jax import metrics
 from influence_jax.data import synthetic
 from influence_jax.errors import ConfigError
-from influence_jax.models import EXTRACTORS, MODELS, model_fields
+from influence_jax.models import EXTRACTORS, MODELS, OUTPUT_BIAS, model_fields
 
 DATA_SOURCES = ("synthetic", "prepared")
 OPTIMIZERS = ("adam", "adamw")
@@ -188,6 +188,8 @@ def _check_fields(args: Any, cls: type, where: str) -> None:
             _rate(value, f"model.{where}.dropout")
         elif field in ("filters", "kernel_size", "heads", "ff") and not value > 0:
             raise ConfigError(f"config.model.{where}.{field}: must be positive, got {value}")
+        elif field == "taus" and not (_seq(value) and all(t > 0 for t in _seq(value))):
+            raise ConfigError(f"config.model.{where}.taus: decays must be positive, got {value}")
         elif field == "hidden" and not all(h > 0 for h in _seq(value)):
             raise ConfigError(f"config.model.{where}.hidden: widths must be positive, got {value}")
 
@@ -202,6 +204,7 @@ def _check_model(m: Any) -> None:
             f"config.model.name: unknown model {m.name!r}; choose from {sorted(MODELS)}"
         )
     _positive(m, "model", "embed_dim")
+    _one_of(m.get("output_bias", "zero"), OUTPUT_BIAS, "model.output_bias")
     if m.name == "ranker":
         names = tuple(m.extractors)
         unknown = [n for n in names if n not in EXTRACTORS]

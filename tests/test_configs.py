@@ -57,6 +57,8 @@ def test_every_config_builds_and_checks(path):
         ({"data.source": "prepared"}, "config.data.path"),
         ({"mesh.data": 3}, "config.mesh"),
         ({"data.synthetic.task": "buy"}, "config.data.synthetic.task"),
+        ({"model.output_bias": "mean"}, "config.model.output_bias"),
+        ({"model.match.taus": (4.0, 0.0)}, "config.model.match.taus"),
         ({"data.synthetic.conversion_bias": float("nan")}, "config.data.synthetic.conversion_bias"),
         ({"data.synthetic.repeat_view_prob": 1.5}, "config.data.synthetic.repeat_view_prob"),
     ],

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from influence_jax import config_check
+from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
+from influence_jax.models.extractors import Inputs, MatchCounts
 from influence_jax.models.layers import ConvTower, masked_max
 from tests import helpers
 
@@ -69,3 +71,46 @@ def test_dropout_only_in_training(tiny_data):
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(ConfigError, match="config.model.name"):
         config_check.check(helpers.tiny_config(**{"model.name": "nope"}))
+
+
+@pytest.mark.parametrize("name", ["ranker", "seed_cnn"])
+def test_prior_output_bias_starts_at_the_train_log_odds(tiny_data, name):
+    schema, path = tiny_data
+    rate = schema.positive_rate("train")
+    labels = ExampleStore(path, "train", schema).gather(np.arange(schema.splits["train"]["rows"]))
+    assert rate == pytest.approx(float(labels["label"].mean()))  # recorded by the ShardWriter
+    batch = helpers.first_batch(schema, path, 16)
+    biases = {}
+    for prior in ("zero", "prior"):
+        config = helpers.tiny_config(**{"model.name": name, "model.output_bias": prior})
+        params = build_model(config.model, schema).init(jax.random.PRNGKey(0), batch)["params"]
+        biases[prior] = float(params["bias"] if name == "ranker" else params["out"]["bias"][0])
+    assert biases["zero"] == 0.0
+    assert biases["prior"] == pytest.approx(np.log(rate / (1 - rate)), rel=1e-5)
+
+
+def test_match_counts_are_gated_recency_weighted_matches():
+    """The match extractor's inputs, by hand: gated counts of matching events per field, with
+    recency decays, and the gated history length; padding counts nothing."""
+    B, L, K = 2, 4, 2
+    match = np.zeros((B, L, K), np.float32)
+    match[0, 0, 0] = match[0, 2, 0] = match[0, 2, 1] = 1.0  # item at 0 and 2, category at 2
+    match[1, 3, 0] = 1.0  # a padded position: must not count
+    gate = np.array([[0.5, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
+    zeros = lambda *s: jnp.zeros(s)
+    x = Inputs(zeros(B, 1, 4), zeros(B, 1, 4), zeros(B, 4), zeros(B, L, 4), zeros(B, L, 8),
+               jnp.asarray(mask), jnp.asarray(gate), jnp.asarray(match))  # fmt: skip
+    taus = (1.0, 4.0)
+    module = MatchCounts(hidden=(), taus=taus)
+    params = module.init(jax.random.PRNGKey(0), x)["params"]
+    w = np.asarray(params["mlp"]["out"]["kernel"])[:, 0]
+    d = lambda i, t: np.exp(-i / t)
+    c0 = [0.5 + 2.0, 2.0]  # item matches at 0 (gate 0.5) and 2 (gate 2); category at 2
+    c0 += [0.5 * d(0, t) + 2.0 * d(2, t) for t in taus] + [2.0 * d(2, t) for t in taus]
+    c0 += [0.5 + 1.0 + 2.0]  # gated length (position 3 is padding)
+    c1 = [0.0] * (2 + 2 * len(taus)) + [3.0]
+    score, _ = module.apply({"params": params}, x)
+    # Feature order: the K match counts, then each field's decays, then the length.
+    want = [np.log1p(np.asarray(c)) @ w for c in (c0, c1)]
+    np.testing.assert_allclose(np.asarray(score), want, rtol=1e-5)

@@ -1,5 +1,7 @@
-"""Quality table: the default and full rankers, the seed CNN and a DNN against the baselines of
-influence_jax/baselines.py on the same rows, real data, 3 seeds.
+"""Quality table: each dataset config's ranker (with and without its exact-match counts), the
+seed CNN and a DNN against the baselines of influence_jax/baselines.py on the same rows, real
+data, 3 seeds. The next-item task trains with configs/<dataset>.py, the conversion task with
+configs/<dataset>_conversion.py (data/sources.py names both).
 
     python tools/quality.py --data_root=$INFLUENCE_JAX_DATA --workdir=runs/quality
     python tools/quality.py --data_root=$INFLUENCE_JAX_DATA --workdir=runs/quality_conversion \
@@ -36,11 +38,11 @@ from influence_jax.data.schema import DataError, Schema  # noqa: E402
 
 # Every registered source with a public sample and a config (data/sources.py).
 DATASETS = {n: s for n, s in readers.SOURCES.items() if s.sample and s.config}
-MODELS = {  # variant -> config.model overrides
-    "ranker (din+dnn+cnn)": {"name": "ranker"},
+MODELS = {  # variant -> config.model overrides of the dataset's config
+    "ranker": {},  # the config's own model (shown with its extractors)
+    "ranker without match": {"extractors": ("din", "dnn", "cnn")},
     "seed CNN": {"name": "seed_cnn"},
-    "DNN": {"name": "ranker", "extractors": ("dnn",), "combine": "sum"},
-    "full ranker (+bst)": {"name": "ranker", "extractors": ("din", "dnn", "cnn", "bst")},
+    "DNN": {"extractors": ("dnn",), "combine": "sum"},
 }
 
 _DATA_ROOT = flags.DEFINE_string(
@@ -76,13 +78,27 @@ def prepared(name: str) -> str:
     return out
 
 
-def run_one(name: str, data: str, variant: str, seed: int) -> np.ndarray:
-    """Trains one (model, seed); returns its test scores (best checkpoint), rows in split order."""
-    module = __import__(f"configs.{DATASETS[name].config}", fromlist=["get_config"])
-    config = module.get_config()
-    config.data.path, config.seed = data, seed
+def config_for(name: str, variant: str):
+    """The dataset's config for the task (next-item or conversion) with the variant's model."""
+    spec = DATASETS[name]
+    module = spec.conversion_config if _TASK.value == "conversion" else spec.config
+    config = __import__(f"configs.{module}", fromlist=["get_config"]).get_config()
     for k, v in MODELS[variant].items():
         config.model[k] = v
+    return config
+
+
+def model_label(variant: str, config) -> str:
+    """The table's name of a variant: a ranker with several extractors shows them."""
+    m = config.model
+    several = m.name == "ranker" and len(m.extractors) > 1
+    return f"ranker ({'+'.join(m.extractors)})" if several else variant
+
+
+def run_one(name: str, data: str, variant: str, seed: int) -> np.ndarray:
+    """Trains one (model, seed); returns its test scores (best checkpoint), rows in split order."""
+    config = config_for(name, variant)
+    config.data.path, config.seed = data, seed
     if _STEPS.value:
         config.loop.num_steps = _STEPS.value
         config.loop.eval_every = 0  # a short run: one evaluation, at the end
@@ -148,7 +164,7 @@ def evaluate_dataset(name: str) -> dict:
         m["vs_best_baseline"] = baselines.paired_auc_difference(
             label, users, scores, base["scores"][best], _N_BOOT.value
         )
-        out["models"][variant] = m
+        out["models"][model_label(variant, config_for(name, variant))] = m
     return out
 
 
@@ -156,9 +172,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     names = list(_DATASETS.value)
-    if _TASK.value == "conversion":  # only sources that name an exposure behaviour
-        path = lambda n: os.path.join(_DATA_ROOT.value, DATASETS[n].sample)
-        keep = [n for n in names if readers.open_source(n, path(n)).defaults.get("exposure")]
+    if _TASK.value == "conversion":  # only sources with an exposure behaviour and a config
+        keep = [n for n in names if DATASETS[n].conversion_config]
         for n in sorted(set(names) - set(keep)):
             print(f"{n}: no exposure behaviour, not a conversion dataset; left out", flush=True)
         names = keep

@@ -53,7 +53,7 @@ class Schema:
       max_len: L, the history length (most recent events, left-aligned, zero-padded).
       behaviour_types: names of the behaviour types, e.g. ("pv", "cart", "fav", "buy").
       label: how the label was defined (free-form, for people and reports).
-      splits: per split name, {"rows": int, "shards": [relative dirs]}.
+      splits: per split name, {"rows": int, "shards": [relative dirs], "label_sum": float}.
       extra: anything else preparation wants to record (command, boundaries, counts).
     """
 
@@ -95,6 +95,13 @@ class Schema:
             )
         if self.max_len <= 0:
             raise DataError(f"schema: max_len must be positive, got {self.max_len}")
+
+    def positive_rate(self, split: str = "train") -> float | None:
+        """Mean label of `split`, or None for data prepared before splits recorded label_sum."""
+        info = self.splits.get(split, {})
+        if "label_sum" not in info or not info.get("rows"):
+            return None
+        return float(info["label_sum"]) / int(info["rows"])
 
     def table_rows(self, vocab: str) -> int:
         """Embedding rows of `vocab`: ids at or above it embed as OOV (see table_sizes)."""

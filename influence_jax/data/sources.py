@@ -296,7 +296,8 @@ class SourceSpec:
     input: str  # what --input names, for help texts
     replayable: bool = True  # rank.py --events can rebuild histories from a log of it
     sample: str = ""  # its public sample under $INFLUENCE_JAX_DATA (tools/quality.py), if any
-    config: str = ""  # configs/<config>.py trains on it
+    config: str = ""  # configs/<config>.py trains on it (next-item task)
+    conversion_config: str = ""  # configs/<it>.py trains on its conversion task, if it has one
 
 
 # The one registry of sources: tools/prepare_data.py, tools/rank.py and tools/quality.py build
@@ -310,6 +311,7 @@ SOURCES: dict[str, SourceSpec] = {
             "UserBehavior.csv (or .csv.gz)",
             sample="taobao_userbehavior_sample/UserBehavior_head814users.csv",
             config="taobao",
+            conversion_config="taobao_conversion",
         ),
         SourceSpec(
             "movielens", movielens, "the ml-100k folder", sample="ml-100k", config="movielens"
@@ -320,6 +322,7 @@ SOURCES: dict[str, SourceSpec] = {
             "CML Retailrocket train.csv",
             sample="cml_retailrocket/train.csv",
             config="retailrocket",
+            conversion_config="retailrocket_conversion",
         ),
         # Any CSV/Parquet log with a column mapping; rank.py --events has no flags to map one.
         SourceSpec("events", events, "a CSV or Parquet event log", replayable=False),

@@ -80,9 +80,11 @@ class ShardWriter:
         self._buf_rows = 0
         self.shards: list[str] = []
         self.rows = 0
+        self.label_sum = 0.0  # sum of the labels: the positives of a 0/1 label
 
     def add(self, columns: dict[str, np.ndarray]) -> None:
         n = check_columns(columns, self.schema, where=f"{self.split} block")
+        self.label_sum += float(np.sum(columns["label"], dtype=np.float64))
         self._buf.append(columns)
         self._buf_rows += n
         while self._buf_rows >= self.rows_per_shard:
@@ -106,7 +108,7 @@ class ShardWriter:
         """Flushes the remainder; returns the split's entry for `Schema.splits`."""
         if self._buf_rows:
             self._flush(self._buf_rows)
-        return {"rows": self.rows, "shards": list(self.shards)}
+        return {"rows": self.rows, "shards": list(self.shards), "label_sum": self.label_sum}
 
 
 def write_split(

@@ -10,9 +10,11 @@ the shared fields it declares plus its own sub-config; the ranker's extractors e
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
+from absl import logging
 
 from influence_jax.data.schema import Schema
 from influence_jax.models.extractors import EXTRACTORS  # noqa: F401 - part of the registry
@@ -20,6 +22,7 @@ from influence_jax.models.ranker import Ranker
 from influence_jax.models.seed_cnn import SeedCNN
 
 MODELS: dict[str, type[nn.Module]] = {"seed_cnn": SeedCNN, "ranker": Ranker}
+OUTPUT_BIAS = ("zero", "prior")  # config.model.output_bias: the output bias at init
 
 
 def model_fields(cls: type[nn.Module]) -> set[str]:
@@ -33,12 +36,26 @@ def build_model(model_cfg: Any, schema: Schema) -> nn.Module:
     cls = MODELS[cfg["name"]]
     declared = model_fields(cls)
     kwargs = {k: _freeze(v) for k, v in cfg.items() if k in declared}
+    kwargs["bias_init"] = prior_bias(schema) if cfg.get("output_bias") == "prior" else 0.0
     kwargs.update({k: _freeze(v) for k, v in dict(cfg.get(cfg["name"], {})).items()})
     if "extractor_args" in declared:
         names = tuple(cfg.get("extractors", ()))
         kwargs["extractors"] = names
         kwargs["extractor_args"] = {n: _freeze(cfg.get(n, {})) for n in names}
     return cls(schema=schema, **kwargs)
+
+
+def prior_bias(schema: Schema) -> float:
+    """Log-odds of the train split's positive rate (0 for data that does not record it)."""
+    rate = schema.positive_rate("train")
+    if rate is None:
+        logging.warning(
+            "output_bias=prior: the data does not record its train positive rate (prepared "
+            "before label_sum was recorded); starting from bias 0. Re-prepare it to fix."
+        )
+        return 0.0
+    rate = min(max(rate, 1e-4), 1 - 1e-4)
+    return math.log(rate / (1 - rate))
 
 
 def _freeze(v: Any) -> Any:

@@ -44,6 +44,7 @@ class Ranker(nn.Module):
     # Standardise each extractor's score before weighting it (see `_standardise`), so w_j
     # (times one shared scale) is the only way an extractor's share of the logit can grow.
     normalise_scores: bool = True
+    bias_init: float = 0.0  # initial output bias (config.model.output_bias)
 
     def _gates(self) -> jax.Array:
         """Per behaviour id (pad, OOV, types...) -> gate; pad 0, OOV 1, types learned."""
@@ -112,7 +113,7 @@ class Ranker(nn.Module):
             scores, extra = self._standardise(scores, batch.get("weight"), train)
         beta = self.param("extractor_logits", nn.initializers.zeros, (len(self.extractors),))
         w_J = jax.nn.softmax(beta) if self.combine == "softmax" else jnp.ones_like(beta)
-        bias = self.param("bias", nn.initializers.zeros, ())
+        bias = self.param("bias", nn.initializers.constant(self.bias_init), ())
         weights = {n: w_J[j] for j, n in enumerate(self.extractors)}
         contributions = {n: weights[n] * scores[n] for n in self.extractors}
         logit_B = sum(contributions.values()) + bias

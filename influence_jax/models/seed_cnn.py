@@ -23,6 +23,7 @@ class SeedCNN(nn.Module):
     hidden: int = 128
     dropout: float = 0.2
     share_item_embeddings: bool = True
+    bias_init: float = 0.0  # initial output bias (config.model.output_bias)
 
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], train: bool = False):
@@ -45,5 +46,6 @@ class SeedCNN(nn.Module):
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = nn.relu(nn.Dense(self.hidden, name="hidden")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        logit_B = nn.Dense(1, name="out")(h)[:, 0]
+        out = nn.Dense(1, bias_init=nn.initializers.constant(self.bias_init), name="out")
+        logit_B = out(h)[:, 0]
         return logit_B, {"pooled": pooled}
