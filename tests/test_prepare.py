@@ -373,7 +373,7 @@ def test_huge_and_negative_ids_take_the_hash_path_with_the_same_result(tmp_path)
 
 def test_an_empty_split_is_written_and_readable(tmp_path):
     schema = run(write(tmp_path / "log.csv", LOG), tmp_path / "p", max_len=3, valid_start=900)
-    assert schema.splits["valid"] == {"rows": 0, "shards": []}
+    assert schema.splits["valid"] == {"rows": 0, "shards": [], "label_sum": 0.0}
     store = ExampleStore(str(tmp_path / "p"), "valid")
     assert len(store) == 0 and store.column("hist").shape == (0, 3, 4)
     assert audit.audit_leakage(str(tmp_path / "p"))["rows"]["valid"] == 0
