@@ -23,6 +23,9 @@ from configs import taobao
 
 def get_config():
     config = taobao.get_config()
+    # Chosen on the validation split (mean best validation AUC, seeds 0-2): 1e-3 0.680,
+    # 3e-3 0.714, 1e-2 0.706.
+    config.opt.learning_rate = 3e-3  # peak learning rate
     config.loop.num_steps = 400  # about 2 epochs of the sample's train split
     config.loop.eval_every = 50  # steps between validation runs (the best one is kept)
     config.ckpt.every = 50  # steps between checkpoints

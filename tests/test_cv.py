@@ -187,3 +187,15 @@ def test_a_sweep_can_score_each_trial_by_cross_validation(tiny_data, tmp_path_fa
     acc.Reload()
     mean = acc.Scalars("cv/auc_mean")[0].value
     assert mean == pytest.approx(records[1]["metrics"]["cv/auc_mean"], rel=1e-6)
+
+
+def test_backtest_folds_tile_the_time_before_the_cut():
+    split = {"t_min": 0, "valid_start": 800, "test_start": 900, "t_max": 999}
+    cuts = [cv.backtest_cut(split, k) for k in range(3)]
+    assert cuts[0] == {"valid_start": 800, "test_start": 900, "max_timestamp": 999}
+    for k in (1, 2):  # each fold's log ends just before the next later fold's test window
+        assert cuts[k]["max_timestamp"] == cuts[k - 1]["test_start"] - 1
+        assert cuts[k]["test_start"] - cuts[k]["valid_start"] == 100
+    assert [c["test_start"] for c in cuts] == [900, 800, 700]
+    with pytest.raises(DataError, match="fold 8: .* leaves no training period"):
+        cv.backtest_cut(split, 8)

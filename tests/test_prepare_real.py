@@ -118,3 +118,28 @@ def test_quality_table_puts_baselines_beside_the_models(tmp_path):
     d = saved["models"]["DNN"]
     assert len(d["auc"]) == 2 and d["vs_best_baseline"]["ci_low"] <= d["vs_best_baseline"]["diff"]
     assert "baseline: in_history" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.slow
+def test_quality_pools_backtest_folds_of_the_conversion_task(tmp_path):
+    """--folds=2 on the Taobao conversion task: the earlier fold is re-prepared with its cut
+    one test window back (its log ends where fold 0's test starts), and every figure pools
+    both folds' test rows."""
+    r = helpers.run_tool(
+        "quality", f"--data_root={helpers.DATA}", f"--workdir={tmp_path}", "--datasets=taobao",
+        "--task=conversion", "--folds=2", "--seeds=0", "--models=DNN", "--num_steps=10",
+        "--n_boot=50", timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((tmp_path / "quality.json").read_text())["taobao"]
+    splits = [
+        json.loads((tmp_path / "prepared" / f"taobao-conversion{s}" / "schema.json").read_text())
+        for s in ("", "-fold1")
+    ]
+    f0, f1 = (s["extra"]["split"] for s in splits)
+    assert f1["t_max"] < f0["test_start"] and f1["test_start"] < f0["test_start"]
+    assert saved["folds"] == 2
+    assert saved["fold_rows"] == [s["splits"]["test"]["rows"] for s in splits]
+    assert saved["rows"] == sum(saved["fold_rows"]) and saved["positives"] > 0
+    assert len(saved["models"]["DNN"]["auc"]) == 1
+    assert "2 folds)" in (tmp_path / "quality.md").read_text()

@@ -6,6 +6,7 @@ python tools/benchmark.py --what=rank [--compare] [--rank_models=default,full]
 python tools/benchmark.py --what=scale
 python tools/benchmark.py --what=input
 python tools/benchmark.py --what=quality [--quality_dtypes=float32,bfloat16]
+python tools/benchmark.py --what=prepare [--prepare_events=20000000]
 
 The benchmark code lives in tools/bench/. `--what=train` (bench_train.py) times the engine's
 own train step on the benchmark CNN (jitted, state donated) and its batch scoring on ready
@@ -21,6 +22,8 @@ and with `--compare` the same model in Keras.
 `--what=input` the input pipeline against the step it feeds (bench_input.py).
 `--what=quality` trains the benchmark CNN in each --quality_dtypes on the same planted-signal
 data and compares held-out AUC (bench_quality.py): whether mixed precision keeps AUC.
+`--what=prepare` times tools/prepare_data.py on one synthetic event log for each task (next_item
+and conversion) and gives their peak memory, side by side (bench_prepare.py).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from influence_jax import hostmem  # noqa: E402
 _WHAT = flags.DEFINE_enum(
     "what",
     "train",
-    ["train", "rank", "scale", "input", "quality"],
+    ["train", "rank", "scale", "input", "quality", "prepare"],
     "Which benchmark (see the docstring).",
 )
 _BATCHES = flags.DEFINE_list("batches", ["1024", "4096"], "Batch sizes (--what=train|rank).")
@@ -88,6 +91,15 @@ _QUALITY_VOCAB = flags.DEFINE_integer(
 _QUALITY_TEST = flags.DEFINE_integer(
     "quality_test_examples", 131_072, "--what=quality: held-out examples (whole batches)."
 )
+_PREPARE_EVENTS = flags.DEFINE_integer(
+    "prepare_events", 20_000_000, "--what=prepare: events in the synthetic log it writes."
+)
+_PREPARE_LOG = flags.DEFINE_string(
+    "prepare_log", "", "--what=prepare: an existing Taobao-layout log instead of writing one."
+)
+_PREPARE_MEMORY = flags.DEFINE_integer(
+    "prepare_memory_mb", 1024, "--what=prepare: prepare_data.py --memory_mb."
+)
 _REF_TIMEOUT = flags.DEFINE_integer("ref_timeout", 900, "Seconds before a reference is stopped.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory",
@@ -103,6 +115,13 @@ def main(argv: list[str]) -> None:
         import bench_input
 
         return bench_input.print_table(bench_input.run())
+    if _WHAT.value == "prepare":
+        import bench_prepare
+
+        rows = bench_prepare.run(
+            _PREPARE_EVENTS.value, _PREPARE_LOG.value, _REPEATS.value, _PREPARE_MEMORY.value
+        )
+        return _emit(rows, lambda: bench_prepare.print_table(rows))
     if _HOST_DEVICES.value:
         if _WHAT.value != "rank":  # training would add cross-device all-reduces on one host
             raise app.UsageError("--host_devices applies to --what=rank only")

@@ -35,6 +35,7 @@ from influence_jax import baselines, evaluation, files, metrics, scoring, train 
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
+from influence_jax.experiments import cv  # noqa: E402
 
 # Every registered source with a public sample and a config (data/sources.py).
 DATASETS = {n: s for n, s in readers.SOURCES.items() if s.sample and s.config}
@@ -60,20 +61,31 @@ _TASK = flags.DEFINE_enum(
     "task", "next_item", ["next_item", "conversion"], "The prepared task (tools/prepare_data.py)."
 )
 _HORIZON = flags.DEFINE_float("horizon_hours", 6.0, "--task=conversion: the label window.")
+_FOLDS = flags.DEFINE_integer(
+    "folds",
+    1,
+    "Backtest folds: fold k re-prepares the log with its cut k test windows earlier "
+    "(experiments/cv.py backtest_cut); every figure pools the folds' test rows.",
+)
 
 
-def prepared(name: str) -> str:
+def prepared(name: str, fold: int = 0) -> str:
+    """The dataset prepared for the task; fold k > 0 with its cut k test windows earlier."""
     task = _TASK.value
     out = os.path.join(
         _WORKDIR.value, "prepared", name if task == "next_item" else f"{name}-{task}"
     )
+    cut = {}
+    if fold:
+        cut = cv.backtest_cut(Schema.load(prepared(name)).extra["split"], fold)
+        out += f"-fold{fold}"
     try:
         Schema.load(out)
     except DataError:
         path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
         if not os.path.exists(path):
             raise DataError(f"{path}: missing; set --data_root to the shared data folder") from None
-        opts = prepare.PrepareOptions(task=task, horizon_hours=_HORIZON.value)
+        opts = prepare.PrepareOptions(task=task, horizon_hours=_HORIZON.value, **cut)
         prepare.prepare(readers.open_source(name, path), out, opts)
     return out
 
@@ -95,7 +107,7 @@ def model_label(variant: str, config) -> str:
     return f"ranker ({'+'.join(m.extractors)})" if several else variant
 
 
-def run_one(name: str, data: str, variant: str, seed: int) -> np.ndarray:
+def run_one(name: str, data: str, variant: str, seed: int, fold: int = 0) -> np.ndarray:
     """Trains one (model, seed); returns its test scores (best checkpoint), rows in split order."""
     config = config_for(name, variant)
     config.data.path, config.seed = data, seed
@@ -103,7 +115,8 @@ def run_one(name: str, data: str, variant: str, seed: int) -> np.ndarray:
         config.loop.num_steps = _STEPS.value
         config.loop.eval_every = 0  # a short run: one evaluation, at the end
     slug = "".join(c if c.isalnum() else "_" for c in variant.split("(")[0].strip())
-    workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{slug}-{seed}")
+    tag = f"-fold{fold}" if fold else ""
+    workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{slug}-{seed}{tag}")
     if os.path.exists(workdir):
         shutil.rmtree(workdir)
     train.train_and_evaluate(config, workdir)
@@ -122,7 +135,8 @@ def table(results: dict) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     f = lambda x: f"{x:.4f}" if x == x else "-"
     for name, r in results.items():
-        where = f"{name} ({r['positives']:,} / {r['rows']:,})"
+        folds = f", {r['folds']} folds" if r.get("folds", 1) > 1 else ""
+        where = f"{name} ({r['positives']:,} / {r['rows']:,}{folds})"
         for variant, m in r["models"].items():
             d = m["vs_best_baseline"]
             cells = [_cell(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
@@ -135,16 +149,41 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def pooled(datasets: list[Dataset], split: str) -> dict:
+    """Every baseline's scores on `split` of each fold, rows concatenated fold by fold, with
+    `user_key` unique per (fold, user) (GAUC groups) and `user_raw` the raw user id (the
+    interval resamples a user's rows of every fold together)."""
+    parts = [baselines.scores(d, split) for d in datasets]
+    offset, keys, raw = 0, [], []
+    for d, p in zip(datasets, parts, strict=True):
+        keys.append(p["user_key"].astype(np.int64) + offset)
+        offset = int(keys[-1].max(initial=offset - 1)) + 1
+        raw.append(np.asarray(d.id_maps.user_raw(p["user_key"])).astype(str))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
+    return {
+        "label": cat([p["label"] for p in parts]),
+        "user_key": cat(keys),
+        "user_raw": cat(raw),
+        "scores": {n: cat([p["scores"][n] for p in parts]) for n in parts[0]["scores"]},
+        "probabilities": parts[0]["probabilities"],
+        "fold_rows": [len(p["label"]) for p in parts],
+        "fold_positives": [int(p["label"].sum()) for p in parts],
+    }
+
+
 def evaluate_dataset(name: str) -> dict:
-    """Baselines and every (model, seed) on one dataset."""
-    data = prepared(name)
-    dataset = Dataset(data)
-    best = next(iter(baselines.report(dataset, "valid")))  # best validation AUC first
-    base = baselines.scores(dataset, "test")
+    """Baselines and every (model, seed) on one dataset, test rows pooled over the folds."""
+    folds = [prepared(name, k) for k in range(_FOLDS.value)]
+    datasets = [Dataset(d) for d in folds]
+    best = next(iter(baselines.table(pooled(datasets, "valid"))))  # best validation AUC first
+    base = pooled(datasets, "test")
     label, users = base["label"], base["user_key"]
     out = {
         "positives": int(label.sum()),
         "rows": len(label),
+        "folds": len(folds),
+        "fold_positives": base["fold_positives"],
+        "fold_rows": base["fold_rows"],
         "best_baseline": best,
         "baselines": baselines.table(base),
         "models": {},
@@ -155,14 +194,16 @@ def evaluate_dataset(name: str) -> dict:
         scores = []
         for seed in map(int, _SEEDS.value):
             t0 = time.time()
-            scores.append(run_one(name, data, variant, seed))
+            scores.append(
+                np.concatenate([run_one(name, d, variant, seed, k) for k, d in enumerate(folds)])
+            )
             auc = metrics.auc(label, scores[-1])
             print(f"{name:12s} {variant:22s} seed {seed}: test AUC {auc:.4f} "
                   f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
         per_seed = [baselines.evaluate(label, s, users, prob=True) for s in scores]
         m = {k: [r[k] for r in per_seed] for k in ("auc", "gauc", "pr_auc", "logloss")}
         m["vs_best_baseline"] = baselines.paired_auc_difference(
-            label, users, scores, base["scores"][best], _N_BOOT.value
+            label, base["user_raw"], scores, base["scores"][best], _N_BOOT.value
         )
         out["models"][model_label(variant, config_for(name, variant))] = m
     return out

@@ -83,6 +83,31 @@ def make_folds(
     return folds
 
 
+def backtest_cut(split: dict, k: int) -> dict[str, int]:
+    """Cut of the k-th earlier backtest fold of a prepared dataset, for re-preparing the log.
+
+    `split` is a schema's "split" record (valid_start, test_start, t_max). Fold 0 is the
+    dataset itself; fold k moves both boundaries k test-windows back and ends the log where
+    fold k - 1's test window starts, so the folds' test windows tile the time before the cut
+    without overlap and each fold has its own training period, validation window, vocabulary
+    and label maturity (tools/prepare_data.py --valid_start --test_start --max_timestamp).
+    """
+    test, valid = int(split["test_start"]), int(split["valid_start"])
+    width = int(split["t_max"]) + 1 - test
+    if k < 0 or width <= 0:
+        raise ConfigError(f"fold {k}: need k >= 0 and a non-empty test window (split {split})")
+    if valid - k * width <= int(split["t_min"]):
+        raise DataError(
+            f"fold {k}: moving the cut back {k} test windows of {width} s leaves no training "
+            f"period (the log starts at {split['t_min']}); use fewer folds"
+        )
+    return {
+        "valid_start": valid - k * width,
+        "test_start": test - k * width,
+        "max_timestamp": test - (k - 1) * width - 1,
+    }
+
+
 def fold_config(config: ml_collections.ConfigDict, fold: Fold) -> ml_collections.ConfigDict:
     """`config` restricted to one fold: its training rows, and its window as the eval split."""
     return trials.with_overrides(

@@ -1,0 +1,24 @@
+"""`tools/benchmark.py --what=prepare` at a tiny size: both tasks prepared from one log, in their
+own processes, with the ratio columns against next_item. Correctness only; timing is the
+benchmark's."""
+
+from __future__ import annotations
+
+import json
+
+from tests import helpers
+
+
+def test_prepare_benchmark_runs_both_tasks_on_one_log():
+    r = helpers.run_tool(
+        "benchmark", "--what=prepare", "--prepare_events=20000", "--repeats=1", "--json"
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [x["task"] for x in rows] == ["next_item", "conversion"]
+    nxt, conv = rows
+    assert nxt["time_ratio"] == 1.0 and nxt["memory_ratio"] == 1.0
+    assert conv["seconds"] > 0 and conv["peak_rss_mb"] > 50  # a real process's resident set
+    # every view is an exposure: far more examples than one per purchase with 4 negatives
+    assert conv["examples"] > nxt["examples"] > 0
+    assert abs(conv["time_ratio"] - conv["seconds"] / nxt["seconds"]) < 1e-9
