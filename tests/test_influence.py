@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import matplotlib.image
@@ -127,6 +128,74 @@ def test_influence_report_cli(run_dir, tmp_path):
     saved = json.loads((out / "influence.json").read_text())
     assert {"behaviour_types", "extractors", "faithfulness", "segments", "per_event"} <= set(saved)
     assert (out / "behaviour_influence.png").exists() and (out / "deletion_curves.png").exists()
+
+
+def _fake_report(step, types, extractors):
+    """A report as influence.report shapes it: {name: {metric: value}} per group."""
+    return {
+        "step": step,
+        "examples": 10,
+        "behaviour_types": {
+            t: {
+                "influence": a,
+                "per_event": a / n,
+                "signed": sg,
+                "share": 0.0,
+                "gate": g,
+                "events_per_example": n,
+            }
+            for t, (a, n, sg, g) in types.items()
+        },  # fmt: skip
+        "extractors": {
+            k: {"influence": w, "contribution": c, "share": 0.0, "weight": w}
+            for k, (w, c) in extractors.items()
+        },  # fmt: skip
+    }
+
+
+def test_influence_over_runs_gives_intervals_and_flags_unstable_orders_and_signs():
+    from influence_jax import influence_runs
+
+    ext = {"din": (0.5, 0.1), "dnn": (0.3, -0.2)}
+    reports = [  # pv: many events, small per event; cart's signed effect flips on run 2
+        _fake_report(100, {"pv": (0.9, 30.0, -0.2, 1.0), "cart": (0.5, 2.0, 0.3, 2.0)}, ext),
+        _fake_report(100, {"pv": (0.8, 30.0, -0.1, 1.1), "cart": (0.4, 2.0, 0.2, 2.1)}, ext),
+        _fake_report(90, {"pv": (0.3, 30.0, -0.3, 0.9), "cart": (0.6, 2.0, -0.1, 1.9)}, ext),
+    ]
+    c = influence_runs.combine(reports, ["a", "b", "c"])
+    pv = c["behaviour_types"]["pv"]
+    assert pv["influence"]["values"] == [0.9, 0.8, 0.3]
+    half = 4.303 * np.std([0.9, 0.8, 0.3], ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
+    assert pv["influence"]["ci_high"] == pytest.approx(2 / 3 + half)
+    assert pv["sign_stable"] and not c["behaviour_types"]["cart"]["sign_stable"]
+    orders = c["orders"]
+    assert not orders["behaviour_types.influence"]["stable"]  # pv > cart twice, then cart > pv
+    assert orders["behaviour_types.per_event"]["stable"]  # cart > pv per event on every run
+    assert orders["behaviour_types.per_event"]["per_run"][0] == ["cart", "pv"]
+    assert orders["extractors.weight"]["stable"]
+    assert len(c["unstable"]) == 2 and any("cart" in u and "sign" in u for u in c["unstable"])
+    text = "\n".join(influence_runs.lines(c))
+    assert "[sign changes]" in text and "behaviour_types.per_event: cart > pv on every run" in text
+    with pytest.raises(ValueError, match="at least two runs"):
+        influence_runs.combine(reports[:1], ["a"])
+
+
+def test_influence_report_cli_over_several_runs(run_dir, tmp_path):
+    """Two run folders (a copy of one run: every figure agrees, so nothing is flagged)."""
+    shutil.copytree(run_dir, tmp_path / "copy")
+    out = tmp_path / "report"
+    args = [f"--workdir={run_dir},{tmp_path / 'copy'}", f"--output={out}", "--sample=8"]
+    r = helpers.run_tool("influence_report", *args, "--max_examples=64", "--bootstrap=50")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "influence over 2 runs" in r.stdout and "on every run" in r.stdout
+    c = json.loads((out / "influence.json").read_text())
+    assert c["runs"] == [run_dir, str(tmp_path / "copy")] and c["unstable"] == []
+    for v in c["behaviour_types"].values():
+        assert v["influence"]["sd"] == 0 and v["sign_stable"]
+    assert (out / "run_0" / "influence.json").exists() and (
+        out / "run_1" / "influence.json"
+    ).exists()
+    assert (out / "behaviour_influence_runs.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

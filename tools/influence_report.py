@@ -4,9 +4,16 @@ intervals, per segment, per-event leave-one-out deltas and the faithfulness chec
     python tools/influence_report.py --workdir=runs/demo --output=runs/demo/influence
     python tools/influence_report.py --workdir=runs/taobao --data=.prepared/taobao \
       --output=runs/taobao/influence --split=test --sample=512
+    # one config on several seeds: every figure with an interval over the runs
+    python tools/influence_report.py --workdir=runs/s0,runs/s1,runs/s2 --data=.prepared/taobao \
+      --output=runs/taobao/influence_seeds --step=best
 
 Writes OUTPUT/influence.json, events.parquet, behaviour_influence.png, extractor_contributions.png,
 deletion_curves.png and the same plots as TensorBoard images (tensorboard --logdir=OUTPUT).
+With several workdirs each run's report goes to OUTPUT/run_<i>/ and OUTPUT/influence.json
+combines them (influence_jax/influence_runs.py): per behaviour type and extractor the mean and
+95 % interval over runs of each figure, and the orders and signs that change between runs,
+flagged; OUTPUT/behaviour_influence_runs.png plots them.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files, influence, scoring  # noqa: E402
+from influence_jax import cli, files, influence, influence_runs, scoring  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+_WORKDIR = flags.DEFINE_list(
+    "workdir", None, "Training workdir (config.json, checkpoints/); several, comma-separated."
+)
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (default: the run's own).")
 _OUTPUT = flags.DEFINE_string("output", None, "Report folder.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split whose predictions are explained.")
@@ -38,10 +47,29 @@ def _report() -> None:
     for flag, low in ((_SAMPLE, 0), (_MAX_EXAMPLES, 1), (_BOOTSTRAP, 1)):
         if flag.value < low:
             raise DataError(f"--{flag.name} must be at least {low}, got {flag.value}")
-    run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+    runs = _WORKDIR.value
+    if len(set(runs)) != len(runs):
+        raise DataError(f"--workdir names a run twice: {runs}")
+    reports = []
+    for i, workdir in enumerate(runs):
+        out = _OUTPUT.value if len(runs) == 1 else os.path.join(_OUTPUT.value, f"run_{i}")
+        reports.append(_one(workdir, out))
+    if len(runs) > 1:
+        try:
+            combined = influence_runs.combine(reports, runs)
+        except ValueError as e:
+            raise DataError(f"--workdir={','.join(runs)}: {e}") from None
+        influence_runs.write(combined, _OUTPUT.value)
+        print("\n".join(influence_runs.lines(combined)))
+        print(f"combined report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
+
+
+def _one(workdir: str, output: str) -> dict:
+    """One run's report, written to `output` and printed."""
+    run = scoring.load_run(workdir, _DATA.value, _STEP.value)
     r = influence.report(
         run,
-        _OUTPUT.value,
+        output,
         split=_SPLIT.value,
         sample=_SAMPLE.value,
         max_examples=_MAX_EXAMPLES.value,
@@ -62,7 +90,8 @@ def _report() -> None:
         + " ".join(f"{x:.4f}" for x in f["random_drop"])
         + f" | gap holds for every k: {f['holds']}"
     )
-    print(f"report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
+    print(f"report written to {os.path.join(output, 'influence.json')}")
+    return r
 
 
 if __name__ == "__main__":
