@@ -3,10 +3,12 @@ leaves at most a `<name>.tmp-*` file beside the target (never a file that looks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -14,6 +16,18 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from influence_jax.errors import DataError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: str, folder: bool = False) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700; a finished output gets what the umask allows, like
+    any file the user creates."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
@@ -24,10 +38,39 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        if os.path.isfile(tmp):
+            _as_umask_allows(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str, commit: bool = True) -> Iterator[str]:
+    """Yields a temporary folder beside `path` to fill; on success it replaces `path` (an old
+    folder there is removed once the new one is in place), on an error it is removed, so `path`
+    never holds a half-written report. `commit=False` (a process that does not write, in a
+    multi-process run) only removes it."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+        if not commit:
+            return
+        _as_umask_allows(tmp, folder=True)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_bytes(path: str, data: bytes) -> None:

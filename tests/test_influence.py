@@ -128,6 +128,20 @@ def test_influence_report_cli(run_dir, tmp_path):
     saved = json.loads((out / "influence.json").read_text())
     assert {"behaviour_types", "extractors", "faithfulness", "segments", "per_event"} <= set(saved)
     assert (out / "behaviour_influence.png").exists() and (out / "deletion_curves.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (out, out / "influence.json", out / "events.parquet"):  # as the umask allows
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p
+
+
+def test_a_failed_influence_report_leaves_no_folder(run_dir, tmp_path):
+    """The second run folder does not exist: the first run's report is never published."""
+    out = tmp_path / "report"
+    args = [f"--workdir={run_dir},{tmp_path / 'missing'}", f"--output={out}", "--sample=4"]
+    r = helpers.run_tool("influence_report", *args, "--max_examples=32", "--bootstrap=20")
+    assert r.returncode != 0 and "missing" in r.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
 
 
 def _fake_report(step, types, extractors):

@@ -158,6 +158,9 @@ def test_rank_cli_end_to_end(run_dir, run, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "unknown users (OOV): 0" in r.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as the umask allows, not 0600
     t = pq.read_table(out)
     assert t.column_names[:4] == ["user_id", "rank", "item_id", "score"]
     types, extractors = run.schema.behaviour_types, run.model.extractors

@@ -50,18 +50,22 @@ def _report() -> None:
     runs = _WORKDIR.value
     if len(set(runs)) != len(runs):
         raise DataError(f"--workdir names a run twice: {runs}")
-    reports = []
-    for i, workdir in enumerate(runs):
-        out = _OUTPUT.value if len(runs) == 1 else os.path.join(_OUTPUT.value, f"run_{i}")
-        reports.append(_one(workdir, out))
-    if len(runs) > 1:
-        try:
-            combined = influence_runs.combine(reports, runs)
-        except ValueError as e:
-            raise DataError(f"--workdir={','.join(runs)}: {e}") from None
-        influence_runs.write(combined, _OUTPUT.value)
-        print("\n".join(influence_runs.lines(combined)))
-        print(f"combined report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
+    # The report appears whole or not at all: built in a folder beside OUTPUT, then renamed.
+    import jax  # after the flag checks: --help and bad flags stay fast
+
+    with files.atomic_folder(_OUTPUT.value, commit=jax.process_index() == 0) as tmp:
+        reports = []
+        for i, workdir in enumerate(runs):
+            out = tmp if len(runs) == 1 else os.path.join(tmp, f"run_{i}")
+            reports.append(_one(workdir, out))
+        if len(runs) > 1:
+            try:
+                combined = influence_runs.combine(reports, runs)
+            except ValueError as e:
+                raise DataError(f"--workdir={','.join(runs)}: {e}") from None
+            influence_runs.write(combined, tmp)
+            print("\n".join(influence_runs.lines(combined)))
+    print(f"report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
 
 
 def _one(workdir: str, output: str) -> dict:
@@ -90,7 +94,6 @@ def _one(workdir: str, output: str) -> dict:
         + " ".join(f"{x:.4f}" for x in f["random_drop"])
         + f" | gap holds for every k: {f['holds']}"
     )
-    print(f"report written to {os.path.join(output, 'influence.json')}")
     return r
 
 
