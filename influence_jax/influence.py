@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
+from absl import logging
 
 from influence_jax import files, influence_plots, summary
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.errors import DataError
+from influence_jax.ranking.output import Progress
 from influence_jax.scoring import Run, batched, global_batch
 
 NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--explain)
@@ -29,6 +31,7 @@ RANDOM_DRAWS = 10  # random k-subsets per example and k
 HIST_LEN_EDGES = (1, 5, 10, 20, 50, 100, 200)  # history-length segments: [0], [1, 5), ...
 MAX_SEGMENT_VALUES = 10  # most frequent values kept per categorical segment
 ROWS_PER_CALL = 8192  # model rows (examples x masked copies) per device call
+PROGRESS_EVERY = 10.0  # seconds between the report's progress lines
 DEFINITIONS = {
     "behaviour_types.influence": "mean |logit(x) - logit(x without every event of the type)| "
     "over the examples, with a 95% percentile-bootstrap interval (ci_low, ci_high)",
@@ -90,21 +93,58 @@ def type_masks(hist_BxLxF: np.ndarray, schema: Schema) -> np.ndarray:
 
 
 def masked_deltas(
-    run: Run, n: int, gather: Callable, masks: Callable, copies: int, fn: Any = None
+    run: Run,
+    n: int,
+    gather: Callable,
+    masks: Callable,
+    copies: int,
+    fn: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """{logit [n], contributions, delta [n, C] = logit - masked logit} for rows 0..n-1.
 
     Args:
       gather: rows -> batch (user, item, hist); masks: (hist, rows) -> remove [B, C, L].
       copies: C; batches hold about ROWS_PER_CALL model rows (examples x copies).
+      progress: called with the examples done after each batch.
     """
     fn = fn or make_masked_fn(run)
     with_masks = lambda r: dict(b := gather(r), remove=masks(b["hist"], r))
-    out = batched(fn, run, n, with_masks, global_batch(run, max(1, ROWS_PER_CALL // copies)))
+    bs = global_batch(run, max(1, ROWS_PER_CALL // copies))
+    out = batched(fn, run, n, with_masks, bs, progress)
     if out is None:  # no rows
         out = {"logit": np.zeros(0, np.float32), "masked": np.zeros((0, copies), np.float32)}
         out["contributions"] = {}
     return dict(out, delta=out["logit"][:, None] - out["masked"])
+
+
+class _Work:
+    """One progress line over a report's model calls: "influence: D/N model rows (P%) R model
+    rows/s ETA H:MM:SS" every PROGRESS_EVERY seconds and at the end; each part is (examples,
+    copies)."""
+
+    def __init__(self, parts: list[tuple[int, int]], log: Callable[[str], None]):
+        total = sum(n * c for n, c in parts)
+        self.log, self.logged = log, -1
+        self.progress = Progress(
+            total, self._log, PROGRESS_EVERY, verb="influence:", unit="model rows"
+        )
+        self.base = 0
+
+    def _log(self, line: str) -> None:
+        self.logged = self.progress.done
+        self.log(line)
+
+    def finish(self) -> None:
+        """The closing line, unless the last part already wrote it."""
+        if self.logged != self.progress.total:
+            self.progress.done = self.progress.total
+            self._log(self.progress.line())
+
+    def part(self, n: int, copies: int) -> Callable[[int], None]:
+        """The callback of the next part: examples done -> model rows done over the report."""
+        base, self.base = self.base, self.base + n * copies
+        return lambda done: self.progress(base + done * copies)
 
 
 def top_events(loo_NxL: np.ndarray, real_NxL: np.ndarray, k: int) -> np.ndarray:
@@ -219,7 +259,13 @@ def _segments(run, maps, ex, loto, contrib, n_boot, rng) -> dict[str, Any]:
 
 
 def faithfulness(
-    run: Run, gather: Callable, loo: np.ndarray, real: np.ndarray, rng, n_boot: int
+    run: Run,
+    gather: Callable,
+    loo: np.ndarray,
+    real: np.ndarray,
+    rng,
+    n_boot: int,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Removing the k most influential events (by leave-one-out) vs k random ones, k=1..MAX_K."""
     n, L = loo.shape
@@ -237,7 +283,7 @@ def faithfulness(
         c = MAX_K + (k - 1) * RANDOM_DRAWS + np.arange(RANDOM_DRAWS)
         ii = np.arange(n)[:, None, None]
         remove[ii, c[None, :, None], rand[:, :, :k]] = True
-    out = masked_deltas(run, n, gather, lambda h, r: remove[r], remove.shape[1])
+    out = masked_deltas(run, n, gather, lambda h, r: remove[r], remove.shape[1], None, progress)
     top_drop = out["delta"][:, :MAX_K]
     rand_drop = out["delta"][:, MAX_K:].reshape(n, MAX_K, RANDOM_DRAWS).mean(-1)
     gap, lo, hi = bootstrap(top_drop - rand_drop, n_boot, rng)
@@ -273,8 +319,10 @@ def report(
     max_examples: int = 20_000,
     n_boot: int = 1000,
     seed: int = 0,
+    log: Callable[[str], None] = logging.info,
 ) -> dict[str, Any]:
-    """Computes the influence report of `split` and writes it to the folder `output`.
+    """Computes the influence report of `split` and writes it to the folder `output`, logging
+    its progress (model rows done, rate, ETA) with `log`.
 
     Writes influence.json, events.parquet (per-event leave-one-out deltas of the sample), PNG
     plots and the same plots as TensorBoard images. Returns the report dict.
@@ -290,7 +338,12 @@ def report(
     gather = lambda r: {k: ex[k][r] for k in ("user", "item", "hist")}
     fn = make_masked_fn(run)
     T = s.num_behaviour_types
-    out = masked_deltas(run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn)
+    real = real_events(ex["hist"], s)
+    n_pick = min(sample, int(real.any(1).sum()))  # the faithfulness part is at most this
+    work = _Work([(len(rows), T), (n_pick, s.max_len), (n_pick, MAX_K * (1 + RANDOM_DRAWS))], log)
+    out = masked_deltas(
+        run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn, work.part(len(rows), T)
+    )
     loto, contrib = out["delta"], out["contributions"]
     w_ext, gates = _learned_weights(run, gather(np.arange(1)))
     result: dict[str, Any] = {
@@ -300,7 +353,6 @@ def report(
         "definitions": DEFINITIONS,
     }
     result.update(_summary(s, loto, contrib, n_boot, rng))
-    real = real_events(ex["hist"], s)
     for j, t in enumerate(s.behaviour_types):
         n_t = (ex["hist"][..., s.hist_index(HIST_BEHAVIOUR)] == j + NUM_RESERVED).sum(1)
         result["behaviour_types"][t].update(
@@ -321,13 +373,20 @@ def report(
     pick = np.flatnonzero(real.any(1))
     pick = np.sort(rng.choice(pick, min(sample, len(pick)), replace=False))
     sub = lambda r: gather(pick[r])
-    loo = masked_deltas(run, len(pick), sub, lambda h, r: loo_masks(h, s), s.max_len, fn)["delta"]
+    loo_masked = lambda h, r: loo_masks(h, s)
+    loo = masked_deltas(
+        run, len(pick), sub, loo_masked, s.max_len, fn, work.part(len(pick), s.max_len)
+    )["delta"]
     loo = np.where(real[pick], loo, 0.0)
     result["per_event"] = _per_event(run, maps, ex, rows, pick, loo, output)
     long = np.flatnonzero(real[pick].sum(1) > MAX_K)
+    copies = MAX_K * (1 + RANDOM_DRAWS)
+    work.progress.total = work.base + len(long) * copies  # the estimate, now known
     result["faithfulness"] = faithfulness(
-        run, lambda r: sub(long[r]), loo[long], real[pick][long], rng, n_boot
-    )
+        run, lambda r: sub(long[r]), loo[long], real[pick][long], rng, n_boot,
+        work.part(len(long), copies),
+    )  # fmt: skip
+    work.finish()
     _write(run, result, output)
     return result
 

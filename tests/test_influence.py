@@ -125,6 +125,8 @@ def test_influence_report_cli(run_dir, tmp_path):
     r = helpers.run_tool("influence_report", *args, "--max_examples=128", timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "faithfulness" in r.stdout and "behaviour" in r.stdout
+    progress = [ln for ln in r.stderr.splitlines() if "influence: " in ln and "model rows/s" in ln]
+    assert progress and "(100%)" in progress[-1] and "ETA 0:00:00" in progress[-1]
     saved = json.loads((out / "influence.json").read_text())
     assert {"behaviour_types", "extractors", "faithfulness", "segments", "per_event"} <= set(saved)
     assert (out / "behaviour_influence.png").exists() and (out / "deletion_curves.png").exists()

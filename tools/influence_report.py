@@ -79,6 +79,7 @@ def _one(workdir: str, output: str) -> dict:
         max_examples=_MAX_EXAMPLES.value,
         n_boot=_BOOTSTRAP.value,
         seed=_SEED.value,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(f"influence of {r['examples']} {r['split']} predictions at step {r['step']}:")
     for name, v in r["behaviour_types"].items():

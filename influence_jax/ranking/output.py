@@ -40,8 +40,11 @@ class Progress:
         log: Callable[[str], None],
         every: float = 10.0,
         clock: Callable[[], float] = time.perf_counter,
+        verb: str = "scored",
+        unit: str = "pairs",
     ):
         self.total, self.log, self.every, self.clock = total, log, every, clock
+        self.verb, self.unit = verb, unit
         self.t0 = clock()
         self.last = self.t0
         self.done = 0
@@ -53,8 +56,8 @@ class Progress:
         pct = 100.0 * self.done / max(self.total, 1)
         eta_s = hms(eta) if eta != float("inf") else "?"
         return (
-            f"scored {self.done:,}/{self.total:,} pairs ({pct:.0f}%) {rate:,.0f} pairs/s "
-            f"ETA {eta_s}"
+            f"{self.verb} {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%) "
+            f"{rate:,.0f} {self.unit}/s ETA {eta_s}"
         )
 
     def __call__(self, done: int) -> None:
