@@ -42,11 +42,19 @@ def tool_main(body: Callable[[], None], tool: str) -> Callable[[list[str]], None
     return main
 
 
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), with a bad flag or config
-    override as one line (ml_collections raises while it applies `--config.a.b=value`)."""
+    override as one line (ml_collections raises while it applies `--config.a.b=value`), and
+    `--help` exiting 0 once it has printed the flags (absl's own exits 1)."""
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:
+        if e.code == 1 and any(a in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         sys.exit("error: " + " ".join(str(e).split()))
     except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -77,6 +77,10 @@ def main(argv):
 
 
 def run():
+    """The `influence-jax` console script. absl's --help lists the flags of the module named by
+    sys.argv[0] (here the script), so this module's flags are registered under it too."""
+    for flag in flags.FLAGS.flags_by_module_dict().get(__name__, []):
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
     app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -122,3 +122,36 @@ def test_export_split_reads_back_row_for_row(tmp_path, fmt):
             got_items = [int(x) for x in str(got_items).split("|")] if got_items != "" else []
         assert got_items == items, k
         assert t["target_behaviour"][k] in ("pv", "cart", "fav", "buy")
+
+
+HELP = {  # tool -> a flag of its own that --help must list
+    "prepare_data": "--task",
+    "rank": "--top_k",
+    "evaluate": "--split",
+    "influence_report": "--workdir",
+    "baselines": "--data",
+    "export_split": "--format",
+    "quality": "--folds",
+    "benchmark": "--what",
+    "cv": "--cv_folds",
+    "sweep": "--sweep",
+    "select_features": "--workdir",
+}
+
+
+@pytest.mark.parametrize("tool", sorted(HELP))
+def test_every_tool_help_exits_0_and_lists_its_own_flags(tool):
+    r = helpers.run_tool(tool, "--help", timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert HELP[tool] in r.stdout + r.stderr
+
+
+def test_console_script_help_lists_the_training_flags():
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "influence-jax")  # beside this python
+    assert os.path.exists(exe), "the influence-jax console script is installed with the package"
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--workdir" in r.stdout + r.stderr and "--config" in r.stdout

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(TOOLS, "bench"))  # the benchmark code (tools/be
 
 from absl import app, flags  # noqa: E402
 
-from influence_jax import hostmem  # noqa: E402
+from influence_jax import cli, hostmem  # noqa: E402
 
 _WHAT = flags.DEFINE_enum(
     "what",
@@ -202,4 +202,4 @@ def _bare_compare(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(main, argv=_bare_compare(sys.argv))
+    app.run(main, argv=_bare_compare(sys.argv), flags_parser=cli.parse_flags)

@@ -27,6 +27,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from influence_jax.data import audit, prepare, readers
+from influence_jax import cli
 from influence_jax.data.schema import DataError
 
 _SOURCE = flags.DEFINE_enum(
@@ -213,4 +214,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

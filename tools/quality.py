@@ -31,7 +31,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import baselines, evaluation, files, metrics, scoring, train  # noqa: E402
+from influence_jax import baselines, cli, evaluation, files, metrics, scoring, train  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
@@ -226,4 +226,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
