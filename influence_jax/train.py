@@ -128,10 +128,21 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
             writer.scalars(int(state.step), {**final, f"{split}/step": at})
             final[f"{split}/step"] = at
             line = f"final {split} metrics at step {at} ({which}): {metrics.format_metrics(m)}"
-            logging.info("%s", line)
-            print(line, flush=True)
+            if jax.process_index() == 0:  # once, on stdout (not again through absl's log)
+                print(line, flush=True)
+                _print_summary(workdir, loop.stopper, config)
         final.update(loop.last_eval)
         return final
     finally:
         ckpt.close()
         writer.close()
+
+
+def _print_summary(workdir: str, stopper: Any, config: Any) -> None:
+    """The run's last lines: the best step and its metric, where the checkpoints are, and the
+    TensorBoard command."""
+    if stopper.best_step is not None:
+        metric = f"{config.loop.eval_split}/{stopper.metric}"
+        print(f"best step {stopper.best_step}: {metric}={stopper.best:.4f}", flush=True)
+    print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}", flush=True)
+    print(f"tensorboard --logdir {workdir}", flush=True)
