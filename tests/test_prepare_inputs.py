@@ -31,7 +31,12 @@ BAD_ROWS = [
     ("7,10,1,pv\n", "wrong_field_count", "wrong number of fields"),
     ("7,10,1,pv,100,3\n", "wrong_field_count", "wrong number of fields"),
     ("7,10,1,pv,12:00\n", "bad_timestamp", "non-integer timestamp: '7,10,1,pv,12:00'"),
-    ("7,10,1,click,100\n", "unknown_behaviour", "unknown behaviour type: '7,10,1,click,100'"),
+    (  # the field and its value, then the row
+        "7,10,1,click,100\n",
+        "unknown_behaviour",
+        r"unknown behaviour type: behavior_type = 'click', not one of pv, cart, fav, buy "
+        r"\(row '7,10,1,click,100'\)",
+    ),
     ("u7,10,1,pv,100\n", "bad_id", "empty or non-integer id"),
 ]
 

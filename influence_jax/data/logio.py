@@ -90,11 +90,21 @@ class Tally:
         return {k: int(v) for k, v in sorted(self.counts.items())}
 
 
-def fail_row(path: str, line: int | str, reason: str, text: str) -> DataError:
+def fail_row(path: str, line: int | str, reason: str, text: str, detail: str = "") -> DataError:
+    what = f"{detail} (row {text!r})" if detail else repr(text)
     return DataError(
-        f"{path}:{line}: {REASONS.get(reason, reason)}: {text!r}. Fix or delete the row, "
+        f"{path}:{line}: {REASONS.get(reason, reason)}: {what}. Fix or delete the row, "
         "or pass --lenient to count and skip malformed rows."
     )
+
+
+def _detail(f: EventFile, by_role: dict[str, pa.Array], reason: str, i: int) -> str:
+    """The field and value at fault, where one field is (an unknown behaviour spelling)."""
+    if reason != "unknown_behaviour":
+        return ""
+    column = f.roles.get("behaviour", "behaviour")
+    value = by_role["behaviour"][i].as_py()
+    return f"{column} = {value!r}, not one of {', '.join(f.behaviour_values)}"
 
 
 def open_stream(path: str) -> pa.NativeFile:
@@ -278,7 +288,7 @@ def iter_file(
         if not tally.lenient:
             # The first bad line so far: a bad value in this batch or a skipped line up to it.
             last = _physical_line(rows + batch.num_rows - 1, header, skipped)
-            cands = [(s, "wrong_field_count", "") for s in skipped if s <= last]
+            cands = [(s, "wrong_field_count", "", "") for s in skipped if s <= last]
             for reason, m in bad.items():
                 if m.any():
                     i = int(np.argmax(m))
@@ -287,6 +297,7 @@ def iter_file(
                             _physical_line(rows + i, header, skipped),
                             reason,
                             _row_text(batch, i, f.delimiter),
+                            _detail(f, by_role, reason, i),
                         )
                     )
             if cands:
@@ -322,9 +333,9 @@ def _iter_parquet(
         for reason, m in bad.items():
             if m.any() and not tally.lenient:
                 i = int(np.argmax(m))
-                raise fail_row(
-                    f.path, f"row {row0 + i + 1}", reason, _row_text(batch, i, f.delimiter)
-                )
+                text = _row_text(batch, i, f.delimiter)
+                detail = _detail(f, by_role, reason, i)
+                raise fail_row(f.path, f"row {row0 + i + 1}", reason, text, detail)
             tally.counts[reason] += int(m.sum())
         row0 += batch.num_rows
         drop = blank | np.logical_or.reduce(list(bad.values()))
