@@ -128,8 +128,8 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
             writer.scalars(int(state.step), {**final, f"{split}/step": at})
             final[f"{split}/step"] = at
             line = f"final {split} metrics at step {at} ({which}): {metrics.format_metrics(m)}"
-            if jax.process_index() == 0:  # once, on stdout (not again through absl's log)
-                print(line, flush=True)
+            print(line, flush=True)  # once, on stdout (not again through absl's log)
+            if jax.process_index() == 0:
                 _print_summary(workdir, loop.stopper, config)
         final.update(loop.last_eval)
         return final
