@@ -28,6 +28,7 @@ from influence_jax.scoring import Run, batched, global_batch
 NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--explain)
 MAX_K = 5  # faithfulness: remove k = 1..MAX_K events
 RANDOM_DRAWS = 10  # random k-subsets per example and k
+DELETION_COPIES = MAX_K * (1 + RANDOM_DRAWS)  # masked copies per example in `faithfulness`
 HIST_LEN_EDGES = (1, 5, 10, 20, 50, 100, 200)  # history-length segments: [0], [1, 5), ...
 MAX_SEGMENT_VALUES = 10  # most frequent values kept per categorical segment
 ROWS_PER_CALL = 8192  # model rows (examples x masked copies) per device call
@@ -274,7 +275,7 @@ def faithfulness(
         empty = dict.fromkeys(("top_k_drop", "random_drop", "gap", "gap_ci_low", "gap_ci_high"))
         return {"k": ks, **{k: [] for k in empty}, "holds": False, "examples": 0}
     top = top_events(loo, real, MAX_K)
-    remove = np.zeros((n, MAX_K * (1 + RANDOM_DRAWS), L), bool)
+    remove = np.zeros((n, DELETION_COPIES, L), bool)
     for k in range(1, MAX_K + 1):
         remove[np.arange(n)[:, None], k - 1, top[:, :k]] = True
     noise = np.where(real[:, None, :], rng.random((n, RANDOM_DRAWS, L)), np.inf)
@@ -340,7 +341,7 @@ def report(
     T = s.num_behaviour_types
     real = real_events(ex["hist"], s)
     n_pick = min(sample, int(real.any(1).sum()))  # the faithfulness part is at most this
-    work = _Work([(len(rows), T), (n_pick, s.max_len), (n_pick, MAX_K * (1 + RANDOM_DRAWS))], log)
+    work = _Work([(len(rows), T), (n_pick, s.max_len), (n_pick, DELETION_COPIES)], log)
     out = masked_deltas(
         run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn, work.part(len(rows), T)
     )
@@ -380,11 +381,10 @@ def report(
     loo = np.where(real[pick], loo, 0.0)
     result["per_event"] = _per_event(run, maps, ex, rows, pick, loo, output)
     long = np.flatnonzero(real[pick].sum(1) > MAX_K)
-    copies = MAX_K * (1 + RANDOM_DRAWS)
-    work.progress.total = work.base + len(long) * copies  # the estimate, now known
+    work.progress.total = work.base + len(long) * DELETION_COPIES  # the estimate, now known
     result["faithfulness"] = faithfulness(
         run, lambda r: sub(long[r]), loo[long], real[pick][long], rng, n_boot,
-        work.part(len(long), copies),
+        work.part(len(long), DELETION_COPIES),
     )  # fmt: skip
     work.finish()
     _write(run, result, output)

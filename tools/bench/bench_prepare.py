@@ -45,12 +45,14 @@ def _prepare(log: str, out: str, task: str, memory_mb: int) -> tuple[float, floa
         "--noaudit",
         *TASKS[task],
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak, not all children's
-    seconds = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.stderr.close()
+    # stderr to a file, not a pipe: a pipe nobody reads while we wait would block the child.
+    with tempfile.TemporaryFile("w+") as errf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
+        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak, not all children's
+        seconds = time.perf_counter() - t0
+        errf.seek(0)
+        err = errf.read()
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"prepare_data.py --task={task} failed:\n{err[-2000:]}")
     with open(os.path.join(out, "schema.json")) as f:
