@@ -2,10 +2,11 @@
 
 A workdir holds config.json (the resolved config), checkpoints/<step>/ (train state: params,
 optimizer, step, RNG; the data position and loop bookkeeping; per-leaf checksums), best.json
-(the best evaluation's step) and, for synthetic runs, data/ (the generated dataset). This module
-is the only one that names those paths or builds an Orbax CheckpointManager. Training keeps the
-last K steps plus the best one; every restore, the ranker's params-only one included, verifies
-the checksums saved with the step.
+(the best evaluation's step), train.lock while a run trains (workdir_lock.py) and, for
+synthetic runs, data/ (the generated dataset). This module is the only one that names those
+paths or builds an Orbax CheckpointManager. Training keeps the last K steps plus the best one;
+every restore, the ranker's params-only one included, verifies the checksums saved with the
+step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 BEST_FILE = "best.json"
 DATA_DIR = "data"
+LOCK_FILE = "train.lock"
 PACKAGES = ("influence_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 # Orbax splits each replicated array across its replicas so that every host writes a part; each
 # part costs one small jit compile per device on the first save (seconds on 8 CPU devices,
@@ -49,6 +51,11 @@ def config_path(workdir: str) -> str:
 
 def best_path(workdir: str) -> str:
     return os.path.join(workdir, BEST_FILE)
+
+
+def lock_path(workdir: str) -> str:
+    """The lock file a training run holds (influence_jax/workdir_lock.py)."""
+    return os.path.join(workdir, LOCK_FILE)
 
 
 def data_dir(workdir: str) -> str:

@@ -15,3 +15,7 @@ class DataError(ValueError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+class WorkdirInUseError(ConfigError):
+    """Another training run holds the --workdir lock; the message names it and what to do."""

@@ -6,19 +6,24 @@ loop.py (the step loop), checkpoint.py (the workdir and Orbax), evaluation.py (e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check, engine, evaluation, metrics, summary
+from influence_jax import config_check, engine, evaluation, metrics, summary, workdir_lock
 from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
 from influence_jax.data.dataset import Dataset
-from influence_jax.errors import TrainingError  # noqa: F401 - part of this module's API
+from influence_jax.errors import (
+    TrainingError,  # noqa: F401 - part of this module's API
+    WorkdirInUseError,
+)
 
 
 def load_data(config: Any, workdir: str) -> Dataset:
@@ -51,18 +56,42 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     Raises:
       ConfigError: an invalid config field (before any work).
+      WorkdirInUseError: another run trains in `workdir` (before any checkpoint is touched).
       TrainingError: the loss or the parameters became NaN or Inf (checkpoints stay good).
     """
     preempt = loop_lib.Preemption()  # first, so that SIGTERM during start-up is not fatal
     try:
-        return _train_and_evaluate(config, workdir, preempt)
+        config_check.check(config, jax.device_count(), jax.process_count())
+        os.makedirs(workdir, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            _lock_workdir(workdir, stack)
+            return _train_and_evaluate(config, workdir, preempt)
     finally:
         preempt.restore()
 
 
+def _lock_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
+    """Process 0 takes the workdir's lock (all processes share the workdir) until `stack`
+    closes; in a multi-process run every process stops when process 0 did not get it."""
+    multi = jax.process_count() > 1
+    try:
+        lock = workdir_lock.hold(ckpt_lib.lock_path(workdir), enabled=jax.process_index() == 0)
+        stack.enter_context(lock)
+    except Exception:
+        if multi:
+            _agree_from_process_0(False)
+        raise
+    if multi and not _agree_from_process_0(True):
+        raise WorkdirInUseError(f"--workdir={workdir}: process 0 could not lock it (see its log)")
+
+
+def _agree_from_process_0(ok: bool) -> bool:
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+
 def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption) -> dict:
-    config_check.check(config, jax.device_count(), jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
     dataset = load_data(config, workdir)
     config_check.check_schema(config, dataset.schema)
     config_json = json.loads(config.to_json_best_effort())

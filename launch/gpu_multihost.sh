@@ -15,9 +15,13 @@
 # be on storage every host sees: all processes write checkpoints. Rerunning the same command after
 # a failure resumes from the last checkpoint.
 set -euo pipefail
-usage="usage: launch/gpu_multihost.sh CONFIG WORKDIR [overrides...] (see the header)"
-config=${1:?$usage}
-workdir=${2:?$usage}
+me=launch/gpu_multihost.sh
+usage="usage: $me CONFIG WORKDIR [overrides...] (see the header of $me)"
+die() { printf '%s: %s\n' "$me" "$1" >&2; exit 2; }
+join() { local IFS=,; local s="$*"; echo "${s//,/, }"; }  # "A, B, C"
+(($# >= 2)) || die "needs CONFIG and WORKDIR; $usage"
+config=$1
+workdir=$2
 shift 2
 port=${PORT:-1234}
 python=${PYTHON:-python3}
@@ -62,9 +66,21 @@ if [[ -n "${HOSTS:-}" ]]; then
   for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
   exit "$status"
 elif [[ -n "${SLURM_PROCID:-}" ]]; then
-  nodes=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:?SLURM_JOB_NODELIST is not set}}
-  launch_here "$(first_host "$nodes"):$port" "${SLURM_NTASKS:?SLURM_NTASKS is not set}" \
-    "$SLURM_PROCID"
+  nodes=${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-}}
+  [[ -n "$nodes" && -n "${SLURM_NTASKS:-}" ]] || die "SLURM_PROCID is set but \
+SLURM_JOB_NODELIST or SLURM_NTASKS is not: start one task per node with srun (see the header)"
+  launch_here "$(first_host "$nodes"):$port" "$SLURM_NTASKS" "$SLURM_PROCID"
 else
-  launch_here "${COORDINATOR:?$usage}" "${NUM_PROCESSES:?$usage}" "${PROCESS_ID:?$usage}"
+  missing=()
+  for var in COORDINATOR NUM_PROCESSES PROCESS_ID; do
+    [[ -n "${!var:-}" ]] || missing+=("$var")
+  done
+  if ((${#missing[@]})); then
+    die "no hosts to launch on: $(join "${missing[@]}") not set (and neither HOSTS nor SLURM).
+Launch in one of three ways:
+  HOSTS=\"gpu0 gpu1\" $me CONFIG WORKDIR      over ssh, from a login machine
+  srun --nodes=2 --ntasks-per-node=1 $me CONFIG WORKDIR      under SLURM
+  COORDINATOR=gpu0:1234 NUM_PROCESSES=2 PROCESS_ID=0 $me CONFIG WORKDIR      by hand on each host"
+  fi
+  launch_here "$COORDINATOR" "$NUM_PROCESSES" "$PROCESS_ID"
 fi

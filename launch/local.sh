@@ -4,8 +4,13 @@
 #   launch/local.sh configs/default.py runs/demo [--config.loop.num_steps=100 ...]
 #   DRY_RUN=1 launch/local.sh configs/default.py runs/demo   # print the command only
 set -euo pipefail
-config=${1:?usage: launch/local.sh CONFIG WORKDIR [overrides...]}
-workdir=${2:?usage: launch/local.sh CONFIG WORKDIR [overrides...]}
+if (($# < 2)); then
+  echo "launch/local.sh: needs CONFIG and WORKDIR; usage: launch/local.sh CONFIG WORKDIR \
+[overrides...]" >&2
+  exit 2
+fi
+config=$1
+workdir=$2
 shift 2
 cmd=(python -m influence_jax.main --config="$config" --workdir="$workdir" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

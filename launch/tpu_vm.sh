@@ -20,11 +20,20 @@
 # jax.distributed.initialize(), which finds the slice's workers itself. Rerunning the same command
 # after a preemption resumes from the last checkpoint.
 set -euo pipefail
-usage="usage: TPU_NAME=... ZONE=... launch/tpu_vm.sh CONFIG WORKDIR [overrides...]"
-config=${1:?$usage}
-workdir=${2:?$usage}
+me=launch/tpu_vm.sh
+usage="usage: TPU_NAME=... ZONE=... $me CONFIG WORKDIR [overrides...] (see the header of $me)"
+die() { printf '%s: %s\n' "$me" "$1" >&2; exit 2; }
+join() { local IFS=,; local s="$*"; echo "${s//,/, }"; }  # "A, B, C"
+(($# >= 2)) || die "needs CONFIG and WORKDIR; $usage"
+config=$1
+workdir=$2
 shift 2
-: "${TPU_NAME:?$usage}" "${ZONE:?$usage}"
+missing=()
+for var in TPU_NAME ZONE; do
+  [[ -n "${!var:-}" ]] || missing+=("$var")
+done
+((${#missing[@]} == 0)) || die "$(join "${missing[@]}") not set: the TPU VM to create or reuse \
+and its zone; $usage"
 accelerator=${ACCELERATOR_TYPE:-v4-8}
 runtime=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
 remote_dir=${REMOTE_DIR:-influence_jax}

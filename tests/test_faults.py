@@ -1,6 +1,8 @@
 """Faults with real processes: SIGTERM saves a final checkpoint, corrupted or half-written latest
 checkpoints are skipped with a warning, a NaN loss stops the run naming the step and leaves the
-good checkpoints intact; plus the checkpointer's own refusal of NaN and checksum check."""
+good checkpoints intact, a second run on a busy workdir stops naming the first; plus the
+checkpointer's own refusal of NaN and checksum check, and the workdir lock's take-over of a lock
+left by a killed run."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,8 @@ import numpy as np
 import pytest
 
 from influence_jax import checkpoint as ckpt_lib
+from influence_jax import train, workdir_lock
+from influence_jax.errors import WorkdirInUseError
 from tests.helpers import (
     FLAGS,
     assert_trees_equal,
@@ -26,6 +33,7 @@ from tests.helpers import (
     load_state,
     run_main,
     start,
+    tiny_config,
     wait_for,
 )
 
@@ -132,3 +140,78 @@ def test_checkpointer_refuses_nan_state_and_verifies_checksums(tmp_path):
     np.testing.assert_array_equal(state["w"], good["w"])
     assert ckpt.all_steps() == [3]  # the unusable step is gone, so step 4 can be saved again
     ckpt.close()
+
+
+def test_a_second_run_on_a_locked_workdir_stops_at_once_naming_the_holder(tmp_path, jax_cache):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with workdir_lock.hold(ckpt_lib.lock_path(str(workdir))):
+        out = run_main(workdir, *FLAGS, cache=jax_cache)
+    assert out.returncode != 0
+    assert "Traceback" not in out.log, out.log[-4000:]
+    (line,) = [ln for ln in out.log.splitlines() if "is in use" in ln]
+    assert line.startswith(f"error: --workdir={workdir} is in use by another training run"), line
+    assert f"pid {os.getpid()} on host {socket.gethostname()}, started " in line
+    assert "command: " in line and "wait for it, or stop it" in line
+    assert not (workdir / "checkpoints").exists() and not list(workdir.glob("events.out.*"))
+    assert not (workdir / "train.lock").exists()  # released by the holder, not left by the run
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_released_at_the_end(tmp_path, caplog):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lock = ckpt_lib.lock_path(str(workdir))
+    pid = _dead_pid()
+    holder = {"host": socket.gethostname(), "pid": pid, "started": "then", "command": "x"}
+    with open(lock, "w") as f:
+        json.dump(holder, f)
+    config = tiny_config(**{"loop.num_steps": 2, "loop.eval_every": 0, "ckpt.every": 2,
+                            "loop.log_every": 1, "loop.final_eval_split": ""})  # fmt: skip
+    train.train_and_evaluate(config, str(workdir))
+    assert ckpt_steps(workdir) == [2]
+    assert f"taking over the lock of a run that ended without releasing it (pid {pid} " in (
+        caplog.text
+    )
+    assert not os.path.exists(lock)
+
+
+def test_the_lock_is_held_during_the_run_and_released_after_an_error(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    lock = ckpt_lib.lock_path(workdir)
+
+    def fake_run(config, workdir, preempt):
+        with open(lock) as f:
+            assert json.load(f)["pid"] == os.getpid()
+        with pytest.raises(WorkdirInUseError, match=f"pid {os.getpid()} on host"):
+            with workdir_lock.hold(lock):
+                pass
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train, "_train_and_evaluate", fake_run)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.train_and_evaluate(tiny_config(), workdir)
+    assert not os.path.exists(lock)
+    with workdir_lock.hold(lock):  # free again
+        pass
+
+
+def test_a_record_from_another_host_is_trusted_until_its_heartbeat_is_stale(tmp_path):
+    lock = str(tmp_path / "train.lock")
+    with open(lock, "w") as f:
+        json.dump({"host": "elsewhere", "pid": 1, "started": "then", "command": "x"}, f)
+    with pytest.raises(WorkdirInUseError, match=r"another host \(pid 1 on host elsewhere.*delete"):
+        with workdir_lock.hold(lock):
+            pass
+    assert os.path.exists(lock)  # another host's record stays
+    old = os.path.getmtime(lock) - workdir_lock.STALE_S - 1
+    os.utime(lock, (old, old))
+    with workdir_lock.hold(lock):
+        with open(lock) as f:
+            assert json.load(f)["host"] == socket.gethostname()
+    assert not os.path.exists(lock)

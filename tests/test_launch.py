@@ -1,6 +1,8 @@
-"""launch/*.sh in dry-run mode: the printed commands run the same `python -m influence_jax.main`."""
+"""launch/*.sh in dry-run mode: the printed commands run the same `python -m influence_jax.main`;
+missing arguments or host variables end in one message naming them (no bash `line NN:` noise)."""
 
 import os
+import re
 import shlex
 import subprocess
 
@@ -98,3 +100,43 @@ def test_gpu_multihost_over_ssh_starts_one_process_per_host():
         assert {"JAX_COORDINATOR_ADDRESS=h0:1234", "JAX_NUM_PROCESSES=3"} <= set(argv)
         assert f"JAX_PROCESS_ID={i}" in argv
         _ends_with_train(argv, "python3")
+
+
+def _fails(script: str, env: dict[str, str], *args: str) -> str:
+    """Runs launch/SCRIPT with DRY_RUN=1 and no host or TPU variables; returns its stderr."""
+    gone = ("SLURM_", "JAX_", "HOSTS", "COORDINATOR", "NUM_PROCESSES", "PROCESS_ID", "TPU_NAME",
+            "ZONE")  # fmt: skip
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(gone)}
+    out = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", script), *args],
+        env={**clean, "DRY_RUN": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0 and not out.stdout, out
+    assert not re.search(r"line \d+:", out.stderr), out.stderr  # bash's ${VAR:?} noise
+    assert out.stderr.startswith(f"launch/{script}: "), out.stderr
+    return out.stderr
+
+
+def test_gpu_multihost_without_host_variables_names_them_and_the_three_ways():
+    err = _fails("gpu_multihost.sh", {}, "configs/tiny.py", "/shared/run")
+    assert "COORDINATOR, NUM_PROCESSES, PROCESS_ID not set" in err
+    assert "HOSTS=" in err and "srun" in err and "PROCESS_ID=0" in err
+    err = _fails("gpu_multihost.sh", {"COORDINATOR": "h0:1234"}, "configs/tiny.py", "w")
+    assert "NUM_PROCESSES, PROCESS_ID not set" in err
+    err = _fails("gpu_multihost.sh", {"SLURM_PROCID": "0"}, "configs/tiny.py", "w")
+    assert "SLURM_JOB_NODELIST or SLURM_NTASKS" in err
+
+
+def test_tpu_vm_without_tpu_name_and_zone_names_them():
+    err = _fails("tpu_vm.sh", {}, "configs/tiny.py", "gs://b/run")
+    assert "TPU_NAME, ZONE not set" in err and "usage" in err
+    assert "ZONE not set" in _fails("tpu_vm.sh", {"TPU_NAME": "t"}, "c", "w")
+
+
+@pytest.mark.parametrize("script", ["local.sh", "tpu_vm.sh", "gpu_multihost.sh"])
+def test_a_missing_workdir_argument_is_one_usage_line(script):
+    err = _fails(script, {"TPU_NAME": "t", "ZONE": "z"}, "configs/tiny.py")
+    assert "needs CONFIG and WORKDIR" in err and "usage" in err
