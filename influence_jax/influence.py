@@ -4,7 +4,9 @@ moves a prediction, with bootstrap intervals, segments, and a faithfulness check
 Every influence is a score drop in logit units, `logit(x) - logit(x without some events)`, where
 an event is removed by setting its behaviour id and all its fields to padding 0; all the masked
 copies of a batch run in one vmapped, jitted, device-sharded pass. Extractor contributions are
-the model's own additive parts `w_j * f_j(x)` of the logit.
+the model's own additive parts `w_j * z_j(x)` of the logit (z_j: extractor j's standardised
+score). On synthetic data the report puts the generator's planted behaviour-type weights beside
+the learned gates, both normalised to sum 1.
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ PROGRESS_EVERY = 10.0  # seconds between the report's progress lines
 DEFINITIONS = {
     "behaviour_types.influence": "mean |logit(x) - logit(x without every event of the type)| "
     "over the examples, with a 95% percentile-bootstrap interval (ci_low, ci_high)",
-    "behaviour_types.signed": "mean logit drop when the type is removed (positive: the type "
-    "raises scores), interval signed_ci_low..signed_ci_high",
+    "behaviour_types.signed": "mean logit drop when the type is removed, logit(x) - logit(x "
+    "without the type) (positive: the type raises scores; negative: removing it raises them), "
+    "interval signed_ci_low..signed_ci_high",
     "behaviour_types.per_event": "influence summed over examples / events of the type",
     "behaviour_types.gate": "the model's learned weight g_t of the type",
-    "extractors.influence": "mean |w_j f_j(x)|, the extractor's share of the logit",
-    "extractors.contribution": "mean w_j f_j(x) (signed)",
+    "behaviour_types.gate_normalised": "g_t / sum of g over the types (the training log's "
+    "behaviour weights)",
+    "behaviour_types.planted_weight": "synthetic data only: the generator's planted weight of "
+    "the type / sum over the types, comparable with gate_normalised",
+    "extractors.influence": "mean |w_j z_j(x)|, the extractor's share of the logit",
+    "extractors.contribution": "mean w_j z_j(x) (signed)",
     "extractors.weight": "the model's learned w_j",
     "per_event": "leave-one-event-out logit drops of a sample of predictions (events.parquet)",
     "faithfulness": "mean logit drop when the k events with the largest leave-one-out drop "
@@ -155,7 +162,8 @@ def top_events(loo_NxL: np.ndarray, real_NxL: np.ndarray, k: int) -> np.ndarray:
 
 
 def gap_seconds(schema: Schema, gap_ids: np.ndarray) -> np.ndarray:
-    """Lower bound of each time_gap bucket in seconds (synthetic buckets are powers of 4)."""
+    """Lower bound of each time_gap bucket in seconds (synthetic buckets are powers of 4): all
+    that the history tensor keeps of an event's time, so never a real gap in seconds."""
     base = 4 if "generator" in schema.extra else 2
     return base ** np.maximum(gap_ids.astype(np.int64) - NUM_RESERVED, 0)
 
@@ -166,8 +174,18 @@ def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     )
 
 
-def explain_columns(run: Run, n: int, gather: Callable) -> dict[str, pa.Array]:
-    """Per row: each behaviour type's and extractor's contribution and the top events."""
+def explain_columns(
+    run: Run, n: int, gather: Callable, seconds_before: np.ndarray | None = None
+) -> dict[str, pa.Array]:
+    """Per row: each behaviour type's and extractor's contribution and the top events.
+
+    Args:
+      gather: rows -> batch (user, item, hist) of rows 0..n-1.
+      seconds_before: [n, L] the example/ranking time minus each history event's raw time (s),
+        reported as event{k}_seconds_before. None where only the time_gap bucket is known: then
+        event{k}_gap_bucket_seconds_min holds the bucket's lower bound instead (see
+        `gap_seconds`), never labelled as real seconds.
+    """
     s, L, maps = run.schema, run.schema.max_len, run.dataset.id_maps
     masks = lambda h, r: np.concatenate([loo_masks(h, s), type_masks(h, s)], 1)
     out = masked_deltas(run, n, gather, masks, L + s.num_behaviour_types)
@@ -187,9 +205,11 @@ def explain_columns(run: Run, n: int, gather: Callable) -> dict[str, pa.Array]:
         cols[p + "item"] = _column(item, ok[:, k] & item_ok)
         cols[p + "behaviour"] = _column(names[ev[:, k, s.hist_index(HIST_BEHAVIOUR)]], ok[:, k])
         cols[p + "position"] = _column(top[:, k], ok[:, k])
-        if "time_gap" in [f.name for f in s.hist_fields]:
+        if seconds_before is not None:
+            cols[p + "seconds_before"] = _column(seconds_before[rows[:, 0], top[:, k]], ok[:, k])
+        elif "time_gap" in [f.name for f in s.hist_fields]:
             secs = gap_seconds(s, ev[:, k, s.hist_index("time_gap")])
-            cols[p + "seconds_before"] = _column(secs, ok[:, k])
+            cols[p + "gap_bucket_seconds_min"] = _column(secs, ok[:, k])
         cols[p + "influence"] = _column(delta[rows[:, 0], top[:, k]], ok[:, k])
     return cols
 
@@ -226,7 +246,7 @@ def _both(names, values_NxM, n_boot: int, rng, signed: str) -> dict[str, dict]:
 
 def _summary(schema, loto, contrib: dict, n_boot: int, rng) -> dict[str, Any]:
     """Behaviour types: |logit change| when the type is removed (and its signed mean, the
-    logit drop); extractors: |w_j f_j| (and the signed contribution w_j f_j)."""
+    logit drop); extractors: |w_j z_j| (and the signed contribution w_j z_j)."""
     c = np.stack(list(contrib.values()), 1) if contrib else np.zeros((len(loto), 0))
     return {
         "n": len(loto),
@@ -312,6 +332,31 @@ def _learned_weights(run: Run, batch: dict[str, np.ndarray]) -> tuple[dict, dict
     return {k: float(v) for k, v in w.items()}, {k: float(v) for k, v in g.items()}
 
 
+def planted_weights(schema: Schema) -> dict[str, float] | None:
+    """The synthetic generator's planted behaviour-type weights, normalised to sum 1 over the
+    schema's types as the learned gates are; None for other data, and for labels made without
+    the history signal (the type weights then plant nothing)."""
+    planted = schema.extra.get("planted") if "generator" in schema.extra else None
+    if not planted or "history" in planted.get("signals_absent", ()):
+        return None
+    w = planted.get("behaviour_type_weights", {})
+    if any(t not in w for t in schema.behaviour_types):
+        return None
+    total = sum(w[t] for t in schema.behaviour_types) or 1.0
+    return {t: w[t] / total for t in schema.behaviour_types}
+
+
+def _add_type_weights(types: dict[str, dict], gates: dict, planted: dict | None) -> None:
+    """Per type: gate_normalised (g_t / sum g, where the model has gates) and planted_weight
+    (where the data has one)."""
+    total = sum(gates.get(t) or 0.0 for t in types)
+    for t, e in types.items():
+        if gates.get(t) is not None and total > 0:
+            e["gate_normalised"] = gates[t] / total
+        if planted is not None:
+            e["planted_weight"] = planted[t]
+
+
 def report(
     run: Run,
     output: str,
@@ -361,6 +406,7 @@ def report(
             per_event=float(np.abs(loto[:, j]).sum() / max(n_t.sum(), 1)),
             gate=gates.get(t),
         )
+    _add_type_weights(result["behaviour_types"], gates, planted_weights(s))
     for group in ("behaviour_types", "extractors"):
         total = sum(v["influence"] for v in result[group].values()) or 1.0
         for e in result[group].values():

@@ -133,7 +133,7 @@ def plot(c: dict[str, Any]) -> bytes:
     panels = (
         ("influence", "total: mean |logit change|"),
         ("per_event", "per event present"),
-        ("signed", "signed: mean logit drop"),
+        ("signed", "signed: mean logit drop when removed\n(< 0: removing it raises the score)"),
     )
     fig, axes = plt.subplots(1, 3, figsize=(3 * (0.8 * len(types) + 2.0), 3.9))
     for ax, (m, label) in zip(axes, panels, strict=True):

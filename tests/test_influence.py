@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from influence_jax import influence, ranking, scoring, train
+from influence_jax import influence, influence_plots, ranking, scoring, train
 from influence_jax.data.store import ExampleStore
 from tests import helpers
 
@@ -82,6 +82,50 @@ def test_plots_on_disk_and_in_tensorboard(run, report):
     tags = set(acc.Tags()["images"])
     assert {"influence/behaviour_influence", "influence/deletion_curves"} <= tags
     assert acc.Images("influence/behaviour_influence")[-1].step == run.step
+
+
+def _legend_texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+
+
+def test_behaviour_plot_and_json_hold_the_planted_weights(run, report, tmp_path):
+    """Synthetic data: the planted type weights (normalised as the learned gates are) sit next
+    to the learned ones in influence.json and as a "planted" series in the behaviour plot;
+    a prepared (non-synthetic) dataset has no planted series."""
+    import matplotlib.pyplot as plt
+
+    r, out = report
+    with open(os.path.join(out, "influence.json")) as f:
+        types = json.load(f)["behaviour_types"]
+    raw = run.schema.extra["planted"]["behaviour_type_weights"]
+    total = sum(raw.values())
+    for t, v in types.items():
+        assert v["planted_weight"] == pytest.approx(raw[t] / total)
+    assert sum(v["gate_normalised"] for v in types.values()) == pytest.approx(1)
+    figs = influence_plots.figures(r)
+    beh = figs["behaviour_influence"]
+    assert _legend_texts(beh) == [influence_plots.LEARNED + " / sum g", influence_plots.PLANTED]
+    ax = next(a for a in beh.axes if a.get_legend())
+    planted = [c for c in ax.containers if c.get_label() == influence_plots.PLANTED][0]
+    heights = [b.get_height() for b in planted]
+    assert heights == pytest.approx([types[t]["planted_weight"] for t in r["behaviour_types"]])
+    labels = [a.get_ylabel() for a in beh.axes]
+    assert "raises the score" in labels[1] and "w_j" not in " ".join(labels)
+    ext = [a.get_ylabel() for a in figs["extractor_contributions"].axes]
+    assert ext == ["mean |w_j z_j|", "mean w_j z_j (signed)"]
+    for fig in figs.values():
+        plt.close(fig)
+    # Not synthetic: no planted weights, only the learned gates.
+    schema = helpers.prepare_log(helpers.write(tmp_path / "log.csv", helpers.LOG), tmp_path / "p")
+    assert influence.planted_weights(schema) is None
+    plain = json.loads(json.dumps(r))
+    for v in plain["behaviour_types"].values():
+        del v["planted_weight"], v["gate_normalised"]
+    gates = {t: v["gate"] for t, v in plain["behaviour_types"].items()}
+    influence._add_type_weights(plain["behaviour_types"], gates, None)
+    beh = influence_plots.figures(plain)["behaviour_influence"]
+    assert _legend_texts(beh) == [influence_plots.LEARNED + " / sum g"]
+    plt.close("all")
 
 
 def _slow_deltas(apply, ex: dict, i: int, drops: list[np.ndarray]) -> np.ndarray:

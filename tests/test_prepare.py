@@ -441,11 +441,11 @@ def test_rank_state_histories_hold_only_events_before_the_cut(tmp_path):
     for cut, t_cut in schema.extra["rank_state"]["cuts"].items():
         d = tmp_path / "p" / "rank_state" / cut
         keys, hist = np.load(d / "user_key.npy"), np.load(d / "hist.npy")
-        last = np.load(d / "last_ts.npy")
+        last, times = np.load(d / "last_ts.npy"), np.load(d / "hist_ts.npy")
         assert (last < t_cut).all()
         want_users = sorted({users.index(u) for u, t, _, _ in ev if t < t_cut})
         assert sorted(keys.tolist()) == want_users
-        for k, h in zip(keys, hist, strict=True):
+        for k, h, row_times in zip(keys, hist, times, strict=True):
             before = [e for e in ev if e[0] == users[k] and e[1] < t_cut][::-1][:5]
             want = [
                 [items.index(i) + 2, b + 2, int(prepare.gap_bucket(np.array([t_cut - t]))[0])]
@@ -454,6 +454,8 @@ def test_rank_state_histories_hold_only_events_before_the_cut(tmp_path):
             got = h[: len(before)][:, [0, 2, 3]].tolist()
             assert got == want, (cut, k)
             assert not h[len(before) :].any()
+            assert row_times[: len(before)].tolist() == [t for _, t, _, _ in before]
+            assert (row_times[len(before) :] == prepare.NO_HISTORY).all()
 
 
 # user, item, category, behaviour, time. Boundaries: valid 500, test 900; horizon 100 s.

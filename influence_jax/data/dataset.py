@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from influence_jax.data import pipeline, rank_state
+from influence_jax.data.history import NO_HISTORY
 from influence_jax.data.idmaps import IdMaps
 from influence_jax.data.schema import Schema
 from influence_jax.data.store import ExampleStore
@@ -57,6 +58,13 @@ class Dataset:
     def drop_events(self, hist_NxLxF: np.ndarray) -> np.ndarray:
         """`hist` without the run's dropped behaviour types (as in every training history)."""
         return pipeline.drop_events(hist_NxLxF, self.schema, self.drop_ids)
+
+    def drop_event_times(self, hist_NxLxF: np.ndarray, times_NxL: np.ndarray) -> np.ndarray:
+        """Per-slot event times of `hist` (before the drop) placed as `drop_events` places the
+        events; emptied slots hold NO_HISTORY."""
+        return pipeline.drop_event_times(
+            hist_NxLxF, times_NxL, self.schema, self.drop_ids, NO_HISTORY
+        )
 
     @functools.cached_property
     def id_maps(self) -> IdMaps:

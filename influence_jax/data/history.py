@@ -89,6 +89,21 @@ def user_spans(events: Events) -> tuple[np.ndarray, np.ndarray]:
     return start, lo
 
 
+def _slots(start: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(event index [R, max_len], valid [R, max_len]) of each history slot, most recent first;
+    the index of an empty slot is 0."""
+    idx = end[:, None] - 1 - np.arange(max_len)
+    valid = idx >= start[:, None]
+    return np.where(valid, idx, 0), valid
+
+
+def event_times(events: Events, start: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
+    """[R, max_len] int64 raw time (unix s) of each slot of the histories `histories` builds from
+    the same spans, NO_HISTORY in empty slots: the time_gap field only keeps a log2 bucket."""
+    idx, valid = _slots(start, end, max_len)
+    return np.where(valid, events.ts[idx], NO_HISTORY).astype(np.int64)
+
+
 def histories(
     events: Events,
     start: np.ndarray,
@@ -113,9 +128,7 @@ def histories(
       (hist [R, max_len, Fh] int32, most recent first, padding 0; time of the most recent
       event per row, NO_HISTORY when the history is empty).
     """
-    idx = end[:, None] - 1 - np.arange(max_len)  # most recent first
-    valid = idx >= start[:, None]
-    idx = np.where(valid, idx, 0)
+    idx, valid = _slots(start, end, max_len)
     hist_item = events.item[idx]
     cols = {
         "behaviour": events.beh[idx] + NUM_RESERVED,
@@ -136,6 +149,7 @@ class UserState:
     user: np.ndarray  # [U] dense user index (= user_key)
     hist: np.ndarray  # [U, L, Fh] int32
     last_ts: np.ndarray  # [U] time of the most recent event in hist
+    hist_ts: np.ndarray  # [U, L] int64 time of each event in hist (unix s), NO_HISTORY if empty
 
 
 def state_as_of(
@@ -153,6 +167,7 @@ def state_as_of(
             np.zeros(0, np.int64),
             np.zeros((0, max_len, len(hist_fields)), np.int32),
             np.zeros(0, np.int64),
+            np.zeros((0, max_len), np.int64),
         )
     first = np.flatnonzero(np.r_[True, events.user[1:] != events.user[:-1]])
     # Events are time-sorted within a user, so those before the cut are a prefix of its span.
@@ -162,4 +177,5 @@ def state_as_of(
     end = start + before[keep]
     t = np.full(len(start), cut, np.int64)
     hist, last_ts = histories(events, start, end, t, item_rows, item_fields, hist_fields, max_len)
-    return UserState(events.user[start].astype(np.int64), hist, last_ts)
+    hist_ts = event_times(events, start, end, max_len)
+    return UserState(events.user[start].astype(np.int64), hist, last_ts, hist_ts)

@@ -132,12 +132,35 @@ def drop_events(hist_NxLxF: np.ndarray, schema: Schema, drop_ids: tuple[int, ...
     """
     if not drop_ids:
         return hist_NxLxF
+    order_NxL, kept_NxL = _kept_first(hist_NxLxF, schema, drop_ids)
+    out = np.take_along_axis(hist_NxLxF, order_NxL[..., None], axis=1)
+    out[~kept_NxL] = 0
+    return out
+
+
+def drop_event_times(
+    hist_NxLxF: np.ndarray,
+    times_NxL: np.ndarray,
+    schema: Schema,
+    drop_ids: tuple[int, ...],
+    pad: int,
+) -> np.ndarray:
+    """`times_NxL` (one value per slot of `hist_NxLxF`, before the drop) moved as `drop_events`
+    moves the events, `pad` in the emptied slots."""
+    if not drop_ids:
+        return times_NxL
+    order_NxL, kept_NxL = _kept_first(hist_NxLxF, schema, drop_ids)
+    out = np.take_along_axis(np.asarray(times_NxL), order_NxL, axis=1)
+    out[~kept_NxL] = pad
+    return out
+
+
+def _kept_first(hist_NxLxF: np.ndarray, schema: Schema, drop_ids: tuple[int, ...]):
+    """(order [N, L] that puts the kept events first, in order; kept [N, L] after reordering)."""
     b = hist_NxLxF[..., schema.hist_index(HIST_BEHAVIOUR)]
     keep_NxL = ~np.isin(b, drop_ids) & (b != 0)
-    order_NxL = np.argsort(~keep_NxL, axis=1, kind="stable")  # kept events first, in order
-    out = np.take_along_axis(hist_NxLxF, order_NxL[..., None], axis=1)
-    out[~np.take_along_axis(keep_NxL, order_NxL, axis=1)] = 0
-    return out
+    order_NxL = np.argsort(~keep_NxL, axis=1, kind="stable")
+    return order_NxL, np.take_along_axis(keep_NxL, order_NxL, axis=1)
 
 
 def time_rows(store: ExampleStore, time_range: tuple) -> np.ndarray:

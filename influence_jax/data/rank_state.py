@@ -4,8 +4,10 @@
 the last event) holds one row per user with at least one event strictly before the cut:
 user_key.npy [U] (position in vocab/user_key), user.npy [U, Fu] (user feature ids),
 hist.npy [U, L, Fh] (built by `history.state_as_of`, the function that builds training
-histories, so it equals what a training example at the cut would hold) and last_ts.npy [U]
-(time of the most recent history event, always before the cut). `rank_state/seen/` lists each
+histories, so it equals what a training example at the cut would hold), last_ts.npy [U]
+(time of the most recent history event, always before the cut) and hist_ts.npy [U, L] (the raw
+time of each history event, NO_HISTORY in empty slots: hist keeps only a log2 bucket of the gap;
+states written before it existed lack it). `rank_state/seen/` lists each
 (user_key, item) pair with its first interaction time (for excluding seen items), and
 `rank_state/item_features.npy` [item vocab size, Fi] gives the feature ids of every item id.
 """
@@ -40,6 +42,7 @@ class RankStateWriter:
             "user": (I4, (fu,)),
             "hist": (I4, (L, fh)),
             "last_ts": (I8, ()),
+            "hist_ts": (I8, (L,)),
         }
         base = os.path.join(root, FOLDER)
         self.states = {c: NpyColumns(os.path.join(base, c), cols) for c in self.cuts}
@@ -68,6 +71,7 @@ class RankStateWriter:
                     user=self.plan.user_rows[s.user],
                     hist=s.hist,
                     last_ts=s.last_ts,
+                    hist_ts=s.hist_ts,
                 )
         item = self.plan.item_rows[events.item, 0].astype(np.int64)
         n_ids = self.schema.vocab_sizes["item_id"]
@@ -86,7 +90,7 @@ class RankStateWriter:
             "cuts": self.cuts,
             "rule": "rank_state/<cut>: every user with an event before the cut; hist = the "
             "max_len most recent events strictly before the cut, time gaps from the cut",
-            "columns": ["user_key", "user", "hist", "last_ts"],
+            "columns": ["user_key", "user", "hist", "last_ts", "hist_ts"],
             "seen": "rank_state/seen: user_key, item (item_id index), first_ts",
             "item_features": "rank_state/item_features.npy: [item_id vocab size, item fields]",
         }
@@ -114,6 +118,7 @@ class RankState:
     user: np.ndarray
     hist: np.ndarray
     last_ts: np.ndarray
+    hist_ts: np.ndarray | None  # [U, L] event times (unix s); None in states written before it
 
 
 def available(data_path: str) -> bool:
@@ -132,6 +137,9 @@ def load_state(data_path: str, schema: Schema, cut: str) -> RankState:
             k: np.load(os.path.join(folder, k + ".npy"), mmap_mode="r")
             for k in ("user_key", "user", "hist", "last_ts")
         }
+        ts_path = os.path.join(folder, "hist_ts.npy")
+        if os.path.exists(ts_path):  # absent in states written before it existed
+            cols["hist_ts"] = np.load(ts_path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise DataError(
             f"{folder}: cannot read the ranking state ({e}); rerun tools/prepare_data.py"
@@ -139,7 +147,7 @@ def load_state(data_path: str, schema: Schema, cut: str) -> RankState:
     order = np.argsort(cols["user_key"], kind="stable")
     if not np.array_equal(order, np.arange(len(order))):  # else keep the memory maps
         cols = {k: np.asarray(v)[order] for k, v in cols.items()}
-    return RankState(cut, int(info["cuts"][cut]), **cols)
+    return RankState(cut, int(info["cuts"][cut]), hist_ts=cols.pop("hist_ts", None), **cols)
 
 
 def seen_pairs(data_path: str, before: int) -> tuple[np.ndarray, np.ndarray]:

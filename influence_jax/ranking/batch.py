@@ -101,9 +101,12 @@ def rank(
     Columns: user_id, rank (1 = best), item_id (raw ids), score (the model's probability, as in
     evaluation). Ties break by item id, ascending. With `explain` (logit units, see
     influence.py): behaviour_<type> (logit drop without that type's events), extractor_<name>
-    (w_j f_j), event{1,2,3}_{item,behaviour,position,seconds_before,influence} (the events whose
-    removal lowers the logit most; seconds_before is the lower bound of the time-gap bucket) and
-    ranking_time (the time the history is seen from; null for users without one).
+    (w_j z_j), event{1,2,3}_{item,behaviour,position,seconds_before,influence} (the events whose
+    removal lowers the logit most; seconds_before = ranking_time - the event's raw time, in
+    seconds) and ranking_time (the time the history is seen from; null for users without one).
+    Contexts without raw event times (no ranking state, or one written before hist_ts.npy, e.g.
+    synthetic data) give event{k}_gap_bucket_seconds_min instead of seconds_before: the lower
+    bound of the event's log2 time-gap bucket, not the real gap.
     """
     if top_k < 1:
         raise DataError(f"--top_k must be at least 1, got {top_k}")
@@ -150,7 +153,8 @@ def rank(
     }
     if explain:
         gather = lambda r: cands.gather(rows[r])
-        cols.update(influence.explain_columns(run, len(rows), gather))
+        secs = cands.seconds_before(rows)
+        cols.update(influence.explain_columns(run, len(rows), gather, secs))
         c = cands.ctx_row[rows]  # users without a context (user_key -1) have no ranking time
         cols["ranking_time"] = pa.array(cands.ctx.timestamp[c], mask=cands.ctx.user_key[c] < 0)
     if jax.process_index() == 0:

@@ -1,13 +1,18 @@
-"""Candidate (user, item) pairs to score: from a CSV/Parquet file of raw ids (mapped through the
-saved vocabularies; malformed rows raise naming the line) or, by default, every ranked user
+"""Candidate (user, item) pairs to score: from a CSV (plain or gzip'd)/Parquet file of raw ids
+(mapped through the saved vocabularies; malformed rows and binary files raise naming the line or
+the file, never echoing raw bytes) or, by default, every ranked user
 against every item that is a target of a training example, optionally capped to the most
 frequent ones and without the items each user had already interacted with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gzip
 import os
+import sys
+import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -17,6 +22,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from influence_jax.data import rank_state
+from influence_jax.data.history import NO_HISTORY
 from influence_jax.data.idmaps import IdMaps
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError
 from influence_jax.ranking.contexts import Contexts, item_rows
@@ -46,6 +52,15 @@ class Candidates:
             "hist": self.ctx.hist[c],
         }
 
+    def seconds_before(self, rows: np.ndarray) -> np.ndarray | None:
+        """[len(rows), L] int64: the ranking time minus each history event's raw time (s), 0 in
+        empty slots; None when the contexts know only the time-gap buckets."""
+        if self.ctx.hist_time is None:
+            return None
+        c = self.ctx_row[rows]
+        t = self.ctx.hist_time[c]
+        return np.where(t != NO_HISTORY, self.ctx.timestamp[c][:, None] - t, 0)
+
 
 def _parse_ids(values: pa.Array, integer: bool, path: str, lines: Callable, col: str):
     """String ids -> numpy (int64 when the vocabulary has integer ids); a bad one raises."""
@@ -57,36 +72,119 @@ def _parse_ids(values: pa.Array, integer: bool, path: str, lines: Callable, col:
     if not ok.all():
         i = int(np.argmin(ok))
         what = "an integer id" if integer else "a non-empty id"
-        raise DataError(f"{path}:{lines(i)}: {col} must be {what}, got {values[i].as_py()!r}")
+        raise DataError(f"{path}:{lines(i)}: {col} must be {what}, got {_quote(values[i].as_py())}")
     if integer:
         return np.asarray(pc.replace_substring_regex(s, r"^\+", "").cast(pa.int64()))
     return np.asarray(s.to_pylist(), object)
 
 
-def read_candidate_ids(path: str, maps: IdMaps) -> tuple[np.ndarray, np.ndarray]:
-    """(raw user ids, raw item ids) of a CSV (with a header line) or Parquet file.
+_SNIFF_BYTES = 64 << 10  # the start of a candidates file checked for binary content
+_QUOTE_CHARS = 60  # at most this much of a row's text is quoted in an error
 
-    Blank CSV lines are skipped; any other malformed row raises a DataError naming its line.
+
+def _quote(value: object, limit: int = _QUOTE_CHARS) -> str:
+    """repr(value), cut to `limit` characters: never raw bytes or a whole line on the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(message: str, limit: int = 300) -> str:
+    """A library's error message with control and undecodable characters escaped, cut short."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _not_text(path: str, head: bytes, what: str = "") -> None:
+    """Raises DataError if `head` (the start of a file) holds NUL bytes or invalid UTF-8."""
+    why, nul = None, head.find(b"\0")
+    if nul >= 0:
+        why = f"a NUL byte at byte {nul}"
+    else:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 3:  # not just a character cut by the end of the sniff
+                why = f"invalid UTF-8 at byte {e.start}"
+    if why:
+        raise DataError(
+            f"{path}: not a UTF-8 CSV or a Parquet file ({what}{why}); candidates are a CSV "
+            "with a user_id,item_id header (optionally gzip'd) or a Parquet file"
+        )
+
+
+def _sniff(path: str) -> str:
+    """The kind of a candidates file by its first bytes: "parquet", "gzip" (a gzip'd CSV) or
+    "csv"; a binary file raises DataError."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"\x1f\x8b"):
+        try:
+            with gzip.open(path) as g:
+                head = g.read(_SNIFF_BYTES)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: a gzip file that cannot be decompressed ({e})") from None
+        _not_text(path, head, "after gzip decompression: ")
+        return "gzip"
+    _not_text(path, head)
+    return "csv"
+
+
+@contextlib.contextmanager
+def _undecodable_rows() -> Iterator[list[BaseException]]:
+    """Collects the UnicodeDecodeErrors that pyarrow hits (and would print as "Exception
+    ignored") while it hands a malformed row that is not UTF-8 to the invalid-row handler."""
+    caught: list[BaseException] = []
+    old = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, UnicodeDecodeError):
+            caught.append(u.exc_value)
+        else:
+            old(u)
+
+    sys.unraisablehook = hook
+    try:
+        yield caught
+    finally:
+        sys.unraisablehook = old
+
+
+def read_candidate_ids(path: str, maps: IdMaps) -> tuple[np.ndarray, np.ndarray]:
+    """(raw user ids, raw item ids) of a CSV (with a header line; plain or gzip'd) or Parquet
+    file, told apart by their first bytes.
+
+    Blank CSV lines are skipped; any other malformed row raises a DataError naming its line, and
+    a binary file (NUL bytes or invalid UTF-8 near its start) one naming the file.
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such candidates file")
-    cols, parquet = ["user_id", "item_id"], path.endswith((".parquet", ".pq"))
+    kind = _sniff(path)
+    cols, parquet = ["user_id", "item_id"], kind == "parquet"
     skipped: list[int] = []
     try:
         if parquet:
             t = pq.read_table(path)
         else:
-            t = pcsv.read_csv(
-                path,
-                read_options=pcsv.ReadOptions(use_threads=False),
-                parse_options=pcsv.ParseOptions(
-                    ignore_empty_lines=False,
-                    invalid_row_handler=lambda row: skipped.append(row.number) or "skip",
-                ),
-                convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in cols}),
-            )
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: cannot read candidates ({e})") from None
+            with _undecodable_rows() as undecodable:
+                t = pcsv.read_csv(
+                    pa.input_stream(path, compression="gzip" if kind == "gzip" else None),
+                    read_options=pcsv.ReadOptions(use_threads=False),
+                    parse_options=pcsv.ParseOptions(
+                        ignore_empty_lines=False,
+                        invalid_row_handler=lambda row: skipped.append(row.number) or "skip",
+                    ),
+                    convert_options=pcsv.ConvertOptions(
+                        column_types={c: pa.string() for c in cols}
+                    ),
+                )
+    except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as e:
+        if not parquet and undecodable:
+            raise DataError(
+                f"{path}: not a UTF-8 CSV or a Parquet file (a malformed row is not UTF-8 text)"
+            ) from None
+        raise DataError(f"{path}: cannot read candidates ({_printable(str(e))})") from None
     if skipped:
         raise DataError(f"{path}:{min(skipped)}: wrong number of fields; expected user_id,item_id")
     missing = [c for c in cols if c not in t.column_names]
@@ -117,12 +215,16 @@ def _candidates(
 def _add_contexts(ctx: Contexts, user: np.ndarray) -> Contexts:
     """`ctx` plus one context per row of `user` (features), with an empty history."""
     n = len(user)
+    times = ctx.hist_time
+    if times is not None:
+        times = np.concatenate([times, np.full((n, times.shape[1]), NO_HISTORY, np.int64)])
     return Contexts(
         np.r_[ctx.user_key, np.full(n, -1)],
         np.concatenate([ctx.user, user]),
         np.concatenate([ctx.hist, np.zeros((n,) + ctx.hist.shape[1:], np.int32)]),
         np.r_[ctx.timestamp, np.zeros(n, np.int64)],
         np.r_[ctx.in_split, np.zeros(n, bool)],
+        hist_time=times,
     )
 
 

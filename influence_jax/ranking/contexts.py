@@ -6,7 +6,9 @@ Datasets prepared with a ranking state (`rank_state/`, see data/rank_state.py) g
 with an event before the cut (valid_start, test_start or the end of the log) the history a
 training example at that time would hold, built by the same function. Older datasets and
 synthetic data have none: their contexts come, with a warning, from each user's latest
-prepared example in the split (users without one have no history), as before.
+prepared example in the split (users without one have no history), as before. Contexts carry
+each history event's raw time (`hist_time`) where the ranking state stores it, so explanations
+can give real seconds; prepared examples keep only the log2 time-gap bucket.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Contexts:
     timestamp: np.ndarray  # the ranking time (cut) or the time of the example used (unix s)
     in_split: np.ndarray  # bool: ranked by default (has a state at the cut / an example in split)
     seen: np.ndarray | None = None  # sorted user_key * item vocab size + item_id seen before
+    # [N, L] int64 raw time (unix s) of each history event, NO_HISTORY in empty slots; None
+    # where only the time_gap bucket is known (prepared examples, rank states without hist_ts).
+    hist_time: np.ndarray | None = None
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, found) of each user_key."""
@@ -45,7 +50,10 @@ class Contexts:
 def load_contexts(dataset: Dataset, as_of: str) -> Contexts:
     """Every user's context as of `as_of` (valid, test or end; see the module docstring)."""
     ctx = _load_contexts(dataset, as_of)
-    return dataclasses.replace(ctx, hist=dataset.drop_events(ctx.hist))
+    times = ctx.hist_time
+    if times is not None:
+        times = dataset.drop_event_times(ctx.hist, times)
+    return dataclasses.replace(ctx, hist=dataset.drop_events(ctx.hist), hist_time=times)
 
 
 def _load_contexts(dataset: Dataset, as_of: str) -> Contexts:
@@ -61,6 +69,7 @@ def _load_contexts(dataset: Dataset, as_of: str) -> Contexts:
             s.hist,
             np.full(n, s.time, np.int64),
             np.ones(n, bool),
+            hist_time=None if s.hist_ts is None else np.asarray(s.hist_ts, np.int64),
         )
     if as_of == "end":
         raise DataError(
