@@ -3,7 +3,9 @@ and truncated files, gzip/CRLF/BOM, and the MovieLens, Retailrocket and generic 
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
+import zoneinfo
 
 import numpy as np
 import pyarrow as pa
@@ -271,3 +273,151 @@ def test_events_parquet_bad_timestamp_names_the_row(tmp_path):
     schema = prepare.prepare(src, str(tmp_path / "p"), prepare.PrepareOptions(lenient=True))
     assert schema.extra["counts"]["skipped_bad_timestamp"] == 1
     assert len(ExampleStore(str(tmp_path / "p"), "train")) >= 1
+
+
+def _timed_log(tmp_path, when: list[str], **kw) -> readers.EventSource:
+    """A small events CSV whose `day` column holds `when` (one row per value)."""
+    body = [f"u{k % 2},i{k % 3},{'buy' if k % 2 else 'view'},{w}" for k, w in enumerate(when)]
+    path = write(tmp_path / "ev.csv", "\n".join(["who,what,kind,day", *body]) + "\n")
+    return readers.open_source(
+        "events",
+        path,
+        user="who",
+        item="what",
+        behaviour="kind",
+        timestamp="day",
+        behaviour_types=("view", "buy"),
+        string_ids=True,
+        **kw,
+    )
+
+
+def _times(src: readers.EventSource, lenient: bool = False) -> tuple[list[int], readers.Tally]:
+    tally = readers.Tally(lenient)
+    ts = [int(t) for c in src.chunks(1 << 20, tally) for t in c.timestamp]
+    return ts, tally
+
+
+def _unix(*args, tz: dt.tzinfo = dt.UTC) -> int:
+    return int(dt.datetime(*args, tzinfo=tz).timestamp())
+
+
+SHANGHAI, PLUS8 = zoneinfo.ZoneInfo("Asia/Shanghai"), dt.timezone(dt.timedelta(hours=8))
+TIME_CASES = {  # time_format, time_zone, values, unix seconds
+    "unix_s": ("unix_s", "UTC", ["1672876800", " +1672876801 "], [1672876800, 1672876801]),
+    "unix_ms": ("unix_ms", "UTC", ["1672876800999", "-1"], [1672876800, -1]),  # floored
+    "iso8601": (
+        "iso8601",
+        "Asia/Shanghai",
+        [
+            "2023-01-05T10:20:30",  # no offset: in --time_zone
+            "2023-01-05 10:20:30.75Z",  # fraction dropped
+            "2023-01-31T23:59:59+02:00",
+            "2023-01-05T10:20:30-0530",
+            "2023-02-01",
+            "2023-07-01T12:00",
+        ],
+        [
+            _unix(2023, 1, 5, 10, 20, 30, tz=SHANGHAI),
+            _unix(2023, 1, 5, 10, 20, 30),
+            _unix(2023, 1, 31, 23, 59, 59, tz=dt.timezone(dt.timedelta(hours=2))),
+            _unix(2023, 1, 5, 10, 20, 30, tz=dt.timezone(-dt.timedelta(hours=5, minutes=30))),
+            _unix(2023, 2, 1, tz=SHANGHAI),
+            _unix(2023, 7, 1, 12, tz=SHANGHAI),
+        ],
+    ),
+    "yyyymmdd": (
+        "yyyymmdd",
+        "+08:00",
+        ["20230131", "20230201", "20240229", "20231231"],
+        [
+            _unix(2023, 1, 31, tz=PLUS8),
+            _unix(2023, 2, 1, tz=PLUS8),
+            _unix(2024, 2, 29, tz=PLUS8),
+            _unix(2023, 12, 31, tz=PLUS8),
+        ],
+    ),  # fmt: skip
+    "pattern": (
+        "%d/%m/%Y %H:%M",
+        "America/New_York",
+        ["05/01/2023 10:20", "05/07/2023 10:20"],  # winter and summer time
+        [
+            _unix(2023, 1, 5, 10, 20, tz=zoneinfo.ZoneInfo("America/New_York")),
+            _unix(2023, 7, 5, 10, 20, tz=zoneinfo.ZoneInfo("America/New_York")),
+        ],
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIME_CASES))
+def test_events_time_formats_read_as_unix_seconds(tmp_path, case):
+    fmt, zone, values, want = TIME_CASES[case]
+    got, _ = _times(_timed_log(tmp_path, values, time_format=fmt, time_zone=zone))
+    assert got == want
+    if case == "yyyymmdd":  # a month boundary is one day
+        assert got[1] - got[0] == 86400 and got[0] == _unix(2023, 1, 30, 16)
+
+
+@pytest.mark.parametrize(
+    "fmt,bad",
+    [("yyyymmdd", "20231305"), ("yyyymmdd", "20230229"), ("yyyymmdd", "2023-01-05"),
+     ("iso8601", "2023-02-30T10:00:00"), ("iso8601", "05/01/2023"), ("unix_ms", "1.5e12"),
+     ("%d/%m/%Y", "2023-01-05")],
+)  # fmt: skip
+def test_a_timestamp_not_in_the_format_names_the_line_or_is_counted_when_lenient(
+    tmp_path, fmt, bad
+):
+    good = {"yyyymmdd": "20230105", "iso8601": "2023-01-05", "unix_ms": "1672876800000"}
+    good = good.get(fmt, "05/01/2023")
+    src = _timed_log(tmp_path, [good, good, bad, good], time_format=fmt)
+    want = rf"ev\.csv:4: timestamp not in format {fmt}: day = '{bad}' \(row '.*{bad}'\)"
+    with pytest.raises(DataError, match=want + ".*--lenient"):
+        _times(src)
+    got, tally = _times(src, lenient=True)
+    assert len(got) == 3 and tally.counts["bad_timestamp"] == 1
+    opts = prepare.PrepareOptions(lenient=True, neg_ratio=0, valid_start=2**40, test_start=2**41)
+    schema = prepare.prepare(src, str(tmp_path / "p"), opts)
+    assert schema.extra["counts"]["skipped_bad_timestamp"] == 1
+    assert schema.extra["source_options"]["time_format"] == fmt
+
+
+def test_events_parquet_iso_strings_and_timestamp_columns(tmp_path):
+    t = _events_table()
+    t["ts"] = [f"2023-01-05T00:00:{v:02d}Z" for v in t["ts"]]
+    t["ts"][3] = "2023-01-05T25:00:00Z"
+    pq.write_table(pa.table(t), tmp_path / "ev.parquet")
+    kw = dict(user="uid", item="sku", behaviour="act", timestamp="ts", string_ids=True)
+    kw["behaviour_types"] = ("click", "order")
+    src = readers.open_source("events", str(tmp_path / "ev.parquet"), time_format="iso8601", **kw)
+    with pytest.raises(DataError, match=r"ev\.parquet:row 4: timestamp not in format iso8601"):
+        _times(src)
+    assert _times(src, lenient=True)[0] == [_unix(2023, 1, 5, 0, 0, s) for s in (10, 20, 15, 40, 5)]
+    # A real timestamp column is absolute: --time_format and --time_zone leave it as it is.
+    t["ts"] = pa.array([_unix(2023, 1, 5) + v for v in range(6)], pa.timestamp("s", tz="UTC"))
+    pq.write_table(pa.table(t), tmp_path / "ev.parquet")
+    src = readers.open_source(
+        "events", str(tmp_path / "ev.parquet"), time_format="yyyymmdd", time_zone="+08:00", **kw
+    )
+    assert _times(src)[0] == [_unix(2023, 1, 5) + v for v in range(6)]
+
+
+def test_unix_seconds_that_look_like_dates_warn_once(tmp_path, caplog):
+    src = _timed_log(tmp_path, ["20230105", "20230106", "20221231"])
+    with caplog.at_level("WARNING"):
+        got, _ = _times(src)
+        _times(src)
+    assert got == [20230105, 20230106, 20221231]  # still read as asked
+    warnings = [r for r in caplog.records if "--time_format=yyyymmdd" in r.getMessage()]
+    assert len(warnings) == 1 and "looks like a YYYYMMDD date" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _times(_timed_log(tmp_path, ["20230105", "1672876800"]))  # not all of them
+        _times(_timed_log(tmp_path, ["20231305"]))  # month 13: not a date
+    assert "--time_format" not in caplog.text
+
+
+def test_unknown_time_format_or_zone_is_one_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"--time_format: unknown format 'dd-mm-yyyy'.*iso8601"):
+        _timed_log(tmp_path, ["1"], time_format="dd-mm-yyyy")
+    with pytest.raises(DataError, match=r"--time_zone: unknown time zone 'Mars/Olympus'"):
+        _timed_log(tmp_path, ["1"], time_format="iso8601", time_zone="Mars/Olympus")

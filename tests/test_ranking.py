@@ -1,9 +1,12 @@
 """Batch ranking: params-only restore, scores equal the eval step's, top-k order and tie-breaks,
-atomic writes, candidate-file errors and OOV counts, and tools/rank.py end to end."""
+atomic writes, candidate-file errors (binary and gzip'd files too) and OOV counts, and
+tools/rank.py end to end."""
 
 from __future__ import annotations
 
 import collections
+import datetime
+import gzip
 import json
 import os
 import re
@@ -18,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from influence_jax import checkpoint, ranking, scoring, sharding
-from influence_jax.data import pipeline
+from influence_jax.data import pipeline, prepare, readers
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
 from influence_jax.engine import EVAL_KEYS
+from influence_jax.ranking.candidates import read_candidate_ids
 from tests import helpers
 
 
@@ -167,8 +171,10 @@ def test_rank_cli_end_to_end(run_dir, run, tmp_path):
     for col in [f"behaviour_{b}" for b in types] + [f"extractor_{e}" for e in extractors]:
         assert col in t.column_names
     for k in (1, 2, 3):
-        for f in ("item", "behaviour", "position", "seconds_before", "influence"):
+        for f in ("item", "behaviour", "position", "gap_bucket_seconds_min", "influence"):
             assert f"event{k}_{f}" in t.column_names
+        # Synthetic data has no raw event times: only the bucket bound, never named as seconds.
+        assert f"event{k}_seconds_before" not in t.column_names
     d = t.to_pydict()
     check_ranking(d, 5)
     test_users = np.unique(ExampleStore(run.data_path, "test", run.schema).column("user_key"))
@@ -218,6 +224,56 @@ def test_candidates_file_needs_both_columns(run, tmp_path):
     pq.write_table(pa.table({"user": [1], "item_id": [2]}), path)
     with pytest.raises(DataError, match=r"missing column\(s\) \['user_id'\]"):
         ranking.rank(run, str(tmp_path / "out.parquet"), candidates=str(path))
+
+
+class _IntegerIds:
+    """The IdMaps a candidates reader needs: integer raw ids."""
+
+    def integer(self, name: str) -> bool:
+        return True
+
+
+def test_a_binary_candidates_file_is_one_error_naming_it_without_raw_bytes(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(DataError) as e:
+        read_candidate_ids(str(path), _IntegerIds())
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not a UTF-8 CSV or a Parquet file ("), msg
+    assert msg.isascii() and msg.isprintable(), msg
+    np.save(tmp_path / "c.npy", np.arange(10))
+    with pytest.raises(DataError, match=r"c\.npy: not a UTF-8 CSV or a Parquet file"):
+        read_candidate_ids(str(tmp_path / "c.npy"), _IntegerIds())
+
+
+def test_a_non_utf8_malformed_row_past_the_start_is_one_error(tmp_path, capsys):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"user_id,item_id\n" + b"1,2\n" * 30_000 + b"\xff\xfe,1,2\n")
+    with pytest.raises(DataError, match=r"c\.csv: not a UTF-8 CSV or a Parquet file \(a malformed"):
+        read_candidate_ids(str(path), _IntegerIds())
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+def test_a_gzipped_csv_is_read_and_a_gzipped_binary_is_an_error(tmp_path):
+    text = b"user_id,item_id\n1,2\n3,4\n"
+    for name in ("c.csv.gz", "c.csv"):  # told by its first bytes, not its name
+        (tmp_path / name).write_bytes(gzip.compress(text))
+        users, items = read_candidate_ids(str(tmp_path / name), _IntegerIds())
+        assert users.tolist() == [1, 3] and items.tolist() == [2, 4]
+    (tmp_path / "b.gz").write_bytes(gzip.compress(np.random.default_rng(0).bytes(3000)))
+    with pytest.raises(DataError, match=r"b\.gz: not a UTF-8 CSV or a Parquet file \(after gzip"):
+        read_candidate_ids(str(tmp_path / "b.gz"), _IntegerIds())
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(text + b"5,6\n" * 1000)[:-20])
+    with pytest.raises(DataError, match=r"cut\.gz: a gzip file that cannot be decompressed"):
+        read_candidate_ids(str(tmp_path / "cut.gz"), _IntegerIds())
+
+
+def test_a_long_bad_id_is_quoted_short(tmp_path):
+    path = write_csv(tmp_path / "c.csv", ["1,2", "3," + "\x01" + "x" * 1000])
+    with pytest.raises(DataError) as e:
+        read_candidate_ids(path, _IntegerIds())
+    assert "c.csv:3: item_id must be an integer id, got '\\x01xxx" in str(e.value)
+    assert len(str(e.value)) < len(path) + 120 and str(e.value).isprintable()
 
 
 def test_rank_cli_reports_a_malformed_file_and_writes_nothing(run_dir, tmp_path):
@@ -358,6 +414,57 @@ def test_histories_rebuilt_from_the_raw_log_equal_the_rank_state(prepared_run, t
         ranking.rank(run, str(tmp_path / "t.parquet"), events=src, as_of="end")
 
 
+def test_an_events_log_replays_with_the_mapping_saved_at_preparation(prepared_run, tmp_path):
+    """The Taobao-layout log rewritten as a generic events CSV (other column names and order,
+    ISO 8601 times in a +08:00 wall clock, some with their own offset): prepared with
+    --source=events it gives the same ranking state, and rank.py --events rebuilds it from the
+    mapping saved in schema.json, with --source given or left to the dataset's."""
+    run, log = prepared_run
+    lines = ["when;who;sku;kind;cat"]
+    for k, (u, i, c, b, t) in enumerate(log):
+        utc = datetime.datetime.fromtimestamp(int(t), datetime.UTC)
+        local = (utc + datetime.timedelta(hours=8)).strftime("%Y-%m-%d %H:%M:%S")
+        stamp = utc.strftime("%Y-%m-%dT%H:%M:%SZ") if k % 3 == 0 else local
+        lines.append(f"{stamp};{u};{i};{b};{c}")
+    path = helpers.write(tmp_path / "events.csv", "\n".join(lines) + "\n")
+    mapping = dict(user="who", item="sku", behaviour="kind", timestamp="when", category="cat",
+                   behaviour_types=("pv", "cart", "fav", "buy"), delimiter=";",
+                   time_format="iso8601", time_zone="+08:00")  # fmt: skip
+    data = str(tmp_path / "data")
+    schema = prepare.prepare(
+        readers.open_source("events", path, **mapping),
+        data,
+        prepare.PrepareOptions(valid_start=1060, test_start=1080, max_len=5, neg_ratio=2,
+                               min_timestamp=0, target_behaviours=("buy",)),
+    )  # fmt: skip
+    saved = schema.extra["source_options"]
+    assert saved["time_format"] == "iso8601" and saved["time_zone"] == "+08:00"
+    assert saved["behaviour_types"] == ["pv", "cart", "fav", "buy"] and saved["user"] == "who"
+    ev_run = scoring.make_run(run.config, data, run.params)
+    for source in ("events", None):
+        src = ranking.open_log(source, path, ev_run.dataset)
+        for cut, t in schema.extra["rank_state"]["cuts"].items():
+            got, counts = ranking.contexts_from_log(ev_run.dataset, src, t)
+            want = ranking.load_contexts(run.dataset, cut)  # the Taobao path's
+            for f in ("user_key", "user", "hist", "timestamp"):
+                np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+            assert counts["log_events"] == len(log) and counts["log_users_not_in_dataset"] == 0
+    s = ranking.rank(ev_run, str(tmp_path / "t.parquet"), events=src, as_of=1070, max_items=5)
+    assert s["as_of"] == 1070 and s["users"] == len({u for u, *_, t in log if int(t) < 1070})
+    # A dataset of another source, or one prepared before the mapping was saved: one clear line.
+    with pytest.raises(DataError, match="prepared from --source=taobao, not events"):
+        ranking.open_log("events", path, run.dataset)
+    old = tmp_path / "old"
+    shutil.copytree(data, old)
+    with open(old / "schema.json") as f:
+        d = json.load(f)
+    del d["extra"]["source_options"]
+    with open(old / "schema.json", "w") as f:
+        json.dump(d, f)
+    with pytest.raises(DataError, match="prepared without saved column mapping; re-run prepare"):
+        ranking.open_log(None, path, Dataset(str(old)))
+
+
 def test_a_run_trained_without_a_behaviour_type_ranks_without_it(prepared_run, tmp_path):
     """config.data.drop_behaviours (feature selection) holds in ranking as in training."""
     run, _ = prepared_run
@@ -372,3 +479,40 @@ def test_a_run_trained_without_a_behaviour_type_ranks_without_it(prepared_run, t
     for k in (1, 2, 3):
         assert "pv" not in kept.column(f"event{k}_behaviour").to_pylist()
     assert np.abs(kept.column("behaviour_pv").to_numpy()).max() < 1e-6  # float rounding only
+
+
+def test_explained_events_give_real_seconds_before_the_ranking_time(tmp_path):
+    """event{k}_seconds_before = ranking time - the event's raw timestamp (not the lower bound
+    of its log2 time-gap bucket), from the ranking state, from the log (--events) and with a
+    behaviour type dropped (the times move with the events)."""
+    data = str(tmp_path / "data")
+    path = helpers.write(tmp_path / "log.csv", helpers.LOG)
+    helpers.prepare_log(path, data, max_len=4, neg_ratio=1)
+    run = scoring.make_run(helpers.tiny_config(), data, workdir=str(tmp_path))
+    when = {}  # (user, item, behaviour) -> raw time; unique in LOG
+    for line in helpers.LOG.splitlines():
+        u, i, _, b, t = line.split(",")
+        when[(int(u), int(i), b)] = int(t)
+    config = run.config.copy_and_resolve_references()
+    config.data.drop_behaviours = ("pv",)
+    dropped = scoring.make_run(config, data, run.params)
+    src = ranking.open_log("taobao", path)
+    kw = dict(top_k=10**6, explain=True)
+    cases = [(run, "test", 900, {}), (run, 950, 950, {"events": src}), (dropped, "test", 900, {})]
+    for r, as_of, at, extra in cases:
+        out = tmp_path / "t.parquet"
+        ranking.rank(r, str(out), as_of=as_of, **kw, **extra)
+        t = pq.read_table(out).to_pydict()
+        assert not any("gap_bucket" in c for c in t)
+        assert set(t["ranking_time"]) == {at}
+        n = 0
+        for k in (1, 2, 3):
+            for u, i, b, s in zip(
+                t["user_id"], t[f"event{k}_item"], t[f"event{k}_behaviour"],
+                t[f"event{k}_seconds_before"], strict=True,
+            ):  # fmt: skip
+                assert (i is None) == (s is None)
+                if i is not None:
+                    assert s == at - when[(u, i, b)], (at, u, i, b)
+                    n += s & (s - 1) != 0  # not a power of 2, unlike a bucket bound
+        assert n > 0

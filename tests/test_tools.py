@@ -124,6 +124,31 @@ def test_export_split_reads_back_row_for_row(tmp_path, fmt):
         assert t["target_behaviour"][k] in ("pv", "cart", "fav", "buy")
 
 
+def test_prepare_events_cli_reads_the_time_format_and_saves_the_mapping(tmp_path):
+    """--time_format/--time_zone reach the events reader through the flags and land in
+    schema.json with the column mapping; an unknown format is one line naming the flag."""
+    rows = [f"{u},{i},{b},202301{d:02d}" for d, (u, i, b) in enumerate(
+        [(1, 10, "view"), (1, 11, "buy"), (2, 10, "view"), (2, 12, "buy"), (1, 12, "buy"),
+         (2, 11, "view"), (1, 10, "buy"), (2, 10, "buy")], start=1)]  # fmt: skip
+    log = helpers.write(tmp_path / "log.csv", "\n".join(["uid,sku,act,day", *rows]) + "\n")
+    args = ["--source=events", f"--input={log}", "--user_col=uid", "--item_col=sku",
+            "--behaviour_col=act", "--timestamp_col=day", "--behaviour_types=view,buy",
+            "--time_zone=Asia/Shanghai", "--target_behaviour=buy", "--neg_ratio=0",
+            "--valid_start=1672934400", "--test_start=1673107200", "--noaudit"]  # fmt: skip
+    out = tmp_path / "data"
+    r = helpers.run_tool("prepare_data", *args, "--time_format=yyyymmdd", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    extra = json.loads((out / "schema.json").read_text())["extra"]
+    assert extra["split"]["t_min"] == 1672502400  # 2023-01-01 00:00 in Shanghai (UTC+8)
+    opts = extra["source_options"]
+    assert (opts["time_format"], opts["time_zone"], opts["timestamp"]) == (
+        "yyyymmdd", "Asia/Shanghai", "day",
+    )  # fmt: skip
+    r = helpers.run_tool("prepare_data", *args, "--time_format=dd.mm", f"--output={out}2")
+    assert r.returncode == 1 and "--time_format: unknown format 'dd.mm'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 HELP = {  # tool -> a flag of its own that --help must list
     "prepare_data": "--task",
     "rank": "--top_k",

@@ -9,7 +9,12 @@
 Besides the example shards it writes rank_state/ (every user's history as of valid_start,
 test_start and the end of the log, for tools/rank.py). Sources: taobao (UserBehavior.csv,
 optionally .gz), movielens (the ml-100k folder), retailrocket (CML train.csv) and events (any
-CSV/Parquet log; map its columns with --user_col etc.).
+CSV/Parquet log; map its columns with --user_col etc., and say how its timestamps are written
+with --time_format and --time_zone):
+
+    python tools/prepare_data.py --source=events --input=log.csv --output=.prepared/mine \
+      --user_col=uid --item_col=sku --behaviour_col=act --behaviour_types=view,cart,buy \
+      --timestamp_col=day --time_format=yyyymmdd --time_zone=Asia/Shanghai
 """
 
 from __future__ import annotations
@@ -104,6 +109,17 @@ _MIN_COUNT_FOR = flags.DEFINE_list(
     "min_count_for", [], "Per-vocabulary thresholds, e.g. item_id=5,user_id=1."
 )
 _MIN_HISTORY = flags.DEFINE_integer("min_history", 0, "Drop targets with fewer earlier events.")
+_MAX_RATE = flags.DEFINE_float(
+    "max_user_events_per_day",
+    None,
+    "Cleaning: drop users with more events per day of their active span (crawlers, bots).",
+)
+_MIN_USER_EVENTS = flags.DEFINE_integer(
+    "min_user_events", 0, "Cleaning: drop users with fewer events (--min_count keeps them as OOV)."
+)
+_MIN_ITEM_EVENTS = flags.DEFINE_integer(
+    "min_item_events", 0, "Cleaning: drop items with fewer events (--min_count keeps them as OOV)."
+)
 _DEDUPE = flags.DEFINE_bool("dedupe", False, "Merge exact duplicate events (always counted).")
 _LENIENT = flags.DEFINE_bool("lenient", False, "Count and skip malformed rows instead of failing.")
 _MEMORY_MB = flags.DEFINE_integer(
@@ -121,7 +137,9 @@ _EVENT_FLAGS = {
     "user": flags.DEFINE_string("user_col", "user_id", "events: user id column."),
     "item": flags.DEFINE_string("item_col", "item_id", "events: item id column."),
     "behaviour": flags.DEFINE_string("behaviour_col", "behaviour", "events: behaviour column."),
-    "timestamp": flags.DEFINE_string("timestamp_col", "timestamp", "events: unix seconds column."),
+    "timestamp": flags.DEFINE_string(
+        "timestamp_col", "timestamp", "events: timestamp column (in --time_format)."
+    ),
     "category": flags.DEFINE_string("category_col", "", "events: optional item category column."),
     "value": flags.DEFINE_string("value_col", "", "events: optional numeric value column."),
     "behaviour_types": flags.DEFINE_list(
@@ -135,6 +153,51 @@ _EVENT_FLAGS = {
     "user_key": flags.DEFINE_string("user_table_key", "", "events: its user id column."),
     "item_table": flags.DEFINE_string("item_table", "", "events: item side-table file."),
     "item_key": flags.DEFINE_string("item_table_key", "", "events: its item id column."),
+    "time_format": flags.DEFINE_string(
+        "time_format",
+        "unix_s",
+        f"events: how --timestamp_col is written: {readers.TIME_FORMAT_HELP}. A value not in "
+        "the format is a malformed row. Parquet timestamp columns are read as they are.",
+    ),
+    "time_zone": flags.DEFINE_string(
+        "time_zone",
+        "UTC",
+        "events: time zone of timestamps without their own offset (iso8601, yyyymmdd, "
+        "patterns): an IANA name like Asia/Shanghai or a fixed offset like +08:00.",
+    ),
+    **{
+        f"{g}_{k}": flags.DEFINE_list(f"{g}_{k}", [], f"events: {what}; empty: {default}.")
+        for g in ("user", "item")
+        for k, what, default in (
+            ("fields", f"the {g} table's feature columns", "all but the key"),
+            ("table_names", f"the {g} table's column names, if it has no header", "its header"),
+        )
+    },
+    **{
+        f"{g}_table_delimiter": flags.DEFINE_string(
+            f"{g}_table_delimiter", "", f"events: the {g} table's delimiter (default: --delimiter)."
+        )
+        for g in ("user", "item")
+    },
+    "item_category": flags.DEFINE_string(
+        "item_category", "", "events: the item table's category column (feeds the history)."
+    ),
+    "numeric_fields": flags.DEFINE_list(
+        "numeric_fields",
+        [],
+        "events: side-table columns bucketed by quantile (fitted on the entities with training "
+        "events) instead of one id per distinct value, e.g. price,income.",
+    ),
+    "numeric_buckets": flags.DEFINE_integer("numeric_buckets", 10, "events: buckets per numeric."),
+    "multi_value_fields": flags.DEFINE_list(
+        "multi_value_fields",
+        [],
+        "events: side-table columns holding several values (Action|Comedy): bags of ids.",
+    ),
+    "multi_value_sep": flags.DEFINE_string(
+        "multi_value_sep", "|", "events: the separator of --multi_value_fields (a literal string)."
+    ),
+    "max_bag": flags.DEFINE_integer("max_bag", 8, "events: values kept per multi-valued cell."),
 }
 
 
@@ -145,9 +208,7 @@ def _event_kwargs() -> dict:
             raise DataError(f"--{', --'.join(given)}: only for --source=events")
         return {}
     kw = {k: f.value for k, f in _EVENT_FLAGS.items()}
-    kw["behaviour_types"] = tuple(kw["behaviour_types"])
-    kw["names"] = tuple(kw["names"])
-    return kw
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
 
 def _overrides() -> dict[str, int]:
@@ -185,6 +246,9 @@ def main(argv: list[str]) -> None:
             vocab_period=_VOCAB_PERIOD.value,
             min_count_overrides=_overrides(),
             min_history=_MIN_HISTORY.value,
+            max_user_events_per_day=_MAX_RATE.value,
+            min_user_events=_MIN_USER_EVENTS.value,
+            min_item_events=_MIN_ITEM_EVENTS.value,
             dedupe=_DEDUPE.value,
             lenient=_LENIENT.value,
             memory_mb=_MEMORY_MB.value,

@@ -8,17 +8,19 @@ atomically as Parquet (default) or CSV with columns user_id, rank, item_id, scor
     python tools/rank.py --workdir=runs/taobao --data=.prepared/taobao --as_of=end \
       --exclude_seen --max_items=5000 --output=top10.parquet
     python tools/rank.py --workdir=runs/taobao --data=.prepared/taobao --output=top10.parquet \
-      --events=UserBehavior.csv --source=taobao --as_of=1512200000
+      --events=UserBehavior.csv --as_of=1512200000
 
 Users are ranked as of --as_of (default: --split): valid or test (the split's start) or end
 (after the last event), each with the history a training example at that time would hold
 (rank_state/ written by prepare_data.py; datasets without it fall back, with a warning, to
 each user's latest example in the split). With --events, histories are rebuilt from a raw log
-as of any unix time with the same function and the dataset's vocabularies. Candidates (CSV
-with a header, or Parquet) hold raw user_id,item_id as in the original log; without
---candidates every user is scored against every training item (--max_items caps them to the
-most frequent; --exclude_seen drops the items the user had already interacted with). A
-progress line with rate and ETA goes to stderr. --data may be left out for a synthetic run.
+as of any unix time with the same function and the dataset's vocabularies (the log is read as
+the dataset's source, or --source; an events log with the column mapping, time format and zone
+saved at preparation). Candidates (CSV with a header, or Parquet) hold raw user_id,item_id as
+in the original log; without --candidates every user is scored against every training item
+(--max_items caps them to the most frequent; --exclude_seen drops the items the user had
+already interacted with). A progress line with rate and ETA goes to stderr. --data may be left
+out for a synthetic run.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ _EVENTS = flags.DEFINE_string(
 _SOURCE = flags.DEFINE_enum(
     "source",
     None,
-    [n for n, s in readers.SOURCES.items() if s.replayable],
-    "Format of --events (a source of data/sources.py).",
+    list(readers.SOURCES),
+    "Format of --events (a source of data/sources.py; default: the dataset's own). An events "
+    "log is read with the column mapping, --time_format and --time_zone that prepare_data.py "
+    "saved in the dataset's schema.json.",
 )
 _MAX_ITEMS = flags.DEFINE_integer(
     "max_items", 0, "Without --candidates: score only the N most frequent training items (0: all)."
@@ -77,10 +81,12 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 def _rank() -> None:
     files.check_output(_OUTPUT.value, "output")  # before any work
-    if _EVENTS.value and (not _SOURCE.value or not _AS_OF.value):
-        raise DataError("--events needs --source and --as_of=UNIX_TS")
+    if _EVENTS.value and not _AS_OF.value:
+        raise DataError("--events needs --as_of=UNIX_TS")
     run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
-    events = ranking.open_log(_SOURCE.value, _EVENTS.value) if _EVENTS.value else None
+    events = None
+    if _EVENTS.value:
+        events = ranking.open_log(_SOURCE.value, _EVENTS.value, run.dataset)
     s = ranking.rank(
         run,
         _OUTPUT.value,

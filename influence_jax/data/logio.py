@@ -17,7 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+from absl import logging
 
+from influence_jax.data import timefmt
 from influence_jax.data.schema import DataError
 
 ROLES = ("user", "item", "behaviour", "timestamp", "category", "value")
@@ -26,7 +28,7 @@ _FLOAT_RE = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
 REASONS = {
     "wrong_field_count": "wrong number of fields",
     "bad_id": "empty or non-integer id",
-    "bad_timestamp": "non-integer timestamp",
+    "bad_timestamp": "non-integer timestamp",  # unix_s; other formats say which they expected
     "unknown_behaviour": "unknown behaviour type",
     "bad_value": "non-numeric value",
 }
@@ -65,6 +67,10 @@ class SideTable:
     key: pa.Array
     features: dict[str, pa.Array]
     category: pa.Array | None = None  # items only: the item's category (a raw id)
+    numeric: tuple[str, ...] = ()  # feature columns bucketed by quantile (data/side.py)
+    numeric_buckets: int = 10
+    multi: dict[str, str] = dataclasses.field(default_factory=dict)  # bag column -> separator
+    max_bag: int = 8  # values kept per multi-valued cell
 
 
 @dataclasses.dataclass
@@ -77,6 +83,9 @@ class EventFile:
     names: tuple[str, ...] | None = None  # column names when the file has no header
     delimiter: str = ","
     quoted: bool = True
+    time_format: str = "unix_s"  # a name of timefmt.TIME_FORMATS or a strptime pattern
+    time_zone: str = "UTC"  # of timestamps without their own offset (not unix_s/unix_ms)
+    warned_dates: bool = dataclasses.field(default=False, repr=False, compare=False)
 
 
 class Tally:
@@ -98,13 +107,37 @@ def fail_row(path: str, line: int | str, reason: str, text: str, detail: str = "
     )
 
 
+def _reason(f: EventFile, reason: str) -> str:
+    """The message of `reason` for this file (a bad timestamp names the format expected)."""
+    if reason == "bad_timestamp":
+        return timefmt.describe(f.time_format)
+    return REASONS.get(reason, reason)
+
+
 def _detail(f: EventFile, by_role: dict[str, pa.Array], reason: str, i: int) -> str:
-    """The field and value at fault, where one field is (an unknown behaviour spelling)."""
+    """The field and value at fault, where one field is (an unknown behaviour spelling, a
+    timestamp not in the format given)."""
+    if reason == "bad_timestamp" and f.time_format != "unix_s":
+        return f"{f.roles['timestamp']} = {by_role['timestamp'][i].as_py()!r}"
     if reason != "unknown_behaviour":
         return ""
     column = f.roles.get("behaviour", "behaviour")
     value = by_role["behaviour"][i].as_py()
     return f"{column} = {value!r}, not one of {', '.join(f.behaviour_values)}"
+
+
+def _warn_if_dates(f: EventFile, chunk: EventChunk) -> None:
+    """Unix seconds that all read as YYYYMMDD dates are most likely dates: say so once."""
+    if f.warned_dates or f.time_format != "unix_s" or not timefmt.looks_like_dates(chunk.timestamp):
+        return
+    f.warned_dates = True
+    logging.warning(
+        "%s: every timestamp in column %r looks like a YYYYMMDD date (e.g. %d), not unix "
+        "seconds (August 1970); if they are dates, pass --time_format=yyyymmdd",
+        f.path,
+        f.roles.get("timestamp", "timestamp"),
+        int(chunk.timestamp[0]),
+    )
 
 
 def open_stream(path: str) -> pa.NativeFile:
@@ -204,7 +237,18 @@ def parse_int(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(vals), np.asarray(ok)
 
 
-def _parse_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def parse_time(arr: pa.Array, time_format: str, time_zone: str) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps in `time_format` (timefmt.py) -> (int64 unix seconds, valid mask). Columns of
+    a timestamp type are absolute and read as they are."""
+    if pa.types.is_timestamp(arr.type) or time_format in ("unix_s", "unix_ms"):
+        secs, ok = parse_int(arr)
+        if time_format == "unix_ms" and not pa.types.is_timestamp(arr.type):
+            secs = secs // 1000  # floors, before 1970 too
+        return secs, ok
+    return timefmt.parse(arr, time_format, time_zone)
+
+
+def parse_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
         vals = np.asarray(arr.cast(pa.float64()).fill_null(np.nan))
         return vals.astype(np.float32), np.isfinite(vals)
@@ -237,7 +281,7 @@ def convert(
     user, ok_u = parse_id(cols["user"], string_ids)
     item, ok_i = parse_id(cols["item"], string_ids)
     bad = {"bad_id": ~(ok_u & ok_i)}
-    ts, ok_t = parse_int(cols["timestamp"])
+    ts, ok_t = parse_time(cols["timestamp"], f.time_format, f.time_zone)
     bad["bad_timestamp"] = ~ok_t
     raw_b = pc.utf8_trim_whitespace(cols["behaviour"].cast(pa.string()))
     code = pc.index_in(raw_b, value_set=pa.array(list(f.behaviour_values)))
@@ -248,7 +292,7 @@ def convert(
         category, ok_c = parse_id(cols["category"], string_ids)
         bad["bad_id"] |= ~ok_c
     if "value" in cols:
-        value, ok_v = _parse_float(cols["value"])
+        value, ok_v = parse_float(cols["value"])
         bad["bad_value"] = ~ok_v
     for m in bad.values():
         m &= ~blank
@@ -301,12 +345,15 @@ def iter_file(
                         )
                     )
             if cands:
-                raise fail_row(f.path, *min(cands))
+                line, reason, text, detail = min(cands)
+                raise fail_row(f.path, line, _reason(f, reason), text, detail)
         for reason, m in bad.items():
             tally.counts[reason] += int(m.sum())
         rows += batch.num_rows
         drop = blank | np.logical_or.reduce(list(bad.values()))
-        yield chunk.take(~drop) if drop.any() else chunk
+        chunk = chunk.take(~drop) if drop.any() else chunk
+        _warn_if_dates(f, chunk)
+        yield chunk
     if skipped and not tally.lenient:
         raise fail_row(f.path, min(skipped), "wrong_field_count", "")
     tally.counts["wrong_field_count"] += len(skipped)
@@ -335,8 +382,10 @@ def _iter_parquet(
                 i = int(np.argmax(m))
                 text = _row_text(batch, i, f.delimiter)
                 detail = _detail(f, by_role, reason, i)
-                raise fail_row(f.path, f"row {row0 + i + 1}", reason, text, detail)
+                raise fail_row(f.path, f"row {row0 + i + 1}", _reason(f, reason), text, detail)
             tally.counts[reason] += int(m.sum())
         row0 += batch.num_rows
         drop = blank | np.logical_or.reduce(list(bad.values()))
-        yield chunk.take(~drop) if drop.any() else chunk
+        chunk = chunk.take(~drop) if drop.any() else chunk
+        _warn_if_dates(f, chunk)
+        yield chunk

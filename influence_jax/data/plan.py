@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from influence_jax.data import readers
+from influence_jax.data import cleaning, readers, side
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError, Field
 from influence_jax.data.vocab import (
     IdStats,
@@ -79,6 +79,9 @@ class PrepareOptions:
     vocab_period: str = "train"  # see VOCAB_PERIODS
     min_count_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
     min_history: int = 0  # targets with fewer earlier events are dropped
+    max_user_events_per_day: float | None = None  # drop faster users (cleaning.py)
+    min_user_events: int = 0  # drop users with fewer events (cleaning.py)
+    min_item_events: int = 0  # drop items with fewer events (cleaning.py)
     dedupe: bool = False
     lenient: bool = False
     memory_mb: int = 2048
@@ -87,6 +90,12 @@ class PrepareOptions:
     tmp_dir: str | None = None  # where bucket files go (default: inside the output temp dir)
     command: str = ""
     name: str | None = None
+
+    @property
+    def cleaning_rules(self) -> cleaning.Rules:
+        return cleaning.Rules(
+            self.max_user_events_per_day, self.min_user_events, self.min_item_events
+        )
 
     def resolve(self, source: readers.EventSource) -> PrepareOptions:
         d = source.defaults
@@ -143,6 +152,7 @@ class PrepareOptions:
             raise DataError("need 0 <= valid_frac, test_frac and valid_frac + test_frac < 1")
         if out.max_len <= 0 or out.memory_mb < 64 or out.neg_ratio < 0 or out.min_count < 1:
             raise DataError("need max_len > 0, memory_mb >= 64, neg_ratio >= 0, min_count >= 1")
+        out.cleaning_rules.check()
         return out
 
 
@@ -166,14 +176,16 @@ class Scan:
     t_min: int
     t_max: int
     counts: dict[str, int]
+    dropped: cleaning.Dropped = dataclasses.field(default_factory=cleaning.Dropped)
 
 
 def scan_log(source: readers.EventSource, opts: PrepareOptions, block_bytes: int) -> Scan:
     tally = readers.Tally(opts.lenient)
     has_cat = source.has_event_category
     budget = int(opts.memory_mb * 2**20 * BUCKET_SHARE)
+    rate_rule = bool(opts.max_user_events_per_day)  # users' first and last times too
     users, items, cats = (
-        IdStats(False, budget),
+        IdStats(rate_rule, budget),
         IdStats(has_cat, budget),
         IdStats(False, budget),
     )
@@ -185,7 +197,7 @@ def scan_log(source: readers.EventSource, opts: PrepareOptions, block_bytes: int
         outside += dropped
         if not len(chunk):
             continue
-        users.add(chunk.user)
+        users.add(chunk.user, pa.array(chunk.timestamp) if rate_rule else None)
         items.add(chunk.item, chunk.category)
         if chunk.category is not None:
             cats.add(chunk.category)
@@ -204,14 +216,19 @@ def scan_log(source: readers.EventSource, opts: PrepareOptions, block_bytes: int
         "outside_time_window": outside,
         **{f"skipped_{k}": v for k, v in tally.as_dict().items()},
     }
+    user_t, item_t, dropped = users.result(), items.result(), cleaning.Dropped()
+    if opts.cleaning_rules.active:
+        user_t, item_t, dropped, removed = cleaning.apply(user_t, item_t, opts.cleaning_rules)
+        counts.update(removed)
     return Scan(
-        users.result(),
-        items.result(),
+        user_t,
+        item_t,
         cats.result() if has_cat else None,
         behaviours,
         t_min,
         t_max,
         counts,
+        dropped,
     )
 
 
@@ -237,33 +254,8 @@ class Plan:
     category_keys: np.ndarray | pa.Array | None = None  # every raw category, sorted
     item_category: np.ndarray | None = None  # per dense item: its category's key position or -1
     table_sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # see Schema
-
-
-def _side_columns(
-    table: readers.SideTable,
-    keys: np.ndarray | pa.Array,
-    reserved: set[str],
-    opts: PrepareOptions,
-    vocabs: dict[str, Vocab],
-    fields: list[Field],
-) -> list[np.ndarray]:
-    """Feature id columns (one per side feature) for each dense entity in `keys`."""
-    pos, found = positions(keys, table.key)
-    out = []
-    for name, values in table.features.items():
-        if name in reserved or name in vocabs:
-            raise DataError(f"side feature {name!r} clashes with another feature; rename it")
-        values = values.cast(pa.string())
-        vc = value_counts(values).sort_by("k")
-        vocab_keys = vc.column("k").combine_chunks()
-        ids = ids_of(np.asarray(vc.column("n")), opts.min_count_overrides.get(name, opts.min_count))
-        vocabs[name] = Vocab(take_keys(vocab_keys, ids >= NUM_RESERVED))
-        vpos, vfound = positions(vocab_keys, values)
-        col = np.full(len(keys), OOV_ID, np.int32)
-        col[pos[found]] = np.where(vfound, ids[vpos], OOV_ID)[found]
-        out.append(col)
-        fields.append(Field(name, name))
-    return out
+    dropped: cleaning.Dropped = dataclasses.field(default_factory=cleaning.Dropped)
+    numeric: dict[str, list] = dataclasses.field(default_factory=dict)  # group -> side.Numeric
 
 
 def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> Plan:
@@ -306,14 +298,15 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
         item_fields.append(Field("category", "category"))
         counts["categories"] = len(cat_keys)
     reserved = {"user_id", "item_id", "category", "behaviour", "time_gap"}
-    if source.user_table is not None:
-        user_cols += _side_columns(
-            source.user_table, user_keys, reserved, opts, vocabs, user_fields
-        )
-    if source.item_table is not None:
-        item_cols += _side_columns(
-            source.item_table, item_keys, reserved, opts, vocabs, item_fields
-        )
+    numeric: dict[str, list[side.Numeric]] = {"user": [], "item": []}
+    for group, table, keys, cols, fields in (
+        ("user", source.user_table, user_keys, user_cols, user_fields),
+        ("item", source.item_table, item_keys, item_cols, item_fields),
+    ):
+        if table is not None:
+            cols += side.side_columns(
+                table, keys, reserved, mc, vocabs, fields, numeric[group], counts
+            )
     pool = np.flatnonzero(item_ids >= NUM_RESERVED)
     if opts.neg_ratio and not len(pool):
         raise DataError(
@@ -337,6 +330,8 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
         counts,
         cat_keys,
         item_cat,
+        dropped=scan.dropped,
+        numeric=numeric,
     )
 
 
@@ -383,6 +378,11 @@ def training_vocabs(
         cat_ids = remap("category", plan.category_keys, cat_n)
         col = [f.name for f in plan.item_fields].index("category")
         item_rows[:, col] = np.where(has, cat_ids[np.maximum(plan.item_category, 0)], OOV_ID)
+    for rows, group, n, fields in (
+        (user_rows, "user", user_n, plan.user_fields),
+        (item_rows, "item", item_n, plan.item_fields),
+    ):  # numeric side features: buckets fitted on the entities with training events
+        side.refit_numeric(rows, plan.numeric.get(group, []), n > 0, fields, vocabs)
     pool = np.flatnonzero(item_n >= mc("item_id"))
     if opts.neg_ratio and not len(pool):
         raise DataError(
@@ -453,6 +453,11 @@ def partition(
     try:
         for chunk in source.chunks(block_bytes, readers.Tally(opts.lenient)):
             chunk, _ = window(chunk, opts)
+            keep = plan.dropped.keep(chunk.user, chunk.item)
+            if keep is not None:  # the events of users and items the cleaning rules dropped
+                removed = plan.counts.get("cleaning_events_removed", 0) + int((~keep).sum())
+                plan.counts["cleaning_events_removed"] = removed
+                chunk = chunk.take(keep)
             rec = np.empty(len(chunk), RECORD)
             (rec["user"], ok_u), (rec["item"], ok_i) = user_pos(chunk.user), item_pos(chunk.item)
             if not (ok_u.all() and ok_i.all()):

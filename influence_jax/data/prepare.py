@@ -231,6 +231,9 @@ def _extra(
         "command": opts.command,
         "source": source.name,
         "inputs": [os.path.abspath(f.path) for f in source.files],
+        # How the log was read (events: the column mapping, time format and zone), so that
+        # tools/rank.py --events reopens a log of it the same way.
+        "source_options": source.options,
         "split": {
             "valid_start": valid_start,
             "test_start": test_start,

@@ -44,6 +44,7 @@ from influence_jax.data.sources import (  # noqa: F401  (re-exported)
     side_table,
     taobao,
 )
+from influence_jax.data.timefmt import TIME_FORMAT_HELP, TIME_FORMATS  # noqa: F401
 
 
 def open_source(source: str, path: str, **kwargs) -> EventSource:

@@ -31,10 +31,15 @@ HIST_BEHAVIOUR = "behaviour"
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """One categorical feature: its name and the vocabulary (embedding table) it indexes."""
+    """One categorical feature: its name and the vocabulary (embedding table) it indexes.
+
+    Fields with the same non-empty `bag` are the slots of one multi-valued feature (padded with
+    PAD_ID); the model pools them into one embedding.
+    """
 
     name: str
     vocab: str
+    bag: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +129,10 @@ class Schema:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for g in ("user_fields", "item_fields", "hist_fields"):
+            for f in d[g]:
+                if not f["bag"]:
+                    del f["bag"]  # as before bags existed
         if not self.table_sizes:
             del d["table_sizes"]
         d["version"] = SCHEMA_VERSION

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from influence_jax.data import timefmt
 from influence_jax.data.logio import (
     EventChunk,
     EventFile,
@@ -44,6 +45,9 @@ class EventSource:
     # The behaviour type spells out the event's value (MovieLens: r1..r5 are the ratings), so a
     # label defined by a value threshold can be read off the target's type.
     behaviour_is_value: bool = False
+    # The keyword options that reopen it with SOURCES[name].open(path, **options) (events: the
+    # column mapping); saved in schema.json so tools/rank.py --events reads a log the same way.
+    options: dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def has_event_category(self) -> bool:
@@ -82,23 +86,69 @@ def read_table(
 
 
 def side_table(
-    path: str, key: str, columns: list[str] | None, delimiter: str = ",", string_ids: bool = False
+    path: str,
+    key: str,
+    columns: list[str] | None,
+    delimiter: str = ",",
+    string_ids: bool = False,
+    *,
+    names: tuple[str, ...] | None = None,
+    category: str = "",
+    numeric: tuple[str, ...] = (),
+    numeric_buckets: int = 10,
+    multi: dict[str, str] | None = None,
+    max_bag: int = 8,
 ) -> SideTable:
-    """A user or item side table: `key` column plus categorical feature columns."""
-    t = read_table(path, delimiter)
+    """A user or item side table: `key` column plus feature columns (data/side.py).
+
+    Args:
+      columns: the feature columns (default: every column but `key` and `category`).
+      names: the column names of a table without a header line.
+      category: items only: the column holding the item's category (the history's category
+        channel, as an event log's category column would be).
+      numeric: feature columns bucketed by quantile into `numeric_buckets` buckets (names
+        that are not columns of this table are ignored).
+      multi: multi-valued feature columns -> their value separator; up to `max_bag` values.
+    """
+    t = read_table(path, delimiter, names)
+    multi = dict(multi or {})
     if key not in t.column_names:
         raise DataError(f"{path}: missing key column {key!r}; the file has {t.column_names}")
-    columns = columns or [c for c in t.column_names if c != key]
-    missing = [c for c in columns if c not in t.column_names]
+    columns = columns or [c for c in t.column_names if c not in (key, category)]
+    wanted = [*columns, *([category] if category else [])]
+    missing = [c for c in wanted if c not in t.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; the file has {t.column_names}")
+    # The numeric and multi-valued names cover both tables: each keeps its own columns.
+    numeric = tuple(c for c in numeric if c in columns)
+    multi = {c: sep for c, sep in multi.items() if c in columns}
+    both = set(numeric) & set(multi)
+    if both:
+        raise DataError(f"{path}: {sorted(both)} cannot be both numeric and multi-valued")
+    if numeric_buckets < 2 or max_bag < 1:
+        raise DataError("need --numeric_buckets >= 2 and --max_bag >= 1")
     ids, ok = parse_id(t.column(key).combine_chunks(), string_ids)
     if pc.count_distinct(ids).as_py() != len(ids):
         raise DataError(f"{path}: column {key!r} repeats ids; a side table needs one row per id")
+    line0 = 1 if names else 2  # the first data row's line
     if not ok.all():
         bad = int(np.argmin(ok))
-        raise fail_row(path, bad + 2, "bad_id", str(t.column(key)[bad]))
-    return SideTable(ids, {c: t.column(c).combine_chunks() for c in columns})
+        raise fail_row(path, bad + line0, "bad_id", str(t.column(key)[bad]))
+    cat = None
+    if category:
+        cat, ok = parse_id(t.column(category).combine_chunks(), string_ids)
+        if not ok.all():
+            bad = int(np.argmin(ok))
+            raise fail_row(path, bad + line0, "bad_id", str(t.column(category)[bad]))
+    return SideTable(
+        ids,
+        {c: t.column(c).combine_chunks() for c in columns},
+        category=cat,
+        numeric=tuple(numeric),
+        numeric_buckets=numeric_buckets,
+        multi=multi,
+        max_bag=max_bag,
+    )
 
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
@@ -251,8 +301,32 @@ def events(
     user_key: str = "",
     item_table: str = "",
     item_key: str = "",
+    time_format: str = "unix_s",
+    time_zone: str = "UTC",
+    user_fields: tuple[str, ...] = (),
+    item_fields: tuple[str, ...] = (),
+    user_table_names: tuple[str, ...] = (),
+    item_table_names: tuple[str, ...] = (),
+    user_table_delimiter: str = "",
+    item_table_delimiter: str = "",
+    item_category: str = "",
+    numeric_fields: tuple[str, ...] = (),
+    numeric_buckets: int = 10,
+    multi_value_fields: tuple[str, ...] = (),
+    multi_value_sep: str = "|",
+    max_bag: int = 8,
 ) -> EventSource:
-    """A generic CSV/Parquet event log with a column mapping given by the caller."""
+    """A generic CSV/Parquet event log with a column mapping given by the caller; timestamps in
+    `time_format` (timefmt.py), read in `time_zone` where a value has no offset of its own.
+
+    Side tables (`user_table`, `item_table`; data/side.py): `*_fields` choose their feature
+    columns (default: all), `*_table_names` name the columns of a table without a header line,
+    `*_table_delimiter` default to `delimiter`; `item_category` is the item table's category
+    column (it feeds the history's category channel); `numeric_fields` of either table are
+    bucketed by quantile, `multi_value_fields` split on `multi_value_sep` into bags."""
+    options = {k: v for k, v in locals().items() if k != "path"}
+    behaviour_types, names = tuple(behaviour_types), tuple(names)  # lists once saved as JSON
+    timefmt.check(time_format, time_zone)
     if not 0 < len(behaviour_types) <= 100:
         raise DataError("events: --behaviour_types must list 1 to 100 raw behaviour spellings")
     delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
@@ -264,18 +338,45 @@ def events(
     if not header and not names:
         raise DataError("events: a file without a header needs --names (its column names)")
     f = EventFile(
-        path, roles, behaviour_types, names=None if header else names, delimiter=delimiter
+        path,
+        roles,
+        behaviour_types,
+        names=None if header else names,
+        delimiter=delimiter,
+        time_format=time_format,
+        time_zone=time_zone,
     )
-    ut = (
-        side_table(user_table, user_key or user, None, delimiter, string_ids)
-        if user_table
-        else None
-    )
-    it = (
-        side_table(item_table, item_key or item, None, delimiter, string_ids)
-        if item_table
-        else None
-    )
+    tables = {}
+    for group, table, key, fields, table_names, sep in (
+        ("user", user_table, user_key or user, user_fields, user_table_names, user_table_delimiter),
+        ("item", item_table, item_key or item, item_fields, item_table_names, item_table_delimiter),
+    ):
+        if not table:
+            continue
+        if not header and not table_names:
+            raise DataError(
+                f"events: --noheader: the {group} table needs --{group}_table_names (its column "
+                "names); a table with a header line needs neither"
+            )
+        sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep) or delimiter
+        tables[group] = side_table(
+            table,
+            key,
+            list(fields) or None,
+            sep,
+            string_ids,
+            names=tuple(table_names) or None,
+            category=item_category if group == "item" else "",
+            numeric=tuple(numeric_fields),
+            numeric_buckets=numeric_buckets,
+            multi=dict.fromkeys(multi_value_fields, multi_value_sep),
+            max_bag=max_bag,
+        )
+    _all_found(tables, "--numeric_fields", numeric_fields)
+    _all_found(tables, "--multi_value_fields", multi_value_fields)
+    if item_category and "item" not in tables:
+        raise DataError("events: --item_category names a column of --item_table; give the table")
+    ut, it = tables.get("user"), tables.get("item")
     return EventSource(
         "events",
         [f],
@@ -284,7 +385,21 @@ def events(
         user_table=ut,
         item_table=it,
         defaults={"target_behaviours": ("any",), "neg_ratio": 1},
+        options={
+            **options,
+            "behaviour_types": list(behaviour_types),
+            "names": list(names),
+            "user_table": os.path.abspath(user_table) if user_table else "",
+            "item_table": os.path.abspath(item_table) if item_table else "",
+        },
     )
+
+
+def _all_found(tables: dict[str, SideTable], flag: str, names: tuple[str, ...]) -> None:
+    found = {c for t in tables.values() for c in t.features}
+    missing = [c for c in names if c not in found]
+    if missing:
+        raise DataError(f"events: {flag} names {missing}, not feature columns of the side tables")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +409,6 @@ class SourceSpec:
     name: str
     open: Callable[..., EventSource]  # (path, **column-mapping options) -> EventSource
     input: str  # what --input names, for help texts
-    replayable: bool = True  # rank.py --events can rebuild histories from a log of it
     sample: str = ""  # its public sample under $INFLUENCE_JAX_DATA (tools/quality.py), if any
     config: str = ""  # configs/<config>.py trains on it (next-item task)
     conversion_config: str = ""  # configs/<it>.py trains on its conversion task, if it has one
@@ -324,7 +438,7 @@ SOURCES: dict[str, SourceSpec] = {
             config="retailrocket",
             conversion_config="retailrocket_conversion",
         ),
-        # Any CSV/Parquet log with a column mapping; rank.py --events has no flags to map one.
-        SourceSpec("events", events, "a CSV or Parquet event log", replayable=False),
+        # Any CSV/Parquet log with a column mapping (saved in schema.json for rank.py --events).
+        SourceSpec("events", events, "a CSV or Parquet event log"),
     )
 }

@@ -52,9 +52,14 @@ class Embeddings(nn.Module):
         ).value
 
     def lookup(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
-        """ids [..., F] -> embeddings [..., F, D], one table per field's vocabulary."""
+        """ids [..., F] -> embeddings [..., S, D], one table per field's vocabulary.
+
+        S = F, except that the slots of a multi-valued field (the fields sharing one `bag`)
+        pool into one embedding, the mean over its non-padding ids (zeros when it has none),
+        at the position of its first slot.
+        """
         tables = self.hist_tables if hist and not self.share_item else self.tables
-        out = []
+        out, bags = [], {}
         for j, f in enumerate(fields):
             table, ids_j = tables[f.vocab], ids[..., j]
             if self.schema.table_rows(f.vocab) < self.schema.vocab_sizes[f.vocab]:
@@ -62,7 +67,18 @@ class Embeddings(nn.Module):
                 # (Under row-sparse training `table` holds only the batch's rows and the ids
                 # are positions in it, all below its size.)
                 ids_j = jnp.where(ids_j < table.shape[0], ids_j, OOV_ID)
-            out.append(jnp.take(table, ids_j, axis=0))
+            e = jnp.take(table, ids_j, axis=0)
+            if not f.bag:
+                out.append(e)
+                continue
+            if f.bag not in bags:
+                bags[f.bag] = len(out)
+                out.append([])
+            out[bags[f.bag]].append((e, ids[..., j] != PAD_ID))
+        for k in bags.values():
+            e = jnp.stack([e for e, _ in out[k]], -2)
+            m = jnp.stack([m for _, m in out[k]], -1).astype(e.dtype)
+            out[k] = jnp.einsum("...kd,...k->...d", e, m) / jnp.maximum(m.sum(-1), 1.0)[..., None]
         return jnp.stack(out, axis=-2)
 
     def __call__(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:

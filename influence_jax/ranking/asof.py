@@ -109,6 +109,7 @@ def contexts_from_log(
         np.full(len(s.user), as_of, np.int64),
         np.ones(len(s.user), bool),
         seen,
+        dataset.drop_event_times(s.hist, s.hist_ts),
     )
     counts = {
         "log_events": n_read,
@@ -118,8 +119,30 @@ def contexts_from_log(
     return ctx, counts
 
 
-def open_log(source: str, path: str) -> readers.EventSource:
-    """The raw log `path` read as `source` (taobao, movielens, retailrocket)."""
+def open_log(source: str | None, path: str, dataset: Dataset | None = None) -> readers.EventSource:
+    """The raw log `path` read as `source` (default: the source `dataset` was prepared from);
+    an `events` log with the column mapping, time format and zone saved at preparation.
+
+    Side tables are left out: user and item features come from the dataset's ranking state."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such event log")
-    return readers.open_source(source, path)
+    extra = dataset.schema.extra if dataset is not None else {}
+    source = source or extra.get("source")
+    if not source:
+        raise DataError("--events: the dataset does not record its source; pass --source")
+    if source != "events":
+        return readers.open_source(source, path)
+    if dataset is None:
+        raise DataError("--source=events: the column mapping comes from the prepared dataset")
+    if extra.get("source") != "events":
+        raise DataError(
+            f"{dataset.path}: prepared from --source={extra.get('source')}, not events; pass "
+            "the source it was prepared from"
+        )
+    options = extra.get("source_options")
+    if not options:
+        raise DataError(
+            f"{dataset.path}: prepared without saved column mapping; re-run prepare_data.py "
+            "to rank from an events log"
+        )
+    return readers.open_source("events", path, **{**options, "user_table": "", "item_table": ""})
