@@ -21,3 +21,30 @@ class _QuietLibraries(logging.Filter):
 def quiet_libraries(min_level: int = logging.WARNING, libs: tuple[str, ...] = ("orbax", "grain")):
     """Drops records below `min_level` that come from `libs` (Orbax and Grain log every save)."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries(libs, min_level))
+
+
+class _Plain(logging.Formatter):
+    """The terminal's lines: the message alone, with the level named for warnings and errors
+    (absl's prefix, `I1204 14:09:13.219846 139849122507648 loop.py:211]`, stays in the file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"{record.levelname.lower()}: {msg}"
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return msg
+
+
+def plain_terminal_and_file(path: str | None) -> None:
+    """Plain lines on the terminal; with `path`, every line also goes to that file (appended)
+    with absl's prefix (level, time, thread, file:line) and the same library filters."""
+    handler = absl_logging.get_absl_handler()
+    handler.setFormatter(_Plain())
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        file = logging.FileHandler(path)
+        file.setFormatter(absl_logging.PythonFormatter())
+        for f in handler.filters:
+            file.addFilter(f)
+        logging.getLogger().addHandler(file)

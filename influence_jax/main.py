@@ -26,6 +26,7 @@ _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "1.5x faster for the benchmark CNN at batch 1024, 0.77x for the default ranker at 256.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
+LOG_FILE = "train.log"  # in the workdir: every log line with absl's prefix (the terminal: plain)
 
 
 def _init_distributed() -> None:
@@ -50,7 +51,8 @@ def _init_distributed() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logs.quiet_libraries()
+    # JAX's INFO lines too: "Unable to initialize backend 'tpu'" on every CPU or GPU host.
+    logs.quiet_libraries(libs=("orbax", "grain", "jax"))
     if _KEEP_HOST_MEMORY.value:
         hostmem.keep_freed_host_memory()
     from influence_jax import config_check
@@ -65,6 +67,8 @@ def main(argv):
 
         if jax.process_index() != 0:
             logging.set_verbosity(logging.WARNING)
+        log_file = os.path.join(_WORKDIR.value, LOG_FILE) if jax.process_index() == 0 else None
+        logs.plain_terminal_and_file(log_file)
         logging.info(
             "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
         )

@@ -54,6 +54,20 @@ def test_sigkill_then_same_command_ends_bit_identical(tmp_path, jax_cache, refer
     assert_trees_equal(load_state(workdir, 20), load_state(reference, 20))
 
 
+ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ", re.M)
+
+
+def test_the_terminal_shows_plain_lines_and_train_log_keeps_the_prefixes(reference):
+    terminal = (reference.parent / "reference.log").read_text()
+    assert "step 20/20 loss=" in terminal
+    assert not ABSL_PREFIX.search(terminal), terminal[-2000:]
+    assert "Unable to initialize backend" not in terminal
+    log = (reference / "train.log").read_text()
+    lines = [ln for ln in log.splitlines() if ln]
+    assert lines and all(ABSL_PREFIX.match(ln) for ln in lines), log[-2000:]
+    assert any("step 20/20 loss=" in ln for ln in lines)
+
+
 def test_early_stopping_keeps_last_k_plus_best_and_records_it(tmp_path, jax_cache):
     workdir = tmp_path / "run"
     # Maximising the validation logloss (which falls as the model learns) makes the first

@@ -4,6 +4,9 @@ training gave, and every tool refuses a bad output path or flag value in one lin
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +164,7 @@ HELP = {  # tool -> a flag of its own that --help must list
     "cv": "--cv_folds",
     "sweep": "--sweep",
     "select_features": "--workdir",
+    "readme_figures": "--import_influence",
 }
 
 
@@ -180,3 +184,23 @@ def test_console_script_help_lists_the_training_flags():
     assert os.path.exists(exe), "the influence-jax console script is installed with the package"
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "--workdir" in r.stdout + r.stderr and "--config" in r.stdout
+
+
+def test_readme_figures_are_rendered_from_the_committed_results(tmp_path):
+    """The README's figure blocks equal what tools/readme_figures.py renders from
+    docs/results; a changed result makes them stale."""
+    r = helpers.run_tool("readme_figures", "--check", timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sys.path.insert(0, str(helpers.TOOLS))
+    import readme_figures
+
+    results = tmp_path / "results"
+    shutil.copytree(os.path.join(readme_figures.RESULTS), results)
+    meta = results / readme_figures.INFLUENCE / "meta.json"
+    m = json.loads(meta.read_text())
+    m["test_positives"] += 1
+    meta.write_text(json.dumps(m))
+    stale = readme_figures.update(check=True, results=str(results))
+    assert sorted(stale) == sorted(readme_figures.READMES.values())
+    facts = readme_figures.influence_facts(str(results / readme_figures.INFLUENCE))
+    assert f"{facts['positives']} conversions" in readme_figures.influence_en(facts)
