@@ -21,6 +21,7 @@ def run(body: Callable[[], None], tool: str) -> None:
     logging.set_verbosity(logging.WARNING)
     # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
     logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
+    logs.plain_terminal_and_file(None)  # "warning: ..." lines, without absl's prefix
     try:
         body()
     except (DataError, ConfigError) as e:

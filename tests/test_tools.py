@@ -204,3 +204,24 @@ def test_readme_figures_are_rendered_from_the_committed_results(tmp_path):
     assert sorted(stale) == sorted(readme_figures.READMES.values())
     facts = readme_figures.influence_facts(str(results / readme_figures.INFLUENCE))
     assert f"{facts['positives']} conversions" in readme_figures.influence_en(facts)
+
+
+def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):
+    import signal
+    import subprocess
+
+    out = tmp_path / "top.csv"
+    cmd = [sys.executable, str(helpers.TOOLS / "rank.py"), f"--workdir={run_dir}",
+           f"--output={out}", "--format=csv", "--batch_size=8", "--progress_every=0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # scoring has started once it reports progress
+        lines.append(line)
+        if line.startswith("scored "):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120 * helpers.HANG_FACTOR)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert rest.strip().splitlines()[-1:] == ["rank: interrupted"], rest
+    assert "Traceback" not in rest and not out.exists()
+    assert not list(tmp_path.iterdir())  # no temporary file either
