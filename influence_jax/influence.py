@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from absl import logging
 
-from influence_jax import files, influence_plots, summary
+from influence_jax import counterfactual, files, influence_plots, summary
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.errors import DataError
 from influence_jax.ranking.output import Progress
@@ -31,6 +31,8 @@ NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--e
 MAX_K = 5  # faithfulness: remove k = 1..MAX_K events
 RANDOM_DRAWS = 10  # random k-subsets per example and k
 DELETION_COPIES = MAX_K * (1 + RANDOM_DRAWS)  # masked copies per example in `faithfulness`
+COUNTERFACTUAL_EXAMPLES = 2048  # examples edited by the counterfactual check (counterfactual.py)
+SEPARATION = 0.8  # the lowest extractor weight "stands apart" below this x the next lowest
 HIST_LEN_EDGES = (1, 5, 10, 20, 50, 100, 200)  # history-length segments: [0], [1, 5), ...
 MAX_SEGMENT_VALUES = 10  # most frequent values kept per categorical segment
 ROWS_PER_CALL = 8192  # model rows (examples x masked copies) per device call
@@ -53,6 +55,15 @@ DEFINITIONS = {
     "per_event": "leave-one-event-out logit drops of a sample of predictions (events.parquet)",
     "faithfulness": "mean logit drop when the k events with the largest leave-one-out drop "
     "are removed together vs k random events (mean of RANDOM_DRAWS draws)",
+    "counterfactual": "per type, one event of the type added on the target item as the most "
+    "recent event (gap_seconds before): add_prob / add_logit the mean change of the "
+    "probability / logit; contrast_logit that change minus the change from the same event on "
+    "another item (the shift of older events cancels); planted_contrast_logit on synthetic "
+    "data (counterfactual.py)",
+    "behaviour_types.counterfactual_add_prob": "counterfactual.types[t].add_prob.mean",
+    "behaviour_types.counterfactual_contrast": "counterfactual.types[t].contrast_logit.mean",
+    "extractor_separation": "whether the lowest extractor weight is below SEPARATION x the "
+    "next lowest; else the weights cannot tell the two apart",
 }
 
 
@@ -332,6 +343,31 @@ def _learned_weights(run: Run, batch: dict[str, np.ndarray]) -> tuple[dict, dict
     return {k: float(v) for k, v in w.items()}, {k: float(v) for k, v in g.items()}
 
 
+def extractor_separation(weights: dict[str, float | None]) -> dict[str, Any]:
+    """Whether the lowest extractor weight stands apart from the next lowest: `separated` when
+    it is below SEPARATION x the next lowest; else the report says the weights cannot tell the
+    two apart (which of them matters less is not known from the weights)."""
+    w = {k: v for k, v in weights.items() if v is not None}
+    if len(w) < 2:
+        return {"separated": None, "verdict": "fewer than two weighted extractors"}
+    lowest, second = sorted(w, key=w.get)[:2]
+    ratio = w[lowest] / w[second] if w[second] > 0 else float("nan")
+    separated = bool(ratio < SEPARATION)
+    verdict = (
+        f"{lowest} has the lowest weight ({w[lowest]:.3f}, {ratio:.2f}x {second}'s)"
+        if separated
+        else f"the weights cannot tell {lowest} and {second} apart ({w[lowest]:.3f} vs "
+        f"{w[second]:.3f}, ratio {ratio:.2f} >= {SEPARATION})"
+    )
+    return {
+        "lowest": lowest,
+        "next": second,
+        "ratio": ratio,
+        "separated": separated,
+        "verdict": verdict,
+    }
+
+
 def planted_weights(schema: Schema) -> dict[str, float] | None:
     """The synthetic generator's planted behaviour-type weights, normalised to sum 1 over the
     schema's types as the learned gates are; None for other data, and for labels made without
@@ -386,7 +422,10 @@ def report(
     T = s.num_behaviour_types
     real = real_events(ex["hist"], s)
     n_pick = min(sample, int(real.any(1).sum()))  # the faithfulness part is at most this
-    work = _Work([(len(rows), T), (n_pick, s.max_len), (n_pick, DELETION_COPIES)], log)
+    n_cf = min(len(rows), COUNTERFACTUAL_EXAMPLES)
+    work = _Work(
+        [(len(rows), T), (n_cf, 1 + 2 * T), (n_pick, s.max_len), (n_pick, DELETION_COPIES)], log
+    )
     out = masked_deltas(
         run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn, work.part(len(rows), T)
     )
@@ -413,6 +452,17 @@ def report(
             e["share"] = e["influence"] / total
     for k, e in result["extractors"].items():
         e["weight"] = w_ext.get(k)
+    result["extractor_separation"] = extractor_separation(w_ext)
+    cf_rows = np.sort(rng.choice(len(rows), n_cf, replace=False))
+    cf = counterfactual.counterfactual(
+        run, lambda r: gather(cf_rows[r]), n_cf, n_boot, rng, work.part(n_cf, 1 + 2 * T)
+    )
+    result["counterfactual"] = cf
+    for t, e in cf["types"].items():
+        result["behaviour_types"][t].update(
+            counterfactual_add_prob=e["add_prob"]["mean"],
+            counterfactual_contrast=e["contrast_logit"]["mean"],
+        )
     maps = run.dataset.id_maps
     result["segments"] = _segments(run, maps, ex, loto, contrib, min(n_boot, 300), rng)
 

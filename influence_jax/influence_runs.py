@@ -23,10 +23,22 @@ from influence_jax import files
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
 METRICS = {
-    "behaviour_types": ("influence", "per_event", "signed", "share", "gate", "events_per_example"),
+    "behaviour_types": (
+        "influence",
+        "per_event",
+        "signed",
+        "share",
+        "gate",
+        "events_per_example",
+        "counterfactual_add_prob",
+        "counterfactual_contrast",
+    ),
     "extractors": ("influence", "contribution", "share", "weight"),
 }
-RANKED = {"behaviour_types": ("influence", "per_event", "gate"), "extractors": ("weight",)}
+RANKED = {
+    "behaviour_types": ("influence", "per_event", "gate", "counterfactual_contrast"),
+    "extractors": ("weight",),
+}
 SIGNED = {"behaviour_types": "signed", "extractors": "contribution"}
 
 

@@ -95,6 +95,20 @@ def _one(workdir: str, output: str) -> dict:
         + " ".join(f"{x:.4f}" for x in f["random_drop"])
         + f" | gap holds for every k: {f['holds']}"
     )
+    print(f"  extractor weights: {r['extractor_separation']['verdict']}")
+    cf = r["counterfactual"]
+    print(
+        f"counterfactual ({cf['examples']} predictions; one event of the type on the target "
+        f"item, {cf['gap_seconds']} s before):"
+    )
+    for t, e in cf["types"].items():
+        planted = e.get("planted_contrast_logit")
+        print(
+            f"  behaviour {t:>8}: probability {e['add_prob']['mean']:+.4f} logit "
+            f"{e['add_logit']['mean']:+.4f} vs another item {e['contrast_logit']['mean']:+.4f} "
+            f"[{e['contrast_logit']['ci_low']:+.4f}, {e['contrast_logit']['ci_high']:+.4f}]"
+            + ("" if planted is None else f" (planted {planted:+.4f})")
+        )
     return r
 
 

@@ -92,7 +92,8 @@ def import_influence(report: str, dest: str) -> None:
 
 def _range(values, fmt: str = ".2f", scale: float = 1.0) -> str:
     lo, hi = min(values) * scale, max(values) * scale
-    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}-{hi:{fmt}}"
+    sep = " to " if "+" in fmt else "-"  # "-0.1 to +0.2", not "-0.1-+0.2"
+    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}{sep}{hi:{fmt}}"
 
 
 def _signed(values) -> str:
@@ -129,6 +130,16 @@ def influence_facts(folder: str) -> dict:
         "flipped": {t: types[t]["signed"]["values"] for t in types if not types[t]["sign_stable"]},
         "gate_orders": [" > ".join(o) for o in orders["behaviour_types.gate"]["per_run"]],
         "gate_stable": orders["behaviour_types.gate"]["stable"],
+        "add_prob": {
+            t: types[t]["counterfactual_add_prob"]["values"]
+            for t in types
+            if "counterfactual_add_prob" in types[t]
+        },
+        "contrast_orders": [
+            " > ".join(o)
+            for o in orders.get("behaviour_types.counterfactual_contrast", {}).get("per_run", [])
+        ],
+        "contrast_stable": orders.get("behaviour_types.counterfactual_contrast", {}).get("stable"),
     }
 
 
@@ -162,6 +173,20 @@ def influence_en(f: dict) -> str:
         lines.append(
             f"Signed effects that change sign between seeds, flagged by the report: {flipped}; "
             "they say nothing about whether a type raises or lowers the chance of a purchase. "
+        )
+    if f["add_prob"]:
+        probs = ", ".join(
+            f"{t} {sum(v) / len(v):+.3f} ({_range(v, '+.3f')})" for t, v in f["add_prob"].items()
+        )
+        lines.append(
+            "Adding one event of a type on the exposed item an hour before (the counterfactual "
+            f"check) raises the predicted purchase probability by, mean over seeds (range): "
+            f"{probs}; the order by its contrast with the same event on another item "
+            + (
+                f"holds ({f['contrast_orders'][0]}). "
+                if f["contrast_stable"]
+                else f"changes between seeds ({_orders(f['contrast_orders'], '; ')}). "
+            )
         )
     lines.append(
         "The learned gates' order "
@@ -202,6 +227,19 @@ def influence_zh(f: dict) -> str:
             f"带符号效应在种子之间改变符号的类型会被报告标出：{flipped}；"
             "它们不能说明某类型提高还是降低购买概率。"
         )
+    if f["add_prob"]:
+        probs = "，".join(
+            f"{t} {sum(v) / len(v):+.3f}（{_range(v, '+.3f')}）" for t, v in f["add_prob"].items()
+        )
+        text += (
+            f"反事实检查在被曝光的商品上添加一个一小时前的某类型事件，预测的购买概率平均（范围）变化为：{probs}；"
+            "按它与把同一事件加在另一商品上的差值排序"
+            + (
+                f"一致（{f['contrast_orders'][0]}）。"
+                if f["contrast_stable"]
+                else f"随种子而变（{_orders(f['contrast_orders'], '；')}）。"
+            )
+        )
     text += "学到的门控值的顺序" + (
         f"一致（{f['gate_orders'][0]}）。"
         if f["gate_stable"]
@@ -213,7 +251,8 @@ def influence_zh(f: dict) -> str:
 def _wrap(text: str, width: int = 96) -> str:
     out, line = [], ""
     for word in text.split(" "):
-        if line and len(line) + 1 + len(word) > width:
+        # A line must not start with ">" (Markdown would quote it): such a word stays behind.
+        if line and len(line) + 1 + len(word) > width and not word.startswith(">"):
             out.append(line)
             line = word
         else:
