@@ -1,0 +1,142 @@
+"""The non-learned retriever: its tables are built once from the histories as of a cut, then
+candidates are made per chunk of users (every source's list, merged into N per user) and,
+for measurement, recall@N of each source and of the merged set against the split's positives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+
+from influence_jax.retrieval import covisit, sources
+from influence_jax.retrieval.histories import Histories, behaviour_weights
+from influence_jax.retrieval.merge import DEFAULT_QUOTAS, SOURCES, check_quotas, merge
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """All settings of the non-learned sources and their merge."""
+
+    covisit: covisit.CovisitConfig = covisit.CovisitConfig()
+    behaviour_weights: Mapping[str, float] | None = None  # by name; None: histories.DEFAULT_WEIGHTS
+    per_category: int = 500  # items kept per category for the category source
+    quotas: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    users_per_chunk: int = 8192  # users whose candidates are made at once
+
+
+class Retriever:
+    """Tables of the sources, built from every user's history as of the cut.
+
+    Args:
+      h: the histories (`histories.load_histories`).
+      cfg: the settings.
+      progress: called with users done while the co-visitation table is counted.
+    """
+
+    def __init__(
+        self,
+        h: Histories,
+        cfg: RetrievalConfig = RetrievalConfig(),
+        progress: Callable[[int], None] | None = None,
+    ):
+        self.h, self.cfg = h, cfg
+        self.quotas = check_quotas(cfg.quotas)
+        self.beh_w = behaviour_weights(h.behaviour_types, cfg.behaviour_weights)
+        self.covisit = covisit.covisitation(h, self.beh_w, cfg.covisit, progress)
+        self.pop = sources.popularity(h, self.beh_w, cfg.covisit.half_life_s)
+        self.category = sources.category_table(h, self.pop, cfg.per_category)
+
+    def lists(self, part: Histories, m: int) -> dict[str, np.ndarray]:
+        """Each source's best `m` items for the users of `part` ([U, m]; popular is [m])."""
+        half_life = self.cfg.covisit.half_life_s
+        out = {
+            "recent": sources.recent_items(part, m),
+            "covisit": covisit.covisit_candidates(self.covisit, part, self.beh_w, m, half_life),
+            "popular": sources.popular_items(self.pop, m),
+        }
+        if self.category is not None:
+            out["category"] = sources.category_popular(
+                self.category, part, self.beh_w, half_life, m
+            )
+        return out
+
+    def chunks(self) -> Iterator[Histories]:
+        step = self.cfg.users_per_chunk
+        for a in range(0, len(self.h), step):
+            yield self.h.rows(a, a + step)
+
+    def candidates(
+        self, n: int, seen: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(user_key [C], items [C, n], source [C, n]) per chunk of users (merge.merge)."""
+        for part in self.chunks():
+            items, src = merge(
+                self.lists(part, n), n, self.quotas, part.user_key, seen, self.h.n_items
+            )
+            yield part.user_key, items, src
+
+
+def hits(user_key: np.ndarray, items: np.ndarray, pos_key: np.ndarray, n_items: int) -> np.ndarray:
+    """[len(pos_key)] whether each positive (sorted user_key * n_items + item) is among the
+    users' candidates `items` ([U, K]; a [K] list is every user's)."""
+    if items.ndim == 1:
+        items = np.broadcast_to(items, (len(user_key), len(items)))
+    key = (np.asarray(user_key, np.int64)[:, None] * n_items + items)[items != 0]
+    return np.isin(pos_key, key)
+
+
+def recall(
+    r: Retriever,
+    pos_user: np.ndarray,
+    pos_item: np.ndarray,
+    ns: tuple[int, ...] = (50, 100, 200, 500),
+    seen: np.ndarray | None = None,
+    exclude_seen: bool = False,
+) -> dict:
+    """recall@N of every source and of the merged candidates, for each N in `ns`.
+
+    recall@N = the share of the split's distinct positive (user, item) pairs whose item is
+    among the user's first N candidates, over the positives of users with a history before
+    the cut (the others, cold users, are counted in `positives_without_history`). With `seen`
+    (`histories.seen_keys`) it is also given over the positives of items the user had not
+    interacted with before the cut (`recall_unseen`), and with `exclude_seen` seen items are
+    left out of the merged set (each source's own list is measured as it is)."""
+    h = r.h
+    pos_key = np.asarray(pos_user, np.int64) * h.n_items + pos_item
+    known = np.isin(pos_user, h.user_key)
+    pos_key = np.sort(pos_key[known])
+    m = max(ns)
+    names = [s for s in SOURCES if s != "category" or r.category is not None]
+    found = {(s, n): np.zeros(len(pos_key), bool) for s in (*names, "merged") for n in ns}
+    for part in r.chunks():
+        mine = np.isin(pos_key // h.n_items, part.user_key)
+        lists = r.lists(part, m)
+        for n in ns:
+            top = {s: lst[..., :n] for s, lst in lists.items()}  # as `candidates` makes them
+            for s, lst in top.items():
+                found[s, n][mine] |= hits(part.user_key, lst, pos_key[mine], h.n_items)
+            excl = seen if exclude_seen else None
+            items, _ = merge(top, n, r.quotas, part.user_key, excl, h.n_items)
+            found["merged", n][mine] |= hits(part.user_key, items, pos_key[mine], h.n_items)
+
+    def table(rows: np.ndarray) -> dict[str, dict[str, float]]:
+        total = max(int(rows.sum()), 1)
+        return {
+            s: {str(n): round(float(found[s, n][rows].sum()) / total, 4) for n in ns}
+            for s in (*names, "merged")
+        }
+
+    out = {
+        "recall": table(np.ones(len(pos_key), bool)),
+        "positives": int(len(pos_key)),
+        "positives_without_history": int((~known).sum()),
+        "users": int(len(h)),
+        "users_with_positives": int(len(np.unique(pos_key // h.n_items))),
+    }
+    if seen is not None:
+        unseen = ~np.isin(pos_key, seen)
+        out["recall_unseen"] = table(unseen)
+        out["positives_unseen"] = int(unseen.sum())
+    return out

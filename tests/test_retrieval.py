@@ -1,0 +1,217 @@
+"""Candidate generation (influence_jax/retrieval, tools/retrieve.py): co-visitation counts,
+recent items, merge quotas, recall, and the CLI end to end on a tiny prepared log."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from influence_jax import retrieval
+from influence_jax.data.history import NO_HISTORY
+from influence_jax.data.idmaps import IdMaps
+from influence_jax.data.schema import DataError, Schema
+from influence_jax.ranking.candidates import read_candidate_ids
+from influence_jax.retrieval import covisit, sources
+from tests import helpers
+
+TYPES = ("pv", "cart", "fav", "buy")
+PV, CART, FAV, BUY = range(4)
+DAY = 86400
+CUT = 100 * DAY
+V = 20  # item ids 0..19
+
+
+def hist(items, behs, ages, user_key=None) -> retrieval.Histories:
+    """Histories of users given per slot (most recent first; item 0 = empty); ages in seconds
+    before the cut."""
+    item = np.array(items, np.int32)
+    filled = item != 0
+    return retrieval.Histories(
+        cut="test",
+        time=CUT,
+        user_key=np.arange(len(item)) if user_key is None else np.array(user_key, np.int64),
+        item=item,
+        beh=np.where(filled, np.array(behs), -1).astype(np.int32),
+        ts=np.where(filled, CUT - np.array(ages, np.int64), NO_HISTORY),
+        category=None,
+        behaviour_types=TYPES,
+        n_items=V,
+    )
+
+
+def rows(table) -> dict[int, list[tuple[int, float]]]:
+    out = {}
+    for k in range(table.n_keys):
+        it, sc = table.row(k)
+        if len(it):
+            out[k] = list(zip(it.tolist(), np.round(sc, 6).tolist(), strict=True))
+    return out
+
+
+W = retrieval.behaviour_weights(TYPES, None)  # pv 1, cart 3, fav 3, buy 5
+
+
+def test_default_weights_and_unknown_names():
+    assert W.tolist() == [1, 3, 3, 5]
+    assert retrieval.behaviour_weights(TYPES, {"pv": 2}).tolist() == [2, 3, 3, 5]
+    with pytest.raises(DataError, match=r"\['r5'\]"):
+        retrieval.behaviour_weights(TYPES, {"r5": 1})
+
+
+def test_covisitation_counts_equal_hand_computed_ones():
+    # Slots (most recent first): 10 buy, 11 pv, 10 pv, 12 cart. A pair (a, b) adds w(b) to
+    # a -> b and w(a) to b -> a. Window 2 positions: (0,1) (1,2) (2,3) (1,3); (0,2) is 10-10.
+    h = hist([[10, 11, 10, 12]], [[BUY, PV, PV, CART]], [[0, 60, 120, 180]])
+    cfg = covisit.CovisitConfig(window_events=2, window_seconds=0, half_life_s=0, neighbours=5)
+    t = covisit.covisitation(h, W, cfg)
+    assert rows(t) == {
+        10: [(12, 3.0), (11, 2.0)],  # 10->11: w(slot1)=1 + w(slot1)=1; 10->12: w(cart)=3
+        11: [(10, 6.0), (12, 3.0)],  # 11->10: buy 5 + pv 1
+        12: [(10, 1.0), (11, 1.0)],  # ties by item id
+    }
+    # Window 1: only adjacent slots.
+    t1 = covisit.covisitation(h, W, covisit.CovisitConfig(1, 0, 0, 5))
+    assert rows(t1) == {10: [(12, 3.0), (11, 2.0)], 11: [(10, 6.0)], 12: [(10, 1.0)]}
+    # Neighbours kept per item.
+    assert rows(covisit.covisitation(h, W, covisit.CovisitConfig(2, 0, 0, 1)))[11] == [(10, 6.0)]
+
+
+def test_covisitation_time_window_recency_and_users_add_up():
+    # Slot 3 is two days older than slot 2: a one-day window drops the pairs with it.
+    h = hist([[10, 11, 10, 12]], [[BUY, PV, PV, CART]], [[0, 60, 120, 2 * DAY + 120]])
+    t = covisit.covisitation(h, W, covisit.CovisitConfig(2, DAY, 0, 5))
+    assert rows(t) == {10: [(11, 2.0)], 11: [(10, 6.0)]}
+    # Half-life one day: an event one day before the cut weighs half; two users add up and
+    # chunking does not change the sums.
+    h2 = hist([[10, 11], [11, 10]], [[PV, CART], [PV, PV]], [[0, DAY], [DAY, DAY]])
+    for chunk in (1, 8):
+        cfg = covisit.CovisitConfig(1, 0, DAY, 5, users_per_chunk=chunk)
+        t2 = covisit.covisitation(h2, W, cfg)
+        assert rows(t2) == {10: [(11, 1.5 + 0.5)], 11: [(10, 1.0 + 0.5)]}
+
+
+def test_user_scores_sum_neighbour_scores_of_history_events():
+    h = hist([[10, 11, 10, 12]], [[BUY, PV, PV, CART]], [[0, 60, 120, 180]])
+    t = covisit.covisitation(h, W, covisit.CovisitConfig(2, 0, 0, 5))
+    # User with 11 (buy, w 5) and 12 (pv, w 1): 10 = 5*6 + 1*1, 12 = 5*3, 11 = 1*1.
+    u = hist([[11, 12, 0]], [[BUY, PV, 0]], [[0, 10, 0]])
+    got = covisit.covisit_candidates(t, u, W, 4, half_life_s=0)
+    assert got.tolist() == [[10, 12, 11, 0]]
+
+
+def test_recent_items_are_distinct_most_recent_first():
+    h = hist(
+        [[10, 11, 10, 1, 12, 0], [13, 0, 0, 0, 0, 0]],  # 1 = an OOV item, skipped
+        [[PV, PV, BUY, PV, CART, 0], [PV, 0, 0, 0, 0, 0]],
+        [[0, 1, 2, 3, 4, 0], [0, 0, 0, 0, 0, 0]],
+    )
+    assert sources.recent_items(h, 4).tolist() == [[10, 11, 12, 0], [13, 0, 0, 0]]
+    assert sources.recent_items(h, 2).tolist() == [[10, 11], [13, 0]]
+
+
+def test_popular_items_weighted_and_padded():
+    h = hist([[10, 11, 0], [11, 12, 12]], [[PV, PV, 0], [PV, PV, PV]], [[0, 0, 0], [0, 0, 0]])
+    pop = sources.popularity(h, W, 0)
+    assert sources.popular_items(pop, 5).tolist() == [11, 12, 10, 0, 0]
+
+
+LISTS = {
+    "recent": np.array([[5, 6, 7], [15, 0, 0]], np.int32),
+    "covisit": np.array([[6, 8, 9, 10], [16, 17, 0, 0]], np.int32),
+    "popular": np.array([11, 5, 12], np.int32),
+}
+QUOTAS = {"recent": 0.25, "covisit": 0.5, "popular": 0.25}
+
+
+def test_merge_quotas_then_fill_without_duplicates():
+    items, src = retrieval.merge(LISTS, 4, QUOTAS)
+    # recent 1, covisit 2, popular 1; user 1's covisit list is short, popular fills nothing
+    # more in pass 1 (quota 1), then pass 2 fills in source order.
+    assert items.tolist() == [[5, 6, 8, 11], [15, 16, 17, 11]]
+    assert src.tolist() == [[0, 1, 1, 3], [0, 1, 1, 3]]
+    items, src = retrieval.merge(LISTS, 8, QUOTAS)
+    # Pass 1: recent 5 6 | covisit 8 9 10 (6 taken) | popular 11 12 (5 taken); pass 2: 7.
+    assert items[0].tolist() == [5, 6, 8, 9, 10, 11, 12, 7]
+    assert src[0].tolist() == [0, 0, 1, 1, 1, 3, 3, 0]
+    # User 1 has only 6 distinct items in all.
+    assert items[1].tolist() == [15, 16, 17, 11, 5, 12, 0, 0]
+    assert src[1].tolist() == [0, 1, 1, 3, 3, 3, -1, -1]
+
+
+def test_merge_excludes_seen_items():
+    seen = np.sort(np.array([100 * V + 6, 100 * V + 11, 101 * V + 15], np.int64))
+    items, _ = retrieval.merge(LISTS, 4, QUOTAS, np.array([100, 101]), seen, V)
+    assert items.tolist() == [[5, 8, 9, 12], [16, 17, 11, 5]]
+
+
+def test_merge_rejects_unknown_sources_and_negative_shares():
+    with pytest.raises(DataError, match="twotower"):
+        retrieval.merge(LISTS, 4, {"twotower": 1.0})
+    with pytest.raises(DataError, match=">= 0"):
+        retrieval.merge(LISTS, 4, {"recent": -1})
+
+
+def test_recall_on_a_toy_case():
+    # User 0 saw 10 then 11 (10 most recent), user 1 saw 12; user 2 has no history.
+    h = hist([[10, 11], [12, 0]], [[PV, PV], [PV, 0]], [[0, 0], [0, 0]])
+    cfg = retrieval.RetrievalConfig(covisit=covisit.CovisitConfig(half_life_s=0))
+    r = retrieval.Retriever(h, cfg)
+    pos_user, pos_item = np.array([0, 0, 1, 2]), np.array([11, 13, 12, 10], np.int32)
+    res = retrieval.recall(r, pos_user, pos_item, ns=(1, 2), seen=np.array([0 * V + 11]))
+    assert res["positives"] == 3 and res["positives_without_history"] == 1
+    assert res["recall"]["recent"] == {"1": round(1 / 3, 4), "2": round(2 / 3, 4)}
+    assert res["recall"]["popular"] == {"1": 0.0, "2": round(1 / 3, 4)}  # 10, 11, 12 tie
+    assert res["positives_unseen"] == 2 and res["recall_unseen"]["recent"]["2"] == 0.5
+    assert "category" not in res["recall"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("retrieval")
+    data = str(d / "data")
+    helpers.prepare_log(
+        helpers.write(d / "log.csv", helpers.random_log(20, 60, 1500, seed=5)), data,
+        valid_start=1060, test_start=1080, max_len=5, neg_ratio=2,
+    )  # fmt: skip
+    return data
+
+
+def test_cli_writes_candidates_rank_reads(tiny_data, tmp_path):
+    out = tmp_path / "cand.parquet"
+    js = tmp_path / "recall.json"
+    r = helpers.run_tool(
+        "retrieve", f"--data={tiny_data}", "--n=7", f"--output={out}", f"--recall_json={js}",
+        "--exclude_seen", timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    schema = Schema.load(tiny_data)
+    maps = IdMaps(tiny_data, schema)
+    users, items = read_candidate_ids(str(out), maps)
+    h = retrieval.load_histories(tiny_data, schema, "test")
+    assert set(users.tolist()) == set(maps.user_raw(h.user_key).tolist())
+    pairs = set(zip(users.tolist(), items.tolist(), strict=True))
+    assert len(pairs) == len(users)  # no repeats
+    assert np.bincount(np.unique(users, return_inverse=True)[1]).max() <= 7
+    t = pq.read_table(out)
+    assert t.column_names == ["user_id", "item_id", "rank", "source"]
+    assert set(t.column("source").to_pylist()) <= set(retrieval.SOURCES) - {"recent"}
+    seen = retrieval.seen_keys(tiny_data, h)
+    keys, _ = maps.user_keys(users)
+    assert not np.isin(keys * h.n_items + maps.lookup("item_id", items), seen).any()
+    assert '"merged"' in js.read_text() and "recall@N" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n=0"], "--n must be > 0, got 0"),
+        (["--as_of=end"], "--as_of must be valid or test, not 'end'"),
+        (["--quotas=recent"], "--quotas: 'recent' is not name=number"),
+    ],
+)
+def test_cli_bad_flags_are_one_line(tiny_data, tmp_path, args, message):
+    out = tmp_path / "c.csv"
+    r = helpers.run_tool("retrieve", f"--data={tiny_data}", f"--output={out}", *args, timeout=60)
+    assert r.returncode == 2 and not out.exists(), (r.stdout, r.stderr)
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
