@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     syn.repeat_view_prob = 0.3  # conversion: share of exposures with 1-3 earlier views of the item
     syn.recency_decay = 0.95  # per-position decay of an event's influence (most recent first)
     syn.signals_absent = ()  # any of "history", "item", "user": signals left out of the labels
+    # Conversion only: head name -> {type: planted weight, ..., optional "bias"}; each head gets
+    # its own label (the `labels` column, heads in name order; configs/multitask.py). {}: one.
+    syn.heads = {}
     syn.rows_per_shard = 65_536  # rows per on-disk shard
 
     config.model = model = ml_collections.ConfigDict()
@@ -72,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.cnn = ml_collections.ConfigDict(
         {"filters": 32, "kernel_size": 3, "hidden": (64,), "dropout": 0.2}
     )
+    # Multi-task (model.name="multitask", a dataset with label heads): one ranker tower per head
+    # over shared embeddings. objective: the head ranking and reports use ("": the last head);
+    # chain: head -> parent, p(head) = p(parent) * tower (ESMM); loss_weights: head -> weight.
+    model.multitask = ml_collections.ConfigDict({"objective": "", "chain": {}, "loss_weights": {}})
     # The seed design (model.name="seed_cnn"): Conv1D output channels C per tower, Conv1D width
     # in positions, Dense(relu) width after the towers, dropout before and after that layer.
     model.seed_cnn = ml_collections.ConfigDict(

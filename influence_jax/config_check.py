@@ -13,7 +13,7 @@ from typing import Any
 
 from influence_jax import metrics
 from influence_jax.data import synthetic
-from influence_jax.errors import ConfigError
+from influence_jax.errors import ConfigError, DataError
 from influence_jax.models import EXTRACTORS, MODELS, OUTPUT_BIAS, model_fields
 
 DATA_SOURCES = ("synthetic", "prepared")
@@ -72,6 +72,7 @@ def check_schema(config: Any, schema: Any) -> None:
             f"config.loop.early_stop_metric: {config.loop.early_stop_metric!r}: {kind!r} is not "
             f"a behaviour type of the dataset {list(types)}"
         )
+    _check_heads(config.model, tuple(getattr(schema, "heads", ())))
     for field in ("eval_split", "final_eval_split"):
         split = getattr(config.loop, field)
         if split and split not in schema.splits:
@@ -79,6 +80,36 @@ def check_schema(config: Any, schema: Any) -> None:
                 f"config.loop.{field}: the dataset has no split {split!r}; it has "
                 f"{sorted(schema.splits)}"
             )
+
+
+def _check_heads(m: Any, heads: tuple[str, ...]) -> None:
+    """A multi-task model needs a dataset with heads; its objective, chain and loss weights
+    name heads, and a chain's parent is not itself chained."""
+    if m.name != "multitask":
+        return
+    if not heads:
+        raise ConfigError(
+            "config.model.name='multitask' needs a dataset with label heads (prepare_data.py "
+            "--heads=..., or config.data.synthetic.heads); this one has a single label"
+        )
+    mt = m.get("multitask", {})
+    named = {"objective": [mt.get("objective")] if mt.get("objective") else []}
+    chain = dict(mt.get("chain", {}) or {})
+    named["chain"] = list(chain) + list(chain.values())
+    named["loss_weights"] = list(dict(mt.get("loss_weights", {}) or {}))
+    for field, names in named.items():
+        unknown = [n for n in names if n not in heads]
+        if unknown:
+            raise ConfigError(
+                f"config.model.multitask.{field}: {unknown} not among the dataset's heads "
+                f"{list(heads)}"
+            )
+    nested = [h for h, parent in chain.items() if parent in chain or parent == h]
+    if nested:
+        raise ConfigError(
+            f"config.model.multitask.chain: {nested} chain to a chained head or to themselves; "
+            "a parent must be a plain head"
+        )
 
 
 def mesh_axis_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
@@ -171,6 +202,10 @@ def _check_synthetic_task(syn: Any) -> None:
         raise ConfigError(
             f"config.data.synthetic.repeat_view_prob: must be in [0, 1], got {syn.repeat_view_prob}"
         )
+    try:
+        synthetic.heads_of(syn)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_fields(args: Any, cls: type, where: str) -> None:
@@ -205,7 +240,7 @@ def _check_model(m: Any) -> None:
         )
     _positive(m, "model", "embed_dim")
     _one_of(m.get("output_bias", "zero"), OUTPUT_BIAS, "model.output_bias")
-    if m.name == "ranker":
+    if m.name in ("ranker", "multitask"):
         names = tuple(m.extractors)
         unknown = [n for n in names if n not in EXTRACTORS]
         if unknown or not names or len(set(names)) != len(names):

@@ -102,14 +102,24 @@ def make_fn(run: Run) -> Callable:
     )
 
 
-def planted_contrast(schema: Schema) -> dict[str, float] | None:
-    """history_scale * type_weight[t] on synthetic data with the history signal; else None."""
+def planted_type_weights(schema: Schema, head: str = "") -> dict[str, float] | None:
+    """The synthetic generator's planted (raw) behaviour-type weights, of `head` for data with
+    label heads; None for other data, and for labels made without the history signal."""
     planted = schema.extra.get("planted") if "generator" in schema.extra else None
     if not planted or "history" in planted.get("signals_absent", ()):
         return None
-    w, scale = planted.get("behaviour_type_weights", {}), planted.get("history_scale", 1.0)
+    if "heads" in planted:
+        return planted["heads"].get(head, {}).get("type_weight") if head else None
+    return planted.get("behaviour_type_weights")
+
+
+def planted_contrast(schema: Schema, head: str = "") -> dict[str, float] | None:
+    """history_scale * type_weight[t] (of `head` for data with label heads) on synthetic data
+    with the history signal; else None."""
+    w = planted_type_weights(schema, head) or {}
     if any(t not in w for t in schema.behaviour_types):
         return None
+    scale = schema.extra["planted"].get("history_scale", 1.0)
     return {t: scale * w[t] for t in schema.behaviour_types}
 
 
@@ -127,8 +137,10 @@ def counterfactual(
     n_boot: int,
     rng: np.random.Generator,
     progress: Callable[[int], None] | None = None,
+    head: str = "",
 ) -> dict[str, Any]:
-    """The counterfactual section of an influence report over examples 0..n-1 (module doc)."""
+    """The counterfactual section of an influence report over examples 0..n-1 (module doc);
+    `head`: the multi-task head the run scores, for its planted effects."""
     s = run.schema
     T = s.num_behaviour_types
     items = gather(np.arange(n))["item"] if n else np.zeros((0, len(s.item_fields)), np.int32)
@@ -146,7 +158,7 @@ def counterfactual(
     )
     base = logits[:, 0]
     prob = jax.nn.sigmoid
-    planted = planted_contrast(s)
+    planted = planted_contrast(s, head)
     types: dict[str, Any] = {}
     for k, t in enumerate(s.behaviour_types):
         on, off = logits[:, 1 + 2 * k], logits[:, 2 + 2 * k]

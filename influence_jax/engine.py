@@ -26,7 +26,7 @@ from influence_jax import optim, sharding, sparse
 from influence_jax.data.schema import Schema, dummy_batch
 from influence_jax.models import build_model
 
-EVAL_KEYS = ("user", "item", "hist", "label", "weight", "user_key", "target_type")
+EVAL_KEYS = ("user", "item", "hist", "label", "labels", "weight", "user_key", "target_type")
 
 
 @flax.struct.dataclass
@@ -48,15 +48,36 @@ def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dic
     }
 
 
+def head_sums(
+    model: nn.Module, head_logits: dict[str, jax.Array], batch: dict[str, jax.Array]
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Multi-task: (sums, loss). Each head's BCE against its column of batch["labels"]; the loss
+    is sum_h loss_weight_h * mean loss_h; `loss_sum`/`accuracy_sum` are the objective head's
+    (the step log), `heads/<h>/loss_sum` each head's."""
+    weights = dict(model.loss_weights or {})
+    objective = model.objective or model.heads[-1]
+    sums, loss = {}, 0.0
+    for i, h in enumerate(model.heads):
+        s = bce_sums(head_logits[h], batch["labels"][:, i], batch["weight"])
+        loss = loss + weights.get(h, 1.0) * s["loss_sum"] / jnp.maximum(s["count"], 1.0)
+        sums[f"heads/{h}/loss_sum"] = s["loss_sum"]
+        if h == objective:
+            sums.update(s)
+    return sums, loss
+
+
 def training_loss(
     model: nn.Module, params: Any, batch: dict[str, jax.Array], dropout_rng: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean loss, sums) of one training batch; the sums carry the learned influence weights."""
     logit_B, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
-    sums = bce_sums(logit_B, batch["label"], batch["weight"])
+    if "head_logits" in aux:
+        sums, loss = head_sums(model, aux["head_logits"], batch)
+    else:
+        sums = bce_sums(logit_B, batch["label"], batch["weight"])
+        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
     # Learned influence weights (extractor, behaviour type) ride along for logging.
     sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
-    loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
     # Fits running statistics kept as parameters (the ranker's score_mean/var); touches
     # nothing else, and is not part of the reported loss.
     return loss + aux.get("stats_loss", 0.0), sums
@@ -83,8 +104,16 @@ def make_eval_step(model: nn.Module):
     """Returns `eval_step(params, batch) -> dict` of probabilities and pass-through columns."""
 
     def eval_step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logit_B, _ = model.apply({"params": params}, batch, train=False)
-        keep = {k: batch[k] for k in ("label", "weight", "user_key", "target_type") if k in batch}
+        logit_B, aux = model.apply({"params": params}, batch, train=False)
+        keys = ("label", "labels", "weight", "user_key", "target_type")
+        keep = {k: batch[k] for k in keys if k in batch}
+        if "head_logits" in aux:  # [B, H], in the order of the labels' columns
+            heads = tuple(model.heads)
+            keep["head_probs"] = jax.nn.sigmoid(
+                jnp.stack([aux["head_logits"][h] for h in heads], 1)
+            )
+            # The headline metrics are the objective head's, against its own label.
+            keep["label"] = batch["labels"][:, heads.index(model.objective or heads[-1])]
         return dict(keep, prob=jax.nn.sigmoid(logit_B))
 
     return eval_step

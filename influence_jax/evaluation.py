@@ -40,15 +40,34 @@ def evaluate(
     """
     batches = pipeline.EvalBatches(examples, batch_size, jax.process_index(), jax.process_count())
     acc = metrics.MetricAccumulator()
+    heads = examples.schema.heads
+    per_head = {h: metrics.MetricAccumulator() for h in heads}
     for batch in pipeline.BatchIterator(batches, prefetch, num_threads):
-        batch = {k: batch[k].astype(np.int32) if k == "user_key" else batch[k] for k in EVAL_KEYS}
+        batch = {
+            k: batch[k].astype(np.int32) if k == "user_key" else batch[k]
+            for k in EVAL_KEYS
+            if k in batch
+        }
         out = {
             k: sharding.to_host(v)
             for k, v in eval_step(params, sharding.to_global(batch, mesh)).items()
         }
         acc.add(out["prob"], out["label"], out["user_key"], out["target_type"], out["weight"])
+        if "head_probs" in out:
+            for i, h in enumerate(heads):
+                per_head[h].add(
+                    out["head_probs"][:, i],
+                    out["labels"][:, i],
+                    out["user_key"],
+                    out["target_type"],
+                    out["weight"],
+                )
     names = {i + NUM_RESERVED: n for i, n in enumerate(examples.schema.behaviour_types)}
-    return acc.result(names)
+    result = acc.result(names)
+    for h, a in per_head.items():  # a multi-task model: each head's metrics as "<head>/<metric>"
+        if len(a):
+            result.update({f"{h}/{k}": v for k, v in a.result(names).items()})
+    return result
 
 
 def evaluate_run(run: Run, split: str, batch_size: int | None = None) -> dict[str, float]:

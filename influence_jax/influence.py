@@ -368,14 +368,18 @@ def extractor_separation(weights: dict[str, float | None]) -> dict[str, Any]:
     }
 
 
-def planted_weights(schema: Schema) -> dict[str, float] | None:
-    """The synthetic generator's planted behaviour-type weights, normalised to sum 1 over the
-    schema's types as the learned gates are; None for other data, and for labels made without
-    the history signal (the type weights then plant nothing)."""
-    planted = schema.extra.get("planted") if "generator" in schema.extra else None
-    if not planted or "history" in planted.get("signals_absent", ()):
+def objective_head(run: Run) -> str:
+    """The head a multi-task run's scores are (models/multitask.py); "" for other runs."""
+    heads = tuple(getattr(run.model, "heads", ()) or ())
+    return (getattr(run.model, "objective", "") or heads[-1]) if heads else ""
+
+
+def planted_weights(schema: Schema, head: str = "") -> dict[str, float] | None:
+    """The planted behaviour-type weights (of `head`), normalised to sum 1 over the schema's
+    types as the learned gates are; None where nothing is planted (planted_type_weights)."""
+    w = counterfactual.planted_type_weights(schema, head) or {}
+    if not w:
         return None
-    w = planted.get("behaviour_type_weights", {})
     if any(t not in w for t in schema.behaviour_types):
         return None
     total = sum(w[t] for t in schema.behaviour_types) or 1.0
@@ -445,7 +449,10 @@ def report(
             per_event=float(np.abs(loto[:, j]).sum() / max(n_t.sum(), 1)),
             gate=gates.get(t),
         )
-    _add_type_weights(result["behaviour_types"], gates, planted_weights(s))
+    head = objective_head(run)
+    if head:
+        result["head"] = head
+    _add_type_weights(result["behaviour_types"], gates, planted_weights(s, head))
     for group in ("behaviour_types", "extractors"):
         total = sum(v["influence"] for v in result[group].values()) or 1.0
         for e in result[group].values():
@@ -455,7 +462,7 @@ def report(
     result["extractor_separation"] = extractor_separation(w_ext)
     cf_rows = np.sort(rng.choice(len(rows), n_cf, replace=False))
     cf = counterfactual.counterfactual(
-        run, lambda r: gather(cf_rows[r]), n_cf, n_boot, rng, work.part(n_cf, 1 + 2 * T)
+        run, lambda r: gather(cf_rows[r]), n_cf, n_boot, rng, work.part(n_cf, 1 + 2 * T), head
     )
     result["counterfactual"] = cf
     for t, e in cf["types"].items():

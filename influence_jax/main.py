@@ -65,13 +65,14 @@ def main(argv):
 
         from influence_jax import train
 
-        if jax.process_index() != 0:
-            logging.set_verbosity(logging.WARNING)
         log_file = os.path.join(_WORKDIR.value, LOG_FILE) if jax.process_index() == 0 else None
         logs.plain_terminal_and_file(log_file)
-        logging.info(
-            "JAX %s, %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices()
-        )
+        logging.info(  # every process says it joined; then only process 0 logs progress
+            "JAX %s, process %d of %d processes, devices: %s",
+            jax.__version__, jax.process_index(), jax.process_count(), jax.devices(),
+        )  # fmt: skip
+        if jax.process_index() != 0:
+            logging.set_verbosity(logging.WARNING)
         train.train_and_evaluate(config, _WORKDIR.value)
     except (errors.ConfigError, errors.DataError) as e:
         sys.exit(f"error: {e}")

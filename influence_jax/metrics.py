@@ -22,8 +22,16 @@ def mode(metric: str) -> str:
 
 
 def format_metrics(m: Mapping[str, float], keys: Sequence[str] = METRICS) -> str:
-    """Formats `keys` present in `m` and not NaN: "auc=0.7066 gauc=0.7097 ..."."""
-    return " ".join(f"{k}={m[k]:.4f}" for k in keys if k in m and m[k] == m[k])
+    """Formats `keys` present in `m` and not NaN: "auc=0.7066 gauc=0.7097 ..."; a multi-task
+    model's heads follow ("| buy auc=0.71 logloss=0.21 | engage ...")."""
+    line = " ".join(f"{k}={m[k]:.4f}" for k in keys if k in m and m[k] == m[k])
+    heads = dict.fromkeys(k.split("/")[0] for k in m if k.count("/") == 1 and k.endswith("/auc"))
+    for h in heads:
+        part = " ".join(
+            f"{k}={m[f'{h}/{k}']:.4f}" for k in ("auc", "gauc", "logloss") if f"{h}/{k}" in m
+        )
+        line += f" | {h} {part}"
+    return line
 
 
 class MetricsError(ValueError):

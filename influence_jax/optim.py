@@ -44,7 +44,10 @@ def param_labels(params: Any) -> Any:
             return "stats"
         # The model's own top-level logit bias is such a scalar too: over standardised scores
         # it alone carries the base rate, which it must reach within a short run.
-        top_bias = len(path) == 1 and key == "bias"
+        top_bias = key == "bias" and (
+            len(path) == 1
+            or (len(path) == 2 and str(getattr(path[0], "key", "")).startswith("head_"))
+        )  # a multi-task model's heads each have one (models/multitask.py)
         return "influence" if key in INFLUENCE_PARAMS or top_bias else "default"
 
     return jax.tree_util.tree_map_with_path(label, params)

@@ -86,15 +86,29 @@ def _data_path(config: Any, workdir: str, data: str | None) -> str:
     return config.data.path
 
 
-def load_run(workdir: str, data: str | None = None, step: str | int = "latest") -> Run:
+def load_run(
+    workdir: str, data: str | None = None, step: str | int = "latest", objective: str = ""
+) -> Run:
     """The run in `workdir` at `step` ("latest", "best" or a number), parameters only.
 
+    Args:
+      objective: a multi-task run's head whose score the run gives (ranking, influence);
+        "" keeps the trained objective. Other runs take only "".
+
     Raises:
-      DataError: no such run or step, a checkpoint that fails its checksums, or a dataset whose
-        schema does not fit the checkpoint (e.g. `--data` of another dataset).
+      DataError: no such run or step, a checkpoint that fails its checksums, a dataset whose
+        schema does not fit the checkpoint (e.g. `--data` of another dataset), or an objective
+        that is not a head of the run.
     """
     config = checkpoint.read_config(workdir)
     dataset = Dataset(_data_path(config, workdir, data), config.data)
+    if objective:
+        heads = dataset.schema.heads if config.model.name == "multitask" else ()
+        if objective not in heads:
+            have = f"its heads are {list(heads)}" if heads else "it is a single-task run"
+            raise DataError(f"--objective={objective}: not a head of this run; {have}")
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model.multitask.objective = objective
     eng = engine.setup(config, dataset.schema)
     params, n = checkpoint.restore_params(workdir, eng.abstract_state, step)
     return Run(os.path.abspath(workdir), config, dataset, eng, params, n)

@@ -109,7 +109,11 @@ def test_step_selection(run_dir):
 def test_scores_equal_the_eval_step(run):
     store = ExampleStore(run.data_path, "test", run.schema)
     batch = pipeline.EvalBatches(store, 128)[1]
-    batch = {k: batch[k].astype(np.int32) if k == "user_key" else batch[k] for k in EVAL_KEYS}
+    batch = {
+        k: batch[k].astype(np.int32) if k == "user_key" else batch[k]
+        for k in EVAL_KEYS
+        if k in batch
+    }
     eval_step = run.engine.eval_step
     want = sharding.to_host(eval_step(run.params, sharding.to_global(batch, run.mesh))["prob"])
     # Another batch size, so padding and sharding differ from the eval step's.
@@ -134,7 +138,7 @@ def test_ranked_scores_equal_eval_scores_of_each_users_latest_example(run, tmp_p
     got = pq.read_table(out).to_pydict()
     eval_step = run.engine.eval_step
     batch = dict(ex, weight=np.ones(len(rows), np.float32), user_key=uk[rows].astype(np.int32))
-    batch = {k: batch[k] for k in EVAL_KEYS}
+    batch = {k: batch[k] for k in EVAL_KEYS if k in batch}
     pad = scoring.global_batch(run, len(rows)) - len(rows)
     batch = {k: np.concatenate([v, v[:pad]]) for k, v in batch.items()}
     want = sharding.to_host(eval_step(run.params, sharding.to_global(batch, run.mesh))["prob"])

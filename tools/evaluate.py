@@ -48,6 +48,12 @@ def _evaluate() -> None:
         raise DataError(f"--split={_SPLIT.value}: the dataset has {sorted(run.schema.splits)}")
     m = evaluation.evaluate_run(run, _SPLIT.value, _BATCH.value)
     record = {"step": run.step, "split": _SPLIT.value, "metrics": m}
+    if run.schema.heads and any(f"{h}/auc" in m for h in run.schema.heads):
+        # A multi-task run: each head's metrics under the head's name.
+        record["heads"] = {
+            h: {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{h}/")}
+            for h in run.schema.heads
+        }
     if _JSON.value:
         print(json.dumps(record, sort_keys=True))
     else:

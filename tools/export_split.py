@@ -5,7 +5,8 @@ libraries can be run on exactly the rows influence_jax trains and evaluates on.
     python tools/export_split.py --data=.prepared/taobao --split=train --format=csv \
       --output=taobao_train.csv
 
-Columns (influence_jax/data/export.py): user_id, item_id, timestamp, label, target_behaviour,
+Columns (influence_jax/data/export.py): user_id, item_id, timestamp, label, label_<head> per head
+(datasets prepared with --heads), target_behaviour,
 the other user and item fields, hist_item_id, hist_behaviour, hist_<field> and hist_time_gap
 (lists, most recent event first; CSV joins them with "|").
 """

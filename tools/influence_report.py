@@ -36,6 +36,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Report folder.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split whose predictions are explained.")
 _SAMPLE = flags.DEFINE_integer("sample", 256, "Predictions with per-event (leave-one-out) deltas.")
 _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, best or latest.")
+_OBJECTIVE = flags.DEFINE_string(
+    "objective", "", "Multi-task runs: the head to score (default: the run's objective head)."
+)
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 20_000, "Examples for the global report.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per interval.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and bootstrap seed.")
@@ -70,7 +73,7 @@ def _report() -> None:
 
 def _one(workdir: str, output: str) -> dict:
     """One run's report, written to `output` and printed."""
-    run = scoring.load_run(workdir, _DATA.value, _STEP.value)
+    run = scoring.load_run(workdir, _DATA.value, _STEP.value, _OBJECTIVE.value)
     r = influence.report(
         run,
         output,

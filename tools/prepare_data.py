@@ -5,6 +5,9 @@
       --output=.prepared/taobao --target_behaviour=buy --neg_ratio=4 --max_len=50
     python tools/prepare_data.py --source=taobao --task=conversion --exposure=pv \
       --target_behaviour=buy --horizon_hours=6 --input=... --output=.prepared/taobao_conversion
+    python tools/prepare_data.py --source=taobao --task=conversion --heads=cart,fav,buy ...
+
+(--heads: one label per behaviour type, the `labels` column, for multi-task models.)
 
 Besides the example shards it writes rank_state/ (every user's history as of valid_start,
 test_start and the end of the log, for tools/rank.py). Sources: taobao (UserBehavior.csv,
@@ -62,6 +65,14 @@ _EXPOSURE = flags.DEFINE_string(
 _HORIZON = flags.DEFINE_float("horizon_hours", 24.0, "conversion: label window after an exposure.")
 _SESSION_GAP = flags.DEFINE_float(
     "session_gap_minutes", 30.0, "conversion: repeated exposures of an item closer than this merge."
+)
+_HEADS = flags.DEFINE_list(
+    "heads",
+    [],
+    "conversion: behaviour types that each get their own label (multi-task heads), e.g. "
+    "cart,fav,buy: the `labels` column [N, H], 1 where the exposure is followed by that "
+    "behaviour on the item within --horizon_hours. --target_behaviour defaults to them (label: "
+    "any head converts). Empty: the single label.",
 )
 _TARGET = flags.DEFINE_list(
     "target_behaviour",
@@ -231,6 +242,7 @@ def main(argv: list[str]) -> None:
             exposure=_EXPOSURE.value,
             horizon_hours=_HORIZON.value,
             session_gap_minutes=_SESSION_GAP.value,
+            heads=tuple(_HEADS.value),
             target_behaviours=tuple(_TARGET.value or ()) or None,
             neg_ratio=_NEG_RATIO.value,
             neg_strategy=_NEG_STRATEGY.value,

@@ -43,6 +43,9 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output file (replaced atomically)
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Items kept per user.")
 _CANDIDATES = flags.DEFINE_string("candidates", None, "CSV or Parquet of user_id,item_id.")
 _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, best or latest.")
+_OBJECTIVE = flags.DEFINE_string(
+    "objective", "", "Multi-task runs: the head to score (default: the run's objective head)."
+)
 _EXPLAIN = flags.DEFINE_bool(
     "explain", False, "Add behaviour-type and extractor contributions and the top 3 events."
 )
@@ -83,7 +86,7 @@ def _rank() -> None:
     files.check_output(_OUTPUT.value, "output")  # before any work
     if _EVENTS.value and not _AS_OF.value:
         raise DataError("--events needs --as_of=UNIX_TS")
-    run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value)
+    run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)
     events = None
     if _EVENTS.value:
         events = ranking.open_log(_SOURCE.value, _EVENTS.value, run.dataset)

@@ -38,7 +38,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files  # noqa: E402
+from influence_jax import checkpoint, cli, files  # noqa: E402
 from influence_jax.errors import DataError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,9 +71,9 @@ def import_influence(report: str, dest: str) -> None:
                         "--workdir=a,b,c)")  # fmt: skip
     seeds, test = [], None
     for run in combined["runs"]:
-        config = _load(os.path.join(run, "config.json"))
-        seeds.append(config["seed"])
-        schema = _load(os.path.join(config["data"]["path"], "schema.json"))
+        config = checkpoint.read_config(run)
+        seeds.append(int(config.seed))
+        schema = _load(os.path.join(config.data.path, "schema.json"))
         test = schema["splits"]["test"]
     meta = {"seeds": seeds, "test_rows": test["rows"], "test_positives": test["label_sum"]}
     tmp = dest + ".tmp"

@@ -118,12 +118,13 @@ def audit_leakage(prepared_dir: str, block_rows: int = 1 << 15) -> dict:
     """Checks a prepared dataset for time leakage; raises DataError on the first violation.
 
     Checks: (1) every target time lies in its split's range, and for conversion labels the
-    horizon ends before the split does; (2) histories are left-aligned,
+    horizon ends before the split does (the per-head `labels` of --heads use the same horizon
+    from the same exposure, so this covers every head); (2) histories are left-aligned,
     most recent first, and every history event is strictly before its target (the stored time
     of the most recent event is earlier than the target and agrees with its time_gap bucket;
     no time_gap is the zero/negative bucket; gaps never shrink along the history); (3) sampled
-    negatives have label 0 and are neither in the example's own history nor an item the user
-    has a real (non-sampled) example for at or before that time.
+    negatives have label 0 (every head's too) and are neither in the example's own history
+    nor an item the user has a real (non-sampled) example for at or before that time.
 
     Returns:
       counts: rows per split, history events, negatives and interactions checked.
@@ -182,10 +183,13 @@ def audit_leakage(prepared_dir: str, block_rows: int = 1 << 15) -> dict:
                     r0 + int(np.argmax(in_hist)),
                     "sampled negative is an item from the example's own history",
                 )
-            if (b["label"][s] != 0).any():
+            positive = b["label"] != 0
+            if schema.heads:
+                positive = positive | (b["labels"] != 0).any(1)
+            if (positive & s).any():
                 raise _fail(
                     split,
-                    r0 + int(np.argmax(s & (b["label"] != 0))),
+                    r0 + int(np.argmax(s & positive)),
                     "sampled negative has a non-zero label",
                 )
         cols = (store.column("user_key"), store.column("item")[:, item_col], t)

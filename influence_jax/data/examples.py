@@ -1,7 +1,8 @@
 """Examples from one bucket of sorted events, all with the target's history (see history.py),
 and sidecar columns for the leakage audit. Task next_item: each target event becomes a positive
 (or a thresholded label) plus sampled negatives. Task conversion: each exposure becomes an
-example labelled by whether a target event on the same item follows within the horizon.
+example labelled by whether a target event on the same item follows within the horizon, and
+with heads (`PrepareOptions.heads`) one label per head by the same rule (the `labels` column).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ def bucket_examples(
     start, lo = user_spans(events)
     n_items = len(plan.item_rows)
     pair_key = (user.astype(np.int64) // plan.num_buckets) * n_items
+    heads = np.zeros((len(ts), len(opts.heads)), np.float32)  # per event, its head labels
     if opts.task == "conversion":
-        rows, label = exposures(events, pair_key + item, plan, opts, counts)
+        head_codes = tuple(schema.behaviour_types.index(h) for h in opts.heads)
+        rows, label, labels = exposures(events, pair_key + item, plan, opts, counts, head_codes)
         is_target = np.zeros(len(ts), bool)
         is_target[rows] = True
         positive = np.zeros(len(ts), np.float32)
         positive[rows] = label
+        heads[rows] = labels
     else:
         is_target = plan.targets[events.beh]
         thr = opts.label_threshold
@@ -56,23 +60,32 @@ def bucket_examples(
     for b0 in range(0, len(targets), block):
         tg = targets[b0 : b0 + block]
         yield from _examples(
-            tg, positive[tg], events, start, lo, pair_key, pairs, plan, opts, schema, counts
-        )
+            tg, positive[tg], heads[tg], events, start, lo, pair_key, pairs, plan, opts, schema,
+            counts,
+        )  # fmt: skip
 
 
 def exposures(
-    events: Events, pair: np.ndarray, plan: Plan, opts: PrepareOptions, counts: dict[str, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Conversion task: (rows of the bucket's exposures that become examples, their labels).
+    events: Events,
+    pair: np.ndarray,
+    plan: Plan,
+    opts: PrepareOptions,
+    counts: dict[str, int],
+    head_codes: tuple[int, ...] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Conversion task: (rows of the bucket's exposures that become examples, their labels,
+    their head labels [n, H]).
 
     An exposure is an event of behaviour `opts.exposure`; one of the same user and item within
     `session_gap_minutes` of the previous one merges into it. Its label is 1 when a target event
     on the same pair happens at or after it and at most `horizon_hours` later. An exposure whose
     horizon reaches its split's end (valid_start, test_start, the end of the log) is dropped:
-    its label would depend on events after the cut.
+    its label would depend on events after the cut. Head h's label is the same rule with the
+    behaviour `head_codes[h]` as the only target (the same exposures, so the same maturity).
 
     Args:
       pair: per event, a key of its (user, item) pair within the bucket.
+      head_codes: the heads' behaviour codes (indices into the source's behaviour types).
     """
     ts = events.ts
     exp = np.flatnonzero(events.beh == plan.exposure)
@@ -85,9 +98,34 @@ def exposures(
     counts["exposures_merged"] += int((~new).sum())
     exp, k, t = exp[new], k[new], t[new]
     horizon = int(round(opts.horizon_hours * 3600))
-    label = np.zeros(len(exp), bool)
-    tgt = np.flatnonzero(plan.targets[events.beh])
-    if len(tgt) and len(exp):
+    label = _converts(ts, pair, plan.targets[events.beh], k, t, horizon)
+    heads = np.zeros((len(exp), len(head_codes)), bool)
+    for h, code in enumerate(head_codes):
+        heads[:, h] = _converts(ts, pair, events.beh == code, k, t, horizon)
+    valid_start, test_start = plan.bounds
+    end = np.where(t < valid_start, valid_start, np.where(t < test_start, test_start, plan.t_end))
+    mature = t + horizon < end
+    counts["exposures_immature"] += int((~mature).sum())
+    counts["conversions"] += int(label[mature].sum())
+    for name, n in zip(opts.heads, heads[mature].sum(0).tolist(), strict=True):
+        counts[f"conversions_{name}"] += int(n)
+    order = np.argsort(exp[mature])
+    return (
+        exp[mature][order],
+        label[mature][order].astype(np.float32),
+        heads[mature][order].astype(np.float32),
+    )
+
+
+def _converts(
+    ts: np.ndarray, pair: np.ndarray, is_target: np.ndarray, k: np.ndarray, t: np.ndarray,
+    horizon: int,
+) -> np.ndarray:  # fmt: skip
+    """Per exposure (pair key `k`, time `t`, sorted by (k, t)): whether an event with
+    `is_target` on the same pair happens at or after `t` and at most `horizon` s later."""
+    label = np.zeros(len(k), bool)
+    tgt = np.flatnonzero(is_target)
+    if len(tgt) and len(k):
         # Targets sorted by (pair, time) on one line: pair group g at g * span + time.
         o = np.lexsort((ts[tgt], pair[tgt]))
         tk, tt = pair[tgt][o], ts[tgt][o]
@@ -99,18 +137,13 @@ def exposures(
         i = np.searchsorted(g * span + (tt - t0), pos * span + (t - t0))  # first target >= t
         i_ok = np.minimum(i, len(tt) - 1)
         label = found & (i < len(tt)) & (g[i_ok] == pos) & (tt[i_ok] - t <= horizon)
-    valid_start, test_start = plan.bounds
-    end = np.where(t < valid_start, valid_start, np.where(t < test_start, test_start, plan.t_end))
-    mature = t + horizon < end
-    counts["exposures_immature"] += int((~mature).sum())
-    counts["conversions"] += int(label[mature].sum())
-    order = np.argsort(exp[mature])
-    return exp[mature][order], label[mature][order].astype(np.float32)
+    return label
 
 
 def _examples(
     tg: np.ndarray,
     positive: np.ndarray,
+    heads: np.ndarray,
     events: Events,
     start: np.ndarray,
     lo: np.ndarray,
@@ -142,6 +175,8 @@ def _examples(
         counts["negatives_unsampleable"] += int((~neg_ok).sum())
     label = np.zeros((len(tg), k1), np.float32)
     label[:, 0] = positive
+    labels = np.zeros((len(tg), k1, heads.shape[1]), np.float32)  # sampled negatives: 0
+    labels[:, 0] = heads
     keep = ok.reshape(-1)
     rep = np.repeat(np.arange(len(tg)), k1)[keep]
     out = {
@@ -153,6 +188,8 @@ def _examples(
         "target_type": (beh[tg].astype(np.int32) + NUM_RESERVED)[rep],
         "timestamp": t[rep],
     }
+    if opts.heads:
+        out["labels"] = labels.reshape(-1, heads.shape[1])[keep]
     sampled = np.tile(np.arange(k1) > 0, len(tg))[keep]
     split = np.searchsorted(np.asarray(plan.bounds), t, side="right")[rep]
     for s in range(len(SPLITS)):

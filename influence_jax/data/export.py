@@ -2,7 +2,8 @@
 rows the engine trains and evaluates on (tools/export_split.py).
 
 One row per example, in the split's order: `user_id` and `item_id` (raw ids; null where the
-dataset maps an id to out-of-vocabulary), `timestamp` (unix s), `label`, `target_behaviour`,
+dataset maps an id to out-of-vocabulary), `timestamp` (unix s), `label`, with heads one
+`label_<head>` per head (schema.label["heads"], in that order), `target_behaviour`,
 the other user and item fields (`user_<field>`, `item_<field>`, raw values), and the history as
 lists, most recent event first, padding left out: `hist_item_id`, `hist_behaviour` (type
 names), `hist_<field>` for the other history fields (raw values) and `hist_time_gap` (the time
@@ -51,6 +52,9 @@ def table(dataset: Dataset, split: str, rows: np.ndarray) -> pa.Table:
         cols[name] = _raw(dataset, f.vocab, ex["item"][:, j])
     cols["timestamp"] = pa.array(ex["timestamp"])
     cols["label"] = pa.array(ex["label"])
+    heads = [f"label_{h}" for h in s.heads]
+    for j, name in enumerate(heads):
+        cols[name] = pa.array(ex["labels"][:, j])
     cols["target_behaviour"] = pa.array(types[ex["target_type"]].tolist())
     hist = ex["hist"]
     lengths = (hist[..., s.hist_index(HIST_BEHAVIOUR)] != 0).sum(1)
@@ -64,7 +68,7 @@ def table(dataset: Dataset, split: str, rows: np.ndarray) -> pa.Table:
         else:
             values = _raw(dataset, f.vocab, v)
         cols[f"hist_{f.name}"] = _lists(values, lengths)
-    order = ["user_id", "item_id", "timestamp", "label", "target_behaviour"]
+    order = ["user_id", "item_id", "timestamp", "label", *heads, "target_behaviour"]
     return pa.table({k: cols[k] for k in order + [k for k in cols if k not in order]})
 
 

@@ -9,6 +9,10 @@ keeps its slice of them. The data position is therefore just the next batch inde
 Grain (when installed) runs the batches on read threads with prefetch and owns the iterator
 state; without Grain (some accelerator images) a small thread pool does the same, with the
 same state format.
+
+Batches hold `label` [B] and, for a dataset with heads (`schema.heads`), `labels` [B, H], the
+same rows' per-head labels: both are columns of the store, so they are gathered, shuffled,
+sliced per process and padded (eval) together.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ try:  # Grain is optional at run time; see pyproject.toml.
 except ImportError:  # pragma: no cover - exercised on images without grain
     grain = None
 
-MODEL_KEYS = ("user", "item", "hist", "label", "weight")
+# `labels` [B, H] (one label per head) only for datasets with heads (schema.label["heads"]).
+MODEL_KEYS = ("user", "item", "hist", "label", "labels", "weight")
 
 
 class TrainBatches:
@@ -73,7 +78,8 @@ class TrainBatches:
 
 
 class EvalBatches:
-    """Every example of a split exactly once, in order; the last batch padded with weight 0."""
+    """Every example of a split exactly once, in order; the last batch padded with weight 0
+    (padding rows repeat row 0 in every column, `label` and `labels` included)."""
 
     def __init__(
         self, store: ExampleStore, global_batch: int, process_index: int = 0, process_count: int = 1

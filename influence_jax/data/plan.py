@@ -56,7 +56,10 @@ class PrepareOptions:
     repeated ones of the same user and item within `session_gap_minutes` counted once) an
     example, labelled 1 when the user performs a target behaviour on that item within
     `horizon_hours` from it, with no sampled negatives; an exposure whose horizon reaches past
-    its split's end is dropped (label maturity).
+    its split's end is dropped (label maturity). With `heads` (conversion only; behaviour types,
+    not the exposure's) each exposure also gets one label per head by the same rule with the
+    head's behaviour as the target (the `labels` column); `target_behaviours` then defaults to
+    the heads, so `label` is 1 when any head converts.
     """
 
     max_len: int = 50  # history length L
@@ -65,6 +68,7 @@ class PrepareOptions:
     exposure: str | None = None  # conversion: the behaviour that is an exposure (e.g. pv)
     horizon_hours: float = 24.0  # conversion: a target event within this long counts
     session_gap_minutes: float = 30.0  # conversion: repeated exposures closer than this merge
+    heads: tuple[str, ...] = ()  # conversion: behaviour types with their own label (multi-task)
     neg_ratio: int | None = None  # sampled negatives per positive
     neg_strategy: str = "uniform"  # or "popularity"
     label_threshold: float | None = None  # label = value >= threshold instead of 1
@@ -107,6 +111,9 @@ class PrepareOptions:
             raise DataError(
                 "--task=conversion labels real exposures: no --neg_ratio or --label_threshold"
             )
+        out.heads = _heads(out, source)
+        if out.heads and out.target_behaviours is None:
+            out.target_behaviours = out.heads  # label: any head converts
         keys = ["target_behaviours", "exposure", "min_timestamp", "max_timestamp"]
         keys += [] if conversion else ["neg_ratio", "label_threshold"]
         for key in keys:
@@ -128,6 +135,12 @@ class PrepareOptions:
                 raise DataError(
                     f"--exposure: {out.exposure!r} is not a behaviour type of the source "
                     f"{list(source.behaviour_types)}; name the behaviour that shows an item"
+                )
+            if out.exposure in out.heads:
+                raise DataError(
+                    f"--heads: {out.exposure!r} is the exposure behaviour (--exposure="
+                    f"{out.exposure}); an exposure cannot convert into itself, so it cannot be a "
+                    "head"
                 )
             if out.exposure in out.target_behaviours:
                 raise DataError(
@@ -154,6 +167,29 @@ class PrepareOptions:
             raise DataError("need max_len > 0, memory_mb >= 64, neg_ratio >= 0, min_count >= 1")
         out.cleaning_rules.check()
         return out
+
+
+def _heads(opts: PrepareOptions, source: readers.EventSource) -> tuple[str, ...]:
+    """`opts.heads` checked: conversion only, behaviour types of the source, no repeats."""
+    heads = tuple(opts.heads or ())
+    if not heads:
+        return ()
+    types = list(source.behaviour_types)
+    if opts.task != "conversion":
+        raise DataError(
+            f"--heads={','.join(heads)}: heads are only for --task=conversion (one label per "
+            f"behaviour an exposure converts into), not --task={opts.task}"
+        )
+    unknown = [h for h in heads if h not in types]
+    if unknown:
+        raise DataError(
+            f"--heads: {unknown} not among the source's behaviour types {types}; give a "
+            "comma-separated list of them, e.g. --heads=cart,buy"
+        )
+    repeated = sorted({h for h in heads if heads.count(h) > 1})
+    if repeated:
+        raise DataError(f"--heads: {repeated} given more than once")
+    return heads
 
 
 def window(chunk: readers.EventChunk, opts: PrepareOptions) -> tuple[readers.EventChunk, int]:

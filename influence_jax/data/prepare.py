@@ -82,6 +82,7 @@ def _label(source: readers.EventSource, opts: PrepareOptions) -> dict:
     """How the examples' labels were made, for people and reports (schema.json "label")."""
     if opts.task == "conversion":
         return {
+            **_heads_label(opts),
             "task": "conversion",
             "exposure": opts.exposure,
             "target_behaviours": list(opts.target_behaviours),
@@ -110,6 +111,19 @@ def _label(source: readers.EventSource, opts: PrepareOptions) -> dict:
         "time; label 0, same user, history, timestamp and target_type",
         # With ratings as behaviours the target's behaviour id encodes its label.
         "target_type_reveals_label": thr is not None and source.behaviour_is_value,
+    }
+
+
+def _heads_label(opts: PrepareOptions) -> dict:
+    """The heads' part of a conversion label (none without heads): their names in the order of
+    the `labels` column, and the rule."""
+    if not opts.heads:
+        return {}
+    return {
+        "heads": list(opts.heads),
+        "head_positive": f"labels[:, h] = 1: the exposure is followed by an event of behaviour "
+        f"heads[h] on the same item by the same user within {opts.horizon_hours:g} h (the "
+        "positive rule with heads[h] as the only target; the same exposures and maturity)",
     }
 
 
@@ -153,6 +167,7 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
                 "exposures_merged",
                 "exposures_immature",
                 "conversions",
+                *(f"conversions_{h}" for h in opts.heads),
             ),
             0,
         )

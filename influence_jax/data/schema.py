@@ -57,8 +57,11 @@ class Schema:
         and `hist` [N, L, Fh] arrays, in order.
       max_len: L, the history length (most recent events, left-aligned, zero-padded).
       behaviour_types: names of the behaviour types, e.g. ("pv", "cart", "fav", "buy").
-      label: how the label was defined (free-form, for people and reports).
-      splits: per split name, {"rows": int, "shards": [relative dirs], "label_sum": float}.
+      label: how the label was defined (free-form, for people and reports). Multi-task data
+        also holds `label["heads"]`, the names of the H heads, in the column order of the
+        examples' `labels` [N, H] (one label per head; see `heads`).
+      splits: per split name, {"rows": int, "shards": [relative dirs], "label_sum": float}, and
+        with heads "label_sums": {head: float}.
       extra: anything else preparation wants to record (command, boundaries, counts).
     """
 
@@ -107,6 +110,12 @@ class Schema:
         if "label_sum" not in info or not info.get("rows"):
             return None
         return float(info["label_sum"]) / int(info["rows"])
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """Names of the label heads (columns of the `labels` example column); () when the
+        dataset has only the single `label`."""
+        return tuple(self.label.get("heads", ()) or ())
 
     def table_rows(self, vocab: str) -> int:
         """Embedding rows of `vocab`: ids at or above it embed as OOV (see table_sizes)."""

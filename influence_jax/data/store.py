@@ -10,6 +10,8 @@ Columns (N examples): user int32 [N, Fu]; item int32 [N, Fi]; hist int32 [N, L, 
 (left-aligned, most recent first, zero-padded); label float32 [N]; user_key int64 [N] (the user's
 raw index, for per-user metrics even when the user id maps to OOV); target_type int32 [N] (the
 behaviour id of the target event); timestamp int64 [N] (the target's time, unix seconds).
+A multi-task dataset (schema.label["heads"] = H head names) also holds labels float32 [N, H],
+one label per head in that order, beside `label`.
 Random access is a vectorised gather over memory maps, so a batch costs O(1) Python work.
 """
 
@@ -32,20 +34,34 @@ COLUMNS: dict[str, np.dtype] = {
     "target_type": np.dtype(np.int32),
     "timestamp": np.dtype(np.int64),
 }
+HEADS_COLUMN = "labels"  # float32 [N, H]: per-head labels, only in datasets with heads
+
+
+def columns_of(schema: Schema) -> dict[str, np.dtype]:
+    """The example columns of a dataset with `schema`: COLUMNS, plus `labels` with heads."""
+    if not schema.heads:
+        return COLUMNS
+    return {**COLUMNS, HEADS_COLUMN: np.dtype(np.float32)}
 
 
 def check_columns(columns: dict[str, np.ndarray], schema: Schema, where: str = "") -> int:
     """Checks names, dtypes, shapes and id ranges of a block of examples; returns its row count."""
-    missing = set(COLUMNS) - set(columns)
+    want_cols = columns_of(schema)
+    missing = set(want_cols) - set(columns)
     if missing:
         raise DataError(f"{where}: missing columns {sorted(missing)}")
+    if HEADS_COLUMN in columns and not schema.heads:
+        raise DataError(
+            f"{where}: column {HEADS_COLUMN} but the schema names no heads (label['heads'])"
+        )
     n = len(columns["label"])
     shapes = {
         "user": (n, len(schema.user_fields)),
         "item": (n, len(schema.item_fields)),
         "hist": (n, schema.max_len, len(schema.hist_fields)),
+        HEADS_COLUMN: (n, len(schema.heads)),
     }
-    for name, dtype in COLUMNS.items():
+    for name, dtype in want_cols.items():
         arr = columns[name]
         if arr.dtype != dtype:
             raise DataError(f"{where}: column {name} has dtype {arr.dtype}, expected {dtype}")
@@ -65,8 +81,9 @@ def check_columns(columns: dict[str, np.ndarray], schema: Schema, where: str = "
                     f"{where}: {group}.{f.name} has ids in [{col.min()}, {col.max()}], outside "
                     f"vocabulary {f.vocab!r} of size {schema.vocab_sizes[f.vocab]}"
                 )
-    if not np.all(np.isfinite(columns["label"])):
-        raise DataError(f"{where}: label has NaN or Inf")
+    for name in ("label", HEADS_COLUMN):
+        if name in want_cols and not np.all(np.isfinite(columns[name])):
+            raise DataError(f"{where}: {name} has NaN or Inf")
     return n
 
 
@@ -76,22 +93,26 @@ class ShardWriter:
     def __init__(self, root: str, split: str, schema: Schema, rows_per_shard: int = 1 << 20):
         self.root, self.split, self.schema = root, split, schema
         self.rows_per_shard = rows_per_shard
+        self.columns = columns_of(schema)
         self._buf: list[dict[str, np.ndarray]] = []
         self._buf_rows = 0
         self.shards: list[str] = []
         self.rows = 0
         self.label_sum = 0.0  # sum of the labels: the positives of a 0/1 label
+        self.label_sums = np.zeros(len(schema.heads), np.float64)  # per head, with heads
 
     def add(self, columns: dict[str, np.ndarray]) -> None:
         n = check_columns(columns, self.schema, where=f"{self.split} block")
         self.label_sum += float(np.sum(columns["label"], dtype=np.float64))
+        if self.schema.heads:
+            self.label_sums += np.sum(columns[HEADS_COLUMN], axis=0, dtype=np.float64)
         self._buf.append(columns)
         self._buf_rows += n
         while self._buf_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
 
     def _flush(self, rows: int) -> None:
-        merged = {k: np.concatenate([b[k] for b in self._buf]) for k in COLUMNS}
+        merged = {k: np.concatenate([b[k] for b in self._buf]) for k in self.columns}
         head = {k: v[:rows] for k, v in merged.items()}
         rest = {k: v[rows:] for k, v in merged.items()}
         rel = os.path.join(self.split, f"part-{len(self.shards):05d}")
@@ -108,7 +129,10 @@ class ShardWriter:
         """Flushes the remainder; returns the split's entry for `Schema.splits`."""
         if self._buf_rows:
             self._flush(self._buf_rows)
-        return {"rows": self.rows, "shards": list(self.shards), "label_sum": self.label_sum}
+        out = {"rows": self.rows, "shards": list(self.shards), "label_sum": self.label_sum}
+        if self.schema.heads:
+            out["label_sums"] = dict(zip(self.schema.heads, self.label_sums.tolist(), strict=True))
+        return out
 
 
 def write_split(
@@ -164,12 +188,13 @@ class ExampleStore:
                 f"{root}: split {split!r} not in schema (have {sorted(self.schema.splits)})"
             )
         shards = self.schema.splits[split]["shards"]
+        self.columns = columns_of(self.schema)
         self._cols: list[dict[str, np.ndarray]] = []
         for rel in shards:
             d = os.path.join(root, rel)
             try:
                 self._cols.append(
-                    {k: np.load(os.path.join(d, f"{k}.npy"), mmap_mode="r") for k in COLUMNS}
+                    {k: np.load(os.path.join(d, f"{k}.npy"), mmap_mode="r") for k in self.columns}
                 )
             except (OSError, ValueError) as e:
                 raise DataError(f"{d}: cannot read shard ({e})") from None
@@ -195,8 +220,9 @@ class ExampleStore:
                 "user": (len(s.user_fields),),
                 "item": (len(s.item_fields),),
                 "hist": (s.max_len, len(s.hist_fields)),
+                HEADS_COLUMN: (len(s.heads),),
             }
-            return {k: np.zeros((0, *shapes.get(k, ())), dt) for k, dt in COLUMNS.items()}
+            return {k: np.zeros((0, *shapes.get(k, ())), dt) for k, dt in self.columns.items()}
         if len(self._cols) == 1:
             return {k: np.asarray(v[idx]) for k, v in self._cols[0].items()}
         shard = np.searchsorted(self._offsets, idx, side="right") - 1

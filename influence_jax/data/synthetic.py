@@ -13,6 +13,16 @@ conversion logit has the same planted terms around a low base `cfg.conversion_bi
 rate about 5-10 %), and with probability `cfg.repeat_view_prob` the history holds 1-3 earlier
 views of the exposed item itself, as real logs do. Such an event counts like any event on the
 target's category (no extra same-item effect is planted).
+
+Multi-task heads (`cfg.heads`, conversion only): a dict head name -> {type: weight, ..., and
+optionally "bias"}. Each head h gets its own label, Bernoulli(sigmoid(logit_h)), where logit_h
+is the conversion logit with h's planted type weights (and h's bias, default
+`cfg.conversion_bias`) in place of `type_weights`: the `labels` column [N, H], heads in name
+order (schema.label["heads"]), and `label` = 1 when any head converts, as for
+`prepare_data.py --heads`. The heads' draws come from their own random stream, so the exposures
+and histories are the same with any heads. planted.json then holds
+`heads[name] = {"type_weight": {type: w}, "type_weight_normalised": ..., "bias": b}` and
+`head_order`, and no single `behaviour_type_weights`.
 """
 
 from __future__ import annotations
@@ -42,10 +52,41 @@ def time_gap_bucket(gap_seconds: np.ndarray) -> np.ndarray:
     return (np.clip(b // 2, 0, NUM_TIME_BUCKETS - 1) + NUM_RESERVED).astype(np.int32)
 
 
+def heads_of(cfg: Any) -> dict[str, tuple[dict[str, float], float]]:
+    """`cfg.heads` checked: head name -> (planted weight per behaviour type, bias), in name order
+    (the column order of `labels`); {} without heads. Raises DataError naming the field."""
+    heads = cfg.get("heads") or {}
+    if not heads:
+        return {}
+    where = "config.data.synthetic.heads"
+    if cfg.task != "conversion":
+        raise DataError(f"{where}: heads need task='conversion', not {cfg.task!r}")
+    out = {}
+    for name in sorted(heads):
+        spec = dict(heads[name])
+        unknown = sorted(set(spec) - set(BEHAVIOURS) - {"bias"})
+        missing = [b for b in BEHAVIOURS if b not in spec]
+        if unknown or missing:
+            raise DataError(
+                f"{where}.{name}: give a weight for each of {list(BEHAVIOURS)} and optionally "
+                f"'bias' (missing {missing}, unknown {unknown})"
+            )
+        weights = {b: float(spec[b]) for b in BEHAVIOURS}
+        bias = float(spec.get("bias", cfg.conversion_bias))
+        if any(not np.isfinite(w) or w < 0 for w in weights.values()) or not np.isfinite(bias):
+            raise DataError(
+                f"{where}.{name}: weights must be finite and >= 0 and the bias finite, got "
+                f"{weights}, bias {bias}"
+            )
+        out[str(name)] = (weights, bias)
+    return out
+
+
 def _planted(cfg: Any) -> dict[str, Any]:
     weights = {b: float(cfg.type_weights[b]) for b in BEHAVIOURS}
     total = sum(weights.values())
     conversion = cfg.task == "conversion"
+    heads = heads_of(cfg)
     planted = {
         "task": cfg.task,
         "behaviour_type_weights": weights,
@@ -61,6 +102,19 @@ def _planted(cfg: Any) -> dict[str, Any]:
     if conversion:
         planted["repeat_view_prob"] = float(cfg.repeat_view_prob)
         planted["same_item_extra_weight"] = 0.0
+    if heads:
+        # No single planted weight made `label` (any head): the heads hold the truth.
+        del planted["behaviour_type_weights"], planted["behaviour_type_weights_normalised"]
+        planted["label"] = "1 when any head's label is 1"
+        planted["head_order"] = list(heads)
+        planted["heads"] = {
+            name: {
+                "type_weight": w,
+                "type_weight_normalised": {b: v / (sum(w.values()) or 1.0) for b, v in w.items()},
+                "bias": bias,
+            }
+            for name, (w, bias) in heads.items()
+        }
     return planted
 
 
@@ -86,6 +140,21 @@ def _label(cfg: Any) -> dict[str, Any]:
         "neg_ratio": 0,
         "target_type": "the exposure's behaviour (pv)",
         "target_type_reveals_label": False,
+        **_heads_label(cfg),
+    }
+
+
+def _heads_label(cfg: Any) -> dict[str, Any]:
+    """The heads' part of schema.json "label" (none without heads)."""
+    heads = heads_of(cfg)
+    if not heads:
+        return {}
+    return {
+        "heads": list(heads),
+        "head_positive": "labels[:, h]: a Bernoulli(sigmoid(head h's logit)) draw, the "
+        "conversion logit with head h's planted type weights and bias (planted.json heads)",
+        "definition": "1 when any head's Bernoulli(sigmoid(head logit)) draw is 1",
+        "positive": "any head's label is 1",
     }
 
 
@@ -119,7 +188,11 @@ def _schema(cfg: Any, splits: dict[str, dict]) -> Schema:
 
 
 def cfg_to_dict(cfg: Any) -> dict[str, Any]:
+    """The generator settings as JSON values; no `heads` entry without heads, so data made
+    before heads existed still matches its config (`ensure`)."""
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    if not d.get("heads"):
+        d.pop("heads", None)
     return json.loads(json.dumps(d, default=list))
 
 
@@ -137,6 +210,7 @@ class _World:
         self.user_gender = rng.integers(0, 2, cfg.num_users)
         self.user_activity = rng.normal(0, 1, cfg.num_users)
         self.cat_items = [np.flatnonzero(self.item_cat == c) for c in range(cfg.num_categories)]
+        self.heads = heads_of(cfg)
 
     def _items_in_cats(self, cats: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One random item per requested category (vectorised via per-category offsets)."""
@@ -151,8 +225,11 @@ class _World:
         out[~nonempty] = rng.integers(0, self.cfg.num_items, int((~nonempty).sum()))
         return out
 
-    def examples(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """`n` examples of the configured task (the draws of "click" never change)."""
+    def examples(
+        self, n: int, rng: np.random.Generator, head_rng: np.random.Generator | None = None
+    ) -> dict[str, np.ndarray]:
+        """`n` examples of the configured task (the draws of "click" never change); with heads,
+        their labels are drawn from `head_rng`, so `rng`'s draws do not depend on them."""
         cfg, r = self.cfg, NUM_RESERVED
         users, valid_NxL, hist_item, hist_type, gaps = self._histories(n, rng)
         # Target: half the time in one of the user's favourite categories.
@@ -168,18 +245,28 @@ class _World:
             target_type = "pv"  # the exposure is a view of the target
             self._add_repeat_views(target, valid_NxL, hist_item, hist_type, rng)
 
-        w = np.array([cfg.type_weights[b] for b in BEHAVIOURS])
         match_NxL = (self.item_cat[hist_item] == target_cat[:, None]) & valid_NxL
-        decay = cfg.recency_decay ** np.arange(cfg.max_len)
-        hist_term = (w[hist_type] * match_NxL * decay).sum(1)
-        absent = set(cfg.signals_absent)
+        weighted = match_NxL * cfg.recency_decay ** np.arange(cfg.max_len)
+
+        def draw(type_weights: dict, bias: float, g: np.random.Generator) -> np.ndarray:
+            """Bernoulli(sigmoid(logit)) labels with these planted type weights and bias."""
+            w = np.array([type_weights[b] for b in BEHAVIOURS])
+            hist_term = (w[hist_type] * weighted).sum(1)
+            absent = set(cfg.signals_absent)
+            logit = bias + (0 if "history" in absent else cfg.history_scale * hist_term)
+            logit = logit + (
+                0 if "item" in absent else cfg.item_quality_scale * self.item_quality[target]
+            )
+            logit = logit + (0 if "user" in absent else cfg.user_scale * self.user_activity[users])
+            return (g.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+
         bias = cfg.conversion_bias if cfg.task == "conversion" else cfg.bias
-        logit = bias + (0 if "history" in absent else cfg.history_scale * hist_term)
-        logit = logit + (
-            0 if "item" in absent else cfg.item_quality_scale * self.item_quality[target]
-        )
-        logit = logit + (0 if "user" in absent else cfg.user_scale * self.user_activity[users])
-        label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+        label = draw(cfg.type_weights, bias, rng)
+        labels = None
+        if self.heads:
+            g = head_rng if head_rng is not None else rng
+            labels = np.stack([draw(w, b, g) for w, b in self.heads.values()], 1)
+            label = labels.max(1)  # any head converts
 
         hist = np.stack(
             [hist_item + r, self.item_cat[hist_item] + r, hist_type + r, time_gap_bucket(gaps)],
@@ -196,6 +283,7 @@ class _World:
             "user_key": users.astype(np.int64),
             "target_type": np.full(n, BEHAVIOURS.index(target_type) + r, np.int32),
             "timestamp": np.zeros(n, np.int64),  # set by `generate`
+            **({} if labels is None else {"labels": labels}),
         }
 
     def _histories(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -255,7 +343,9 @@ def generate(cfg: Any, output_dir: str) -> Schema:
             raise DataError(f"config.data.synthetic.type_weights.{b} must be >= 0")
     if cfg.task not in TASKS:
         raise DataError(f"config.data.synthetic.task: {cfg.task!r} is not one of {TASKS}")
+    heads_of(cfg)  # checked before anything is written
     rng = np.random.default_rng(cfg.seed)
+    head_rng = np.random.default_rng([cfg.seed, 1])  # the heads' draws (see `_World.examples`)
     world = _World(cfg, rng)
     sizes = {"train": cfg.train_examples, "valid": cfg.valid_examples, "test": cfg.test_examples}
     with store.AtomicDir(output_dir) as tmp:
@@ -266,7 +356,7 @@ def generate(cfg: Any, output_dir: str) -> Schema:
             done = 0
             while done < n:
                 k = min(cfg.rows_per_shard, n - done)
-                ex = world.examples(k, rng)
+                ex = world.examples(k, rng, head_rng)
                 # One example a minute, train then valid then test: a time order for
                 # time-respecting cross-validation (labels do not depend on it).
                 ex["timestamp"] = START_TIME + 60 * np.arange(row, row + k, dtype=np.int64)

@@ -18,10 +18,11 @@ from absl import logging
 
 from influence_jax.data.schema import Schema
 from influence_jax.models.extractors import EXTRACTORS  # noqa: F401 - part of the registry
+from influence_jax.models.multitask import MultiTask
 from influence_jax.models.ranker import Ranker
 from influence_jax.models.seed_cnn import SeedCNN
 
-MODELS: dict[str, type[nn.Module]] = {"seed_cnn": SeedCNN, "ranker": Ranker}
+MODELS: dict[str, type[nn.Module]] = {"seed_cnn": SeedCNN, "ranker": Ranker, "multitask": MultiTask}
 OUTPUT_BIAS = ("zero", "prior")  # config.model.output_bias: the output bias at init
 
 
@@ -34,10 +35,12 @@ def build_model(model_cfg: Any, schema: Schema) -> nn.Module:
     """Builds `MODELS[model_cfg.name]` from the shared fields it declares and its sub-config."""
     cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     cls = MODELS[cfg["name"]]
-    declared = model_fields(cls)
+    declared = model_fields(cls) - {"shared_embeddings"}
     kwargs = {k: _freeze(v) for k, v in cfg.items() if k in declared}
     kwargs["bias_init"] = prior_bias(schema) if cfg.get("output_bias") == "prior" else 0.0
     kwargs.update({k: _freeze(v) for k, v in dict(cfg.get(cfg["name"], {})).items()})
+    if "heads" in declared:  # the dataset's heads, in its `labels` column order
+        kwargs["heads"] = schema.heads
     if "extractor_args" in declared:
         names = tuple(cfg.get("extractors", ()))
         kwargs["extractors"] = names

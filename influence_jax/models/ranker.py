@@ -45,6 +45,8 @@ class Ranker(nn.Module):
     # (times one shared scale) is the only way an extractor's share of the logit can grow.
     normalise_scores: bool = True
     bias_init: float = 0.0  # initial output bias (config.model.output_bias)
+    # Embeddings owned by a parent and shared with other towers (models/multitask.py).
+    shared_embeddings: nn.Module | None = None
 
     def _gates(self) -> jax.Array:
         """Per behaviour id (pad, OOV, types...) -> gate; pad 0, OOV 1, types learned."""
@@ -62,7 +64,9 @@ class Ranker(nn.Module):
         # With gates on, the type reaches the extractors only through its gate, so its learned
         # weight is the whole of its influence rather than a share of it: no type embedding.
         skip = (s.hist_fields[b].vocab,) if self.behaviour_gates and not self.type_embedding else ()
-        emb = Embeddings(s, self.embed_dim, self.share_item_embeddings, skip, name="embeddings")
+        emb = self.shared_embeddings
+        if emb is None:
+            emb = Embeddings(s, self.embed_dim, self.share_item_embeddings, skip, name="embeddings")
         B = batch["user"].shape[0]
         user = emb(batch["user"], s.user_fields)
         item = emb(batch["item"], s.item_fields)
