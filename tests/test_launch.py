@@ -13,17 +13,22 @@ TRAIN = ["-m", "influence_jax.main", "--config=configs/tiny.py", "--workdir=gs:/
 OVERRIDES = ["--config.loop.num_steps=5", "--config.model.extractors=('din','dnn')"]
 
 
-def _dry_run(script: str, env: dict[str, str], *args: str) -> list[list[str]]:
-    """Runs launch/SCRIPT with DRY_RUN=1; returns each printed command as an argv list."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
-    out = subprocess.run(
+def _launch(script: str, env: dict[str, str], args, gone=("SLURM_", "JAX_")):
+    """Runs launch/SCRIPT with DRY_RUN=1 and `env`, without the variables starting `gone`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(gone)}
+    return subprocess.run(
         ["bash", os.path.join(ROOT, "launch", script), *args],
         env={**clean, "DRY_RUN": "1", **env},
         capture_output=True,
         text=True,
         timeout=30,
-        check=True,
     )
+
+
+def _dry_run(script: str, env: dict[str, str], *args: str) -> list[list[str]]:
+    """Runs launch/SCRIPT with DRY_RUN=1; returns each printed command as an argv list."""
+    out = _launch(script, env, args)
+    assert out.returncode == 0, out.stderr
     return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("#")]
 
 
@@ -106,14 +111,7 @@ def _fails(script: str, env: dict[str, str], *args: str) -> str:
     """Runs launch/SCRIPT with DRY_RUN=1 and no host or TPU variables; returns its stderr."""
     gone = ("SLURM_", "JAX_", "HOSTS", "COORDINATOR", "NUM_PROCESSES", "PROCESS_ID", "TPU_NAME",
             "ZONE")  # fmt: skip
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(gone)}
-    out = subprocess.run(
-        ["bash", os.path.join(ROOT, "launch", script), *args],
-        env={**clean, "DRY_RUN": "1", **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = _launch(script, env, args, gone)
     assert out.returncode != 0 and not out.stdout, out
     assert not re.search(r"line \d+:", out.stderr), out.stderr  # bash's ${VAR:?} noise
     assert out.stderr.startswith(f"launch/{script}: "), out.stderr

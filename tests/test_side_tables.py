@@ -35,8 +35,9 @@ ITEMS = """\
 USERS = "1,30,FR\n2,55,DE\n3,41,FR\n"
 
 
-def _prepare(tmp_path, **kw):
-    src = readers.open_source(
+def _open(tmp_path, **kw):
+    """The events source of LOG with the headerless item table ITEMS (and `kw`)."""
+    return readers.open_source(
         "events",
         write(tmp_path / "log.csv", LOG),
         user="u",
@@ -44,16 +45,23 @@ def _prepare(tmp_path, **kw):
         behaviour="b",
         timestamp="t",
         behaviour_types=("view", "buy"),
-        user_table=write(tmp_path / "users.csv", USERS),
-        user_table_names=("u", "age", "country"),
         item_table=write(tmp_path / "items.csv", ITEMS),
         item_table_names=("i", "price", "genres", "cat", "brand"),
         item_table_delimiter=";",
+        multi_value_fields=("genres",),
+        **kw,
+    )
+
+
+def _prepare(tmp_path, **kw):
+    src = _open(
+        tmp_path,
+        user_table=write(tmp_path / "users.csv", USERS),
+        user_table_names=("u", "age", "country"),
         item_fields=("price", "genres"),
         item_category="cat",
         numeric_fields=("price", "age"),
         numeric_buckets=2,
-        multi_value_fields=("genres",),
         multi_value_sep="|",
         max_bag=2,
         **kw,
@@ -108,20 +116,7 @@ def test_bad_side_table_options_name_the_file_and_column(tmp_path, kw, match):
     )
     base.update(kw)
     with pytest.raises(DataError, match=match):
-        readers.open_source(
-            "events",
-            write(tmp_path / "log.csv", LOG),
-            user="u",
-            item="i",
-            behaviour="b",
-            timestamp="t",
-            behaviour_types=("view", "buy"),
-            item_table=write(tmp_path / "items.csv", ITEMS),
-            item_table_names=("i", "price", "genres", "cat", "brand"),
-            item_table_delimiter=";",
-            multi_value_fields=("genres",),
-            **base,
-        )
+        _open(tmp_path, **base)
 
 
 def test_a_bag_pools_to_the_mean_of_its_ids_whatever_their_order():
