@@ -1,7 +1,8 @@
 r"""README figures from result JSON files, so the prose never drifts from what the commands give.
 
-Each figure block of README.md and README.zh-CN.md sits between `<!-- figures:NAME -->` and
-`<!-- /figures:NAME -->` and is rendered from the JSON files under docs/results/NAME/:
+Each figure block of README.md, README.zh-CN.md and docs/quality.md sits between
+`<!-- figures:NAME -->` and `<!-- /figures:NAME -->` and is rendered from the JSON files under
+docs/results/NAME/:
 
     python tools/readme_figures.py            # rewrite the blocks from docs/results
     python tools/readme_figures.py --check    # exit 1 if a block differs (the tests run this)
@@ -19,6 +20,9 @@ task over three seeds. To refresh it (about 3 minutes on 2 cores):
     python tools/influence_report.py --workdir=runs/tc0,runs/tc1,runs/tc2 --step=best \
       --output=runs/tc_report
     python tools/readme_figures.py --import_influence=runs/tc_report
+
+Block `multitask_compare` (docs/quality.md): copy WORKDIR/multitask.json of
+`tools/multitask_compare.py` to docs/results/multitask_compare/ and run this tool.
 
 `--import_influence` copies the report's JSON files (the combined one and each run's), the
 seeds and the test split's size into docs/results/taobao_conversion_influence/, the plot into
@@ -43,7 +47,12 @@ from influence_jax.errors import DataError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
-READMES = {"en": os.path.join(ROOT, "README.md"), "zh": os.path.join(ROOT, "README.zh-CN.md")}
+READMES = {  # the documents with figure blocks
+    "en": os.path.join(ROOT, "README.md"),
+    "zh": os.path.join(ROOT, "README.zh-CN.md"),
+    "quality": os.path.join(ROOT, "docs", "quality.md"),
+}
+MULTITASK = "multitask_compare"
 INFLUENCE = "taobao_conversion_influence"
 PLOT = os.path.join(ROOT, "docs", "img", "taobao_conversion_influence_runs.png")
 
@@ -260,7 +269,22 @@ def _wrap(text: str, width: int = 96) -> str:
     return "\n".join([*out, line])
 
 
-BLOCKS = {INFLUENCE: (influence_facts, {"en": influence_en, "zh": influence_zh})}
+def multitask_facts(folder: str) -> dict:
+    """tools/multitask_compare.py's multitask.json."""
+    return _load(os.path.join(folder, "multitask.json"))
+
+
+def multitask_table(results: dict) -> str:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import multitask_compare
+
+    return multitask_compare.table(results)
+
+
+BLOCKS = {
+    INFLUENCE: (influence_facts, {"en": influence_en, "zh": influence_zh}),
+    MULTITASK: (multitask_facts, {"quality": multitask_table}),
+}
 
 
 def render(text: str, name: str, body: str, path: str) -> str:
@@ -273,14 +297,16 @@ def render(text: str, name: str, body: str, path: str) -> str:
 
 
 def update(check: bool, results: str = RESULTS) -> list[str]:
-    """Rewrites (or with `check` only compares) every block; returns the stale READMEs."""
+    """Rewrites (or with `check` only compares) every block; returns the stale documents."""
     stale = []
     for lang, path in READMES.items():
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
         new = text
         for name, (facts, renderers) in BLOCKS.items():
-            new = render(new, name, renderers[lang](facts(os.path.join(results, name))), path)
+            if lang in renderers:
+                body = renderers[lang](facts(os.path.join(results, name)))
+                new = render(new, name, body, path)
         if new != text:
             stale.append(path)
             if not check:
