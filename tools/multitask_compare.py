@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from influence_jax import cli, evaluation, files, influence_runs, scoring, train  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
+from influence_jax.experiments import tables  # noqa: E402
 
 HEADS = {"taobao": ("cart", "fav", "buy"), "retailrocket": ("cart", "buy")}
 
@@ -91,30 +92,12 @@ def compare(name: str) -> dict:
     return out
 
 
-def table(results: dict) -> str:
-    cell = lambda v: f"{np.mean(v):.4f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.4f}"
-    lines = [
-        "| dataset | head (test positives) | single-task AUC | multi-task AUC | multi - single "
-        "(95 % CI over seeds) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, heads in results.items():
-        for h, r in heads.items():
-            d = r["difference"]
-            ci = f"{d['mean']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
-            lines.append(
-                f"| {name} | {h} ({r['positives']}) | {cell(r['single_auc'])} | "
-                f"{cell(r['multitask_auc'])} | {ci} |"
-            )
-    return "\n".join(lines)
-
-
 def _main() -> None:
     unknown = [d for d in _DATASETS.value if d not in HEADS]
     if unknown:
         raise DataError(f"--datasets: {unknown} unknown; choose from {list(HEADS)}")
     results = {name: compare(name) for name in _DATASETS.value}
-    md = table(results)
+    md = tables.multitask_table(results)
     files.write_json(os.path.join(_WORKDIR.value, "multitask.json"), results)
     files.write_text(os.path.join(_WORKDIR.value, "multitask.md"), md + "\n")
     print(md)

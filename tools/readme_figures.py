@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from influence_jax import checkpoint, cli, files  # noqa: E402
 from influence_jax.errors import DataError  # noqa: E402
+from influence_jax.experiments import tables  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -274,16 +275,9 @@ def multitask_facts(folder: str) -> dict:
     return _load(os.path.join(folder, "multitask.json"))
 
 
-def multitask_table(results: dict) -> str:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import multitask_compare
-
-    return multitask_compare.table(results)
-
-
 BLOCKS = {
     INFLUENCE: (influence_facts, {"en": influence_en, "zh": influence_zh}),
-    MULTITASK: (multitask_facts, {"quality": multitask_table}),
+    MULTITASK: (multitask_facts, {"quality": tables.multitask_table}),
 }
 
 
