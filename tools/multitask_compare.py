@@ -4,7 +4,8 @@ single-task model trained for that head alone, on the same exposures, over seeds
     python tools/multitask_compare.py --data_root=$INFLUENCE_JAX_DATA \
       --workdir=runs/multitask_compare
 
-For each dataset (Taobao: heads cart, fav, buy; Retailrocket: cart, buy) the conversion task is
+For each dataset with conversion heads in data/sources.py (Taobao: cart, fav, buy; Retailrocket:
+cart, buy) the conversion task is
 prepared once with `--heads` and once per head with that head as its only target (the same
 exposures: rows depend only on the exposure and the horizon). The multi-task model is the
 dataset's conversion config with `model.name="multitask"` (objective buy: its best checkpoint
@@ -30,7 +31,8 @@ from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
 from influence_jax.experiments import tables  # noqa: E402
 
-HEADS = {"taobao": ("cart", "fav", "buy"), "retailrocket": ("cart", "buy")}
+# The registered sources with conversion heads (data/sources.py) and their heads.
+HEADS = {n: s.heads for n, s in readers.SOURCES.items() if s.heads and s.conversion_config}
 
 _DATA_ROOT = flags.DEFINE_string(
     "data_root", os.environ.get("INFLUENCE_JAX_DATA"), "Shared data folder (INFLUENCE_JAX_DATA)."

@@ -412,6 +412,7 @@ class SourceSpec:
     sample: str = ""  # its public sample under $INFLUENCE_JAX_DATA (tools/quality.py), if any
     config: str = ""  # configs/<config>.py trains on it (next-item task)
     conversion_config: str = ""  # configs/<it>.py trains on its conversion task, if it has one
+    heads: tuple[str, ...] = ()  # conversion label heads (--heads) for multi-task comparisons
 
 
 # The one registry of sources: tools/prepare_data.py, tools/rank.py and tools/quality.py build
@@ -426,6 +427,7 @@ SOURCES: dict[str, SourceSpec] = {
             sample="taobao_userbehavior_sample/UserBehavior_head814users.csv",
             config="taobao",
             conversion_config="taobao_conversion",
+            heads=("cart", "fav", "buy"),
         ),
         SourceSpec(
             "movielens", movielens, "the ml-100k folder", sample="ml-100k", config="movielens"
@@ -437,6 +439,7 @@ SOURCES: dict[str, SourceSpec] = {
             sample="cml_retailrocket/train.csv",
             config="retailrocket",
             conversion_config="retailrocket_conversion",
+            heads=("cart", "buy"),
         ),
         # Any CSV/Parquet log with a column mapping (saved in schema.json for rank.py --events).
         SourceSpec("events", events, "a CSV or Parquet event log"),
