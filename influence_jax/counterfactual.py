@@ -29,7 +29,7 @@ import numpy as np
 
 from influence_jax.data import history, synthetic
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
-from influence_jax.scoring import Run, batched, global_batch
+from influence_jax.scoring import Run, batched, copies_logits, global_batch
 
 ADD_GAP_SECONDS = 3600  # the added event happened one hour before the example
 ROWS_PER_CALL = 4096  # model rows (examples x copies) per call
@@ -90,16 +90,10 @@ def make_fn(run: Run) -> Callable:
     """Jitted `f(params, batch{user, item, hists [B, C, L, F]}) -> logits [B, C]`."""
 
     def fn(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        def one(h):
-            b = {"user": batch["user"], "item": batch["item"], "hist": h}
-            return run.model.apply({"params": params}, b, train=False)[0]
+        base = {"user": batch["user"], "item": batch["item"]}
+        return copies_logits(run.model, params, base, jnp.moveaxis(batch["hists"], 1, 0)).T
 
-        return jax.vmap(one)(jnp.moveaxis(batch["hists"], 1, 0)).T
-
-    eng = run.engine
-    return jax.jit(
-        fn, in_shardings=(eng.param_shardings, eng.batch_sharding), out_shardings=eng.batch_sharding
-    )
+    return run.engine.jit_scoring(fn)
 
 
 def planted_type_weights(schema: Schema, head: str = "") -> dict[str, float] | None:

@@ -55,7 +55,7 @@ def head_sums(
     is sum_h loss_weight_h * mean loss_h; `loss_sum`/`accuracy_sum` are the objective head's
     (the step log), `heads/<h>/loss_sum` each head's."""
     weights = dict(model.loss_weights or {})
-    objective = model.objective or model.heads[-1]
+    objective = model.objective_head
     sums, loss = {}, 0.0
     for i, h in enumerate(model.heads):
         s = bce_sums(head_logits[h], batch["labels"][:, i], batch["weight"])
@@ -113,7 +113,7 @@ def make_eval_step(model: nn.Module):
                 jnp.stack([aux["head_logits"][h] for h in heads], 1)
             )
             # The headline metrics are the objective head's, against its own label.
-            keep["label"] = batch["labels"][:, heads.index(model.objective or heads[-1])]
+            keep["label"] = batch["labels"][:, heads.index(model.objective_head)]
         return dict(keep, prob=jax.nn.sigmoid(logit_B))
 
     return eval_step
@@ -151,6 +151,15 @@ class Engine:
     def batch_sharding(self) -> NamedSharding:
         return sharding.batch_sharding(self.mesh)
 
+    def jit_scoring(self, fn: Callable) -> Callable:
+        """`fn(params, batch) -> per-example outputs` jitted with the params' and the batch's
+        shardings (outputs sharded like the batch)."""
+        return jax.jit(
+            fn,
+            in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
+
     def score_fn(self) -> Callable:
         """Jitted `score(params, batch) -> prob_B`, the eval step's probabilities alone."""
 
@@ -158,11 +167,7 @@ class Engine:
             logit_B, _ = self.model.apply({"params": params}, batch, train=False)
             return jax.nn.sigmoid(logit_B)
 
-        return jax.jit(
-            score,
-            in_shardings=(self.param_shardings, self.batch_sharding),
-            out_shardings=self.batch_sharding,
-        )
+        return self.jit_scoring(score)
 
 
 def setup(

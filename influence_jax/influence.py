@@ -25,7 +25,7 @@ from influence_jax import counterfactual, files, influence_plots, summary
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.errors import DataError
 from influence_jax.ranking.output import Progress
-from influence_jax.scoring import Run, batched, global_batch
+from influence_jax.scoring import Run, batched, copies_logits, global_batch
 
 NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--explain)
 MAX_K = 5  # faithfulness: remove k = 1..MAX_K events
@@ -74,25 +74,19 @@ def make_masked_fn(run: Run) -> Callable:
     to drop; the C copies run as one vmapped batch.
     """
 
-    def apply(params: Any, batch: dict[str, jax.Array]):
-        return run.model.apply({"params": params}, batch, train=False)
-
     def fn(params: Any, batch: dict[str, jax.Array]) -> dict[str, Any]:
         base = {k: batch[k] for k in ("user", "item", "hist")}
-        logit_B, aux = apply(params, base)
+        logit_B, aux = run.model.apply({"params": params}, base, train=False)
         keep_CxBxL = jnp.moveaxis(~batch["remove"], 1, 0)
         hist_CxBxLxF = jnp.where(keep_CxBxL[..., None], base["hist"][None], 0)
-        masked_CxB = jax.vmap(lambda h: apply(params, dict(base, hist=h))[0])(hist_CxBxLxF)
+        masked_CxB = copies_logits(run.model, params, base, hist_CxBxLxF)
         return {
             "logit": logit_B,
             "masked": masked_CxB.T,
             "contributions": aux.get("contributions", {}),
         }
 
-    eng = run.engine
-    return jax.jit(
-        fn, in_shardings=(eng.param_shardings, eng.batch_sharding), out_shardings=eng.batch_sharding
-    )
+    return run.engine.jit_scoring(fn)
 
 
 def real_events(hist: np.ndarray, schema: Schema) -> np.ndarray:
@@ -370,8 +364,7 @@ def extractor_separation(weights: dict[str, float | None]) -> dict[str, Any]:
 
 def objective_head(run: Run) -> str:
     """The head a multi-task run's scores are (models/multitask.py); "" for other runs."""
-    heads = tuple(getattr(run.model, "heads", ()) or ())
-    return (getattr(run.model, "objective", "") or heads[-1]) if heads else ""
+    return getattr(run.model, "objective_head", "")
 
 
 def planted_weights(schema: Schema, head: str = "") -> dict[str, float] | None:

@@ -114,6 +114,14 @@ def load_run(
     return Run(os.path.abspath(workdir), config, dataset, eng, params, n)
 
 
+def copies_logits(
+    model: nn.Module, params: Any, base: dict[str, jax.Array], hist_CxBxLxF: jax.Array
+) -> jax.Array:
+    """[C, B] logits of the examples `base` (user, item) with each of C histories, vmapped."""
+    apply = lambda h: model.apply({"params": params}, dict(base, hist=h), train=False)[0]
+    return jax.vmap(apply)(hist_CxBxLxF)
+
+
 def make_score_fn(run: Run) -> Callable:
     """The jitted `score(params, batch) -> prob_B` (the eval step's probabilities)."""
     return run.engine.score_fn()

@@ -55,6 +55,11 @@ class MultiTask(nn.Module):
     normalise_scores: bool = True
     bias_init: float = 0.0
 
+    @property
+    def objective_head(self) -> str:
+        """The head whose logit the model returns: `objective`, or the last head."""
+        return self.objective or self.heads[-1]
+
     def setup(self):
         b_vocab = self.schema.hist_fields[self.schema.hist_index("behaviour")].vocab
         skip = (b_vocab,) if self.behaviour_gates and not self.type_embedding else ()
@@ -85,7 +90,7 @@ class MultiTask(nn.Module):
             logits[h], auxes[h] = self.towers[h](batch, train)
         for h, parent in dict(self.chain or {}).items():
             logits[h] = chained_logit(logits[parent], logits[h])
-        objective = self.objective or self.heads[-1]
+        objective = self.objective_head
         aux = dict(auxes[objective])
         aux["head_logits"] = logits
         # The objective's weights under their usual names (the step log, influence/* in
