@@ -22,6 +22,7 @@ import pyarrow as pa
 from absl import logging
 
 from influence_jax import counterfactual, files, influence_plots, summary
+from influence_jax.data.history import gap_seconds
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.errors import DataError
 from influence_jax.ranking.output import Progress
@@ -164,13 +165,6 @@ def top_events(loo_NxL: np.ndarray, real_NxL: np.ndarray, k: int) -> np.ndarray:
     """Positions [N, k] of the k events whose removal lowers the score most (ties: recent first)."""
     pos = np.broadcast_to(np.arange(loo_NxL.shape[1]), loo_NxL.shape)
     return np.lexsort((pos, np.where(real_NxL, -loo_NxL, np.inf)), axis=-1)[:, :k]
-
-
-def gap_seconds(schema: Schema, gap_ids: np.ndarray) -> np.ndarray:
-    """Lower bound of each time_gap bucket in seconds (synthetic buckets are powers of 4): all
-    that the history tensor keeps of an event's time, so never a real gap in seconds."""
-    base = 4 if "generator" in schema.extra else 2
-    return base ** np.maximum(gap_ids.astype(np.int64) - NUM_RESERVED, 0)
 
 
 def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from influence_jax.data.schema import NUM_RESERVED, Field
+from influence_jax.data.schema import NUM_RESERVED, Field, Schema
 
 NUM_GAP_BUCKETS = 32  # log2 buckets of seconds: 1 s .. 2^31 s and above
 GAP_INVALID = 1  # time_gap id of a zero or negative gap; preparation never emits it
@@ -87,6 +87,13 @@ def user_spans(events: Events) -> tuple[np.ndarray, np.ndarray]:
     start = np.maximum.accumulate(np.where(new_user, ar, 0))
     lo = np.maximum.accumulate(np.where(new_time, ar, 0))
     return start, lo
+
+
+def gap_seconds(schema: Schema, gap_ids: np.ndarray) -> np.ndarray:
+    """Lower bound of each time_gap bucket in seconds (synthetic buckets are powers of 4): all
+    that the history tensor keeps of an event's time, so never a real gap in seconds."""
+    base = 4 if "generator" in schema.extra else 2
+    return base ** np.maximum(gap_ids.astype(np.int64) - NUM_RESERVED, 0)
 
 
 def _slots(start: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -150,15 +150,14 @@ def load_state(data_path: str, schema: Schema, cut: str) -> RankState:
     return RankState(cut, int(info["cuts"][cut]), hist_ts=cols.pop("hist_ts", None), **cols)
 
 
-def seen_pairs(data_path: str, before: int) -> tuple[np.ndarray, np.ndarray]:
-    """(user_key, item_id index) of every pair first seen strictly before `before`."""
+def seen_keys(data_path: str, before: int, n_ids: int) -> np.ndarray:
+    """Sorted user_key * n_ids + item_id index of every pair first seen strictly before
+    `before` (n_ids: the item_id vocabulary size)."""
     folder = os.path.join(data_path, FOLDER, "seen")
     t = np.load(os.path.join(folder, "first_ts.npy"), mmap_mode="r")
     m = np.asarray(t) < before
-    return (
-        np.load(os.path.join(folder, "user_key.npy"))[m],
-        np.load(os.path.join(folder, "item.npy"))[m],
-    )
+    u = np.load(os.path.join(folder, "user_key.npy"))[m].astype(np.int64)
+    return np.unique(u * n_ids + np.load(os.path.join(folder, "item.npy"))[m])
 
 
 def load_item_features(data_path: str) -> np.ndarray:

@@ -58,9 +58,8 @@ def side_columns(
         if name in reserved or name in vocabs:
             raise DataError(f"side feature {name!r} clashes with another feature; rename it")
         if name in table.numeric:
-            raw = np.full(len(keys), np.nan)
             v, ok = parse_float(values)
-            raw[pos[found]] = np.where(ok, v, np.nan)[found]
+            raw = _spread(np.where(ok, v, np.nan).astype(np.float64), pos, found, len(keys), np.nan)
             numeric.append(Numeric(len(fields), raw, table.numeric_buckets))
             col, vocabs[name] = bucketize(raw, np.ones(len(raw), bool), table.numeric_buckets)
             out.append(col)
@@ -70,22 +69,31 @@ def side_columns(
             cols, cut = _bag(name, values, sep, table.max_bag, min_count(name), vocabs)
             counts[f"bag_cells_cut_{name}"] = cut
             for k, c in enumerate(cols):
-                full = np.full(len(keys), PAD_ID, np.int32)
-                full[pos[found]] = c[found]
-                out.append(full)
+                out.append(_spread(c, pos, found, len(keys), PAD_ID))
                 fields.append(Field(f"{name}[{k}]", name, bag=name))
         else:
-            values = values.cast(pa.string())
-            vc = value_counts(values).sort_by("k")
-            vocab_keys = vc.column("k").combine_chunks()
-            ids = ids_of(np.asarray(vc.column("n")), min_count(name))
-            vocabs[name] = Vocab(take_keys(vocab_keys, ids >= NUM_RESERVED))
-            vpos, vfound = positions(vocab_keys, values)
-            col = np.full(len(keys), OOV_ID, np.int32)
-            col[pos[found]] = np.where(vfound, ids[vpos], OOV_ID)[found]
-            out.append(col)
+            ids, vocabs[name] = _encode(values.cast(pa.string()), min_count(name))
+            out.append(_spread(ids, pos, found, len(keys), OOV_ID))
             fields.append(Field(name, name))
     return out
+
+
+def _spread(per_row: np.ndarray, pos: np.ndarray, found: np.ndarray, n: int, fill) -> np.ndarray:
+    """A table row's values placed at their entities' positions (`positions(keys, table.key)`);
+    `fill` for the entities the table does not have."""
+    out = np.full(n, fill, per_row.dtype)
+    out[pos[found]] = per_row[found]
+    return out
+
+
+def _encode(values: pa.Array, min_count: int) -> tuple[np.ndarray, Vocab]:
+    """(int32 id of each value, OOV below `min_count`; the vocabulary of the kept values)."""
+    vc = value_counts(values).sort_by("k")
+    vocab_keys = vc.column("k").combine_chunks()
+    ids = ids_of(np.asarray(vc.column("n")), min_count)
+    vpos, vfound = positions(vocab_keys, values)
+    vocab = Vocab(take_keys(vocab_keys, ids >= NUM_RESERVED))
+    return np.where(vfound, ids[vpos], OOV_ID).astype(np.int32), vocab
 
 
 def bucketize(values: np.ndarray, fit: np.ndarray, buckets: int) -> tuple[np.ndarray, Vocab]:
@@ -128,13 +136,7 @@ def _split(values: pa.Array, sep: str) -> pa.ListArray:
 def _bag(name, values, sep, max_bag, min_count, vocabs) -> tuple[list[np.ndarray], int]:
     """(one id column per bag slot, PAD_ID where a cell has fewer values; cells cut)."""
     lists = _split(values, sep)
-    flat = pc.list_flatten(lists)
-    vc = value_counts(flat).sort_by("k")
-    vocab_keys = vc.column("k").combine_chunks()
-    ids = ids_of(np.asarray(vc.column("n")), min_count)
-    vocabs[name] = Vocab(take_keys(vocab_keys, ids >= NUM_RESERVED))
-    vpos, vfound = positions(vocab_keys, flat)
-    flat_ids = np.where(vfound, ids[vpos], OOV_ID).astype(np.int32)
+    flat_ids, vocabs[name] = _encode(pc.list_flatten(lists), min_count)
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
     starts = np.r_[0, np.cumsum(lengths)[:-1]]
     width = int(min(max(lengths.max(initial=0), 1), max_bag))

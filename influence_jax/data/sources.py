@@ -131,20 +131,22 @@ def side_table(
     if pc.count_distinct(ids).as_py() != len(ids):
         raise DataError(f"{path}: column {key!r} repeats ids; a side table needs one row per id")
     line0 = 1 if names else 2  # the first data row's line
-    if not ok.all():
-        bad = int(np.argmin(ok))
-        raise fail_row(path, bad + line0, "bad_id", str(t.column(key)[bad]))
+
+    def checked(ok: np.ndarray, column: str) -> None:
+        if not ok.all():
+            bad = int(np.argmin(ok))
+            raise fail_row(path, bad + line0, "bad_id", str(t.column(column)[bad]))
+
+    checked(ok, key)
     cat = None
     if category:
         cat, ok = parse_id(t.column(category).combine_chunks(), string_ids)
-        if not ok.all():
-            bad = int(np.argmin(ok))
-            raise fail_row(path, bad + line0, "bad_id", str(t.column(category)[bad]))
+        checked(ok, category)
     return SideTable(
         ids,
         {c: t.column(c).combine_chunks() for c in columns},
         category=cat,
-        numeric=tuple(numeric),
+        numeric=numeric,
         numeric_buckets=numeric_buckets,
         multi=multi,
         max_bag=max_bag,
@@ -329,7 +331,7 @@ def events(
     timefmt.check(time_format, time_zone)
     if not 0 < len(behaviour_types) <= 100:
         raise DataError("events: --behaviour_types must list 1 to 100 raw behaviour spellings")
-    delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
+    delimiter = _delimiter(delimiter)
     roles = {"user": user, "item": item, "behaviour": behaviour, "timestamp": timestamp}
     if category:
         roles["category"] = category
@@ -358,7 +360,7 @@ def events(
                 f"events: --noheader: the {group} table needs --{group}_table_names (its column "
                 "names); a table with a header line needs neither"
             )
-        sep = {"\\t": "\t", "tab": "\t"}.get(sep, sep) or delimiter
+        sep = _delimiter(sep) or delimiter
         tables[group] = side_table(
             table,
             key,
@@ -393,6 +395,11 @@ def events(
             "item_table": os.path.abspath(item_table) if item_table else "",
         },
     )
+
+
+def _delimiter(given: str) -> str:
+    """A delimiter flag's value, with "\\t" and "tab" meaning a tab."""
+    return {"\\t": "\t", "tab": "\t"}.get(given, given)
 
 
 def _all_found(tables: dict[str, SideTable], flag: str, names: tuple[str, ...]) -> None:

@@ -280,8 +280,7 @@ def seen_keys(run: Run, ctx: Contexts, n_ids: int) -> np.ndarray:
         return ctx.seen
     if run.dataset.has_rank_state:
         before = int(ctx.timestamp.max()) if len(ctx.timestamp) else 0
-        u, i = rank_state.seen_pairs(run.data_path, before)
-        return np.unique(u.astype(np.int64) * n_ids + i)
+        return rank_state.seen_keys(run.data_path, before, n_ids)
     h = ctx.hist[..., run.schema.hist_index("item_id")]
     keys = ctx.user_key[:, None].astype(np.int64) * n_ids + h
     return np.unique(keys[h >= NUM_RESERVED])

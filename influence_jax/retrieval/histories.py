@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from influence_jax.data import rank_state
-from influence_jax.data.history import NO_HISTORY
+from influence_jax.data.history import NO_HISTORY, gap_seconds
 from influence_jax.data.schema import NUM_RESERVED, DataError, Schema
 from influence_jax.data.store import ExampleStore
 
@@ -90,8 +90,8 @@ def load_histories(data_path: str, schema: Schema, cut: str) -> Histories:
     if s.hist_ts is not None:
         ts = np.asarray(s.hist_ts, np.int64)
     else:
-        gap = hist[..., schema.hist_index("time_gap")].astype(np.int64) - NUM_RESERVED
-        ts = np.where(filled, s.time - (np.int64(1) << np.clip(gap, 0, 62)), NO_HISTORY)
+        gap = gap_seconds(schema, hist[..., schema.hist_index("time_gap")])
+        ts = np.where(filled, s.time - gap, NO_HISTORY)
     names = [f.name for f in schema.hist_fields]
     category = hist[..., names.index("category")].astype(np.int32) if "category" in names else None
     return Histories(
@@ -148,5 +148,4 @@ def positives(data_path: str, schema: Schema, split: str) -> tuple[np.ndarray, n
 def seen_keys(data_path: str, h: Histories) -> np.ndarray:
     """Sorted user_key * n_items + item of every pair a user interacted with before the cut
     (`rank_state/seen`, so older than the history too)."""
-    u, i = rank_state.seen_pairs(data_path, h.time)
-    return np.unique(u.astype(np.int64) * h.n_items + i)
+    return rank_state.seen_keys(data_path, h.time, h.n_items)
