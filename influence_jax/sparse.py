@@ -64,12 +64,13 @@ def gather_rows(
             batch[g] = jnp.asarray(batch[g]).at[..., j].set(new)
             offset += col.shape[0]
         table = params["embeddings"][f"embed_{v}"]
-        if schema.table_rows(v) < schema.vocab_sizes[v]:
+        collapsed = schema.table_rows(v) < schema.vocab_sizes[v]
+        if collapsed:
             # Ids after the training period keep their own positions (exact matches see
             # them) but read and update the OOV row; their updates add up there.
             uniq = jnp.where(uniq < table.shape[0], uniq, OOV_ID)
         params["embeddings"][f"embed_{v}"] = jnp.take(table, uniq, axis=0)
-        rows[v] = {"ids": uniq, "valid": valid}
+        rows[v] = {"ids": uniq, "valid": valid, "distinct": not collapsed}
     return params, batch, rows
 
 
@@ -98,16 +99,22 @@ def rowwise_adagrad(
     for v, r in rows.items():
         name = f"embed_{v}"
         g_NxD = jnp.where(r["valid"][:, None], grads["embeddings"][name], 0.0)
-        acc_Nx1 = jnp.take(state[name], r["ids"], axis=0) + jnp.mean(
-            jnp.square(g_NxD), axis=1, keepdims=True
-        )
+        sq_Nx1 = jnp.mean(jnp.square(g_NxD), axis=1, keepdims=True)
+        acc_Nx1 = jnp.take(state[name], r["ids"], axis=0) + sq_Nx1
         step_NxD = -lr * g_NxD / (jnp.sqrt(acc_Nx1) + eps)
-        # Invalid positions carry zero gradient, hence zero update and zero accumulator change,
-        # so their duplicated row ids add nothing.
-        params["embeddings"][name] = params["embeddings"][name].at[r["ids"]].add(step_NxD)
-        state[name] = (
-            state[name].at[r["ids"]].add(jnp.mean(jnp.square(g_NxD), axis=1, keepdims=True))
-        )
+        table = params["embeddings"][name]
+        if r.get("distinct", False):
+            # Valid rows are distinct: write each updated row once (no atomic adds; the same
+            # numbers as adding the step); invalid positions go past the end and are dropped.
+            ids = jnp.where(r["valid"], r["ids"], table.shape[0])
+            rows_NxD = jnp.take(table, r["ids"], axis=0) + step_NxD
+            params["embeddings"][name] = table.at[ids].set(rows_NxD, mode="drop")
+            state[name] = state[name].at[ids].set(acc_Nx1, mode="drop")
+        else:
+            # Invalid positions carry zero gradient, hence zero update and zero accumulator
+            # change, so their duplicated row ids add nothing; collapsed ids add up.
+            params["embeddings"][name] = table.at[r["ids"]].add(step_NxD)
+            state[name] = state[name].at[r["ids"]].add(sq_Nx1)
     return params, state
 
 

@@ -25,8 +25,11 @@ def _summary_module():
 
 
 @pytest.mark.slow  # a benchmark's smoke run: the slow tier
-def test_gpu_benchmark_smoke_train_and_quality(tmp_path):
-    env = dict(os.environ, SMOKE="1", PARTS="train,quality", OUT=str(tmp_path))
+def test_gpu_benchmark_smoke_train_and_quality(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bench")
+    out = tmp_path_factory.mktemp("device_out")  # the device tool's: one archive, the summary
+    env = dict(os.environ, SMOKE="1", PARTS="train,quality", OUT=str(out))
+    env["GPU_BENCH_DIR"] = str(tmp_path)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     proc = subprocess.run(
         ["bash", os.path.join(TOOLS, "gpu_benchmark.sh")],
@@ -55,7 +58,21 @@ def test_gpu_benchmark_smoke_train_and_quality(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "parts: train ok (" in summary and ", quality ok (" in summary
     assert "train b=64: f32" in summary and "held-out AUC" in summary
-    assert summary == _summary_module().summary(str(tmp_path)) + "\n"
+    assert summary.startswith(_summary_module().summary(str(tmp_path)) + "\n")
+    # The fast step's trace at each batch, and where its time goes (CPU: the XLA threads).
+    assert [r["profile"] for r in train if r["impl"] == "jax"] == [
+        str(tmp_path / "profile/train_float32_b64")
+    ]
+    assert "ms of operations in the trace" in summary
+    assert sorted(os.listdir(out)) == ["gpu_benchmark.tgz", "profile.tgz", "summary.txt"]
+    listed = subprocess.run(
+        ["tar", "tzf", str(out / "gpu_benchmark.tgz")], capture_output=True, text=True
+    )
+    assert "./train.jsonl" in listed.stdout.split()
+    listed = subprocess.run(
+        ["tar", "tzf", str(out / "profile.tgz")], capture_output=True, text=True
+    )
+    assert ".xplane.pb" in listed.stdout
 
 
 def _write(folder, name, rows):
@@ -95,7 +112,14 @@ def test_gpu_summary_counts_bf16_only_where_it_keeps_auc(tmp_path):
         )
     ]
     _write(tmp_path, "scale", scale)
+    rank = [
+        {"impl": "jax", "model": m, "batch": b, "score_ex_per_s": 1e6, "eval_ex_per_s": 5e5}
+        | {"train_ex_per_s": rate}
+        for m, b, rate in (("default", 8192, 4e5), ("full", 8192, 187e3), ("full", 65536, 3e5))
+    ]
+    _write(tmp_path, "rank", rank)
     text = summary.summary(str(tmp_path))
+    assert "full ranker training b=8192: 187,000 ex/s, 10.0x the public DIN figure" in text
     assert "sparse, engine model: 10,000,000 items keep 80% of the 100,000-item" in text
     assert "(10.0 -> 12.5 ms/step): met" in text
     assert "dense Adam, engine model: 10,000,000 items keep 10%" in text

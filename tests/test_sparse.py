@@ -61,6 +61,30 @@ def test_rowwise_adagrad_touches_only_batch_rows_and_matches_reference(tiny_data
     np.testing.assert_allclose(np.asarray(new_state["embed_item_id"]), acc, rtol=1e-6)
 
 
+def test_distinct_rows_are_written_once_with_the_numbers_of_the_scatter_add(tiny_data):
+    """Distinct rows take a scatter-set (no atomic adds: XLA:GPU compiles f32 scatter-adds to
+    compare-and-swap loops on jaxlib 0.10.2-0.11); it must give the scatter-add's numbers."""
+    schema, model, batch, params = _setup(tiny_data)
+    vocabs = ("item_id", "user_id")
+    state = sparse.init_state(params, vocabs)
+    vparams, vbatch, rows = sparse.gather_rows(params, batch, schema, vocabs)
+    assert all(r["distinct"] for r in rows.values()) and not all(rows["item_id"]["valid"])
+
+    def loss(p):
+        logit, _ = model.apply({"params": p}, vbatch)
+        return jnp.mean(jnp.square(logit - vbatch["label"]))
+
+    vgrads = jax.grad(loss)(vparams)
+    added = {v: dict(r, distinct=False) for v, r in rows.items()}
+    update = lambda r: jax.jit(lambda p, g, s: sparse.rowwise_adagrad(p, g, r, s, 0.1))
+    got_p, got_s = update(rows)(params, vgrads, state)
+    ref_p, ref_s = update(added)(params, vgrads, state)
+    for v in vocabs:
+        name = f"embed_{v}"
+        np.testing.assert_array_equal(got_p["embeddings"][name], ref_p["embeddings"][name])
+        np.testing.assert_array_equal(got_s[name], ref_s[name])
+
+
 def test_sparse_train_step_learns_and_keeps_unused_rows(tiny_data):
     schema, path = tiny_data
     batch = helpers.first_batch(schema, path, 64)

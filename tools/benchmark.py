@@ -66,6 +66,12 @@ _RANK_CONFIG = flags.DEFINE_string(
 _RANK_MODELS = flags.DEFINE_list(
     "rank_models", ["default", "full"], "--what=rank: default (the config's extractors), full."
 )
+_RANK_MEASURE = flags.DEFINE_enum(
+    "rank_measure",
+    "all",
+    ["all", "score", "train"],
+    "--what=rank: the scoring rates, the ranker's own training rate, or both.",
+)
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices",
     0,
@@ -99,6 +105,12 @@ _PREPARE_LOG = flags.DEFINE_string(
 )
 _PREPARE_MEMORY = flags.DEFINE_integer(
     "prepare_memory_mb", 1024, "--what=prepare: prepare_data.py --memory_mb."
+)
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "--what=train: trace a few steps of the fast JAX step at each batch with jax.profiler into "
+    "this folder (tools/bench/profile_summary.py prints where the device time goes).",
 )
 _REF_TIMEOUT = flags.DEFINE_integer("ref_timeout", 900, "Seconds before a reference is stopped.")
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
@@ -147,6 +159,7 @@ def main(argv: list[str]) -> None:
             _REPEATS.value,
             compare=bool(names),
             ref_kw=ref_kw,
+            measure=_RANK_MEASURE.value,
         )
         return _emit(rows, lambda: bench_rank.print_table(rows, kept))
 
@@ -163,7 +176,9 @@ def main(argv: list[str]) -> None:
         return _emit(rows, lambda: bench_quality.print_table(rows))
     import bench_train
 
-    jb = bench_train.JaxBench(_DTYPE.value, _SECONDS.value, _REPEATS.value, kept)
+    jb = bench_train.JaxBench(
+        _DTYPE.value, _SECONDS.value, _REPEATS.value, kept, profile_dir=_PROFILE_DIR.value
+    )
     if _WHAT.value == "scale":
         vocabs, lens = [int(v) for v in _SCALE_VOCABS.value], [int(n) for n in _SCALE_LENS.value]
         rows = bench_train.scale(jb, _SCALE_BATCH.value, vocabs, _SCALE_EMBED.value, lens)

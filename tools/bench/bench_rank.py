@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 
 import bench_util
@@ -126,8 +127,17 @@ class RankBench:
         self.num_params = sum(x.size for x in jax.tree_util.tree_leaves(self.params))
         self.score_fn = eng.score_fn()  # the ranking score function (scoring.make_score_fn)
         self.eval_fn = eng.eval_step
+        self.train_step, self.init_state = eng.train_step, eng.init_state  # the config's optimizer
 
-    def measure(self, ex: dict[str, np.ndarray], batch: int, seconds: float, repeats: int):
+    def measure(
+        self,
+        ex: dict[str, np.ndarray],
+        batch: int,
+        seconds: float,
+        repeats: int,
+        what: str = "all",
+    ) -> dict:
+        """One row; `what`: "all", "score" (the scoring rates) or "train" (training only)."""
         n = common.NUM_DISTINCT_BATCHES
         host = [{k: v[i * batch : (i + 1) * batch] for k, v in ex.items()} for i in range(n)]
         inputs = [{k: b[k] for k in ("user", "item", "hist")} for b in host]
@@ -150,10 +160,21 @@ class RankBench:
 
         row = {"impl": "jax", "batch": batch, "params": int(self.num_params)}
         row["devices"] = self.mesh.devices.size
+        stage = lambda name: bench_util.progress(f"  {name} ({time.perf_counter() - t0:.0f} s)")
+        t0 = time.perf_counter()
         with bench_util.CpuShareOfOthers() as others:
+            if what in ("all", "train"):
+                row["train_ex_per_s"] = self._train_rate(host, batch, seconds, repeats)
+                stage("train step timed")
+            if what == "train":
+                row["others_cpu"] = others.share
+                return row
             row["score_ex_per_s"], row["score_ex_per_cpu_s"] = loop(self.score_fn, ready, False)
+            stage("score fn timed")
             row["rank_path_ex_per_s"], _ = loop(self.score_fn, inputs, True)
+            stage("rank path timed")
             row["eval_ex_per_s"], _ = loop(self.eval_fn, host, True)
+            stage("eval step timed")
         row["others_cpu"] = others.share
         score = sharding.to_host(self.score_fn(self.params, ready[0]))
         prob = sharding.to_host(
@@ -161,6 +182,25 @@ class RankBench:
         )
         row["eval_vs_score_max_abs_diff"] = float(np.max(np.abs(score - prob)))
         return row
+
+    def _train_rate(self, host: list[dict], batch: int, seconds: float, repeats: int) -> float:
+        """Training examples/s of the engine's train step (the config's optimizer, dropout on)
+        on ready device batches, as the training loop runs it (metrics fetched one step late)."""
+        ready = [sharding.to_global(b, self.mesh) for b in host]
+        state = self.init_state()
+
+        def run(steps: int) -> None:
+            nonlocal state
+            pending = None
+            for i in range(steps):
+                state, m = self.train_step(state, ready[i % len(ready)])
+                if pending is not None:
+                    jax.device_get(pending)
+                pending = m
+            jax.device_get(pending)
+
+        steps, secs, _ = bench_util.time_steps(run, seconds, repeats)
+        return common.ex_per_s(batch, steps, secs)
 
     def write_keras_inputs(self, ex: dict, tmp: str) -> list[str]:
         """The spec, batches and check files for keras_ranker.py; returns its arguments."""
@@ -188,6 +228,7 @@ def run(
     repeats: int,
     compare: bool = False,
     ref_kw: dict | None = None,
+    measure: str = "all",
 ) -> list[dict]:
     """Rows for each model (default / full) and batch: ours and, with `compare`, Keras'."""
     rows, seen = [], {}
@@ -210,7 +251,7 @@ def run(
             ours = []
             for batch in batches:
                 bench_util.progress(f"jax ranker {which} batch {batch} ...")
-                ours.append(rb.measure(ex, batch, seconds, repeats) | info)
+                ours.append(rb.measure(ex, batch, seconds, repeats, measure) | info)
             refs = []
             if compare:
                 args = rb.write_keras_inputs(ex, tmp) + [
@@ -226,7 +267,7 @@ def run(
                 ]
             for r in ours:
                 same = [x for x in refs if x["batch"] == r["batch"]]
-                if same:
+                if same and "score_ex_per_s" in r:
                     k = same[0]["score_ex_per_s"]
                     r["keras_score_ex_per_s"] = k
                     for key in ("score", "rank_path", "eval"):
@@ -245,21 +286,18 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
     )
     print(
         f"{'model':<9}{'impl':<18}{'batch':>7}{'params':>10}{'score ex/s':>13}{'rank path':>12}"
-        f"{'eval step':>12}{'vs keras':>10}{'ex/cpu-s':>10}{'vs keras':>10}{'others cpu':>12}"
+        f"{'eval step':>12}{'train ex/s':>12}{'vs keras':>10}{'ex/cpu-s':>10}{'vs keras':>10}"
+        f"{'others cpu':>12}"
     )
+    cell = lambda r, key, width: f"{r[key]:>{width},.0f}" if key in r else f"{'-':>{width}}"
     for r in rows:
-        jax_row = r["impl"] == "jax"
         impl = r["impl"] + (f" x{r['devices']}" if r.get("devices", 1) > 1 else "")
         line = f"{r['model']:<9}{impl:<18}{r['batch']:>7}{r['params']:>10,}"
-        line += f"{r['score_ex_per_s']:>13,.0f}"
-        line += (
-            f"{r['rank_path_ex_per_s']:>12,.0f}{r['eval_ex_per_s']:>12,.0f}"
-            if jax_row
-            else " " * 24
-        )
+        line += cell(r, "score_ex_per_s", 13) + cell(r, "rank_path_ex_per_s", 12)
+        line += cell(r, "eval_ex_per_s", 12) + cell(r, "train_ex_per_s", 12)
         ratio = r.get("score_vs_keras")
         line += f"{ratio:>9.2f}x" if ratio else " " * 10
-        line += f"{r['score_ex_per_cpu_s']:>10,.0f}"
+        line += cell(r, "score_ex_per_cpu_s", 10)
         ratio = r.get("score_cpu_vs_keras")
         line += f"{ratio:>9.2f}x" if ratio else " " * 10
         share = r.get("others_cpu")
@@ -268,11 +306,12 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
     print(
         "  score: the ranking score function on ready device batches, results fetched to the host "
         "(Keras: model.predict on ready batches); rank path: the same with each host batch "
-        "transferred in; eval step: the engine's, as evaluation runs it; candidates/s; "
+        "transferred in; eval step: the engine's, as evaluation runs it; candidates/s; train: "
+        "the engine's train step (the config's optimizer) on ready batches, examples/s; "
         "ex/cpu-s: scoring candidates per CPU-second of the process (all its threads)"
     )
     for r in rows:
-        if r["impl"] == "jax":
+        if r["impl"] == "jax" and "eval_vs_score_max_abs_diff" in r:
             print(
                 f"  {r['model']} b={r['batch']}: eval step vs score function, max |prob "
                 f"difference| {r['eval_vs_score_max_abs_diff']:.1e}"

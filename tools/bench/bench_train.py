@@ -8,6 +8,7 @@ the compiled step's FLOPs (XLA's cost analysis) against a timed large matmul.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 from typing import Any
@@ -24,6 +25,8 @@ from bench_refs import common
 from configs import default as default_config
 from influence_jax import engine, sharding
 
+PROFILE_STEPS = 10  # steps traced per profiled batch
+
 REFS = {  # --compare name -> (script, its --impls)
     "keras": ("keras_ref.py", ""),
     "torch": ("torch_ref.py", "eager,compile"),
@@ -35,8 +38,16 @@ REFS = {  # --compare name -> (script, its --impls)
 class JaxBench:
     """Times the engine's train step and batch scoring on the benchmark model."""
 
-    def __init__(self, dtype: str, seconds: float, repeats: int, host_memory_kept: bool):
+    def __init__(
+        self,
+        dtype: str,
+        seconds: float,
+        repeats: int,
+        host_memory_kept: bool,
+        profile_dir: str = "",
+    ):
         self.dtype, self.seconds, self.repeats = dtype, seconds, repeats
+        self.profile_dir = profile_dir  # a jax.profiler trace of the fast step per batch there
         self.host_memory_kept = host_memory_kept
         self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
 
@@ -118,6 +129,12 @@ class JaxBench:
             steps, secs, _ = bench_util.time_steps(run_train, self.seconds, self.repeats)
             row["train_ex_per_s"] = common.ex_per_s(batch, steps, secs)
             row["train_step_s"] = statistics.median(secs) / steps
+            if self.profile_dir and variant == "fast":
+                # A few more steps under the profiler (tools/bench/profile_summary.py reads it).
+                path = os.path.join(self.profile_dir, f"train_{self.dtype}_b{batch}")
+                with jax.profiler.trace(path):
+                    run_train(PROFILE_STEPS)
+                row["profile"] = path
             if score:
                 row.update(self._score(model, state.params, state_sh.params, inputs, variant))
         row["others_cpu"] = others.share

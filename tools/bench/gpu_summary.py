@@ -19,6 +19,7 @@ import sys
 TRAIN_TARGET = 8e6  # training examples/s at the large batch
 EAGER_RATIO_TARGET = 3.0  # ours / PyTorch eager at the small batch
 SPARSE_KEEP_TARGET = 0.8  # 10M-row throughput / 100K-row throughput, row-sparse update
+DIN_V100 = 18.7e3  # public DIN training figure, examples/s on one V100 (the speed issue's)
 AUC_TOLERANCE = 0.002  # bf16 "keeps AUC": held-out AUC at most this far below f32
 
 
@@ -117,13 +118,29 @@ def quality_line(rows: list[dict]) -> list[str]:
 
 
 def rank_table(rows: list[dict]) -> list[str]:
-    lines = ["ranking, candidates/s", f"{'model':<9}{'batch':>8}{'score fn':>14}{'eval step':>14}"]
+    if not any(r.get("impl") == "jax" for r in rows):
+        return []
+    lines = [
+        "ranking, candidates/s; the ranker's own training, examples/s",
+        f"{'model':<9}{'batch':>8}{'score fn':>14}{'eval step':>14}{'train':>14}",
+    ]
+    merged: dict[tuple, dict] = {}  # (model, batch) -> the scoring and training rows together
     for r in rows:
         if r.get("impl") == "jax":
-            lines.append(
-                f"{r['model']:<9}{r['batch']:>8}{r['score_ex_per_s']:>14,.0f}"
-                f"{r['eval_ex_per_s']:>14,.0f}"
-            )
+            merged.setdefault((r["model"], r["batch"]), {}).update(r)
+    for (model, batch), r in merged.items():
+        lines.append(
+            f"{model:<9}{batch:>8}{_fmt(r.get('score_ex_per_s')):>14}"
+            f"{_fmt(r.get('eval_ex_per_s')):>14}{_fmt(r.get('train_ex_per_s')):>14}"
+        )
+    full = [r for r in rows if r.get("model") == "full" and "train_ex_per_s" in r]
+    if full:
+        r = min(full, key=lambda r: abs(r["batch"] - 8192))
+        lines.append(
+            f"  full ranker training b={r['batch']}: {r['train_ex_per_s']:,.0f} ex/s, "
+            f"{r['train_ex_per_s'] / DIN_V100:.1f}x the public DIN figure on one V100 "
+            f"({DIN_V100:,.0f} ex/s)"
+        )
     return lines
 
 
@@ -142,7 +159,8 @@ def summary(folder: str) -> str:
         quality = parts.get("quality", [])
         lines += train_table(train, small, large) + targets(train, quality, small, large)
     lines += sparse_lines(parts.get("scale", []))
-    lines += quality_line(parts.get("quality", [])) + rank_table(parts.get("rank", []))
+    rank = parts.get("rank", []) + parts.get("rank_train", [])
+    lines += quality_line(parts.get("quality", [])) + rank_table(rank)
     return "\n".join(lines)
 
 
