@@ -77,8 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # Multi-task (model.name="multitask", a dataset with label heads): one ranker tower per head
     # over shared embeddings. objective: the head ranking and reports use ("": the last head);
-    # chain: head -> parent, p(head) = p(parent) * tower (ESMM); loss_weights: head -> weight.
-    model.multitask = ml_collections.ConfigDict({"objective": "", "chain": {}, "loss_weights": {}})
+    # chain: head -> parent, p(head) = p(parent) * tower (ESMM); loss_weights: head -> weight;
+    # mixture: "towers" (a tower per head) or "mmoe" (`experts` shared towers, a gate per head).
+    model.multitask = ml_collections.ConfigDict(
+        {"objective": "", "chain": {}, "loss_weights": {}, "mixture": "towers", "experts": 3}
+    )
     # The seed design (model.name="seed_cnn"): Conv1D output channels C per tower, Conv1D width
     # in positions, Dense(relu) width after the towers, dropout before and after that layer.
     model.seed_cnn = ml_collections.ConfigDict(

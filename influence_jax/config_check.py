@@ -15,6 +15,7 @@ from influence_jax import metrics
 from influence_jax.data import synthetic
 from influence_jax.errors import ConfigError, DataError
 from influence_jax.models import EXTRACTORS, MODELS, OUTPUT_BIAS, model_fields
+from influence_jax.models.multitask import parse_objective
 
 DATA_SOURCES = ("synthetic", "prepared")
 OPTIMIZERS = ("adam", "adamw")
@@ -82,6 +83,9 @@ def check_schema(config: Any, schema: Any) -> None:
             )
 
 
+MIXTURES = ("towers", "mmoe")  # config.model.multitask.mixture
+
+
 def _check_heads(m: Any, heads: tuple[str, ...]) -> None:
     """A multi-task model needs a dataset with heads; its objective, chain and loss weights
     name heads, and a chain's parent is not itself chained."""
@@ -93,7 +97,19 @@ def _check_heads(m: Any, heads: tuple[str, ...]) -> None:
             "--heads=..., or config.data.synthetic.heads); this one has a single label"
         )
     mt = m.get("multitask", {})
-    named = {"objective": [mt.get("objective")] if mt.get("objective") else []}
+    if mt.get("mixture", "towers") not in MIXTURES:
+        raise ConfigError(
+            f"config.model.multitask.mixture: {mt.get('mixture')!r}; choose from {MIXTURES}"
+        )
+    if mt.get("mixture") == "mmoe" and not int(mt.get("experts", 3)) >= 1:
+        raise ConfigError(
+            f"config.model.multitask.experts: must be at least 1, got {mt.get('experts')}"
+        )
+    try:
+        parse_objective(mt.get("objective", ""), heads)
+    except ValueError as e:
+        raise ConfigError(f"config.model.multitask.objective: {e}") from None
+    named = {}
     chain = dict(mt.get("chain", {}) or {})
     named["chain"] = list(chain) + list(chain.values())
     named["loss_weights"] = list(dict(mt.get("loss_weights", {}) or {}))

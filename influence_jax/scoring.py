@@ -26,6 +26,7 @@ from influence_jax.data import synthetic
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import Schema
 from influence_jax.errors import DataError
+from influence_jax.models.multitask import parse_objective
 
 
 @dataclasses.dataclass
@@ -92,8 +93,9 @@ def load_run(
     """The run in `workdir` at `step` ("latest", "best" or a number), parameters only.
 
     Args:
-      objective: a multi-task run's head whose score the run gives (ranking, influence);
-        "" keeps the trained objective. Other runs take only "".
+      objective: a multi-task run's head whose score the run gives (ranking, influence), or
+        a weighted sum of heads' probabilities ("buy+0.3*cart", models.multitask.
+        parse_objective); "" keeps the trained objective. Other runs take only "".
 
     Raises:
       DataError: no such run or step, a checkpoint that fails its checksums, a dataset whose
@@ -104,9 +106,14 @@ def load_run(
     dataset = Dataset(_data_path(config, workdir, data), config.data)
     if objective:
         heads = dataset.schema.heads if config.model.name == "multitask" else ()
-        if objective not in heads:
-            have = f"its heads are {list(heads)}" if heads else "it is a single-task run"
-            raise DataError(f"--objective={objective}: not a head of this run; {have}")
+        if not heads:
+            raise DataError(
+                f"--objective={objective}: not a head of this run; it is a single-task run"
+            )
+        try:
+            parse_objective(objective, heads)
+        except ValueError as e:
+            raise DataError(f"--objective={e}") from None
         config = ml_collections.ConfigDict(config.to_dict())
         config.model.multitask.objective = objective
     eng = engine.setup(config, dataset.schema)

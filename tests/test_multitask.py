@@ -64,6 +64,47 @@ def test_heads_share_the_embeddings_and_each_has_its_tower(data):
     np.testing.assert_array_equal(
         eng.apply({"params": params}, batch)[0], aux["head_logits"]["buy"]
     )
+    # A combination ranks by the weighted mean of the heads' probabilities (as a logit); its
+    # heaviest head gives the metrics' label and the reported weights.
+    mix = model.clone(objective="buy + 3*engage")
+    assert mix.objective_head == "engage"
+    p = (
+        jax.nn.sigmoid(aux["head_logits"]["buy"]) / 4
+        + jax.nn.sigmoid(aux["head_logits"]["engage"]) * 0.75
+    )
+    np.testing.assert_allclose(
+        jax.nn.sigmoid(mix.apply({"params": params}, batch)[0]), p, rtol=1e-5
+    )
+
+
+def test_mmoe_heads_mix_shared_experts_and_keep_the_additive_readout(data):
+    schema, path = data
+    model = build_model(_config(**{"model.multitask.mixture": "mmoe"}).model, schema)
+    batch = helpers.first_batch(schema, path, 16)
+    params = model.init(jax.random.key(0), batch)["params"]
+    assert set(params) == {
+        "embeddings", "expert_0", "expert_1", "expert_2", "gate_buy", "gate_engage",
+        "bias_buy", "bias_engage",
+    }  # fmt: skip
+    params = jax.tree_util.tree_map(  # break the symmetric start (equal gates, equal experts)
+        lambda x: x + 0.3 * jax.random.normal(jax.random.key(x.size), x.shape), params
+    )
+    heads = {}
+    for h in ("buy", "engage"):
+        logit, aux = model.clone(objective=h).apply({"params": params}, batch)
+        heads[h] = aux
+        # The head's logit is still the sum of its extractor contributions and its bias.
+        np.testing.assert_allclose(
+            logit, sum(aux["contributions"].values()) + aux["bias"], rtol=1e-5, atol=1e-5
+        )
+        gates = np.array([float(g) for g in aux["expert_gates"].values()])
+        assert gates.shape == (3,) and gates.sum() == pytest.approx(1.0, abs=1e-5)
+        shares = [float(aux["weights"][f"behaviour/{t}"]) for t in schema.behaviour_types]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+    # Each head has its own gate, hence its own mixture and its own reported weights.
+    assert not np.allclose(
+        list(heads["buy"]["expert_gates"].values()), list(heads["engage"]["expert_gates"].values())
+    )
 
 
 def test_the_loss_is_the_weighted_sum_of_each_heads_bce(data):
@@ -83,8 +124,11 @@ def test_the_loss_is_the_weighted_sum_of_each_heads_bce(data):
     np.testing.assert_allclose(loss - aux["stats_loss"], want, rtol=1e-5)
 
 
-def test_training_and_evaluate_report_every_head(tmp_path):
-    config = _config(**{"loop.num_steps": 10, "loop.eval_every": 10})
+@pytest.mark.parametrize("mixture", ["towers", "mmoe"])
+def test_training_and_evaluate_report_every_head(tmp_path, mixture):
+    config = _config(
+        **{"loop.num_steps": 10, "loop.eval_every": 10, "model.multitask.mixture": mixture}
+    )
     workdir = str(tmp_path / "run")
     final = train.train_and_evaluate(config, workdir)
     for h in ("buy", "engage"):
@@ -99,16 +143,21 @@ def test_training_and_evaluate_report_every_head(tmp_path):
     assert record["heads"]["buy"]["auc"] == pytest.approx(final["test/buy/auc"])
     run = scoring.load_run(workdir, objective="buy")
     assert run.model.objective == "buy"
-    with pytest.raises(DataError, match=r"--objective=click: not a head of this run; its heads"):
+    assert scoring.load_run(workdir, objective="2*buy+engage").model.objective_head == "buy"
+    with pytest.raises(DataError, match=r"--objective=click: 'click' is not a head of this run"):
         scoring.load_run(workdir, objective="click")
 
 
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"model.multitask.objective": "save"}, r"objective: \['save'\] not among"),
+        ({"model.multitask.objective": "save"}, r"objective: save: 'save' is not a head"),
+        ({"model.multitask.objective": "buy+x*engage"}, r"'x' in 'x\*engage' is not a number"),
+        ({"model.multitask.objective": "buy+buy"}, "name each head once"),
         ({"model.multitask.chain": {"buy": "click"}}, r"chain: \['click'\] not among"),
         ({"model.multitask.chain": {"buy": "engage", "engage": "buy"}}, "a parent must be"),
+        ({"model.multitask.mixture": "ple"}, r"mixture: 'ple'; choose from \('towers', 'mmoe'\)"),
+        ({"model.multitask.mixture": "mmoe", "model.multitask.experts": 0}, "experts: must be"),
     ],
 )
 def test_bad_multitask_settings_name_the_field(data, overrides, match):

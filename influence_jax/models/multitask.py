@@ -12,6 +12,14 @@ influence reports work on any head unchanged (`clone(objective=...)`); aux["head
 holds every head's logit [B] for the multi-task loss and per-head metrics. For a chained head
 the aux (contributions, weights) are its tower's: they add up to the tower's logit, not to the
 chained one.
+
+Two forms (`mixture`): "towers", a Ranker tower per head (shared bottom: the embeddings), and
+"mmoe", a gated mixture of experts (MMoE, Ma et al. 2018): `experts` Ranker towers shared by
+every head, and per head a softmax gate over the experts computed from the example's user and
+target-item embeddings, logit_h = sum_k g_hk(x) * expert_k(x) + b_h. The mixture keeps the
+additive read-out: a head's extractor contributions are the gate-weighted sums of the
+experts', and its reported extractor weights and behaviour-type gates are the experts',
+weighted by the head's mean gate over the batch.
 """
 
 from __future__ import annotations
@@ -37,14 +45,41 @@ def chained_logit(parent_logit: jax.Array, tower_logit: jax.Array) -> jax.Array:
     return log_p - log_1mp
 
 
+def parse_objective(text: str, heads: Sequence[str]) -> dict[str, float]:
+    """`objective` -> {head: weight}: one head ("buy"), or a weighted sum of heads' probabilities
+    ("buy+0.3*cart", weights positive, a bare head weighs 1). Raises ValueError naming what is
+    wrong; "" means the last head."""
+    if not text:
+        return {heads[-1]: 1.0}
+    out: dict[str, float] = {}
+    for term in text.replace(" ", "").split("+"):
+        weight, _, head = term.rpartition("*")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{text}: {weight!r} in {term!r} is not a number") from None
+        if head not in heads:
+            raise ValueError(
+                f"{text}: {head!r} is not a head of this run; its heads are {list(heads)}"
+            )
+        if not w > 0 or head in out:
+            raise ValueError(f"{text}: name each head once, with a positive weight ({term!r})")
+        out[head] = w
+    return out
+
+
 class MultiTask(nn.Module):
     """Heads over shared embeddings; returns `(logit of the objective head, aux)`."""
 
     schema: Schema
     heads: Sequence[str] = ()  # the dataset's heads, in its `labels` column order
-    objective: str = ""  # the head whose logit the model returns ("" = the last head)
+    # The head whose logit the model returns ("" = the last head), or a weighted sum of heads'
+    # probabilities, "buy+0.3*cart" (parse_objective), returned as the logit of that mean.
+    objective: str = ""
     chain: Mapping[str, str] | None = None  # head -> parent head (ESMM): p = p(parent) * tower
     loss_weights: Mapping[str, float] | None = None  # head -> weight of its loss (default 1)
+    mixture: str = "towers"  # "towers" (a tower per head) or "mmoe" (experts, a gate per head)
+    experts: int = 3  # expert towers of the "mmoe" form
     embed_dim: int = 16
     extractors: Sequence[str] = ("din", "dnn", "cnn")
     extractor_args: Mapping[str, Mapping[str, Any]] | None = None
@@ -57,8 +92,11 @@ class MultiTask(nn.Module):
 
     @property
     def objective_head(self) -> str:
-        """The head whose logit the model returns: `objective`, or the last head."""
-        return self.objective or self.heads[-1]
+        """The head whose logit the model returns: `objective`, or the last head; of a
+        combination, the head of the largest weight (its label heads the metrics, its aux the
+        reported weights)."""
+        weights = parse_objective(self.objective, self.heads)
+        return max(weights, key=weights.get)
 
     def setup(self):
         b_vocab = self.schema.hist_fields[self.schema.hist_index("behaviour")].vocab
@@ -66,6 +104,13 @@ class MultiTask(nn.Module):
         self.embeddings = Embeddings(
             self.schema, self.embed_dim, self.share_item_embeddings, skip, name="embeddings"
         )
+        # tower key -> module name: a tower per head, or the experts of the mixture
+        names = {h: f"head_{h}" for h in self.heads}
+        if self.mixture == "mmoe":
+            names = {f"expert{k}": f"expert_{k}" for k in range(self.experts)}
+            self.gates = {h: nn.Dense(self.experts, name=f"gate_{h}") for h in self.heads}
+            init = nn.initializers.constant(self.bias_init)
+            self.biases = {h: self.param(f"bias_{h}", init, ()) for h in self.heads}
         self.towers = {
             h: Ranker(
                 schema=self.schema,
@@ -79,25 +124,81 @@ class MultiTask(nn.Module):
                 normalise_scores=self.normalise_scores,
                 bias_init=self.bias_init,
                 shared_embeddings=self.embeddings,
-                name=f"head_{h}",
+                name=module_name,
             )
-            for h in self.heads
+            for h, module_name in names.items()
         }
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = False):
-        logits, auxes = {}, {}
-        for h in self.heads:
-            logits[h], auxes[h] = self.towers[h](batch, train)
+        if self.mixture == "mmoe":
+            logits, auxes, stats_loss = self._mixture(batch, train)
+        else:
+            logits, auxes = {}, {}
+            for h in self.heads:
+                logits[h], auxes[h] = self.towers[h](batch, train)
+            stats_loss = sum(a.get("stats_loss", 0.0) for a in auxes.values())
         for h, parent in dict(self.chain or {}).items():
             logits[h] = chained_logit(logits[parent], logits[h])
         objective = self.objective_head
         aux = dict(auxes[objective])
         aux["head_logits"] = logits
+        combined = parse_objective(self.objective, self.heads)
+        if len(combined) > 1:  # a weighted mean of the heads' probabilities, as a logit
+            total = sum(combined.values())
+            p = sum(w / total * jax.nn.sigmoid(logits[h]) for h, w in combined.items())
+            p = jnp.clip(p, 1e-7, 1 - 1e-7)
+            aux["objective_logit"] = jnp.log(p) - jnp.log1p(-p)
         # The objective's weights under their usual names (the step log, influence/* in
         # TensorBoard), and every head's under "<head>/".
         aux["weights"] = dict(auxes[objective]["weights"])
         aux["weights"].update(
             {f"{h}/{k}": v for h in self.heads for k, v in auxes[h]["weights"].items()}
         )
-        aux["stats_loss"] = sum(a.get("stats_loss", 0.0) for a in auxes.values())
-        return logits[objective], aux
+        aux["stats_loss"] = stats_loss
+        return aux.pop("objective_logit", logits[objective]), aux
+
+    def _mixture(self, batch: dict[str, jax.Array], train: bool):
+        """Every head's logit and aux from the gated mixture of the expert towers."""
+        outs = [self.towers[f"expert{k}"](batch, train) for k in range(self.experts)]
+        e_logit_BxK = jnp.stack([o[0] for o in outs], -1)
+        s = self.schema
+        x_BxD = jnp.concatenate(
+            [
+                self.embeddings(batch["user"], s.user_fields).mean(1),
+                self.embeddings(batch["item"], s.item_fields).mean(1),
+            ],
+            -1,
+        )
+        logits, auxes = {}, {}
+        for h in self.heads:
+            g_BxK = jax.nn.softmax(self.gates[h](x_BxD), -1)
+            bias = self.biases[h]
+            logits[h] = jnp.sum(g_BxK * e_logit_BxK, -1) + bias
+            auxes[h] = _mixed_aux([o[1] for o in outs], g_BxK, bias)
+        return logits, auxes, sum(o[1].get("stats_loss", 0.0) for o in outs)
+
+
+def _mixed_aux(experts: list[dict], g_BxK: jax.Array, bias: jax.Array) -> dict:
+    """A head's Ranker-style aux from its experts': per-example terms mixed by the gate (so
+    they still add up to the head's logit), reported weights by the head's mean gate."""
+    mean_K = jnp.mean(g_BxK, 0)
+    mix_B = lambda key, n: sum(g_BxK[:, k] * a[key][n] for k, a in enumerate(experts))
+    mix_w = lambda key, n: sum(mean_K[k] * a[key][n] for k, a in enumerate(experts))
+    first = experts[0]
+    contributions = {n: mix_B("contributions", n) for n in first["contributions"]}
+    weights = {n: mix_w("extractor_weights", n) for n in first["extractor_weights"]}
+    gates = {t: mix_w("behaviour_type_weights", t) for t in first["behaviour_type_weights"]}
+    total = sum(gates.values())
+    return {
+        "scores": {n: mix_B("scores", n) for n in first["scores"]},
+        "extractor_weights": weights,
+        "contributions": contributions,
+        "bias": sum(g_BxK[:, k] * a["bias"] for k, a in enumerate(experts)) + bias,
+        "behaviour_type_weights": gates,
+        "expert_gates": {f"expert{k}": mean_K[k] for k in range(len(experts))},
+        "weights": {
+            **{f"extractor/{n}": w for n, w in weights.items()},
+            **{f"behaviour/{t}": v / total for t, v in gates.items()},
+            **{f"expert/{k}": mean_K[k] for k in range(len(experts))},
+        },
+    }
