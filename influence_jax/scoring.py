@@ -87,6 +87,14 @@ def _data_path(config: Any, workdir: str, data: str | None) -> str:
     return config.data.path
 
 
+def run_heads(workdir: str, data: str | None = None) -> tuple[str, ...]:
+    """A multi-task run's heads (its dataset's label columns); () for other runs."""
+    config = checkpoint.read_config(workdir)
+    if config.model.name != "multitask":
+        return ()
+    return Dataset(_data_path(config, workdir, data), config.data).schema.heads
+
+
 def load_run(
     workdir: str, data: str | None = None, step: str | int = "latest", objective: str = ""
 ) -> Run:

@@ -141,6 +141,23 @@ def test_training_and_evaluate_report_every_head(tmp_path, mixture):
     record = json.loads(r.stdout)
     assert set(record["heads"]) == {"buy", "engage"}
     assert record["heads"]["buy"]["auc"] == pytest.approx(final["test/buy/auc"])
+    if mixture == "mmoe":  # every head's influence report, and the heads side by side
+        out = tmp_path / "heads"
+        args = [f"--workdir={workdir}", f"--output={out}", "--objective=each"]
+        r = helpers.run_tool(
+            "influence_report", *args, "--max_examples=64", "--bootstrap=20", "--sample=8",
+            timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        side = json.loads((out / "heads.json").read_text())
+        assert side["heads"] == ["buy", "engage"]
+        shares = side["behaviour_types"]["cart"]["share"]
+        assert set(shares) == {"buy", "engage"} and all(0 <= v <= 1 for v in shares.values())
+        assert set(side["behaviour_types"]["cart"]["planted_weight"]) == {"buy", "engage"}
+        assert (out / "behaviour_influence_heads.png").stat().st_size > 0
+        for h in ("buy", "engage"):
+            assert json.loads((out / f"head_{h}" / "influence.json").read_text())["head"] == h
+        assert "heads side by side" in r.stdout and "behaviour cart" in r.stdout
     run = scoring.load_run(workdir, objective="buy")
     assert run.model.objective == "buy"
     assert scoring.load_run(workdir, objective="2*buy+engage").model.objective_head == "buy"
@@ -170,3 +187,30 @@ def test_a_multitask_model_needs_a_dataset_with_heads(tmp_path):
     schema = synthetic.ensure(helpers.tiny_config().data.synthetic, str(tmp_path / "d"))
     with pytest.raises(ConfigError, match="needs a dataset with label heads"):
         config_check.check_schema(_config(), schema)
+
+
+def test_heads_side_by_side_flags_orders_that_differ():
+    from influence_jax import influence_heads
+
+    report = lambda shares: {
+        "behaviour_types": {t: {"share": v, "gate_normalised": v} for t, v in shares.items()},
+        "extractors": {"din": {"share": 1.0, "weight": 0.5}},
+    }
+    side = influence_heads.side_by_side(
+        {"engage": report({"pv": 0.6, "cart": 0.4}), "buy": report({"pv": 0.3, "cart": 0.7})}
+    )
+    assert side["behaviour_types"]["cart"]["share"] == {"engage": 0.4, "buy": 0.7}
+    assert side["orders"]["share"] == {
+        "per_head": {"engage": ["pv", "cart"], "buy": ["cart", "pv"]},
+        "same": False,
+    }
+    text = "\n".join(influence_heads.lines(side))
+    assert "order by share differs between heads (engage: pv > cart; buy: cart > pv)" in text
+    # A combined report (several runs) gives its means.
+    combined = {
+        "behaviour_types": {"pv": {"share": {"mean": 0.5, "ci_low": 0.4}}},
+        "extractors": {},
+    }
+    assert influence_heads.side_by_side({"a": combined})["behaviour_types"]["pv"]["share"] == {
+        "a": 0.5
+    }

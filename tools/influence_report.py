@@ -13,7 +13,9 @@ deletion_curves.png and the same plots as TensorBoard images (tensorboard --logd
 With several workdirs each run's report goes to OUTPUT/run_<i>/ and OUTPUT/influence.json
 combines them (influence_jax/influence_runs.py): per behaviour type and extractor the mean and
 95 % interval over runs of each figure, and the orders and signs that change between runs,
-flagged; OUTPUT/behaviour_influence_runs.png plots them.
+flagged; OUTPUT/behaviour_influence_runs.png plots them. With --objective=each (a multi-task
+run) each head's report goes to OUTPUT/head_<head>/ and OUTPUT/heads.json and
+behaviour_influence_heads.png put the heads side by side (influence_jax/influence_heads.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files, influence, influence_runs, scoring  # noqa: E402
+from influence_jax import (  # noqa: E402
+    cli,
+    files,
+    influence,
+    influence_heads,
+    influence_runs,
+    scoring,
+)
 from influence_jax.data.schema import DataError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_list(
@@ -37,7 +46,10 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split whose predictions are expla
 _SAMPLE = flags.DEFINE_integer("sample", 256, "Predictions with per-event (leave-one-out) deltas.")
 _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, best or latest.")
 _OBJECTIVE = flags.DEFINE_string(
-    "objective", "", "Multi-task runs: the head to score (default: the run's objective head)."
+    "objective",
+    "",
+    "Multi-task runs: the head to score (default: the run's objective head), a weighted mean "
+    "of heads ('buy+0.3*cart'), or 'each': a report per head and the heads side by side.",
 )
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 20_000, "Examples for the global report.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per interval.")
@@ -56,24 +68,44 @@ def _report() -> None:
     # The report appears whole or not at all: built in a folder beside OUTPUT, then renamed.
     import jax  # after the flag checks: --help and bad flags stay fast
 
+    each = _OBJECTIVE.value == "each"
+    heads = scoring.run_heads(runs[0], _DATA.value) if each else (_OBJECTIVE.value,)
+    if each and not heads:
+        raise DataError(f"--objective=each: {runs[0]} is a single-task run; it has no heads")
     with files.atomic_folder(_OUTPUT.value, commit=jax.process_index() == 0) as tmp:
-        reports = []
-        for i, workdir in enumerate(runs):
-            out = tmp if len(runs) == 1 else os.path.join(tmp, f"run_{i}")
-            reports.append(_one(workdir, out))
-        if len(runs) > 1:
-            try:
-                combined = influence_runs.combine(reports, runs)
-            except ValueError as e:
-                raise DataError(f"--workdir={','.join(runs)}: {e}") from None
-            influence_runs.write(combined, tmp)
-            print("\n".join(influence_runs.lines(combined)))
-    print(f"report written to {os.path.join(_OUTPUT.value, 'influence.json')}")
+        by_head = {}
+        for head in heads:
+            if each:
+                print(f"== head {head}", flush=True)
+            by_head[head] = _runs(runs, os.path.join(tmp, f"head_{head}") if each else tmp, head)
+        if each:
+            side = influence_heads.side_by_side(by_head)
+            influence_heads.write(side, tmp)
+            print("\n".join(influence_heads.lines(side)))
+    name = "heads.json" if each else "influence.json"
+    print(f"report written to {os.path.join(_OUTPUT.value, name)}")
 
 
-def _one(workdir: str, output: str) -> dict:
+def _runs(runs: list[str], output: str, objective: str) -> dict:
+    """The report of one run, or of several combined, for `objective`, written to `output`."""
+    reports = []
+    for i, workdir in enumerate(runs):
+        out = output if len(runs) == 1 else os.path.join(output, f"run_{i}")
+        reports.append(_one(workdir, out, objective))
+    if len(runs) == 1:
+        return reports[0]
+    try:
+        combined = influence_runs.combine(reports, runs)
+    except ValueError as e:
+        raise DataError(f"--workdir={','.join(runs)}: {e}") from None
+    influence_runs.write(combined, output)
+    print("\n".join(influence_runs.lines(combined)))
+    return combined
+
+
+def _one(workdir: str, output: str, objective: str) -> dict:
     """One run's report, written to `output` and printed."""
-    run = scoring.load_run(workdir, _DATA.value, _STEP.value, _OBJECTIVE.value)
+    run = scoring.load_run(workdir, _DATA.value, _STEP.value, objective)
     r = influence.report(
         run,
         output,
