@@ -143,3 +143,27 @@ def test_quality_pools_backtest_folds_of_the_conversion_task(tmp_path):
     assert saved["rows"] == sum(saved["fold_rows"]) and saved["positives"] > 0
     assert len(saved["models"]["DNN"]["auc"]) == 1
     assert "2 folds)" in (tmp_path / "quality.md").read_text()
+
+
+@pytest.mark.slow
+def test_quality_heads_puts_each_head_beside_its_baselines_and_the_multitask_head(tmp_path):
+    """--task=conversion --heads on Taobao: one block per head (cart, fav, buy) with that
+    head's baselines and single-task model, and the multi-task model's head on the same rows."""
+    r = helpers.run_tool(
+        "quality", f"--data_root={helpers.DATA}", f"--workdir={tmp_path}", "--datasets=taobao",
+        "--task=conversion", "--heads", "--seeds=0", "--models=DNN", "--num_steps=10",
+        "--n_boot=50", timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert set(saved) == {"taobao, head cart", "taobao, head fav", "taobao, head buy"}
+    rows = {b["rows"] for b in saved.values()}
+    assert len(rows) == 1  # the same exposures for every head
+    positives = [b["positives"] for b in saved.values()]
+    assert len(set(positives)) == 3 and min(positives) > 0  # each head's own labels
+    for h in ("cart", "fav", "buy"):
+        block = saved[f"taobao, head {h}"]
+        assert set(block["models"]) == {"DNN", f"multitask, head {h}"}
+        d = block["models"][f"multitask, head {h}"]["vs_best_baseline"]
+        assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+        assert block["best_baseline"] in block["baselines"]

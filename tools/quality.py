@@ -16,7 +16,12 @@ checkpoint by validation AUC. The Markdown table (also WORKDIR/quality.md and qu
 gives test AUC / GAUC / PR-AUC / logloss as mean ± standard deviation over seeds, each
 baseline's figures, and for each model the AUC difference to the best baseline (the one with
 the best validation AUC, so that the test split picks nothing) with a 95 % interval from
-resampling users.
+resampling users. With `--task=conversion --heads`, each head of the sources with conversion
+heads is its own block (its baselines and models on that head's labels) with the head of one
+multi-task model trained on every head beside them, on the same exposures:
+
+    python tools/quality.py --data_root=$INFLUENCE_JAX_DATA --workdir=runs/quality_heads \
+      --task=conversion --heads --models=ranker
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ _TASK = flags.DEFINE_enum(
     "task", "next_item", ["next_item", "conversion"], "The prepared task (tools/prepare_data.py)."
 )
 _HORIZON = flags.DEFINE_float("horizon_hours", 6.0, "--task=conversion: the label window.")
+_HEADS = flags.DEFINE_bool(
+    "heads",
+    False,
+    "--task=conversion: for the sources with conversion heads (data/sources.py), one block per "
+    "head: its baselines and --models on that head's labels, and the head of a multi-task model "
+    "trained on every head at once (the conversion config with model.name=multitask), the same "
+    "exposures.",
+)
 _FOLDS = flags.DEFINE_integer(
     "folds",
     1,
@@ -69,12 +82,18 @@ _FOLDS = flags.DEFINE_integer(
 )
 
 
-def prepared(name: str, fold: int = 0) -> str:
-    """The dataset prepared for the task; fold k > 0 with its cut k test windows earlier."""
+def prepared(name: str, fold: int = 0, target: str = "", heads: tuple[str, ...] = ()) -> str:
+    """The dataset prepared for the task; fold k > 0 with its cut k test windows earlier; with
+    `target`, the conversion task for that behaviour, with `heads` one label column per head."""
     task = _TASK.value
     out = os.path.join(
         _WORKDIR.value, "prepared", name if task == "next_item" else f"{name}-{task}"
     )
+    kw = {}
+    if target:
+        out, kw = f"{out}-{target}", {"target_behaviours": (target,)}
+    elif heads:
+        out, kw = f"{out}-heads", {"heads": heads}
     cut = {}
     if fold:
         cut = cv.backtest_cut(Schema.load(prepared(name)).extra["split"], fold)
@@ -85,7 +104,7 @@ def prepared(name: str, fold: int = 0) -> str:
         path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
         if not os.path.exists(path):
             raise DataError(f"{path}: missing; set --data_root to the shared data folder") from None
-        opts = prepare.PrepareOptions(task=task, horizon_hours=_HORIZON.value, **cut)
+        opts = prepare.PrepareOptions(task=task, horizon_hours=_HORIZON.value, **cut, **kw)
         prepare.prepare(readers.open_source(name, path), out, opts)
     return out
 
@@ -107,10 +126,16 @@ def model_label(variant: str, config) -> str:
     return f"ranker ({'+'.join(m.extractors)})" if several else variant
 
 
-def run_one(name: str, data: str, variant: str, seed: int, fold: int = 0) -> np.ndarray:
-    """Trains one (model, seed); returns its test scores (best checkpoint), rows in split order."""
-    config = config_for(name, variant)
+def run_one(
+    name: str, data: str, variant: str, seed: int, fold: int = 0, heads: tuple[str, ...] = ()
+) -> np.ndarray | dict[str, np.ndarray]:
+    """Trains one (model, seed); returns its test scores (best checkpoint), rows in split order.
+    With `heads` (variant "multitask"): {head: that head's test scores}."""
+    config = config_for(name, "ranker" if heads else variant)
     config.data.path, config.seed = data, seed
+    if heads:  # objective buy, as tools/multitask_compare.py: its best checkpoint scores all
+        config.model.name = "multitask"
+        config.model.multitask.objective = "buy" if "buy" in heads else heads[-1]
     if _STEPS.value:
         config.loop.num_steps = _STEPS.value
         config.loop.eval_every = 0  # a short run: one evaluation, at the end
@@ -120,6 +145,11 @@ def run_one(name: str, data: str, variant: str, seed: int, fold: int = 0) -> np.
     if os.path.exists(workdir):
         shutil.rmtree(workdir)
     train.train_and_evaluate(config, workdir)
+    if heads:
+        return {
+            h: evaluation.predict(scoring.load_run(workdir, data, "best", h), "test")["score"]
+            for h in heads
+        }
     run = scoring.load_run(workdir, data, step="best")
     return evaluation.predict(run, "test")["score"]
 
@@ -171,9 +201,11 @@ def pooled(datasets: list[Dataset], split: str) -> dict:
     }
 
 
-def evaluate_dataset(name: str) -> dict:
-    """Baselines and every (model, seed) on one dataset, test rows pooled over the folds."""
-    folds = [prepared(name, k) for k in range(_FOLDS.value)]
+def evaluate_dataset(name: str, target: str = "", multitask: dict | None = None) -> dict:
+    """Baselines and every (model, seed) on one dataset, test rows pooled over the folds; with
+    `target`, the conversion task of that head, and `multitask` {seed: {head: test scores}}
+    (same rows) adds the multi-task model's row for it."""
+    folds = [prepared(name, k, target) for k in range(_FOLDS.value)]
     datasets = [Dataset(d) for d in folds]
     best = next(iter(baselines.table(pooled(datasets, "valid"))))  # best validation AUC first
     base = pooled(datasets, "test")
@@ -188,6 +220,7 @@ def evaluate_dataset(name: str) -> dict:
         "baselines": baselines.table(base),
         "models": {},
     }
+    summarise = lambda scores: _model_figures(label, users, base, best, scores)
     for variant in _MODELS.value:
         if variant not in MODELS:
             raise app.UsageError(f"--models: unknown variant {variant!r}; have {list(MODELS)}")
@@ -200,25 +233,64 @@ def evaluate_dataset(name: str) -> dict:
             auc = metrics.auc(label, scores[-1])
             print(f"{name:12s} {variant:22s} seed {seed}: test AUC {auc:.4f} "
                   f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
-        per_seed = [baselines.evaluate(label, s, users, prob=True) for s in scores]
-        m = {k: [r[k] for r in per_seed] for k in ("auc", "gauc", "pr_auc", "logloss")}
-        m["vs_best_baseline"] = baselines.paired_auc_difference(
-            label, base["user_raw"], scores, base["scores"][best], _N_BOOT.value
+        out["models"][model_label(variant, config_for(name, variant))] = summarise(scores)
+    if multitask:
+        out["models"][f"multitask, head {target}"] = summarise(
+            [per_head[target] for per_head in multitask.values()]
         )
-        out["models"][model_label(variant, config_for(name, variant))] = m
     return out
+
+
+def _model_figures(label, users, base: dict, best: str, scores: list[np.ndarray]) -> dict:
+    """A model's figures over seeds and its paired AUC difference to the best baseline."""
+    per_seed = [baselines.evaluate(label, s, users, prob=True) for s in scores]
+    m = {k: [r[k] for r in per_seed] for k in ("auc", "gauc", "pr_auc", "logloss")}
+    m["vs_best_baseline"] = baselines.paired_auc_difference(
+        label, base["user_raw"], scores, base["scores"][best], _N_BOOT.value
+    )
+    return m
+
+
+def evaluate_heads(name: str) -> dict:
+    """Every head of `name` as its own block: the head's baselines and models, and the head of
+    one multi-task model trained on all of them (the rows must be the same exposures)."""
+    if _FOLDS.value != 1:
+        raise app.UsageError("--heads takes one fold (--folds=1)")
+    heads = DATASETS[name].heads
+    data = prepared(name, heads=heads)
+    test = Dataset(data).eval_examples("test")
+    for i, h in enumerate(heads):  # the same exposures in the same order, labelled per head
+        single = Dataset(prepared(name, target=h)).eval_examples("test")
+        same = len(single) == len(test) and all(
+            np.array_equal(single.column(k), test.column(k)) for k in ("user_key", "timestamp")
+        )
+        if not same or not np.array_equal(single.column("label"), test.column("labels")[:, i]):
+            raise DataError(f"{data}: its test rows differ from the {h!r} task's; re-prepare")
+    multitask = {}
+    for seed in map(int, _SEEDS.value):
+        t0 = time.time()
+        multitask[seed] = run_one(name, data, "multitask", seed, heads=heads)
+        print(f"{name:12s} multitask seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    return {f"{name}, head {h}": evaluate_dataset(name, h, multitask) for h in heads}
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     names = list(_DATASETS.value)
+    if _HEADS.value and _TASK.value != "conversion":
+        raise app.UsageError("--heads needs --task=conversion")
     if _TASK.value == "conversion":  # only sources with an exposure behaviour and a config
         keep = [n for n in names if DATASETS[n].conversion_config]
         for n in sorted(set(names) - set(keep)):
             print(f"{n}: no exposure behaviour, not a conversion dataset; left out", flush=True)
         names = keep
-    results = {name: evaluate_dataset(name) for name in names}
+    results = {}
+    for name in names:
+        if _HEADS.value and DATASETS[name].heads:
+            results.update(evaluate_heads(name))
+        else:
+            results[name] = evaluate_dataset(name)
     md = table(results)
     print(md)
     files.write_text(os.path.join(_WORKDIR.value, "quality.md"), md + "\n")
