@@ -320,11 +320,11 @@ def prepared_run(tmp_path_factory):
     return scoring.make_run(helpers.tiny_config(), data, workdir=str(d)), log
 
 
-def test_default_candidates_are_every_train_item_for_every_user_at_the_cut(prepared_run, tmp_path):
+def test_all_items_are_every_train_item_for_every_user_at_the_cut(prepared_run, tmp_path):
     run, log = prepared_run
     lines = []
     out = tmp_path / "all.parquet"
-    s = ranking.rank(run, str(out), top_k=10**6, log=lines.append, progress_every=0)
+    s = ranking.rank(run, str(out), top_k=10**6, log=lines.append, progress_every=0, retrieve=0)
     train = ExampleStore(run.data_path, "train", run.schema).column("item")[:, 0]
     ids = np.unique(train[train >= 2])
     train_raw = set(ranking.IdMaps(run.data_path, run.schema).raw("item_id", ids)[0].tolist())
@@ -340,9 +340,53 @@ def test_default_candidates_are_every_train_item_for_every_user_at_the_cut(prepa
     assert lines[0].startswith(
         f"scoring {s['pairs_scored']:,} pairs: {len(users)} users as of test"
     )
+    # Before it starts: the number of pairs and the time it will take, measured on one batch.
+    assert re.fullmatch(
+        rf"WARNING: scoring every train item: {s['pairs_scored']:,} pairs, about \d+ s at "
+        r"[\d,]+ pairs/s \(one batch measured\); without --all_items/--max_items rank.py "
+        r"scores 200 retrieved candidates per user instead",
+        lines[1],
+    )
     pattern = r"scored [\d,]+/[\d,]+ pairs \(\d+%\) [\d,]+ pairs/s ETA \d+:\d\d:\d\d"
-    assert all(re.fullmatch(pattern, x) for x in lines[1:]) and len(lines) > 2
+    assert all(re.fullmatch(pattern, x) for x in lines[2:]) and len(lines) > 3
     assert lines[-1].startswith(f"scored {s['pairs_scored']:,}/{s['pairs_scored']:,} pairs (100%)")
+
+
+def test_default_ranks_the_retrievers_candidates(prepared_run, tmp_path):
+    """Two-stage by default: each user's retrieved candidates (the retriever built from the
+    ranked users' own histories as of the cut), scored; fewer pairs than every item."""
+    run, log = prepared_run
+    lines = []
+    out = tmp_path / "two_stage.parquet"
+    s = ranking.rank(run, str(out), top_k=10**6, log=lines.append, retrieve=8)
+    assert s["retrieved_per_user"] == 8
+    users = {int(u) for u, _, _, _, t in log if int(t) < 1080}
+    t = pq.read_table(out).to_pydict()
+    got = {}
+    for u, i in zip(t["user_id"], t["item_id"], strict=True):
+        got.setdefault(u, set()).add(i)
+    assert set(got) == users and all(len(v) == 8 for v in got.values())
+    assert s["pairs_scored"] == len(t["user_id"]) == 8 * len(users)
+    check_ranking(t, 10**6)
+    assert (
+        lines[0]
+        == f"retrieving 8 candidates for each of {len(users)} users as of test ("
+        + (lines[0].split(" (", 1)[1])
+    )
+    # The same candidates as the retriever gives for these users' histories.
+    ctx = ranking.load_contexts(run.dataset, "test")
+    rc = ranking.RetrievedCandidates(run, ctx, 8)
+    want = {}
+    for c in rc.blocks(0):
+        for u, i in zip(c.user_out, c.item_out, strict=True):
+            want.setdefault(int(u), set()).add(int(i))
+    assert {int(u): {int(i) for i in v} for u, v in got.items()} == want
+    # With exclude_seen no retrieved item is one the user touched before the cut.
+    s2 = ranking.rank(run, str(tmp_path / "unseen.parquet"), 10**6, retrieve=8, exclude_seen=True)
+    t2 = pq.read_table(tmp_path / "unseen.parquet").to_pydict()
+    seen = {(int(u), int(i)) for u, i, _, _, ts in log if int(ts) < 1080}
+    assert s2["pairs_scored"] > 0
+    assert not set(zip(map(int, t2["user_id"]), map(int, t2["item_id"]), strict=True)) & seen
 
 
 def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):

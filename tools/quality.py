@@ -40,7 +40,7 @@ from influence_jax import baselines, cli, evaluation, files, metrics, scoring, t
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
-from influence_jax.experiments import cv  # noqa: E402
+from influence_jax.experiments import cv, tables  # noqa: E402
 
 # Every registered source with a public sample and a config (data/sources.py).
 DATASETS = {n: s for n, s in readers.SOURCES.items() if s.sample and s.config}
@@ -152,31 +152,6 @@ def run_one(
         }
     run = scoring.load_run(workdir, data, step="best")
     return evaluation.predict(run, "test")["score"]
-
-
-def _cell(values: list[float]) -> str:
-    v = np.asarray(values)
-    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"
-
-
-def table(results: dict) -> str:
-    cols = ("dataset (test positives / rows)", "model", "AUC", "GAUC", "PR-AUC", "logloss",
-            "AUC - best baseline (95 % CI)")  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    f = lambda x: f"{x:.4f}" if x == x else "-"
-    for name, r in results.items():
-        folds = f", {r['folds']} folds" if r.get("folds", 1) > 1 else ""
-        where = f"{name} ({r['positives']:,} / {r['rows']:,}{folds})"
-        for variant, m in r["models"].items():
-            d = m["vs_best_baseline"]
-            cells = [_cell(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
-            ci = f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
-            lines.append(f"| {where} | {variant} | " + " | ".join(cells) + f" | {ci} |")
-        for base, m in r["baselines"].items():
-            label = f"baseline: {base}" + (" (best on valid)" if base == r["best_baseline"] else "")
-            cells = [f(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
-            lines.append(f"| {where} | {label} | " + " | ".join(cells) + " | |")
-    return "\n".join(lines)
 
 
 def pooled(datasets: list[Dataset], split: str) -> dict:
@@ -291,7 +266,7 @@ def main(argv):
             results.update(evaluate_heads(name))
         else:
             results[name] = evaluate_dataset(name)
-    md = table(results)
+    md = tables.quality_table(results)
     print(md)
     files.write_text(os.path.join(_WORKDIR.value, "quality.md"), md + "\n")
     files.write_json(os.path.join(_WORKDIR.value, "quality.json"), results)

@@ -17,10 +17,13 @@ each user's latest example in the split). With --events, histories are rebuilt f
 as of any unix time with the same function and the dataset's vocabularies (the log is read as
 the dataset's source, or --source; an events log with the column mapping, time format and zone
 saved at preparation). Candidates (CSV with a header, or Parquet) hold raw user_id,item_id as
-in the original log; without --candidates every user is scored against every training item
-(--max_items caps them to the most frequent; --exclude_seen drops the items the user had
-already interacted with). A progress line with rate and ETA goes to stderr. --data may be left
-out for a synthetic run.
+in the original log; without --candidates every user gets --retrieve_n (200) candidates from
+the non-learned retriever (co-visitation, the user's recent items, popular in the user's
+categories and overall, built from the ranked users' histories as of the ranking time) and
+those are scored; --all_items scores every training item instead (--max_items caps them to the
+most frequent), after a warning with the number of pairs and the estimated time. --exclude_seen
+drops the items the user had already interacted with. A progress line with rate and ETA goes
+to stderr. --data may be left out for a synthetic run.
 """
 
 from __future__ import annotations
@@ -69,7 +72,22 @@ _SOURCE = flags.DEFINE_enum(
     "saved in the dataset's schema.json.",
 )
 _MAX_ITEMS = flags.DEFINE_integer(
-    "max_items", 0, "Without --candidates: score only the N most frequent training items (0: all)."
+    "max_items",
+    0,
+    "Without --candidates: score every one of the N most frequent training items (implies "
+    "--all_items; 0: no cap).",
+)
+_RETRIEVE = flags.DEFINE_integer(
+    "retrieve_n",
+    ranking.RETRIEVE,
+    "Without --candidates: candidates per user from the non-learned retriever (co-visitation, "
+    "recent items, popular in the user's categories and overall; see tools/retrieve.py).",
+)
+_ALL_ITEMS = flags.DEFINE_bool(
+    "all_items",
+    False,
+    "Without --candidates: score every train item for every user instead of retrieving "
+    "(announced with the number of pairs and the time it will take).",
 )
 _EXCLUDE_SEEN = flags.DEFINE_bool(
     "exclude_seen", False, "Without --candidates: drop items the user interacted with before."
@@ -105,6 +123,7 @@ def _rank() -> None:
         exclude_seen=_EXCLUDE_SEEN.value,
         log=lambda line: print(line, file=sys.stderr, flush=True),
         progress_every=_PROGRESS.value,
+        retrieve=0 if _ALL_ITEMS.value else _RETRIEVE.value,
     )
     print(
         f"ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "

@@ -26,6 +26,9 @@ Block `gpu` (README.md, README.zh-CN.md, docs/benchmarks.md): the JSON lines of
 `tools/bench/profile_summary.py` as profile.txt and the card, driver and versions as
 machine.json, in docs/results/gpu/.
 
+Block `quality_heads` (docs/quality.md): copy WORKDIR/quality.json of
+`tools/quality.py --task=conversion --heads` to docs/results/quality_heads/ and run this tool.
+
 Block `multitask_compare` (docs/quality.md): copy WORKDIR/multitask.json of
 `tools/multitask_compare.py` to docs/results/multitask_compare/ and run this tool.
 
@@ -399,6 +402,10 @@ BLOCKS = {
     INFLUENCE: (influence_facts, {"en": influence_en, "zh": influence_zh}),
     GPU: (gpu_facts, {"en": gpu_en, "zh": gpu_zh, "benchmarks": gpu_benchmarks}),
     MULTITASK: (multitask_facts, {"quality": tables.multitask_table}),
+    "quality_heads": (
+        lambda folder: _load(os.path.join(folder, "quality.json")),
+        {"quality": tables.quality_table},
+    ),
 }
 
 

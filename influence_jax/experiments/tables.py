@@ -24,3 +24,30 @@ def multitask_table(results: dict) -> str:
                 f"{cell(r['multitask_auc'])} | {ci} |"
             )
     return "\n".join(lines)
+
+
+def _cell(values: list[float]) -> str:
+    v = np.asarray(values)
+    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"
+
+
+def quality_table(results: dict) -> str:
+    """tools/quality.py's Markdown table: per dataset (or head) block, the models' figures as
+    mean ± sd over seeds with the AUC difference to the best baseline, then the baselines."""
+    cols = ("dataset (test positives / rows)", "model", "AUC", "GAUC", "PR-AUC", "logloss",
+            "AUC - best baseline (95 % CI)")  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    f = lambda x: f"{x:.4f}" if x == x else "-"
+    for name, r in results.items():
+        folds = f", {r['folds']} folds" if r.get("folds", 1) > 1 else ""
+        where = f"{name} ({r['positives']:,} / {r['rows']:,}{folds})"
+        for variant, m in r["models"].items():
+            d = m["vs_best_baseline"]
+            cells = [_cell(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
+            ci = f"{d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f})"
+            lines.append(f"| {where} | {variant} | " + " | ".join(cells) + f" | {ci} |")
+        for base, m in r["baselines"].items():
+            label = f"baseline: {base}" + (" (best on valid)" if base == r["best_baseline"] else "")
+            cells = [f(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
+            lines.append(f"| {where} | {label} | " + " | ".join(cells) + " | |")
+    return "\n".join(lines)

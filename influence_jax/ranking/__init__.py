@@ -13,9 +13,10 @@ import pyarrow.parquet as pq  # noqa: F401  (tests patch ranking.pq.write_table)
 from influence_jax.data.idmaps import IdMaps
 from influence_jax.files import write_table
 from influence_jax.ranking.asof import contexts_from_log, open_log
-from influence_jax.ranking.batch import rank
+from influence_jax.ranking.batch import RETRIEVE, rank
 from influence_jax.ranking.candidates import (
     Candidates,
+    RetrievedCandidates,
     default_candidates,
     file_candidates,
     read_candidate_ids,
@@ -27,10 +28,12 @@ from influence_jax.scoring import Run, load_run
 
 __all__ = [
     "AS_OF",
+    "RETRIEVE",
     "Candidates",
     "Contexts",
     "IdMaps",
     "Progress",
+    "RetrievedCandidates",
     "Run",
     "contexts_from_log",
     "default_candidates",

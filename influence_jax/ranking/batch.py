@@ -5,6 +5,7 @@ user's top k and write them atomically (with `explain`, each row's influence col
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,12 +20,18 @@ from influence_jax.data import readers
 from influence_jax.errors import DataError
 from influence_jax.files import write_table
 from influence_jax.ranking.asof import contexts_from_log
-from influence_jax.ranking.candidates import Candidates, DefaultCandidates, file_candidates
+from influence_jax.ranking.candidates import (
+    Candidates,
+    DefaultCandidates,
+    RetrievedCandidates,
+    file_candidates,
+)
 from influence_jax.ranking.contexts import Contexts, load_contexts
 from influence_jax.ranking.output import Progress, top_k_rows
 from influence_jax.scoring import Run, batched, global_batch, make_score_fn
 
 BLOCK_PAIRS = 1 << 20  # default candidates scored (and reduced to the top k) per block of users
+RETRIEVE = 200  # retrieved candidates per user by default (two-stage ranking)
 
 
 def _when(ts: int) -> str:
@@ -71,6 +78,44 @@ def _score_top_k(
     return out, np.concatenate([p for *_, p, _ in kept]), np.concatenate([r for *_, r in kept])
 
 
+def _counted(blocks: Iterator[Candidates], sizes: list[int]) -> Iterator[Candidates]:
+    """`blocks`, appending each one's number of pairs to `sizes` as it passes."""
+    for b in blocks:
+        sizes.append(len(b))
+        yield b
+
+
+def _announce(
+    run: Run, blocks: Iterator[Candidates], total: int, batch_size: int | None, log
+) -> Iterator[Candidates]:
+    """Scores one batch of the first block (compiling), times a second, and warns with the
+    number of pairs and the estimated time before every train item is scored."""
+    first = next(blocks, None)
+    if first is None:
+        return iter(())
+    fn, bs = make_score_fn(run), global_batch(run, batch_size)
+    n = min(bs, len(first))
+    batched(fn, run, n, first.gather, bs)  # compiles
+    t0 = time.perf_counter()
+    batched(fn, run, n, first.gather, bs)
+    rate = n / max(time.perf_counter() - t0, 1e-9)
+    eta = total / rate
+    log(
+        f"WARNING: scoring every train item: {total:,} pairs, about {_duration(eta)} at "
+        f"{rate:,.0f} pairs/s (one batch measured); without --all_items/--max_items rank.py "
+        f"scores {RETRIEVE} retrieved candidates per user instead"
+    )
+    return itertools.chain([first], blocks)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def rank(
     run: Run,
     output: str,
@@ -87,6 +132,7 @@ def rank(
     log: Callable[[str], None] = logging.info,
     progress_every: float = 10.0,
     block_pairs: int = BLOCK_PAIRS,
+    retrieve: int = RETRIEVE,
 ) -> dict[str, Any]:
     """Scores the candidates, writes each user's top k to `output`; returns a summary.
 
@@ -94,9 +140,12 @@ def rank(
     user with an earlier event, with the history a training example at that time would hold)
     or end (after the last event); with `events` (a raw log of the dataset's source), as of any
     time `as_of` (unix s), histories rebuilt from that log (see asof.py). Without `candidates`,
-    every such user is scored against every train item (the `max_items` most frequent if > 0),
-    without the items the user had already interacted with if `exclude_seen`. `log` gets the
-    plan and a progress line (pairs done, rate, ETA) every `progress_every` seconds.
+    every such user gets `retrieve` candidates from the non-learned retriever (two-stage:
+    candidates.RetrievedCandidates); with `retrieve` = 0 or `max_items` > 0 every user is
+    scored against every train item (the `max_items` most frequent if > 0), announced with the
+    number of pairs and the time it will take, measured on one batch. Either way without the
+    items the user had already interacted with if `exclude_seen`. `log` gets the plan and a
+    progress line (pairs done, rate, ETA) every `progress_every` seconds.
 
     Columns: user_id, rank (1 = best), item_id (raw ids), score (the model's probability, as in
     evaluation). Ties break by item id, ascending. With `explain` (logit units, see
@@ -124,26 +173,39 @@ def rank(
     else:
         # Without the behaviour types the run was trained without, as its training histories.
         ctx = load_contexts(run.dataset, str(when))
+    if retrieve < 0:
+        raise DataError(f"--retrieve_n must be 0 (every train item) or more, got {retrieve}")
+    n_users = len(np.unique(ctx.user_key[ctx.in_split]))
+    at = f" as of {when} ({_when(int(ctx.timestamp.max()))} UTC)" if len(ctx.timestamp) else ""
+    all_items = not candidates and (retrieve == 0 or max_items > 0)
     if candidates:
         cands = file_candidates(run, candidates, ctx)
         total, blocks, counts = len(cands), iter([cands]), cands.counts
+        what = f"candidates from {candidates}{at}"
+    elif not all_items:
+        log(f"retrieving {retrieve} candidates for each of {n_users:,} users{at}")
+        t1 = time.perf_counter()
+        counted = Progress(n_users, log, progress_every, verb="counted", unit="users")
+        got = RetrievedCandidates(run, ctx, retrieve, exclude_seen, counted)
+        log(f"retrieval tables built in {time.perf_counter() - t1:.1f} s")
+        total, blocks, counts = len(got), got.blocks(block_pairs), got.counts
+        what = f"{n_users:,} users{at}, up to {retrieve} retrieved candidates each"
     else:
         default = DefaultCandidates(run, ctx, max_items, exclude_seen)
         total, blocks, counts = len(default), default.blocks(block_pairs), default.counts
-    n_users = len(np.unique(ctx.user_key[ctx.in_split])) if not candidates else None
-    at = f" as of {when} ({_when(int(ctx.timestamp.max()))} UTC)" if len(ctx.timestamp) else ""
-    what = (
-        f"{n_users:,} users{at}, {counts['candidate_items']:,} train items each"
-        + (f", {counts['seen_pairs_excluded']:,} seen pairs excluded" if exclude_seen else "")
-        if not candidates
-        else f"candidates from {candidates}{at}"
-    )
-    log(f"scoring {total:,} pairs: {what}")
+        what = f"{n_users:,} users{at}, {counts['candidate_items']:,} train items each" + (
+            f", {counts['seen_pairs_excluded']:,} seen pairs excluded" if exclude_seen else ""
+        )
+    log(f"scoring {'up to ' if not (candidates or all_items) else ''}{total:,} pairs: {what}")
+    if all_items:
+        blocks = _announce(run, blocks, total, batch_size, log)
     t1 = time.perf_counter()
+    scored: list[int] = []
     cands, prob, ranks = _score_top_k(
-        run, ctx, blocks, total, top_k, batch_size, log, progress_every
+        run, ctx, _counted(blocks, scored), total, top_k, batch_size, log, progress_every
     )
     t_score = time.perf_counter() - t1
+    total = sum(scored)
     rows = np.arange(len(cands))
     cols = {
         "user_id": pa.array(cands.user_out[rows].tolist()),

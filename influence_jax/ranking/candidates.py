@@ -1,8 +1,9 @@
 """Candidate (user, item) pairs to score: from a CSV (plain or gzip'd)/Parquet file of raw ids
 (mapped through the saved vocabularies; malformed rows and binary files raise naming the line or
-the file, never echoing raw bytes) or, by default, every ranked user
-against every item that is a target of a training example, optionally capped to the most
-frequent ones and without the items each user had already interacted with.
+the file, never echoing raw bytes), by default N per ranked user from the non-learned retriever
+(`RetrievedCandidates`), or every ranked user against every item that is a target of a training
+example (`DefaultCandidates`), optionally capped to the most frequent ones; the last two
+without the items each user had already interacted with on request.
 """
 
 from __future__ import annotations
@@ -327,6 +328,62 @@ class DefaultCandidates:
                 pos = np.minimum(np.searchsorted(self.seen, key), len(self.seen) - 1)
                 keep = self.seen[pos] != key
                 ctx_row, item_row = ctx_row[keep], item_row[keep]
+            yield Candidates(
+                self.ctx,
+                self.items,
+                ctx_row,
+                item_row,
+                self.maps.user_raw(self.ctx.user_key[ctx_row]),
+                self.item_raw[item_row],
+                self.counts,
+            )
+
+
+class RetrievedCandidates:
+    """Each ranked user x `n` candidates of the non-learned retriever (influence_jax/retrieval:
+    co-visitation, the user's recent items, popular in the user's categories and overall),
+    built from the ranked users' own histories as of the ranking time, less the user's seen
+    items if `exclude_seen`; produced per chunk of users. A user without history gets the
+    popular items."""
+
+    def __init__(
+        self,
+        run: Run,
+        ctx: Contexts,
+        n: int,
+        exclude_seen: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
+        from influence_jax import retrieval
+
+        self.ctx, self.maps, self.n = ctx, run.dataset.id_maps, n
+        users = np.flatnonzero(ctx.in_split)
+        times = None if ctx.hist_time is None else ctx.hist_time[users]
+        h = retrieval.from_arrays(
+            run.schema, ctx.user_key[users], ctx.hist[users], ctx.timestamp[users], times
+        )
+        self.retriever = retrieval.Retriever(h, retrieval.RetrievalConfig(), progress)
+        self.n_ids = run.schema.vocab_sizes["item_id"]
+        self.seen = seen_keys(run, ctx, self.n_ids) if exclude_seen else None
+        # One feature row per item id, so every block indexes the same table.
+        self.items, self.lacking = item_rows(run.dataset, np.arange(self.n_ids))
+        self.item_raw = self.maps.raw("item_id", np.arange(self.n_ids))[0]
+        self.users = len(users)
+        self.counts = {"retrieved_per_user": n, "items_without_features": 0}
+
+    def __len__(self) -> int:
+        """At most this many pairs (n per user; fewer where the sources run short)."""
+        return self.users * self.n
+
+    def blocks(self, pairs_per_block: int) -> Iterator[Candidates]:
+        del pairs_per_block  # the retriever's chunks of users
+        lacking = np.zeros(self.n_ids, bool)
+        for user_key, items, _ in self.retriever.candidates(self.n, self.seen):
+            rows, _ = self.ctx.find(user_key)
+            r, c = np.nonzero(items != 0)
+            ctx_row, item_row = rows[r], items[r, c].astype(np.int64)
+            lacking[item_row] |= self.lacking[item_row]
+            self.counts["items_without_features"] = int(lacking.sum())
             yield Candidates(
                 self.ctx,
                 self.items,

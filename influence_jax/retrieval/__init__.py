@@ -13,6 +13,7 @@ from influence_jax.retrieval.covisit import CovisitConfig, covisitation
 from influence_jax.retrieval.histories import (
     Histories,
     behaviour_weights,
+    from_arrays,
     load_histories,
     positives,
     seen_keys,
@@ -29,6 +30,7 @@ __all__ = [
     "Retriever",
     "behaviour_weights",
     "covisitation",
+    "from_arrays",
     "load_histories",
     "merge",
     "positives",

@@ -83,21 +83,41 @@ def load_histories(data_path: str, schema: Schema, cut: str) -> Histories:
             "tools/prepare_data.py to retrieve candidates"
         )
     s = rank_state.load_state(data_path, schema, cut)
-    hist = np.asarray(s.hist)
+    user_key = np.asarray(s.user_key, np.int64)
+    time = np.full(len(user_key), s.time, np.int64)
+    return from_arrays(schema, user_key, np.asarray(s.hist), time, s.hist_ts, cut, s.time)
+
+
+def from_arrays(
+    schema: Schema,
+    user_key: np.ndarray,
+    hist: np.ndarray,
+    time: np.ndarray,
+    hist_time: np.ndarray | None = None,
+    cut: str = "contexts",
+    cut_time: int | None = None,
+) -> Histories:
+    """Histories of users given as ranking contexts (sorted user_key [U], hist [U, L, F] with the
+    schema's history fields, each user's time [U] and, where known, each event's raw time): the
+    ranker's own view of the users, also for data without a ranking state (each user's latest
+    example) and for histories rebuilt from a raw log. Without raw times an event's time is
+    its user's time less the lower bound of its time-gap bucket."""
+    hist = np.asarray(hist)
     item = hist[..., schema.hist_index("item_id")].astype(np.int32)
     filled = item != 0
     beh = np.where(filled, hist[..., schema.hist_index("behaviour")] - NUM_RESERVED, -1)
-    if s.hist_ts is not None:
-        ts = np.asarray(s.hist_ts, np.int64)
+    time = np.asarray(time, np.int64)
+    if hist_time is not None:
+        ts = np.asarray(hist_time, np.int64)
     else:
         gap = gap_seconds(schema, hist[..., schema.hist_index("time_gap")])
-        ts = np.where(filled, s.time - gap, NO_HISTORY)
+        ts = np.where(filled, time[:, None] - gap, NO_HISTORY)
     names = [f.name for f in schema.hist_fields]
     category = hist[..., names.index("category")].astype(np.int32) if "category" in names else None
     return Histories(
         cut=cut,
-        time=s.time,
-        user_key=np.asarray(s.user_key, np.int64),
+        time=int(cut_time if cut_time is not None else time.max(initial=0)),
+        user_key=np.asarray(user_key, np.int64),
         item=item,
         beh=beh.astype(np.int32),
         ts=ts,
