@@ -174,7 +174,11 @@ def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
 
 
 def explain_columns(
-    run: Run, n: int, gather: Callable, seconds_before: np.ndarray | None = None
+    run: Run,
+    n: int,
+    gather: Callable,
+    seconds_before: np.ndarray | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, pa.Array]:
     """Per row: each behaviour type's and extractor's contribution and the top events.
 
@@ -184,10 +188,18 @@ def explain_columns(
         reported as event{k}_seconds_before. None where only the time_gap bucket is known: then
         event{k}_gap_bucket_seconds_min holds the bucket's lower bound instead (see
         `gap_seconds`), never labelled as real seconds.
+      log: gets a progress line (model rows done, rate, ETA) every PROGRESS_EVERY seconds.
     """
     s, L, maps = run.schema, run.schema.max_len, run.dataset.id_maps
     masks = lambda h, r: np.concatenate([loo_masks(h, s), type_masks(h, s)], 1)
-    out = masked_deltas(run, n, gather, masks, L + s.num_behaviour_types)
+    copies = L + s.num_behaviour_types
+    progress = None
+    if log is not None:
+        work = _Work([(n, copies)], lambda line: log("explain: " + line.split(":", 1)[1].strip()))
+        progress = work.part(n, copies)
+    out = masked_deltas(run, n, gather, masks, copies, progress=progress)
+    if log is not None:
+        work.finish()
     delta = out["delta"]
     cols = {f"behaviour_{t}": pa.array(delta[:, L + i]) for i, t in enumerate(s.behaviour_types)}
     for name, c in out["contributions"].items():

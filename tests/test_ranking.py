@@ -520,7 +520,10 @@ def test_a_run_trained_without_a_behaviour_type_ranks_without_it(prepared_run, t
     config.data.drop_behaviours = ("pv",)
     dropped = scoring.make_run(config, run.data_path, run.params)
     kw = dict(top_k=3, explain=True, max_items=20)
-    ranking.rank(run, str(tmp_path / "a.parquet"), **kw)
+    lines = []
+    ranking.rank(run, str(tmp_path / "a.parquet"), **kw, log=lines.append)
+    # --explain reports its own progress, to the closing line.
+    assert re.fullmatch(r"explain: [\d,]+/[\d,]+ model rows \(100%\) .*", lines[-1]), lines[-1]
     ranking.rank(dropped, str(tmp_path / "b.parquet"), **kw)
     full, kept = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert "pv" in full.column("event1_behaviour").to_pylist()

@@ -216,7 +216,7 @@ def rank(
     if explain:
         gather = lambda r: cands.gather(rows[r])
         secs = cands.seconds_before(rows)
-        cols.update(influence.explain_columns(run, len(rows), gather, secs))
+        cols.update(influence.explain_columns(run, len(rows), gather, secs, log))
         c = cands.ctx_row[rows]  # users without a context (user_key -1) have no ranking time
         cols["ranking_time"] = pa.array(cands.ctx.timestamp[c], mask=cands.ctx.user_key[c] < 0)
     if jax.process_index() == 0:
