@@ -5,6 +5,7 @@ never in a traceback. Entry points define their own flags; this module defines n
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -75,3 +76,26 @@ def loaded_config(config: Any) -> Any:
     except OSError as e:
         sys.exit("error: --config: " + " ".join(str(e).split()))
     return config
+
+
+def init_distributed() -> None:
+    """Joins JAX's multi-process runtime where the environment asks for it: JAX_NUM_PROCESSES
+    > 1 with JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID (launch/), or
+    INFLUENCE_JAX_AUTO_DISTRIBUTED=1 (settings detected by JAX). Training and rank.py call it
+    before any JAX computation."""
+    import jax
+
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        missing = [v for v in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") if v not in os.environ]
+        if missing:
+            raise ConfigError(f"JAX_NUM_PROCESSES > 1 needs {' and '.join(missing)} set")
+        # CPU hosts (and the tests' fake devices) need collectives across processes.
+        if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("INFLUENCE_JAX_AUTO_DISTRIBUTED") == "1":
+        jax.distributed.initialize()  # TPU VM pods, SLURM: settings detected by JAX

@@ -29,25 +29,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 LOG_FILE = "train.log"  # in the workdir: every log line with absl's prefix (the terminal: plain)
 
 
-def _init_distributed() -> None:
-    import jax
-
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
-        missing = [v for v in ("JAX_COORDINATOR_ADDRESS", "JAX_PROCESS_ID") if v not in os.environ]
-        if missing:
-            raise app.UsageError(f"JAX_NUM_PROCESSES > 1 needs {' and '.join(missing)} set")
-        # CPU hosts (and the tests' fake devices) need collectives across processes.
-        if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    elif os.environ.get("INFLUENCE_JAX_AUTO_DISTRIBUTED") == "1":
-        jax.distributed.initialize()  # TPU VM pods, SLURM: settings detected by JAX
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -60,7 +41,7 @@ def main(argv):
     try:
         config = cli.loaded_config(_CONFIG.value)
         config_check.check(config)  # before the multi-process runtime starts
-        _init_distributed()
+        cli.init_distributed()
         import jax
 
         from influence_jax import train

@@ -184,3 +184,54 @@ def batched(
     if not outs:
         return None
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *outs)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (replicas once)."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards = {}
+    for sh in x.addressable_shards:
+        shards.setdefault(sh.index[0].start or 0, sh)
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def batched_local(
+    fn: Callable,
+    run: Run,
+    n: int,
+    gather: Callable[[np.ndarray], dict] | None,
+    batch_size: int,
+    steps: int,
+    progress: Callable[[int], None] | None = None,
+) -> Any:
+    """Like `batched`, but every process scores its own rows 0..n-1 (n may differ between
+    processes): `steps` global batches (every process the same number: the most any needs),
+    each holding batch_size / processes rows of each process (padded; a process with no rows
+    left feeds zero ids), and each process keeps its own rows' outputs."""
+    local = batch_size // jax.process_count()
+    s = run.schema
+    pad = {
+        "user": np.zeros((local, len(s.user_fields)), np.int32),
+        "item": np.zeros((local, len(s.item_fields)), np.int32),
+        "hist": np.zeros((local, s.max_len, len(s.hist_fields)), np.int32),
+    }
+    outs, pending = [], None
+
+    def collect(out: Any) -> None:
+        outs.append(jax.tree_util.tree_map(local_rows, out))
+        if progress is not None:
+            progress(min(n, len(outs) * local))
+
+    for step in range(steps):
+        idx = np.arange(step * local, (step + 1) * local)
+        batch = gather(np.where(idx < n, idx, 0)) if n and step * local < n else pad
+        out = fn(run.params, sharding.to_global(batch, run.mesh))
+        if pending is not None:
+            collect(pending)
+        pending = out
+    if pending is not None:
+        collect(pending)
+    if not outs or not n:
+        return None
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *outs)

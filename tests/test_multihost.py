@@ -77,3 +77,57 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, ja
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), mine, theirs
     )
+
+
+def test_two_processes_rank_every_user_once_like_one_process(run_dir, tmp_path):
+    """rank.py under JAX's multi-process runtime: each of 2 processes ranks every other user
+    (retrieval tables from every user) and writes its own part file; the folder read as one
+    Parquet table equals a 1-process run's file."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from tests.helpers import ROOT, run_tool
+
+    args = [f"--workdir={run_dir}", "--top_k=5", "--retrieve_n=30"]
+    one = run_tool("rank", *args, f"--output={tmp_path / 'one.parquet'}", timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    out = tmp_path / "parts"
+    env = dict(
+        os.environ,
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+        JAX_NUM_PROCESSES="2",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+    )
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "rank.py"), *args, f"--output={out}"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=dict(env, JAX_PROCESS_ID=str(i)),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["part-00000.parquet", "part-00001.parquet"]
+    assert "process 0 of 2: ranked" in results[0][0] and "process 1 of 2: ranked" in results[1][0]
+    parts = [pq.read_table(out / f).to_pydict() for f in sorted(os.listdir(out))]
+    assert not set(parts[0]["user_id"]) & set(parts[1]["user_id"])  # each user in one part
+    order = [("user_id", "ascending"), ("rank", "ascending")]
+    both = pq.read_table(out).sort_by(order).to_pydict()  # the folder as one table
+    ref = pq.read_table(tmp_path / "one.parquet").sort_by(order).to_pydict()
+    for k in ("user_id", "rank", "item_id"):
+        assert both[k] == ref[k]
+    np.testing.assert_allclose(both["score"], ref["score"], rtol=1e-5, atol=1e-6)

@@ -24,6 +24,12 @@ those are scored; --all_items scores every training item instead (--max_items ca
 most frequent), after a warning with the number of pairs and the estimated time. --exclude_seen
 drops the items the user had already interacted with. A progress line with rate and ETA goes
 to stderr. --data may be left out for a synthetic run.
+
+Several processes (JAX's multi-process runtime, JAX_NUM_PROCESSES / JAX_COORDINATOR_ADDRESS /
+JAX_PROCESS_ID as for training, one per host): each ranks every P-th user (candidates retrieved
+from every user's history) and --output is a folder on storage every host sees, holding
+part-<process>.parquet (or .csv) files that pandas, polars, DuckDB and Spark read as one table;
+it appears whole once every part is written. --explain runs in one process.
 """
 
 from __future__ import annotations
@@ -101,7 +107,11 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 
 def _rank() -> None:
-    files.check_output(_OUTPUT.value, "output")  # before any work
+    cli.init_distributed()  # JAX_NUM_PROCESSES > 1: each process ranks every P-th user
+    import jax
+
+    several = jax.process_count() > 1  # then OUTPUT is a folder of part files
+    files.check_output(_OUTPUT.value, "output", folder=several)  # before any work
     if _EVENTS.value and not _AS_OF.value:
         raise DataError("--events needs --as_of=UNIX_TS")
     run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)
@@ -125,8 +135,9 @@ def _rank() -> None:
         progress_every=_PROGRESS.value,
         retrieve=0 if _ALL_ITEMS.value else _RETRIEVE.value,
     )
+    who = f"process {jax.process_index()} of {jax.process_count()}: " if several else ""
     print(
-        f"ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "
+        f"{who}ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "
         f"{s['pairs_scored']} pairs scored ({s['candidates_per_s']:.0f}/s with compilation), "
         f"{s['rows_written']} rows -> {_OUTPUT.value} in {s['seconds']} s"
     )

@@ -4,8 +4,11 @@ user's top k and write them atomically (with `explain`, each row's influence col
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,7 +31,7 @@ from influence_jax.ranking.candidates import (
 )
 from influence_jax.ranking.contexts import Contexts, load_contexts
 from influence_jax.ranking.output import Progress, top_k_rows
-from influence_jax.scoring import Run, batched, global_batch, make_score_fn
+from influence_jax.scoring import Run, batched, batched_local, global_batch, make_score_fn
 
 BLOCK_PAIRS = 1 << 20  # default candidates scored (and reduced to the top k) per block of users
 RETRIEVE = 200  # retrieved candidates per user by default (two-stage ranking)
@@ -54,8 +57,16 @@ def _score_top_k(
     fn, bs = make_score_fn(run), global_batch(run, batch_size)
     progress = Progress(total, log, progress_every)
     done, kept = 0, []
-    for c in blocks:
-        prob = batched(fn, run, len(c), c.gather, bs, lambda d, base=done: progress(base + d))
+    for c in _blocks_in_step(blocks, bs):
+        show = lambda d, base=done: progress(base + d)
+        if jax.process_count() > 1:  # every process its own pairs, the same number of batches
+            c, steps = c
+            gather = c.gather if c is not None else None
+            prob = batched_local(fn, run, len(c) if c else 0, gather, bs, steps, show)
+            if c is None:
+                continue
+        else:
+            prob = batched(fn, run, len(c), c.gather, bs, show)
         prob = np.zeros(0, np.float32) if prob is None else prob
         rows, ranks = top_k_rows(c.user_out, c.item_out, prob, top_k)
         kept.append((c, rows, prob[rows], ranks))
@@ -76,6 +87,78 @@ def _score_top_k(
         first.counts,
     )
     return out, np.concatenate([p for *_, p, _ in kept]), np.concatenate([r for *_, r in kept])
+
+
+def _blocks_in_step(blocks: Iterator[Candidates], batch_size: int) -> Iterator[Any]:
+    """`blocks` as they are in one process; with several processes, (block or None, batches):
+    the processes agree before each block on the number of global batches it takes (the most
+    any process needs) and go on until every process is out of blocks."""
+    if jax.process_count() == 1:
+        yield from blocks
+        return
+    from jax.experimental import multihost_utils
+
+    local = batch_size // jax.process_count()
+    while True:
+        c = next(blocks, None)
+        n = np.array([len(c) if c is not None else 0, c is not None], np.int64)
+        every = np.asarray(multihost_utils.process_allgather(n)).reshape(-1, 2)
+        if not every[:, 1].any():
+            return
+        yield c, int(-(-every[:, 0].max() // local))
+
+
+def _share(ctx: Contexts) -> Contexts:
+    """This process's users to rank: every P-th of the users ranked by default."""
+    p, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return ctx
+    users = np.flatnonzero(ctx.in_split)
+    mine = np.zeros_like(ctx.in_split)
+    mine[users[p::count]] = True
+    return dataclasses.replace(ctx, in_split=mine)
+
+
+def _file_share(c: Candidates) -> Candidates:
+    """This process's pairs of a candidates file: every P-th user (by raw id order)."""
+    p, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return c
+    users, inv = np.unique(c.user_out, return_inverse=True)
+    keep = np.flatnonzero(np.arange(len(users))[inv] % count == p)
+    return dataclasses.replace(
+        c,
+        ctx_row=c.ctx_row[keep],
+        item_row=c.item_row[keep],
+        user_out=c.user_out[keep],
+        item_out=c.item_out[keep],
+    )
+
+
+def _write_parts(table: pa.Table, output: str, fmt: str) -> None:
+    """Several processes: OUTPUT is a folder of part files (part-<process>.<fmt>), one per
+    process, that Parquet readers (pandas, polars, DuckDB, Spark) read as one table; built in
+    OUTPUT.partial and renamed into place by process 0 once every part is written."""
+    from jax.experimental import multihost_utils
+
+    p = jax.process_index()
+    partial = output.rstrip("/") + ".partial"
+    if p == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    multihost_utils.sync_global_devices("rank: parts folder made")
+    write_table(table, os.path.join(partial, f"part-{p:05d}.{fmt}"), fmt)
+    multihost_utils.sync_global_devices("rank: parts written")
+    if p == 0:
+        old = output.rstrip("/") + ".old"
+        if os.path.exists(output):
+            os.rename(output, old)
+        os.rename(partial, output)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        elif os.path.exists(old):
+            os.remove(old)
+    multihost_utils.sync_global_devices("rank: output in place")
 
 
 def _counted(blocks: Iterator[Candidates], sizes: list[int]) -> Iterator[Candidates]:
@@ -173,20 +256,24 @@ def rank(
     else:
         # Without the behaviour types the run was trained without, as its training histories.
         ctx = load_contexts(run.dataset, str(when))
+    if jax.process_count() > 1 and explain:
+        raise DataError("--explain ranks in one process; run it without JAX_NUM_PROCESSES")
+    everyone = ctx
+    ctx = _share(ctx)  # several processes: each ranks every P-th user
     if retrieve < 0:
         raise DataError(f"--retrieve_n must be 0 (every train item) or more, got {retrieve}")
-    n_users = len(np.unique(ctx.user_key[ctx.in_split]))
+    n_users = len(np.unique(ctx.user_key[ctx.in_split]))  # this process's share
     at = f" as of {when} ({_when(int(ctx.timestamp.max()))} UTC)" if len(ctx.timestamp) else ""
     all_items = not candidates and (retrieve == 0 or max_items > 0)
     if candidates:
-        cands = file_candidates(run, candidates, ctx)
+        cands = _file_share(file_candidates(run, candidates, everyone))
         total, blocks, counts = len(cands), iter([cands]), cands.counts
         what = f"candidates from {candidates}{at}"
     elif not all_items:
         log(f"retrieving {retrieve} candidates for each of {n_users:,} users{at}")
         t1 = time.perf_counter()
         counted = Progress(n_users, log, progress_every, verb="counted", unit="users")
-        got = RetrievedCandidates(run, ctx, retrieve, exclude_seen, counted)
+        got = RetrievedCandidates(run, everyone, retrieve, exclude_seen, counted, ctx.in_split)
         log(f"retrieval tables built in {time.perf_counter() - t1:.1f} s")
         total, blocks, counts = len(got), got.blocks(block_pairs), got.counts
         what = f"{n_users:,} users{at}, up to {retrieve} retrieved candidates each"
@@ -219,7 +306,9 @@ def rank(
         cols.update(influence.explain_columns(run, len(rows), gather, secs, log))
         c = cands.ctx_row[rows]  # users without a context (user_key -1) have no ranking time
         cols["ranking_time"] = pa.array(cands.ctx.timestamp[c], mask=cands.ctx.user_key[c] < 0)
-    if jax.process_index() == 0:
+    if jax.process_count() > 1:
+        _write_parts(pa.table(cols), output, fmt)
+    else:
         write_table(pa.table(cols), output, fmt)
     return {
         "step": run.step,

@@ -353,7 +353,10 @@ class RetrievedCandidates:
         n: int,
         exclude_seen: bool = False,
         progress: Callable[[int], None] | None = None,
+        ranked: np.ndarray | None = None,
     ):
+        """`ranked` [len(ctx)] bool: the users to make candidates for (default: ctx.in_split);
+        the retriever's tables are built from every user of ctx.in_split either way."""
         from influence_jax import retrieval
 
         self.ctx, self.maps, self.n = ctx, run.dataset.id_maps, n
@@ -363,12 +366,14 @@ class RetrievedCandidates:
             run.schema, ctx.user_key[users], ctx.hist[users], ctx.timestamp[users], times
         )
         self.retriever = retrieval.Retriever(h, retrieval.RetrievalConfig(), progress)
+        mine = ctx.in_split if ranked is None else ranked
+        self.part = h.select(np.isin(h.user_key, ctx.user_key[mine]))
         self.n_ids = run.schema.vocab_sizes["item_id"]
         self.seen = seen_keys(run, ctx, self.n_ids) if exclude_seen else None
         # One feature row per item id, so every block indexes the same table.
         self.items, self.lacking = item_rows(run.dataset, np.arange(self.n_ids))
         self.item_raw = self.maps.raw("item_id", np.arange(self.n_ids))[0]
-        self.users = len(users)
+        self.users = len(self.part)
         self.counts = {"retrieved_per_user": n, "items_without_features": 0}
 
     def __len__(self) -> int:
@@ -378,7 +383,7 @@ class RetrievedCandidates:
     def blocks(self, pairs_per_block: int) -> Iterator[Candidates]:
         del pairs_per_block  # the retriever's chunks of users
         lacking = np.zeros(self.n_ids, bool)
-        for user_key, items, _ in self.retriever.candidates(self.n, self.seen):
+        for user_key, items, _ in self.retriever.candidates(self.n, self.seen, self.part):
             rows, _ = self.ctx.find(user_key)
             r, c = np.nonzero(items != 0)
             ctx_row, item_row = rows[r], items[r, c].astype(np.int64)

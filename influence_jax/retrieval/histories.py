@@ -58,6 +58,18 @@ class Histories:
     def __len__(self) -> int:
         return len(self.user_key)
 
+    def select(self, keep: np.ndarray) -> Histories:
+        """The users where `keep` [U] bool is set."""
+        cat = None if self.category is None else self.category[keep]
+        return dataclasses.replace(
+            self,
+            user_key=self.user_key[keep],
+            item=self.item[keep],
+            beh=self.beh[keep],
+            ts=self.ts[keep],
+            category=cat,
+        )
+
     def rows(self, a: int, b: int) -> Histories:
         """Users a..b-1 (a chunk; the arrays are views)."""
         cat = None if self.category is None else self.category[a:b]

@@ -62,16 +62,19 @@ class Retriever:
             )
         return out
 
-    def chunks(self) -> Iterator[Histories]:
+    def chunks(self, h: Histories | None = None) -> Iterator[Histories]:
+        """`h` (default: every user the tables were built from) in chunks of users."""
+        h = self.h if h is None else h
         step = self.cfg.users_per_chunk
-        for a in range(0, len(self.h), step):
-            yield self.h.rows(a, a + step)
+        for a in range(0, len(h), step):
+            yield h.rows(a, a + step)
 
     def candidates(
-        self, n: int, seen: np.ndarray | None = None
+        self, n: int, seen: np.ndarray | None = None, users: Histories | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(user_key [C], items [C, n], source [C, n]) per chunk of users (merge.merge)."""
-        for part in self.chunks():
+        """(user_key [C], items [C, n], source [C, n]) per chunk of users (merge.merge); of
+        `users` (a selection of the histories, e.g. one process's share) if given."""
+        for part in self.chunks(users):
             items, src = merge(
                 self.lists(part, n), n, self.quotas, part.user_key, seen, self.h.n_items
             )
