@@ -11,12 +11,9 @@ several runs each figure is the mean over the runs (the per-head folders hold th
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
-
-from influence_jax import files
 
 TYPE_METRICS = (
     "share",
@@ -141,7 +138,6 @@ def plot(s: dict[str, Any]) -> bytes:
 
 def write(s: dict[str, Any], output: str) -> None:
     """OUTPUT/heads.json and OUTPUT/behaviour_influence_heads.png."""
-    os.makedirs(output, exist_ok=True)
-    files.write_bytes(os.path.join(output, "behaviour_influence_heads.png"), plot(s))
-    s["plots"] = {"behaviour_influence_heads": "behaviour_influence_heads.png"}
-    files.write_json(os.path.join(output, "heads.json"), s)
+    from influence_jax.influence_runs import write_with_plot
+
+    write_with_plot(s, output, "heads.json", "behaviour_influence_heads", plot(s))

@@ -174,7 +174,13 @@ def plot(c: dict[str, Any]) -> bytes:
 
 def write(c: dict[str, Any], output: str) -> None:
     """OUTPUT/influence.json and OUTPUT/behaviour_influence_runs.png, atomically."""
+    write_with_plot(c, output, "influence.json", "behaviour_influence_runs", plot(c))
+
+
+def write_with_plot(result: dict[str, Any], output: str, name: str, plot_name: str, png: bytes):
+    """OUTPUT/<plot_name>.png, then `result` (naming the plot under "plots") as OUTPUT/<name>,
+    each written atomically."""
     os.makedirs(output, exist_ok=True)
-    files.write_bytes(os.path.join(output, "behaviour_influence_runs.png"), plot(c))
-    c["plots"] = {"behaviour_influence_runs": "behaviour_influence_runs.png"}
-    files.write_json(os.path.join(output, "influence.json"), c)
+    files.write_bytes(os.path.join(output, f"{plot_name}.png"), png)
+    result["plots"] = {plot_name: f"{plot_name}.png"}
+    files.write_json(os.path.join(output, name), result)

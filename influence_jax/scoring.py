@@ -164,24 +164,34 @@ def batched(
     given, is called with the number of rows done after each fetch.
     """
     p, local = jax.process_index(), batch_size // jax.process_count()
-    outs, pending = [], None
+
+    def batches():
+        for start in range(0, n, batch_size):
+            idx = np.arange(start + p * local, start + (p + 1) * local)
+            yield gather(np.where(idx < n, idx, 0))
+
     fetch = lambda out: jax.tree_util.tree_map(sharding.to_host, out)
+    return _pipelined(fn, run, batches(), fetch, n, batch_size, progress)
+
+
+def _pipelined(fn, run: Run, batches, fetch, n: int, per_batch: int, progress) -> Any:
+    """`fn` over host batches, batch t+1 dispatched before batch t is fetched; the fetched
+    outputs concatenated and cut to n rows (None when there are none)."""
+    outs, pending = [], None
 
     def collect(out: Any) -> None:
         outs.append(fetch(out))
         if progress is not None:
-            progress(min(n, len(outs) * batch_size))
+            progress(min(n, len(outs) * per_batch))
 
-    for start in range(0, n, batch_size):
-        idx = np.arange(start + p * local, start + (p + 1) * local)
-        batch = gather(np.where(idx < n, idx, 0))
+    for batch in batches:
         out = fn(run.params, sharding.to_global(batch, run.mesh))
         if pending is not None:
             collect(pending)
         pending = out
     if pending is not None:
         collect(pending)
-    if not outs:
+    if not outs or not n:
         return None
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *outs)
 
@@ -216,22 +226,11 @@ def batched_local(
         "item": np.zeros((local, len(s.item_fields)), np.int32),
         "hist": np.zeros((local, s.max_len, len(s.hist_fields)), np.int32),
     }
-    outs, pending = [], None
 
-    def collect(out: Any) -> None:
-        outs.append(jax.tree_util.tree_map(local_rows, out))
-        if progress is not None:
-            progress(min(n, len(outs) * local))
+    def batches():
+        for step in range(steps):
+            idx = np.arange(step * local, (step + 1) * local)
+            yield gather(np.where(idx < n, idx, 0)) if n and step * local < n else pad
 
-    for step in range(steps):
-        idx = np.arange(step * local, (step + 1) * local)
-        batch = gather(np.where(idx < n, idx, 0)) if n and step * local < n else pad
-        out = fn(run.params, sharding.to_global(batch, run.mesh))
-        if pending is not None:
-            collect(pending)
-        pending = out
-    if pending is not None:
-        collect(pending)
-    if not outs or not n:
-        return None
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *outs)
+    fetch = lambda out: jax.tree_util.tree_map(local_rows, out)
+    return _pipelined(fn, run, batches(), fetch, n, local, progress)

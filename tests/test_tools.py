@@ -214,7 +214,8 @@ def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):
 
     out = tmp_path / "top.csv"
     cmd = [sys.executable, str(helpers.TOOLS / "rank.py"), f"--workdir={run_dir}",
-           f"--output={out}", "--format=csv", "--batch_size=8", "--progress_every=0"]  # fmt: skip
+           f"--output={out}", "--format=csv", "--batch_size=8", "--progress_every=0",
+           "--all_items"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:  # scoring has started once it reports progress

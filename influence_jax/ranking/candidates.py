@@ -15,6 +15,7 @@ import os
 import sys
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -287,6 +288,20 @@ def seen_keys(run: Run, ctx: Contexts, n_ids: int) -> np.ndarray:
     return np.unique(keys[h >= NUM_RESERVED])
 
 
+def _pairs(source: Any, ctx_row: np.ndarray, item_row: np.ndarray) -> Candidates:
+    """Pairs of a candidate source that holds one item table for all its blocks (ctx, items,
+    maps, item_raw: raw id per item row, counts)."""
+    return Candidates(
+        source.ctx,
+        source.items,
+        ctx_row,
+        item_row,
+        source.maps.user_raw(source.ctx.user_key[ctx_row]),
+        source.item_raw[item_row],
+        source.counts,
+    )
+
+
 class DefaultCandidates:
     """Each ranked user x every train item (see `train_items`), less the user's seen items if
     `exclude_seen`, produced in blocks of whole users so memory stays bounded."""
@@ -328,15 +343,7 @@ class DefaultCandidates:
                 pos = np.minimum(np.searchsorted(self.seen, key), len(self.seen) - 1)
                 keep = self.seen[pos] != key
                 ctx_row, item_row = ctx_row[keep], item_row[keep]
-            yield Candidates(
-                self.ctx,
-                self.items,
-                ctx_row,
-                item_row,
-                self.maps.user_raw(self.ctx.user_key[ctx_row]),
-                self.item_raw[item_row],
-                self.counts,
-            )
+            yield _pairs(self, ctx_row, item_row)
 
 
 class RetrievedCandidates:
@@ -389,15 +396,7 @@ class RetrievedCandidates:
             ctx_row, item_row = rows[r], items[r, c].astype(np.int64)
             lacking[item_row] |= self.lacking[item_row]
             self.counts["items_without_features"] = int(lacking.sum())
-            yield Candidates(
-                self.ctx,
-                self.items,
-                ctx_row,
-                item_row,
-                self.maps.user_raw(self.ctx.user_key[ctx_row]),
-                self.item_raw[item_row],
-                self.counts,
-            )
+            yield _pairs(self, ctx_row, item_row)
 
 
 def default_candidates(
