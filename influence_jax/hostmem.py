@@ -23,3 +23,12 @@ def keep_freed_host_memory() -> bool:
         libc.mallopt(param, value) == 1
         for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
     )
+
+
+# The same three settings as glibc environment tunables, for another process (the benchmark's
+# reference implementations get them so that the comparison is like for like).
+ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
+}

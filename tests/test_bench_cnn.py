@@ -1,6 +1,8 @@
 """The benchmark model (tools/benchmark.py): shapes, and that its fast formulations compute the
 same function as flax's layers. Correctness only; timing lives in the benchmark."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -101,3 +103,22 @@ def test_folded_scoring_equals_the_model(params):
     assert tables["towers"]["item"]["table"].shape == (SMALL["item_vocab"], 3 * SMALL["filters"])
     got = jax.jit(lambda t: bench_cnn.score_folded(model, t, batch))(tables)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_references_run_with_the_engines_allocator_settings(tmp_path):
+    """benchmark.py's references get the glibc settings the engine gives itself
+    (hostmem.ENV), so the comparison is like for like; each row says so."""
+    from influence_jax import hostmem
+
+    bench_util = helpers.bench_module("bench_util")
+    script = tmp_path / "ref.py"
+    keys = sorted(hostmem.ENV)
+    script.write_text(
+        f"import json, os\nkeys = {keys!r}\n"
+        "print(json.dumps({'impl': 'x', 'env': {k: os.environ.get(k) for k in keys}}))\n"
+    )
+    (row,) = bench_util.run_reference("x", str(script), [], 60, True, keep_host_memory=True)
+    assert row["env"] == hostmem.ENV and row["host_memory_kept"] is True
+    (row,) = bench_util.run_reference("x", str(script), [], 60, True)
+    assert row["host_memory_kept"] is False
+    assert all(row["env"][k] == os.environ.get(k) for k in hostmem.ENV)

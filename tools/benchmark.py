@@ -143,7 +143,8 @@ def main(argv: list[str]) -> None:
         )
     kept = _KEEP_HOST_MEMORY.value and hostmem.keep_freed_host_memory()  # before JAX starts
     batches = [int(b) for b in _BATCHES.value]
-    ref_kw = {"timeout": _REF_TIMEOUT.value, "as_json": _JSON.value}
+    # The references get the allocator settings the engine gives itself (hostmem.ENV).
+    ref_kw = {"timeout": _REF_TIMEOUT.value, "as_json": _JSON.value, "keep_host_memory": kept}
     if _WHAT.value == "rank":
         import bench_rank
 

@@ -295,6 +295,14 @@ def print_table(rows: list[dict], refs: list[dict], peak: float, setup: str) -> 
         "scoring examples per CPU-second of the process (all its threads); cpu/best: ratio to "
         "the reference with the most"
     )
+    if any(r.get("host_memory_kept") for r in refs):
+        print(
+            "  references ran with the engine's allocator settings (glibc: one arena, no mmap, "
+            "no trim)"
+        )
+    paths = {r["impl"]: r["score_path"] for r in refs if "score_path" in r}
+    for impl, path in paths.items():
+        print(f"  {impl} scoring: the faster of predict and predict_on_batch ({path} here)")
     folded = [r for r in rows if "score_fold_s" in r]
     if folded:
         r = folded[0]

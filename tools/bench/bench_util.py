@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from bench_refs import common
 
+from influence_jax import hostmem
+
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -91,17 +93,27 @@ class CpuShareOfOthers:
         return False
 
 
-def run_reference(name: str, script: str, args: list[str], timeout: int, as_json: bool):
+def run_reference(
+    name: str,
+    script: str,
+    args: list[str],
+    timeout: int,
+    as_json: bool,
+    keep_host_memory: bool = False,
+):
     """Runs tools/bench/bench_refs/`script` with `--json` in its own process; returns its JSON rows.
 
-    A missing optional dependency, a failure or a timeout prints a note and returns what the
-    reference printed before it stopped (each row gets `others_cpu`).
+    With `keep_host_memory` the reference runs with the allocator settings the engine gives
+    itself (influence_jax.hostmem.ENV, glibc's environment tunables), so both sides are tuned
+    alike; each row records it. A missing optional dependency, a failure or a timeout prints a
+    note and returns what the reference printed before it stopped (each row gets `others_cpu`).
     """
     cmd = [sys.executable, os.path.join(TOOLS, "bench_refs", script), "--json", *args]
+    env = dict(os.environ, **(hostmem.ENV if keep_host_memory else {}))
     progress(f"{name} reference ...")
     with CpuShareOfOthers(children=True) as others:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             note(f"{name} reference: stopped after {timeout} s, no result", as_json)
             return []
@@ -114,6 +126,7 @@ def run_reference(name: str, script: str, args: list[str], timeout: int, as_json
         note(f"{name} reference failed (exit {proc.returncode}):\n  {tail}", as_json)
     for r in rows:
         r["others_cpu"] = others.share
+        r["host_memory_kept"] = keep_host_memory
     return rows
 
 
