@@ -122,3 +122,17 @@ def test_references_run_with_the_engines_allocator_settings(tmp_path):
     (row,) = bench_util.run_reference("x", str(script), [], 60, True)
     assert row["host_memory_kept"] is False
     assert all(row["env"][k] == os.environ.get(k) for k in hostmem.ENV)
+
+
+def test_every_table_names_the_cpu_and_its_vector_extensions():
+    bench_util = helpers.bench_module("bench_util")
+    info = (
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"
+        "model name\t: Intel Xeon\nflags\t\t: fpu sse avx2 avx512f amx_tile amx_bf16\n"
+        "processor\t: 1\nmodel name\t: Intel Xeon\n"
+    )
+    assert (
+        bench_util.cpu_description(info) == "Intel Xeon (family 6), avx2 avx512f amx_tile amx_bf16"
+    )
+    assert bench_util.cpu_description("model name: Old\nflags: sse2\n") == "Old, no AVX2"
+    assert "host cores; " in bench_util.describe_device()  # this machine's CPU, in every table

@@ -49,11 +49,35 @@ def matmul_flops_per_s(dtype: str) -> float:
     return 2 * n**3 / best
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The host CPU's model, family and vector extensions ("AMD EPYC (family 26), avx2
+    avx512f ..."), read from /proc/cpuinfo; "" where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    have = set(fields.get("flags", "").split())
+    simd = " ".join(f for f in SIMD_FLAGS if f in have) or "no AVX2"
+    family = f" (family {fields['cpu family']})" if "cpu family" in fields else ""
+    return f"{fields.get('model name', '?')}{family}, {simd}"
+
+
 def describe_device() -> str:
     d = jax.devices()[0]
+    cpu = cpu_description()
     return (
-        f"{d.device_kind} x{jax.device_count()} ({d.platform}, {os.cpu_count()} host cores), "
-        f"jax {jax.__version__}"
+        f"{d.device_kind} x{jax.device_count()} ({d.platform}, {os.cpu_count()} host cores"
+        + (f"; {cpu}" if cpu else "")
+        + f"), jax {jax.__version__}"
     )
 
 
