@@ -216,6 +216,14 @@ def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):
     cmd = [sys.executable, str(helpers.TOOLS / "rank.py"), f"--workdir={run_dir}",
            f"--output={out}", "--format=csv", "--batch_size=8", "--progress_every=0",
            "--all_items"]  # fmt: skip
+    # A shell's background job starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: start the tool with the default disposition a terminal gives
+    # (through a small exec, not preexec_fn, which forks a multithreaded JAX process).
+    reset = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
+    cmd = [sys.executable, "-c", reset, *cmd[1:]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:  # scoring has started once it reports progress
