@@ -36,11 +36,19 @@ def test_rank_benchmark_json_and_table(capsys):
         "--batches=64",
         "--seconds=0.05",
         "--repeats=1",
+        "--rank_two_stage=20",
         "--json",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    e2e = [r for r in rows if r.get("section") == "two_stage"]
+    rows = [r for r in rows if r.get("section") != "two_stage"]
+    # Two-stage end to end: every test user of the tiny synthetic data, 20 candidates each.
+    assert [r["model"] for r in e2e] == ["default", "full"]
+    for r in e2e:
+        assert r["users"] > 0 and r["retrieve"] == 20 and 0 < r["pairs"] <= 20 * r["users"]
+        assert r["users_per_s"] > 0 and r["candidates_per_s"] > 0 and r["peak_rss_mb"] > 0
     assert rows and {r["model"] for r in rows} <= {"default", "full"}
     assert rows[0]["model"] == "default" and rows[0]["batch"] == 64
     for r in rows:
@@ -53,3 +61,5 @@ def test_rank_benchmark_json_and_table(capsys):
     bench_rank.print_table(rows, host_memory_kept=False)
     out = capsys.readouterr().out
     assert "score ex/s" in out and "eval step" in out and "default" in out
+    bench_rank.print_two_stage(e2e)
+    assert "two-stage ranking end to end" in capsys.readouterr().out

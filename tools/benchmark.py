@@ -72,6 +72,12 @@ _RANK_MEASURE = flags.DEFINE_enum(
     ["all", "score", "train"],
     "--what=rank: the scoring rates, the ranker's own training rate, or both.",
 )
+_RANK_TWO_STAGE = flags.DEFINE_integer(
+    "rank_two_stage",
+    0,
+    "--what=rank: also rank every user of the config's synthetic test split end to end, "
+    "two-stage with this many retrieved candidates each (rank.py's default path); 0: skip.",
+)
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices",
     0,
@@ -162,7 +168,13 @@ def main(argv: list[str]) -> None:
             ref_kw=ref_kw,
             measure=_RANK_MEASURE.value,
         )
-        return _emit(rows, lambda: bench_rank.print_table(rows, kept))
+        _emit(rows, lambda: bench_rank.print_table(rows, kept))
+        if _RANK_TWO_STAGE.value > 0:
+            e2e = bench_rank.two_stage(
+                _RANK_CONFIG.value, _RANK_MODELS.value, _RANK_TWO_STAGE.value
+            )
+            _emit(e2e, lambda: bench_rank.print_two_stage(e2e))
+        return None
 
     if _WHAT.value == "quality":
         import bench_quality

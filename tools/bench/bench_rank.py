@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import json
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Mapping
@@ -277,6 +278,51 @@ def run(
                     )
             rows += ours + refs
     return rows
+
+
+def two_stage(config_name: str, which_models: list[str], n: int, top_k: int = 10) -> list[dict]:
+    """End-to-end two-stage ranking (tools/rank.py's default path: retrieval of `n` candidates
+    per user, then scoring them) of every user of the config's synthetic test split, with
+    freshly initialised parameters (speed does not depend on training): users/s and
+    candidates/s with retrieval, compilation and the top-k included."""
+    from influence_jax import ranking, scoring
+
+    rows = []
+    for which in which_models:
+        config = model_config(config_name, which)
+        with tempfile.TemporaryDirectory() as tmp:
+            synthetic.generate(config.data.synthetic.copy_and_resolve_references(), tmp)
+            run = scoring.make_run(config, tmp, workdir=tmp)
+            bench_util.progress(f"jax two-stage ranking, {which} model, {n} candidates ...")
+            t0 = time.perf_counter()
+            s = ranking.rank(run, os.path.join(tmp, "top.parquet"), top_k, retrieve=n,
+                             log=lambda _: None)  # fmt: skip
+            secs = time.perf_counter() - t0
+        rows.append({
+            "impl": "jax", "section": "two_stage", "model": which, "config": config_name,
+            "retrieve": n, "users": s["users"], "pairs": s["pairs_scored"], "seconds": secs,
+            "scoring_seconds": s["scoring_seconds"], "users_per_s": s["users"] / secs,
+            "candidates_per_s": s["pairs_scored"] / secs,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        })  # fmt: skip
+    return rows
+
+
+def print_two_stage(rows: list[dict]) -> None:
+    print(f"\n{bench_util.describe_device()}: two-stage ranking end to end (rank.py's default)")
+    print(f"{'model':<9}{'N':>6}{'users':>8}{'pairs':>11}{'seconds':>9}{'users/s':>9}"
+          f"{'cands/s':>10}{'peak MB':>9}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['model']:<9}{r['retrieve']:>6}{r['users']:>8,}{r['pairs']:>11,}"
+            f"{r['seconds']:>9.1f}{r['users_per_s']:>9,.0f}{r['candidates_per_s']:>10,.0f}"
+            f"{r['peak_rss_mb']:>9,.0f}"
+        )
+    print(
+        "  retrieval (tables from the users' histories, N candidates each), scoring and the "
+        "top 10 per user, with compilation; untrained parameters; peak MB: the process's peak "
+        "resident memory so far"
+    )
 
 
 def print_table(rows: list[dict], host_memory_kept: bool) -> None:
