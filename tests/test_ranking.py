@@ -389,6 +389,51 @@ def test_default_ranks_the_retrievers_candidates(prepared_run, tmp_path):
     assert not set(zip(map(int, t2["user_id"]), map(int, t2["item_id"]), strict=True)) & seen
 
 
+def test_top_k_metrics_by_hand():
+    from influence_jax.retrieval import top_k_metrics
+
+    # user 1: positives 5, 7 at ranks 1 and 3; user 2: positive 4 at rank 2; user 3: none.
+    m = top_k_metrics(
+        np.array([1, 2, 3]), np.array([[5, 9, 7], [3, 4, 0], [1, 2, 3]]),
+        np.array([1, 1, 2]), np.array([5, 7, 4]), 3,
+    )  # fmt: skip
+    ndcg1 = (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))
+    assert m["users"] == 2 and m["hr@3"] == 1.0 and m["mrr@3"] == pytest.approx(0.75)
+    assert m["ndcg@3"] == pytest.approx((ndcg1 + 1 / np.log2(3)) / 2)
+    one_list = top_k_metrics(
+        np.array([1, 2]), np.array([7, 4]), np.array([1, 2]), np.array([4, 4]), 1
+    )
+    assert (
+        one_list["hr@1"] == 0.0
+        and top_k_metrics(
+            np.array([1, 2]), np.array([7, 4]), np.array([1, 2]), np.array([4, 4]), 2
+        )["hr@2"]
+        == 1.0
+    )
+
+
+def test_evaluate_scores_the_ranked_lists_against_the_splits_positives(prepared_run, tmp_path):
+    run, log = prepared_run
+    out = tmp_path / "eval.parquet"
+    s = ranking.rank(run, str(out), top_k=5, retrieve=8, evaluate=True)
+    ev = s["evaluation"]
+    assert {"ranked", "popular only", "covisit only", "recent only"} <= set(ev)
+    # By hand: a user with a test-period positive (label 1 in the test split) hit in the top 5.
+    from influence_jax import retrieval
+
+    pu, pi = retrieval.positives(run.data_path, run.schema, "test")
+    maps = run.dataset.id_maps
+    raw_pos = set(zip(maps.user_raw(pu).tolist(), maps.raw("item_id", pi)[0].tolist(), strict=True))
+    t = pq.read_table(out).to_pydict()
+    ranked_users = set(t["user_id"])
+    with_pos = {u for u, _ in raw_pos if u in ranked_users}
+    hit = {u for u, i in zip(t["user_id"], t["item_id"], strict=True) if (u, i) in raw_pos}
+    assert ev["ranked"]["users"] == len(with_pos) > 0
+    assert ev["ranked"]["hr@5"] == pytest.approx(len(hit) / len(with_pos))
+    with pytest.raises(DataError, match="--evaluate needs --as_of=valid or test"):
+        ranking.rank(run, str(out), top_k=5, as_of="end", evaluate=True)
+
+
 def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):
     run, log = prepared_run
     out = tmp_path / "end.parquet"

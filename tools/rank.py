@@ -95,6 +95,12 @@ _ALL_ITEMS = flags.DEFINE_bool(
     "Without --candidates: score every train item for every user instead of retrieving "
     "(announced with the number of pairs and the time it will take).",
 )
+_EVALUATE = flags.DEFINE_bool(
+    "evaluate",
+    False,
+    "With --as_of=valid|test: HR@k, NDCG@k and MRR@k (k = --top_k) of the ranked lists against "
+    "the split's positives, beside the retriever's single-source lists for the same users.",
+)
 _EXCLUDE_SEEN = flags.DEFINE_bool(
     "exclude_seen", False, "Without --candidates: drop items the user interacted with before."
 )
@@ -134,6 +140,7 @@ def _rank() -> None:
         log=lambda line: print(line, file=sys.stderr, flush=True),
         progress_every=_PROGRESS.value,
         retrieve=0 if _ALL_ITEMS.value else _RETRIEVE.value,
+        evaluate=_EVALUATE.value,
     )
     who = f"process {jax.process_index()} of {jax.process_count()}: " if several else ""
     print(
@@ -149,6 +156,13 @@ def _rank() -> None:
         "({unknown_item_pairs} pairs); items without features: {items_without_features}; "
         "repeated pairs dropped: {duplicate_pairs}".format(**{k: s.get(k, 0) for k in counts})
     )
+    if "evaluation" in s:
+        k = _TOP_K.value
+        print(f"against the positives of {s['as_of']} ({{}} users with positives):".format(
+            s["evaluation"]["ranked"]["users"]))  # fmt: skip
+        print(f"{'list':<16}{f'HR@{k}':>9}{f'NDCG@{k}':>9}{f'MRR@{k}':>9}")
+        for name, m in s["evaluation"].items():
+            print(f"{name:<16}{m[f'hr@{k}']:>9.4f}{m[f'ndcg@{k}']:>9.4f}{m[f'mrr@{k}']:>9.4f}")
     print("summary " + json.dumps(s, sort_keys=True))
 
 

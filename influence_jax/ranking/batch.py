@@ -161,6 +161,34 @@ def _write_parts(table: pa.Table, output: str, fmt: str) -> None:
     multihost_utils.sync_global_devices("rank: output in place")
 
 
+def _evaluate(
+    run: Run,
+    split: str,
+    user_raw: np.ndarray,
+    item_raw: np.ndarray,
+    ranks: np.ndarray,
+    k: int,
+    lists: dict[str, np.ndarray],
+    list_users: np.ndarray | None,
+) -> dict[str, dict]:
+    """HR@k, NDCG@k and MRR@k of the written top k against the split's positives (the items
+    each user engaged with or converted on after the ranking time), and of the retriever's
+    single-source lists (popular, co-visitation, recent, category) for the same users."""
+    from influence_jax import retrieval
+
+    maps = run.dataset.id_maps
+    pos_user, pos_item = retrieval.positives(run.data_path, run.schema, split)
+    keys, _ = maps.user_keys(np.asarray(user_raw))
+    items = maps.lookup("item_id", np.asarray(item_raw))
+    users, row = np.unique(keys, return_inverse=True)
+    top = np.zeros((len(users), k), np.int64)
+    top[row, np.asarray(ranks) - 1] = items
+    out = {"ranked": retrieval.top_k_metrics(users, top, pos_user, pos_item, k)}
+    for name, lst in lists.items():
+        out[f"{name} only"] = retrieval.top_k_metrics(list_users, lst, pos_user, pos_item, k)
+    return out
+
+
 def _counted(blocks: Iterator[Candidates], sizes: list[int]) -> Iterator[Candidates]:
     """`blocks`, appending each one's number of pairs to `sizes` as it passes."""
     for b in blocks:
@@ -216,6 +244,7 @@ def rank(
     progress_every: float = 10.0,
     block_pairs: int = BLOCK_PAIRS,
     retrieve: int = RETRIEVE,
+    evaluate: bool = False,
 ) -> dict[str, Any]:
     """Scores the candidates, writes each user's top k to `output`; returns a summary.
 
@@ -242,6 +271,8 @@ def rank(
     """
     if top_k < 1:
         raise DataError(f"--top_k must be at least 1, got {top_k}")
+    if evaluate and (events is not None or str(as_of or split) not in ("valid", "test")):
+        raise DataError("--evaluate needs --as_of=valid or test (the split's positives)")
     if max_items < 0:
         raise DataError(f"--max_items must be 0 (all) or more, got {max_items}")
     t0 = time.perf_counter()
@@ -265,11 +296,12 @@ def rank(
     n_users = len(np.unique(ctx.user_key[ctx.in_split]))  # this process's share
     at = f" as of {when} ({_when(int(ctx.timestamp.max()))} UTC)" if len(ctx.timestamp) else ""
     all_items = not candidates and (retrieve == 0 or max_items > 0)
+    retrieved = not candidates and not all_items
     if candidates:
         cands = _file_share(file_candidates(run, candidates, everyone))
         total, blocks, counts = len(cands), iter([cands]), cands.counts
         what = f"candidates from {candidates}{at}"
-    elif not all_items:
+    elif retrieved:
         log(f"retrieving {retrieve} candidates for each of {n_users:,} users{at}")
         t1 = time.perf_counter()
         counted = Progress(n_users, log, progress_every, verb="counted", unit="users")
@@ -310,7 +342,14 @@ def rank(
         _write_parts(pa.table(cols), output, fmt)
     else:
         write_table(pa.table(cols), output, fmt)
+    evaluation = {}
+    if evaluate:
+        lists = got.retriever.lists(got.part, top_k) if retrieved else {}
+        who = got.part.user_key if retrieved else None
+        out = (cands.user_out[rows], cands.item_out[rows], ranks)
+        evaluation = _evaluate(run, str(when), *out, top_k, lists, who)
     return {
+        **({"evaluation": evaluation} if evaluate else {}),
         "step": run.step,
         "as_of": when,
         "users": len(np.unique(cands.user_out)) if len(cands) else 0,

@@ -19,7 +19,7 @@ from influence_jax.retrieval.histories import (
     seen_keys,
 )
 from influence_jax.retrieval.merge import DEFAULT_QUOTAS, SOURCES, merge
-from influence_jax.retrieval.retriever import RetrievalConfig, Retriever, recall
+from influence_jax.retrieval.retriever import RetrievalConfig, Retriever, recall, top_k_metrics
 
 __all__ = [
     "DEFAULT_QUOTAS",
@@ -36,4 +36,5 @@ __all__ = [
     "positives",
     "recall",
     "seen_keys",
+    "top_k_metrics",
 ]

@@ -143,3 +143,40 @@ def recall(
         out["recall_unseen"] = table(unseen)
         out["positives_unseen"] = int(unseen.sum())
     return out
+
+
+def top_k_metrics(
+    user_key: np.ndarray, items: np.ndarray, pos_user: np.ndarray, pos_item: np.ndarray, k: int
+) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR@k of ranked lists against the positives, over the users of
+    `user_key` [U] that have at least one positive (the others are not counted).
+
+    items: [U, K'] item ids best first (0 = empty), or [K'] (the same list for every user);
+    only the first k count. HR: a positive in the top k; NDCG: sum of 1/log2(1 + rank) over the
+    positives there, over the ideal (min(#positives, k) at the top); MRR: 1 / rank of the first
+    positive in the top k (0 without one).
+    """
+    user_key = np.asarray(user_key, np.int64)
+    if items.ndim == 1:
+        items = np.broadcast_to(items, (len(user_key), len(items)))
+    items = np.asarray(items)[:, :k]
+    n_items = int(max(items.max(initial=0), np.max(pos_item, initial=0))) + 1
+    pos = np.unique(np.asarray(pos_user, np.int64) * n_items + pos_item)
+    owners, per_owner = np.unique(pos // n_items, return_counts=True)
+    at = np.minimum(np.searchsorted(owners, user_key), max(len(owners) - 1, 0))
+    has = len(owners) > 0 and owners[at] == user_key
+    has = np.asarray(has, bool) & np.ones(len(user_key), bool)
+    n_pos = np.where(has, per_owner[at] if len(owners) else 0, 0)
+    hit = np.isin(user_key[:, None] * n_items + items, pos) & (items != 0)
+    ranks = np.arange(1, items.shape[1] + 1)
+    dcg = (hit / np.log2(ranks + 1)).sum(1)
+    ideal = np.array([(1 / np.log2(np.arange(2, min(p, k) + 2))).sum() for p in n_pos])
+    first = np.where(hit.any(1), hit.argmax(1) + 1, 0)
+    rr = np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)
+    u = max(int(has.sum()), 1)
+    return {
+        f"hr@{k}": float(hit.any(1)[has].sum() / u),
+        f"ndcg@{k}": float((dcg[has] / np.maximum(ideal[has], 1e-12)).sum() / u),
+        f"mrr@{k}": float(rr[has].sum() / u),
+        "users": int(has.sum()),
+    }
