@@ -58,19 +58,26 @@ def atomic_folder(path: str, commit: bool = True) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         yield tmp
-        if not commit:
-            return
-        _as_umask_allows(tmp, folder=True)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        if commit:
+            replace_folder(tmp, path)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: str, path: str) -> None:
+    """Puts the filled folder `tmp` in place of `path` (a file or folder there is moved aside
+    first and removed once the new one is in place), with the modes the umask allows."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    _as_umask_allows(tmp, folder=True)
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+        os.replace(path, os.path.join(old, "x"))
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str, data: bytes) -> None:

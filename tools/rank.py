@@ -158,8 +158,8 @@ def _rank() -> None:
     )
     if "evaluation" in s:
         k = _TOP_K.value
-        print(f"against the positives of {s['as_of']} ({{}} users with positives):".format(
-            s["evaluation"]["ranked"]["users"]))  # fmt: skip
+        users = s["evaluation"]["ranked"]["users"]
+        print(f"against the positives of {s['as_of']} ({users} users with positives):")
         print(f"{'list':<16}{f'HR@{k}':>9}{f'NDCG@{k}':>9}{f'MRR@{k}':>9}")
         for name, m in s["evaluation"].items():
             print(f"{name:<16}{m[f'hr@{k}']:>9.4f}{m[f'ndcg@{k}']:>9.4f}{m[f'mrr@{k}']:>9.4f}")

@@ -21,7 +21,7 @@ from absl import logging
 from influence_jax import influence
 from influence_jax.data import readers
 from influence_jax.errors import DataError
-from influence_jax.files import write_table
+from influence_jax.files import replace_folder, write_table
 from influence_jax.ranking.asof import contexts_from_log
 from influence_jax.ranking.candidates import (
     Candidates,
@@ -57,16 +57,15 @@ def _score_top_k(
     fn, bs = make_score_fn(run), global_batch(run, batch_size)
     progress = Progress(total, log, progress_every)
     done, kept = 0, []
-    for c in _blocks_in_step(blocks, bs):
+    for c, steps in _blocks_in_step(blocks, bs):
         show = lambda d, base=done: progress(base + d)
-        if jax.process_count() > 1:  # every process its own pairs, the same number of batches
-            c, steps = c
-            gather = c.gather if c is not None else None
-            prob = batched_local(fn, run, len(c) if c else 0, gather, bs, steps, show)
-            if c is None:
-                continue
-        else:
+        if steps is None:
             prob = batched(fn, run, len(c), c.gather, bs, show)
+        else:  # several processes: each its own pairs, the same number of global batches
+            n, gather = (0, None) if c is None else (len(c), c.gather)
+            prob = batched_local(fn, run, n, gather, bs, steps, show)
+        if c is None:  # this process is out of blocks; the others were not
+            continue
         prob = np.zeros(0, np.float32) if prob is None else prob
         rows, ranks = top_k_rows(c.user_out, c.item_out, prob, top_k)
         kept.append((c, rows, prob[rows], ranks))
@@ -89,12 +88,14 @@ def _score_top_k(
     return out, np.concatenate([p for *_, p, _ in kept]), np.concatenate([r for *_, r in kept])
 
 
-def _blocks_in_step(blocks: Iterator[Candidates], batch_size: int) -> Iterator[Any]:
-    """`blocks` as they are in one process; with several processes, (block or None, batches):
-    the processes agree before each block on the number of global batches it takes (the most
-    any process needs) and go on until every process is out of blocks."""
+def _blocks_in_step(
+    blocks: Iterator[Candidates], batch_size: int
+) -> Iterator[tuple[Candidates | None, int | None]]:
+    """(block, None) per block in one process; with several processes (block or None, global
+    batches): the processes agree before each block on the number of global batches it takes
+    (the most any process needs) and go on until every process is out of blocks."""
     if jax.process_count() == 1:
-        yield from blocks
+        yield from ((c, None) for c in blocks)
         return
     from jax.experimental import multihost_utils
 
@@ -150,14 +151,7 @@ def _write_parts(table: pa.Table, output: str, fmt: str) -> None:
     write_table(table, os.path.join(partial, f"part-{p:05d}.{fmt}"), fmt)
     multihost_utils.sync_global_devices("rank: parts written")
     if p == 0:
-        old = output.rstrip("/") + ".old"
-        if os.path.exists(output):
-            os.rename(output, old)
-        os.rename(partial, output)
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        elif os.path.exists(old):
-            os.remove(old)
+        replace_folder(partial, output)
     multihost_utils.sync_global_devices("rank: output in place")
 
 

@@ -58,8 +58,8 @@ class Histories:
     def __len__(self) -> int:
         return len(self.user_key)
 
-    def select(self, keep: np.ndarray) -> Histories:
-        """The users where `keep` [U] bool is set."""
+    def select(self, keep: np.ndarray | slice) -> Histories:
+        """The users where `keep` [U] bool is set (or a slice of them: views)."""
         cat = None if self.category is None else self.category[keep]
         return dataclasses.replace(
             self,
@@ -72,15 +72,7 @@ class Histories:
 
     def rows(self, a: int, b: int) -> Histories:
         """Users a..b-1 (a chunk; the arrays are views)."""
-        cat = None if self.category is None else self.category[a:b]
-        return dataclasses.replace(
-            self,
-            user_key=self.user_key[a:b],
-            item=self.item[a:b],
-            beh=self.beh[a:b],
-            ts=self.ts[a:b],
-            category=cat,
-        )
+        return self.select(slice(a, b))
 
 
 def load_histories(data_path: str, schema: Schema, cut: str) -> Histories:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from influence_jax.data.vocab import positions
 from influence_jax.retrieval import covisit, sources
 from influence_jax.retrieval.histories import Histories, behaviour_weights
 from influence_jax.retrieval.merge import DEFAULT_QUOTAS, SOURCES, check_quotas, merge
@@ -163,9 +164,7 @@ def top_k_metrics(
     n_items = int(max(items.max(initial=0), np.max(pos_item, initial=0))) + 1
     pos = np.unique(np.asarray(pos_user, np.int64) * n_items + pos_item)
     owners, per_owner = np.unique(pos // n_items, return_counts=True)
-    at = np.minimum(np.searchsorted(owners, user_key), max(len(owners) - 1, 0))
-    has = len(owners) > 0 and owners[at] == user_key
-    has = np.asarray(has, bool) & np.ones(len(user_key), bool)
+    at, has = positions(owners, user_key)
     n_pos = np.where(has, per_owner[at] if len(owners) else 0, 0)
     hit = np.isin(user_key[:, None] * n_items + items, pos) & (items != 0)
     ranks = np.arange(1, items.shape[1] + 1)

@@ -188,19 +188,8 @@ class RankBench:
         """Training examples/s of the engine's train step (the config's optimizer, dropout on)
         on ready device batches, as the training loop runs it (metrics fetched one step late)."""
         ready = [sharding.to_global(b, self.mesh) for b in host]
-        state = self.init_state()
-
-        def run(steps: int) -> None:
-            nonlocal state
-            pending = None
-            for i in range(steps):
-                state, m = self.train_step(state, ready[i % len(ready)])
-                if pending is not None:
-                    jax.device_get(pending)
-                pending = m
-            jax.device_get(pending)
-
-        steps, secs, _ = bench_util.time_steps(run, seconds, repeats)
+        trainer = bench_util.Trainer(self.train_step, self.init_state(), ready)
+        steps, secs, _ = bench_util.time_steps(trainer.run, seconds, repeats)
         return common.ex_per_s(batch, steps, secs)
 
     def write_keras_inputs(self, ex: dict, tmp: str) -> list[str]:

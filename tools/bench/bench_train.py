@@ -99,16 +99,8 @@ class JaxBench:
             for b in common.make_batches(batch, max_len, item_vocab)
         ]
         state, state_sh, step = self.compile_step(model, batches[0])
-
-        def run_train(steps: int) -> None:
-            nonlocal state
-            pending = None
-            for i in range(steps):
-                state, m = step(state, batches[i % len(batches)])
-                if pending is not None:  # step t-1's metrics while step t runs, as the loop does
-                    jax.device_get(pending)
-                pending = m
-            jax.device_get(pending)
+        trainer = bench_util.Trainer(step, state, batches)
+        run_train = trainer.run
 
         impl = "jax" if variant == "fast" else "jax-straightforward"
         row = {
@@ -136,7 +128,8 @@ class JaxBench:
                     run_train(PROFILE_STEPS)
                 row["profile"] = path
             if score:
-                row.update(self._score(model, state.params, state_sh.params, inputs, variant))
+                params = trainer.state.params
+                row.update(self._score(model, params, state_sh.params, inputs, variant))
         row["others_cpu"] = others.share
         if limit:
             row["train_flops_per_example"] = flops(step) / batch

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,23 @@ def time_steps(
     t0 = time.perf_counter()
     run(3)
     return common.timed_runs_cpu(run, (time.perf_counter() - t0) / 3, seconds, repeats)
+
+
+class Trainer:
+    """Runs a jitted `step(state, batch) -> (state, metrics)` over ready batches in turn, as the
+    training loop does (step t-1's metrics fetched while step t runs); keeps the state."""
+
+    def __init__(self, step: Callable, state: Any, batches: list):
+        self.step, self.state, self.batches = step, state, batches
+
+    def run(self, steps: int) -> None:
+        pending = None
+        for i in range(steps):
+            self.state, m = self.step(self.state, self.batches[i % len(self.batches)])
+            if pending is not None:
+                jax.device_get(pending)
+            pending = m
+        jax.device_get(pending)
 
 
 def matmul_flops_per_s(dtype: str) -> float:
