@@ -1,5 +1,6 @@
-"""`tools/benchmark.py --what=prepare` at a tiny size: both tasks prepared from one log, in their
-own processes, with the ratio columns against next_item. Correctness only; timing is the
+"""`tools/benchmark.py --what=prepare` at a tiny size: both tasks and both history storages
+prepared from one log, in their own processes, with the ratio columns against next_item (copied
+histories). Correctness only; timing is the
 benchmark's."""
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ def test_prepare_benchmark_runs_both_tasks_on_one_log():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert [x["task"] for x in rows] == ["next_item", "conversion"]
-    nxt, conv = rows
+    got = [(x["task"], x["history_storage"]) for x in rows]
+    assert got == [(t, s) for t in ("next_item", "conversion") for s in ("copy", "reference")]
+    nxt, nxt_ref, conv, conv_ref = rows
     assert nxt["time_ratio"] == 1.0 and nxt["memory_ratio"] == 1.0
     assert conv["seconds"] > 0 and conv["peak_rss_mb"] > 50  # a real process's resident set
     # every view is an exposure: far more examples than one per purchase with 4 negatives
-    assert conv["examples"] > nxt["examples"] > 0
-    assert abs(conv["time_ratio"] - conv["seconds"] / nxt["seconds"]) < 1e-9
+    assert conv["examples"] == conv_ref["examples"] > nxt["examples"] == nxt_ref["examples"] > 0
+    assert abs(conv_ref["time_ratio"] - conv_ref["seconds"] / nxt["seconds"]) < 1e-9
+    # by reference each event is stored once: the conversion output shrinks severalfold
+    assert conv_ref["output_mb"] * 3 < conv["output_mb"]

@@ -67,7 +67,8 @@ def test_history_is_the_most_recent_events_strictly_before_the_target(tmp_path):
     assert prepare.Vocab.load(str(out), "item_id").lookup([12, 99]).tolist() == [4, 1]
 
 
-def test_audit_passes_then_fails_on_corrupted_copies(tmp_path):
+@pytest.mark.parametrize("storage", ["reference", "copy"])
+def test_audit_passes_then_fails_on_corrupted_copies(tmp_path, storage):
     out = tmp_path / "p"
     # Two more items (14, 15 -> ids 6, 7) from another user leave room for negatives.
     run(
@@ -76,7 +77,9 @@ def test_audit_passes_then_fails_on_corrupted_copies(tmp_path):
         max_len=3,
         neg_ratio=2,
         seed=3,
+        history_storage=storage,
     )
+    assert os.path.exists(out / "history_events") == (storage == "reference")
     counts = audit.audit_leakage(str(out))
     assert counts["negatives"] == 10 and counts["rows"]["train"] == 9
 
@@ -101,8 +104,13 @@ def test_audit_passes_then_fails_on_corrupted_copies(tmp_path):
         a[r] = 400
 
     def zero_gap(d):
-        a = np.load(d / train_part / "hist.npy", mmap_mode="r+")
-        a[r, 1, 3] = prepare.GAP_INVALID
+        if storage == "copy":
+            a = np.load(d / train_part / "hist.npy", mmap_mode="r+")
+            a[r, 1, 3] = prepare.GAP_INVALID
+        else:  # the event in slot 1 moved to the target's time
+            hi = np.load(d / train_part / "hist_hi.npy")
+            a = np.load(d / "history_events" / "ts.npy", mmap_mode="r+")
+            a[hi[r] - 2] = 400
 
     def test_row_before_boundary(d):
         a = np.load(d / "test/part-00000/timestamp.npy", mmap_mode="r+")
@@ -119,8 +127,12 @@ def test_audit_passes_then_fails_on_corrupted_copies(tmp_path):
     def negative_bought_earlier(d):  # user 7 bought item 10 at t=400; a test negative is 10
         neg = int(np.flatnonzero(np.load(d / "audit/test/sampled.npy"))[0])
         item = np.load(d / "test/part-00000/item.npy", mmap_mode="r+")
-        hist = np.load(d / "test/part-00000/hist.npy", mmap_mode="r+")
-        hist[neg, :, :] = 0  # hide it from the example's own history
+        if storage == "copy":
+            hist = np.load(d / "test/part-00000/hist.npy", mmap_mode="r+")
+            hist[neg, :, :] = 0  # hide it from the example's own history
+        else:
+            hi = np.load(d / "test/part-00000/hist_hi.npy", mmap_mode="r+")
+            hi[neg] = np.load(d / "test/part-00000/hist_lo.npy")[neg]
         last = np.load(d / "audit/test/hist_last_ts.npy", mmap_mode="r+")
         last[neg] = prepare.NO_HISTORY
         item[neg, 0] = ITEM[10]
@@ -202,6 +214,43 @@ def test_output_does_not_depend_on_bucket_count_and_is_seeded(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, c) for a, c in zip(one, other_seed, strict=True))
     assert len(Schema.load(str(tmp_path / "b")).splits["train"]["shards"]) > 1
+
+
+@pytest.mark.parametrize("task", ["next_item", "conversion"])
+def test_histories_by_reference_read_back_equal_to_copies(tmp_path, task):
+    log = write(tmp_path / "log.csv", random_log(30, 40, 3000, seed=4))
+    kw = dict(valid_start=1060, test_start=1080, max_len=6, num_buckets=5, rows_per_shard=30)
+    if task == "conversion":
+        kw.update(task=task, target_behaviours=("buy",), horizon_hours=5 / 3600)
+    else:
+        kw.update(neg_ratio=2)
+    ref = run(log, tmp_path / "ref", **kw)
+    copy = run(log, tmp_path / "copy", history_storage="copy", **kw)
+    assert ref.history_events == "history_events" and copy.history_events == ""
+    assert not os.path.exists(tmp_path / "ref" / "train" / "part-00000" / "hist.npy")
+    events = np.load(tmp_path / "ref" / "history_events" / "ts.npy")
+    assert len(events) == ref.extra["counts"]["events"]  # each event once
+    for split in prepare.SPLITS:
+        a, b = (
+            ExampleStore(str(tmp_path / "ref"), split),
+            ExampleStore(str(tmp_path / "copy"), split),
+        )
+        assert len(a) == len(b) > 0 and len(ref.splits[split]["shards"]) > 1
+        idx = np.random.default_rng(0).permutation(len(a))[: len(a) // 2]  # any order, shards
+        for got, want in (
+            (a.gather(idx), b.gather(idx)),
+            (rows(tmp_path / "ref", split), rows(tmp_path / "copy", split)),
+        ):
+            assert list(got) == list(want)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"{split}.{k}")
+        np.testing.assert_array_equal(a.column("hist"), b.column("hist"))
+        assert a.column("hist").any()
+    # A span past the event table is an error naming the table, not an IndexError.
+    hi = np.load(tmp_path / "ref" / "train" / "part-00000" / "hist_hi.npy", mmap_mode="r+")
+    hi[0] = len(events) + 1
+    with pytest.raises(DataError, match="history_events.*outside the table"):
+        ExampleStore(str(tmp_path / "ref"), "train").gather(np.arange(3))
 
 
 def test_rare_ids_map_to_oov_but_user_key_stays_dense(tmp_path):

@@ -23,7 +23,8 @@ and with `--compare` the same model in Keras.
 `--what=quality` trains the benchmark CNN in each --quality_dtypes on the same planted-signal
 data and compares held-out AUC (bench_quality.py): whether mixed precision keeps AUC.
 `--what=prepare` times tools/prepare_data.py on one synthetic event log for each task (next_item
-and conversion) and gives their peak memory, side by side (bench_prepare.py).
+and conversion) and history storage (copy, reference) and gives their peak memory and output
+size, side by side (bench_prepare.py).
 """
 
 from __future__ import annotations

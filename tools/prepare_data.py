@@ -116,6 +116,15 @@ _VOCAB_PERIOD = flags.DEFINE_enum(
     "model deployed at the cut knows them; later ids embed as OOV but keep their own ids for "
     "exact matches (same item as the target). all: the whole log.",
 )
+_HISTORY_STORAGE = flags.DEFINE_enum(
+    "history_storage",
+    "reference",
+    ["reference", "copy"],
+    "How examples hold their histories. reference: each event is stored once in the dataset's "
+    "event table and an example keeps the span of its history (hist_lo, hist_hi); copy: every "
+    "example its own [max_len, fields] array (the format before; ~50x the bytes on the "
+    "conversion task). Training, ranking and every tool read both alike.",
+)
 _MIN_COUNT_FOR = flags.DEFINE_list(
     "min_count_for", [], "Per-vocabulary thresholds, e.g. item_id=5,user_id=1."
 )
@@ -256,6 +265,7 @@ def main(argv: list[str]) -> None:
             max_timestamp=_MAX_TS.value,
             min_count=_MIN_COUNT.value,
             vocab_period=_VOCAB_PERIOD.value,
+            history_storage=_HISTORY_STORAGE.value,
             min_count_overrides=_overrides(),
             min_history=_MIN_HISTORY.value,
             max_user_events_per_day=_MAX_RATE.value,

@@ -29,6 +29,13 @@ machine.json, in docs/results/gpu/.
 Block `quality_heads` (docs/quality.md): copy WORKDIR/quality.json of
 `tools/quality.py --task=conversion --heads` to docs/results/quality_heads/ and run this tool.
 
+Block `prepare` (README.md, README.zh-CN.md, docs/benchmarks.md): the JSON lines of
+`python tools/benchmark.py --what=prepare --repeats=2 --json` saved as
+docs/results/prepare/prepare.jsonl.
+
+Block `ranking_quality` (docs/ranking.md): copy WORKDIR/ranking_quality.json of
+`tools/ranking_quality.py` to docs/results/ranking_quality/ and run this tool.
+
 Block `multitask_compare` (docs/quality.md): copy WORKDIR/multitask.json of
 `tools/multitask_compare.py` to docs/results/multitask_compare/ and run this tool.
 
@@ -61,6 +68,7 @@ READMES = {  # the documents with figure blocks
     "zh": os.path.join(ROOT, "README.zh-CN.md"),
     "quality": os.path.join(ROOT, "docs", "quality.md"),
     "benchmarks": os.path.join(ROOT, "docs", "benchmarks.md"),
+    "ranking": os.path.join(ROOT, "docs", "ranking.md"),
 }
 MULTITASK = "multitask_compare"
 INFLUENCE = "taobao_conversion_influence"
@@ -398,10 +406,79 @@ def gpu_benchmarks(f: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_facts(folder: str) -> list[dict]:
+    """tools/benchmark.py --what=prepare --json's rows."""
+    with open(os.path.join(folder, "prepare.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.startswith("{")]
+
+
+def prepare_benchmarks(rows: list[dict]) -> str:
+    sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+    import bench_prepare
+
+    r = rows[0]
+    head = (
+        f"Measured {r['date']} on {r['cpu']} (2 cores): "
+        f"`python tools/benchmark.py --what=prepare --repeats={r['repeats']}`."
+    )
+    by = {(x["task"], x["history_storage"]): x for x in rows}
+    base, conv, copy = (
+        by["next_item", "copy"],
+        by["conversion", "reference"],
+        by["conversion", "copy"],
+    )
+    says = (
+        f"The conversion task ({conv['examples']:,} examples, every merged view one) prepares "
+        f"in {conv['time_ratio']:.2f}x the time of next_item with copied histories "
+        f"({conv['seconds']:.1f} s against {base['seconds']:.1f} s) and writes "
+        f"{conv['output_mb']:,.0f} MB instead of {copy['output_mb']:,.0f} MB copied "
+        f"({copy['time_ratio']:.2f}x the time); peak memory {conv['memory_ratio']:.2f}x."
+    )
+    table = bench_prepare.table_text(rows)
+    return "\n".join([_wrap(head), "", "```", table, "```", "", _wrap(says)])
+
+
+def _prepare_rows(rows: list[dict]) -> tuple[dict, dict, dict]:
+    by = {(x["task"], x["history_storage"]): x for x in rows}
+    return by["next_item", "copy"], by["conversion", "reference"], by["conversion", "copy"]
+
+
+def prepare_en(rows: list[dict]) -> str:
+    base, conv, copy = _prepare_rows(rows)
+    return _wrap(
+        f"On a {base['events'] / 1e6:.0f}M-event synthetic log the conversion task writes "
+        f"{conv['examples'] / base['examples']:.1f}x the examples of the next-item task in "
+        f"{conv['time_ratio']:.2f}x the time and {conv['memory_ratio']:.2f}x the peak memory, "
+        f"{conv['output_mb'] / 1024:.1f} GB on disk (each history event stored once; copied "
+        f"into every example: {copy['output_mb'] / 1024:.1f} GB, {copy['time_ratio']:.1f}x the "
+        "time) (`tools/benchmark.py --what=prepare`; [docs/benchmarks.md](docs/benchmarks.md))."
+    )
+
+
+def prepare_zh(rows: list[dict]) -> str:
+    base, conv, copy = _prepare_rows(rows)
+    return (
+        f"在 {base['events'] / 1e4:,.0f} 万事件的合成日志上，转化任务写出的样本是 next-item 任务的 "
+        f"{conv['examples'] / base['examples']:.1f} 倍，用时 {conv['time_ratio']:.2f} 倍，峰值内存 "
+        f"{conv['memory_ratio']:.2f} 倍，占磁盘 {conv['output_mb'] / 1024:.1f} GB"
+        "（历史中的每个事件只存一次；复制进每条样本时为 "
+        f"{copy['output_mb'] / 1024:.1f} GB，用时 {copy['time_ratio']:.1f} 倍）"
+        "（`tools/benchmark.py --what=prepare`；见 [docs/benchmarks.md](docs/benchmarks.md)）。"
+    )
+
+
 BLOCKS = {
     INFLUENCE: (influence_facts, {"en": influence_en, "zh": influence_zh}),
     GPU: (gpu_facts, {"en": gpu_en, "zh": gpu_zh, "benchmarks": gpu_benchmarks}),
     MULTITASK: (multitask_facts, {"quality": tables.multitask_table}),
+    "prepare": (
+        prepare_facts,
+        {"en": prepare_en, "zh": prepare_zh, "benchmarks": prepare_benchmarks},
+    ),
+    "ranking_quality": (
+        lambda folder: _load(os.path.join(folder, "ranking_quality.json")),
+        {"ranking": tables.ranking_quality_table},
+    ),
     "quality_heads": (
         lambda folder: _load(os.path.join(folder, "quality.json")),
         {"quality": tables.quality_table},

@@ -13,7 +13,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from influence_jax.data.history import Events, histories, user_spans
+from influence_jax.data.history import (
+    Events,
+    assemble,
+    event_rows,
+    gap_column,
+    last_event_time,
+    user_spans,
+)
 from influence_jax.data.negatives import negatives
 from influence_jax.data.plan import BLOCK_SHARE, SPLITS, Plan, PrepareOptions
 from influence_jax.data.schema import NUM_RESERVED, Schema
@@ -22,10 +29,19 @@ Block = tuple[int, dict[str, np.ndarray], np.ndarray, np.ndarray]
 
 
 def bucket_examples(
-    ev: np.ndarray, plan: Plan, opts: PrepareOptions, schema: Schema, counts: dict[str, int]
+    ev: np.ndarray,
+    plan: Plan,
+    opts: PrepareOptions,
+    schema: Schema,
+    counts: dict[str, int],
+    offset: int = 0,
 ) -> Iterator[Block]:
     """Yields (split index, example columns, hist_last_ts, sampled) for one bucket whose events
-    are already sorted (`history.sort_events`)."""
+    are already sorted (`history.sort_events`).
+
+    With `schema.history_events` the examples reference their histories (hist_lo, hist_hi into
+    the dataset's event table, where this bucket's events start at `offset`; see store.py);
+    else each holds its own `hist`."""
     events = Events.of(ev)
     user, item, ts = events.user, events.item, events.ts
     start, lo = user_spans(events)
@@ -55,14 +71,41 @@ def bucket_examples(
         keys, first = np.unique(pair_key + item, return_index=True)  # first = earliest time
         pairs = (keys, ts[first])
     k1 = 1 + opts.neg_ratio
-    row_bytes = schema.max_len * len(schema.hist_fields) * 4 + 64
+    by_ref = bool(schema.history_events)
+    rows = (
+        None if by_ref else event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
+    )
+    row_bytes = (16 if by_ref else schema.max_len * len(schema.hist_fields) * 4) + 64
     block = max(256, int(opts.memory_mb * 2**20 * BLOCK_SHARE / (k1 * row_bytes * 2)))
     for b0 in range(0, len(targets), block):
         tg = targets[b0 : b0 + block]
+        hist = _history_columns(tg, events, rows, start, lo, schema, offset)
         yield from _examples(
-            tg, positive[tg], heads[tg], events, start, lo, pair_key, pairs, plan, opts, schema,
+            tg, positive[tg], heads[tg], hist, events, start, pair_key, pairs, plan, opts,
             counts,
         )  # fmt: skip
+
+
+def _history_columns(
+    tg: np.ndarray,
+    events: Events,
+    rows: np.ndarray | None,
+    start: np.ndarray,
+    end: np.ndarray,
+    schema: Schema,
+    offset: int,
+) -> dict[str, np.ndarray]:
+    """The history columns of targets `tg`: `hist` built from the bucket's event rows, or (rows
+    None) the spans hist_lo, hist_hi into the event table; and `last_ts` for the audit."""
+    s, e = start[tg], end[tg]
+    out = {"last_ts": last_event_time(events.ts, s, e)}
+    if rows is None:
+        out["hist_lo"] = offset + np.maximum(s, e - schema.max_len).astype(np.int64)
+        out["hist_hi"] = offset + e.astype(np.int64)
+    else:
+        gap = gap_column(schema.hist_fields)
+        out["hist"] = assemble(rows, events.ts, s, e, events.ts[tg], schema.max_len, gap)
+    return out
 
 
 def exposures(
@@ -144,28 +187,18 @@ def _examples(
     tg: np.ndarray,
     positive: np.ndarray,
     heads: np.ndarray,
+    hist: dict[str, np.ndarray],
     events: Events,
     start: np.ndarray,
-    lo: np.ndarray,
     pair_key: np.ndarray,
     pairs: tuple[np.ndarray, np.ndarray],
     plan: Plan,
     opts: PrepareOptions,
-    schema: Schema,
     counts: dict[str, int],
 ) -> Iterator[Block]:
     ts, beh, user = events.ts, events.beh, events.user
     t, k1 = ts[tg], 1 + opts.neg_ratio
-    hist, last_ts = histories(
-        events,
-        start[tg],
-        lo[tg],
-        t,
-        plan.item_rows,
-        plan.item_fields,
-        schema.hist_fields,
-        schema.max_len,
-    )
+    last_ts = hist.pop("last_ts")
     items = events.item[tg, None]
     ok = np.ones((len(tg), 1), bool)
     if opts.neg_ratio:
@@ -182,7 +215,7 @@ def _examples(
     out = {
         "user": plan.user_rows[user[tg]][rep],
         "item": plan.item_rows[items.reshape(-1)[keep]],
-        "hist": hist[rep],
+        **{k: v[rep] for k, v in hist.items()},
         "label": label.reshape(-1)[keep],
         "user_key": user[tg].astype(np.int64)[rep],
         "target_type": (beh[tg].astype(np.int32) + NUM_RESERVED)[rep],
@@ -229,6 +262,13 @@ class NpyColumns:
                 )
                 shutil.copyfileobj(src, out, 1 << 22)
             os.remove(raw)
+
+
+def event_table(root: str, schema: Schema) -> NpyColumns:
+    """The event table of histories by reference (store.py), appended bucket by bucket:
+    DIR/<schema.history_events>/rows.npy int32 [E, Fh] and ts.npy int64 [E]."""
+    cols = {"rows": (np.dtype("<i4"), (len(schema.hist_fields),)), "ts": (np.dtype("<i8"), ())}
+    return NpyColumns(os.path.join(root, schema.history_events), cols)
 
 
 def audit_columns(root: str, split: str) -> NpyColumns:

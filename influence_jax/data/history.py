@@ -135,18 +135,63 @@ def histories(
       (hist [R, max_len, Fh] int32, most recent first, padding 0; time of the most recent
       event per row, NO_HISTORY when the history is empty).
     """
-    idx, valid = _slots(start, end, max_len)
-    hist_item = events.item[idx]
-    cols = {
-        "behaviour": events.beh[idx] + NUM_RESERVED,
-        "time_gap": gap_bucket(t[:, None] - events.ts[idx]),
-    }
+    rows = event_rows(events, item_rows, item_fields, hist_fields)
+    hist = assemble(rows, events.ts, start, end, t, max_len, gap_column(hist_fields))
+    return hist, last_event_time(events.ts, start, end)
+
+
+def event_rows(
+    events: Events,
+    item_rows: np.ndarray,
+    item_fields: list[Field] | tuple[Field, ...],
+    hist_fields: list[Field] | tuple[Field, ...],
+) -> np.ndarray:
+    """[E, Fh] int32: each event as one history slot, its time_gap column 0 (the gap depends
+    on the time the history is seen from; `assemble` fills it in)."""
+    cols = {"behaviour": events.beh.astype(np.int32) + NUM_RESERVED}
     for j, f in enumerate(item_fields):
         if any(h.name == f.name for h in hist_fields):
-            cols[f.name] = item_rows[hist_item, j]
-    hist = np.stack([np.where(valid, cols[f.name], 0) for f in hist_fields], -1)
-    last_ts = np.where(valid[:, 0], events.ts[idx[:, 0]], NO_HISTORY)
-    return hist.astype(np.int32), last_ts
+            cols[f.name] = item_rows[events.item, j]
+    zero = np.zeros(len(events.ts), np.int32)
+    return np.stack([cols.get(f.name, zero) for f in hist_fields], -1).astype(np.int32)
+
+
+def gap_column(hist_fields: list[Field] | tuple[Field, ...]) -> int | None:
+    """Index of the time_gap history field, None without one."""
+    names = [f.name for f in hist_fields]
+    return names.index("time_gap") if "time_gap" in names else None
+
+
+def assemble(
+    rows: np.ndarray,
+    ts: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    t: np.ndarray,
+    max_len: int,
+    gap_col: int | None,
+) -> np.ndarray:
+    """[R, max_len, Fh] int32 histories from event rows (`event_rows`, or a memory map of them)
+    and times: row r holds rows[end_r - 1], rows[end_r - 2], ... down to start_r (at most
+    max_len), most recent first, padding 0, with the time_gap column set to the bucket of
+    t_r - ts[event]."""
+    idx, valid = _slots(np.asarray(start), np.asarray(end), max_len)
+    flat = idx.reshape(-1)
+    # np.take, not rows[flat]: on a memory map it is ~10x faster than fancy indexing.
+    hist = np.asarray(np.take(rows, flat, axis=0)).reshape(*idx.shape, rows.shape[-1])
+    hist = hist.astype(np.int32, copy=False)
+    if gap_col is not None:
+        seen = np.asarray(np.take(ts, flat)).reshape(idx.shape)
+        hist[..., gap_col] = gap_bucket(np.asarray(t)[:, None] - seen)
+    hist *= valid[..., None]  # padding 0 (cheaper than a masked assignment)
+    return hist
+
+
+def last_event_time(ts: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """[R] time of events[end - 1] (the most recent history event), NO_HISTORY where the
+    history [start, end) is empty."""
+    has = end > start
+    return np.where(has, ts[np.where(has, end - 1, 0)], NO_HISTORY).astype(np.int64)
 
 
 @dataclasses.dataclass

@@ -45,6 +45,10 @@ TASKS = ("next_item", "conversion")
 # deployed at the cut would know them; every later id keeps its own id beyond the table (exact
 # matches see it) but embeds as OOV. "all": the whole log (ids below min_count map to OOV).
 VOCAB_PERIODS = ("train", "all")
+# How examples hold their histories (store.py). "reference": spans of one event table that
+# stores each event once; "copy": every example its own [max_len, Fh] array (about 50x the
+# bytes for a conversion dataset, whose examples each see up to max_len events).
+HISTORY_STORAGE = ("reference", "copy")
 
 
 @dataclasses.dataclass
@@ -81,6 +85,7 @@ class PrepareOptions:
     max_timestamp: int | None = None
     min_count: int = 1  # ids seen fewer times (in the vocabulary period) map to OOV
     vocab_period: str = "train"  # see VOCAB_PERIODS
+    history_storage: str = "reference"  # see HISTORY_STORAGE
     min_count_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
     min_history: int = 0  # targets with fewer earlier events are dropped
     max_user_events_per_day: float | None = None  # drop faster users (cleaning.py)
@@ -154,6 +159,10 @@ class PrepareOptions:
         if out.vocab_period not in VOCAB_PERIODS:
             raise DataError(
                 f"--vocab_period must be one of {VOCAB_PERIODS}, not {out.vocab_period!r}"
+            )
+        if out.history_storage not in HISTORY_STORAGE:
+            raise DataError(
+                f"--history_storage must be one of {HISTORY_STORAGE}, not {out.history_storage!r}"
             )
         if out.neg_strategy not in ("uniform", "popularity"):
             raise DataError(

@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from influence_jax.data import readers
-from influence_jax.data.examples import audit_columns, bucket_examples
+from influence_jax.data.examples import audit_columns, bucket_examples, event_table
 from influence_jax.data.history import (  # noqa: F401  (re-exported: audit, tests)
     GAP_INVALID,
     NO_HISTORY,
     NUM_GAP_BUCKETS,
     Events,
+    event_rows,
     gap_bucket,
     sort_events,
 )
@@ -49,6 +50,7 @@ from influence_jax.data.schema import NUM_RESERVED, Field, Schema
 from influence_jax.data.store import AtomicDir, ShardWriter
 from influence_jax.data.vocab import Vocab, indexer, positions  # noqa: F401  (re-exported)
 
+HISTORY_EVENTS = "history_events"  # the event table's folder (store.py), by reference
 VOCAB_RULES = {
     "train": "ids with min_count events before valid_start have embedding rows (schema "
     "table_sizes); every later id keeps its own id beyond them, so exact matches see it, but "
@@ -75,6 +77,7 @@ def _schema(source: readers.EventSource, plan: Plan, opts: PrepareOptions) -> Sc
         behaviour_types=tuple(source.behaviour_types),
         label=_label(source, opts),
         table_sizes=dict(plan.table_sizes),
+        history_events=HISTORY_EVENTS if opts.history_storage == "reference" else "",
     )
 
 
@@ -218,17 +221,24 @@ def _write_examples(
     )
     writers = [ShardWriter(root, s, schema, rows) for s in SPLITS]
     sidecars = [audit_columns(root, s) for s in SPLITS]
+    table = event_table(root, schema) if schema.history_events else None
+    offset = 0
     for path in paths:
         ev = np.fromfile(path, RECORD)
         os.remove(path)
         ev, n_dup = sort_events(ev, opts.dedupe)
         counts["duplicates"] += n_dup
-        for s, cols, last_ts, sampled in bucket_examples(ev, plan, opts, schema, counts):
+        for s, cols, last_ts, sampled in bucket_examples(ev, plan, opts, schema, counts, offset):
             writers[s].add(cols)
             sidecars[s].add(hist_last_ts=last_ts, sampled=sampled)
-        state.add(Events.of(ev))
-        del ev
-    for s in sidecars:
+        events = Events.of(ev)
+        if table is not None:
+            rows = event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
+            table.add(rows=rows, ts=events.ts)
+            offset += len(ev)
+        state.add(events)
+        del ev, events
+    for s in [*sidecars, *([table] if table else [])]:
         s.close()
     return {s: w.close() for s, w in zip(SPLITS, writers, strict=True)}
 
@@ -281,6 +291,7 @@ def _extra(
         },
         "options": {
             "task": opts.task,
+            "history_storage": opts.history_storage,
             "max_len": opts.max_len,
             "seed": opts.seed,
             "dedupe": opts.dedupe,

@@ -63,6 +63,9 @@ class Schema:
       splits: per split name, {"rows": int, "shards": [relative dirs], "label_sum": float}, and
         with heads "label_sums": {head: float}.
       extra: anything else preparation wants to record (command, boundaries, counts).
+      history_events: "" when every example stores its own `hist`; else the folder (relative
+        to the dataset) of the event table the examples' histories reference (store.py:
+        histories by reference, written by tools/prepare_data.py).
     """
 
     name: str
@@ -76,6 +79,7 @@ class Schema:
     splits: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     table_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    history_events: str = ""
 
     def __post_init__(self):
         for v, n in self.table_sizes.items():
@@ -144,6 +148,8 @@ class Schema:
                     del f["bag"]  # as before bags existed
         if not self.table_sizes:
             del d["table_sizes"]
+        if not self.history_events:
+            del d["history_events"]  # as before histories by reference
         d["version"] = SCHEMA_VERSION
         return d
 
@@ -166,6 +172,7 @@ class Schema:
             splits=d.get("splits", {}),
             extra=d.get("extra", {}),
             table_sizes={k: int(v) for k, v in d.get("table_sizes", {}).items()},
+            history_events=str(d.get("history_events", "")),
             **groups,
         )
 

@@ -4,6 +4,8 @@ Layout of a prepared dataset folder:
 
     DIR/schema.json
     DIR/<split>/part-00000/{user,item,hist,label,user_key,target_type,timestamp}.npy
+    DIR/history_events/{rows,ts}.npy   (histories by reference: see below; then the shards hold
+                                        hist_lo.npy, hist_hi.npy instead of hist.npy)
     DIR/vocab/...            (raw id -> index tables, written by preparation)
 
 Columns (N examples): user int32 [N, Fu]; item int32 [N, Fi]; hist int32 [N, L, Fh]
@@ -13,6 +15,15 @@ behaviour id of the target event); timestamp int64 [N] (the target's time, unix 
 A multi-task dataset (schema.label["heads"] = H head names) also holds labels float32 [N, H],
 one label per head in that order, beside `label`.
 Random access is a vectorised gather over memory maps, so a batch costs O(1) Python work.
+
+Histories by reference (`schema.history_events`, the default of tools/prepare_data.py): a
+shard holds hist_lo, hist_hi int64 [N] instead of `hist`, and the dataset one event table,
+DIR/<history_events>/{rows.npy int32 [E, Fh] (each event as a history slot, time_gap 0),
+ts.npy int64 [E]}, sorted by (user, time). An example's history is rows[hist_hi - 1], ...,
+rows[hist_lo] (at most max_len, most recent first), its time_gap the bucket of the example's
+timestamp minus the event's time: `history.assemble`, the function preparation itself uses,
+so `gather` returns the same `hist` either way. Each event is stored once instead of once per
+example that sees it (a conversion dataset's examples see 50 events each).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import tempfile
 
 import numpy as np
 
+from influence_jax.data import history
 from influence_jax.data.schema import DataError, Schema
 
 COLUMNS: dict[str, np.dtype] = {
@@ -35,18 +47,32 @@ COLUMNS: dict[str, np.dtype] = {
     "timestamp": np.dtype(np.int64),
 }
 HEADS_COLUMN = "labels"  # float32 [N, H]: per-head labels, only in datasets with heads
+# Histories by reference: the span [hist_lo, hist_hi) of the dataset's event table.
+REF_COLUMNS = {"hist_lo": np.dtype(np.int64), "hist_hi": np.dtype(np.int64)}
+EVENT_FILES = ("rows", "ts")  # DIR/<history_events>/{rows,ts}.npy
 
 
 def columns_of(schema: Schema) -> dict[str, np.dtype]:
-    """The example columns of a dataset with `schema`: COLUMNS, plus `labels` with heads."""
+    """The example columns of a dataset with `schema` as `gather` returns them: COLUMNS, plus
+    `labels` with heads."""
     if not schema.heads:
         return COLUMNS
     return {**COLUMNS, HEADS_COLUMN: np.dtype(np.float32)}
 
 
+def stored_columns(schema: Schema) -> dict[str, np.dtype]:
+    """The columns of a shard on disk: `columns_of`, with hist_lo and hist_hi in place of
+    `hist` when histories are stored by reference."""
+    cols = columns_of(schema)
+    if not schema.history_events:
+        return cols
+    out = {k: v for k, v in cols.items() if k != "hist"}
+    return {**out, **REF_COLUMNS}
+
+
 def check_columns(columns: dict[str, np.ndarray], schema: Schema, where: str = "") -> int:
     """Checks names, dtypes, shapes and id ranges of a block of examples; returns its row count."""
-    want_cols = columns_of(schema)
+    want_cols = stored_columns(schema)
     missing = set(want_cols) - set(columns)
     if missing:
         raise DataError(f"{where}: missing columns {sorted(missing)}")
@@ -68,11 +94,17 @@ def check_columns(columns: dict[str, np.ndarray], schema: Schema, where: str = "
         want = shapes.get(name, (n,))
         if arr.shape != want:
             raise DataError(f"{where}: column {name} has shape {arr.shape}, expected {want}")
-    for group, fields in (
-        ("user", schema.user_fields),
-        ("item", schema.item_fields),
-        ("hist", schema.hist_fields),
-    ):
+    groups = [("user", schema.user_fields), ("item", schema.item_fields)]
+    if schema.history_events:
+        lo, hi = columns["hist_lo"], columns["hist_hi"]
+        if n and (lo.min() < 0 or np.any(hi < lo) or np.any(hi - lo > schema.max_len)):
+            raise DataError(
+                f"{where}: history spans [hist_lo, hist_hi) must satisfy 0 <= hist_lo <= hist_hi "
+                f"<= hist_lo + max_len ({schema.max_len})"
+            )
+    else:
+        groups.append(("hist", schema.hist_fields))
+    for group, fields in groups:
         arr = columns[group]
         for j, f in enumerate(fields):
             col = arr[..., j]
@@ -93,7 +125,7 @@ class ShardWriter:
     def __init__(self, root: str, split: str, schema: Schema, rows_per_shard: int = 1 << 20):
         self.root, self.split, self.schema = root, split, schema
         self.rows_per_shard = rows_per_shard
-        self.columns = columns_of(schema)
+        self.columns = stored_columns(schema)
         self._buf: list[dict[str, np.ndarray]] = []
         self._buf_rows = 0
         self.shards: list[str] = []
@@ -189,12 +221,14 @@ class ExampleStore:
             )
         shards = self.schema.splits[split]["shards"]
         self.columns = columns_of(self.schema)
+        stored = stored_columns(self.schema)
+        self._events = HistoryEvents(root, self.schema) if self.schema.history_events else None
         self._cols: list[dict[str, np.ndarray]] = []
         for rel in shards:
             d = os.path.join(root, rel)
             try:
                 self._cols.append(
-                    {k: np.load(os.path.join(d, f"{k}.npy"), mmap_mode="r") for k in self.columns}
+                    {k: np.load(os.path.join(d, f"{k}.npy"), mmap_mode="r") for k in stored}
                 )
             except (OSError, ValueError) as e:
                 raise DataError(f"{d}: cannot read shard ({e})") from None
@@ -224,18 +258,65 @@ class ExampleStore:
             }
             return {k: np.zeros((0, *shapes.get(k, ())), dt) for k, dt in self.columns.items()}
         if len(self._cols) == 1:
-            return {k: np.asarray(v[idx]) for k, v in self._cols[0].items()}
+            cols = self._cols[0]
+            return self._with_histories({k: _take(v, idx) for k, v in cols.items()})
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
         out = {k: np.empty((len(idx),) + v.shape[1:], v.dtype) for k, v in self._cols[0].items()}
         for s in np.unique(shard):
             sel = shard == s
             local = idx[sel] - self._offsets[s]
             for k, v in self._cols[s].items():
-                out[k][sel] = v[local]
-        return out
+                out[k][sel] = _take(v, local)
+        return self._with_histories(out)
+
+    def _with_histories(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stored columns -> `columns_of` columns: histories by reference are assembled."""
+        if self._events is None:
+            return out
+        lo, hi = out.pop("hist_lo"), out.pop("hist_hi")
+        out["hist"] = self._events.histories(lo, hi, out["timestamp"])
+        return {k: out[k] for k in self.columns}
 
     def column(self, name: str) -> np.ndarray:
         """One whole column, concatenated over shards (for metrics and audits)."""
         if not self._cols:  # an empty split (e.g. prepared with valid_frac=0) has no shards
             return self.gather(np.zeros(0, np.int64))[name]
+        if name == "hist" and self._events is not None:
+            lo, hi, t = (self.column(k) for k in ("hist_lo", "hist_hi", "timestamp"))
+            return self._events.histories(lo, hi, t)
         return np.concatenate([np.asarray(c[name]) for c in self._cols])
+
+
+def _take(column: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """column[idx] as a fresh array; np.take beats fancy indexing on memory maps of small rows."""
+    return np.asarray(np.take(column, idx, axis=0))
+
+
+class HistoryEvents:
+    """The event table of a dataset whose histories are stored by reference (module doc)."""
+
+    def __init__(self, root: str, schema: Schema):
+        self.schema = schema
+        self.folder = os.path.join(root, schema.history_events)
+        try:
+            self.rows, self.ts = (
+                np.load(os.path.join(self.folder, f"{k}.npy"), mmap_mode="r") for k in EVENT_FILES
+            )
+        except (OSError, ValueError) as e:
+            raise DataError(f"{self.folder}: cannot read the history event table ({e})") from None
+        fh = len(schema.hist_fields)
+        if self.rows.shape != (len(self.ts), fh) or self.rows.dtype != np.int32:
+            raise DataError(
+                f"{self.folder}: rows.npy is {self.rows.dtype} {self.rows.shape}, expected "
+                f"int32 ({len(self.ts)}, {fh}) (one row per event of ts.npy)"
+            )
+        self.gap_column = history.gap_column(schema.hist_fields)
+
+    def histories(self, lo: np.ndarray, hi: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """[N, max_len, Fh] int32: the histories of spans [lo, hi) seen at times t."""
+        if len(hi) and (int(lo.min()) < 0 or int(hi.max()) > len(self.ts)):
+            raise DataError(
+                f"{self.folder}: history spans reach events [{lo.min()}, {hi.max()}) outside the "
+                f"table's {len(self.ts)}; the dataset is incomplete or corrupt"
+            )
+        return history.assemble(self.rows, self.ts, lo, hi, t, self.schema.max_len, self.gap_column)
