@@ -400,6 +400,13 @@ def test_top_k_metrics_by_hand():
     ndcg1 = (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))
     assert m["users"] == 2 and m["hr@3"] == 1.0 and m["mrr@3"] == pytest.approx(0.75)
     assert m["ndcg@3"] == pytest.approx((ndcg1 + 1 / np.log2(3)) / 2)
+    per = top_k_metrics(
+        np.array([2, 1, 3]), np.array([[3, 4, 0], [5, 9, 7], [1, 2, 3]]),
+        np.array([1, 1, 2]), np.array([5, 7, 4]), 3, per_user=True,
+    )["per_user"]  # fmt: skip
+    assert per["user_key"].tolist() == [1, 2]  # users with positives, sorted
+    np.testing.assert_allclose(per["ndcg"], [ndcg1, 1 / np.log2(3)])
+    assert per["mrr"].tolist() == [1.0, 0.5] and per["hr"].tolist() == [1.0, 1.0]
     one_list = top_k_metrics(
         np.array([1, 2]), np.array([7, 4]), np.array([1, 2]), np.array([4, 4]), 1
     )
@@ -432,6 +439,32 @@ def test_evaluate_scores_the_ranked_lists_against_the_splits_positives(prepared_
     assert ev["ranked"]["hr@5"] == pytest.approx(len(hit) / len(with_pos))
     with pytest.raises(DataError, match="--evaluate needs --as_of=valid or test"):
         ranking.rank(run, str(out), top_k=5, as_of="end", evaluate=True)
+
+
+def test_ranking_quality_pairs_users_over_seeds(prepared_run):
+    from influence_jax.experiments import ranking_quality
+
+    run, _ = prepared_run
+    one = ranking_quality.evaluate_run(run, retrieve=8, k=5)
+    assert one["ranked"]["per_user"]["user_key"].size == one["ranked"]["users"] > 0
+    two = {n: {**e, "per_user": dict(e["per_user"])} for n, e in one.items()}
+    two["ranked"]["per_user"]["hr"] = np.ones_like(two["ranked"]["per_user"]["hr"])  # seed 2
+    got = ranking_quality.compare([one, two], k=5, n_boot=200)
+    assert got["users"] == one["ranked"]["users"] and got["seeds"] == 2
+    hr = got["ranked"]["hr"]
+    assert hr["seeds"] == [pytest.approx(one["ranked"]["hr@5"]), 1.0]
+    assert hr["mean"] == pytest.approx((one["ranked"]["hr@5"] + 1) / 2)  # per user, over seeds
+    pop = got["lists"]["popular"]
+    assert pop["ndcg"]["mean"] == pytest.approx(one["popular only"]["ndcg@5"])
+    for m in ("hr", "ndcg", "mrr"):
+        d = pop[m]
+        assert d["diff"] == pytest.approx(got["ranked"][m]["mean"] - d["mean"])
+        assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert pop["hr"]["ci_low"] >= 0  # the seed that hits every user is never below a list
+    other = {**one, "ranked": {**one["ranked"], "per_user": {**one["ranked"]["per_user"]}}}
+    other["ranked"]["per_user"]["user_key"] = other["ranked"]["per_user"]["user_key"] + 1
+    with pytest.raises(DataError, match="different users"):
+        ranking_quality.compare([one, other], k=5, n_boot=10)
 
 
 def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):
@@ -612,3 +645,23 @@ def test_explained_events_give_real_seconds_before_the_ranking_time(tmp_path):
                     assert s == at - when[(u, i, b)], (at, u, i, b)
                     n += s & (s - 1) != 0  # not a power of 2, unlike a bucket bound
         assert n > 0
+
+
+def test_ranking_quality_tool_over_two_seeds(run_dir, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for seed in (0, 1):  # the same trained run twice stands in for two seeds
+        os.symlink(run_dir, runs / f"tiny-ranker-{seed}")
+    out = tmp_path / "rq.json"
+    r = helpers.run_tool(
+        "ranking_quality", f"--workdir={tmp_path}", "--datasets=tiny", "--seeds=0,1",
+        "--retrieve=8", "--top_k=5", "--n_boot=50", f"--output={out}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(out.read_text())["tiny"]
+    assert got["seeds"] == 2 and got["k"] == 5 and got["users"] > 0
+    hr = got["ranked"]["hr"]
+    assert hr["seeds"][0] == hr["seeds"][1] == pytest.approx(hr["mean"])  # one run, twice
+    assert "| tiny (" in r.stdout and "popular only" in r.stdout
+    bad = helpers.run_tool("ranking_quality", f"--workdir={tmp_path}", "--datasets=nope")
+    assert bad.returncode != 0 and "nope-ranker-0: no such run" in bad.stderr

@@ -51,3 +51,37 @@ def quality_table(results: dict) -> str:
             cells = [f(m[k]) for k in ("auc", "gauc", "pr_auc", "logloss")]
             lines.append(f"| {where} | {label} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
+
+
+def ranking_quality_table(results: dict) -> str:
+    """tools/ranking_quality.py's table: per dataset, the ranked top k (mean over seeds, with the
+    seeds' range) and each single-source list, each list with the paired difference "ranked -
+    list" and its 95 % interval over users."""
+    rows = []
+    for name, r in results.items():
+        k, seeds = r["k"], r["seeds"]
+        lines = []
+        rk = r["ranked"]
+        cells = [
+            f"{rk[m]['mean']:.3f} ({min(rk[m]['seeds']):.3f}-{max(rk[m]['seeds']):.3f})"
+            for m in ("hr", "ndcg", "mrr")
+        ]
+        lines.append(
+            f"| {name} ({r['users']} users) | ranked top {k} ({seeds} seeds) | "
+            + " | ".join(cells)
+            + " | |"
+        )
+        for lst, v in r["lists"].items():
+            d = v["ndcg"]
+            lines.append(
+                f"| {name} ({r['users']} users) | {lst} only | "
+                + " | ".join(f"{v[m]['mean']:.3f}" for m in ("hr", "ndcg", "mrr"))
+                + f" | {d['diff']:+.3f} ({d['ci_low']:+.3f}, {d['ci_high']:+.3f}) |"
+            )
+        rows += lines
+    k = next(iter(results.values()))["k"] if results else 10
+    head = (
+        f"| dataset (users with test positives) | list | HR@{k} | NDCG@{k} | MRR@{k} | "
+        f"ranked - list, NDCG@{k} (95 % CI over users) |"
+    )
+    return "\n".join([head, "|---|---|---|---|---|---|", *rows])

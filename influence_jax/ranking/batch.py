@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import os
 import shutil
@@ -164,10 +165,12 @@ def _evaluate(
     k: int,
     lists: dict[str, np.ndarray],
     list_users: np.ndarray | None,
+    per_user: bool = False,
 ) -> dict[str, dict]:
     """HR@k, NDCG@k and MRR@k of the written top k against the split's positives (the items
     each user engaged with or converted on after the ranking time), and of the retriever's
-    single-source lists (popular, co-visitation, recent, category) for the same users."""
+    single-source lists (popular, co-visitation, recent, category) for the same users; with
+    `per_user` each also holds the per-user values (retrieval.top_k_metrics)."""
     from influence_jax import retrieval
 
     maps = run.dataset.id_maps
@@ -177,9 +180,10 @@ def _evaluate(
     users, row = np.unique(keys, return_inverse=True)
     top = np.zeros((len(users), k), np.int64)
     top[row, np.asarray(ranks) - 1] = items
-    out = {"ranked": retrieval.top_k_metrics(users, top, pos_user, pos_item, k)}
+    metrics = functools.partial(retrieval.top_k_metrics, per_user=per_user)
+    out = {"ranked": metrics(users, top, pos_user, pos_item, k)}
     for name, lst in lists.items():
-        out[f"{name} only"] = retrieval.top_k_metrics(list_users, lst, pos_user, pos_item, k)
+        out[f"{name} only"] = metrics(list_users, lst, pos_user, pos_item, k)
     return out
 
 
@@ -239,6 +243,7 @@ def rank(
     block_pairs: int = BLOCK_PAIRS,
     retrieve: int = RETRIEVE,
     evaluate: bool = False,
+    evaluate_per_user: bool = False,
 ) -> dict[str, Any]:
     """Scores the candidates, writes each user's top k to `output`; returns a summary.
 
@@ -262,6 +267,10 @@ def rank(
     Contexts without raw event times (no ranking state, or one written before hist_ts.npy, e.g.
     synthetic data) give event{k}_gap_bucket_seconds_min instead of seconds_before: the lower
     bound of the event's log2 time-gap bucket, not the real gap.
+
+    With `evaluate` the summary's "evaluation" holds the top k's metrics against the split's
+    positives beside the retriever's single-source lists (`_evaluate`), with
+    `evaluate_per_user` also every user's values (tools/ranking_quality.py's intervals).
     """
     if top_k < 1:
         raise DataError(f"--top_k must be at least 1, got {top_k}")
@@ -341,7 +350,7 @@ def rank(
         lists = got.retriever.lists(got.part, top_k) if retrieved else {}
         who = got.part.user_key if retrieved else None
         out = (cands.user_out[rows], cands.item_out[rows], ranks)
-        evaluation = _evaluate(run, str(when), *out, top_k, lists, who)
+        evaluation = _evaluate(run, str(when), *out, top_k, lists, who, evaluate_per_user)
     return {
         **({"evaluation": evaluation} if evaluate else {}),
         "step": run.step,

@@ -147,15 +147,22 @@ def recall(
 
 
 def top_k_metrics(
-    user_key: np.ndarray, items: np.ndarray, pos_user: np.ndarray, pos_item: np.ndarray, k: int
-) -> dict[str, float]:
+    user_key: np.ndarray,
+    items: np.ndarray,
+    pos_user: np.ndarray,
+    pos_item: np.ndarray,
+    k: int,
+    per_user: bool = False,
+) -> dict:
     """HR@k, NDCG@k and MRR@k of ranked lists against the positives, over the users of
     `user_key` [U] that have at least one positive (the others are not counted).
 
     items: [U, K'] item ids best first (0 = empty), or [K'] (the same list for every user);
     only the first k count. HR: a positive in the top k; NDCG: sum of 1/log2(1 + rank) over the
     positives there, over the ideal (min(#positives, k) at the top); MRR: 1 / rank of the first
-    positive in the top k (0 without one).
+    positive in the top k (0 without one). With `per_user`, also "per_user": {"user_key",
+    "hr", "ndcg", "mrr"}, arrays over the counted users (sorted by user_key), for paired
+    comparisons and intervals.
     """
     user_key = np.asarray(user_key, np.int64)
     if items.ndim == 1:
@@ -172,10 +179,18 @@ def top_k_metrics(
     ideal = np.array([(1 / np.log2(np.arange(2, min(p, k) + 2))).sum() for p in n_pos])
     first = np.where(hit.any(1), hit.argmax(1) + 1, 0)
     rr = np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)
-    u = max(int(has.sum()), 1)
-    return {
-        f"hr@{k}": float(hit.any(1)[has].sum() / u),
-        f"ndcg@{k}": float((dcg[has] / np.maximum(ideal[has], 1e-12)).sum() / u),
-        f"mrr@{k}": float(rr[has].sum() / u),
-        "users": int(has.sum()),
+    got = {
+        "hr": hit.any(1)[has].astype(np.float64),
+        "ndcg": dcg[has] / np.maximum(ideal[has], 1e-12),
+        "mrr": rr[has],
     }
+    u = max(int(has.sum()), 1)
+    out: dict = {f"{m}@{k}": float(v.sum() / u) for m, v in got.items()}
+    out["users"] = int(has.sum())
+    if per_user:
+        order = np.argsort(user_key[has], kind="stable")
+        out["per_user"] = {
+            "user_key": user_key[has][order],
+            **{m: v[order] for m, v in got.items()},
+        }
+    return out

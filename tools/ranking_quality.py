@@ -1,0 +1,69 @@
+"""Two-stage ranking end to end over seeds: the ranked top k against the retriever's single-source
+lists, with intervals from resampling users.
+
+    python tools/ranking_quality.py --workdir=runs/quality [--datasets=...] [--seeds=0,1,2]
+
+Reads the next-item runs that `tools/quality.py --workdir=WORKDIR` trains
+(WORKDIR/runs/<dataset>-<model>-<seed>, best checkpoint by validation AUC). For each dataset and
+seed it ranks every user as of the test split's start exactly as `tools/rank.py --evaluate`
+does (N retrieved candidates per user, then the model's top k), and scores the top k and each
+single-source list (recent items, co-visitation, category, popular) against the items each
+user engaged with in the test period: HR@k, NDCG@k and MRR@k over the users with a positive.
+The model's per-user values are averaged over the seeds (the lists do not depend on them);
+each difference "ranked - list" gets a 95 % percentile interval from resampling those users
+(2,000 resamples). Writes WORKDIR/ranking_quality.json and prints a table; the docs' table is
+rendered from that file (tools/readme_figures.py, block `ranking_quality`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from influence_jax import cli, files, ranking, scoring  # noqa: E402
+from influence_jax.data import readers  # noqa: E402
+from influence_jax.data.schema import DataError  # noqa: E402
+from influence_jax.experiments import ranking_quality, tables  # noqa: E402
+
+DATASETS = [n for n, s in readers.SOURCES.items() if s.sample and s.config]
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quality", "tools/quality.py's workdir.")
+_DATASETS = flags.DEFINE_list("datasets", DATASETS, "Datasets whose runs to rank.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
+_MODEL = flags.DEFINE_string("model", "ranker", "The model's slug in the run folders' names.")
+_RETRIEVE = flags.DEFINE_integer("retrieve", ranking.RETRIEVE, "Candidates per user.")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "Length of the evaluated lists.")
+_N_BOOT = flags.DEFINE_integer("n_boot", 2000, "User resamples for the intervals.")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON output (default WORKDIR/ranking_quality.json).")
+
+
+def _main() -> None:
+    results = {}
+    for name in _DATASETS.value:
+        per_seed = []
+        for seed in _SEEDS.value:
+            workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{_MODEL.value}-{seed}")
+            if not os.path.isdir(workdir):
+                raise DataError(
+                    f"{workdir}: no such run; train it with tools/quality.py "
+                    f"--workdir={_WORKDIR.value} --datasets={name} --models=ranker"
+                )
+            print(f"{name}, seed {seed}: ranking as of test ...", file=sys.stderr, flush=True)
+            run = scoring.load_run(workdir, step="best")
+            per_seed.append(ranking_quality.evaluate_run(run, _RETRIEVE.value, _TOP_K.value))
+        results[name] = ranking_quality.compare(per_seed, _TOP_K.value, _N_BOOT.value)
+        results[name]["retrieve"] = _RETRIEVE.value
+        results[name]["seed_names"] = list(_SEEDS.value)
+    path = _OUTPUT.value or os.path.join(_WORKDIR.value, "ranking_quality.json")
+    files.write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(tables.ranking_quality_table(results))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(cli.tool_main(_main, "ranking_quality"), flags_parser=cli.parse_flags)
