@@ -129,14 +129,16 @@ def test_merge_quotas_then_fill_without_duplicates():
     # recent 1, covisit 2, popular 1; user 1's covisit list is short, popular fills nothing
     # more in pass 1 (quota 1), then pass 2 fills in source order.
     assert items.tolist() == [[5, 6, 8, 11], [15, 16, 17, 11]]
-    assert src.tolist() == [[0, 1, 1, 3], [0, 1, 1, 3]]
+    P = retrieval.SOURCES.index("popular")  # source ids index SOURCES
+    assert retrieval.SOURCES[:2] == ("recent", "covisit")
+    assert src.tolist() == [[0, 1, 1, P], [0, 1, 1, P]]
     items, src = retrieval.merge(LISTS, 8, QUOTAS)
     # Pass 1: recent 5 6 | covisit 8 9 10 (6 taken) | popular 11 12 (5 taken); pass 2: 7.
     assert items[0].tolist() == [5, 6, 8, 9, 10, 11, 12, 7]
-    assert src[0].tolist() == [0, 0, 1, 1, 1, 3, 3, 0]
+    assert src[0].tolist() == [0, 0, 1, 1, 1, P, P, 0]
     # User 1 has only 6 distinct items in all.
     assert items[1].tolist() == [15, 16, 17, 11, 5, 12, 0, 0]
-    assert src[1].tolist() == [0, 1, 1, 3, 3, 3, -1, -1]
+    assert src[1].tolist() == [0, 1, 1, P, P, P, -1, -1]
 
 
 def test_merge_excludes_seen_items():

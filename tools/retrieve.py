@@ -1,5 +1,6 @@
 """Candidate generation: N candidates per user from non-learned sources (co-visitation, the
-user's recent items, popular overall and in the user's categories), written atomically as
+user's recent items, popular overall and in the user's categories) and, with --two_tower, a
+learned two-tower retriever (tools/train_retriever.py), written atomically as
 Parquet (default) or CSV with columns user_id, item_id (raw ids), rank, source: the file
 tools/rank.py --candidates scores. --recall measures recall@50/100/200/500 of each source and
 of the merged set against the positives of the split after the cut.
@@ -49,8 +50,16 @@ _WEIGHTS = flags.DEFINE_string(
 )
 _QUOTAS = flags.DEFINE_string(
     "quotas",
-    "recent=0.2,covisit=0.5,category=0.15,popular=0.15",
-    "Share of --n each source gets first; the rest is filled in this order.",
+    "",
+    "Share of --n each source gets first; the rest is filled in the order recent, covisit, "
+    "learned, category, popular. Default recent=0.2,covisit=0.5,category=0.15,popular=0.15; "
+    "with --two_tower recent=0.2,covisit=0.3,learned=0.3,category=0.1,popular=0.1.",
+)
+_TWO_TOWER = flags.DEFINE_string(
+    "two_tower",
+    None,
+    "A two-tower retriever trained on this dataset (tools/train_retriever.py --workdir): adds "
+    "the learned source.",
 )
 _WINDOW = flags.DEFINE_integer("window_events", 5, "Co-visitation: history positions apart.")
 _WINDOW_HOURS = flags.DEFINE_float("window_hours", 24.0, "Co-visitation: hours apart (0: any).")
@@ -89,7 +98,7 @@ def _config() -> retrieval.RetrievalConfig:
     return retrieval.RetrievalConfig(
         covisit=cov,
         behaviour_weights=_pairs(_WEIGHTS.value, "behaviour_weights"),
-        quotas=_pairs(_QUOTAS.value, "quotas"),
+        quotas=_pairs(_QUOTAS.value, "quotas") or None,
     )
 
 
@@ -139,7 +148,13 @@ def _retrieve() -> None:
 
     log(f"building sources from {len(h):,} users' histories as of {_AS_OF.value}")
     counted = Progress(len(h), log, _PROGRESS.value, verb="counted", unit="users")
-    r = retrieval.Retriever(h, cfg, counted)
+    learned = None
+    if _TWO_TOWER.value:
+        from influence_jax.retrieval import two_tower
+
+        learned = two_tower.TwoTowerSource(_TWO_TOWER.value, _DATA.value, schema)
+        log(f"learned source: the two-tower retriever in {_TWO_TOWER.value}")
+    r = retrieval.Retriever(h, cfg, counted, learned)
     seen = retrieval.seen_keys(_DATA.value, h)
     if _OUTPUT.value:
         rows = _write(r, IdMaps(_DATA.value, schema), seen if _EXCLUDE_SEEN.value else None, log)

@@ -351,7 +351,8 @@ class RetrievedCandidates:
     co-visitation, the user's recent items, popular in the user's categories and overall),
     built from the ranked users' own histories as of the ranking time, less the user's seen
     items if `exclude_seen`; produced per chunk of users. A user without history gets the
-    popular items."""
+    popular items. With `two_tower` (a retriever's workdir, tools/train_retriever.py) the
+    learned source joins them."""
 
     def __init__(
         self,
@@ -361,6 +362,7 @@ class RetrievedCandidates:
         exclude_seen: bool = False,
         progress: Callable[[int], None] | None = None,
         ranked: np.ndarray | None = None,
+        two_tower: str | None = None,
     ):
         """`ranked` [len(ctx)] bool: the users to make candidates for (default: ctx.in_split);
         the retriever's tables are built from every user of ctx.in_split either way."""
@@ -372,7 +374,12 @@ class RetrievedCandidates:
         h = retrieval.from_arrays(
             run.schema, ctx.user_key[users], ctx.hist[users], ctx.timestamp[users], times
         )
-        self.retriever = retrieval.Retriever(h, retrieval.RetrievalConfig(), progress)
+        learned = None
+        if two_tower:
+            from influence_jax.retrieval.two_tower import TwoTowerSource
+
+            learned = TwoTowerSource(two_tower, run.data_path, run.schema)
+        self.retriever = retrieval.Retriever(h, retrieval.RetrievalConfig(), progress, learned)
         mine = ctx.in_split if ranked is None else ranked
         self.part = h.select(np.isin(h.user_key, ctx.user_key[mine]))
         self.n_ids = run.schema.vocab_sizes["item_id"]

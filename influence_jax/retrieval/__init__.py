@@ -1,7 +1,8 @@
 """Candidate generation, the first stage of two-stage recommendation: non-learned sources
 (co-visitation, the user's recent items, popular overall and in the user's categories) built
-from a prepared dataset's histories as of a cut, merged into N candidates per user, and their
-recall against the split's positives. tools/retrieve.py writes the candidates file that
+from a prepared dataset's histories as of a cut, optionally a learned two-tower retriever
+(two_tower.py, trained by tools/train_retriever.py), merged into N candidates per user, and
+their recall against the split's positives. tools/retrieve.py writes the candidates file that
 tools/rank.py --candidates scores.
 
 histories.py (the events and the positives), table.py (sparse key -> items tables, top-M per
@@ -18,11 +19,12 @@ from influence_jax.retrieval.histories import (
     positives,
     seen_keys,
 )
-from influence_jax.retrieval.merge import DEFAULT_QUOTAS, SOURCES, merge
+from influence_jax.retrieval.merge import DEFAULT_QUOTAS, LEARNED_QUOTAS, SOURCES, merge
 from influence_jax.retrieval.retriever import RetrievalConfig, Retriever, recall, top_k_metrics
 
 __all__ = [
     "DEFAULT_QUOTAS",
+    "LEARNED_QUOTAS",
     "SOURCES",
     "CovisitConfig",
     "Histories",

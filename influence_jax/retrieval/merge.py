@@ -1,6 +1,7 @@
 """Merging candidate sources into N candidates per user, with quotas and de-duplication.
 
-Sources are taken in a fixed priority order (`SOURCES`: recent, covisit, category, popular).
+Sources are taken in a fixed priority order (`SOURCES`: recent, covisit, learned (the two-tower
+retriever, when one is given), category, popular).
 Pass 1 gives each source up to its quota, round(quota x N) slots, of its best items not taken
 yet; pass 2 fills the slots left, in the same order, with each source's next items. An item is
 never taken twice for a user (the first source to offer it keeps it), and with `seen` the items
@@ -17,12 +18,20 @@ import numpy as np
 from influence_jax.data.schema import NUM_RESERVED, DataError
 from influence_jax.retrieval.table import PAD
 
-SOURCES = ("recent", "covisit", "category", "popular")
+SOURCES = ("recent", "covisit", "learned", "category", "popular")
 DEFAULT_QUOTAS: dict[str, float] = {
     "recent": 0.2,
     "covisit": 0.5,
     "category": 0.15,
     "popular": 0.15,
+}
+# With a two-tower retriever (the `learned` source), unless quotas are given.
+LEARNED_QUOTAS: dict[str, float] = {
+    "recent": 0.2,
+    "covisit": 0.3,
+    "learned": 0.3,
+    "category": 0.1,
+    "popular": 0.1,
 }
 
 

@@ -13,7 +13,13 @@ import numpy as np
 from influence_jax.data.vocab import positions
 from influence_jax.retrieval import covisit, sources
 from influence_jax.retrieval.histories import Histories, behaviour_weights
-from influence_jax.retrieval.merge import DEFAULT_QUOTAS, SOURCES, check_quotas, merge
+from influence_jax.retrieval.merge import (
+    DEFAULT_QUOTAS,
+    LEARNED_QUOTAS,
+    SOURCES,
+    check_quotas,
+    merge,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +29,8 @@ class RetrievalConfig:
     covisit: covisit.CovisitConfig = covisit.CovisitConfig()
     behaviour_weights: Mapping[str, float] | None = None  # by name; None: histories.DEFAULT_WEIGHTS
     per_category: int = 500  # items kept per category for the category source
-    quotas: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_QUOTAS))
+    # None: DEFAULT_QUOTAS, or LEARNED_QUOTAS with a learned source.
+    quotas: Mapping[str, float] | None = None
     users_per_chunk: int = 8192  # users whose candidates are made at once
 
 
@@ -34,6 +41,8 @@ class Retriever:
       h: the histories (`histories.load_histories`).
       cfg: the settings.
       progress: called with users done while the co-visitation table is counted.
+      learned: the learned source (`two_tower.TwoTowerSource`, anything with
+        `lists(part, m) -> [U, m]`), or None.
     """
 
     def __init__(
@@ -41,9 +50,11 @@ class Retriever:
         h: Histories,
         cfg: RetrievalConfig = RetrievalConfig(),
         progress: Callable[[int], None] | None = None,
+        learned=None,
     ):
-        self.h, self.cfg = h, cfg
-        self.quotas = check_quotas(cfg.quotas)
+        self.h, self.cfg, self.learned = h, cfg, learned
+        default = LEARNED_QUOTAS if learned is not None else DEFAULT_QUOTAS
+        self.quotas = check_quotas(default if cfg.quotas is None else cfg.quotas)
         self.beh_w = behaviour_weights(h.behaviour_types, cfg.behaviour_weights)
         self.covisit = covisit.covisitation(h, self.beh_w, cfg.covisit, progress)
         self.pop = sources.popularity(h, self.beh_w, cfg.covisit.half_life_s)
@@ -61,7 +72,15 @@ class Retriever:
             out["category"] = sources.category_popular(
                 self.category, part, self.beh_w, half_life, m
             )
+        if self.learned is not None:
+            out["learned"] = self.learned.lists(part, m)
         return out
+
+    @property
+    def sources(self) -> list[str]:
+        """The sources this retriever has, in SOURCES order."""
+        absent = {"category": self.category is None, "learned": self.learned is None}
+        return [s for s in SOURCES if not absent.get(s, False)]
 
     def chunks(self, h: Histories | None = None) -> Iterator[Histories]:
         """`h` (default: every user the tables were built from) in chunks of users."""
@@ -112,7 +131,7 @@ def recall(
     known = np.isin(pos_user, h.user_key)
     pos_key = np.sort(pos_key[known])
     m = max(ns)
-    names = [s for s in SOURCES if s != "category" or r.category is not None]
+    names = r.sources
     found = {(s, n): np.zeros(len(pos_key), bool) for s in (*names, "merged") for n in ns}
     for part in r.chunks():
         mine = np.isin(pos_key // h.n_items, part.user_key)
