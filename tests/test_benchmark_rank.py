@@ -63,3 +63,16 @@ def test_rank_benchmark_json_and_table(capsys):
     assert "score ex/s" in out and "eval step" in out and "default" in out
     bench_rank.print_two_stage(e2e)
     assert "two-stage ranking end to end" in capsys.readouterr().out
+
+
+def test_catalogue_run_ranks_a_sample_of_users():
+    r = helpers.run_tool(
+        "benchmark", "--what=rank", "--rank_catalogue=600", "--rank_catalogue_sample=50",
+        "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert row["section"] == "catalogue" and row["ranked_users"] == 50
+    assert row["users_in_log"] > 50 and row["items"] > 2 and row["events"] == 600 * 20
+    assert 0 < row["pairs"] <= 50 * 200 and row["tables_seconds"] >= 0  # (not NaN: found)
+    assert row["seconds_per_10k_users"] > 0 and row["peak_rss_mb"] > 100

@@ -441,6 +441,21 @@ def test_evaluate_scores_the_ranked_lists_against_the_splits_positives(prepared_
         ranking.rank(run, str(out), top_k=5, as_of="end", evaluate=True)
 
 
+def test_max_users_ranks_an_even_sample_with_tables_from_everyone(prepared_run, tmp_path):
+    run, _ = prepared_run
+    full = ranking.rank(run, str(tmp_path / "a.parquet"), top_k=3, retrieve=8)
+    s = ranking.rank(run, str(tmp_path / "b.parquet"), top_k=3, retrieve=8, max_users=4)
+    assert s["users"] == 4 < full["users"]
+    a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    users = sorted(set(b.column("user_id").to_pylist()))
+    assert len(users) == 4
+    # The same lists as in the full run: the retriever's tables come from every user.
+    pick = lambda t: sorted(x for x in zip(*t.to_pydict().values(), strict=True) if x[0] in users)
+    assert pick(b) == pick(a)
+    with pytest.raises(DataError, match="--max_users"):
+        ranking.rank(run, str(tmp_path / "c.parquet"), max_users=-1)
+
+
 def test_ranking_quality_pairs_users_over_seeds(prepared_run):
     from influence_jax.experiments import ranking_quality
 

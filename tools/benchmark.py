@@ -73,6 +73,15 @@ _RANK_MEASURE = flags.DEFINE_enum(
     ["all", "score", "train"],
     "--what=rank: the scoring rates, the ranker's own training rate, or both.",
 )
+_RANK_CATALOGUE = flags.DEFINE_integer(
+    "rank_catalogue",
+    0,
+    "--what=rank: instead, rank a sample of a synthetic catalogue of this many users and items "
+    "(e.g. 1000000; 20 events per user), reporting time per 10K users and peak memory.",
+)
+_RANK_SAMPLE = flags.DEFINE_integer(
+    "rank_catalogue_sample", 10_000, "--rank_catalogue: users ranked (spread over all)."
+)
 _RANK_TWO_STAGE = flags.DEFINE_integer(
     "rank_two_stage",
     0,
@@ -155,6 +164,10 @@ def main(argv: list[str]) -> None:
     if _WHAT.value == "rank":
         import bench_rank
 
+        if _RANK_CATALOGUE.value > 0:  # on its own: the catalogue run is long
+            n = _RANK_CATALOGUE.value
+            cat = bench_rank.catalogue(n, n, 20, _RANK_SAMPLE.value)
+            return _emit(cat, lambda: bench_rank.print_catalogue(cat))
         names = [n.strip() for n in _COMPARE.value.split(",") if n.strip()]
         bad = [n for n in names if n not in ("all", "keras")]
         if bad:

@@ -89,6 +89,18 @@ _RETRIEVE = flags.DEFINE_integer(
     "Without --candidates: candidates per user from the non-learned retriever (co-visitation, "
     "recent items, popular in the user's categories and overall; see tools/retrieve.py).",
 )
+_MAX_USERS = flags.DEFINE_integer(
+    "max_users",
+    0,
+    "Rank only this many users, spread evenly over them (0: all): a sample to time or check a "
+    "large run; the retrieval tables still come from every user.",
+)
+_TWO_TOWER = flags.DEFINE_string(
+    "two_tower",
+    None,
+    "A two-tower retriever trained on the run's dataset (tools/train_retriever.py --workdir): "
+    "its learned source joins the retrieved candidates.",
+)
 _ALL_ITEMS = flags.DEFINE_bool(
     "all_items",
     False,
@@ -140,6 +152,8 @@ def _rank() -> None:
         log=lambda line: print(line, file=sys.stderr, flush=True),
         progress_every=_PROGRESS.value,
         retrieve=0 if _ALL_ITEMS.value else _RETRIEVE.value,
+        two_tower=_TWO_TOWER.value,
+        max_users=_MAX_USERS.value,
         evaluate=_EVALUATE.value,
     )
     who = f"process {jax.process_index()} of {jax.process_count()}: " if several else ""

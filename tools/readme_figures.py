@@ -33,6 +33,10 @@ Block `prepare` (README.md, README.zh-CN.md, docs/benchmarks.md): the JSON lines
 `python tools/benchmark.py --what=prepare --repeats=2 --json` saved as
 docs/results/prepare/prepare.jsonl.
 
+Block `two_tower` (docs/ranking.md): per dataset NAME, `tools/retrieve.py --recall_json` without
+(NAME-base.json) and with `--two_tower` (NAME-learned.json) and the retriever's meta.json
+(NAME-meta.json) in docs/results/two_tower/.
+
 Block `ranking_quality` (docs/ranking.md): copy WORKDIR/ranking_quality.json of
 `tools/ranking_quality.py` to docs/results/ranking_quality/ and run this tool.
 
@@ -406,6 +410,20 @@ def gpu_benchmarks(f: dict) -> str:
     return "\n".join(lines)
 
 
+def two_tower_facts(folder: str) -> dict:
+    """Per dataset: retrieve.py --recall_json without (<name>-base.json) and with the learned
+    source (<name>-learned.json), and the retriever's meta.json (<name>-meta.json)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*-meta.json"))):
+        name = os.path.basename(path).removesuffix("-meta.json")
+        out[name] = {
+            "meta": _load(path),
+            "base": _load(os.path.join(folder, f"{name}-base.json")),
+            "learned": _load(os.path.join(folder, f"{name}-learned.json")),
+        }
+    return out
+
+
 def prepare_facts(folder: str) -> list[dict]:
     """tools/benchmark.py --what=prepare --json's rows."""
     with open(os.path.join(folder, "prepare.jsonl"), encoding="utf-8") as fh:
@@ -475,6 +493,7 @@ BLOCKS = {
         prepare_facts,
         {"en": prepare_en, "zh": prepare_zh, "benchmarks": prepare_benchmarks},
     ),
+    "two_tower": (two_tower_facts, {"ranking": tables.two_tower_table}),
     "ranking_quality": (
         lambda folder: _load(os.path.join(folder, "ranking_quality.json")),
         {"ranking": tables.ranking_quality_table},

@@ -85,3 +85,30 @@ def ranking_quality_table(results: dict) -> str:
         f"ranked - list, NDCG@{k} (95 % CI over users) |"
     )
     return "\n".join([head, "|---|---|---|---|---|---|", *rows])
+
+
+def two_tower_table(results: dict) -> str:
+    """Recall@N of the learned source beside the non-learned retriever, per dataset: `results`
+    maps a dataset to {"base": retrieve.py's recall JSON without the learned source, "learned":
+    with it, "meta": the retriever's meta.json}."""
+    ns = ("50", "100", "200", "500")
+    lines = [
+        "| dataset (positives with history; training pairs) | list | "
+        + " | ".join(f"@{n}" for n in ns)
+        + " |",
+        "|---|---|" + "---|" * len(ns),
+    ]
+    for name, r in results.items():
+        base, with_tt = r["base"], r["learned"]
+        head = f"{name} ({base['positives']:,}; {r['meta']['stats']['pairs']:,} pairs)"
+        rows = [
+            ("two-tower (learned) only", with_tt["recall"]["learned"]),
+            ("popular only", base["recall"]["popular"]),
+            ("merged, non-learned sources", base["recall"]["merged"]),
+            ("**merged, with the learned source**", with_tt["recall"]["merged"]),
+            ("two-tower, items new to the user", with_tt["recall_unseen"]["learned"]),
+            ("merged (non-learned), items new to the user", base["recall_unseen"]["merged"]),
+        ]
+        for label, rec in rows:
+            lines.append(f"| {head} | {label} | " + " | ".join(f"{rec[n]:.3f}" for n in ns) + " |")
+    return "\n".join(lines)

@@ -121,6 +121,16 @@ def _share(ctx: Contexts) -> Contexts:
     return dataclasses.replace(ctx, in_split=mine)
 
 
+def _sample(ctx: Contexts, max_users: int) -> Contexts:
+    """At most `max_users` of the users to rank, spread evenly over them (0: all)."""
+    users = np.flatnonzero(ctx.in_split)
+    if not max_users or len(users) <= max_users:
+        return ctx
+    keep = np.zeros_like(ctx.in_split)
+    keep[users[np.linspace(0, len(users) - 1, max_users).round().astype(np.int64)]] = True
+    return dataclasses.replace(ctx, in_split=keep)
+
+
 def _file_share(c: Candidates) -> Candidates:
     """This process's pairs of a candidates file: every P-th user (by raw id order)."""
     p, count = jax.process_index(), jax.process_count()
@@ -244,6 +254,8 @@ def rank(
     retrieve: int = RETRIEVE,
     evaluate: bool = False,
     evaluate_per_user: bool = False,
+    two_tower: str | None = None,
+    max_users: int = 0,
 ) -> dict[str, Any]:
     """Scores the candidates, writes each user's top k to `output`; returns a summary.
 
@@ -268,9 +280,13 @@ def rank(
     synthetic data) give event{k}_gap_bucket_seconds_min instead of seconds_before: the lower
     bound of the event's log2 time-gap bucket, not the real gap.
 
-    With `evaluate` the summary's "evaluation" holds the top k's metrics against the split's
-    positives beside the retriever's single-source lists (`_evaluate`), with
-    `evaluate_per_user` also every user's values (tools/ranking_quality.py's intervals).
+    `max_users` > 0 ranks only that many of the users, spread evenly over them (the retrieval
+    tables still come from every user): a sample to time or check a large run.
+    `two_tower`: a trained two-tower retriever's workdir, whose learned source joins the
+    retrieval (tools/train_retriever.py). With `evaluate` the summary's "evaluation" holds the
+    top k's metrics against the split's positives beside the retriever's single-source lists
+    (`_evaluate`), with `evaluate_per_user` also every user's values
+    (tools/ranking_quality.py's intervals).
     """
     if top_k < 1:
         raise DataError(f"--top_k must be at least 1, got {top_k}")
@@ -293,7 +309,9 @@ def rank(
     if jax.process_count() > 1 and explain:
         raise DataError("--explain ranks in one process; run it without JAX_NUM_PROCESSES")
     everyone = ctx
-    ctx = _share(ctx)  # several processes: each ranks every P-th user
+    if max_users < 0:
+        raise DataError(f"--max_users must be 0 (all) or more, got {max_users}")
+    ctx = _share(_sample(ctx, max_users))  # several processes: each ranks every P-th user
     if retrieve < 0:
         raise DataError(f"--retrieve_n must be 0 (every train item) or more, got {retrieve}")
     n_users = len(np.unique(ctx.user_key[ctx.in_split]))  # this process's share
@@ -308,7 +326,9 @@ def rank(
         log(f"retrieving {retrieve} candidates for each of {n_users:,} users{at}")
         t1 = time.perf_counter()
         counted = Progress(n_users, log, progress_every, verb="counted", unit="users")
-        got = RetrievedCandidates(run, everyone, retrieve, exclude_seen, counted, ctx.in_split)
+        got = RetrievedCandidates(
+            run, everyone, retrieve, exclude_seen, counted, ctx.in_split, two_tower
+        )
         log(f"retrieval tables built in {time.perf_counter() - t1:.1f} s")
         total, blocks, counts = len(got), got.blocks(block_pairs), got.counts
         what = f"{n_users:,} users{at}, up to {retrieve} retrieved candidates each"

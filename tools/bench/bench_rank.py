@@ -297,6 +297,72 @@ def two_stage(config_name: str, which_models: list[str], n: int, top_k: int = 10
     return rows
 
 
+def catalogue(
+    users: int, items: int, events_per_user: int, sample: int, n: int = 200, top_k: int = 10
+) -> list[dict]:
+    """Two-stage ranking on a synthetic catalogue of `users` x `items`: writes a log of
+    users x events_per_user events (tools/make_event_log.py), prepares it (next_item, buy, one
+    negative), then ranks `sample` users (rank.py --max_users, spread over all users) with `n`
+    retrieved candidates each, the retrieval tables built from every user. Reports the time
+    of each phase, the time per 10K ranked users and the process's peak memory."""
+    import subprocess
+    import sys
+
+    from influence_jax import ranking, scoring
+
+    tools = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = model_config("default", "default")
+    with tempfile.TemporaryDirectory() as tmp:
+        log, data = os.path.join(tmp, "events.csv"), os.path.join(tmp, "data")
+        bench_util.progress(f"writing {users * events_per_user:,} events ({users:,} users) ...")
+        make = [
+            os.path.join(tools, "make_event_log.py"),
+            f"--events={users * events_per_user}",
+            f"--events_per_user={events_per_user}",
+            f"--items={items}",
+            f"--output={log}",
+        ]
+        subprocess.run([sys.executable, *make], check=True, capture_output=True)
+        bench_util.progress("preparing ...")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(tools, "prepare_data.py"), "--source=taobao",
+                        f"--input={log}", f"--output={data}", "--target_behaviour=buy",
+                        "--neg_ratio=1", "--noaudit"], check=True, capture_output=True)  # fmt: skip
+        prep = time.perf_counter() - t0
+        os.remove(log)
+        run = scoring.make_run(config, data, workdir=tmp)
+        lines: list[str] = []
+        bench_util.progress(f"ranking {sample:,} users, {n} candidates each ...")
+        t0 = time.perf_counter()
+        s = ranking.rank(run, os.path.join(tmp, "top.parquet"), top_k, retrieve=n,
+                         max_users=sample, log=lines.append, progress_every=0)  # fmt: skip
+        secs = time.perf_counter() - t0
+        built = [float(x.split(" in ")[-1].split()[0]) for x in lines if "tables built in" in x]
+        schema = run.schema
+    tables = built[0] if built else float("nan")
+    return [{
+        "impl": "jax", "section": "catalogue", "users_in_log": int(schema.extra["counts"]["users"]),
+        "items": int(schema.vocab_sizes["item_id"]), "events": users * events_per_user,
+        "prepare_seconds": prep, "ranked_users": s["users"], "retrieve": n,
+        "pairs": s["pairs_scored"],
+        "seconds": secs, "tables_seconds": tables, "scoring_seconds": s["scoring_seconds"],
+        "seconds_per_10k_users": (secs - tables) / max(s["users"], 1) * 10_000,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }]  # fmt: skip
+
+
+def print_catalogue(rows: list[dict]) -> None:
+    r = rows[0]
+    print(f"\n{bench_util.describe_device()}: two-stage ranking on a synthetic catalogue")
+    print(
+        f"{r['users_in_log']:,} users x {r['items']:,} item ids ({r['events']:,} events; prepared "
+        f"in {r['prepare_seconds']:.0f} s); {r['ranked_users']:,} users ranked ({r['retrieve']} "
+        f"candidates each, {r['pairs']:,} pairs): retrieval tables from every user "
+        f"{r['tables_seconds']:.0f} s, then {r['seconds_per_10k_users']:.1f} s per 10K users "
+        f"(scoring {r['scoring_seconds']:.1f} s in all); peak memory {r['peak_rss_mb']:,.0f} MB"
+    )
+
+
 def print_two_stage(rows: list[dict]) -> None:
     print(f"\n{bench_util.describe_device()}: two-stage ranking end to end (rank.py's default)")
     print(f"{'model':<9}{'N':>6}{'users':>8}{'pairs':>11}{'seconds':>9}{'users/s':>9}"
