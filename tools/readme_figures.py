@@ -37,6 +37,10 @@ Block `two_tower` (docs/ranking.md): per dataset NAME, `tools/retrieve.py --reca
 (NAME-base.json) and with `--two_tower` (NAME-learned.json) and the retriever's meta.json
 (NAME-meta.json) in docs/results/two_tower/.
 
+Block `catalogue` (docs/ranking.md): the JSON line of
+`python tools/benchmark.py --what=rank --rank_catalogue=1000000 --json` saved as
+docs/results/catalogue/catalogue.jsonl.
+
 Block `ranking_quality` (docs/ranking.md): copy WORKDIR/ranking_quality.json of
 `tools/ranking_quality.py` to docs/results/ranking_quality/ and run this tool.
 
@@ -424,9 +428,22 @@ def two_tower_facts(folder: str) -> dict:
     return out
 
 
-def prepare_facts(folder: str) -> list[dict]:
-    """tools/benchmark.py --what=prepare --json's rows."""
-    with open(os.path.join(folder, "prepare.jsonl"), encoding="utf-8") as fh:
+def catalogue_ranking(rows: list[dict]) -> str:
+    sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+    import bench_rank
+
+    r = rows[0]
+    every = r["seconds_per_10k_users"] * r["users_in_log"] / 10_000 / 3600
+    return _wrap(
+        f"{r['date']}, {r['device']}: " + bench_rank.catalogue_text(rows) + f". Every user at "
+        f"that rate: about {every:.1f} h on this CPU, divided among the processes of a "
+        "multi-process run (each ranks every P-th user)."
+    )
+
+
+def prepare_facts(folder: str, name: str = "prepare.jsonl") -> list[dict]:
+    """tools/benchmark.py --json's rows (--what=prepare: prepare.jsonl)."""
+    with open(os.path.join(folder, name), encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.startswith("{")]
 
 
@@ -494,6 +511,10 @@ BLOCKS = {
         {"en": prepare_en, "zh": prepare_zh, "benchmarks": prepare_benchmarks},
     ),
     "two_tower": (two_tower_facts, {"ranking": tables.two_tower_table}),
+    "catalogue": (
+        lambda folder: prepare_facts(folder, "catalogue.jsonl"),
+        {"ranking": catalogue_ranking},
+    ),
     "ranking_quality": (
         lambda folder: _load(os.path.join(folder, "ranking_quality.json")),
         {"ranking": tables.ranking_quality_table},

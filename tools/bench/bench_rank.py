@@ -348,19 +348,25 @@ def catalogue(
         "seconds": secs, "tables_seconds": tables, "scoring_seconds": s["scoring_seconds"],
         "seconds_per_10k_users": (secs - tables) / max(s["users"], 1) * 10_000,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": bench_util.describe_device(), "date": time.strftime("%Y-%m-%d"),
     }]  # fmt: skip
 
 
-def print_catalogue(rows: list[dict]) -> None:
+def catalogue_text(rows: list[dict]) -> str:
+    """The catalogue run in words (printed, and rendered into docs/ranking.md)."""
     r = rows[0]
-    print(f"\n{bench_util.describe_device()}: two-stage ranking on a synthetic catalogue")
-    print(
+    return (
         f"{r['users_in_log']:,} users x {r['items']:,} item ids ({r['events']:,} events; prepared "
         f"in {r['prepare_seconds']:.0f} s); {r['ranked_users']:,} users ranked ({r['retrieve']} "
         f"candidates each, {r['pairs']:,} pairs): retrieval tables from every user "
         f"{r['tables_seconds']:.0f} s, then {r['seconds_per_10k_users']:.1f} s per 10K users "
         f"(scoring {r['scoring_seconds']:.1f} s in all); peak memory {r['peak_rss_mb']:,.0f} MB"
     )
+
+
+def print_catalogue(rows: list[dict]) -> None:
+    print(f"\n{bench_util.describe_device()}: two-stage ranking on a synthetic catalogue")
+    print(catalogue_text(rows))
 
 
 def print_two_stage(rows: list[dict]) -> None:
