@@ -454,6 +454,13 @@ def test_max_users_ranks_an_even_sample_with_tables_from_everyone(prepared_run, 
     assert pick(b) == pick(a)
     with pytest.raises(DataError, match="--max_users"):
         ranking.rank(run, str(tmp_path / "c.parquet"), max_users=-1)
+    # Saved retrieval tables: the first run saves them, the second reuses them, same lists.
+    tables = tmp_path / "tables"
+    for name in ("d.parquet", "e.parquet"):
+        ranking.rank(run, str(tmp_path / name), top_k=3, retrieve=8, retrieval_tables=str(tables))
+    assert (tables / "tables.npz").exists()
+    assert pq.read_table(tmp_path / "d.parquet").equals(pq.read_table(tmp_path / "e.parquet"))
+    assert pq.read_table(tmp_path / "d.parquet").equals(a)
 
 
 def test_ranking_quality_pairs_users_over_seeds(prepared_run):

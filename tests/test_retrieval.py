@@ -217,3 +217,29 @@ def test_cli_bad_flags_are_one_line(tiny_data, tmp_path, args, message):
     r = helpers.run_tool("retrieve", f"--data={tiny_data}", f"--output={out}", *args, timeout=60)
     assert r.returncode == 2 and not out.exists(), (r.stdout, r.stderr)
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_saved_tables_are_reused_and_checked(tiny_data, tmp_path):
+    schema = Schema.load(tiny_data)
+    h = retrieval.load_histories(tiny_data, schema, "test")
+    built = retrieval.Retriever(h)
+    built.save_tables(str(tmp_path / "t"))
+    loaded = retrieval.Retriever(h, tables=str(tmp_path / "t"))
+    for name, lst in built.lists(h, 9).items():
+        np.testing.assert_array_equal(loaded.lists(h, 9)[name], lst, err_msg=name)
+    other = retrieval.RetrievalConfig(covisit=retrieval.CovisitConfig(neighbours=3))
+    with pytest.raises(DataError, match="differing: covisit"):
+        retrieval.Retriever(h, other, tables=str(tmp_path / "t"))
+    early = retrieval.load_histories(tiny_data, schema, "valid")
+    with pytest.raises(DataError, match="other histories or settings"):
+        retrieval.Retriever(early, tables=str(tmp_path / "t"))
+    # The CLI: the first call saves, the second loads and writes the same candidates.
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"c{k}.csv"
+        args = ["--n=6", f"--output={out}", "--format=csv", f"--tables={tmp_path / 'cli'}"]
+        r = helpers.run_tool("retrieve", f"--data={tiny_data}", *args, timeout=60)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("saved the tables" if k == 0 else "loaded the tables") in r.stderr
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]

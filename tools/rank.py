@@ -89,6 +89,12 @@ _RETRIEVE = flags.DEFINE_integer(
     "Without --candidates: candidates per user from the non-learned retriever (co-visitation, "
     "recent items, popular in the user's categories and overall; see tools/retrieve.py).",
 )
+_TABLES = flags.DEFINE_string(
+    "retrieval_tables",
+    None,
+    "A folder of retrieval tables (tools/retrieve.py --tables): reused when they were built "
+    "from the same histories and settings, else built and saved there.",
+)
 _MAX_USERS = flags.DEFINE_integer(
     "max_users",
     0,
@@ -154,6 +160,7 @@ def _rank() -> None:
         retrieve=0 if _ALL_ITEMS.value else _RETRIEVE.value,
         two_tower=_TWO_TOWER.value,
         max_users=_MAX_USERS.value,
+        retrieval_tables=_TABLES.value,
         evaluate=_EVALUATE.value,
     )
     who = f"process {jax.process_index()} of {jax.process_count()}: " if several else ""

@@ -55,6 +55,13 @@ _QUOTAS = flags.DEFINE_string(
     "learned, category, popular. Default recent=0.2,covisit=0.5,category=0.15,popular=0.15; "
     "with --two_tower recent=0.2,covisit=0.3,learned=0.3,category=0.1,popular=0.1.",
 )
+_TABLES = flags.DEFINE_string(
+    "tables",
+    None,
+    "A folder for the sources' tables (co-visitation, popularity, category): loaded if it "
+    "holds tables of the same histories and settings, else built and saved there (reuse them "
+    "with rank.py --retrieval_tables).",
+)
 _TWO_TOWER = flags.DEFINE_string(
     "two_tower",
     None,
@@ -154,7 +161,12 @@ def _retrieve() -> None:
 
         learned = two_tower.TwoTowerSource(_TWO_TOWER.value, _DATA.value, schema)
         log(f"learned source: the two-tower retriever in {_TWO_TOWER.value}")
-    r = retrieval.Retriever(h, cfg, counted, learned)
+    saved = bool(_TABLES.value) and os.path.exists(os.path.join(_TABLES.value, "tables.json"))
+    r = retrieval.Retriever(h, cfg, counted, learned, _TABLES.value if saved else None)
+    if _TABLES.value:
+        if not saved:
+            r.save_tables(_TABLES.value)
+        log(("loaded the tables from " if saved else "saved the tables to ") + _TABLES.value)
     seen = retrieval.seen_keys(_DATA.value, h)
     if _OUTPUT.value:
         rows = _write(r, IdMaps(_DATA.value, schema), seen if _EXCLUDE_SEEN.value else None, log)

@@ -256,6 +256,7 @@ def rank(
     evaluate_per_user: bool = False,
     two_tower: str | None = None,
     max_users: int = 0,
+    retrieval_tables: str | None = None,
 ) -> dict[str, Any]:
     """Scores the candidates, writes each user's top k to `output`; returns a summary.
 
@@ -280,6 +281,8 @@ def rank(
     synthetic data) give event{k}_gap_bucket_seconds_min instead of seconds_before: the lower
     bound of the event's log2 time-gap bucket, not the real gap.
 
+    `retrieval_tables`: a folder whose saved retrieval tables are reused (if built from the
+    same histories and settings; else they are built and saved there).
     `max_users` > 0 ranks only that many of the users, spread evenly over them (the retrieval
     tables still come from every user): a sample to time or check a large run.
     `two_tower`: a trained two-tower retriever's workdir, whose learned source joins the
@@ -327,8 +330,9 @@ def rank(
         t1 = time.perf_counter()
         counted = Progress(n_users, log, progress_every, verb="counted", unit="users")
         got = RetrievedCandidates(
-            run, everyone, retrieve, exclude_seen, counted, ctx.in_split, two_tower
-        )
+            run, everyone, retrieve, exclude_seen, counted, ctx.in_split, two_tower,
+            retrieval_tables,
+        )  # fmt: skip
         log(f"retrieval tables built in {time.perf_counter() - t1:.1f} s")
         total, blocks, counts = len(got), got.blocks(block_pairs), got.counts
         what = f"{n_users:,} users{at}, up to {retrieve} retrieved candidates each"

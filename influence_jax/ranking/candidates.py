@@ -352,7 +352,8 @@ class RetrievedCandidates:
     built from the ranked users' own histories as of the ranking time, less the user's seen
     items if `exclude_seen`; produced per chunk of users. A user without history gets the
     popular items. With `two_tower` (a retriever's workdir, tools/train_retriever.py) the
-    learned source joins them."""
+    learned source joins them. With `tables` (a folder) the sources' tables are loaded from it
+    when it holds those of the same histories and settings, else built and saved there."""
 
     def __init__(
         self,
@@ -363,6 +364,7 @@ class RetrievedCandidates:
         progress: Callable[[int], None] | None = None,
         ranked: np.ndarray | None = None,
         two_tower: str | None = None,
+        tables: str | None = None,
     ):
         """`ranked` [len(ctx)] bool: the users to make candidates for (default: ctx.in_split);
         the retriever's tables are built from every user of ctx.in_split either way."""
@@ -379,7 +381,11 @@ class RetrievedCandidates:
             from influence_jax.retrieval.two_tower import TwoTowerSource
 
             learned = TwoTowerSource(two_tower, run.data_path, run.schema)
-        self.retriever = retrieval.Retriever(h, retrieval.RetrievalConfig(), progress, learned)
+        cfg = retrieval.RetrievalConfig()
+        saved = bool(tables) and os.path.exists(os.path.join(tables, "tables.json"))
+        self.retriever = retrieval.Retriever(h, cfg, progress, learned, tables if saved else None)
+        if tables and not saved:
+            self.retriever.save_tables(tables)
         mine = ctx.in_split if ranked is None else ranked
         self.part = h.select(np.isin(h.user_key, ctx.user_key[mine]))
         self.n_ids = run.schema.vocab_sizes["item_id"]

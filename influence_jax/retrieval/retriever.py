@@ -6,10 +6,14 @@ for measurement, recall@N of each source and of the merged set against the split
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from influence_jax import files
+from influence_jax.data.schema import DataError
 from influence_jax.data.vocab import positions
 from influence_jax.retrieval import covisit, sources
 from influence_jax.retrieval.histories import Histories, behaviour_weights
@@ -20,6 +24,7 @@ from influence_jax.retrieval.merge import (
     check_quotas,
     merge,
 )
+from influence_jax.retrieval.table import Table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,8 @@ class Retriever:
       progress: called with users done while the co-visitation table is counted.
       learned: the learned source (`two_tower.TwoTowerSource`, anything with
         `lists(part, m) -> [U, m]`), or None.
+      tables: a folder of tables saved by `save_tables` for the same histories and settings,
+        loaded instead of built (checked: cut time, item ids, users, settings); None builds.
     """
 
     def __init__(
@@ -51,14 +58,64 @@ class Retriever:
         cfg: RetrievalConfig = RetrievalConfig(),
         progress: Callable[[int], None] | None = None,
         learned=None,
+        tables: str | None = None,
     ):
         self.h, self.cfg, self.learned = h, cfg, learned
         default = LEARNED_QUOTAS if learned is not None else DEFAULT_QUOTAS
         self.quotas = check_quotas(default if cfg.quotas is None else cfg.quotas)
         self.beh_w = behaviour_weights(h.behaviour_types, cfg.behaviour_weights)
+        if tables is not None:
+            self._load_tables(tables)
+            return
         self.covisit = covisit.covisitation(h, self.beh_w, cfg.covisit, progress)
         self.pop = sources.popularity(h, self.beh_w, cfg.covisit.half_life_s)
         self.category = sources.category_table(h, self.pop, cfg.per_category)
+
+    def _identity(self) -> dict:
+        """What saved tables must match: the histories they came from and the settings."""
+        return {
+            "cut_time": int(self.h.time),
+            "n_items": int(self.h.n_items),
+            "users": int(len(self.h)),
+            "events": int(self.h.valid.sum()),
+            "covisit": dataclasses.asdict(self.cfg.covisit),
+            "behaviour_weights": self.beh_w.tolist(),
+            "per_category": self.cfg.per_category,
+        }
+
+    def save_tables(self, folder: str) -> None:
+        """The sources' tables (co-visitation, popularity, category) and what they were built
+        from, into `folder` (replaced atomically): reused by `Retriever(..., tables=folder)`."""
+        arrays = {"covisit_" + k: getattr(self.covisit, k) for k in ("indptr", "item", "score")}
+        arrays["pop"] = self.pop
+        if self.category is not None:
+            arrays.update({"category_" + k: getattr(self.category, k)
+                           for k in ("indptr", "item", "score")})  # fmt: skip
+        with files.atomic_folder(folder) as tmp:
+            np.savez(os.path.join(tmp, "tables.npz"), **arrays)
+            files.write_json(os.path.join(tmp, "tables.json"), self._identity())
+
+    def _load_tables(self, folder: str) -> None:
+        meta = files.read_json(os.path.join(folder, "tables.json"))
+        if meta is None:
+            raise DataError(
+                f"{folder}: no tables.json; save tables with tools/retrieve.py --tables"
+            )
+        want = json.loads(json.dumps(self._identity()))  # as JSON holds it
+        diff = sorted(k for k in want if meta.get(k) != want[k])
+        if diff:
+            raise DataError(
+                f"{folder}: the saved retrieval tables were built from other histories or "
+                f"settings (differing: {', '.join(diff)}); rebuild them"
+            )
+        with np.load(os.path.join(folder, "tables.npz")) as z:
+            self.covisit = Table(*(z["covisit_" + k] for k in ("indptr", "item", "score")))
+            self.pop = z["pop"]
+            self.category = (
+                Table(*(z["category_" + k] for k in ("indptr", "item", "score")))
+                if "category_indptr" in z
+                else None
+            )
 
     def lists(self, part: Histories, m: int) -> dict[str, np.ndarray]:
         """Each source's best `m` items for the users of `part` ([U, m]; popular is [m])."""
