@@ -145,7 +145,11 @@ def test_examples_as_pairs_are_the_real_interactions(grouped):
     k = int(np.flatnonzero(hp.i == 2)[0])
     u = hp.u[k]
     assert item[k, 0] == st.hist[u, 2, 0] and (hist[k, :3] == st.hist[u, 3:6]).all()
-    assert len(hp) == int(((st.hist[..., 2] != 0).sum(1) - 1).clip(0).sum())
+    n = (st.hist[..., 2] != 0).sum(1)  # events per user; pairs: all but each user's oldest
+    older = np.arange(st.hist.shape[1])[None] < (n - 1)[:, None]
+    item = st.hist[..., 0]
+    want = older & (item >= 2) & (item < schema.table_rows("item_id"))
+    assert len(hp) == int(want.sum()) > 0
 
 
 def test_rank_retrieves_with_the_learned_source(grouped, tmp_path):

@@ -41,6 +41,8 @@ Block `catalogue` (docs/ranking.md): the JSON line of
 `python tools/benchmark.py --what=rank --rank_catalogue=1000000 --json` saved as
 docs/results/catalogue/catalogue.jsonl.
 
+Block `recall` (README.md, docs/ranking.md): the non-learned runs of block `two_tower`.
+
 Block `ranking_quality` (docs/ranking.md): copy WORKDIR/ranking_quality.json of
 `tools/ranking_quality.py` to docs/results/ranking_quality/ and run this tool.
 
@@ -441,6 +443,16 @@ def catalogue_ranking(rows: list[dict]) -> str:
     )
 
 
+def recall_en(f: dict) -> str:
+    """README's recall clause, from the non-learned runs of docs/results/two_tower."""
+    at = lambda name, src: f[name]["base"]["recall"][src]["200"]
+    return _wrap(
+        f"(merged at 200: {at('taobao', 'merged'):.2f} on the Taobao sample, all re-purchases; "
+        f"{at('retailrocket', 'merged'):.3f} on Retailrocket; {at('movielens', 'merged'):.2f} on "
+        f"MovieLens, where popularity alone gives {at('movielens', 'popular'):.2f}):"
+    )
+
+
 def prepare_facts(folder: str, name: str = "prepare.jsonl") -> list[dict]:
     """tools/benchmark.py --json's rows (--what=prepare: prepare.jsonl)."""
     with open(os.path.join(folder, name), encoding="utf-8") as fh:
@@ -511,6 +523,10 @@ BLOCKS = {
         {"en": prepare_en, "zh": prepare_zh, "benchmarks": prepare_benchmarks},
     ),
     "two_tower": (two_tower_facts, {"ranking": tables.two_tower_table}),
+    "recall": (
+        lambda folder: two_tower_facts(os.path.join(os.path.dirname(folder), "two_tower")),
+        {"en": recall_en, "ranking": tables.recall_table},
+    ),
     "catalogue": (
         lambda folder: prepare_facts(folder, "catalogue.jsonl"),
         {"ranking": catalogue_ranking},

@@ -112,3 +112,24 @@ def two_tower_table(results: dict) -> str:
         for label, rec in rows:
             lines.append(f"| {head} | {label} | " + " | ".join(f"{rec[n]:.3f}" for n in ns) + " |")
     return "\n".join(lines)
+
+
+def recall_table(results: dict) -> str:
+    """recall@N of every non-learned source and of their merge per dataset (`results` as for
+    `two_tower_table`; its "base" runs)."""
+    ns = ("50", "100", "200", "500")
+    lines = [
+        "| dataset (positives with history / without; users) | source | "
+        + " | ".join(f"@{n}" for n in ns)
+        + " |",
+        "|---|---|" + "---|" * len(ns),
+    ]
+    for name, r in results.items():
+        b = r["base"]
+        head = f"{name} ({b['positives']:,} / {b['positives_without_history']:,}; {b['users']:,})"
+        order = ("recent", "covisit", "learned", "category", "popular", "merged")
+        for src in sorted(b["recall"], key=lambda x: order.index(x) if x in order else 99):
+            rec = b["recall"][src]
+            label = "**merged**" if src == "merged" else src
+            lines.append(f"| {head} | {label} | " + " | ".join(f"{rec[n]:.3f}" for n in ns) + " |")
+    return "\n".join(lines)

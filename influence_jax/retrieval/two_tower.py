@@ -136,14 +136,22 @@ def interactions(store: ExampleStore) -> np.ndarray:
     return np.flatnonzero(np.asarray(store.column("label")) > 0.5)
 
 
+def _embedded(item: np.ndarray, schema: Schema) -> np.ndarray:
+    """Items with their own embedding row: not padding or OOV, not first seen after the training
+    period (those embed as OOV; a pair of them teaches nothing)."""
+    return (item >= NUM_RESERVED) & (item < schema.table_rows("item_id"))
+
+
 class ExamplePairs:
-    """Training pairs from the examples of the train split that are real interactions."""
+    """Training pairs from the examples of the train split that are real interactions (of
+    items with an embedding row, as in HistoryPairs)."""
 
     def __init__(self, data_path: str, schema: Schema):
         self.store = ExampleStore(data_path, "train", schema)
-        self.rows = interactions(self.store)
-        item = np.asarray(self.store.column("item"))[self.rows, schema.item_index("item_id")]
-        self.items = item.astype(np.int64)
+        rows = interactions(self.store)
+        item = np.asarray(self.store.column("item"))[rows, schema.item_index("item_id")]
+        known = _embedded(item, schema)
+        self.rows, self.items = rows[known], item[known].astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -172,6 +180,8 @@ class HistoryPairs:
         self.i = np.arange(len(self.u)) - np.repeat(starts, np.maximum(n - 1, 0))
         col = schema.hist_index("item_id")
         self.items = self.hist[self.u, self.i, col].astype(np.int64)
+        known = _embedded(self.items, schema)
+        self.u, self.i, self.items = self.u[known], self.i[known], self.items[known]
 
     def __len__(self) -> int:
         return len(self.u)
