@@ -72,14 +72,14 @@ def bucket_examples(
         pairs = (keys, ts[first])
     k1 = 1 + opts.neg_ratio
     by_ref = bool(schema.history_events)
-    rows = (
+    slots = (  # each event as a history slot, for histories built here (copy storage)
         None if by_ref else event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
     )
     row_bytes = (16 if by_ref else schema.max_len * len(schema.hist_fields) * 4) + 64
     block = max(256, int(opts.memory_mb * 2**20 * BLOCK_SHARE / (k1 * row_bytes * 2)))
     for b0 in range(0, len(targets), block):
         tg = targets[b0 : b0 + block]
-        hist = _history_columns(tg, events, rows, start, lo, schema, offset)
+        hist = _history_columns(tg, events, slots, start, lo, schema, offset)
         yield from _examples(
             tg, positive[tg], heads[tg], hist, events, start, pair_key, pairs, plan, opts,
             counts,
@@ -89,22 +89,23 @@ def bucket_examples(
 def _history_columns(
     tg: np.ndarray,
     events: Events,
-    rows: np.ndarray | None,
+    slots: np.ndarray | None,
     start: np.ndarray,
     end: np.ndarray,
     schema: Schema,
     offset: int,
 ) -> dict[str, np.ndarray]:
-    """The history columns of targets `tg`: `hist` built from the bucket's event rows, or (rows
-    None) the spans hist_lo, hist_hi into the event table; and `last_ts` for the audit."""
+    """The history columns of targets `tg`: `hist` built from the bucket's events as history
+    slots (`history.event_rows`), or (slots None) the spans hist_lo, hist_hi into the event
+    table; and `last_ts` for the audit."""
     s, e = start[tg], end[tg]
     out = {"last_ts": last_event_time(events.ts, s, e)}
-    if rows is None:
+    if slots is None:
         out["hist_lo"] = offset + np.maximum(s, e - schema.max_len).astype(np.int64)
         out["hist_hi"] = offset + e.astype(np.int64)
     else:
         gap = gap_column(schema.hist_fields)
-        out["hist"] = assemble(rows, events.ts, s, e, events.ts[tg], schema.max_len, gap)
+        out["hist"] = assemble(slots, events.ts, s, e, events.ts[tg], schema.max_len, gap)
     return out
 
 
