@@ -87,49 +87,49 @@ def ranking_quality_table(results: dict) -> str:
     return "\n".join([head, "|---|---|---|---|---|---|", *rows])
 
 
+RECALL_AT = ("50", "100", "200", "500")
+
+
+def _recall_rows(first: str, second: str, rows: list[tuple[str, str, dict]]) -> str:
+    """A recall@N table: header `first` | `second`, then (dataset cell, label, {N: recall})."""
+    lines = [
+        f"| {first} | {second} | " + " | ".join(f"@{n}" for n in RECALL_AT) + " |",
+        "|---|---|" + "---|" * len(RECALL_AT),
+    ]
+    for head, label, rec in rows:
+        lines.append(
+            f"| {head} | {label} | " + " | ".join(f"{rec[n]:.3f}" for n in RECALL_AT) + " |"
+        )
+    return "\n".join(lines)
+
+
 def two_tower_table(results: dict) -> str:
     """Recall@N of the learned source beside the non-learned retriever, per dataset: `results`
     maps a dataset to {"base": retrieve.py's recall JSON without the learned source, "learned":
     with it, "meta": the retriever's meta.json}."""
-    ns = ("50", "100", "200", "500")
-    lines = [
-        "| dataset (positives with history; training pairs) | list | "
-        + " | ".join(f"@{n}" for n in ns)
-        + " |",
-        "|---|---|" + "---|" * len(ns),
-    ]
+    rows = []
     for name, r in results.items():
         base, with_tt = r["base"], r["learned"]
         head = f"{name} ({base['positives']:,}; {r['meta']['stats']['pairs']:,} pairs)"
-        rows = [
-            ("two-tower (learned) only", with_tt["recall"]["learned"]),
-            ("popular only", base["recall"]["popular"]),
-            ("merged, non-learned sources", base["recall"]["merged"]),
-            ("**merged, with the learned source**", with_tt["recall"]["merged"]),
-            ("two-tower, items new to the user", with_tt["recall_unseen"]["learned"]),
-            ("merged (non-learned), items new to the user", base["recall_unseen"]["merged"]),
+        rows += [
+            (head, "two-tower (learned) only", with_tt["recall"]["learned"]),
+            (head, "popular only", base["recall"]["popular"]),
+            (head, "merged, non-learned sources", base["recall"]["merged"]),
+            (head, "**merged, with the learned source**", with_tt["recall"]["merged"]),
+            (head, "two-tower, items new to the user", with_tt["recall_unseen"]["learned"]),
+            (head, "merged (non-learned), items new to the user", base["recall_unseen"]["merged"]),
         ]
-        for label, rec in rows:
-            lines.append(f"| {head} | {label} | " + " | ".join(f"{rec[n]:.3f}" for n in ns) + " |")
-    return "\n".join(lines)
+    return _recall_rows("dataset (positives with history; training pairs)", "list", rows)
 
 
 def recall_table(results: dict) -> str:
     """recall@N of every non-learned source and of their merge per dataset (`results` as for
     `two_tower_table`; its "base" runs)."""
-    ns = ("50", "100", "200", "500")
-    lines = [
-        "| dataset (positives with history / without; users) | source | "
-        + " | ".join(f"@{n}" for n in ns)
-        + " |",
-        "|---|---|" + "---|" * len(ns),
-    ]
+    order = ("recent", "covisit", "learned", "category", "popular", "merged")
+    rows = []
     for name, r in results.items():
         b = r["base"]
         head = f"{name} ({b['positives']:,} / {b['positives_without_history']:,}; {b['users']:,})"
-        order = ("recent", "covisit", "learned", "category", "popular", "merged")
         for src in sorted(b["recall"], key=lambda x: order.index(x) if x in order else 99):
-            rec = b["recall"][src]
-            label = "**merged**" if src == "merged" else src
-            lines.append(f"| {head} | {label} | " + " | ".join(f"{rec[n]:.3f}" for n in ns) + " |")
-    return "\n".join(lines)
+            rows.append((head, "**merged**" if src == "merged" else src, b["recall"][src]))
+    return _recall_rows("dataset (positives with history / without; users)", "source", rows)
