@@ -161,12 +161,9 @@ def _retrieve() -> None:
 
         learned = two_tower.TwoTowerSource(_TWO_TOWER.value, _DATA.value, schema)
         log(f"learned source: the two-tower retriever in {_TWO_TOWER.value}")
-    saved = bool(_TABLES.value) and os.path.exists(os.path.join(_TABLES.value, "tables.json"))
-    r = retrieval.Retriever(h, cfg, counted, learned, _TABLES.value if saved else None)
+    r = retrieval.Retriever(h, cfg, counted, learned, _TABLES.value)
     if _TABLES.value:
-        if not saved:
-            r.save_tables(_TABLES.value)
-        log(("loaded the tables from " if saved else "saved the tables to ") + _TABLES.value)
+        log(("loaded the tables from " if r.loaded else "saved the tables to ") + _TABLES.value)
     seen = retrieval.seen_keys(_DATA.value, h)
     if _OUTPUT.value:
         rows = _write(r, IdMaps(_DATA.value, schema), seen if _EXCLUDE_SEEN.value else None, log)

@@ -16,7 +16,6 @@ import numpy as np
 from influence_jax.data.history import (
     Events,
     assemble,
-    event_rows,
     gap_column,
     last_event_time,
     user_spans,
@@ -34,14 +33,16 @@ def bucket_examples(
     opts: PrepareOptions,
     schema: Schema,
     counts: dict[str, int],
+    slots: np.ndarray,
     offset: int = 0,
 ) -> Iterator[Block]:
     """Yields (split index, example columns, hist_last_ts, sampled) for one bucket whose events
-    are already sorted (`history.sort_events`).
+    are already sorted (`history.sort_events`); `slots`: the events as history slots
+    (`history.event_rows`).
 
     With `schema.history_events` the examples reference their histories (hist_lo, hist_hi into
     the dataset's event table, where this bucket's events start at `offset`; see store.py);
-    else each holds its own `hist`."""
+    else each holds its own `hist`, assembled from `slots`."""
     events = Events.of(ev)
     user, item, ts = events.user, events.item, events.ts
     start, lo = user_spans(events)
@@ -72,14 +73,11 @@ def bucket_examples(
         pairs = (keys, ts[first])
     k1 = 1 + opts.neg_ratio
     by_ref = bool(schema.history_events)
-    slots = (  # each event as a history slot, for histories built here (copy storage)
-        None if by_ref else event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
-    )
     row_bytes = (16 if by_ref else schema.max_len * len(schema.hist_fields) * 4) + 64
     block = max(256, int(opts.memory_mb * 2**20 * BLOCK_SHARE / (k1 * row_bytes * 2)))
     for b0 in range(0, len(targets), block):
         tg = targets[b0 : b0 + block]
-        hist = _history_columns(tg, events, slots, start, lo, schema, offset)
+        hist = _history_columns(tg, events, None if by_ref else slots, start, lo, schema, offset)
         yield from _examples(
             tg, positive[tg], heads[tg], hist, events, start, pair_key, pairs, plan, opts,
             counts,

@@ -2,10 +2,11 @@
 
 A bucket's events are sorted by (user, time, ...); an event's history "as of" time t is the
 `max_len` most recent events of the same user strictly before t, most recent first, each as
-(item fields, behaviour, bucketed time gap t - event time). `histories` builds them for any
-rows given each row's user span; `user_spans` gives the spans of training targets (as of the
-target's own time) and `state_as_of` those of every user as of a cut (a split boundary or any
-ranking time), so training and ranking histories cannot drift apart.
+(item fields, behaviour, bucketed time gap t - event time). `assemble` builds them for any
+rows given each row's user span, from the events as history slots (`event_rows`);
+`user_spans` gives the spans of training targets (as of the target's own time) and
+`state_as_of` those of every user as of a cut (a split boundary or any ranking time), so
+training and ranking histories cannot drift apart.
 """
 
 from __future__ import annotations
@@ -105,39 +106,10 @@ def _slots(start: np.ndarray, end: np.ndarray, max_len: int) -> tuple[np.ndarray
 
 
 def event_times(events: Events, start: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
-    """[R, max_len] int64 raw time (unix s) of each slot of the histories `histories` builds from
+    """[R, max_len] int64 raw time (unix s) of each slot of the histories `assemble` builds from
     the same spans, NO_HISTORY in empty slots: the time_gap field only keeps a log2 bucket."""
     idx, valid = _slots(start, end, max_len)
     return np.where(valid, events.ts[idx], NO_HISTORY).astype(np.int64)
-
-
-def histories(
-    events: Events,
-    start: np.ndarray,
-    end: np.ndarray,
-    t: np.ndarray,
-    item_rows: np.ndarray,
-    item_fields: list[Field] | tuple[Field, ...],
-    hist_fields: list[Field] | tuple[Field, ...],
-    max_len: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Histories of rows whose user's earlier events are events[start:end], as seen at time t.
-
-    Args:
-      events: the bucket's sorted events.
-      start, end, t: per row [R]: the user's first event, one past the last event strictly
-        before t, and the time the history is seen from (for the time gaps).
-      item_rows: [num dense items, Fi] feature ids; a history field named like an item field
-        (item_id, category) reads that column.
-      item_fields, hist_fields, max_len: from the schema.
-
-    Returns:
-      (hist [R, max_len, Fh] int32, most recent first, padding 0; time of the most recent
-      event per row, NO_HISTORY when the history is empty).
-    """
-    rows = event_rows(events, item_rows, item_fields, hist_fields)
-    hist = assemble(rows, events.ts, start, end, t, max_len, gap_column(hist_fields))
-    return hist, last_event_time(events.ts, start, end)
 
 
 def event_rows(
@@ -211,8 +183,10 @@ def state_as_of(
     item_fields: list[Field] | tuple[Field, ...],
     hist_fields: list[Field] | tuple[Field, ...],
     max_len: int,
+    slots: np.ndarray | None = None,
 ) -> UserState:
-    """Each user's history as a training example at time `cut` would hold it."""
+    """Each user's history as a training example at time `cut` would hold it (`slots`: the
+    events' `event_rows`, when the caller has them already)."""
     n = len(events.ts)
     if not n:
         return UserState(
@@ -228,6 +202,9 @@ def state_as_of(
     start = first[keep]
     end = start + before[keep]
     t = np.full(len(start), cut, np.int64)
-    hist, last_ts = histories(events, start, end, t, item_rows, item_fields, hist_fields, max_len)
+    if slots is None:
+        slots = event_rows(events, item_rows, item_fields, hist_fields)
+    hist = assemble(slots, events.ts, start, end, t, max_len, gap_column(hist_fields))
+    last_ts = last_event_time(events.ts, start, end)
     hist_ts = event_times(events, start, end, max_len)
     return UserState(events.user[start].astype(np.int64), hist, last_ts, hist_ts)

@@ -228,16 +228,18 @@ def _write_examples(
         os.remove(path)
         ev, n_dup = sort_events(ev, opts.dedupe)
         counts["duplicates"] += n_dup
-        for s, cols, last_ts, sampled in bucket_examples(ev, plan, opts, schema, counts, offset):
+        events = Events.of(ev)
+        # Each event as a history slot, once: for copied histories, the event table, the state.
+        slots = event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
+        blocks = bucket_examples(ev, plan, opts, schema, counts, slots, offset)
+        for s, cols, last_ts, sampled in blocks:
             writers[s].add(cols)
             sidecars[s].add(hist_last_ts=last_ts, sampled=sampled)
-        events = Events.of(ev)
         if table is not None:
-            rows = event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
-            table.add(rows=rows, ts=events.ts)
+            table.add(rows=slots, ts=events.ts)
             offset += len(ev)
-        state.add(events)
-        del ev, events
+        state.add(events, slots)
+        del ev, events, slots
     for s in [*sidecars, *([table] if table else [])]:
         s.close()
     return {s: w.close() for s, w in zip(SPLITS, writers, strict=True)}

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from influence_jax.data.examples import NpyColumns
-from influence_jax.data.history import Events, state_as_of
+from influence_jax.data.history import Events, event_rows, state_as_of
 from influence_jax.data.plan import Plan
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError, Schema
 
@@ -49,10 +49,14 @@ class RankStateWriter:
         seen = {"user_key": (I8, ()), "item": (I4, ()), "first_ts": (I8, ())}
         self.seen = NpyColumns(os.path.join(base, "seen"), seen)
 
-    def add(self, events: Events) -> None:
-        """One bucket's events, sorted as for examples (`history.sort_events`)."""
+    def add(self, events: Events, slots: np.ndarray | None = None) -> None:
+        """One bucket's events, sorted as for examples (`history.sort_events`); `slots`: their
+        `history.event_rows`, if the caller has them (made here otherwise, once for all cuts)."""
         if not len(events.ts):
             return
+        if slots is None:
+            plan, fields = self.plan, self.schema.hist_fields
+            slots = event_rows(events, plan.item_rows, plan.item_fields, fields)
         first = np.flatnonzero(np.r_[True, events.user[1:] != events.user[:-1]])
         bounds = np.r_[first[::USERS_PER_BLOCK], len(events.ts)] if len(first) else [0]
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
@@ -65,6 +69,7 @@ class RankStateWriter:
                     self.plan.item_fields,
                     self.schema.hist_fields,
                     self.schema.max_len,
+                    slots[a:b],
                 )
                 self.states[cut].add(
                     user_key=s.user,

@@ -382,10 +382,7 @@ class RetrievedCandidates:
 
             learned = TwoTowerSource(two_tower, run.data_path, run.schema)
         cfg = retrieval.RetrievalConfig()
-        saved = bool(tables) and os.path.exists(os.path.join(tables, "tables.json"))
-        self.retriever = retrieval.Retriever(h, cfg, progress, learned, tables if saved else None)
-        if tables and not saved:
-            self.retriever.save_tables(tables)
+        self.retriever = retrieval.Retriever(h, cfg, progress, learned, tables)
         mine = ctx.in_split if ranked is None else ranked
         self.part = h.select(np.isin(h.user_key, ctx.user_key[mine]))
         self.n_ids = run.schema.vocab_sizes["item_id"]

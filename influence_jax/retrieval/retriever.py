@@ -48,8 +48,10 @@ class Retriever:
       progress: called with users done while the co-visitation table is counted.
       learned: the learned source (`two_tower.TwoTowerSource`, anything with
         `lists(part, m) -> [U, m]`), or None.
-      tables: a folder of tables saved by `save_tables` for the same histories and settings,
-        loaded instead of built (checked: cut time, item ids, users, settings); None builds.
+      tables: a folder for the tables: loaded from it when it holds tables (`save_tables`;
+        those of other histories or settings raise: cut time, item ids, users, events,
+        settings), else built and saved there; None builds and saves nothing. `loaded` says
+        which happened.
     """
 
     def __init__(
@@ -64,12 +66,15 @@ class Retriever:
         default = LEARNED_QUOTAS if learned is not None else DEFAULT_QUOTAS
         self.quotas = check_quotas(default if cfg.quotas is None else cfg.quotas)
         self.beh_w = behaviour_weights(h.behaviour_types, cfg.behaviour_weights)
-        if tables is not None:
+        self.loaded = bool(tables) and os.path.exists(os.path.join(tables, "tables.json"))
+        if self.loaded:
             self._load_tables(tables)
             return
         self.covisit = covisit.covisitation(h, self.beh_w, cfg.covisit, progress)
         self.pop = sources.popularity(h, self.beh_w, cfg.covisit.half_life_s)
         self.category = sources.category_table(h, self.pop, cfg.per_category)
+        if tables:
+            self.save_tables(tables)
 
     def _identity(self) -> dict:
         """What saved tables must match: the histories they came from and the settings."""
