@@ -152,6 +152,31 @@ _ROWS_PER_SHARD = flags.DEFINE_integer(
     "rows_per_shard", None, "Rows per shard (default: sized from --memory_mb)."
 )
 _AUDIT = flags.DEFINE_bool("audit", True, "Run the leakage audit on the result.")
+_NUM_BUCKETS = flags.DEFINE_integer(
+    "num_buckets",
+    None,
+    "Users are split into this many buckets (dense user index % N), each turned into examples "
+    "in memory at once; with --engine=spark, the tasks (default: sized from --memory_mb). The "
+    "output is the same for any count but for row order.",
+)
+_ENGINE = flags.DEFINE_enum(
+    "engine",
+    "numpy",
+    ["numpy", "spark"],
+    "numpy: streaming, on this host. spark: the same recipe and output on Apache Spark "
+    "(pip install -e '.[spark]' and Java 17+; see docs/spark.md); --input may then also be "
+    "table:DB.NAME (a Hive or catalog table), a Parquet folder or any path Spark reads.",
+)
+_SPARK_MASTER = flags.DEFINE_string(
+    "spark_master",
+    None,
+    "--engine=spark: the master URL (default: spark-submit's, else local[*]).",
+)
+_SPARK_CONF = flags.DEFINE_list(
+    "spark_conf",
+    [],
+    "--engine=spark: extra Spark settings key=value, e.g. spark.executor.memory=8g.",
+)
 # --source=events only.
 _EVENT_FLAGS = {
     "user": flags.DEFINE_string("user_col", "user_id", "events: user id column."),
@@ -241,6 +266,16 @@ def _overrides() -> dict[str, int]:
     return out
 
 
+def _spark_conf() -> dict[str, str]:
+    out = {}
+    for item in _SPARK_CONF.value:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DataError(f"--spark_conf: expected key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
 def main(argv: list[str]) -> None:
     del argv
     try:
@@ -276,10 +311,21 @@ def main(argv: list[str]) -> None:
             memory_mb=_MEMORY_MB.value,
             tmp_dir=_TMP_DIR.value,
             rows_per_shard=_ROWS_PER_SHARD.value,
+            num_buckets=_NUM_BUCKETS.value,
             name=_NAME.value,
             command=shlex.join(["python", *sys.argv]),
         )
-        schema = prepare.prepare(source, _OUTPUT.value, opts)
+        if _ENGINE.value == "spark":
+            from influence_jax.data import spark
+
+            conf = _spark_conf()
+            schema = spark.prepare(
+                source, _OUTPUT.value, opts, master=_SPARK_MASTER.value, conf=conf
+            )
+        else:
+            if _SPARK_MASTER.present or _SPARK_CONF.present:
+                raise DataError("--spark_master and --spark_conf need --engine=spark")
+            schema = prepare.prepare(source, _OUTPUT.value, opts)
         report = audit.audit_leakage(_OUTPUT.value) if _AUDIT.value else None
     except DataError as e:
         sys.exit(f"prepare_data: {e}")

@@ -13,6 +13,7 @@ bucket count. See `prepare` for the whole recipe.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from influence_jax.data import readers
-from influence_jax.data.examples import audit_columns, bucket_examples, event_table
+from influence_jax.data.examples import NpyColumns, audit_columns, bucket_examples, event_table
 from influence_jax.data.history import (  # noqa: F401  (re-exported: audit, tests)
     GAP_INVALID,
     NO_HISTORY,
@@ -159,49 +160,124 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
         tmp = opts.tmp_dir or os.path.join(root, "_buckets")
         if opts.tmp_dir:
             tmp = os.path.join(tmp, os.path.basename(root) + "-buckets")
-        counts = dict.fromkeys(
-            (
-                "duplicates",
-                "targets",
-                "targets_short_history",
-                "negatives",
-                "negatives_unsampleable",
-                "exposures",
-                "exposures_merged",
-                "exposures_immature",
-                "conversions",
-                *(f"conversions_{h}" for h in opts.heads),
-            ),
-            0,
-        )
+        counts = new_counts(opts)
         try:
             paths, (user_n, item_n) = partition(source, plan, opts, tmp, block_bytes)
             if opts.vocab_period == "train":
                 plan = training_vocabs(plan, user_n, item_n, opts)
             schema = _schema(source, plan, opts)
             pa.default_memory_pool().release_unused()
-            state = RankStateWriter(root, plan, schema, scan.t_max)
-            splits = _write_examples(paths, root, plan, opts, schema, counts, state)
-            rank_info = state.close()
+            splits, rank_info = _write_examples(paths, root, plan, opts, schema, counts, scan.t_max)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        vocab_files = {
-            name: "vocab/" + v.save(os.path.join(root, "vocab"), name)
-            for name, v in plan.vocabs.items()
-        }
-        vocab_files["user_key"] = "vocab/" + Vocab(plan.user_keys).save(
-            os.path.join(root, "vocab"), "user_key"
-        )
-        schema = dataclasses.replace(
-            schema,
-            splits=splits,
-            extra={
-                **_extra(source, scan, plan, opts, counts, vocab_files),
-                "rank_state": rank_info,
-            },
-        )
-        schema.save(root)
+        schema = finish(root, source, scan, plan, opts, schema, counts, splits, rank_info)
     return schema
+
+
+def finish(
+    root: str,
+    source: readers.EventSource,
+    scan: Scan,
+    plan: Plan,
+    opts: PrepareOptions,
+    schema: Schema,
+    counts: dict[str, int],
+    splits: dict[str, dict],
+    rank_info: dict,
+    engine: dict | None = None,
+) -> Schema:
+    """Writes the vocabularies and schema.json of a prepared folder; returns the schema."""
+    vocab_files = {
+        name: "vocab/" + v.save(os.path.join(root, "vocab"), name)
+        for name, v in plan.vocabs.items()
+    }
+    vocab_files["user_key"] = "vocab/" + Vocab(plan.user_keys).save(
+        os.path.join(root, "vocab"), "user_key"
+    )
+    extra = {**_extra(source, scan, plan, opts, counts, vocab_files), "rank_state": rank_info}
+    extra["engine"] = engine or {"name": "numpy"}
+    schema = dataclasses.replace(schema, splits=splits, extra=extra)
+    schema.save(root)
+    return schema
+
+
+class Sinks:
+    """Everything a preparation appends bucket by bucket: each split's example shards and audit
+    sidecars, the event table (histories by reference) and the ranking state. The numpy engine
+    feeds one Sinks all buckets in turn; the Spark engine (spark.py) one per bucket in its
+    tasks, whose folders `merge_part` then appends in bucket order."""
+
+    def __init__(
+        self,
+        root: str,
+        plan: Plan,
+        opts: PrepareOptions,
+        schema: Schema,
+        t_max: int,
+        rows_per_shard: int | None = None,
+    ):
+        row_bytes = (
+            schema.max_len * len(schema.hist_fields)
+            + len(schema.user_fields)
+            + len(schema.item_fields)
+        ) * 4 + 40
+        rows = (
+            rows_per_shard
+            or opts.rows_per_shard
+            or int(min(1 << 20, max(4096, opts.memory_mb * 2**20 * SHARD_SHARE / row_bytes)))
+        )
+        self.root, self.plan, self.opts, self.schema = root, plan, opts, schema
+        self.writers = [ShardWriter(root, s, schema, rows) for s in SPLITS]
+        self.sidecars = [audit_columns(root, s) for s in SPLITS]
+        self.table = event_table(root, schema) if schema.history_events else None
+        self.state = RankStateWriter(root, plan, schema, t_max)
+        self.offset = 0  # events in the event table so far
+
+    def add(self, ev: np.ndarray, counts: dict[str, int]) -> None:
+        """One bucket's events (RECORD, any order)."""
+        ev, n_dup = sort_events(ev, self.opts.dedupe)
+        counts["duplicates"] += n_dup
+        events = Events.of(ev)
+        # Each event as a history slot, once: for copied histories, the event table, the state.
+        plan, schema = self.plan, self.schema
+        slots = event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
+        blocks = bucket_examples(ev, plan, self.opts, schema, counts, slots, self.offset)
+        for s, cols, last_ts, sampled in blocks:
+            self.writers[s].add(cols)
+            self.sidecars[s].add(hist_last_ts=last_ts, sampled=sampled)
+        if self.table is not None:
+            self.table.add(rows=slots, ts=events.ts)
+            self.offset += len(ev)
+        self.state.add(events, slots)
+
+    def columns(self) -> list[NpyColumns]:
+        """The column folders besides the example shards (sidecars, event table, state)."""
+        table = [self.table] if self.table is not None else []
+        return [*self.sidecars, *table, *self.state.columns()]
+
+    def merge_part(self, part: str) -> None:
+        """Appends what a Sinks at `part` (one bucket, made the same way) wrote: its examples
+        with their history spans moved by this table's offset, then every column folder."""
+        shift = self.offset
+        for s, w in zip(SPLITS, self.writers, strict=True):
+            for shard in sorted(glob.glob(os.path.join(part, s, "part-*"))):
+                cols = {k: np.load(os.path.join(shard, k + ".npy")) for k in w.columns}
+                for k in ("hist_lo", "hist_hi"):
+                    if k in cols:
+                        cols[k] += shift
+                w.add(cols)
+        for c in self.columns():
+            rel = os.path.relpath(c.folder, self.root)
+            c.add(**{k: np.load(os.path.join(part, rel, k + ".npy")) for k in c.columns})
+        if self.table is not None:
+            self.offset += len(np.load(os.path.join(part, self.schema.history_events, "ts.npy")))
+
+    def close(self, item_features: bool = True) -> tuple[dict[str, dict], dict]:
+        """Finishes every file; returns (Schema.splits, the ranking state's description)."""
+        for c in [*self.sidecars, *([self.table] if self.table else [])]:
+            c.close()
+        rank_info = self.state.close(item_features)
+        return {s: w.close() for s, w in zip(SPLITS, self.writers, strict=True)}, rank_info
 
 
 def _write_examples(
@@ -211,38 +287,34 @@ def _write_examples(
     opts: PrepareOptions,
     schema: Schema,
     counts: dict[str, int],
-    state: RankStateWriter,
-) -> dict[str, dict]:
-    row_bytes = (
-        schema.max_len * len(schema.hist_fields) + len(schema.user_fields) + len(schema.item_fields)
-    ) * 4 + 40
-    rows = opts.rows_per_shard or int(
-        min(1 << 20, max(4096, opts.memory_mb * 2**20 * SHARD_SHARE / row_bytes))
-    )
-    writers = [ShardWriter(root, s, schema, rows) for s in SPLITS]
-    sidecars = [audit_columns(root, s) for s in SPLITS]
-    table = event_table(root, schema) if schema.history_events else None
-    offset = 0
+    t_max: int,
+) -> tuple[dict[str, dict], dict]:
+    sinks = Sinks(root, plan, opts, schema, t_max)
     for path in paths:
         ev = np.fromfile(path, RECORD)
         os.remove(path)
-        ev, n_dup = sort_events(ev, opts.dedupe)
-        counts["duplicates"] += n_dup
-        events = Events.of(ev)
-        # Each event as a history slot, once: for copied histories, the event table, the state.
-        slots = event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
-        blocks = bucket_examples(ev, plan, opts, schema, counts, slots, offset)
-        for s, cols, last_ts, sampled in blocks:
-            writers[s].add(cols)
-            sidecars[s].add(hist_last_ts=last_ts, sampled=sampled)
-        if table is not None:
-            table.add(rows=slots, ts=events.ts)
-            offset += len(ev)
-        state.add(events, slots)
-        del ev, events, slots
-    for s in [*sidecars, *([table] if table else [])]:
-        s.close()
-    return {s: w.close() for s, w in zip(SPLITS, writers, strict=True)}
+        sinks.add(ev, counts)
+        del ev
+    return sinks.close()
+
+
+def new_counts(opts: PrepareOptions) -> dict[str, int]:
+    """The example-building counts of schema.json, all 0."""
+    return dict.fromkeys(
+        (
+            "duplicates",
+            "targets",
+            "targets_short_history",
+            "negatives",
+            "negatives_unsampleable",
+            "exposures",
+            "exposures_merged",
+            "exposures_immature",
+            "conversions",
+            *(f"conversions_{h}" for h in opts.heads),
+        ),
+        0,
+    )
 
 
 def _extra(

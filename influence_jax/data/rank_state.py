@@ -85,11 +85,18 @@ class RankStateWriter:
         at.sort()
         self.seen.add(user_key=events.user[at], item=item[at], first_ts=events.ts[at])
 
-    def close(self) -> dict:
-        """Finishes the columns, writes item_features.npy; returns the schema's description."""
-        for c in [*self.states.values(), self.seen]:
+    def columns(self) -> list[NpyColumns]:
+        """Its column folders: each cut's state, then the seen pairs."""
+        return [*self.states.values(), self.seen]
+
+    def close(self, features: bool = True) -> dict:
+        """Finishes the columns and (with `features`) writes item_features.npy; returns the
+        schema's description."""
+        for c in self.columns():
             c.close()
-        np.save(os.path.join(self.root, FOLDER, "item_features.npy"), item_features(self.plan))
+        if features:
+            path = os.path.join(self.root, FOLDER, "item_features.npy")
+            np.save(path, item_features(self.plan))
         return {
             "folder": FOLDER,
             "cuts": self.cuts,

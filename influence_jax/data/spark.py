@@ -1,0 +1,486 @@
+"""Preparation on Apache Spark (`tools/prepare_data.py --engine=spark`): the numpy engine's
+recipe (prepare.py) with its passes over the log run as Spark jobs, so a log in Hive, Parquet or
+CSV on a cluster is prepared by the cluster and not by one host.
+
+- Read: Spark's own CSV, Parquet and table readers (`--input=table:db.events` for a Hive or
+  catalog table); every batch is validated by the numpy engine's converter (logio.convert), so
+  ids, behaviour spellings, time formats and malformed rows follow the same rules. A malformed
+  row fails the job naming its file and the row, or with `lenient` is counted and skipped.
+- Pass 1: the scan's per-user, per-item and per-category counts are Spark aggregations, collected
+  to the driver, which makes the plan (vocabularies, feature rows, negative pool, split
+  boundaries) with the same code as the numpy engine.
+- Pass 2: events are dense-indexed by joins with the vocabularies, counted per user and item
+  in the training period (the `train` vocabularies), and shuffled by bucket (dense user %
+  buckets). Each task turns its buckets into examples, histories, the event table and the
+  ranking state with the numpy engine's per-bucket code (prepare.Sinks, the one implementation
+  of histories, labels and negatives), writing one part folder per bucket.
+- The driver appends the parts in bucket order to the prepared folder (shards, event table,
+  ranking state, vocabularies, schema.json), so with the same bucket count the output is the
+  numpy engine's, file for file (tests/test_spark.py checks it on four datasets).
+
+The output folder must be visible to the driver and to every executor under the same path (one
+machine, or a shared mount on a cluster); it is written atomically (prepare.AtomicDir).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from influence_jax.data import cleaning, logio, readers
+from influence_jax.data.plan import RECORD, Plan, PrepareOptions, Scan, make_plan, training_vocabs
+from influence_jax.data.prepare import Sinks, _schema, finish, new_counts
+from influence_jax.data.schema import DataError, Schema
+from influence_jax.data.store import AtomicDir
+from influence_jax.data.vocab import indexer
+
+TABLE_PREFIX = "table:"  # --input=table:db.events reads a Hive / catalog table
+# Per validated row, which rules it broke (bits); 0: a good row.
+BLANK = 1
+REASON_BITS = {r: 2 << i for i, r in enumerate(logio.REASONS)}
+PART_ROWS = 1 << 62  # one shard per split in a part: the driver cuts the final shards
+SPARK_MISSING = (
+    "--engine=spark needs PySpark and a Java runtime (17 or newer): pip install -e '.[spark]' "
+    "and, on Debian/Ubuntu, apt-get install default-jre-headless"
+)
+
+
+def session(master: str | None = None, memory_mb: int = 2048, conf: dict | None = None):
+    """A SparkSession: `master` (default: the one spark-submit set, else local[*]); in local
+    mode the driver (which then runs the tasks) gets `memory_mb` of heap. Logs at WARN."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise DataError(SPARK_MISSING) from None
+    if not shutil.which("java") and not os.environ.get("JAVA_HOME"):
+        raise DataError(SPARK_MISSING)
+    b = SparkSession.builder.appName("influence_jax-prepare")
+    if master:
+        b = b.master(master)
+    defaults = {
+        "spark.ui.showConsoleProgress": "false",
+        "spark.driver.memory": f"{max(1024, memory_mb)}m",
+        "spark.pyspark.python": sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.sql.shuffle.partitions": "16",
+        # Malformed CSV rows are found by the parser only when it parses every column.
+        "spark.sql.csv.parser.columnPruning.enabled": "false",
+        "spark.sql.session.timeZone": "UTC",
+    }
+    for k, v in {**defaults, **(conf or {})}.items():
+        b = b.config(k, v)
+    spark = b.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _csv_names(spark, f: logio.EventFile) -> tuple[str, ...]:
+    if f.names is not None:
+        return tuple(f.names)
+    if os.path.exists(f.path):
+        return logio.read_header(f.path, f.delimiter)
+    first = spark.read.text(f.path).first()
+    if first is None:
+        raise DataError(f"{f.path}: empty file (expected a header line)")
+    return tuple(c.strip() for c in first[0].lstrip("\ufeff").split(f.delimiter))
+
+
+def _raw_frame(spark, f: logio.EventFile):
+    """The file's role columns (one column may play two roles), its path and, for CSV, the
+    text of rows with a wrong field count (`_corrupt`)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    cols = {r: f.roles[r] for r in logio.ROLES if r in f.roles}
+    csv = False
+    if f.path.startswith(TABLE_PREFIX):
+        df = spark.table(f.path[len(TABLE_PREFIX) :])
+    elif f.path.endswith((".parquet", ".pq")) or _is_parquet_dir(f.path):
+        df = spark.read.parquet(f.path)
+    else:
+        csv = True
+        names = _csv_names(spark, f)
+        schema = T.StructType(
+            [T.StructField(n, T.StringType()) for n in names]
+            + [T.StructField("_corrupt", T.StringType())]
+        )
+        df = (
+            spark.read.schema(schema)
+            .options(
+                sep=f.delimiter,
+                header=str(f.names is None).lower(),
+                quote='"' if f.quoted else "",
+                mode="PERMISSIVE",
+                columnNameOfCorruptRecord="_corrupt",
+                nullValue="\u0000",  # an empty field stays an empty string, as in pyarrow
+            )
+            .csv(f.path)
+        )
+    missing = [c for c in cols.values() if c not in df.columns]
+    if missing:
+        raise DataError(f"{f.path}: missing column(s) {missing}; the file has {df.columns}")
+    corrupt = F.col("_corrupt") if csv else F.lit(None).cast("string")
+    return df.select(
+        *[F.col(c).alias(r) for r, c in cols.items()],
+        F.input_file_name().alias("_file"),
+        corrupt.alias("_corrupt"),
+    )
+
+
+def _is_parquet_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(n.endswith(".parquet") for n in os.listdir(path))
+
+
+def _validate(
+    batches: Iterator[pa.RecordBatch], f: logio.EventFile, string_ids: bool
+) -> Iterator[pa.RecordBatch]:
+    """Spark task: raw batches -> canonical event columns and the rules each row broke."""
+    roles = [r for r in logio.ROLES if r in f.roles]
+    for b in batches:
+        by_role = {}
+        for r in roles:
+            a = b.column(r)
+            by_role[r] = pc.fill_null(a, "") if pa.types.is_string(a.type) else a
+        chunk, blank, bad = logio.convert(by_role, f, string_ids)
+        bits = np.where(blank, BLANK, 0).astype(np.int32)
+        for reason, m in bad.items():
+            bits |= np.where(m, REASON_BITS[reason], 0).astype(np.int32)
+        corrupt = np.asarray(b.column("_corrupt").is_valid())
+        bits = np.where(corrupt, REASON_BITS["wrong_field_count"], bits).astype(np.int32)
+        text = [None] * b.num_rows
+        for i in np.flatnonzero(bits > BLANK)[:1]:  # the first bad row's text, for the error
+            text[i] = b.column("_corrupt")[i].as_py() or f.delimiter.join(
+                str(by_role[r][i].as_py()) for r in roles
+            )
+        ok = bits == 0
+        n = b.num_rows
+        cols = {
+            "user": _ids(chunk.user, ok, string_ids),
+            "item": _ids(chunk.item, ok, string_ids),
+            "ts": pa.array(chunk.timestamp, pa.int64()),
+            "value": pa.array(
+                np.ones(n, np.float32) if chunk.value is None else chunk.value, pa.float32()
+            ),
+            "beh": pa.array(chunk.behaviour, pa.int8()),
+        }
+        if chunk.category is not None:
+            cols["category"] = _ids(chunk.category, ok, string_ids)
+        cols |= {
+            "bits": pa.array(bits),
+            "text": pa.array(text, pa.string()),
+            "file": b.column("_file"),
+        }
+        yield pa.RecordBatch.from_pydict(cols)
+
+
+def _ids(a: pa.Array, ok: np.ndarray, string_ids: bool) -> pa.Array:
+    """Ids of good rows; others empty (string) or 0 (they are filtered out)."""
+    if string_ids:
+        return pc.if_else(pa.array(ok), a, "")
+    return pa.array(np.where(ok, np.asarray(a), 0), pa.int64())
+
+
+def read_events(spark, source: readers.EventSource):
+    """Every file of `source` as validated rows: user, item, ts, value, beh[, category] and the
+    rules each row broke (`bits`; 0: good), with its file and, for the first bad row of a
+    batch, its text."""
+    id_type = "string" if source.string_ids else "long"
+    out = None
+    for f in source.files:
+        raw = _raw_frame(spark, f)
+        fields = [f"user {id_type}", f"item {id_type}", "ts long", "value float", "beh byte"]
+        if "category" in f.roles:
+            fields.append(f"category {id_type}")
+        fields += ["bits int", "text string", "file string"]
+        fn = functools.partial(_validate, f=f, string_ids=source.string_ids)
+        df = raw.mapInArrow(fn, ", ".join(fields))
+        out = df if out is None else out.unionByName(df)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: the scan
+
+
+def _to_arrow(df) -> pa.Table:
+    t = df.toArrow()
+    return pa.table(
+        {
+            c: t.column(c).cast(pa.string())
+            if pa.types.is_large_string(t.column(c).type)
+            else t.column(c)
+            for c in t.column_names
+        }
+    )
+
+
+def _stats(df, keys: str, pair: str | None) -> pa.Table:
+    """IdStats.result() of the numpy scan: k (sorted), n and, with `pair`, lo, hi."""
+    from pyspark.sql import functions as F
+
+    aggs = [F.count(F.lit(1)).alias("n")]
+    if pair:
+        aggs += [F.min(pair).alias("lo"), F.max(pair).alias("hi")]
+    t = _to_arrow(df.groupBy(F.col(keys).alias("k")).agg(*aggs)).sort_by("k")
+    return pa.table({c: t.column(c).combine_chunks() for c in t.column_names})
+
+
+def scan(spark, source: readers.EventSource, opts: PrepareOptions):
+    """Pass 1 on Spark: (Scan as the numpy engine's scan_log makes it, the events in the time
+    window as a persisted DataFrame: user, item, ts, value, beh[, category])."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    ev = read_events(spark, source).persist(StorageLevel.MEMORY_AND_DISK)
+    good = F.col("bits") == 0
+    window = F.lit(True)
+    if opts.min_timestamp is not None:
+        window &= F.col("ts") >= opts.min_timestamp
+    if opts.max_timestamp is not None:
+        window &= F.col("ts") <= opts.max_timestamp
+    bit = lambda b: F.sum((F.col("bits").bitwiseAND(b) != 0).cast("long"))  # noqa: E731
+    row = ev.agg(
+        F.sum(good.cast("long")).alias("rows_valid"),
+        F.sum((good & window).cast("long")).alias("events"),
+        F.min(F.when(good & window, F.col("ts"))).alias("t_min"),
+        F.max(F.when(good & window, F.col("ts"))).alias("t_max"),
+        bit(BLANK).alias("blank_lines"),
+        *[bit(b).alias(r) for r, b in REASON_BITS.items()],
+    ).first()
+    rows_valid, n_events = int(row["rows_valid"] or 0), int(row["events"] or 0)
+    bad = {r: int(row[r] or 0) for r in REASON_BITS}
+    if not opts.lenient and any(bad.values()):
+        _raise_first_bad(ev, source)
+    tally = {}
+    is_csv = [not _is_table_or_parquet(f.path) for f in source.files]
+    if any(is_csv):
+        tally["blank_lines"] = int(row["blank_lines"] or 0)
+        tally["wrong_field_count"] = bad["wrong_field_count"]
+    has_value = source.has_value
+    for r in ("bad_id", "bad_timestamp", "unknown_behaviour", *(["bad_value"] * has_value)):
+        tally[r] = bad[r]
+    if n_events == 0:
+        ev.unpersist()
+        raise DataError(
+            f"{[f.path for f in source.files]}: no events to prepare ({rows_valid} valid "
+            f"rows, {rows_valid - n_events} outside the time window, skipped {tally})"
+        )
+    cols = ["user", "item", "ts", "value", "beh"]
+    if source.has_event_category:
+        cols.append("category")
+    events = ev.filter(good & window).select(*cols).persist(StorageLevel.MEMORY_AND_DISK)
+    rate_rule = bool(opts.max_user_events_per_day)
+    users = _stats(events, "user", "ts" if rate_rule else None)
+    items = _stats(events, "item", "category" if source.has_event_category else None)
+    cats = _stats(events, "category", None) if source.has_event_category else None
+    beh = events.groupBy("beh").count().collect()
+    behaviours = np.zeros(len(source.behaviour_types), np.int64)
+    for r in beh:
+        behaviours[int(r["beh"])] = int(r["count"])
+    ev.unpersist()
+    counts = {
+        "rows_valid": rows_valid,
+        "events": n_events,
+        "outside_time_window": rows_valid - n_events,
+        **{f"skipped_{k}": v for k, v in sorted(tally.items())},
+    }
+    dropped = cleaning.Dropped()
+    if opts.cleaning_rules.active:
+        users, items, dropped, removed = cleaning.apply(users, items, opts.cleaning_rules)
+        counts.update(removed)
+    scanned = Scan(
+        users, items, cats, behaviours, int(row["t_min"]), int(row["t_max"]), counts, dropped
+    )
+    return scanned, events
+
+
+def _is_table_or_parquet(path: str) -> bool:
+    return (
+        path.startswith(TABLE_PREFIX) or path.endswith((".parquet", ".pq")) or _is_parquet_dir(path)
+    )
+
+
+def _raise_first_bad(ev, source: readers.EventSource) -> None:
+    from pyspark.sql import functions as F
+
+    r = ev.filter((F.col("bits") > BLANK) & F.col("text").isNotNull()).first()
+    if r is None:  # a bad row past the first of its batch
+        r = ev.filter(F.col("bits") > BLANK).first()
+    reason = next(k for k, b in REASON_BITS.items() if r["bits"] & b)
+    raise DataError(
+        f"{r['file']}: {logio.REASONS[reason]}: row {r['text']!r}. Fix or delete the row, or "
+        "pass --lenient to count and skip malformed rows (the numpy engine, --engine=numpy, "
+        "names its line)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: dense indices, buckets, examples
+
+
+def _index_task(batches: Iterator[pa.RecordBatch], ctx) -> Iterator[pa.RecordBatch]:
+    """Spark task: events -> dense user and item indices (positions in the plan's sorted keys,
+    as the numpy engine's pass 2 finds them) and their bucket; events of ids the cleaning rules
+    dropped fall out."""
+    user_keys, item_keys, dropped, buckets = ctx.value
+    user_pos, item_pos = indexer(user_keys), indexer(item_keys)
+    for b in batches:
+        user, item = b.column("user"), b.column("item")
+        keep = dropped.keep(user, item)
+        if keep is not None:
+            b = b.filter(pa.array(keep))
+            user, item = b.column("user"), b.column("item")
+        (u, ok_u), (i, ok_i) = user_pos(user), item_pos(item)
+        if not (ok_u.all() and ok_i.all()):
+            raise DataError("an id not seen in the first pass; did the input change?")
+        yield pa.RecordBatch.from_pydict(
+            {
+                "u": pa.array(u, pa.int32()),
+                "i": pa.array(i, pa.int32()),
+                "ts": b.column("ts"),
+                "value": b.column("value"),
+                "beh": b.column("beh"),
+                "bucket": pa.array(u % buckets, pa.int32()),
+            }
+        )
+
+
+def _dense(spark, events, plan: Plan):
+    """Events with dense user and item indices and their bucket (see `_index_task`)."""
+    ctx = spark.sparkContext.broadcast(
+        (plan.user_keys, plan.item_keys, plan.dropped, plan.num_buckets)
+    )
+    task = functools.partial(_index_task, ctx=ctx)
+    schema = "u int, i int, ts long, value float, beh byte, bucket int"
+    return events.mapInArrow(task, schema), ctx
+
+
+def _train_counts(dense, n: int, col: str, valid_start: int) -> np.ndarray:
+    from pyspark.sql import functions as F
+
+    out = np.zeros(n, np.int64)
+    t = dense.filter(F.col("ts") < valid_start).groupBy(col).count().toArrow()
+    out[np.asarray(t.column(col), np.int64)] = np.asarray(t.column("count"), np.int64)
+    return out
+
+
+def _bucket_task(batches: Iterator[pa.RecordBatch], ctx, parts: str) -> Iterator[pa.RecordBatch]:
+    """Spark task: this partition's buckets -> one part folder each (prepare.Sinks)."""
+    plan, opts, schema, t_max = ctx.value
+    got = list(batches)
+    if not got or not sum(b.num_rows for b in got):
+        return
+    t = pa.Table.from_batches(got)
+    bucket = np.asarray(t.column("bucket"))
+    order = np.argsort(bucket, kind="stable")
+    bucket = bucket[order]
+    rec = np.empty(len(order), RECORD)
+    for f, c in (("user", "u"), ("item", "i"), ("ts", "ts"), ("value", "value"), ("beh", "beh")):
+        rec[f] = np.asarray(t.column(c))[order]
+    ends = np.flatnonzero(np.r_[bucket[1:] != bucket[:-1], True]) + 1
+    for lo, hi in zip(np.r_[0, ends[:-1]], ends, strict=True):
+        b = int(bucket[lo])
+        final = os.path.join(parts, f"b{b:06d}")
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"  # a retried or speculative attempt: first wins
+        counts = new_counts(opts)
+        sinks = Sinks(tmp, plan, opts, schema, t_max, rows_per_shard=PART_ROWS)
+        sinks.add(rec[lo:hi], counts)
+        sinks.close(item_features=False)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        yield pa.RecordBatch.from_pydict(
+            {"bucket": pa.array([b], pa.int32()), "counts": [json.dumps(counts)]}
+        )
+
+
+def prepare(
+    source: readers.EventSource,
+    output: str,
+    opts: PrepareOptions,
+    *,
+    master: str | None = None,
+    conf: dict | None = None,
+    spark=None,
+) -> Schema:
+    """Prepares `source` into `output` on Spark (see the module docstring); returns its
+    schema. `spark`: a session to use (default: `session(master, opts.memory_mb, conf)`)."""
+    opts = opts.resolve(source)
+    spark = spark or session(master, opts.memory_mb, conf)
+    from pyspark import StorageLevel
+
+    t0 = time.time()
+    with AtomicDir(output) as root:
+        scanned, events = scan(spark, source, opts)
+        plan = make_plan(source, scanned, opts)
+        logging.info(
+            "spark pass 1: %d events, %d users, %d items; %d buckets (%.1f s)",
+            scanned.counts["events"],
+            plan.counts["users"],
+            plan.counts["items"],
+            plan.num_buckets,
+            time.time() - t0,
+        )
+        dense, index_ctx = _dense(spark, events, plan)
+        dense = dense.persist(StorageLevel.MEMORY_AND_DISK)
+        gone = plan.dropped
+        if any(x is not None and len(x) for x in (gone.users, gone.items)):
+            kept = dense.count()
+            plan.counts["cleaning_events_removed"] = scanned.counts["events"] - kept
+        valid_start = plan.bounds[0]
+        user_n = _train_counts(dense, len(plan.user_keys), "u", valid_start)
+        item_n = _train_counts(dense, len(plan.item_keys), "i", valid_start)
+        if opts.vocab_period == "train":
+            plan = training_vocabs(plan, user_n, item_n, opts)
+        events.unpersist()  # `dense` is persisted: pass 2 reads it twice more
+        schema = _schema(source, plan, opts)
+        ctx = spark.sparkContext.broadcast((plan, opts, schema, scanned.t_max))
+        parts = os.path.join(root, "_parts")
+        os.makedirs(parts)
+        task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
+        P = plan.num_buckets
+        rows = (
+            dense.repartition(P, "bucket").mapInArrow(task, "bucket int, counts string").collect()
+        )
+        dense.unpersist()
+        for c in (ctx, index_ctx):
+            c.destroy()
+        logging.info("spark pass 2: %d buckets (%.1f s)", len(rows), time.time() - t0)
+        counts = new_counts(opts)
+        for r in rows:
+            for k, v in json.loads(r["counts"]).items():
+                counts[k] += v
+        sinks = Sinks(root, plan, opts, schema, scanned.t_max)
+        for b in sorted(r["bucket"] for r in rows):
+            part = os.path.join(parts, f"b{b:06d}")
+            sinks.merge_part(part)
+            shutil.rmtree(part)
+        shutil.rmtree(parts)
+        splits, rank_info = sinks.close()
+        engine = {
+            "name": "spark",
+            "master": spark.sparkContext.master,
+            "spark_version": spark.version,
+            "buckets": P,
+        }
+        schema = finish(
+            root, source, scanned, plan, opts, schema, counts, splits, rank_info, engine
+        )
+    logging.info("spark: prepared %s in %.1f s", output, time.time() - t0)
+    return schema

@@ -1,0 +1,225 @@
+"""The Spark engine (data/spark.py): with the same bucket count its output is the numpy
+engine's, file for file (schema.json but for the engine and command), on the real datasets and
+synthetic logs, from CSV, Parquet and a catalog table; malformed rows fail or are counted alike;
+the leakage audit passes on its output; tools/prepare_data.py --engine=spark runs it.
+
+CI installs PySpark and Java (.ci/run), so there these tests run; elsewhere without the extra
+they skip with the install line."""
+
+from __future__ import annotations
+
+import filecmp
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from influence_jax.data import audit, prepare, readers
+from influence_jax.data.schema import DataError
+from tests.helpers import need, needs_data, random_log, run_tool, write
+
+HAVE_SPARK = importlib.util.find_spec("pyspark") is not None and shutil.which("java") is not None
+
+
+@pytest.fixture(scope="module")
+def spark():
+    if not HAVE_SPARK:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Spark tests: .ci/run installs Java and '.[spark]'")
+        pytest.skip("needs PySpark and Java 17+: pip install -e '.[spark]'")
+    from influence_jax.data import spark as spark_engine
+
+    session = spark_engine.session("local[2]", 1024)
+    yield session
+    session.stop()
+
+
+def _both(source, tmp_path, spark, **kw) -> tuple[str, str]:
+    """Prepares `source` with both engines (3 buckets); returns (numpy folder, spark folder)."""
+    from influence_jax.data import spark as spark_engine
+
+    kw.setdefault("num_buckets", 3)
+    a, b = str(tmp_path / "numpy"), str(tmp_path / "spark")
+    prepare.prepare(source, a, prepare.PrepareOptions(**kw))
+    spark_engine.prepare(source, b, prepare.PrepareOptions(**kw), spark=spark)
+    return a, b
+
+
+def _schema(path: str, drop: tuple[str, ...] = ()) -> dict:
+    with open(os.path.join(path, "schema.json")) as f:
+        s = json.load(f)
+    for k in ("engine", "command", *drop):
+        s["extra"].pop(k, None)
+    return s
+
+
+def assert_same_output(a: str, b: str, drop: tuple[str, ...] = ()) -> None:
+    """Every file of the two prepared folders byte for byte; schema.json but for `drop`."""
+    files = lambda root: sorted(  # noqa: E731
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
+    assert files(a) == files(b)
+    differ = [
+        f
+        for f in files(a)
+        if f != "schema.json"
+        and not filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False)
+    ]
+    assert differ == []
+    assert _schema(a, drop) == _schema(b, drop)
+    assert _schema(b)["splits"]["train"]["rows"] > 0
+
+
+REAL = {
+    "taobao-next-item": ("taobao", "taobao_userbehavior_sample/UserBehavior_head814users.csv", {}),
+    "taobao-conversion-heads": (
+        "taobao",
+        "taobao_userbehavior_sample/UserBehavior_head814users.csv",
+        {"task": "conversion", "heads": ("cart", "fav", "buy")},
+    ),
+    "movielens": ("movielens", "ml-100k", {}),
+    "retailrocket-conversion": (
+        "retailrocket",
+        "cml_retailrocket/train.csv",
+        {"task": "conversion", "num_buckets": 5},
+    ),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("case", sorted(REAL))
+def test_spark_equals_numpy_on_the_real_datasets(case, tmp_path, spark):
+    name, rel, kw = REAL[case]
+    a, b = _both(readers.open_source(name, need(rel)), tmp_path, spark, **kw)
+    assert_same_output(a, b)
+    assert _schema(b)["extra"]["counts"]["events"] > 10_000
+    if case == "taobao-next-item":
+        report = audit.audit_leakage(b)  # raises on a leak
+        assert report["rows"]["train"] > 0 and report["history_events"] > 0
+
+
+def test_spark_equals_numpy_on_a_synthetic_log_with_ties(tmp_path, spark):
+    """Many timestamp ties and exact duplicates; deduplication, cleaning rules, per-vocabulary
+    min counts, copied histories and popularity negatives all go through both engines."""
+    log = write(tmp_path / "log.csv", random_log(60, 40, 3000, seed=3) * 2)
+    source = readers.open_source("taobao", log)
+    kw = {
+        "valid_start": 1060,
+        "test_start": 1080,
+        "min_timestamp": 0,
+        "dedupe": True,
+        "min_user_events": 100,
+        "min_count_for": None,
+        "history_storage": "copy",
+        "neg_strategy": "popularity",
+        "max_len": 7,
+        "rows_per_shard": 997,
+    }
+    kw.pop("min_count_for")
+    a, b = _both(source, tmp_path, spark, min_count_overrides={"item_id": 3}, **kw)
+    assert_same_output(a, b)
+    counts = _schema(b)["extra"]["counts"]
+    assert counts["duplicates"] > 0 and counts["cleaning_users_below_min"] > 0
+    assert len(_schema(b)["splits"]["train"]["shards"]) > 1
+
+
+def _events_log(tmp_path) -> tuple[str, dict]:
+    """A generic events log with string ids, a value column and a user side table."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    t = pa.table(
+        {
+            "uid": [f"u{u}" for u in rng.integers(0, 50, n)],
+            "sku": [f"s{i:03d}" for i in rng.integers(0, 80, n)],
+            "act": rng.choice(["view", "cart", "buy"], n, p=[0.7, 0.2, 0.1]).tolist(),
+            "amount": rng.integers(1, 50, n).astype(str).tolist(),
+            "day": [str(1_700_000_000 + int(x)) for x in rng.integers(0, 86400 * 20, n)],
+        }
+    )
+    csv = tmp_path / "log.csv"
+    with open(csv, "w") as f:
+        f.write(",".join(t.column_names) + "\n")
+        for row in zip(*(t.column(c).to_pylist() for c in t.column_names), strict=True):
+            f.write(",".join(row) + "\n")
+    pq.write_table(t, tmp_path / "log.parquet")
+    users = write(
+        tmp_path / "users.csv", "uid,tier\n" + "".join(f"u{u},t{u % 4}\n" for u in range(50))
+    )
+    kw = dict(
+        user="uid",
+        item="sku",
+        behaviour="act",
+        timestamp="day",
+        value="amount",
+        behaviour_types=("view", "cart", "buy"),
+        string_ids=True,
+        user_table=users,
+    )
+    return str(csv), kw
+
+
+def test_events_from_csv_parquet_and_a_table_give_the_numpy_output(tmp_path, spark):
+    from influence_jax.data import spark as spark_engine
+
+    csv, kw = _events_log(tmp_path)
+    opts = dict(num_buckets=2, neg_ratio=2)
+    a, b = _both(readers.open_source("events", csv, **kw), tmp_path, spark, **opts)
+    assert_same_output(a, b)
+    # The same log as Parquet, and as a table of the session's catalog (a Hive table alike).
+    spark.read.parquet(str(tmp_path / "log.parquet")).createOrReplaceTempView("events_log")
+    for name, path in (("parquet", str(tmp_path / "log.parquet")), ("table", "table:events_log")):
+        out = str(tmp_path / name)
+        source = readers.open_source("events", path, **kw)
+        spark_engine.prepare(source, out, prepare.PrepareOptions(**opts), spark=spark)
+        assert_same_output(a, out, drop=("inputs", "counts"))
+        counts = _schema(out)["extra"]["counts"]
+        assert counts["events"] == _schema(a)["extra"]["counts"]["events"] == 2000
+
+
+def test_a_malformed_row_fails_naming_the_file_or_is_counted_as_numpy_counts_it(tmp_path, spark):
+    from influence_jax.data import spark as spark_engine
+
+    good = random_log(20, 15, 400, seed=1)
+    log = write(tmp_path / "bad.csv", good + "7,x,1,pv,1050\n9,3,1,jump,1051\n4,4,1\n" + good)
+    source = readers.open_source("taobao", log)
+    opts = dict(valid_start=1060, test_start=1080, min_timestamp=0, num_buckets=2)
+    with pytest.raises(DataError, match=r"bad\.csv: .*(non-integer id|unknown behaviour|number)"):
+        spark_engine.prepare(
+            source, str(tmp_path / "out"), prepare.PrepareOptions(**opts), spark=spark
+        )
+    assert not os.path.exists(tmp_path / "out")  # nothing half-written
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out.tmp")]
+    a, b = _both(source, tmp_path, spark, lenient=True, **opts)
+    assert_same_output(a, b)
+    counts = _schema(b)["extra"]["counts"]
+    assert (counts["skipped_bad_id"], counts["skipped_unknown_behaviour"]) == (1, 1)
+    assert counts["skipped_wrong_field_count"] == 1
+
+
+def test_prepare_data_engine_spark_runs_from_the_command_line(tmp_path):
+    if not HAVE_SPARK:
+        pytest.skip("needs PySpark and Java 17+: pip install -e '.[spark]'")
+    log = write(tmp_path / "log.csv", random_log(30, 20, 800, seed=2))
+    flags = ["--source=taobao", f"--input={log}", "--valid_start=1060", "--test_start=1080"]
+    flags += ["--min_timestamp=0", "--num_buckets=2"]
+    out = tmp_path / "spark"
+    flags += [f"--output={out}", "--engine=spark", "--spark_master=local[1]"]
+    res = run_tool("prepare_data", *flags, "--spark_conf=spark.driver.memory=700m")
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = json.loads(res.stdout[res.stdout.index("{") :])
+    assert printed["audit"]["rows"]["train"] > 0
+    source = readers.open_source("taobao", log)
+    prepare.prepare(
+        source,
+        str(tmp_path / "numpy"),
+        prepare.PrepareOptions(valid_start=1060, test_start=1080, min_timestamp=0, num_buckets=2),
+    )
+    assert_same_output(str(tmp_path / "numpy"), str(out))
+    with open(out / "schema.json") as f:
+        extra = json.load(f)["extra"]
+    assert extra["engine"]["name"] == "spark" and "--engine=spark" in extra["command"]
