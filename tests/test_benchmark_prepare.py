@@ -5,7 +5,11 @@ benchmark's."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+
+import pytest
 
 from tests import helpers
 
@@ -26,3 +30,32 @@ def test_prepare_benchmark_runs_both_tasks_on_one_log():
     assert abs(conv_ref["time_ratio"] - conv_ref["seconds"] / nxt["seconds"]) < 1e-9
     # by reference each event is stored once: the conversion output shrinks severalfold
     assert conv_ref["output_mb"] * 3 < conv["output_mb"]
+
+
+@pytest.mark.slow
+def test_prepare_benchmark_compares_the_engines_on_one_log():
+    """--prepare_engines=numpy,spark: each task by both engines, identical outputs, Spark's
+    shuffle bytes read from its event log and its phase times from schema.json."""
+    if importlib.util.find_spec("pyspark") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Spark benchmark smoke: .ci/run installs '.[spark]'")
+        pytest.skip("needs PySpark and Java 17+: pip install -e '.[spark]'")
+    r = helpers.run_tool(
+        "benchmark",
+        "--what=prepare",
+        "--prepare_events=20000",
+        "--repeats=1",
+        "--prepare_engines=numpy,spark",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [(x["task"], x["engine"]) for x in rows] == [
+        (t, e) for t in ("next_item", "conversion") for e in ("numpy", "spark")
+    ]
+    assert all(x["identical"] for x in rows)
+    for numpy_row, spark_row in (rows[:2], rows[2:]):
+        assert numpy_row["examples"] == spark_row["examples"] > 0
+        assert spark_row["shuffle_mb"] > 0 and spark_row["shuffle_bytes_per_event"] > 1
+        assert set(spark_row["phase_seconds"]) == {"pass1", "pass2", "append"}
+        assert spark_row["peak_tree_mb"] > numpy_row["peak_tree_mb"] > 50  # the JVM counts

@@ -138,3 +138,27 @@ def test_tpu_vm_without_tpu_name_and_zone_names_them():
 def test_a_missing_workdir_argument_is_one_usage_line(script):
     err = _fails(script, {"TPU_NAME": "t", "ZONE": "z"}, "configs/tiny.py")
     assert "needs CONFIG and WORKDIR" in err and "usage" in err
+
+
+def test_spark_prepare_dry_run_prints_spark_submit_of_prepare_data():
+    env = {"SPARK_SUBMIT": "spark-submit", "PYSPARK_PYTHON": "/opt/venv/bin/python", "HIVE": "1"}
+    env["SPARK_ARGS"] = "--num-executors 100"
+    (argv,) = _dry_run(
+        "spark_prepare.sh", env, "yarn", "/mnt/shared/out x", "--source=taobao",
+        "--input=table:logs.ub",
+    )  # fmt: skip
+    assert argv[:3] == ["spark-submit", "--master", "yarn"]
+    assert "spark.pyspark.python=/opt/venv/bin/python" in argv
+    assert "spark.sql.catalogImplementation=hive" in argv and "--num-executors" in argv
+    i = argv.index(os.path.join(ROOT, "tools", "prepare_data.py"))
+    assert argv[i + 1 :] == [
+        "--engine=spark",
+        "--output=/mnt/shared/out x",
+        "--source=taobao",
+        "--input=table:logs.ub",
+    ]
+
+
+def test_spark_prepare_without_output_is_one_usage_line():
+    err = _fails("spark_prepare.sh", {}, "yarn")
+    assert "needs MASTER and OUTPUT" in err and "usage" in err

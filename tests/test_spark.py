@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +23,7 @@ import pytest
 
 from influence_jax.data import audit, prepare, readers
 from influence_jax.data.schema import DataError
-from tests.helpers import need, needs_data, random_log, run_tool, write
+from tests.helpers import ROOT, need, needs_data, random_log, write
 
 HAVE_SPARK = importlib.util.find_spec("pyspark") is not None and shutil.which("java") is not None
 
@@ -201,25 +203,39 @@ def test_a_malformed_row_fails_naming_the_file_or_is_counted_as_numpy_counts_it(
     assert counts["skipped_wrong_field_count"] == 1
 
 
-def test_prepare_data_engine_spark_runs_from_the_command_line(tmp_path):
+def test_spark_submit_runs_prepare_data_through_the_launch_script(tmp_path):
+    """launch/spark_prepare.sh for real, with PySpark's own spark-submit in local mode."""
     if not HAVE_SPARK:
         pytest.skip("needs PySpark and Java 17+: pip install -e '.[spark]'")
+    import pyspark
+
     log = write(tmp_path / "log.csv", random_log(30, 20, 800, seed=2))
-    flags = ["--source=taobao", f"--input={log}", "--valid_start=1060", "--test_start=1080"]
-    flags += ["--min_timestamp=0", "--num_buckets=2"]
+    kw = dict(valid_start=1060, test_start=1080, min_timestamp=0, num_buckets=2)
+    flags = [f"--{k}={v}" for k, v in kw.items()]
     out = tmp_path / "spark"
-    flags += [f"--output={out}", "--engine=spark", "--spark_master=local[1]"]
-    res = run_tool("prepare_data", *flags, "--spark_conf=spark.driver.memory=700m")
-    assert res.returncode == 0, res.stderr[-3000:]
-    printed = json.loads(res.stdout[res.stdout.index("{") :])
-    assert printed["audit"]["rows"]["train"] > 0
-    source = readers.open_source("taobao", log)
-    prepare.prepare(
-        source,
-        str(tmp_path / "numpy"),
-        prepare.PrepareOptions(valid_start=1060, test_start=1080, min_timestamp=0, num_buckets=2),
+    env = {
+        **os.environ,
+        "SPARK_SUBMIT": os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit"),
+        "PYSPARK_PYTHON": sys.executable,
+        "DRIVER_MEMORY": "700m",
+        "EXECUTOR_MEMORY": "700m",
+    }
+    res = subprocess.run(
+        ["bash", str(ROOT / "launch" / "spark_prepare.sh"), "local[1]", str(out)]
+        + ["--source=taobao", f"--input={log}", *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
+    assert res.returncode == 0, res.stderr[-3000:]
+    # spark-submit may print its own lines after prepare_data.py's JSON
+    printed, _ = json.JSONDecoder().raw_decode(res.stdout[res.stdout.index("{") :])
+    assert printed["audit"]["rows"]["train"] > 0  # prepare_data.py audits the output
+    source = readers.open_source("taobao", log)
+    prepare.prepare(source, str(tmp_path / "numpy"), prepare.PrepareOptions(**kw))
     assert_same_output(str(tmp_path / "numpy"), str(out))
     with open(out / "schema.json") as f:
         extra = json.load(f)["extra"]
-    assert extra["engine"]["name"] == "spark" and "--engine=spark" in extra["command"]
+    assert extra["engine"]["name"] == "spark" and extra["engine"]["master"] == "local[1]"
+    assert "--engine=spark" in extra["command"]

@@ -24,7 +24,8 @@ and with `--compare` the same model in Keras.
 data and compares held-out AUC (bench_quality.py): whether mixed precision keeps AUC.
 `--what=prepare` times tools/prepare_data.py on one synthetic event log for each task (next_item
 and conversion) and history storage (copy, reference) and gives their peak memory and output
-size, side by side (bench_prepare.py).
+size, side by side (bench_prepare.py); with `--prepare_engines=numpy,spark` each task by the numpy
+engine and by Spark in local mode (time, peak memory of the process tree, identical output).
 """
 
 from __future__ import annotations
@@ -122,6 +123,12 @@ _PREPARE_LOG = flags.DEFINE_string(
 _PREPARE_MEMORY = flags.DEFINE_integer(
     "prepare_memory_mb", 1024, "--what=prepare: prepare_data.py --memory_mb."
 )
+_PREPARE_ENGINES = flags.DEFINE_list(
+    "prepare_engines",
+    ["numpy"],
+    "--what=prepare: numpy (tasks x history storages), or numpy,spark: each task by the numpy "
+    "engine and by Spark in local mode side by side (needs the .[spark] extra).",
+)
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir",
     "",
@@ -146,9 +153,11 @@ def main(argv: list[str]) -> None:
     if _WHAT.value == "prepare":
         import bench_prepare
 
-        rows = bench_prepare.run(
-            _PREPARE_EVENTS.value, _PREPARE_LOG.value, _REPEATS.value, _PREPARE_MEMORY.value
-        )
+        args = (_PREPARE_EVENTS.value, _PREPARE_LOG.value, _REPEATS.value, _PREPARE_MEMORY.value)
+        if "spark" in _PREPARE_ENGINES.value:
+            rows = bench_prepare.run_engines(*args)
+            return _emit(rows, lambda: print(bench_prepare.engines_text(rows)))
+        rows = bench_prepare.run(*args)
         return _emit(rows, lambda: bench_prepare.print_table(rows))
     if _HOST_DEVICES.value:
         if _WHAT.value != "rank":  # training would add cross-device all-reduces on one host

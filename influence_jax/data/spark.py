@@ -49,6 +49,7 @@ TABLE_PREFIX = "table:"  # --input=table:db.events reads a Hive / catalog table
 # Per validated row, which rules it broke (bits); 0: a good row.
 BLANK = 1
 REASON_BITS = {r: 2 << i for i, r in enumerate(logio.REASONS)}
+SKEW_WARN, SKEW_MIN_EVENTS = 4.0, 100_000  # a bucket this many times the mean (and this big)
 PART_ROWS = 1 << 62  # one shard per split in a part: the driver cuts the final shards
 SPARK_MISSING = (
     "--engine=spark needs PySpark and a Java runtime (17 or newer): pip install -e '.[spark]' "
@@ -57,8 +58,9 @@ SPARK_MISSING = (
 
 
 def session(master: str | None = None, memory_mb: int = 2048, conf: dict | None = None):
-    """A SparkSession: `master` (default: the one spark-submit set, else local[*]); in local
-    mode the driver (which then runs the tasks) gets `memory_mb` of heap. Logs at WARN."""
+    """A SparkSession: `master` (default: the one spark-submit set, else local[*]). Started
+    from Python (not spark-submit), the driver gets `memory_mb` of heap (in local mode it runs
+    the tasks too) and the workers this interpreter. Logs at WARN."""
     try:
         from pyspark.sql import SparkSession
     except ImportError:
@@ -70,14 +72,17 @@ def session(master: str | None = None, memory_mb: int = 2048, conf: dict | None 
         b = b.master(master)
     defaults = {
         "spark.ui.showConsoleProgress": "false",
-        "spark.driver.memory": f"{max(1024, memory_mb)}m",
-        "spark.pyspark.python": sys.executable,
-        "spark.pyspark.driver.python": sys.executable,
         "spark.sql.shuffle.partitions": "16",
         # Malformed CSV rows are found by the parser only when it parses every column.
         "spark.sql.csv.parser.columnPruning.enabled": "false",
         "spark.sql.session.timeZone": "UTC",
+        # Input splits (and so persisted blocks) small enough to be read back into a small
+        # heap: 128 MB blocks of events did not fit a 1 GB driver in local mode.
+        "spark.sql.files.maxPartitionBytes": f"{min(128, max(8, memory_mb // 32))}m",
     }
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit, whose flags rule
+        defaults["spark.driver.memory"] = f"{max(1024, memory_mb)}m"
+        defaults["spark.pyspark.python"] = defaults["spark.pyspark.driver.python"] = sys.executable
     for k, v in {**defaults, **(conf or {})}.items():
         b = b.config(k, v)
     spark = b.getOrCreate()
@@ -183,7 +188,10 @@ def _validate(
         cols |= {
             "bits": pa.array(bits),
             "text": pa.array(text, pa.string()),
-            "file": b.column("_file"),
+            # Only where a row broke a rule: the persisted events stay small.
+            "file": pc.if_else(
+                pa.array(bits > BLANK), b.column("_file"), pa.scalar(None, pa.string())
+            ),
         }
         yield pa.RecordBatch.from_pydict(cols)
 
@@ -246,7 +254,7 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    ev = read_events(spark, source).persist(StorageLevel.MEMORY_AND_DISK)
+    ev = read_events(spark, source).persist(StorageLevel.DISK_ONLY)
     good = F.col("bits") == 0
     window = F.lit(True)
     if opts.min_timestamp is not None:
@@ -283,7 +291,7 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
     cols = ["user", "item", "ts", "value", "beh"]
     if source.has_event_category:
         cols.append("category")
-    events = ev.filter(good & window).select(*cols).persist(StorageLevel.MEMORY_AND_DISK)
+    events = ev.filter(good & window).select(*cols).persist(StorageLevel.DISK_ONLY)
     rate_rule = bool(opts.max_user_events_per_day)
     users = _stats(events, "user", "ts" if rate_rule else None)
     items = _stats(events, "item", "category" if source.has_event_category else None)
@@ -406,8 +414,28 @@ def _bucket_task(batches: Iterator[pa.RecordBatch], ctx, parts: str) -> Iterator
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
         yield pa.RecordBatch.from_pydict(
-            {"bucket": pa.array([b], pa.int32()), "counts": [json.dumps(counts)]}
+            {
+                "bucket": pa.array([b], pa.int32()),
+                "events": pa.array([hi - lo], pa.int64()),
+                "counts": [json.dumps(counts)],
+            }
         )
+
+
+def _skew(rows: list, buckets: int) -> dict:
+    """The largest bucket's events against the mean; a warning when it is over SKEW_WARN x."""
+    sizes = [int(r["events"]) for r in rows]
+    largest, mean = max(sizes, default=0), sum(sizes) / buckets
+    if largest > SKEW_WARN * mean and largest >= SKEW_MIN_EVENTS:
+        logging.warning(
+            "bucket %d holds %d events, %.1fx the mean bucket: a few very active users (a "
+            "user's events stay in one bucket) set the memory and time of its task; cap them "
+            "with --max_user_events_per_day or --min_user_events (docs/spark.md)",
+            rows[sizes.index(largest)]["bucket"],
+            largest,
+            largest / mean,
+        )
+    return {"largest_bucket_events": largest, "mean_bucket_events": round(mean, 1)}
 
 
 def prepare(
@@ -429,6 +457,7 @@ def prepare(
     with AtomicDir(output) as root:
         scanned, events = scan(spark, source, opts)
         plan = make_plan(source, scanned, opts)
+        t1 = time.time()
         logging.info(
             "spark pass 1: %d events, %d users, %d items; %d buckets (%.1f s)",
             scanned.counts["events"],
@@ -438,7 +467,7 @@ def prepare(
             time.time() - t0,
         )
         dense, index_ctx = _dense(spark, events, plan)
-        dense = dense.persist(StorageLevel.MEMORY_AND_DISK)
+        dense = dense.persist(StorageLevel.DISK_ONLY)
         gone = plan.dropped
         if any(x is not None and len(x) for x in (gone.users, gone.items)):
             kept = dense.count()
@@ -456,12 +485,16 @@ def prepare(
         task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
         P = plan.num_buckets
         rows = (
-            dense.repartition(P, "bucket").mapInArrow(task, "bucket int, counts string").collect()
+            dense.repartition(P, "bucket")
+            .mapInArrow(task, "bucket int, events long, counts string")
+            .collect()
         )
         dense.unpersist()
         for c in (ctx, index_ctx):
             c.destroy()
-        logging.info("spark pass 2: %d buckets (%.1f s)", len(rows), time.time() - t0)
+        t2 = time.time()
+        logging.info("spark pass 2: %d buckets (%.1f s)", len(rows), t2 - t0)
+        skew = _skew(rows, P)
         counts = new_counts(opts)
         for r in rows:
             for k, v in json.loads(r["counts"]).items():
@@ -478,6 +511,14 @@ def prepare(
             "master": spark.sparkContext.master,
             "spark_version": spark.version,
             "buckets": P,
+            **skew,
+            # Wall seconds: the scan and plan; indexing, shuffle and the tasks; the driver's
+            # append of the parts.
+            "seconds": {
+                "pass1": round(t1 - t0, 2),
+                "pass2": round(t2 - t1, 2),
+                "append": round(time.time() - t2, 2),
+            },
         }
         schema = finish(
             root, source, scanned, plan, opts, schema, counts, splits, rank_info, engine
