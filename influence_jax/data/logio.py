@@ -23,6 +23,7 @@ from influence_jax.data import timefmt
 from influence_jax.data.schema import DataError
 
 ROLES = ("user", "item", "behaviour", "timestamp", "category", "value")
+TABLE_PREFIX = "table:"  # an input naming a table of Spark's catalog (--engine=spark only)
 _INT_RE = r"^\s*[+-]?[0-9]{1,18}\s*$"
 _FLOAT_RE = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
 REASONS = {

@@ -172,6 +172,8 @@ class PrepareOptions:
             raise DataError("--label_threshold needs a value column (--value_col)")
         if not (0 <= out.valid_frac and 0 <= out.test_frac and out.valid_frac + out.test_frac < 1):
             raise DataError("need 0 <= valid_frac, test_frac and valid_frac + test_frac < 1")
+        if out.num_buckets is not None and out.num_buckets < 1:
+            raise DataError(f"--num_buckets must be at least 1, not {out.num_buckets}")
         if out.max_len <= 0 or out.memory_mb < 64 or out.neg_ratio < 0 or out.min_count < 1:
             raise DataError("need max_len > 0, memory_mb >= 64, neg_ratio >= 0, min_count >= 1")
         out.cleaning_rules.check()

@@ -33,6 +33,7 @@ from influence_jax.data.history import (  # noqa: F401  (re-exported: audit, tes
     sort_events,
 )
 from influence_jax.data.plan import (  # noqa: F401  (re-exported)
+    MAX_BUCKETS,
     READ_SHARE,
     RECORD,
     SHARD_SHARE,
@@ -47,7 +48,7 @@ from influence_jax.data.plan import (  # noqa: F401  (re-exported)
     training_vocabs,
 )
 from influence_jax.data.rank_state import RankStateWriter
-from influence_jax.data.schema import NUM_RESERVED, Field, Schema
+from influence_jax.data.schema import NUM_RESERVED, DataError, Field, Schema
 from influence_jax.data.store import AtomicDir, ShardWriter
 from influence_jax.data.vocab import Vocab, indexer, positions  # noqa: F401  (re-exported)
 
@@ -145,6 +146,14 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
     on disk (in the output's temporary folder unless `tmp_dir` is set).
     """
     opts = opts.resolve(source)
+    tables = [f.path for f in source.files if f.path.startswith(readers.TABLE_PREFIX)]
+    if tables:
+        raise DataError(f"--input={tables[0]}: tables are read by --engine=spark only")
+    if opts.num_buckets and opts.num_buckets > MAX_BUCKETS:
+        raise DataError(
+            f"--num_buckets={opts.num_buckets}: the numpy engine writes one file per bucket and "
+            f"keeps them open, at most {MAX_BUCKETS}; use fewer or --engine=spark"
+        )
     block_bytes = _source_block_bytes(opts)
     with AtomicDir(output) as root:
         scan = scan_log(source, opts, block_bytes)
@@ -317,6 +326,11 @@ def new_counts(opts: PrepareOptions) -> dict[str, int]:
     )
 
 
+def _input_name(path: str) -> str:
+    """An input as schema.json records it: files by absolute path, tables and URIs as given."""
+    return path if path.startswith(readers.TABLE_PREFIX) or "://" in path else os.path.abspath(path)
+
+
 def _extra(
     source: readers.EventSource,
     scan: Scan,
@@ -329,7 +343,7 @@ def _extra(
     return {
         "command": opts.command,
         "source": source.name,
-        "inputs": [os.path.abspath(f.path) for f in source.files],
+        "inputs": [_input_name(f.path) for f in source.files],
         # How the log was read (events: the column mapping, time format and zone), so that
         # tools/rank.py --events reopens a log of it the same way.
         "source_options": source.options,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from influence_jax.data.logio import (  # noqa: F401  (re-exported)
     REASONS,
     ROLES,
+    TABLE_PREFIX,
     EventChunk,
     EventFile,
     SideTable,

@@ -45,7 +45,7 @@ from influence_jax.data.schema import DataError, Schema
 from influence_jax.data.store import AtomicDir
 from influence_jax.data.vocab import indexer
 
-TABLE_PREFIX = "table:"  # --input=table:db.events reads a Hive / catalog table
+TABLE_PREFIX = logio.TABLE_PREFIX  # --input=table:db.events reads a Hive / catalog table
 # Per validated row, which rules it broke (bits); 0: a good row.
 BLANK = 1
 REASON_BITS = {r: 2 << i for i, r in enumerate(logio.REASONS)}
