@@ -183,6 +183,28 @@ def test_events_from_csv_parquet_and_a_table_give_the_numpy_output(tmp_path, spa
         assert counts["events"] == _schema(a)["extra"]["counts"]["events"] == 2000
 
 
+def test_an_output_uri_is_assembled_locally_and_uploaded_schema_last(tmp_path, spark):
+    """A URI output goes through pyarrow.fs (here file://, the code path of gs://, s3://,
+    hdfs://): parts uploaded by the tasks, the folder assembled by the driver, checked, then
+    uploaded; the result equals the numpy engine's and nothing else is left behind."""
+    from influence_jax.data import spark as spark_engine
+
+    log = write(tmp_path / "log.csv", random_log(40, 30, 1500, seed=5))
+    source = readers.open_source("taobao", log)
+    kw = dict(valid_start=1060, test_start=1080, min_timestamp=0, num_buckets=3)
+    prepare.prepare(source, str(tmp_path / "numpy"), prepare.PrepareOptions(**kw))
+    remote = tmp_path / "bucket"
+    remote.mkdir()
+    checked = []
+    opts = prepare.PrepareOptions(**kw, tmp_dir=str(tmp_path / "scratch"))
+    os.makedirs(opts.tmp_dir)
+    uri = f"file://{remote}/prepared"
+    spark_engine.prepare(source, uri, opts, spark=spark, check=checked.append)
+    assert_same_output(str(tmp_path / "numpy"), str(remote / "prepared"), drop=("inputs",))
+    assert len(checked) == 1 and not os.path.exists(checked[0])  # the local copy is gone
+    assert os.listdir(remote) == ["prepared"] and os.listdir(tmp_path / "scratch") == []
+
+
 def test_a_malformed_row_fails_naming_the_file_or_is_counted_as_numpy_counts_it(tmp_path, spark):
     from influence_jax.data import spark as spark_engine
 

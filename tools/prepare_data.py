@@ -48,7 +48,11 @@ _INPUT = flags.DEFINE_string(
     required=True,
 )
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "Prepared dataset folder (replaced atomically).", required=True
+    "output",
+    None,
+    "Prepared dataset folder (replaced atomically). --engine=spark: also a URI that pyarrow "
+    "writes (gs://, s3://, hdfs://; uploaded, schema.json last).",
+    required=True,
 )
 _NAME = flags.DEFINE_string("name", None, "Dataset name in schema.json (default: the source).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 50, "History length: most recent events kept.")
@@ -318,15 +322,26 @@ def main(argv: list[str]) -> None:
         if _ENGINE.value == "spark":
             from influence_jax.data import spark
 
-            conf = _spark_conf()
-            schema = spark.prepare(
-                source, _OUTPUT.value, opts, master=_SPARK_MASTER.value, conf=conf
+            got = {}  # the audit runs before the folder is renamed into place or uploaded
+            check = (
+                (lambda root: got.update(report=audit.audit_leakage(root)))
+                if _AUDIT.value
+                else None
             )
+            schema = spark.prepare(
+                source,
+                _OUTPUT.value,
+                opts,
+                master=_SPARK_MASTER.value,
+                conf=_spark_conf(),
+                check=check,
+            )
+            report = got.get("report")
         else:
             if _SPARK_MASTER.present or _SPARK_CONF.present:
                 raise DataError("--spark_master and --spark_conf need --engine=spark")
             schema = prepare.prepare(source, _OUTPUT.value, opts)
-        report = audit.audit_leakage(_OUTPUT.value) if _AUDIT.value else None
+            report = audit.audit_leakage(_OUTPUT.value) if _AUDIT.value else None
     except DataError as e:
         sys.exit(f"prepare_data: {e}")
     logging.info("wrote %s", _OUTPUT.value)

@@ -18,8 +18,10 @@ CSV on a cluster is prepared by the cluster and not by one host.
   ranking state, vocabularies, schema.json), so with the same bucket count the output is the
   numpy engine's, file for file (tests/test_spark.py checks it on four datasets).
 
-The output folder must be visible to the driver and to every executor under the same path (one
-machine, or a shared mount on a cluster); it is written atomically (prepare.AtomicDir).
+The output is a folder that the driver and every executor see under one path (one machine, or
+a shared mount), written atomically (store.AtomicDir), or a URI of pyarrow's filesystems (gs://,
+s3://, hdfs://, file://): then the tasks upload their parts and the driver assembles the folder
+locally and uploads it, schema.json last (`prepare`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +40,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from influence_jax.data import cleaning, logio, readers
 from influence_jax.data.plan import RECORD, Plan, PrepareOptions, Scan, make_plan, training_vocabs
@@ -387,6 +391,33 @@ def _train_counts(dense, n: int, col: str, valid_start: int) -> np.ndarray:
     return out
 
 
+def _is_uri(path: str) -> bool:
+    """A URI (gs://, s3://, hdfs://, file://): written through pyarrow.fs, not as a path."""
+    return "://" in path
+
+
+def _write_part(ev: np.ndarray, b: int, parts: str, ctx, counts: dict) -> None:
+    """Bucket `b`'s part folder: prepare.Sinks into a temporary folder, then renamed into
+    place (a retried or speculative attempt: the first wins; the content is the same) or, for
+    a URI, uploaded."""
+    plan, opts, schema, t_max = ctx
+    remote = _is_uri(parts)
+    scratch = tempfile.mkdtemp(prefix="influence_jax-part-") if remote else None
+    final = os.path.join(parts, f"b{b:06d}") if not remote else f"{parts}/b{b:06d}"
+    tmp = os.path.join(scratch, "part") if remote else f"{final}.tmp-{uuid.uuid4().hex}"
+    sinks = Sinks(tmp, plan, opts, schema, t_max, rows_per_shard=PART_ROWS)
+    sinks.add(ev, counts)
+    sinks.close(item_features=False)
+    if remote:
+        pafs.copy_files(tmp, final)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _bucket_task(batches: Iterator[pa.RecordBatch], ctx, parts: str) -> Iterator[pa.RecordBatch]:
     """Spark task: this partition's buckets -> one part folder each (prepare.Sinks)."""
     plan, opts, schema, t_max = ctx.value
@@ -403,16 +434,8 @@ def _bucket_task(batches: Iterator[pa.RecordBatch], ctx, parts: str) -> Iterator
     ends = np.flatnonzero(np.r_[bucket[1:] != bucket[:-1], True]) + 1
     for lo, hi in zip(np.r_[0, ends[:-1]], ends, strict=True):
         b = int(bucket[lo])
-        final = os.path.join(parts, f"b{b:06d}")
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"  # a retried or speculative attempt: first wins
         counts = new_counts(opts)
-        sinks = Sinks(tmp, plan, opts, schema, t_max, rows_per_shard=PART_ROWS)
-        sinks.add(rec[lo:hi], counts)
-        sinks.close(item_features=False)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_part(rec[lo:hi], b, parts, (plan, opts, schema, t_max), counts)
         yield pa.RecordBatch.from_pydict(
             {
                 "bucket": pa.array([b], pa.int32()),
@@ -446,82 +469,140 @@ def prepare(
     master: str | None = None,
     conf: dict | None = None,
     spark=None,
+    check=None,
 ) -> Schema:
     """Prepares `source` into `output` on Spark (see the module docstring); returns its
-    schema. `spark`: a session to use (default: `session(master, opts.memory_mb, conf)`)."""
+    schema. `spark`: a session to use (default: `session(master, opts.memory_mb, conf)`).
+
+    `output` is a folder that the driver and every executor see, or a URI that pyarrow.fs
+    writes (gs://, s3://, hdfs://, file://): the tasks then upload their parts next to it,
+    the driver assembles the folder in a local temporary one (under `opts.tmp_dir`), runs
+    `check(folder)` on it if given, and uploads it, schema.json last (a folder without
+    schema.json is not a dataset)."""
     opts = opts.resolve(source)
     spark = spark or session(master, opts.memory_mb, conf)
+    if not _is_uri(output):
+        with AtomicDir(output) as root:
+            schema = _prepare_into(root, os.path.join(root, "_parts"), source, opts, spark)
+            if check:
+                check(root)
+        return schema
+    fs, base = pafs.FileSystem.from_uri(output)
+    parts = f"{output.rstrip('/')}.parts-{uuid.uuid4().hex}"
+    staging = tempfile.mkdtemp(prefix="influence_jax-spark-", dir=opts.tmp_dir)
+    try:
+        root = os.path.join(staging, "out")
+        schema = _prepare_into(root, parts, source, opts, spark)
+        if check:
+            check(root)
+        _upload(root, fs, base)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        pfs, pbase = pafs.FileSystem.from_uri(parts)
+        if pfs.get_file_info(pbase).type != pafs.FileType.NotFound:
+            pfs.delete_dir(pbase)
+    logging.info("spark: uploaded %s", output)
+    return schema
+
+
+def _upload(root: str, fs, base: str) -> None:
+    """Replaces the folder `base` of `fs` with the local folder `root`, schema.json last."""
+    if fs.get_file_info(base).type != pafs.FileType.NotFound:
+        fs.delete_dir(base)
+    local = pafs.LocalFileSystem()
+    names = sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs_ in os.walk(root) for f in fs_
+    )
+    for rel in [n for n in names if n != "schema.json"] + ["schema.json"]:
+        dst = f"{base.rstrip('/')}/{rel}"
+        fs.create_dir(os.path.dirname(dst), recursive=True)
+        pafs.copy_files(
+            os.path.join(root, rel), dst, source_filesystem=local, destination_filesystem=fs
+        )
+
+
+def _fetch_part(parts: str, b: int, scratch: str) -> str:
+    """Bucket `b`'s part folder as a local path (downloaded into `scratch` from a URI)."""
+    if not _is_uri(parts):
+        return os.path.join(parts, f"b{b:06d}")
+    local = os.path.join(scratch, f"b{b:06d}")
+    pafs.copy_files(f"{parts}/b{b:06d}", local)
+    return local
+
+
+def _prepare_into(root: str, parts: str, source, opts: PrepareOptions, spark) -> Schema:
+    """The preparation proper: `root` a new local folder, `parts` where tasks put theirs."""
     from pyspark import StorageLevel
 
     t0 = time.time()
-    with AtomicDir(output) as root:
-        scanned, events = scan(spark, source, opts)
-        plan = make_plan(source, scanned, opts)
-        t1 = time.time()
-        logging.info(
-            "spark pass 1: %d events, %d users, %d items; %d buckets (%.1f s)",
-            scanned.counts["events"],
-            plan.counts["users"],
-            plan.counts["items"],
-            plan.num_buckets,
-            time.time() - t0,
-        )
-        dense, index_ctx = _dense(spark, events, plan)
-        dense = dense.persist(StorageLevel.DISK_ONLY)
-        gone = plan.dropped
-        if any(x is not None and len(x) for x in (gone.users, gone.items)):
-            kept = dense.count()
-            plan.counts["cleaning_events_removed"] = scanned.counts["events"] - kept
-        valid_start = plan.bounds[0]
-        user_n = _train_counts(dense, len(plan.user_keys), "u", valid_start)
-        item_n = _train_counts(dense, len(plan.item_keys), "i", valid_start)
-        if opts.vocab_period == "train":
-            plan = training_vocabs(plan, user_n, item_n, opts)
-        events.unpersist()  # `dense` is persisted: pass 2 reads it twice more
-        schema = _schema(source, plan, opts)
-        ctx = spark.sparkContext.broadcast((plan, opts, schema, scanned.t_max))
-        parts = os.path.join(root, "_parts")
+    os.makedirs(root, exist_ok=True)
+    scanned, events = scan(spark, source, opts)
+    plan = make_plan(source, scanned, opts)
+    t1 = time.time()
+    logging.info(
+        "spark pass 1: %d events, %d users, %d items; %d buckets (%.1f s)",
+        scanned.counts["events"],
+        plan.counts["users"],
+        plan.counts["items"],
+        plan.num_buckets,
+        time.time() - t0,
+    )
+    dense, index_ctx = _dense(spark, events, plan)
+    dense = dense.persist(StorageLevel.DISK_ONLY)
+    gone = plan.dropped
+    if any(x is not None and len(x) for x in (gone.users, gone.items)):
+        kept = dense.count()
+        plan.counts["cleaning_events_removed"] = scanned.counts["events"] - kept
+    valid_start = plan.bounds[0]
+    user_n = _train_counts(dense, len(plan.user_keys), "u", valid_start)
+    item_n = _train_counts(dense, len(plan.item_keys), "i", valid_start)
+    if opts.vocab_period == "train":
+        plan = training_vocabs(plan, user_n, item_n, opts)
+    events.unpersist()  # `dense` is persisted: pass 2 reads it twice more
+    schema = _schema(source, plan, opts)
+    ctx = spark.sparkContext.broadcast((plan, opts, schema, scanned.t_max))
+    if not _is_uri(parts):
         os.makedirs(parts)
-        task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
-        P = plan.num_buckets
-        rows = (
-            dense.repartition(P, "bucket")
-            .mapInArrow(task, "bucket int, events long, counts string")
-            .collect()
-        )
-        dense.unpersist()
-        for c in (ctx, index_ctx):
-            c.destroy()
-        t2 = time.time()
-        logging.info("spark pass 2: %d buckets (%.1f s)", len(rows), t2 - t0)
-        skew = _skew(rows, P)
-        counts = new_counts(opts)
-        for r in rows:
-            for k, v in json.loads(r["counts"]).items():
-                counts[k] += v
-        sinks = Sinks(root, plan, opts, schema, scanned.t_max)
-        for b in sorted(r["bucket"] for r in rows):
-            part = os.path.join(parts, f"b{b:06d}")
-            sinks.merge_part(part)
-            shutil.rmtree(part)
-        shutil.rmtree(parts)
-        splits, rank_info = sinks.close()
-        engine = {
-            "name": "spark",
-            "master": spark.sparkContext.master,
-            "spark_version": spark.version,
-            "buckets": P,
-            **skew,
-            # Wall seconds: the scan and plan; indexing, shuffle and the tasks; the driver's
-            # append of the parts.
-            "seconds": {
-                "pass1": round(t1 - t0, 2),
-                "pass2": round(t2 - t1, 2),
-                "append": round(time.time() - t2, 2),
-            },
-        }
-        schema = finish(
-            root, source, scanned, plan, opts, schema, counts, splits, rank_info, engine
-        )
-    logging.info("spark: prepared %s in %.1f s", output, time.time() - t0)
+    task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
+    P = plan.num_buckets
+    rows = (
+        dense.repartition(P, "bucket")
+        .mapInArrow(task, "bucket int, events long, counts string")
+        .collect()
+    )
+    dense.unpersist()
+    for c in (ctx, index_ctx):
+        c.destroy()
+    t2 = time.time()
+    logging.info("spark pass 2: %d buckets (%.1f s)", len(rows), t2 - t0)
+    skew = _skew(rows, P)
+    counts = new_counts(opts)
+    for r in rows:
+        for k, v in json.loads(r["counts"]).items():
+            counts[k] += v
+    sinks = Sinks(root, plan, opts, schema, scanned.t_max)
+    scratch = os.path.join(root, "_fetched")
+    for b in sorted(r["bucket"] for r in rows):
+        part = _fetch_part(parts, b, scratch)
+        sinks.merge_part(part)
+        shutil.rmtree(part)
+    for folder in (scratch, *([] if _is_uri(parts) else [parts])):
+        shutil.rmtree(folder, ignore_errors=True)
+    splits, rank_info = sinks.close()
+    engine = {
+        "name": "spark",
+        "master": spark.sparkContext.master,
+        "spark_version": spark.version,
+        "buckets": P,
+        **skew,
+        # Wall seconds: the scan and plan; indexing, shuffle and the tasks; the driver's
+        # append of the parts.
+        "seconds": {
+            "pass1": round(t1 - t0, 2),
+            "pass2": round(t2 - t1, 2),
+            "append": round(time.time() - t2, 2),
+        },
+    }
+    schema = finish(root, source, scanned, plan, opts, schema, counts, splits, rank_info, engine)
+    logging.info("spark: prepared %s in %.1f s", root, time.time() - t0)
     return schema
