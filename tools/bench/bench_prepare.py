@@ -50,12 +50,9 @@ TASKS = {
 }
 
 
-def _prepare(
-    log: str, out: str, task: str, storage: str, memory_mb: int
-) -> tuple[float, float, int, int, float]:
-    """(seconds, peak RSS MB, examples written, output bytes, input pipeline examples/s) of
-    one preparation in a fresh process."""
-    cmd = [
+def _command(log: str, out: str, task: str, memory_mb: int, *more: str) -> list[str]:
+    """tools/prepare_data.py on the Taobao-layout `log` for `task`, without the audit."""
+    return [
         sys.executable,
         os.path.join(TOOLS, "prepare_data.py"),
         "--source=taobao",
@@ -63,9 +60,17 @@ def _prepare(
         f"--output={out}",
         f"--memory_mb={memory_mb}",
         "--noaudit",
-        f"--history_storage={storage}",
         *TASKS[task],
+        *more,
     ]
+
+
+def _prepare(
+    log: str, out: str, task: str, storage: str, memory_mb: int
+) -> tuple[float, float, int, int, float]:
+    """(seconds, peak RSS MB, examples written, output bytes, input pipeline examples/s) of
+    one preparation in a fresh process."""
+    cmd = _command(log, out, task, memory_mb, f"--history_storage={storage}")
     # stderr to a file, not a pipe: a pipe nobody reads while we wait would block the child.
     with tempfile.TemporaryFile("w+") as errf:
         t0 = time.perf_counter()
@@ -132,10 +137,15 @@ def run(events: int, log: str | None, repeats: int, memory_mb: int) -> list[dict
                         "date": time.strftime("%Y-%m-%d"),
                     }
                 )
-    base = rows[0]
+    return _ratios(rows, lambda r: rows[0], "peak_rss_mb")
+
+
+def _ratios(rows: list[dict], base_of, memory: str) -> list[dict]:
+    """Adds time_ratio and memory_ratio (column `memory`) of each row to `base_of(row)`."""
     for r in rows:
+        base = base_of(r)
         r["time_ratio"] = r["seconds"] / base["seconds"]
-        r["memory_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        r["memory_ratio"] = r[memory] / base[memory]
     return rows
 
 
@@ -205,17 +215,7 @@ def tree_rss_mb(pid: int) -> float:
 def _prepare_tree(log: str, out: str, task: str, memory_mb: int, engine: list[str]):
     """(seconds, peak MB of the process tree, examples, output bytes, the Spark engine's phase
     seconds) of one preparation (histories by reference)."""
-    cmd = [
-        sys.executable,
-        os.path.join(TOOLS, "prepare_data.py"),
-        "--source=taobao",
-        f"--input={log}",
-        f"--output={out}",
-        f"--memory_mb={memory_mb}",
-        "--noaudit",
-        *TASKS[task],
-        *engine,
-    ]
+    cmd = _command(log, out, task, memory_mb, *engine)
     with tempfile.TemporaryFile("w+") as errf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
@@ -343,10 +343,8 @@ def run_engines(events: int, log: str | None, repeats: int, memory_mb: int) -> l
     for r in rows:
         if "shuffle_mb" in r:
             r["shuffle_bytes_per_event"] = r["shuffle_mb"] * 2**20 / r["events"]
-        base = next(x for x in rows if x["task"] == r["task"] and x["engine"] == "numpy")
-        r["time_ratio"] = r["seconds"] / base["seconds"]
-        r["memory_ratio"] = r["peak_tree_mb"] / base["peak_tree_mb"]
-    return rows
+    numpy_row = {r["task"]: r for r in rows if r["engine"] == "numpy"}
+    return _ratios(rows, lambda r: numpy_row[r["task"]], "peak_tree_mb")
 
 
 def engines_text(rows: list[dict]) -> str:
