@@ -4,7 +4,8 @@ synthetic logs, from CSV, Parquet and a catalog table; malformed rows fail or ar
 the leakage audit passes on its output; tools/prepare_data.py --engine=spark runs it.
 
 CI installs PySpark and Java (.ci/run), so there these tests run; elsewhere without the extra
-they skip with the install line."""
+they skip with the install line. The real datasets and the spark-submit run are in the slow
+tier (`python -m pytest -m slow`), the rest in the default one."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ REAL = {
 }
 
 
+@pytest.mark.slow  # about 30 s: the default tier keeps the synthetic and format cases
 @needs_data
 @pytest.mark.parametrize("case", sorted(REAL))
 def test_spark_equals_numpy_on_the_real_datasets(case, tmp_path, spark):
@@ -231,6 +233,7 @@ def test_a_malformed_row_fails_naming_the_file_or_is_counted_as_numpy_counts_it(
     assert counts == numpy_counts
 
 
+@pytest.mark.slow  # a second JVM and spark-submit: about 15 s
 def test_spark_submit_runs_prepare_data_through_the_launch_script(tmp_path):
     """launch/spark_prepare.sh for real, with PySpark's own spark-submit in local mode."""
     if not HAVE_SPARK:
