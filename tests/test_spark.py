@@ -12,7 +12,9 @@ from __future__ import annotations
 import filecmp
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,7 +187,7 @@ def test_events_from_csv_parquet_and_a_table_give_the_numpy_output(tmp_path, spa
         assert counts["events"] == _schema(a)["extra"]["counts"]["events"] == 2000
 
 
-def test_an_output_uri_is_assembled_locally_and_uploaded_schema_last(tmp_path, spark):
+def test_an_output_uri_is_assembled_locally_and_uploaded_schema_last(tmp_path, spark, caplog):
     """A URI output goes through pyarrow.fs (here file://, the code path of gs://, s3://,
     hdfs://): parts uploaded by the tasks, the folder assembled by the driver, checked, then
     uploaded; the result equals the numpy engine's and nothing else is left behind."""
@@ -201,7 +203,11 @@ def test_an_output_uri_is_assembled_locally_and_uploaded_schema_last(tmp_path, s
     opts = prepare.PrepareOptions(**kw, tmp_dir=str(tmp_path / "scratch"))
     os.makedirs(opts.tmp_dir)
     uri = f"file://{remote}/prepared"
-    spark_engine.prepare(source, uri, opts, spark=spark, check=checked.append)
+    with caplog.at_level(logging.INFO):  # progress of the running stages, several a second
+        spark_engine.prepare(source, uri, opts, spark=spark, check=checked.append, progress_s=0.05)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("spark stage")]
+    assert lines and all(re.search(r"\d+/\d+ tasks .* tasks/s, ETA ", x) for x in lines)
+    assert any("(pass 1: read, validate, count;" in x for x in lines)
     assert_same_output(str(tmp_path / "numpy"), str(remote / "prepared"), drop=("inputs",))
     assert len(checked) == 1 and not os.path.exists(checked[0])  # the local copy is gone
     assert os.listdir(remote) == ["prepared"] and os.listdir(tmp_path / "scratch") == []

@@ -279,7 +279,8 @@ class Sinks:
             rel = os.path.relpath(c.folder, self.root)
             c.add(**{k: np.load(os.path.join(part, rel, k + ".npy")) for k in c.columns})
         if self.table is not None:
-            self.offset += len(np.load(os.path.join(part, self.schema.history_events, "ts.npy")))
+            ts = os.path.join(part, self.schema.history_events, "ts.npy")
+            self.offset += len(np.load(ts, mmap_mode="r"))
 
     def close(self, item_features: bool = True) -> tuple[dict[str, dict], dict]:
         """Finishes every file; returns (Schema.splits, the ranking state's description)."""

@@ -9,11 +9,12 @@ CSV on a cluster is prepared by the cluster and not by one host.
 - Pass 1: the scan's per-user, per-item and per-category counts are Spark aggregations, collected
   to the driver, which makes the plan (vocabularies, feature rows, negative pool, split
   boundaries) with the same code as the numpy engine.
-- Pass 2: events are dense-indexed by joins with the vocabularies, counted per user and item
-  in the training period (the `train` vocabularies), and shuffled by bucket (dense user %
-  buckets). Each task turns its buckets into examples, histories, the event table and the
-  ranking state with the numpy engine's per-bucket code (prepare.Sinks, the one implementation
-  of histories, labels and negatives), writing one part folder per bucket.
+- Pass 2: events get their dense user and item indices from a broadcast of the plan's sorted
+  keys (the numpy engine's lookup), are counted per user and item in the training period (the
+  `train` vocabularies), and are shuffled by bucket (dense user % buckets). Each task turns
+  its buckets into examples, histories, the event table and the ranking state with the numpy
+  engine's per-bucket code (prepare.Sinks, the one implementation of histories, labels and
+  negatives), writing one part folder per bucket.
 - The driver appends the parts in bucket order to the prepared folder (shards, event table,
   ranking state, vocabularies, schema.json), so with the same bucket count the output is the
   numpy engine's, file for file (tests/test_spark.py checks it on four datasets).
@@ -33,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,6 +56,7 @@ TABLE_PREFIX = logio.TABLE_PREFIX  # --input=table:db.events reads a Hive / cata
 BLANK = 1
 REASON_BITS = {r: 2 << i for i, r in enumerate(logio.REASONS)}
 SKEW_WARN, SKEW_MIN_EVENTS = 4.0, 100_000  # a bucket this many times the mean (and this big)
+PROGRESS_S = 30.0  # seconds between progress lines of the running Spark stages
 PART_ROWS = 1 << 62  # one shard per split in a part: the driver cuts the final shards
 SPARK_MISSING = (
     "--engine=spark needs PySpark and a Java runtime (17 or newer): pip install -e '.[spark]' "
@@ -277,7 +280,10 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
     rows_valid, n_events = int(row["rows_valid"] or 0), int(row["events"] or 0)
     bad = {r: int(row[r] or 0) for r in REASON_BITS}
     if not opts.lenient and any(bad.values()):
-        _raise_first_bad(ev, source)
+        try:
+            _raise_first_bad(ev, source)
+        finally:
+            ev.unpersist()
     tally = {}
     is_csv = [not _is_table_or_parquet(f.path) for f in source.files]
     if any(is_csv):
@@ -461,6 +467,49 @@ def _skew(rows: list, buckets: int) -> dict:
     return {"largest_bucket_events": largest, "mean_bucket_events": round(mean, 1)}
 
 
+class Progress:
+    """While open, logs every `every` seconds each running Spark stage: tasks done of all, the
+    rate since the stage was first seen and the time left at that rate."""
+
+    def __init__(self, spark, every: float = PROGRESS_S):
+        self.tracker, self.every = spark.sparkContext.statusTracker(), every
+        self.phase = "starting"  # what the engine is doing, set as it goes
+        self.seen: dict[int, tuple[float, int]] = {}  # stage -> (first seen, tasks done then)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="spark-progress", daemon=True)
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                ids = self.tracker.getActiveStageIds()
+                infos = [self.tracker.getStageInfo(i) for i in ids]
+            except Exception:  # noqa: BLE001  (the session is closing; progress is best effort)
+                return
+            for info in filter(None, infos):
+                self.log(info, time.time())
+
+    def log(self, info, now: float) -> str:
+        """One stage's line (also logged)."""
+        t0, done0 = self.seen.setdefault(info.stageId, (now, info.numCompletedTasks))
+        done, total = info.numCompletedTasks, info.numTasks
+        rate = (done - done0) / (now - t0) if now > t0 else 0.0
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 else "unknown"
+        line = (
+            f"spark stage {info.stageId} ({self.phase}; {info.name.split(' at ')[0]}): "
+            f"{done}/{total} tasks ({info.numActiveTasks} running), {rate:.2f} tasks/s, ETA {eta}"
+        )
+        logging.info(line)
+        return line
+
+
 def prepare(
     source: readers.EventSource,
     output: str,
@@ -470,9 +519,11 @@ def prepare(
     conf: dict | None = None,
     spark=None,
     check=None,
+    progress_s: float = PROGRESS_S,
 ) -> Schema:
     """Prepares `source` into `output` on Spark (see the module docstring); returns its
-    schema. `spark`: a session to use (default: `session(master, opts.memory_mb, conf)`).
+    schema. `spark`: a session to use (default: `session(master, opts.memory_mb, conf)`);
+    the running stages' progress is logged every `progress_s` seconds.
 
     `output` is a folder that the driver and every executor see, or a URI that pyarrow.fs
     writes (gs://, s3://, hdfs://, file://): the tasks then upload their parts next to it,
@@ -481,9 +532,16 @@ def prepare(
     schema.json is not a dataset)."""
     opts = opts.resolve(source)
     spark = spark or session(master, opts.memory_mb, conf)
+    with Progress(spark, progress_s) as progress:
+        return _prepare(source, output, opts, spark, check, progress)
+
+
+def _prepare(source, output: str, opts: PrepareOptions, spark, check, progress) -> Schema:
+    """`prepare` into a folder or, through a local one, a URI."""
     if not _is_uri(output):
         with AtomicDir(output) as root:
-            schema = _prepare_into(root, os.path.join(root, "_parts"), source, opts, spark)
+            parts = os.path.join(root, "_parts")
+            schema = _prepare_into(root, parts, source, opts, spark, progress)
             if check:
                 check(root)
         return schema
@@ -492,7 +550,7 @@ def prepare(
     staging = tempfile.mkdtemp(prefix="influence_jax-spark-", dir=opts.tmp_dir)
     try:
         root = os.path.join(staging, "out")
-        schema = _prepare_into(root, parts, source, opts, spark)
+        schema = _prepare_into(root, parts, source, opts, spark, progress)
         if check:
             check(root)
         _upload(root, fs, base)
@@ -530,12 +588,15 @@ def _fetch_part(parts: str, b: int, scratch: str) -> str:
     return local
 
 
-def _prepare_into(root: str, parts: str, source, opts: PrepareOptions, spark) -> Schema:
+def _prepare_into(
+    root: str, parts: str, source, opts: PrepareOptions, spark, progress: Progress
+) -> Schema:
     """The preparation proper: `root` a new local folder, `parts` where tasks put theirs."""
     from pyspark import StorageLevel
 
     t0 = time.time()
     os.makedirs(root, exist_ok=True)
+    progress.phase = "pass 1: read, validate, count"
     scanned, events = scan(spark, source, opts)
     plan = make_plan(source, scanned, opts)
     t1 = time.time()
@@ -547,6 +608,7 @@ def _prepare_into(root: str, parts: str, source, opts: PrepareOptions, spark) ->
         plan.num_buckets,
         time.time() - t0,
     )
+    progress.phase = "pass 2: index, count the training period"
     dense, index_ctx = _dense(spark, events, plan)
     dense = dense.persist(StorageLevel.DISK_ONLY)
     gone = plan.dropped
@@ -564,6 +626,7 @@ def _prepare_into(root: str, parts: str, source, opts: PrepareOptions, spark) ->
     if not _is_uri(parts):
         os.makedirs(parts)
     task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
+    progress.phase = "pass 2: shuffle by bucket, examples"
     P = plan.num_buckets
     rows = (
         dense.repartition(P, "bucket")
@@ -582,10 +645,17 @@ def _prepare_into(root: str, parts: str, source, opts: PrepareOptions, spark) ->
             counts[k] += v
     sinks = Sinks(root, plan, opts, schema, scanned.t_max)
     scratch = os.path.join(root, "_fetched")
-    for b in sorted(r["bucket"] for r in rows):
+    order, last = sorted(r["bucket"] for r in rows), time.time()
+    for i, b in enumerate(order):
         part = _fetch_part(parts, b, scratch)
         sinks.merge_part(part)
         shutil.rmtree(part)
+        if time.time() - last >= progress.every:
+            last, spent = time.time(), time.time() - t2
+            logging.info(
+                "spark: appended %d/%d parts, %.2f parts/s, ETA %.0f s",
+                i + 1, len(order), (i + 1) / spent, (len(order) - i - 1) * spent / (i + 1),
+            )  # fmt: skip
     for folder in (scratch, *([] if _is_uri(parts) else [parts])):
         shutil.rmtree(folder, ignore_errors=True)
     splits, rank_info = sinks.close()
