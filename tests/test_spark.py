@@ -26,7 +26,7 @@ import pytest
 
 from influence_jax.data import audit, prepare, readers
 from influence_jax.data.schema import DataError
-from tests.helpers import ROOT, need, needs_data, random_log, write
+from tests.helpers import ROOT, need, needs_data, random_log, rows, write
 
 HAVE_SPARK = importlib.util.find_spec("pyspark") is not None and shutil.which("java") is not None
 
@@ -132,6 +132,29 @@ def test_spark_equals_numpy_on_a_synthetic_log_with_ties(tmp_path, spark):
     counts = _schema(b)["extra"]["counts"]
     assert counts["duplicates"] > 0 and counts["cleaning_users_below_min"] > 0
     assert len(_schema(b)["splits"]["train"]["shards"]) > 1
+
+
+def test_other_bucket_counts_give_the_same_examples_in_another_order(tmp_path, spark):
+    from influence_jax.data import spark as spark_engine
+
+    log = write(tmp_path / "log.csv", random_log(50, 30, 2000, seed=6))
+    source = readers.open_source("taobao", log)
+    kw = dict(valid_start=1060, test_start=1080, min_timestamp=0)
+    a, b = str(tmp_path / "numpy2"), str(tmp_path / "spark5")
+    prepare.prepare(source, a, prepare.PrepareOptions(num_buckets=2, **kw))
+    spark_engine.prepare(source, b, prepare.PrepareOptions(num_buckets=5, **kw), spark=spark)
+    for split in ("train", "valid", "test"):
+        x, y = rows(a, split), rows(b, split)  # histories assembled from each event table
+        flat = lambda r: np.concatenate(  # noqa: E731
+            [r[k].reshape(len(r["label"]), -1).astype(np.int64) for k in sorted(r)], axis=1
+        )
+        assert sorted(x) == sorted(y) and "hist" in x and "hist_lo" not in x
+        fx, fy = flat(x), flat(y)
+        assert len(fx) > 0
+        if split == "train":
+            assert not np.array_equal(fx, fy)  # another row order ...
+        by_value = lambda f: f[np.lexsort(f.T[::-1])]  # noqa: E731
+        np.testing.assert_array_equal(by_value(fx), by_value(fy))  # ... of the same rows
 
 
 def _events_log(tmp_path) -> tuple[str, dict]:
