@@ -301,6 +301,17 @@ def test_spark_submit_runs_prepare_data_through_the_launch_script(tmp_path):
     assert "--engine=spark" in extra["command"]
 
 
+def test_a_missing_input_is_one_clear_error(tmp_path, spark):
+    from influence_jax.data import spark as spark_engine
+
+    for path in (str(tmp_path / "nope.parquet"), "table:no_such_table"):
+        source = readers.open_source("events", path, **_events_log(tmp_path)[1])
+        out = str(tmp_path / "out")
+        with pytest.raises(DataError, match=r"^Spark: .*(nope\.parquet|no_such_table)"):
+            spark_engine.prepare(source, out, prepare.PrepareOptions(), spark=spark)
+        assert not os.path.exists(out)
+
+
 def test_bucket_counts_out_of_range_are_one_clear_error(tmp_path):
     log = write(tmp_path / "log.csv", random_log(10, 10, 100, seed=4))
     source = readers.open_source("taobao", log)

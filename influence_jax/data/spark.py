@@ -31,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -532,8 +533,23 @@ def prepare(
     schema.json is not a dataset)."""
     opts = opts.resolve(source)
     spark = spark or session(master, opts.memory_mb, conf)
+    from pyspark.errors import PySparkException
+
     with Progress(spark, progress_s) as progress:
-        return _prepare(source, output, opts, spark, check, progress)
+        try:
+            return _prepare(source, output, opts, spark, check, progress)
+        except PySparkException as e:  # a missing path, a failed task: one line, not the JVM's
+            raise _one_line(e) from None
+
+
+def _one_line(e: Exception) -> DataError:
+    """Spark's error as one DataError: the DataError a task raised, else Spark's first line."""
+    text = str(e)
+    raised = re.findall(r"DataError: (.*)", text)
+    if raised:
+        return DataError(raised[-1])
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return DataError(f"Spark: {first}")
 
 
 def _prepare(source, output: str, opts: PrepareOptions, spark, check, progress) -> Schema:
