@@ -120,13 +120,12 @@ def _raw_frame(spark, f: logio.EventFile):
     from pyspark.sql import types as T
 
     cols = {r: f.roles[r] for r in logio.ROLES if r in f.roles}
-    csv = False
-    if f.path.startswith(TABLE_PREFIX):
+    kind = _kind(f.path)
+    if kind == "table":
         df = spark.table(f.path[len(TABLE_PREFIX) :])
-    elif f.path.endswith((".parquet", ".pq")) or _is_parquet_dir(f.path):
+    elif kind == "parquet":
         df = spark.read.parquet(f.path)
     else:
-        csv = True
         names = _csv_names(spark, f)
         schema = T.StructType(
             [T.StructField(n, T.StringType()) for n in names]
@@ -147,7 +146,7 @@ def _raw_frame(spark, f: logio.EventFile):
     missing = [c for c in cols.values() if c not in df.columns]
     if missing:
         raise DataError(f"{f.path}: missing column(s) {missing}; the file has {df.columns}")
-    corrupt = F.col("_corrupt") if csv else F.lit(None).cast("string")
+    corrupt = F.col("_corrupt") if kind == "csv" else F.lit(None).cast("string")
     return df.select(
         *[F.col(c).alias(r) for r, c in cols.items()],
         F.input_file_name().alias("_file"),
@@ -155,8 +154,16 @@ def _raw_frame(spark, f: logio.EventFile):
     )
 
 
-def _is_parquet_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(n.endswith(".parquet") for n in os.listdir(path))
+def _kind(path: str) -> str:
+    """How an input is read: "table" (table:NAME), "parquet" (a file or a folder of them) or
+    "csv"."""
+    if path.startswith(TABLE_PREFIX):
+        return "table"
+    if path.endswith((".parquet", ".pq")) or (
+        os.path.isdir(path) and any(n.endswith(".parquet") for n in os.listdir(path))
+    ):
+        return "parquet"
+    return "csv"
 
 
 def _validate(
@@ -286,8 +293,7 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
         finally:
             ev.unpersist()
     tally = {}
-    is_csv = [not _is_table_or_parquet(f.path) for f in source.files]
-    if any(is_csv):
+    if any(_kind(f.path) == "csv" for f in source.files):
         tally["blank_lines"] = int(row["blank_lines"] or 0)
         tally["wrong_field_count"] = bad["wrong_field_count"]
     has_value = source.has_value
@@ -326,12 +332,6 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
         users, items, cats, behaviours, int(row["t_min"]), int(row["t_max"]), counts, dropped
     )
     return scanned, events
-
-
-def _is_table_or_parquet(path: str) -> bool:
-    return (
-        path.startswith(TABLE_PREFIX) or path.endswith((".parquet", ".pq")) or _is_parquet_dir(path)
-    )
 
 
 def _raise_first_bad(ev, source: readers.EventSource) -> None:

@@ -65,6 +65,15 @@ def _command(log: str, out: str, task: str, memory_mb: int, *more: str) -> list[
     ]
 
 
+def _written(out: str) -> tuple[dict, int, int]:
+    """(schema.json, examples in all splits, bytes on disk) of the prepared folder `out`."""
+    with open(os.path.join(out, "schema.json")) as f:
+        schema = json.load(f)
+    rows = sum(s["rows"] for s in schema["splits"].values())
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    return schema, rows, size
+
+
 def _prepare(
     log: str, out: str, task: str, storage: str, memory_mb: int
 ) -> tuple[float, float, int, int, float]:
@@ -81,9 +90,7 @@ def _prepare(
         err = errf.read()
     if os.waitstatus_to_exitcode(status):
         raise RuntimeError(f"prepare_data.py --task={task} failed:\n{err[-2000:]}")
-    with open(os.path.join(out, "schema.json")) as f:
-        rows = sum(s["rows"] for s in json.load(f)["splits"].values())
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    _, rows, size = _written(out)
     # Read in a child too: a parent that had mapped the dataset would pass its resident set on
     # to the next preparation's fork (Linux keeps ru_maxrss across exec).
     read = subprocess.run(
@@ -228,10 +235,7 @@ def _prepare_tree(log: str, out: str, task: str, memory_mb: int, engine: list[st
         err = errf.read()
     if proc.returncode:
         raise RuntimeError(f"prepare_data.py {' '.join(engine)} failed:\n{err[-2000:]}")
-    with open(os.path.join(out, "schema.json")) as f:
-        schema = json.load(f)
-    rows = sum(s["rows"] for s in schema["splits"].values())
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    schema, rows, size = _written(out)
     return seconds, peak, rows, size, schema["extra"]["engine"].get("seconds", {})
 
 
