@@ -412,8 +412,9 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
         print(line)
     print(
         "  score: the ranking score function on ready device batches, results fetched to the host "
-        "(Keras: model.predict on ready batches); rank path: the same with each host batch "
-        "transferred in; eval step: the engine's, as evaluation runs it; candidates/s; train: "
+        "(Keras: the faster of model.predict and a predict_on_batch loop on ready batches); "
+        "rank path: the same with each host batch transferred in; eval step: the engine's, "
+        "as evaluation runs it; candidates/s; train: "
         "the engine's train step (the config's optimizer) on ready batches, examples/s; "
         "ex/cpu-s: scoring candidates per CPU-second of the process (all its threads)"
     )
@@ -429,6 +430,9 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
                 f"loaded from JAX), max |score difference| on {CHECK_ROWS} examples "
                 f"{r['check_max_abs_diff']:.1e}"
             )
+    paths = [f"{r['model']} b={r['batch']}: {r['score_path']}" for r in rows if "score_path" in r]
+    if paths:
+        print(f"  Keras' faster scoring path: {', '.join(paths)}")
     bench_util.busy_warning(rows, lambda r: f"{r['model']} {r['impl']} b={r['batch']}")
 
 

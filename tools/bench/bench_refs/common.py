@@ -109,6 +109,36 @@ def timed_runs_cpu(
     return steps, secs, (time.process_time() - cpu0) / (steps * repeats)
 
 
+def best_scoring_path(
+    paths: dict[str, Callable[[int], None]], batch: int, seconds: float, repeats: int
+) -> dict[str, Any]:
+    """Times each of a reference's scoring paths (name -> run(steps)); the fastest counts.
+
+    Keras' `model.predict` over a dataset and a loop of `predict_on_batch` on ready tensors
+    differ by up to 2x, one way or the other, with the model and batch: the comparison is
+    against the faster. Returns the record fields: score_ex_per_s, score_ex_per_cpu_s,
+    score_path, score_<path>_ex_per_s for each, score_steps and score_secs of the fastest.
+    """
+    scoring = {}
+    for name, run in paths.items():
+        run(2)
+        t0 = time.perf_counter()
+        run(3)
+        step_s = (time.perf_counter() - t0) / 3
+        n, secs, cpu = timed_runs_cpu(run, step_s, seconds, repeats)
+        scoring[name] = (ex_per_s(batch, n, secs), batch / cpu, n, secs)
+    best = max(scoring, key=lambda k: scoring[k][0])
+    rate, rate_cpu, steps, secs = scoring[best]
+    return {
+        "score_ex_per_s": rate,
+        "score_ex_per_cpu_s": rate_cpu,
+        "score_path": best,
+        **{f"score_{k}_ex_per_s": v[0] for k, v in scoring.items()},
+        "score_steps": steps,
+        "score_secs": secs,
+    }
+
+
 def ex_per_s(batch: int, steps: int, secs: list[float]) -> float:
     return batch * steps / statistics.median(secs)
 

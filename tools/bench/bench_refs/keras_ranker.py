@@ -5,9 +5,10 @@ python tools/bench/bench_refs/keras_ranker.py --spec=SPEC.json --data=BATCHES.np
 `tools/benchmark.py --what=rank --compare` writes the spec (schema, sizes and extractor
 settings of the JAX model), the batches and, for the check, the JAX parameters with the JAX
 scores of a few examples; this process builds the same architecture, loads those parameters,
-compares scores and times `model.predict` over a repeating tf.data.Dataset of the batches,
-Keras' defaults otherwise (on a CPU-only machine: TensorFlow graphs without XLA). The
-extractors din, dnn, cnn and bst have a Keras version. Needs the `bench` extra.
+compares scores and times the faster of `model.predict` over a repeating tf.data.Dataset of
+the batches and a loop of `model.predict_on_batch` on ready tensors, Keras' defaults otherwise
+(on a CPU-only machine: TensorFlow graphs without XLA). Every registered extractor (din, dnn,
+cnn, bst, match) has a Keras version. Needs the `bench` extra.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,13 +50,14 @@ def _apply(layers: list[keras.layers.Layer], x):
 
 
 class KerasRanker(keras.Model):
-    """sum_j w_j f_j(x) + bias over din / dnn / cnn with softplus behaviour-type gates."""
+    """sum_j w_j f_j(x) + bias over din / dnn / cnn / bst / match with softplus behaviour-type
+    gates."""
 
     def __init__(self, spec: dict, **kw):
         super().__init__(**kw)
         self.spec = s = spec
         D, L = s["embed_dim"], s["max_len"]
-        unknown = [n for n in s["extractors"] if n not in ("din", "dnn", "cnn", "bst")]
+        unknown = [n for n in s["extractors"] if n not in ("din", "dnn", "cnn", "bst", "match")]
         if unknown or not s["share_item_embeddings"]:
             raise NotImplementedError(
                 f"no Keras version of extractors {unknown} / unshared item tables"
@@ -105,6 +106,11 @@ class KerasRanker(keras.Model):
             self.cnn_mlp = _mlp("cnn__mlp", c["hidden"], s["out_bias"]["cnn"])
         if "bst" in s["extractors"]:
             self._build_bst(args["bst"], L, D, init, s["out_bias"]["bst"])
+        if "match" in s["extractors"]:
+            m = args["match"]
+            self.match_mlp = _mlp("match__mlp", m["hidden"], s["out_bias"]["match"])
+            pos = np.arange(L, dtype=np.float32)[:, None]
+            self.match_decay = np.exp(-pos / np.asarray(m["taus"], np.float32)[None, :])
         J = len(s["extractors"])
         zeros, ones = keras.initializers.Zeros(), keras.initializers.Ones()
         self.beta = self.add_weight(shape=(J,), initializer=zeros, name="extractor_logits")
@@ -196,6 +202,8 @@ class KerasRanker(keras.Model):
                 scores.append(ops.sum(ops.where(mask, gate * a, 0.0), axis=1))
             elif name == "bst":
                 scores.append(self._bst(hist_gated, item, mask))
+            elif name == "match":
+                scores.append(self._match(match, mask, gate))
             elif name == "dnn":
                 n = ops.maximum(ops.sum(ops.cast(mask, "float32"), axis=1, keepdims=True), 1.0)
                 pooled = ops.einsum("bl,ble->be", gate, hist_flat) / n
@@ -218,6 +226,17 @@ class KerasRanker(keras.Model):
             f = ops.exp(self.score_log_scale) * (f - self.score_mean[:, None]) / ops.sqrt(v)
         w = ops.softmax(self.beta) if s["combine"] == "softmax" else ops.ones_like(self.beta)
         return ops.sigmoid(ops.sum(w[:, None] * f, axis=0) + self.bias)
+
+    def _match(self, match, mask, gate):
+        """Gated counts of target matches, overall and by recency decay, through an MLP."""
+        B, L = ops.shape(match)[0], self.spec["max_len"]
+        decayed = match[..., :, None] * self.match_decay[None, :, None, :]  # [B, L, K, T]
+        phi = ops.concatenate([match, ops.reshape(decayed, (B, L, -1))], axis=-1)
+        g = ops.where(mask, gate, 0.0)
+        c = ops.concatenate(
+            [ops.einsum("bl,blf->bf", g, phi), ops.sum(g, axis=1, keepdims=True)], axis=-1
+        )
+        return _apply(self.match_mlp, ops.log1p(c))
 
     @staticmethod
     def _masked_max(h, mask):
@@ -278,31 +297,28 @@ def main() -> None:
 
 
 def bench(model: KerasRanker, data, batch: int, args) -> dict:
-    """Scoring examples/s: `model.predict` over ready batches (one dataset element each)."""
+    """Scoring examples/s: the faster of `model.predict` over ready batches (one dataset element
+    each) and a loop of `predict_on_batch` on ready tensors (common.best_scoring_path)."""
     n = common.NUM_DISTINCT_BATCHES
     x = {
         k: tf.constant(data[k][: n * batch].reshape(n, batch, *data[k].shape[1:]))
         for k in ("user", "item", "hist")
     }
     ds = tf.data.Dataset.from_tensor_slices(x).repeat()
-    model.predict(ds, steps=2, verbose=0)
-    t0 = time.perf_counter()
-    model.predict(ds, steps=3, verbose=0)
-    cpu0 = time.process_time()
-    steps, secs = common.timed_runs(
-        lambda k: model.predict(ds, steps=k, verbose=0),
-        (time.perf_counter() - t0) / 3,
-        args.seconds,
-        args.repeats,
-    )
-    cpu = (time.process_time() - cpu0) / (steps * args.repeats)
+    ready = [{k: v[i] for k, v in x.items()} for i in range(n)]
+
+    def on_batch(steps: int) -> None:
+        for i in range(steps):
+            model.predict_on_batch(ready[i % n])
+
+    paths = {
+        "predict": lambda steps: model.predict(ds, steps=steps, verbose=0),
+        "predict_on_batch": on_batch,
+    }
     return {
-        "score_ex_per_cpu_s": batch / cpu,
         "impl": "keras-tensorflow",
         "batch": batch,
-        "score_ex_per_s": common.ex_per_s(batch, steps, secs),
-        "score_steps": steps,
-        "score_secs": secs,
+        **common.best_scoring_path(paths, batch, args.seconds, args.repeats),
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
     }

@@ -93,28 +93,13 @@ def bench(batch: int, args) -> dict:
         "predict": lambda n: model.predict(score_ds, steps=n, verbose=0),
         "predict_on_batch": on_batch,
     }
-    scoring = {}
-    for name, run in paths.items():  # both of Keras' scoring paths; the faster one counts
-        run(2)
-        t0 = time.perf_counter()
-        run(3)
-        score_step = (time.perf_counter() - t0) / 3
-        n, secs, cpu = common.timed_runs_cpu(run, score_step, args.seconds, args.repeats)
-        scoring[name] = (common.ex_per_s(batch, n, secs), batch / cpu, n, secs)
-    best = max(scoring, key=lambda k: scoring[k][0])
-    score, score_cpu, score_steps, secs = scoring[best]
     return {
         "impl": "keras-tensorflow",
         "batch": batch,
         "train_ex_per_s": train,
-        "score_ex_per_s": score,
-        "score_ex_per_cpu_s": score_cpu,
-        "score_path": best,
-        **{f"score_{k}_ex_per_s": v[0] for k, v in scoring.items()},
         "train_steps": steps,
         "train_secs": timer.secs,
-        "score_steps": score_steps,
-        "score_secs": secs,
+        **common.best_scoring_path(paths, batch, args.seconds, args.repeats),
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
     }
