@@ -49,6 +49,24 @@ def test_im2col_conv_equals_lax_conv():
     )
 
 
+def test_matmul_tn_has_the_gradients_of_a_plain_matmul():
+    """The hidden layer's matmul_tn only reorders its kernel gradient's matmul; Dense has
+    nn.Dense's parameters (same names, shapes and initial values) and output."""
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    x, w = jax.random.normal(kx, (16, 24)), jax.random.normal(kw, (24, 5))
+    g = jax.random.normal(kg, (16, 5))
+    got = jax.vjp(bench_cnn.matmul_tn, x, w)[1](g)
+    want = jax.vjp(jnp.dot, x, w)[1](g)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    mine, flax_dense = bench_cnn.Dense(5), nn.Dense(5)
+    p_mine = mine.init(jax.random.PRNGKey(0), x)
+    p_flax = flax_dense.init(jax.random.PRNGKey(0), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_mine, p_flax)
+    p_flax = jax.tree_util.tree_map(lambda a: a + 0.1, p_flax)  # a bias that is not zero
+    np.testing.assert_allclose(mine.apply(p_flax, x), flax_dense.apply(p_flax, x), rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def params():
     return jax.jit(BenchCNN(**SMALL).init)(jax.random.PRNGKey(0), _batch())["params"]
@@ -77,6 +95,24 @@ def test_fast_and_straightforward_formulations_agree(params, train):
     want = logits(**STRAIGHTFORWARD)
     for variant in ({}, {"conv_impl": "im2col"}):
         np.testing.assert_allclose(logits(**variant), want, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_and_straightforward_gradients_agree(params):
+    """The training gradients of the fast formulations (matmul_tn's kernel gradient, the folded
+    behaviour tower, the pooling) equal flax's layers' (dropout off to compare)."""
+    batch = _batch(seed=4)
+
+    def grads(**variant):
+        model = BenchCNN(**SMALL, dropout=0.0, **variant)
+        loss = lambda p: jnp.sum(model.apply({"params": p}, batch, train=True)[0] ** 2)
+        return jax.jit(jax.grad(loss))(params)
+
+    want, got = grads(**STRAIGHTFORWARD), grads()
+    for path, a in jax.tree_util.tree_leaves_with_path(got):
+        b = want
+        for k in path:
+            b = b[k.key]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def test_hash_dropout_keeps_the_rate_and_scales():
