@@ -9,7 +9,7 @@ from influence_jax import config_check
 from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
-from influence_jax.models.extractors import Inputs, MatchCounts
+from influence_jax.models.extractors import Inputs, MatchCounts, SplitDense
 from influence_jax.models.layers import ConvTower, masked_max
 from tests import helpers
 
@@ -19,6 +19,31 @@ def test_masked_max_ignores_padding_and_empty_rows():
     mask = jnp.array([[True, True, False], [False, False, False]])
     out = np.asarray(masked_max(x, mask))
     np.testing.assert_allclose(out, [[5.0, 7.0], [0.0, 0.0]])
+
+
+def test_split_dense_is_nn_dense_on_the_concatenation():
+    """SplitDense over [wide, narrow, broadcast table] parts: nn.Dense's parameters (same names,
+    shapes and initial values) and its output and gradients on the concatenated input."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    B, L = 3, 5
+    wide = jnp.asarray(rng.normal(size=(B, L, 6)), jnp.float32)
+    narrow = jnp.asarray(rng.integers(0, 2, (B, L, 2)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(L, 4)), jnp.float32)
+    parts = [wide, narrow, table]
+    concat = jnp.concatenate([wide, narrow, jnp.broadcast_to(table, (B, L, 4))], -1)
+    split, dense = SplitDense(7), nn.Dense(7)
+    p_split = split.init(jax.random.PRNGKey(1), parts)
+    p_dense = dense.init(jax.random.PRNGKey(1), concat)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p_split, p_dense)
+    p = jax.tree_util.tree_map(lambda a: a + 0.1, p_dense)  # a bias that is not zero
+    np.testing.assert_allclose(split.apply(p, parts), dense.apply(p, concat), rtol=1e-5, atol=1e-6)
+    g_split = jax.grad(lambda p: jnp.sum(jnp.sin(split.apply(p, parts))))(p)
+    g_dense = jax.grad(lambda p: jnp.sum(jnp.sin(dense.apply(p, concat))))(p)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_split, g_dense
+    )
 
 
 def test_conv_tower_padding_cannot_change_output():

@@ -58,6 +58,12 @@ class Embeddings(nn.Module):
         pool into one embedding, the mean over its non-padding ids (zeros when it has none),
         at the position of its first slot.
         """
+        return jnp.stack(self.lookup_parts(ids, fields, hist), axis=-2)
+
+    def lookup_parts(
+        self, ids: jax.Array, fields: Sequence[Field], hist: bool = False
+    ) -> list[jax.Array]:
+        """`lookup`'s S embeddings [..., D] as a list, not stacked."""
         tables = self.hist_tables if hist and not self.share_item else self.tables
         out, bags = [], {}
         for j, f in enumerate(fields):
@@ -79,7 +85,7 @@ class Embeddings(nn.Module):
             e = jnp.stack([e for e, _ in out[k]], -2)
             m = jnp.stack([m for _, m in out[k]], -1).astype(e.dtype)
             out[k] = jnp.einsum("...kd,...k->...d", e, m) / jnp.maximum(m.sum(-1), 1.0)[..., None]
-        return jnp.stack(out, axis=-2)
+        return out
 
     def __call__(self, ids: jax.Array, fields: Sequence[Field], hist: bool = False) -> jax.Array:
         return self.lookup(ids, fields, hist)
