@@ -22,6 +22,7 @@ KEYS = {
     "rank_path_ex_per_s",
     "eval_ex_per_s",
     "eval_vs_score_max_abs_diff",
+    "machine",  # where and when it ran (bench_util.machine)
 }
 
 
@@ -56,6 +57,7 @@ def test_rank_benchmark_json_and_table(capsys):
         assert r["impl"] == "jax" and r["params"] > 0
         assert min(r["score_ex_per_s"], r["rank_path_ex_per_s"], r["eval_ex_per_s"]) > 0
         assert r["eval_vs_score_max_abs_diff"] < 1e-6  # same probabilities from both paths
+        assert r["machine"]["cores"] == os.cpu_count() and r["machine"]["jax"]
 
     bench_rank = helpers.bench_module("bench_rank")
     bench_rank.print_table(rows, host_memory_kept=False)

@@ -16,6 +16,7 @@ import pytest
 
 from influence_jax import evaluation, metrics, scoring
 from influence_jax.data.dataset import Dataset
+from influence_jax.errors import DataError
 from tests import helpers
 
 
@@ -206,6 +207,36 @@ def test_readme_figures_are_rendered_from_the_committed_results(tmp_path):
     assert sorted(stale) == sorted(readme_figures.READMES[k] for k in ("en", "zh"))
     facts = readme_figures.influence_facts(str(results / readme_figures.INFLUENCE))
     assert f"{facts['positives']} conversions" in readme_figures.influence_en(facts)
+
+
+def test_cpu_speed_figures_follow_the_benchmark_rows(tmp_path):
+    """The README's CPU speed sentence and docs/benchmarks.md's newest section come from the
+    benchmark's JSON rows: a changed ratio changes all three documents, and the text says it."""
+    sys.path.insert(0, str(helpers.TOOLS))
+    import readme_figures
+
+    results = tmp_path / "results"
+    shutil.copytree(os.path.join(readme_figures.RESULTS), results)
+    path = results / "cpu" / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    jax_1024 = next(r for r in rows if r["impl"] == "jax" and r["batch"] == 1024)
+    jax_1024["train_vs_best_ref"] = 9.87
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stale = readme_figures.update(check=True, results=str(results))
+    assert sorted(stale) == sorted(readme_figures.READMES[k] for k in ("en", "zh", "benchmarks"))
+    facts = readme_figures.cpu_facts(str(results / "cpu"))
+    assert "9.87x /" in readme_figures.cpu_en(facts)
+    assert facts["machine"]["cpu"] in readme_figures.cpu_en(facts)  # the CPU is named
+    assert "| 9.87x |" in readme_figures.cpu_benchmarks(facts)
+    # Both files must come from one machine: the block names only one.
+    path = results / "cpu" / "rank.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        if "machine" in r:
+            r["machine"]["cpu"] = "another CPU"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="another CPU"):
+        readme_figures.cpu_facts(str(results / "cpu"))
 
 
 def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):

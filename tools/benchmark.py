@@ -241,6 +241,13 @@ def main(argv: list[str]) -> None:
 
 def _emit(rows: list[dict], print_table) -> None:
     if _JSON.value:
+        if _WHAT.value in ("train", "rank"):  # the machine, on the engine's rows
+            import bench_util
+
+            host = bench_util.machine()
+            for r in rows:
+                if r.get("impl", "").startswith("jax"):
+                    r["machine"] = host
         for r in rows:
             print(json.dumps(r), flush=True)
     else:

@@ -99,6 +99,22 @@ def describe_device() -> str:
     )
 
 
+def machine() -> dict[str, Any]:
+    """Where and when a benchmark ran, for its JSON rows: the CPU (model, family, vector
+    extensions), cores, memory, the UTC date and JAX's version."""
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (OSError, ValueError):
+        mem_gib = None
+    return {
+        "cpu": cpu_description(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib) if mem_gib else None,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "jax": jax.__version__,
+    }
+
+
 class CpuShareOfOthers:
     """Share of the machine's CPU time that other processes used while the block ran.
 
