@@ -210,14 +210,17 @@ def test_readme_figures_are_rendered_from_the_committed_results(tmp_path):
 
 
 def test_cpu_speed_figures_follow_the_benchmark_rows(tmp_path):
-    """The README's CPU speed sentence and docs/benchmarks.md's newest section come from the
-    benchmark's JSON rows: a changed ratio changes all three documents, and the text says it."""
+    """The README's CPU speed sentences and docs/benchmarks.md's per-machine sections come from
+    the benchmark's JSON rows, one folder per machine: a changed ratio changes all three
+    documents, the text names each machine, and the newest run comes first."""
     sys.path.insert(0, str(helpers.TOOLS))
     import readme_figures
 
     results = tmp_path / "results"
     shutil.copytree(os.path.join(readme_figures.RESULTS), results)
-    path = results / "cpu" / "train.jsonl"
+    machines = sorted(p for p in (results / "cpu").iterdir() if p.is_dir())
+    assert machines, "docs/results/cpu/ holds one folder per machine"
+    path = machines[0] / "train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     jax_1024 = next(r for r in rows if r["impl"] == "jax" and r["batch"] == 1024)
     jax_1024["train_vs_best_ref"] = 9.87
@@ -225,11 +228,18 @@ def test_cpu_speed_figures_follow_the_benchmark_rows(tmp_path):
     stale = readme_figures.update(check=True, results=str(results))
     assert sorted(stale) == sorted(readme_figures.READMES[k] for k in ("en", "zh", "benchmarks"))
     facts = readme_figures.cpu_facts(str(results / "cpu"))
+    assert len(facts) == len(machines)
+    assert [f["machine"]["date"] for f in facts] == sorted(
+        (f["machine"]["date"] for f in facts), reverse=True
+    )
     assert "9.87x /" in readme_figures.cpu_en(facts)
-    assert facts["machine"]["cpu"] in readme_figures.cpu_en(facts)  # the CPU is named
+    for f in facts:  # every machine is named, in both languages and in the docs
+        for render in (readme_figures.cpu_en, readme_figures.cpu_zh):
+            assert f["machine"]["cpu"] in render(facts)
+        assert f"### {f['machine']['cpu']}" in readme_figures.cpu_benchmarks(facts)
     assert "| 9.87x |" in readme_figures.cpu_benchmarks(facts)
-    # Both files must come from one machine: the block names only one.
-    path = results / "cpu" / "rank.jsonl"
+    # A machine's two files must come from that machine: its section names only one.
+    path = machines[0] / "rank.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:
         if "machine" in r:
