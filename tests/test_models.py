@@ -10,7 +10,7 @@ from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
 from influence_jax.models.extractors import Inputs, MatchCounts, SplitDense
-from influence_jax.models.layers import ConvTower, masked_max
+from influence_jax.models.layers import ConvTower, masked_max, take_small
 from tests import helpers
 
 
@@ -44,6 +44,18 @@ def test_split_dense_is_nn_dense_on_the_concatenation():
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_split, g_dense
     )
+
+
+def test_take_small_is_the_gather():
+    """take_small (a chain of selects): the gather's values and the gradient it gives the table."""
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=6), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 6, (4, 9)), jnp.int32)
+    np.testing.assert_array_equal(take_small(table, ids), table[ids])
+    w = jnp.asarray(rng.normal(size=ids.shape), jnp.float32)
+    g_small = jax.grad(lambda t: jnp.sum(w * take_small(t, ids)))(table)
+    g_gather = jax.grad(lambda t: jnp.sum(w * t[ids]))(table)
+    np.testing.assert_allclose(g_small, g_gather, rtol=1e-6, atol=1e-6)
 
 
 def test_conv_tower_padding_cannot_change_output():

@@ -91,6 +91,20 @@ class Embeddings(nn.Module):
         return self.lookup(ids, fields, hist)
 
 
+def take_small(table_N: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table_N[ids]` for a table of a few entries, as a chain of selects (ids in [0, N)).
+
+    XLA:CPU runs a gather from a tiny table as a gather, one index at a time: the behaviour
+    gates' [B, L] lookup (6 entries) took about 1.2 ms of the default ranker's 22 ms at batch
+    1024 on a family-23 EPYC; N selects fuse into the ops that read the result (about 4.5 %
+    faster ranking there). Same values and gradients as the gather.
+    """
+    out = jnp.zeros(ids.shape, table_N.dtype)
+    for k in range(table_N.shape[0]):
+        out = jnp.where(ids == k, table_N[k], out)
+    return out
+
+
 def masked_max(x_BxTxC: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     """Max over valid positions; an all-padding row pools to zeros, not to -inf."""
     pooled = jnp.max(jnp.where(mask_BxT[..., None], x_BxTxC, NEG_INF), axis=1)

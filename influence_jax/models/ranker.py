@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.models.extractors import EXTRACTORS, Inputs
-from influence_jax.models.layers import Embeddings, history_mask
+from influence_jax.models.layers import Embeddings, history_mask, take_small
 
 _GATE_INIT = 0.5413  # softplus(0.5413) = 1.0: every behaviour type starts with weight 1
 
@@ -95,7 +95,7 @@ class Ranker(nn.Module):
             ],
             -1,
         ).astype(jnp.float32)
-        gate = jnp.where(mask, gates[batch["hist"][..., b]], 0.0)
+        gate = jnp.where(mask, take_small(gates, batch["hist"][..., b]), 0.0)
         return Inputs(
             user_BxFxD=user,
             item_BxFxD=item,
