@@ -663,7 +663,7 @@ def cpu_machine_facts(folder: str) -> dict:
     if (m_rank["cpu"], m_rank["cores"]) != (m["cpu"], m["cores"]):
         raise DataError(
             f"{folder}: rank.jsonl ran on {m_rank['cpu']} ({m_rank['cores']} cores), "
-            f"train.jsonl on {m['cpu']} ({m['cores']} cores): the block names one machine"
+            f"train.jsonl on {m['cpu']} ({m['cores']} cores): one folder, one machine"
         )
     return {
         "name": os.path.basename(folder),

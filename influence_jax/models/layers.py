@@ -94,10 +94,10 @@ class Embeddings(nn.Module):
 def take_small(table_N: jax.Array, ids: jax.Array) -> jax.Array:
     """`table_N[ids]` for a table of a few entries, as a chain of selects (ids in [0, N)).
 
-    XLA:CPU runs a gather from a tiny table as a gather, one index at a time: the behaviour
-    gates' [B, L] lookup (6 entries) took about 1.2 ms of the default ranker's 22 ms at batch
-    1024 on a family-23 EPYC; N selects fuse into the ops that read the result (about 4.5 %
-    faster ranking there). Same values and gradients as the gather.
+    XLA:CPU's gather is slow for this: the behaviour gates' [B, L] lookup (6 entries) took
+    about 1.2 ms of the default ranker's 22 ms at batch 1024 on a family-23 EPYC, while N
+    selects fuse into the ops that read the result (about 4.5 % faster ranking there). Same
+    values and gradients as the gather.
     """
     out = jnp.zeros(ids.shape, table_N.dtype)
     for k in range(table_N.shape[0]):
