@@ -19,6 +19,17 @@ import pytest  # noqa: E402
 from tests import helpers  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core this process may use, at most 4.
+
+    On 2 cores, two workers overlap one test's compiling (single-threaded) and process start-up
+    with another's computing. More than 4 would each start their own 8-device runs and
+    trainings for little gain.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 4))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(pytestconfig, tmp_path_factory):
     """One persistent compilation cache for this process and every child process: a program
