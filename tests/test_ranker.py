@@ -57,6 +57,35 @@ def test_each_extractor_shapes_and_padding(tiny_data, extractors):
         assert np.all(a.sum(1) <= 1 + 1e-5) and np.any(a.sum(1) > 0.01)
 
 
+def test_attention_normalised_after_the_matmul_equals_softmax_then_matmul():
+    """extractors.attend (bst): the values and gradients of softmax(logits) @ v, masked keys
+    (logit -1e9) included, and the first query's softmax row."""
+    from influence_jax.models.extractors import attend
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    logits = 3.0 * jax.random.normal(k1, (4, 2, 7, 7))
+    logits = jnp.where(jax.random.bernoulli(k3, 0.3, (4, 1, 1, 7)), -1e9, logits)
+    v = jax.random.normal(k2, (4, 2, 7, 5))
+    w = jax.random.normal(k3, (4, 2, 7, 5))  # a cotangent: a weighted sum of the output
+
+    def ref(lg, vv):
+        att = jax.nn.softmax(lg, axis=-1)
+        return jnp.matmul(att, vv), att[:, :, 0]
+
+    def loss(fn):
+        return lambda lg, vv: jnp.sum(fn(lg, vv)[0] * w) + jnp.sum(fn(lg, vv)[1][..., 1:] ** 2)
+
+    for got, want in zip(attend(logits, v), ref(logits, v), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    g_got = jax.grad(loss(attend), argnums=(0, 1))(logits, v)
+    g_want = jax.grad(loss(ref), argnums=(0, 1))(logits, v)
+    for got, want in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    # A wrong normalisation (over the queries instead of the keys) is told apart.
+    bad = jnp.matmul(jax.nn.softmax(logits, axis=-2), v)
+    assert not np.allclose(np.asarray(bad), np.asarray(ref(logits, v)[0]), atol=1e-3)
+
+
 def test_logit_is_the_weighted_sum_of_contributions(tiny_data):
     schema, path = tiny_data
     model = _model(schema)
