@@ -62,11 +62,11 @@ def test_attention_normalised_after_the_matmul_equals_softmax_then_matmul():
     (logit -1e9) included, and the first query's softmax row."""
     from influence_jax.models.extractors import attend
 
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     logits = 3.0 * jax.random.normal(k1, (4, 2, 7, 7))
     logits = jnp.where(jax.random.bernoulli(k3, 0.3, (4, 1, 1, 7)), -1e9, logits)
     v = jax.random.normal(k2, (4, 2, 7, 5))
-    w = jax.random.normal(k3, (4, 2, 7, 5))  # a cotangent: a weighted sum of the output
+    w = jax.random.normal(k4, (4, 2, 7, 5))  # a cotangent: a weighted sum of the output
 
     def ref(lg, vv):
         att = jax.nn.softmax(lg, axis=-1)
