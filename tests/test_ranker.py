@@ -73,7 +73,11 @@ def test_attention_normalised_after_the_matmul_equals_softmax_then_matmul():
         return jnp.matmul(att, vv), att[:, :, 0]
 
     def loss(fn):
-        return lambda lg, vv: jnp.sum(fn(lg, vv)[0] * w) + jnp.sum(fn(lg, vv)[1][..., 1:] ** 2)
+        def f(lg, vv):
+            mixed, row = fn(lg, vv)
+            return jnp.sum(mixed * w) + jnp.sum(row[..., 1:] ** 2)
+
+        return f
 
     for got, want in zip(attend(logits, v), ref(logits, v), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
