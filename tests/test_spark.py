@@ -10,6 +10,7 @@ tier (`python -m pytest -m slow`), the rest in the default one."""
 from __future__ import annotations
 
 import filecmp
+import glob
 import importlib.util
 import json
 import logging
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from influence_jax.data import audit, prepare, readers
+from influence_jax.data import audit, prepare, readers, store
 from influence_jax.data.schema import DataError
 from tests.helpers import ROOT, need, needs_data, random_log, rows, write
 
@@ -134,6 +135,44 @@ def test_spark_equals_numpy_on_a_synthetic_log_with_ties(tmp_path, spark):
     assert len(_schema(b)["splits"]["train"]["shards"]) > 1
 
 
+def test_window_rules_equal_numpy_on_conversion_with_sessions_heads_and_repeats(tmp_path, spark):
+    """The Spark engine decides examples with window functions (spark._rules), the numpy engine
+    with index arithmetic (examples.py): merged sessions, immature exposures, heads, short
+    histories and exact repeats kept (no dedupe) come out the same."""
+    log = write(tmp_path / "log.csv", random_log(40, 12, 3000, seed=5) * 2)
+    kw = {
+        "task": "conversion",
+        "heads": ("cart", "buy"),
+        "session_gap_minutes": 0.2,  # 12 s: timestamps span 100 s
+        "horizon_hours": 0.005,  # 18 s
+        "min_history": 3,
+        "valid_start": 1050,
+        "test_start": 1075,
+        "min_timestamp": 0,
+        "num_buckets": 4,
+    }
+    a, b = _both(readers.open_source("taobao", log), tmp_path, spark, **kw)
+    assert_same_output(a, b)
+    counts = _schema(b)["extra"]["counts"]
+    for k in ("duplicates", "exposures_merged", "exposures_immature", "targets_short_history"):
+        assert counts[k] > 0, k
+    assert 0 < counts["conversions"] < counts["targets"]
+    assert 0 < counts["conversions_cart"] < counts["targets"]
+
+
+def test_a_threshold_label_compares_float32_values_as_numpy_does(tmp_path, spark):
+    """0.7 is not a float32: a value read as float32(0.7) is labelled positive at
+    --label_threshold=0.7 by both engines (Spark would compare it with the double 0.7)."""
+    csv, kw = _events_log(tmp_path, amounts=("0.3", "0.7", "1.1"))
+    opts = dict(label_threshold=0.7, neg_ratio=0, dedupe=True, min_history=1)
+    a, b = _both(readers.open_source("events", csv, **kw), tmp_path, spark, **opts)
+    assert_same_output(a, b)
+    labels = np.concatenate(
+        [np.load(os.path.join(d, "label.npy")) for d in sorted(glob.glob(f"{b}/train/part-*"))]
+    )
+    assert 0.5 < labels.mean() < 0.8  # 0.7 and 1.1 are positives
+
+
 def test_other_bucket_counts_give_the_same_examples_in_another_order(tmp_path, spark):
     from influence_jax.data import spark as spark_engine
 
@@ -155,10 +194,22 @@ def test_other_bucket_counts_give_the_same_examples_in_another_order(tmp_path, s
             assert not np.array_equal(fx, fy)  # another row order ...
         by_value = lambda f: f[np.lexsort(f.T[::-1])]  # noqa: E731
         np.testing.assert_array_equal(by_value(fx), by_value(fy))  # ... of the same rows
+    # --num_shards: the same rows in the same order, each split cut into 3 near-equal shards.
+    c = str(tmp_path / "spark5x3")
+    opts = prepare.PrepareOptions(num_buckets=5, num_shards=3, **kw)
+    spark_engine.prepare(source, c, opts, spark=spark)
+    for split, entry in _schema(c)["splits"].items():
+        y, z = rows(b, split), rows(c, split)
+        assert sorted(y) == sorted(z)
+        for k in y:
+            np.testing.assert_array_equal(y[k], z[k])
+        sizes = [len(np.load(os.path.join(c, s, "label.npy"))) for s in entry["shards"]]
+        assert len(sizes) == 3 and sum(sizes) == entry["rows"] and max(sizes) - min(sizes) <= 1
 
 
-def _events_log(tmp_path) -> tuple[str, dict]:
-    """A generic events log with string ids, a value column and a user side table."""
+def _events_log(tmp_path, amounts: tuple[str, ...] | None = None) -> tuple[str, dict]:
+    """A generic events log with string ids, a value column (drawn from `amounts`, else 1 to
+    49) and a user side table."""
     rng = np.random.default_rng(0)
     n = 2000
     t = pa.table(
@@ -166,7 +217,11 @@ def _events_log(tmp_path) -> tuple[str, dict]:
             "uid": [f"u{u}" for u in rng.integers(0, 50, n)],
             "sku": [f"s{i:03d}" for i in rng.integers(0, 80, n)],
             "act": rng.choice(["view", "cart", "buy"], n, p=[0.7, 0.2, 0.1]).tolist(),
-            "amount": rng.integers(1, 50, n).astype(str).tolist(),
+            "amount": (
+                rng.choice(amounts, n).tolist()
+                if amounts
+                else rng.integers(1, 50, n).astype(str).tolist()
+            ),
             "day": [str(1_700_000_000 + int(x)) for x in rng.integers(0, 86400 * 20, n)],
         }
     )
@@ -312,14 +367,21 @@ def test_a_missing_input_is_one_clear_error(tmp_path, spark):
         assert not os.path.exists(out)
 
 
-def test_bucket_counts_out_of_range_are_one_clear_error(tmp_path):
+def test_bucket_and_shard_counts_out_of_range_are_one_clear_error(tmp_path):
     log = write(tmp_path / "log.csv", random_log(10, 10, 100, seed=4))
     source = readers.open_source("taobao", log)
-    for n, says in ((0, "--num_buckets must be at least 1"), (1001, "--engine=spark")):
-        opts = prepare.PrepareOptions(num_buckets=n, min_timestamp=0)
+    for kw, says in (
+        ({"num_buckets": 0}, "--num_buckets must be at least 1"),
+        ({"num_buckets": 1001}, "--engine=spark"),
+        ({"num_shards": 0}, "--num_shards must be at least 1"),
+        ({"num_shards": 4, "rows_per_shard": 10}, "--num_shards and --rows_per_shard"),
+        ({"num_shards": 4}, "use --rows_per_shard, or --engine=spark"),
+    ):
+        opts = prepare.PrepareOptions(min_timestamp=0, **kw)
         with pytest.raises(DataError, match=says):
             prepare.prepare(source, str(tmp_path / "out"), opts)
     assert not os.path.exists(tmp_path / "out")
+    assert store.shard_sizes(10, 4) == [3, 3, 2, 2] and store.shard_sizes(2, 4) == [1, 1]
     table = readers.open_source("taobao", "table:logs.user_behavior")
     with pytest.raises(
         DataError, match="table:logs.user_behavior: tables are read by --engine=spark"

@@ -155,6 +155,12 @@ _TMP_DIR = flags.DEFINE_string("tmp_dir", None, "Folder for bucket files (defaul
 _ROWS_PER_SHARD = flags.DEFINE_integer(
     "rows_per_shard", None, "Rows per shard (default: sized from --memory_mb)."
 )
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards",
+    None,
+    "Shards per split, as equal as can be (--engine=spark: the driver knows each split's rows "
+    "before it writes them); instead of --rows_per_shard.",
+)
 _AUDIT = flags.DEFINE_bool("audit", True, "Run the leakage audit on the result.")
 _NUM_BUCKETS = flags.DEFINE_integer(
     "num_buckets",
@@ -315,6 +321,7 @@ def main(argv: list[str]) -> None:
             memory_mb=_MEMORY_MB.value,
             tmp_dir=_TMP_DIR.value,
             rows_per_shard=_ROWS_PER_SHARD.value,
+            num_shards=_NUM_SHARDS.value,
             num_buckets=_NUM_BUCKETS.value,
             name=_NAME.value,
             command=shlex.join(["python", *sys.argv]),

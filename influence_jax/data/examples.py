@@ -7,6 +7,7 @@ with heads (`PrepareOptions.heads`) one label per head by the same rule (the `la
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,6 +28,25 @@ from influence_jax.data.schema import NUM_RESERVED, Schema
 Block = tuple[int, dict[str, np.ndarray], np.ndarray, np.ndarray]
 
 
+@dataclasses.dataclass
+class Rules:
+    """Per event of a sorted bucket, what the example rules decided elsewhere (the Spark
+    engine's window functions): how many of the user's events precede it in time, whether it
+    becomes an example, its label and its head labels (bit h: head h)."""
+
+    before: np.ndarray  # int64
+    example: np.ndarray  # bool
+    label: np.ndarray  # float32
+    heads: np.ndarray  # int64 bits
+
+    def take(self, order: np.ndarray) -> Rules:
+        return Rules(*(np.asarray(getattr(self, f.name))[order] for f in dataclasses.fields(self)))
+
+    def head_labels(self, n: int) -> np.ndarray:
+        """[E, n] float32 head labels from the bits."""
+        return ((self.heads[:, None] >> np.arange(n)) & 1).astype(np.float32)
+
+
 def bucket_examples(
     ev: np.ndarray,
     plan: Plan,
@@ -35,10 +55,15 @@ def bucket_examples(
     counts: dict[str, int],
     slots: np.ndarray,
     offset: int = 0,
+    rules: Rules | None = None,
 ) -> Iterator[Block]:
     """Yields (split index, example columns, hist_last_ts, sampled) for one bucket whose events
     are already sorted (`history.sort_events`); `slots`: the events as history slots
     (`history.event_rows`).
+
+    Which events become examples, their labels and how many events precede each are found here
+    by the numpy engine's rules, or given per event by `rules` (the Spark engine's window
+    functions, spark.py), whose counts the caller adds.
 
     With `schema.history_events` the examples reference their histories (hist_lo, hist_hi into
     the dataset's event table, where this bucket's events start at `offset`; see store.py);
@@ -49,7 +74,11 @@ def bucket_examples(
     n_items = len(plan.item_rows)
     pair_key = (user.astype(np.int64) // plan.num_buckets) * n_items
     heads = np.zeros((len(ts), len(opts.heads)), np.float32)  # per event, its head labels
-    if opts.task == "conversion":
+    if rules is not None:
+        lo = start + rules.before
+        targets = np.flatnonzero(rules.example)
+        positive, heads = rules.label, rules.head_labels(len(opts.heads))
+    elif opts.task == "conversion":
         head_codes = tuple(schema.behaviour_types.index(h) for h in opts.heads)
         rows, label, labels = exposures(events, pair_key + item, plan, opts, counts, head_codes)
         is_target = np.zeros(len(ts), bool)
@@ -63,10 +92,11 @@ def bucket_examples(
         positive = (ev["value"] >= thr if thr is not None else np.ones(len(ts), bool)).astype(
             np.float32
         )
-    short = is_target & (lo - start < opts.min_history)
-    counts["targets_short_history"] += int(short.sum())
-    targets = np.flatnonzero(is_target & ~short)
-    counts["targets"] += len(targets)
+    if rules is None:
+        short = is_target & (lo - start < opts.min_history)
+        counts["targets_short_history"] += int(short.sum())
+        targets = np.flatnonzero(is_target & ~short)
+        counts["targets"] += len(targets)
     pairs = (np.zeros(1, np.int64), np.zeros(1, np.int64))
     if opts.neg_ratio:
         keys, first = np.unique(pair_key + item, return_index=True)  # first = earliest time

@@ -95,6 +95,7 @@ class PrepareOptions:
     lenient: bool = False
     memory_mb: int = 2048
     rows_per_shard: int | None = None
+    num_shards: int | None = None  # shards per split (--engine=spark), instead of rows_per_shard
     num_buckets: int | None = None  # user partitions (default: sized from memory_mb)
     tmp_dir: str | None = None  # where bucket files go (default: inside the output temp dir)
     command: str = ""
@@ -174,6 +175,10 @@ class PrepareOptions:
             raise DataError("need 0 <= valid_frac, test_frac and valid_frac + test_frac < 1")
         if out.num_buckets is not None and out.num_buckets < 1:
             raise DataError(f"--num_buckets must be at least 1, not {out.num_buckets}")
+        if out.num_shards is not None and out.num_shards < 1:
+            raise DataError(f"--num_shards must be at least 1, not {out.num_shards}")
+        if out.num_shards and out.rows_per_shard:
+            raise DataError("--num_shards and --rows_per_shard both set the shards: pass one")
         if out.max_len <= 0 or out.memory_mb < 64 or out.neg_ratio < 0 or out.min_count < 1:
             raise DataError("need max_len > 0, memory_mb >= 64, neg_ratio >= 0, min_count >= 1")
         out.cleaning_rules.check()

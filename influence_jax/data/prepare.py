@@ -22,7 +22,13 @@ import numpy as np
 import pyarrow as pa
 
 from influence_jax.data import readers
-from influence_jax.data.examples import NpyColumns, audit_columns, bucket_examples, event_table
+from influence_jax.data.examples import (
+    NpyColumns,
+    Rules,
+    audit_columns,
+    bucket_examples,
+    event_table,
+)
 from influence_jax.data.history import (  # noqa: F401  (re-exported: audit, tests)
     GAP_INVALID,
     NO_HISTORY,
@@ -31,6 +37,7 @@ from influence_jax.data.history import (  # noqa: F401  (re-exported: audit, tes
     event_rows,
     gap_bucket,
     sort_events,
+    sort_order,
 )
 from influence_jax.data.plan import (  # noqa: F401  (re-exported)
     MAX_BUCKETS,
@@ -149,6 +156,11 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
     tables = [f.path for f in source.files if f.path.startswith(readers.TABLE_PREFIX)]
     if tables:
         raise DataError(f"--input={tables[0]}: tables are read by --engine=spark only")
+    if opts.num_shards:
+        raise DataError(
+            "--num_shards: the numpy engine writes shards as it goes, before it knows a split's "
+            "rows; use --rows_per_shard, or --engine=spark"
+        )
     if opts.num_buckets and opts.num_buckets > MAX_BUCKETS:
         raise DataError(
             f"--num_buckets={opts.num_buckets}: the numpy engine writes one file per bucket and "
@@ -224,6 +236,7 @@ class Sinks:
         schema: Schema,
         t_max: int,
         rows_per_shard: int | None = None,
+        shard_sizes: dict[str, list[int]] | None = None,
     ):
         row_bytes = (
             schema.max_len * len(schema.hist_fields)
@@ -236,21 +249,28 @@ class Sinks:
             or int(min(1 << 20, max(4096, opts.memory_mb * 2**20 * SHARD_SHARE / row_bytes)))
         )
         self.root, self.plan, self.opts, self.schema = root, plan, opts, schema
-        self.writers = [ShardWriter(root, s, schema, rows) for s in SPLITS]
+        sizes = shard_sizes or {}
+        self.writers = [ShardWriter(root, s, schema, rows, sizes.get(s)) for s in SPLITS]
         self.sidecars = [audit_columns(root, s) for s in SPLITS]
         self.table = event_table(root, schema) if schema.history_events else None
         self.state = RankStateWriter(root, plan, schema, t_max)
         self.offset = 0  # events in the event table so far
 
-    def add(self, ev: np.ndarray, counts: dict[str, int]) -> None:
-        """One bucket's events (RECORD, any order)."""
-        ev, n_dup = sort_events(ev, self.opts.dedupe)
-        counts["duplicates"] += n_dup
+    def add(self, ev: np.ndarray, counts: dict[str, int], rules: Rules | None = None) -> None:
+        """One bucket's events (RECORD, any order); `rules`: per event, the example rules'
+        decisions made elsewhere (examples.Rules, the Spark engine's window functions, which
+        also deduplicated the events and counted), else this engine's rules apply."""
+        if rules is None:
+            ev, n_dup = sort_events(ev, self.opts.dedupe)
+            counts["duplicates"] += n_dup
+        elif len(ev):
+            order = sort_order(ev)
+            ev, rules = ev[order], rules.take(order)
         events = Events.of(ev)
         # Each event as a history slot, once: for copied histories, the event table, the state.
         plan, schema = self.plan, self.schema
         slots = event_rows(events, plan.item_rows, plan.item_fields, schema.hist_fields)
-        blocks = bucket_examples(ev, plan, self.opts, schema, counts, slots, self.offset)
+        blocks = bucket_examples(ev, plan, self.opts, schema, counts, slots, self.offset, rules)
         for s, cols, last_ts, sampled in blocks:
             self.writers[s].add(cols)
             self.sidecars[s].add(hist_last_ts=last_ts, sampled=sampled)

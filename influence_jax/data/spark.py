@@ -11,13 +11,19 @@ CSV on a cluster is prepared by the cluster and not by one host.
   boundaries) with the same code as the numpy engine.
 - Pass 2: events get their dense user and item indices from a broadcast of the plan's sorted
   keys (the numpy engine's lookup), are counted per user and item in the training period (the
-  `train` vocabularies), and are shuffled by bucket (dense user % buckets). Each task turns
-  its buckets into examples, histories, the event table and the ranking state with the numpy
-  engine's per-bucket code (prepare.Sinks, the one implementation of histories, labels and
-  negatives), writing one part folder per bucket.
+  `train` vocabularies), and are shuffled by bucket (dense user % buckets).
+- Examples: window functions over each user's events ordered by time (`_rules`, partitioned by
+  bucket and user, so no further shuffle) decide the examples: exact repeats, how many events
+  precede each (its history's length), targets, thresholded labels, exposure sessions,
+  conversion and head labels within the horizon, label maturity, short histories. Each task then
+  materialises its buckets with the numpy engine's per-bucket writer (prepare.Sinks given those
+  decisions): histories or their spans into the event table, the seeded negatives, the ranking
+  state, one part folder per bucket.
 - The driver appends the parts in bucket order to the prepared folder (shards, event table,
   ranking state, vocabularies, schema.json), so with the same bucket count the output is the
-  numpy engine's, file for file (tests/test_spark.py checks it on four datasets).
+  numpy engine's, file for file (tests/test_spark.py checks it on four real datasets and
+  synthetic logs: the window functions and examples.py are two implementations of one set of
+  rules).
 
 The output is a folder that the driver and every executor see under one path (one machine, or
 a shared mount), written atomically (store.AtomicDir), or a URI of pyarrow's filesystems (gs://,
@@ -46,10 +52,19 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from influence_jax.data import cleaning, logio, readers
-from influence_jax.data.plan import RECORD, Plan, PrepareOptions, Scan, make_plan, training_vocabs
+from influence_jax.data.examples import Rules
+from influence_jax.data.plan import (
+    RECORD,
+    SPLITS,
+    Plan,
+    PrepareOptions,
+    Scan,
+    make_plan,
+    training_vocabs,
+)
 from influence_jax.data.prepare import Sinks, _schema, finish, new_counts
 from influence_jax.data.schema import DataError, Schema
-from influence_jax.data.store import AtomicDir
+from influence_jax.data.store import AtomicDir, shard_sizes
 from influence_jax.data.vocab import indexer
 
 TABLE_PREFIX = logio.TABLE_PREFIX  # --input=table:db.events reads a Hive / catalog table
@@ -403,30 +418,138 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
-def _write_part(ev: np.ndarray, b: int, parts: str, ctx, counts: dict) -> None:
+def _write_part(
+    ev: np.ndarray, b: int, parts: str, ctx, counts: dict, rules: Rules
+) -> dict[str, int]:
     """Bucket `b`'s part folder: prepare.Sinks into a temporary folder, then renamed into
     place (a retried or speculative attempt: the first wins; the content is the same) or, for
-    a URI, uploaded."""
+    a URI, uploaded. Returns its rows per split."""
     plan, opts, schema, t_max = ctx
     remote = _is_uri(parts)
     scratch = tempfile.mkdtemp(prefix="influence_jax-part-") if remote else None
     final = os.path.join(parts, f"b{b:06d}") if not remote else f"{parts}/b{b:06d}"
     tmp = os.path.join(scratch, "part") if remote else f"{final}.tmp-{uuid.uuid4().hex}"
     sinks = Sinks(tmp, plan, opts, schema, t_max, rows_per_shard=PART_ROWS)
-    sinks.add(ev, counts)
-    sinks.close(item_features=False)
+    sinks.add(ev, counts, rules)
+    splits, _ = sinks.close(item_features=False)
+    rows = {s: int(v["rows"]) for s, v in splits.items()}
     if remote:
         pafs.copy_files(tmp, final)
         shutil.rmtree(scratch, ignore_errors=True)
-        return
+        return rows
     try:
         os.rename(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# Bits of the `flags` column the window functions give each event (see `_rules`).
+TARGET, SHORT, EXPOSURE, MERGED, IMMATURE = (1 << i for i in range(5))
+
+
+def _rules(frame, plan: Plan, opts: PrepareOptions, head_codes: tuple[int, ...]):
+    """The example rules as window functions over each user's events ordered by time, on a
+    frame partitioned by bucket (no further shuffle: every window is partitioned by bucket and
+    user). Adds per event:
+
+    - dups: on the first of exact repeats, how many others there are (with `opts.dedupe` they
+      are dropped);
+    - before: how many of the user's events happen strictly before it (its history's length
+      before the max_len cap);
+    - label (float), heads (bit h: head h's label), flags (TARGET, SHORT: before <
+      min_history, EXPOSURE, MERGED into the previous exposure of the pair, IMMATURE);
+    - example: TARGET and not SHORT.
+
+    next_item: a target is an event of a target behaviour, its label 1 or value >= threshold.
+    conversion: an exposure is merged into the previous exposure of the same user and item
+    within session_gap_minutes; a kept exposure whose horizon ends before its split's end is a
+    target, labelled by whether an event of a target behaviour on the pair follows within
+    horizon_hours (the same rule per head). These are the rules examples.py implements with
+    index arithmetic; tests/test_spark.py checks the outputs equal."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    c, lit = F.col, F.lit
+    # Exact repeats: the rows of one (user, time, behaviour, item, value); the first counts
+    # the others.
+    same = Window.partitionBy("bucket", "u", "ts", "beh", "i", "value")
+    first = F.row_number().over(same.orderBy("ts")) == 1
+    frame = frame.withColumn("_first", first).withColumn(
+        "dups", F.when(c("_first"), F.count(lit(1)).over(same) - 1).otherwise(lit(0))
+    )
+    if opts.dedupe:
+        frame = frame.filter(c("_first"))
+    user = Window.partitionBy("bucket", "u").orderBy("ts")
+    frame = frame.withColumn("before", F.rank().over(user) - 1)
+    targets = [int(b) for b in np.flatnonzero(plan.targets)]
+    if opts.task == "conversion":
+        gap, horizon = int(opts.session_gap_minutes * 60), int(round(opts.horizon_hours * 3600))
+        pair = Window.partitionBy("bucket", "u", "i").orderBy("ts", "beh", "value")
+        is_exp = c("beh") == plan.exposure
+        prev = F.last(F.when(is_exp, c("ts")), ignorenulls=True).over(
+            pair.rowsBetween(Window.unboundedPreceding, -1)
+        )
+        frame = frame.withColumn("_prev", prev)  # a column: window expressions are not shared
+        merged = is_exp & c("_prev").isNotNull() & (c("ts") - c("_prev") <= gap)
+        ahead = Window.partitionBy("bucket", "u", "i").orderBy("ts").rangeBetween(0, horizon)
+        label = F.max(c("beh").isin(targets).cast("int")).over(ahead)
+        heads = lit(0)
+        for h, code in enumerate(head_codes):
+            heads = heads + F.max((c("beh") == code).cast("int")).over(ahead) * (1 << h)
+        valid_start, test_start = plan.bounds
+        end = (
+            F.when(c("ts") < valid_start, lit(valid_start))
+            .when(c("ts") < test_start, lit(test_start))
+            .otherwise(lit(plan.t_end))
+        )
+        immature = is_exp & ~merged & (c("ts") + horizon >= end)
+        target = is_exp & ~merged & ~immature
+        flags = (
+            is_exp.cast("int") * EXPOSURE + merged.cast("int") * MERGED
+            + immature.cast("int") * IMMATURE
+        )  # fmt: skip
+    else:
+        target = c("beh").isin(targets)
+        thr = opts.label_threshold
+        # float32 against float32, as numpy compares the float32 values with the threshold
+        label = (
+            (c("value") >= lit(float(np.float32(thr))).cast("float")) if thr is not None else lit(1)
+        )
+        heads, flags = lit(0), lit(0)
+    short = c("before") < opts.min_history
+    flags = flags + target.cast("int") * TARGET + short.cast("int") * SHORT
+    return frame.select(
+        "u", "i", "ts", "value", "beh", "bucket", "dups", "before",
+        label.cast("float").alias("label"), heads.cast("long").alias("heads"),
+        flags.cast("int").alias("flags"),
+    )  # fmt: skip
+
+
+def _rule_counts(flags: np.ndarray, label: np.ndarray, heads: np.ndarray, dups: np.ndarray,
+                 opts: PrepareOptions, counts: dict) -> np.ndarray:  # fmt: skip
+    """Adds a bucket's counts (schema.json) from the window functions' columns; returns each
+    event's `example` flag."""
+    f = flags.astype(np.int64)
+    target, short = (f & TARGET) > 0, (f & SHORT) > 0
+    example = target & ~short
+    counts["duplicates"] += int(dups.sum())
+    counts["targets"] += int(example.sum())
+    counts["targets_short_history"] += int((target & short).sum())
+    if opts.task == "conversion":
+        exp, merged = (f & EXPOSURE) > 0, (f & MERGED) > 0
+        counts["exposures"] += int(exp.sum())
+        counts["exposures_merged"] += int(merged.sum())
+        counts["exposures_immature"] += int(((f & IMMATURE) > 0).sum())
+        counts["conversions"] += int((label[target] > 0).sum())
+        for h, name in enumerate(opts.heads):
+            counts[f"conversions_{name}"] += int(((heads[target] >> h) & 1).sum())
+    return example
 
 
 def _bucket_task(batches: Iterator[pa.RecordBatch], ctx, parts: str) -> Iterator[pa.RecordBatch]:
-    """Spark task: this partition's buckets -> one part folder each (prepare.Sinks)."""
+    """Spark task: this partition's buckets, with the rules' columns (`_rules`) -> one part
+    folder each (prepare.Sinks)."""
     plan, opts, schema, t_max = ctx.value
     got = list(batches)
     if not got or not sum(b.num_rows for b in got):
@@ -435,19 +558,26 @@ def _bucket_task(batches: Iterator[pa.RecordBatch], ctx, parts: str) -> Iterator
     bucket = np.asarray(t.column("bucket"))
     order = np.argsort(bucket, kind="stable")
     bucket = bucket[order]
+    col = lambda name: np.asarray(t.column(name))[order]  # noqa: E731
     rec = np.empty(len(order), RECORD)
     for f, c in (("user", "u"), ("item", "i"), ("ts", "ts"), ("value", "value"), ("beh", "beh")):
-        rec[f] = np.asarray(t.column(c))[order]
+        rec[f] = col(c)
+    before, label, heads = col("before").astype(np.int64), col("label"), col("heads")
+    flags, dups = col("flags"), col("dups")
     ends = np.flatnonzero(np.r_[bucket[1:] != bucket[:-1], True]) + 1
     for lo, hi in zip(np.r_[0, ends[:-1]], ends, strict=True):
         b = int(bucket[lo])
         counts = new_counts(opts)
-        _write_part(rec[lo:hi], b, parts, (plan, opts, schema, t_max), counts)
+        part = slice(lo, hi)
+        example = _rule_counts(flags[part], label[part], heads[part], dups[part], opts, counts)
+        rules = Rules(before[part], example, label[part].astype(np.float32), heads[part])
+        rows = _write_part(rec[part], b, parts, (plan, opts, schema, t_max), counts, rules)
         yield pa.RecordBatch.from_pydict(
             {
                 "bucket": pa.array([b], pa.int32()),
                 "events": pa.array([hi - lo], pa.int64()),
                 "counts": [json.dumps(counts)],
+                "rows": [json.dumps(rows)],
             }
         )
 
@@ -642,11 +772,12 @@ def _prepare_into(
     if not _is_uri(parts):
         os.makedirs(parts)
     task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
+    heads = tuple(schema.behaviour_types.index(h) for h in opts.heads)
     progress.phase = "pass 2: shuffle by bucket, examples"
     P = plan.num_buckets
     rows = (
-        dense.repartition(P, "bucket")
-        .mapInArrow(task, "bucket int, events long, counts string")
+        _rules(dense.repartition(P, "bucket"), plan, opts, heads)
+        .mapInArrow(task, "bucket int, events long, counts string, rows string")
         .collect()
     )
     dense.unpersist()
@@ -659,7 +790,11 @@ def _prepare_into(
     for r in rows:
         for k, v in json.loads(r["counts"]).items():
             counts[k] += v
-    sinks = Sinks(root, plan, opts, schema, scanned.t_max)
+    sizes = None
+    if opts.num_shards:  # the parts' rows per split are known: cut each into num_shards
+        split_rows = {s: sum(json.loads(r["rows"])[s] for r in rows) for s in SPLITS}
+        sizes = {s: shard_sizes(n, opts.num_shards) for s, n in split_rows.items()}
+    sinks = Sinks(root, plan, opts, schema, scanned.t_max, shard_sizes=sizes)
     scratch = os.path.join(root, "_fetched")
     order, last = sorted(r["bucket"] for r in rows), time.time()
     for i, b in enumerate(order):

@@ -119,12 +119,27 @@ def check_columns(columns: dict[str, np.ndarray], schema: Schema, where: str = "
     return n
 
 
-class ShardWriter:
-    """Appends blocks of examples to one split, cutting shards of `rows_per_shard` rows."""
+def shard_sizes(rows: int, shards: int) -> list[int]:
+    """`rows` cut into `shards` shards as equal as can be (the first ones a row longer); fewer
+    when there are fewer rows than shards (a shard is never empty)."""
+    q, r = divmod(rows, shards)
+    return [q + 1] * r + [q] * (shards - r) if q else [1] * rows
 
-    def __init__(self, root: str, split: str, schema: Schema, rows_per_shard: int = 1 << 20):
+
+class ShardWriter:
+    """Appends blocks of examples to one split, cutting shards of `rows_per_shard` rows, or of
+    the given `sizes` in turn (then `rows_per_shard` beyond them)."""
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        schema: Schema,
+        rows_per_shard: int = 1 << 20,
+        sizes: list[int] | None = None,
+    ):
         self.root, self.split, self.schema = root, split, schema
-        self.rows_per_shard = rows_per_shard
+        self._rows_per_shard, self._sizes = rows_per_shard, list(sizes or ())
         self.columns = stored_columns(schema)
         self._buf: list[dict[str, np.ndarray]] = []
         self._buf_rows = 0
@@ -142,6 +157,12 @@ class ShardWriter:
         self._buf_rows += n
         while self._buf_rows >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
+
+    @property
+    def rows_per_shard(self) -> int:
+        """The size of the next shard."""
+        k = len(self.shards)
+        return self._sizes[k] if k < len(self._sizes) else self._rows_per_shard
 
     def _flush(self, rows: int) -> None:
         merged = {k: np.concatenate([b[k] for b in self._buf]) for k in self.columns}
