@@ -458,8 +458,8 @@ def _rules(frame, plan: Plan, opts: PrepareOptions, head_codes: tuple[int, ...])
     - before: how many of the user's events happen strictly before it (its history's length
       before the max_len cap);
     - label (float), heads (bit h: head h's label), flags (TARGET, SHORT: before <
-      min_history, EXPOSURE, MERGED into the previous exposure of the pair, IMMATURE);
-    - example: TARGET and not SHORT.
+      min_history, EXPOSURE, MERGED into the previous exposure of the pair, IMMATURE); the
+      examples are the events with TARGET and not SHORT (`_rule_counts`).
 
     next_item: a target is an event of a target behaviour, its label 1 or value >= threshold.
     conversion: an exposure is merged into the previous exposure of the same user and item
