@@ -772,11 +772,11 @@ def _prepare_into(
     if not _is_uri(parts):
         os.makedirs(parts)
     task = functools.partial(_bucket_task, ctx=ctx, parts=parts)
-    heads = tuple(schema.behaviour_types.index(h) for h in opts.heads)
+    head_codes = tuple(schema.behaviour_types.index(h) for h in opts.heads)
     progress.phase = "pass 2: shuffle by bucket, examples"
     P = plan.num_buckets
     rows = (
-        _rules(dense.repartition(P, "bucket"), plan, opts, heads)
+        _rules(dense.repartition(P, "bucket"), plan, opts, head_codes)
         .mapInArrow(task, "bucket int, events long, counts string, rows string")
         .collect()
     )
