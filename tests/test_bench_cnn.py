@@ -172,3 +172,21 @@ def test_every_table_names_the_cpu_and_its_vector_extensions():
     )
     assert bench_util.cpu_description("model name: Old\nflags: sse2\n") == "Old, no AVX2"
     assert "host cores; " in bench_util.describe_device()  # this machine's CPU, in every table
+
+
+@pytest.mark.parametrize("B,convolutions", [(8, 1), (32, 0)])
+def test_scoring_folds_the_towers_no_larger_than_the_batch(params, B, convolutions):
+    """Scoring folds, per call, each tower whose vocabulary is at most the batch's B * L
+    positions (users 50 and behaviours 6 of 96 positions; all three of 384) and convolves the
+    rest; the scores equal the straightforward model's, ids past a table's end included."""
+    params = jax.tree_util.tree_map(lambda x: x + 0.01 * (x.ndim == 1), params)  # biases != 0
+    batch = {k: v for k, v in _batch(B=B, seed=3).items() if k.endswith("_ids")}
+    batch["item_ids"][0, :3] = SMALL["item_vocab"] + 5
+    batch["user_ids"][1, :2] = SMALL["user_vocab"] + 7
+
+    def score(**variant):
+        return lambda p: BenchCNN(**SMALL, **variant).apply({"params": p}, batch)[0]
+
+    assert str(jax.make_jaxpr(score())(params)).count("conv_general_dilated") == convolutions
+    want = jax.jit(score(**STRAIGHTFORWARD))(params)
+    np.testing.assert_allclose(jax.jit(score())(params), want, rtol=1e-5, atol=1e-6)
