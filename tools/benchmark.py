@@ -233,8 +233,10 @@ def main(argv: list[str]) -> None:
                 rows.append(jb.measure(batch, variant=variant, limit=variant == "fast"))
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    refs = bench_train.run_refs(names, batches, _SECONDS.value, _REPEATS.value, **ref_kw)
+    # The matmul limit right after the engine's steps, before the references: this machine's
+    # speed drifts by tens of per cent over minutes (docs/benchmarks.md).
     peak = bench_train.bench_util.matmul_flops_per_s(_DTYPE.value)
+    refs = bench_train.run_refs(names, batches, _SECONDS.value, _REPEATS.value, **ref_kw)
     bench_train.add_ratios(rows, refs, peak)
     _emit(rows + refs, lambda: bench_train.print_table(rows, refs, peak, jb.describe()))
 
