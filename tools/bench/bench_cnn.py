@@ -57,6 +57,15 @@ def conv1d(x_BxTxD: jax.Array, kernel_KxDxF: jax.Array) -> jax.Array:
     )
 
 
+def folded_conv1d(Q_VxKF: jax.Array, ids_BxL: jax.Array, K: int) -> jax.Array:
+    """`conv1d(table[ids], kernel)` from Q = table @ kernel stored as [V, K * F] (a row holds
+    an id's contribution at each of the K kernel offsets): one gathered row per position (ids
+    outside the table clip, as a gather of the table does), then K shifted slices summed."""
+    F, T_out = Q_VxKF.shape[1] // K, ids_BxL.shape[1] - K + 1
+    rows_BxLxKF = jnp.take(Q_VxKF, ids_BxL, axis=0, mode="clip")
+    return sum(rows_BxLxKF[:, k : k + T_out, k * F : (k + 1) * F] for k in range(K))
+
+
 def conv1d_im2col(x_BxTxD: jax.Array, kernel_KxDxF: jax.Array) -> jax.Array:
     """`conv1d` as one [B*T, K*D] x [K*D, F] matmul over K shifted slices (im2col).
 
@@ -209,11 +218,9 @@ class ConvPool(nn.Module):
             if train:
                 P_KxVxF = jnp.einsum("vd,kdf->kvf", table_VxD, kernel).astype(self.dtype)
                 y_BxTxF = self._conv(jax.nn.one_hot(x, V, dtype=self.dtype), P_KxVxF)
-            else:  # one row per position: an id's contribution at each kernel offset
+            else:
                 Q_VxKF = jnp.einsum("vd,kdf->vkf", table_VxD, kernel).reshape(V, K * F)
-                rows_BxLxKF = jnp.take(Q_VxKF.astype(self.dtype), x, axis=0, mode="clip")
-                T_out = x.shape[1] - K + 1
-                y_BxTxF = sum(rows_BxLxKF[:, k : k + T_out, k * F : (k + 1) * F] for k in range(K))
+                y_BxTxF = folded_conv1d(Q_VxKF.astype(self.dtype), x, K)
         if self.pool_impl == "slices":
             return nn.relu(max_pool_slices(y_BxTxF, self.pool) + bias)
         if self.pool_impl == "flax":
@@ -328,13 +335,10 @@ def score_folded(model: BenchCNN, tables: dict[str, Any], batch: dict[str, jax.A
 
     Ids outside a table clip, as the plain scoring path's gathers do.
     """
-    K, F = model.kernel_size, model.filters
     pooled = []
     for name, key, _ in TOWERS:
-        ids_BxL, t = batch[key], tables["towers"][name]
-        T_out = ids_BxL.shape[1] - K + 1
-        rows_BxLxKF = jnp.take(t["table"], ids_BxL, axis=0, mode="clip")
-        y_BxTxF = sum(rows_BxLxKF[:, k : k + T_out, k * F : (k + 1) * F] for k in range(K))
+        t = tables["towers"][name]
+        y_BxTxF = folded_conv1d(t["table"], batch[key], model.kernel_size)
         pooled.append(nn.relu(max_pool_slices(y_BxTxF, model.pool) + t["bias"]))
     B = pooled[0].shape[0]
     h_BxH = jnp.concatenate(pooled, axis=-1).reshape(B, -1)
