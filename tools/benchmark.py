@@ -62,6 +62,14 @@ _VARIANTS = flags.DEFINE_list(
 )
 _SECONDS = flags.DEFINE_float("seconds", 2.0, "Length of one timed run, in seconds.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement; the median counts.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    1,
+    "--what=train|rank: rounds of the engine then the references, in turn in one run; with more "
+    "than one, each row carries its round and the table gives each ratio as the median of the "
+    "rounds' ratios with their range (a CPU's speed can drift by tens of per cent over minutes).",
+    lower_bound=1,
+)
 _RANK_CONFIG = flags.DEFINE_string(
     "rank_config", "default", "--what=rank: the configs/ module whose model and data sizes count."
 )
@@ -181,17 +189,24 @@ def main(argv: list[str]) -> None:
         bad = [n for n in names if n not in ("all", "keras")]
         if bad:
             raise app.UsageError(f"--compare: --what=rank has only the keras reference, not {bad}")
-        rows = bench_rank.run(
-            _RANK_CONFIG.value,
-            _RANK_MODELS.value,
-            batches,
-            _SECONDS.value,
-            _REPEATS.value,
-            compare=bool(names),
-            ref_kw=ref_kw,
-            measure=_RANK_MEASURE.value,
-        )
-        _emit(rows, lambda: bench_rank.print_table(rows, kept))
+        rows = []
+        for i in range(_ROUNDS.value):
+            bench_rank.bench_util.progress(_round(i) or "ranking ...")
+            got = bench_rank.run(
+                _RANK_CONFIG.value,
+                _RANK_MODELS.value,
+                batches,
+                _SECONDS.value,
+                _REPEATS.value,
+                compare=bool(names),
+                ref_kw=ref_kw,
+                measure=_RANK_MEASURE.value,
+            )
+            rows += [r | {"round": i} for r in got] if _ROUNDS.value > 1 else got
+        if _ROUNDS.value > 1:
+            _emit(rows, lambda: bench_rank.print_rounds(rows, kept))
+        else:
+            _emit(rows, lambda: bench_rank.print_table(rows, kept))
         if _RANK_TWO_STAGE.value > 0:
             e2e = bench_rank.two_stage(
                 _RANK_CONFIG.value, _RANK_MODELS.value, _RANK_TWO_STAGE.value
@@ -226,19 +241,32 @@ def main(argv: list[str]) -> None:
         return _emit(sparse_rows, lambda: bench_input.print_scale(sparse_rows))
     try:
         names = bench_train.compare_list(_COMPARE.value)
-        rows = []
-        for batch in batches:
-            for variant in _VARIANTS.value:
-                bench_train.bench_util.progress(f"jax {variant} batch {batch} ...")
-                rows.append(jb.measure(batch, variant=variant, limit=variant == "fast"))
+        if _VARIANTS.value != ["fast"] and _ROUNDS.value > 1:
+            raise ValueError("--rounds: the fast variant only (--variants=fast)")
+        rounds = []
+        for i in range(_ROUNDS.value):
+            rows = []
+            for batch in batches:
+                for variant in _VARIANTS.value:
+                    bench_train.bench_util.progress(f"{_round(i)}jax {variant} batch {batch} ...")
+                    rows.append(jb.measure(batch, variant=variant, limit=variant == "fast"))
+            # The matmul limit right after the engine's steps, before the references: this
+            # machine's speed drifts by tens of per cent over minutes (docs/benchmarks.md).
+            peak = bench_train.bench_util.matmul_flops_per_s(_DTYPE.value)
+            refs = bench_train.run_refs(names, batches, _SECONDS.value, _REPEATS.value, **ref_kw)
+            bench_train.add_ratios(rows, refs, peak)
+            rounds.append((rows, refs, peak))
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    # The matmul limit right after the engine's steps, before the references: this machine's
-    # speed drifts by tens of per cent over minutes (docs/benchmarks.md).
-    peak = bench_train.bench_util.matmul_flops_per_s(_DTYPE.value)
-    refs = bench_train.run_refs(names, batches, _SECONDS.value, _REPEATS.value, **ref_kw)
-    bench_train.add_ratios(rows, refs, peak)
-    _emit(rows + refs, lambda: bench_train.print_table(rows, refs, peak, jb.describe()))
+    if len(rounds) == 1:
+        rows, refs, peak = rounds[0]
+        return _emit(rows + refs, lambda: bench_train.print_table(rows, refs, peak, jb.describe()))
+    every = [r | {"round": i} for i, (rows, refs, _) in enumerate(rounds) for r in rows + refs]
+    _emit(every, lambda: bench_train.print_rounds(every, jb.describe()))
+
+
+def _round(i: int) -> str:
+    return f"round {i + 1}/{_ROUNDS.value}: " if _ROUNDS.value > 1 else ""
 
 
 def _emit(rows: list[dict], print_table) -> None:

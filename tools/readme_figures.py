@@ -71,6 +71,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
 
 from absl import app, flags
@@ -655,13 +656,15 @@ def cpu_facts(folder: str) -> list[dict]:
 
 def cpu_machine_facts(folder: str) -> dict:
     """`benchmark.py --what=train --compare=keras,torch --json` (train.jsonl) and
-    `--what=rank --compare --json` (rank.jsonl) of one CPU machine, ratios in the same run."""
+    `--what=rank --compare --json` (rank.jsonl) of one CPU machine, ratios in the same run (with
+    `--rounds=N`, in the same round: each key then holds one row per round)."""
     train, rank = prepare_facts(folder, "train.jsonl"), prepare_facts(folder, "rank.jsonl")
-    jax_train = {r["batch"]: r for r in train if r["impl"] == "jax"}
-    jax_rank = {(r["model"], r["batch"]): r for r in rank if r["impl"] == "jax"}
-    keras_rank = {(r["model"], r["batch"]): r for r in rank if r["impl"] == "keras-tensorflow"}
-    m = next(iter(jax_train.values()))["machine"]
-    m_rank = next(iter(jax_rank.values()))["machine"]
+    group = lambda rows, key, impl: _by(key, [r for r in rows if r["impl"] == impl])
+    jax_train = group(train, lambda r: r["batch"], "jax")
+    jax_rank = group(rank, lambda r: (r["model"], r["batch"]), "jax")
+    keras_rank = group(rank, lambda r: (r["model"], r["batch"]), "keras-tensorflow")
+    m = next(iter(jax_train.values()))[0]["machine"]
+    m_rank = next(iter(jax_rank.values()))[0]["machine"]
     if (m_rank["cpu"], m_rank["cores"]) != (m["cpu"], m["cores"]):
         raise DataError(
             f"{folder}: rank.jsonl ran on {m_rank['cpu']} ({m_rank['cores']} cores), "
@@ -671,6 +674,8 @@ def cpu_machine_facts(folder: str) -> dict:
         "name": os.path.basename(folder),
         "machine": m,
         "rank_date": m_rank["date"],
+        "rounds": len(next(iter(jax_train.values()))),
+        "rank_rounds": len(next(iter(jax_rank.values()))),
         "train": train,
         "rank": rank,
         "jax_train": jax_train,
@@ -680,23 +685,48 @@ def cpu_machine_facts(folder: str) -> dict:
     }
 
 
-def _pair(values, fmt: str = ".2f", unit: str = "x") -> str:
-    return " / ".join(f"{v:{fmt}}{unit}" for v in values)
+def _by(key, rows: list[dict]) -> dict:
+    """Rows grouped by `key`: one per round of `benchmark.py --rounds=N` (one without it)."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def _stat(rows: list[dict], key: str, fmt: str = ".2f", unit: str = "x", scale=1.0) -> str:
+    """`key` of one run's row, or of several rounds' rows their median (lowest-highest)."""
+    v = sorted(scale * r[key] for r in rows)
+    mid = f"{statistics.median(v):{fmt}}{unit}"
+    return mid if len(v) == 1 else f"{mid} ({v[0]:{fmt}}-{v[-1]:{fmt}}{unit})"
+
+
+def _med(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
 
 
 def _cpu_ratios(f: dict) -> dict:
     t, bs = f["jax_train"], f["batches"]
-    rank = lambda model: [f["jax_rank"][model, b]["score_vs_keras"] for b in bs]
+    pair = lambda key, **kw: " / ".join(_stat(t[b], key, **kw) for b in bs)
+    rank = lambda model: " / ".join(_stat(f["jax_rank"][model, b], "score_vs_keras") for b in bs)
     return {
         "batches": " / ".join(str(b) for b in bs),
-        "best": " / ".join(dict.fromkeys(t[b]["train_best_ref"] for b in bs)),
-        "train": _pair(t[b]["train_vs_best_ref"] for b in bs),
-        "limit": _pair((100 * t[b]["train_fraction_of_limit"] for b in bs), ".0f", " %"),
-        "score": _pair(t[b]["score_vs_best_ref"] for b in bs),
-        "plain": _pair(t[b]["score_plain_vs_best_ref"] for b in bs),
-        "default": _pair(rank("default")),
-        "full": _pair(rank("full")),
+        "best": " / ".join(dict.fromkeys(r["train_best_ref"] for b in bs for r in t[b])),
+        "train": pair("train_vs_best_ref"),
+        "limit": pair("train_fraction_of_limit", fmt=".0f", unit=" %", scale=100),
+        "score": pair("score_vs_best_ref"),
+        "plain": pair("score_plain_vs_best_ref"),
+        "default": rank("default"),
+        "full": rank("full"),
     }
+
+
+def _runs_en(f: dict) -> str:
+    if f["rounds"] == 1 and f["rank_rounds"] == 1:
+        return "one run, ratios in the same run"
+    return (
+        f"{f['rounds']} rounds of training and scoring and {f['rank_rounds']} of ranking, the "
+        "engine and the references in turn; the median of the rounds' ratios (lowest-highest)"
+    )
 
 
 def cpu_en(machines: list[dict]) -> str:
@@ -704,8 +734,8 @@ def cpu_en(machines: list[dict]) -> str:
     for f in machines:
         m, r = f["machine"], _cpu_ratios(f)
         said.append(
-            f"On {m['cpu']} ({m['cores']} cores, {m['date'][:10]}, one run, ratios in the same "
-            f"run): training the benchmark seed CNN {r['train']} the best reference "
+            f"On {m['cpu']} ({m['cores']} cores, {m['date'][:10]}, {_runs_en(f)}): training the "
+            f"benchmark seed CNN {r['train']} the best reference "
             f"({r['best']}) at batch {r['batches']}, the step at {r['limit']} of the matmul "
             f"limit; batch scoring {r['score']} from folded tables ({r['plain']} with the plain "
             f"model); ranking {r['default']} the same model in Keras with the default model and "
@@ -729,8 +759,14 @@ def cpu_zh(machines: list[dict]) -> str:
 
 def _cpu_zh(f: dict) -> str:
     m, r = f["machine"], _cpu_ratios(f)
+    runs = (
+        "单次运行，比值取自同一次运行"
+        if f["rounds"] == 1 and f["rank_rounds"] == 1
+        else f"训练与打分 {f['rounds']} 轮、排序 {f['rank_rounds']} 轮，引擎与参照轮流运行；"
+        "比值为各轮比值的中位数（括号内为最低-最高）"
+    )
     return (
-        f"在 {m['cpu']} 上（{m['cores']} 核，{m['date'][:10]}，单次运行，比值取自同一次运行）："
+        f"在 {m['cpu']} 上（{m['cores']} 核，{m['date'][:10]}，{runs}）："
         f"基准种子 CNN 的训练在 batch {r['batches']} 下为最佳参照（{r['best']}）的 {r['train']}，"
         f"训练步达到矩阵乘法上限的 {r['limit']}；批量打分（折叠表）为 {r['score']}"
         f"（未折叠模型 {r['plain']}）；排序：默认模型为同一模型 Keras 版的 {r['default']}，"
@@ -764,49 +800,69 @@ def _cpu_benchmarks(f: dict) -> str:
             },
         }.items()
     )
+    peaks = sorted(r["matmul_flops_per_s"] / 1e9 for r in t0)
+    matmul = f"{peaks[0]:.0f}" if len(peaks) == 1 else f"{peaks[0]:.0f}-{peaks[-1]:.0f}"
+    compare = ",".join(dict.fromkeys(impl.split("-")[0] for impl in refs))  # --compare names
+    if f["rounds"] == 1:
+        runs = (
+            "median of each measurement's timed runs, one run of `python tools/benchmark.py "
+            f"--what=train --compare={compare} --variants=fast --json` (train.jsonl) and, at "
+            f"{f['rank_date']}, one of `--what=rank --compare --json` (rank.jsonl)"
+        )
+    else:
+        runs = (
+            f"one run of `python tools/benchmark.py --what=train --compare={compare} --rounds="
+            f"{f['rounds']} --json` (train.jsonl) and, at {f['rank_date']}, one of `--what=rank "
+            f"--compare --rounds={f['rank_rounds']} --json` (rank.jsonl): in each round the "
+            "engine, then the matmul limit, then the references; rates are the median of the "
+            "rounds (each round's the median of its timed runs), ratios the median of the "
+            "rounds' ratios, each taken within its round, with the lowest and highest"
+        )
     head = (
         f"{m['date']}: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {versions}; "
-        f"matmul {t0['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s f32; median of each "
-        "measurement's timed runs, one run of `python tools/benchmark.py --what=train "
-        "--compare=keras,torch --variants=fast --json` (train.jsonl) and, at "
-        f"{f['rank_date']}, one of `--what=rank --compare --json` (rank.jsonl) in "
-        f"docs/results/cpu/{f['name']}/. References with the engine's allocator "
-        "settings; Keras scores through the faster of `predict` and a `predict_on_batch` loop."
+        f"matmul {matmul} GFLOP/s f32; {runs} in docs/results/cpu/{f['name']}/. References "
+        "with the engine's allocator settings; Keras scores through the faster of `predict` "
+        "and a `predict_on_batch` loop."
     )
     rows = ["| impl | batch | train ex/s | score ex/s | train vs best ref | score vs best ref "
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     order = {"jax": 0, **{k: i + 1 for i, k in enumerate(refs)}}
-    for r in sorted(f["train"], key=lambda r: (r["batch"], order.get(r["impl"], 9))):
-        name = "influence_jax (folded scoring)" if r["impl"] == "jax" else r["impl"]
-        ratio = lambda k, r=r: f"{r[k]:.2f}x" if k in r else ""
+    groups = _by(lambda r: (r["batch"], order.get(r["impl"], 9), r["impl"]), f["train"])
+    for (batch, _, impl), g in sorted(groups.items()):
+        name = "influence_jax (folded scoring)" if impl == "jax" else impl
+        ratio = lambda k, g=g: _stat(g, k) if k in g[0] else ""
         rows.append(
-            f"| {name} | {r['batch']} | {r['train_ex_per_s']:,.0f} | {r['score_ex_per_s']:,.0f} "
-            f"| {ratio('train_vs_best_ref')} | {ratio('score_vs_best_ref')} "
-            f"| {ratio('score_plain_vs_best_ref')} | {r['score_ex_per_cpu_s']:,.0f} "
-            f"| {r.get('others_cpu', 0):.0%} |"
+            f"| {name} | {batch} | {_med(g, 'train_ex_per_s'):,.0f} "
+            f"| {_med(g, 'score_ex_per_s'):,.0f} | {ratio('train_vs_best_ref')} "
+            f"| {ratio('score_vs_best_ref')} | {ratio('score_plain_vs_best_ref')} "
+            f"| {_med(g, 'score_ex_per_cpu_s'):,.0f} "
+            f"| {max(r.get('others_cpu', 0) for r in g):.0%} |"
         )
     limit = ", ".join(
-        f"{100 * f['jax_train'][b]['train_fraction_of_limit']:.1f} % at batch {b}" for b in bs
+        f"{_stat(f['jax_train'][b], 'train_fraction_of_limit', '.1f', ' %', 100)} at batch {b}"
+        for b in bs
     )
     says = (
-        f"The compiled train step costs {t0['train_flops_per_example'] / 1e6:.2f} MFLOP per "
+        f"The compiled train step costs {t0[0]['train_flops_per_example'] / 1e6:.2f} MFLOP per "
         f"example (XLA's cost analysis) and reaches {limit} of the matmul limit."
     )
     rank = ["| model | batch | engine score fn | eval step | Keras | Keras path | engine vs Keras "
             "| per CPU-second vs Keras |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (model, b), r in sorted(f["jax_rank"].items()):
+    for (model, b), g in sorted(f["jax_rank"].items()):
         k = f["keras_rank"].get((model, b))  # None where the reference did not run
-        keras = f"{k['score_ex_per_s']:,.0f} | {k['score_path']}" if k else "- | -"
-        vs = f"{r['score_vs_keras']:.2f}x | {r['score_cpu_vs_keras']:.2f}x" if k else "- | -"
+        paths = "/".join(dict.fromkeys(x["score_path"] for x in k)) if k else ""
+        keras = f"{_med(k, 'score_ex_per_s'):,.0f} | {paths}" if k else "- | -"
+        vs = f"{_stat(g, 'score_vs_keras')} | {_stat(g, 'score_cpu_vs_keras')}" if k else "- | -"
         rank.append(
-            f"| {model} | {b} | {r['score_ex_per_s']:,.0f} | {r['eval_ex_per_s']:,.0f} "
+            f"| {model} | {b} | {_med(g, 'score_ex_per_s'):,.0f} | {_med(g, 'eval_ex_per_s'):,.0f} "
             f"| {keras} | {vs} |"
         )
     checks = "; ".join(
-        f"{model}: {k['params']:,} parameters, scores within {k['check_max_abs_diff']:.1e}"
+        f"{model}: {k[0]['params']:,} parameters, scores within "
+        f"{max(x['check_max_abs_diff'] for x in k):.1e}"
         for (model, b), k in sorted(f["keras_rank"].items())
-        if b == bs[0] and "check_max_abs_diff" in k
+        if b == bs[0] and "check_max_abs_diff" in k[0]
     )
     return "\n".join(
         [

@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping
@@ -433,6 +434,34 @@ def print_table(rows: list[dict], host_memory_kept: bool) -> None:
     paths = [f"{r['model']} b={r['batch']}: {r['score_path']}" for r in rows if "score_path" in r]
     if paths:
         print(f"  Keras' faster scoring path: {', '.join(paths)}")
+    bench_util.busy_warning(rows, lambda r: f"{r['model']} {r['impl']} b={r['batch']}")
+
+
+def print_rounds(rows: list[dict], host_memory_kept: bool) -> None:
+    """`--rounds=N`: median rates over the rounds, the ratios as the median of the rounds'."""
+    rounds = max(r["round"] for r in rows) + 1
+    print(
+        f"\n{bench_util.describe_device()}, freed host memory "
+        + ("kept" if host_memory_kept else "returned to the OS")
+        + f"; {rounds} rounds, the engine then Keras in each"
+    )
+    print(
+        f"{'model':<9}{'impl':<18}{'batch':>7}{'score ex/s':>13}{'vs keras':>20}{'per cpu-s':>20}"
+    )
+    groups = bench_util.by_round(
+        rows, lambda r: (r["model"], r["batch"], r["impl"] != "jax", r["impl"])
+    )
+    for (model, batch, _, impl), group in groups.items():
+        rate = statistics.median(r["score_ex_per_s"] for r in group)
+        line = f"{model:<9}{impl:<18}{batch:>7}{rate:>13,.0f}"
+        for key in ("score_vs_keras", "score_cpu_vs_keras"):
+            values = [r[key] for r in group if key in r]
+            line += f"{bench_util.spread(values):>20}" if values else ""
+        print(line)
+    print(
+        "  candidates/s, the median of the rounds; vs keras: the median of the rounds' ratios "
+        "(lowest-highest), each from its own round"
+    )
     bench_util.busy_warning(rows, lambda r: f"{r['model']} {r['impl']} b={r['batch']}")
 
 

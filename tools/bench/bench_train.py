@@ -319,6 +319,37 @@ def print_table(rows: list[dict], refs: list[dict], peak: float, setup: str) -> 
     bench_util.busy_warning(rows + refs, lambda r: f"{r['impl']} b={r['batch']}")
 
 
+def print_rounds(rows: list[dict], setup: str) -> None:
+    """`--rounds=N`: each implementation's median rate over the rounds and the engine's ratios,
+    each the median of the rounds' ratios (a round's ratios come from that round alone)."""
+    groups = bench_util.by_round(
+        rows, lambda r: (r["batch"], not r["impl"].startswith("jax"), r["impl"])
+    )
+    rounds = max(r["round"] for r in rows) + 1
+    print(f"\n{setup}; {rounds} rounds, the engine then the references in each")
+    print(
+        f"{'impl':<20}{'batch':>7}{'train ex/s':>12}{'score ex/s':>12}{'train/best':>20}"
+        f"{'score/best':>20}{'plain/best':>20}{'of limit':>18}"
+    )
+    for (batch, _, impl), group in groups.items():
+        med = lambda k, g=group: statistics.median(r[k] for r in g)
+        line = f"{impl:<20}{batch:>7}{med('train_ex_per_s'):>12,.0f}{med('score_ex_per_s'):>12,.0f}"
+        for key in ("train_vs_best_ref", "score_vs_best_ref", "score_plain_vs_best_ref"):
+            values = [r[key] for r in group if key in r]
+            line += f"{bench_util.spread(values):>20}" if values else f"{'':>20}"
+        limit = [
+            100 * r["train_fraction_of_limit"] for r in group if "train_fraction_of_limit" in r
+        ]
+        line += f"{bench_util.spread(limit, '.0f', ' %'):>18}" if limit else ""
+        print(line)
+    print(
+        "  ex/s: the median of the rounds; x/best: the median of the rounds' ratios to the "
+        "fastest reference of that round (lowest-highest); plain: the unfolded model's scoring; "
+        "of limit: the train step's share of the matmul limit measured in the same round"
+    )
+    bench_util.busy_warning(rows, lambda r: f"{r['impl']} b={r['batch']} round {r['round'] + 1}")
+
+
 def scale(jb: JaxBench, batch: int, vocabs: list[int], embed_dim: int, lens: list[int]) -> list:
     """Rows of step time vs item vocabulary (dense Adam touches every row) and vs max_len."""
     rows = []
