@@ -123,6 +123,24 @@ def test_scores_equal_the_eval_step(run):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_scores_in_blocks_equal_whole_batch_scores(run):
+    """Engine.score_fn scores each device's rows in blocks (a loop in the compiled function)
+    where its share is a larger multiple of `rows`; the probabilities are the whole batch's."""
+    store = ExampleStore(run.data_path, "test", run.schema)
+    d = run.mesh.shape[sharding.DATA]
+    batch = store.gather(np.arange(16 * d) % len(store))
+    batch = sharding.to_global({k: batch[k] for k in ("user", "item", "hist")}, run.mesh)
+    whole, blocked = run.engine.score_fn(rows=0), run.engine.score_fn(rows=4)
+    assert "while" in blocked.lower(run.params, batch).as_text()  # 4 blocks of 4 rows a device
+    assert "while" not in whole.lower(run.params, batch).as_text()
+    want = sharding.to_host(whole(run.params, batch))
+    got = blocked(run.params, batch)
+    assert got.sharding.is_equivalent_to(run.engine.batch_sharding, 1)
+    np.testing.assert_allclose(sharding.to_host(got), want, rtol=0, atol=1e-6)
+    odd = run.engine.score_fn(rows=5)  # 16 rows a device: not a multiple, one block
+    assert "while" not in odd.lower(run.params, batch).as_text()
+
+
 def test_ranked_scores_equal_eval_scores_of_each_users_latest_example(run, tmp_path):
     """Through contexts and a candidates file: (user, item of the user's latest test example)."""
     store = ExampleStore(run.data_path, "test", run.schema)
