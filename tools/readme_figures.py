@@ -807,20 +807,22 @@ def _cpu_benchmarks(f: dict) -> str:
         runs = (
             "median of each measurement's timed runs, one run of `python tools/benchmark.py "
             f"--what=train --compare={compare} --variants=fast --json` (train.jsonl) and, at "
-            f"{f['rank_date']}, one of `--what=rank --compare --json` (rank.jsonl)"
+            f"{f['rank_date']}, one of `--what=rank --compare --json` (rank.jsonl) in "
+            f"docs/results/cpu/{f['name']}/"
         )
     else:
         runs = (
             f"one run of `python tools/benchmark.py --what=train --compare={compare} --rounds="
             f"{f['rounds']} --json` (train.jsonl) and, at {f['rank_date']}, one of `--what=rank "
-            f"--compare --rounds={f['rank_rounds']} --json` (rank.jsonl): in each round the "
-            "engine, then the matmul limit, then the references; rates are the median of the "
-            "rounds (each round's the median of its timed runs), ratios the median of the "
-            "rounds' ratios, each taken within its round, with the lowest and highest"
+            f"--compare --rounds={f['rank_rounds']} --json` (rank.jsonl) in docs/results/cpu/"
+            f"{f['name']}/: in each round the engine, then the matmul limit, then the "
+            "references; rates are the median of the rounds (each round's the median of its "
+            "timed runs), ratios the median of the rounds' ratios, each taken within its round, "
+            "with the lowest and highest"
         )
     head = (
         f"{m['date']}: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; {versions}; "
-        f"matmul {matmul} GFLOP/s f32; {runs} in docs/results/cpu/{f['name']}/. References "
+        f"matmul {matmul} GFLOP/s f32; {runs}. References "
         "with the engine's allocator settings; Keras scores through the faster of `predict` "
         "and a `predict_on_batch` loop."
     )
