@@ -169,7 +169,7 @@ class Engine:
         Each device scores its share of the batch `rows` rows at a time (a `lax.map` over
         blocks) where the share is a larger multiple of `rows`: a block's activations stay in
         the CPU's caches. Default: CPU_SCORE_ROWS on CPU, whole batches on accelerators; 0
-        scores whole batches. Blocks change no probability (tests/test_engine.py).
+        scores whole batches. Blocks change no probability (tests/test_ranking.py).
         """
         if rows is None:
             rows = CPU_SCORE_ROWS if self.mesh.devices.flat[0].platform == "cpu" else 0
