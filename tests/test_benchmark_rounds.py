@@ -107,3 +107,25 @@ def test_train_benchmark_runs_rounds_in_turn():
         cmd + ["--variants=fast,straightforward"], capture_output=True, text=True, cwd=ROOT
     )
     assert bad.returncode != 0 and "--rounds: the fast variant only" in bad.stderr
+
+
+@pytest.mark.slow  # a benchmark's smoke run: the slow tier
+def test_rank_benchmark_runs_rounds_on_one_setup():
+    """Each model is set up once, then timed round after round (the progress shows its rounds
+    in order before the next model's), every row tagged with its round."""
+    cmd = [sys.executable, os.path.join(helpers.TOOLS, "benchmark.py"), "--what=rank"]
+    cmd += ["--rank_config=tiny", "--rank_models=default,full", "--batches=64", "--rounds=2"]
+    cmd += ["--seconds=0.05", "--repeats=1", "--rank_measure=score", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    got = [(r["model"], r["impl"], r["round"]) for r in rows]
+    assert got == [
+        ("default", "jax", 0),
+        ("default", "jax", 1),
+        ("full", "jax", 0),
+        ("full", "jax", 1),
+    ]
+    assert all(r["score_ex_per_s"] > 0 for r in rows)
+    said = [line for line in proc.stderr.splitlines() if "jax ranker" in line]
+    assert [s.split(":")[0] for s in said] == ["round 1/2", "round 2/2"] * 2

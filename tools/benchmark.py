@@ -189,20 +189,17 @@ def main(argv: list[str]) -> None:
         bad = [n for n in names if n not in ("all", "keras")]
         if bad:
             raise app.UsageError(f"--compare: --what=rank has only the keras reference, not {bad}")
-        rows = []
-        for i in range(_ROUNDS.value):
-            bench_rank.bench_util.progress(_round(i) or "ranking ...")
-            got = bench_rank.run(
-                _RANK_CONFIG.value,
-                _RANK_MODELS.value,
-                batches,
-                _SECONDS.value,
-                _REPEATS.value,
-                compare=bool(names),
-                ref_kw=ref_kw,
-                measure=_RANK_MEASURE.value,
-            )
-            rows += [r | {"round": i} for r in got] if _ROUNDS.value > 1 else got
+        rows = bench_rank.run(
+            _RANK_CONFIG.value,
+            _RANK_MODELS.value,
+            batches,
+            _SECONDS.value,
+            _REPEATS.value,
+            compare=bool(names),
+            ref_kw=ref_kw,
+            measure=_RANK_MEASURE.value,
+            rounds=_ROUNDS.value,
+        )
         if _ROUNDS.value > 1:
             _emit(rows, lambda: bench_rank.print_rounds(rows, kept))
         else:

@@ -220,8 +220,13 @@ def run(
     compare: bool = False,
     ref_kw: dict | None = None,
     measure: str = "all",
+    rounds: int = 1,
 ) -> list[dict]:
-    """Rows for each model (default / full) and batch: ours and, with `compare`, Keras'."""
+    """Rows for each model (default / full) and batch: ours and, with `compare`, Keras'.
+
+    With `rounds` > 1 each model's data and engine are set up once and then the engine and Keras
+    run `rounds` times in turn, each row tagged with its round and its ratios from that round.
+    """
     rows, seen = [], {}
     for which in which_models:
         config = model_config(config_name, which)
@@ -239,35 +244,43 @@ def run(
             schema, ex = make_examples(config, common.NUM_DISTINCT_BATCHES * max(batches), tmp)
             rb = RankBench(config, schema)
             info = {"model": which, "extractors": list(extractors), "config": config_name}
-            ours = []
-            for batch in batches:
-                bench_util.progress(f"jax ranker {which} batch {batch} ...")
-                ours.append(rb.measure(ex, batch, seconds, repeats, measure) | info)
-            refs = []
+            args = []
             if compare:
                 args = rb.write_keras_inputs(ex, tmp) + [
                     f"--batches={','.join(map(str, batches))}",
                     f"--seconds={seconds}",
                     f"--repeats={repeats}",
                 ]
-                refs = [
-                    r | info
-                    for r in bench_util.run_reference(
-                        "keras ranker", "keras_ranker.py", args, **ref_kw
-                    )
-                ]
-            for r in ours:
-                same = [x for x in refs if x["batch"] == r["batch"]]
-                if same and "score_ex_per_s" in r:
-                    k = same[0]["score_ex_per_s"]
-                    r["keras_score_ex_per_s"] = k
-                    for key in ("score", "rank_path", "eval"):
-                        r[f"{key}_vs_keras"] = r[f"{key}_ex_per_s"] / k
-                    r["score_cpu_vs_keras"] = (
-                        r["score_ex_per_cpu_s"] / same[0]["score_ex_per_cpu_s"]
-                    )
-            rows += ours + refs
+            for i in range(rounds):
+                tag = info | ({"round": i} if rounds > 1 else {})
+                said = f"round {i + 1}/{rounds}: " if rounds > 1 else ""
+                ours = []
+                for batch in batches:
+                    bench_util.progress(f"{said}jax ranker {which} batch {batch} ...")
+                    ours.append(rb.measure(ex, batch, seconds, repeats, measure) | tag)
+                refs = []
+                if compare:
+                    refs = [
+                        r | tag
+                        for r in bench_util.run_reference(
+                            "keras ranker", "keras_ranker.py", args, **ref_kw
+                        )
+                    ]
+                _add_ratios(ours, refs)
+                rows += ours + refs
     return rows
+
+
+def _add_ratios(ours: list[dict], refs: list[dict]) -> None:
+    """Each of our rows against Keras' row of the same batch (of the same round)."""
+    for r in ours:
+        same = [x for x in refs if x["batch"] == r["batch"]]
+        if same and "score_ex_per_s" in r:
+            k = same[0]["score_ex_per_s"]
+            r["keras_score_ex_per_s"] = k
+            for key in ("score", "rank_path", "eval"):
+                r[f"{key}_vs_keras"] = r[f"{key}_ex_per_s"] / k
+            r["score_cpu_vs_keras"] = r["score_ex_per_cpu_s"] / same[0]["score_ex_per_cpu_s"]
 
 
 def two_stage(config_name: str, which_models: list[str], n: int, top_k: int = 10) -> list[dict]:
