@@ -78,6 +78,8 @@ def test_readme_figures_read_the_rounds(tmp_path):
                 r = json.loads(json.dumps(r)) | {"round": i}
                 if ratio in r:
                     r[ratio] = 1.0 * scale
+                if kind == "rank" and r["impl"] == "jax":
+                    r["devices"] = 2  # ranked with --host_devices=2
                 out.append(r)
         (folder / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
     facts = readme_figures.cpu_facts(str(tmp_path / "cpu"))
@@ -85,9 +87,12 @@ def test_readme_figures_read_the_rounds(tmp_path):
     en = " ".join(readme_figures.cpu_en(facts).split())  # unwrapped
     assert "3 rounds of training and scoring and 3 of ranking" in en
     assert "1.00x (0.50-2.00x) / 1.00x (0.50-2.00x) the best reference" in en
-    assert "3 轮" in readme_figures.cpu_zh(facts)
+    assert "the engine over 2 CPU devices (`--host_devices`)" in en
+    zh = readme_figures.cpu_zh(facts)
+    assert "3 轮" in zh and "2 个 CPU 设备" in zh
     doc = readme_figures.cpu_benchmarks(facts)
     assert "--rounds=3" in doc and "| 1.00x (0.50-2.00x) |" in doc
+    assert "--what=rank --compare --rounds=3 --host_devices=2 --json" in " ".join(doc.split())
     assert doc.count("| jax ") == 0 and doc.count("influence_jax (folded scoring)") == len(
         facts[0]["batches"]
     )  # one row per batch, not per round

@@ -20,12 +20,13 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from influence_jax import checkpoint, ranking, scoring, sharding
+from influence_jax import checkpoint, hostmem, ranking, scoring, sharding
 from influence_jax.data import pipeline, prepare, readers
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import DataError
 from influence_jax.data.store import ExampleStore
 from influence_jax.engine import EVAL_KEYS
+from influence_jax.errors import ConfigError
 from influence_jax.ranking.candidates import read_candidate_ids
 from tests import helpers
 
@@ -296,6 +297,38 @@ def test_a_long_bad_id_is_quoted_short(tmp_path):
         read_candidate_ids(path, _IntegerIds())
     assert "c.csv:3: item_id must be an integer id, got '\\x01xxx" in str(e.value)
     assert len(str(e.value)) < len(path) + 120 and str(e.value).isprintable()
+
+
+def test_rank_cli_scores_alike_over_any_number_of_host_devices(run_dir, run, tmp_path):
+    """--host_devices=3 splits the CPU into 3 XLA devices (the tests' processes start with 8): the
+    batch is sharded over 3 and every candidate's score equals the 8-device run's."""
+    users = np.unique(ExampleStore(run.data_path, "test", run.schema).column("user_key"))[:5]
+    path = write_csv(tmp_path / "c.csv", [f"{u},{i}" for u in users for i in range(20)])
+    scores = {}
+    for n in (0, 3):
+        out = tmp_path / f"top{n}.csv"
+        args = [f"--output={out}", f"--candidates={path}", "--format=csv", "--top_k=20"]
+        r = rank_cli(f"--workdir={run_dir}", f"--host_devices={n}", *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        summary = json.loads(r.stdout.split("summary ", 1)[1])
+        assert summary["devices"] == (n or 8) and summary["pairs_scored"] == 100
+        t = pcsv.read_csv(out).to_pydict()
+        pairs = zip(t["user_id"], t["item_id"], strict=True)
+        scores[n] = dict(zip(pairs, t["score"], strict=True))
+    assert len(scores[3]) == 100 and scores[3].keys() == scores[0].keys()
+    got = [scores[3][k] for k in scores[0]]
+    np.testing.assert_allclose(got, list(scores[0].values()), atol=1e-6)
+    bad = rank_cli(f"--workdir={run_dir}", f"--output={tmp_path / 'x.csv'}", "--host_devices=-1")
+    assert bad.returncode == 2 and "host devices must be 0" in bad.stderr
+
+
+def test_host_devices_are_set_before_jax_starts():
+    jax.devices()  # this process's CPU client runs
+    with pytest.raises(ConfigError, match="before JAX starts"):
+        hostmem.split_host(2)
+    before = os.environ.get("XLA_FLAGS")
+    hostmem.split_host(0)  # JAX's default: nothing to set
+    assert os.environ.get("XLA_FLAGS") == before
 
 
 def test_rank_cli_reports_a_malformed_file_and_writes_nothing(run_dir, tmp_path):

@@ -170,10 +170,7 @@ def main(argv: list[str]) -> None:
     if _HOST_DEVICES.value:
         if _WHAT.value != "rank":  # training would add cross-device all-reduces on one host
             raise app.UsageError("--host_devices applies to --what=rank only")
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}"
-        )
+        hostmem.split_host(_HOST_DEVICES.value)  # before JAX starts
     kept = _KEEP_HOST_MEMORY.value and hostmem.keep_freed_host_memory()  # before JAX starts
     batches = [int(b) for b in _BATCHES.value]
     # The references get the allocator settings the engine gives itself (hostmem.ENV).
