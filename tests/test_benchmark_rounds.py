@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from influence_jax.experiments import tables
 from tests import helpers
 from tests.helpers import ROOT
 
@@ -27,12 +28,12 @@ def _rows(ratios: list[float], batch: int = 1024) -> list[dict]:
 
 
 def test_spread_is_the_median_and_range_of_the_rounds():
-    bench_util = helpers.bench_module("bench_util")
-    assert bench_util.spread([1.8, 1.2, 1.5]) == "1.50x (1.20-1.80)"
-    assert bench_util.spread([40.0, 30.0], ".0f", " %") == "35 % (30-40)"
-    groups = bench_util.by_round(_rows([1.0, 2.0]), lambda r: (r["impl"],))
-    assert list(groups) == [("jax",), ("keras-tensorflow",)]
-    assert [r["round"] for r in groups[("jax",)]] == [0, 1]
+    assert tables.spread([1.8, 1.2, 1.5]) == "1.50x (1.20-1.80x)"
+    assert tables.spread([40.0, 30.0], ".0f", " %") == "35 % (30-40 %)"
+    assert tables.spread([1.25]) == "1.25x"  # one run: its value alone
+    groups = tables.by_key(_rows([1.0, 2.0])[::-1], lambda r: (r["impl"],))
+    assert list(groups) == [("jax",), ("keras-tensorflow",)]  # sorted by key
+    assert [r["round"] for r in groups[("jax",)]] == [1, 0]  # rows in their order
 
 
 def test_train_rounds_table_gives_medians_and_ranges(capsys):
@@ -42,8 +43,8 @@ def test_train_rounds_table_gives_medians_and_ranges(capsys):
     assert "3 rounds" in out
     jax = next(line for line in out.splitlines() if line.startswith("jax "))
     assert "15,000" in jax  # the median rate
-    assert "1.50x (1.20-1.80)" in jax and "3.00x (2.40-3.60)" in jax  # train, score
-    assert "0.75x (0.60-0.90)" in jax and "38 % (30-45)" in jax  # plain, share of limit
+    assert "1.50x (1.20-1.80x)" in jax and "3.00x (2.40-3.60x)" in jax  # train, score
+    assert "0.75x (0.60-0.90x)" in jax and "38 % (30-45 %)" in jax  # plain, share of limit
 
 
 def test_rank_rounds_table_gives_medians_and_ranges(capsys):
@@ -57,7 +58,7 @@ def test_rank_rounds_table_gives_medians_and_ranges(capsys):
     bench_rank.print_rounds(rows, host_memory_kept=True)
     out = capsys.readouterr().out
     jax = next(line for line in out.splitlines() if line.split()[:2] == ["full", "jax"])
-    assert "14,000" in jax and "1.40x (1.20-1.60)" in jax and "2.40x (2.20-2.60)" in jax
+    assert "14,000" in jax and "1.40x (1.20-1.60x)" in jax and "2.40x (2.20-2.60x)" in jax
 
 
 def test_readme_figures_read_the_rounds(tmp_path):

@@ -659,7 +659,7 @@ def cpu_machine_facts(folder: str) -> dict:
     `--what=rank --compare --json` (rank.jsonl) of one CPU machine, ratios in the same run (with
     `--rounds=N`, in the same round: each key then holds one row per round)."""
     train, rank = prepare_facts(folder, "train.jsonl"), prepare_facts(folder, "rank.jsonl")
-    group = lambda rows, key, impl: _by(key, [r for r in rows if r["impl"] == impl])
+    group = lambda rows, key, impl: tables.by_key([r for r in rows if r["impl"] == impl], key)
     jax_train = group(train, lambda r: r["batch"], "jax")
     jax_rank = group(rank, lambda r: (r["model"], r["batch"]), "jax")
     keras_rank = group(rank, lambda r: (r["model"], r["batch"]), "keras-tensorflow")
@@ -687,19 +687,9 @@ def cpu_machine_facts(folder: str) -> dict:
     }
 
 
-def _by(key, rows: list[dict]) -> dict:
-    """Rows grouped by `key`: one per round of `benchmark.py --rounds=N` (one without it)."""
-    out: dict = {}
-    for r in rows:
-        out.setdefault(key(r), []).append(r)
-    return out
-
-
 def _stat(rows: list[dict], key: str, fmt: str = ".2f", unit: str = "x", scale=1.0) -> str:
     """`key` of one run's row, or of several rounds' rows their median (lowest-highest)."""
-    v = sorted(scale * r[key] for r in rows)
-    mid = f"{statistics.median(v):{fmt}}{unit}"
-    return mid if len(v) == 1 else f"{mid} ({v[0]:{fmt}}-{v[-1]:{fmt}}{unit})"
+    return tables.spread([scale * r[key] for r in rows], fmt, unit)
 
 
 def _med(rows: list[dict], key: str) -> float:
@@ -840,7 +830,7 @@ def _cpu_benchmarks(f: dict) -> str:
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     order = {"jax": 0, **{k: i + 1 for i, k in enumerate(refs)}}
-    groups = _by(lambda r: (r["batch"], order.get(r["impl"], 9), r["impl"]), f["train"])
+    groups = tables.by_key(f["train"], lambda r: (r["batch"], order.get(r["impl"], 9), r["impl"]))
     for (batch, _, impl), g in sorted(groups.items()):
         name = "influence_jax (folded scoring)" if impl == "jax" else impl
         ratio = lambda k, g=g: _stat(g, k) if k in g[0] else ""

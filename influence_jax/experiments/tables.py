@@ -3,7 +3,27 @@ tools/readme_figures.py, which renders them from the saved JSON."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
+
 import numpy as np
+
+
+def by_key(rows: list[dict], key: Callable[[dict], object]) -> dict:
+    """Rows grouped by `key` (impl, batch, ...), sorted by it: with `tools/benchmark.py
+    --rounds=N` each group holds one row per round, without it one row."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def spread(values: list[float], fmt: str = ".2f", unit: str = "x") -> str:
+    """One value as itself; several rounds' values as 'median (lowest-highest)', e.g.
+    '1.50x (1.20-1.80x)', the form of the benchmark's printed tables, the README and the docs."""
+    v = sorted(values)
+    mid = f"{statistics.median(v):{fmt}}{unit}"
+    return mid if len(v) == 1 else f"{mid} ({v[0]:{fmt}}-{v[-1]:{fmt}}{unit})"
 
 
 def multitask_table(results: dict) -> str:

@@ -30,6 +30,7 @@ from influence_jax import engine, sharding
 from influence_jax.data import synthetic
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.data.store import ExampleStore
+from influence_jax.experiments import tables
 from influence_jax.models.extractors import EXTRACTORS
 
 CHECK_ROWS = 64  # examples whose Keras scores are compared with ours
@@ -461,15 +462,13 @@ def print_rounds(rows: list[dict], host_memory_kept: bool) -> None:
     print(
         f"{'model':<9}{'impl':<18}{'batch':>7}{'score ex/s':>13}{'vs keras':>20}{'per cpu-s':>20}"
     )
-    groups = bench_util.by_round(
-        rows, lambda r: (r["model"], r["batch"], r["impl"] != "jax", r["impl"])
-    )
+    groups = tables.by_key(rows, lambda r: (r["model"], r["batch"], r["impl"] != "jax", r["impl"]))
     for (model, batch, _, impl), group in groups.items():
         rate = statistics.median(r["score_ex_per_s"] for r in group)
         line = f"{model:<9}{impl:<18}{batch:>7}{rate:>13,.0f}"
         for key in ("score_vs_keras", "score_cpu_vs_keras"):
             values = [r[key] for r in group if key in r]
-            line += f"{bench_util.spread(values):>20}" if values else ""
+            line += f"{tables.spread(values):>20}" if values else ""
         print(line)
     print(
         "  candidates/s, the median of the rounds; vs keras: the median of the rounds' ratios "

@@ -24,6 +24,7 @@ from bench_refs import common
 
 from configs import default as default_config
 from influence_jax import engine, sharding
+from influence_jax.experiments import tables
 
 PROFILE_STEPS = 10  # steps traced per profiled batch
 
@@ -322,9 +323,7 @@ def print_table(rows: list[dict], refs: list[dict], peak: float, setup: str) -> 
 def print_rounds(rows: list[dict], setup: str) -> None:
     """`--rounds=N`: each implementation's median rate over the rounds and the engine's ratios,
     each the median of the rounds' ratios (a round's ratios come from that round alone)."""
-    groups = bench_util.by_round(
-        rows, lambda r: (r["batch"], not r["impl"].startswith("jax"), r["impl"])
-    )
+    groups = tables.by_key(rows, lambda r: (r["batch"], not r["impl"].startswith("jax"), r["impl"]))
     rounds = max(r["round"] for r in rows) + 1
     print(f"\n{setup}; {rounds} rounds, the engine then the references in each")
     print(
@@ -336,11 +335,11 @@ def print_rounds(rows: list[dict], setup: str) -> None:
         line = f"{impl:<20}{batch:>7}{med('train_ex_per_s'):>12,.0f}{med('score_ex_per_s'):>12,.0f}"
         for key in ("train_vs_best_ref", "score_vs_best_ref", "score_plain_vs_best_ref"):
             values = [r[key] for r in group if key in r]
-            line += f"{bench_util.spread(values):>20}" if values else f"{'':>20}"
+            line += f"{tables.spread(values):>20}" if values else f"{'':>20}"
         limit = [
             100 * r["train_fraction_of_limit"] for r in group if "train_fraction_of_limit" in r
         ]
-        line += f"{bench_util.spread(limit, '.0f', ' %'):>18}" if limit else ""
+        line += f"{tables.spread(limit, '.0f', ' %'):>18}" if limit else ""
         print(line)
     print(
         "  ex/s: the median of the rounds; x/best: the median of the rounds' ratios to the "

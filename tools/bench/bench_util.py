@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -197,21 +196,6 @@ def busy_warning(rows: list[dict], label: Callable[[dict], str]) -> None:
             + ", ".join(busy)
             + "; unless they only filled idle time, those figures are low"
         )
-
-
-def by_round(rows: list[dict], key: Callable[[dict], tuple]) -> dict[tuple, list[dict]]:
-    """The rows of `benchmark.py --rounds=N` grouped by `key` (impl, batch, ...), sorted by it;
-    each group holds one row per round."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(key(r), []).append(r)
-    return dict(sorted(groups.items()))
-
-
-def spread(values: list[float], fmt: str = ".2f", unit: str = "x") -> str:
-    """Several rounds' values as 'median (lowest-highest)'."""
-    v = sorted(values)
-    return f"{statistics.median(v):{fmt}}{unit} ({v[0]:{fmt}}-{v[-1]:{fmt}})"
 
 
 def progress(msg: str) -> None:
