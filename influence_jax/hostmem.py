@@ -45,7 +45,7 @@ def split_host(devices: int) -> None:
     """Makes JAX's CPU platform `devices` XLA devices (0: leave JAX's single CPU device).
 
     A data-parallel function then runs one batch shard per device, each on its own thread. On
-    the 2-core AMX Xeon of 2026-12-05 the full ranker (bst) scored a 1024-row batch 1.25-1.40x
+    the 2-core AMX Xeon of 2026-12-05 the full ranker (bst) scored a 1024-row batch 1.25-1.41x
     as fast over two devices as over one (paired processes; the default ranker and batch 4096
     alike either way): its small batched matmuls do not spread over the cores by themselves.
     Training is slower so (a cross-device gradient sum per step). Replaces a device count

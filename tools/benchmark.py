@@ -102,7 +102,8 @@ _HOST_DEVICES = flags.DEFINE_integer(
     0,
     "--what=rank on CPU: split the host into this many XLA devices (XLA_FLAGS "
     "--xla_force_host_platform_device_count), so the data-parallel score function runs one "
-    "batch shard per core; 0 keeps JAX's single CPU device.",
+    "batch shard per core (as tools/rank.py --host_devices); 0 keeps JAX's single CPU device.",
+    lower_bound=0,
 )
 _SCALE_BATCH = flags.DEFINE_integer("scale_batch", 1024, "Batch size of --what=scale.")
 _SCALE_VOCABS = flags.DEFINE_list("scale_vocabs", ["100000", "10000000"], "Item vocabularies.")
