@@ -141,6 +141,42 @@ def test_folded_scoring_equals_the_model(params):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_hidden_layer_in_scoring_only(params):
+    """bf16_hidden_in_scoring: scoring (plain and folded) multiplies the hidden layer's bfloat16
+    operands into a float32 result, close to float32 scoring but not equal to it; training (its
+    logits and gradients) is the float32 model's, bit for bit."""
+    batch = _batch(seed=4)
+    ids = {k: v for k, v in batch.items() if k.endswith("_ids")}
+    f32, bf16 = BenchCNN(**SMALL), BenchCNN(**SMALL, bf16_hidden_in_scoring=True)
+    score = lambda m: jax.jit(lambda p: m.apply({"params": p}, ids)[0])
+    want, got = score(f32)(params), score(bf16)(params)
+    assert "bf16" in str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, ids)[0])(params))
+    assert not np.array_equal(got, want)  # the operands were rounded
+    np.testing.assert_allclose(got, want, atol=2e-2 * float(np.std(want)) + 1e-4)
+    tables = jax.jit(lambda p: bench_cnn.fold_for_scoring(bf16, p))(params)
+    assert tables["hidden"]["kernel"].dtype == jnp.bfloat16
+    folded = jax.jit(lambda t: bench_cnn.score_folded(bf16, t, ids))(tables)
+    np.testing.assert_allclose(folded, got, rtol=1e-5, atol=1e-6)
+
+    def loss(m):
+        rngs = {"dropout": jax.random.PRNGKey(1)}
+        return lambda p: jnp.sum(m.apply({"params": p}, batch, train=True, rngs=rngs)[0])
+
+    for a, b in zip(
+        jax.tree_util.tree_leaves(jax.jit(jax.grad(loss(bf16)))(params)),
+        jax.tree_util.tree_leaves(jax.jit(jax.grad(loss(f32)))(params)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bf16_scoring_only_where_the_cpu_has_amx():
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    assert bench_cnn.bf16_scoring_pays(amx)
+    assert not bench_cnn.bf16_scoring_pays("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert not bench_cnn.bf16_scoring_pays("model name\t: no flags line\n")
+
+
 def test_references_run_with_the_engines_allocator_settings(tmp_path):
     """benchmark.py's references get the glibc settings the engine gives itself
     (hostmem.ENV), so the comparison is like for like; each row says so."""

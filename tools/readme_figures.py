@@ -680,6 +680,10 @@ def cpu_machine_facts(folder: str) -> dict:
         "rank_devices": max(r.get("devices", 1) for g in jax_rank.values() for r in g),
         "train": train,
         "rank": rank,
+        # --what=quality rows of that machine (quality.jsonl), where saved
+        "quality": prepare_facts(folder, "quality.jsonl")
+        if os.path.exists(os.path.join(folder, "quality.jsonl"))
+        else [],
         "jax_train": jax_train,
         "jax_rank": jax_rank,
         "keras_rank": keras_rank,
@@ -709,6 +713,8 @@ def _cpu_ratios(f: dict) -> dict:
         "plain": pair("score_plain_vs_best_ref"),
         "default": rank("default"),
         "full": rank("full"),
+        # scoring's hidden layer with bfloat16 operands (bench_cnn.bf16_scoring_pays)
+        "bf16": any(r.get("score_hidden_operands") == "bfloat16" for b in bs for r in t[b]),
     }
 
 
@@ -735,7 +741,9 @@ def cpu_en(machines: list[dict]) -> str:
             f"benchmark seed CNN {r['train']} the best reference "
             f"({r['best']}) at batch {r['batches']}, the step at {r['limit']} of the matmul "
             f"limit; batch scoring {r['score']} from folded tables ({r['plain']} with the plain "
-            f"model); ranking {r['default']} the same model in Keras with the default model and "
+            "model"
+            + ("; the hidden layer's operands in bfloat16, this CPU has AMX" if r["bf16"] else "")
+            + f"); ranking {r['default']} the same model in Keras with the default model and "
             f"{r['full']} with the full one (bst, match)"
             + (f", the engine over {n} CPU devices (`--host_devices`)." if n > 1 else ".")
         )
@@ -767,7 +775,9 @@ def _cpu_zh(f: dict) -> str:
         f"在 {m['cpu']} 上（{m['cores']} 核，{m['date'][:10]}，{runs}）："
         f"基准种子 CNN 的训练在 batch {r['batches']} 下为最佳参照（{r['best']}）的 {r['train']}，"
         f"训练步达到矩阵乘法上限的 {r['limit']}；批量打分（折叠表）为 {r['score']}"
-        f"（未折叠模型 {r['plain']}）；排序：默认模型为同一模型 Keras 版的 {r['default']}，"
+        f"（未折叠模型 {r['plain']}"
+        + ("；隐藏层以 bfloat16 操作数相乘，该 CPU 有 AMX" if r["bf16"] else "")
+        + f"）；排序：默认模型为同一模型 Keras 版的 {r['default']}，"
         f"完整模型（bst、match）为 {r['full']}"
         + (f"，引擎分为 {n} 个 CPU 设备（`--host_devices`）。" if n > 1 else "。")
     )
@@ -826,6 +836,17 @@ def _cpu_benchmarks(f: dict) -> str:
         "with the engine's allocator settings; Keras scores through the faster of `predict` "
         "and a `predict_on_batch` loop."
     )
+    if _cpu_ratios(f)["bf16"]:
+        head += (
+            " The engine's scoring (folded and plain) multiplies the hidden layer's operands in "
+            "bfloat16 into a float32 result on this CPU (AMX); training stays float32."
+        )
+        q = max(f["quality"], key=lambda r: r["steps"], default=None)
+        if q and "test_auc_f32_scoring" in q:
+            head += (
+                f" Held-out AUC after {q['steps']} steps of `--what=quality` (quality.jsonl): "
+                f"{q['test_auc']:.5f} scored so, {q['test_auc_f32_scoring']:.5f} in float32."
+            )
     rows = ["| impl | batch | train ex/s | score ex/s | train vs best ref | score vs best ref "
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -12,8 +12,10 @@ logit) is printed beside the model's.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+import bench_cnn
 import bench_train
 import jax
 import numpy as np
@@ -62,17 +64,27 @@ def train_and_score(dtype: str, train_batches: list[dict], test: dict, item_voca
         pending = m
     last = jax.device_get(pending)
     train_s = time.perf_counter() - t0
-    score = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
     inputs = {k: test[k] for k in common.ID_KEYS}
-    logits = np.concatenate(
-        [
-            sharding.to_host(score(state.params, sharding.to_global(part, jb.mesh)))
-            for part in _chunks(inputs, batch)
-        ]
-    )
-    if not np.all(np.isfinite(logits)):
-        raise FloatingPointError(f"{dtype}: non-finite held-out logits after {steps} steps")
-    return {
+
+    def held_out_logits(model: bench_cnn.BenchCNN) -> np.ndarray:
+        score = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+        logits = np.concatenate(
+            [
+                sharding.to_host(score(state.params, sharding.to_global(part, jb.mesh)))
+                for part in _chunks(inputs, batch)
+            ]
+        )
+        if not np.all(np.isfinite(logits)):
+            raise FloatingPointError(f"{dtype}: non-finite held-out logits after {steps} steps")
+        return logits
+
+    logits = held_out_logits(model)
+    extra = {}
+    if model.bf16_hidden_in_scoring:  # the same parameters scored with a float32 hidden layer
+        f32 = held_out_logits(dataclasses.replace(model, bf16_hidden_in_scoring=False))
+        extra["test_auc_f32_scoring"] = metrics.auc(test["label"], f32)
+        extra["scoring_max_abs_logit_diff"] = float(np.max(np.abs(logits - f32)))
+    return extra | {
         "impl": "jax" if dtype == "float32" else f"jax-{dtype}",
         "dtype": dtype,
         "batch": batch,
@@ -131,3 +143,11 @@ def print_table(rows: list[dict]) -> None:
             f"{r['dtype']:<12}{r['test_auc']:>10.4f}{r['auc_vs_first']:>+14.4f}"
             f"{r['last_train_loss']:>12.4f}{r['train_s']:>9.1f}"
         )
+    for r in rows:
+        if "test_auc_f32_scoring" in r:
+            print(
+                f"  {r['dtype']}: scored with bfloat16 operands in the hidden layer (this CPU has "
+                f"AMX) {r['test_auc']:.4f}, with float32 {r['test_auc_f32_scoring']:.4f} "
+                f"({r['test_auc'] - r['test_auc_f32_scoring']:+.4f}; logits within "
+                f"{r['scoring_max_abs_logit_diff']:.1e})"
+            )
