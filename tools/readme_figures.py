@@ -678,6 +678,10 @@ def cpu_machine_facts(folder: str) -> dict:
         "rank_rounds": len(next(iter(jax_rank.values()))),
         # XLA CPU devices of the ranking run (`--host_devices=N`; 1: JAX's default)
         "rank_devices": max(r.get("devices", 1) for g in jax_rank.values() for r in g),
+        # scoring's hidden layer with bfloat16 operands (bench_util.bf16_scoring_pays)
+        "score_bf16": any(
+            r.get("score_hidden_operands") == "bfloat16" for g in jax_train.values() for r in g
+        ),
         "train": train,
         "rank": rank,
         # --what=quality rows of that machine (quality.jsonl), where saved
@@ -713,8 +717,6 @@ def _cpu_ratios(f: dict) -> dict:
         "plain": pair("score_plain_vs_best_ref"),
         "default": rank("default"),
         "full": rank("full"),
-        # scoring's hidden layer with bfloat16 operands (bench_cnn.bf16_scoring_pays)
-        "bf16": any(r.get("score_hidden_operands") == "bfloat16" for b in bs for r in t[b]),
     }
 
 
@@ -742,7 +744,11 @@ def cpu_en(machines: list[dict]) -> str:
             f"({r['best']}) at batch {r['batches']}, the step at {r['limit']} of the matmul "
             f"limit; batch scoring {r['score']} from folded tables ({r['plain']} with the plain "
             "model"
-            + ("; the hidden layer's operands in bfloat16, this CPU has AMX" if r["bf16"] else "")
+            + (
+                "; the hidden layer's operands in bfloat16, this CPU has AMX"
+                if f["score_bf16"]
+                else ""
+            )
             + f"); ranking {r['default']} the same model in Keras with the default model and "
             f"{r['full']} with the full one (bst, match)"
             + (f", the engine over {n} CPU devices (`--host_devices`)." if n > 1 else ".")
@@ -776,7 +782,7 @@ def _cpu_zh(f: dict) -> str:
         f"基准种子 CNN 的训练在 batch {r['batches']} 下为最佳参照（{r['best']}）的 {r['train']}，"
         f"训练步达到矩阵乘法上限的 {r['limit']}；批量打分（折叠表）为 {r['score']}"
         f"（未折叠模型 {r['plain']}"
-        + ("；隐藏层以 bfloat16 操作数相乘，该 CPU 有 AMX" if r["bf16"] else "")
+        + ("；隐藏层以 bfloat16 操作数相乘，该 CPU 有 AMX" if f["score_bf16"] else "")
         + f"）；排序：默认模型为同一模型 Keras 版的 {r['default']}，"
         f"完整模型（bst、match）为 {r['full']}"
         + (f"，引擎分为 {n} 个 CPU 设备（`--host_devices`）。" if n > 1 else "。")
@@ -836,7 +842,7 @@ def _cpu_benchmarks(f: dict) -> str:
         "with the engine's allocator settings; Keras scores through the faster of `predict` "
         "and a `predict_on_batch` loop."
     )
-    if _cpu_ratios(f)["bf16"]:
+    if f["score_bf16"]:
         head += (
             " The engine's scoring (folded and plain) multiplies the hidden layer's operands in "
             "bfloat16 into a float32 result on this CPU (AMX); training stays float32."
@@ -852,7 +858,7 @@ def _cpu_benchmarks(f: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     order = {"jax": 0, **{k: i + 1 for i, k in enumerate(refs)}}
     groups = tables.by_key(f["train"], lambda r: (r["batch"], order.get(r["impl"], 9), r["impl"]))
-    for (batch, _, impl), g in sorted(groups.items()):
+    for (batch, _, impl), g in groups.items():  # sorted by batch, then the engine first
         name = "influence_jax (folded scoring)" if impl == "jax" else impl
         ratio = lambda k, g=g: _stat(g, k) if k in g[0] else ""
         rows.append(

@@ -20,7 +20,7 @@ larger than the batch's positions (`fold_in_scoring`; the 10K-id user tower at b
 100K-id item tower from batch 2048 on): on the AMX Xeon of 2026-12-05 1.10x (batch 1024) and
 1.41x (4096) the plain model's scoring rate without it. On CPUs with AMX scoring (plain and
 folded) multiplies the hidden layer's operands in bfloat16 into a float32 result
-(`bf16_hidden_in_scoring`, `bf16_scoring_pays`); training stays float32.
+(`bf16_hidden_in_scoring`, `bench_util.bf16_scoring_pays`); training stays float32.
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ class BenchCNN(nn.Module):
     # the batch's positions (B * L): folding costs V rows, the convolution B * L positions.
     fold_in_scoring: bool = True
     # Scoring (train=False) multiplies the hidden layer's bfloat16-cast operands, float32 result
-    # (`dot_operands`): set where the CPU has AMX (`bf16_scoring_pays`); training never does.
+    # (`dot_operands`): set where the CPU has AMX (bench_util); training never does.
     bf16_hidden_in_scoring: bool = False
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
@@ -371,23 +371,6 @@ def score_folded(model: BenchCNN, tables: dict[str, Any], batch: dict[str, jax.A
         h_BxH = dense(hidden, h_BxH)
     h_BxH = nn.relu(h_BxH)
     return dense(tables["out"], h_BxH)[:, 0].astype(jnp.float32)
-
-
-def bf16_scoring_pays(cpuinfo: str | None = None) -> bool:
-    """Whether this host's CPU has AMX with bfloat16 (amx_bf16 in /proc/cpuinfo's flags): on the
-    AMX Xeon of 2026-12-05 bfloat16 operands with a float32 result made the benchmark model's
-    scoring 1.08-1.31x as fast (held-out AUC within 1e-5 of float32 scoring). Not measured on
-    AVX-512 BF16 without AMX, nor on AVX2, which keep float32."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = next(
-        (ln.partition(":")[2] for ln in cpuinfo.splitlines() if ln.startswith("flags")), ""
-    )
-    return "amx_bf16" in flags.split()
 
 
 STRAIGHTFORWARD = {

@@ -62,7 +62,7 @@ class JaxBench:
             raise ValueError(f"--variants: {variant!r} is not 'fast' or 'straightforward'")
         # Scoring's hidden layer with bfloat16 operands on CPUs with AMX (bf16_scoring_pays).
         cpu = jax.devices()[0].platform == "cpu"
-        b = self.dtype == "float32" and cpu and bench_cnn.bf16_scoring_pays()
+        b = self.dtype == "float32" and cpu and bench_util.bf16_scoring_pays()
         return BenchCNN(
             user_vocab=common.USER_VOCAB,
             item_vocab=item_vocab,

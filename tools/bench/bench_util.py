@@ -70,19 +70,37 @@ def matmul_flops_per_s(dtype: str) -> float:
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
-def cpu_description(cpuinfo: str | None = None) -> str:
-    """The host CPU's model, family and vector extensions ("AMD EPYC (family 26), avx2
-    avx512f ..."), read from /proc/cpuinfo; "" where it cannot be read."""
+def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str] | None:
+    """The first CPU's fields of /proc/cpuinfo (or of `cpuinfo`); None where it cannot be read."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
                 cpuinfo = f.read()
         except OSError:
-            return ""
-    fields = {}
+            return None
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def bf16_scoring_pays(cpuinfo: str | None = None) -> bool:
+    """Whether this host's CPU has AMX with bfloat16 (amx_bf16 in /proc/cpuinfo's flags): on the
+    AMX Xeon of 2026-12-05 bfloat16 operands with a float32 result made the benchmark model's
+    scoring 1.08-1.31x as fast (held-out AUC within 1e-5 of float32 scoring;
+    `BenchCNN.bf16_hidden_in_scoring`). Not measured on AVX-512 BF16 without AMX, nor on AVX2,
+    which keep float32."""
+    fields = _cpuinfo_fields(cpuinfo) or {}
+    return "amx_bf16" in fields.get("flags", "").split()
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The host CPU's model, family and vector extensions ("AMD EPYC (family 26), avx2
+    avx512f ..."), read from /proc/cpuinfo; "" where it cannot be read."""
+    fields = _cpuinfo_fields(cpuinfo)
+    if fields is None:
+        return ""
     have = set(fields.get("flags", "").split())
     simd = " ".join(f for f in SIMD_FLAGS if f in have) or "no AVX2"
     family = f" (family {fields['cpu family']})" if "cpu family" in fields else ""
