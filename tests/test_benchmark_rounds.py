@@ -82,11 +82,11 @@ def test_readme_figures_read_the_rounds(tmp_path):
                 if kind == "rank" and r["impl"] == "jax":
                     r["devices"] = 2  # ranked with --host_devices=2
                 if kind == "train" and r["impl"] == "jax":
-                    r["score_hidden_operands"] = "bfloat16"  # scored so (an AMX CPU)
+                    r["hidden_operands"] = "bfloat16"  # trained and scored so (an AMX CPU)
                 out.append(r)
         (folder / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
     quality = [
-        {"steps": s, "test_auc": 0.7 + s / 1e4, "test_auc_f32_scoring": 0.69} for s in (3, 9)
+        {"steps": s, "test_auc": 0.7 + s / 1e4, "test_auc_float32_hidden": 0.69} for s in (3, 9)
     ]
     (folder / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in quality))
     facts = readme_figures.cpu_facts(str(tmp_path / "cpu"))
@@ -95,17 +95,18 @@ def test_readme_figures_read_the_rounds(tmp_path):
     assert "3 rounds of training and scoring and 3 of ranking" in en
     assert "1.00x (0.50-2.00x) / 1.00x (0.50-2.00x) the best reference" in en
     assert "the engine over 2 CPU devices (`--host_devices`)" in en
-    assert "with the plain model; the hidden layer's operands in bfloat16, this CPU has AMX)" in en
+    assert (
+        "of the matmul limit (the hidden layer's operands in bfloat16, training and scoring: "
+        "this CPU has AMX); batch scoring" in en
+    )
     zh = readme_figures.cpu_zh(facts)
     assert "3 轮" in zh and "2 个 CPU 设备" in zh and "bfloat16 操作数" in zh
     doc = readme_figures.cpu_benchmarks(facts)
     assert "--rounds=3" in doc and "| 1.00x (0.50-2.00x) |" in doc
     said = " ".join(doc.split())
     assert "--what=rank --compare --rounds=3 --host_devices=2 --json" in said
-    assert "multiplies the hidden layer's operands in bfloat16" in said
-    assert (
-        "AUC after 9 steps of `--what=quality` (quality.jsonl): 0.70090 scored so, 0.69000" in said
-    )
+    assert "hidden layer multiplies bfloat16 operands into float32 results" in said
+    assert "AUC after 9 steps of `--what=quality` (quality.jsonl): 0.7009 so, 0.6900 all" in said
     assert doc.count("| jax ") == 0 and doc.count("influence_jax (folded scoring)") == len(
         facts[0]["batches"]
     )  # one row per batch, not per round

@@ -678,9 +678,9 @@ def cpu_machine_facts(folder: str) -> dict:
         "rank_rounds": len(next(iter(jax_rank.values()))),
         # XLA CPU devices of the ranking run (`--host_devices=N`; 1: JAX's default)
         "rank_devices": max(r.get("devices", 1) for g in jax_rank.values() for r in g),
-        # scoring's hidden layer with bfloat16 operands (bench_util.bf16_scoring_pays)
-        "score_bf16": any(
-            r.get("score_hidden_operands") == "bfloat16" for g in jax_train.values() for r in g
+        # the hidden layer with bfloat16 operands (bench_util.bf16_hidden_pays)
+        "bf16_hidden": any(
+            r.get("hidden_operands") == "bfloat16" for g in jax_train.values() for r in g
         ),
         "train": train,
         "rank": rank,
@@ -742,13 +742,14 @@ def cpu_en(machines: list[dict]) -> str:
             f"On {m['cpu']} ({m['cores']} cores, {m['date'][:10]}, {_runs_en(f)}): training the "
             f"benchmark seed CNN {r['train']} the best reference "
             f"({r['best']}) at batch {r['batches']}, the step at {r['limit']} of the matmul "
-            f"limit; batch scoring {r['score']} from folded tables ({r['plain']} with the plain "
-            "model"
+            "limit"
             + (
-                "; the hidden layer's operands in bfloat16, this CPU has AMX"
-                if f["score_bf16"]
+                " (the hidden layer's operands in bfloat16, training and scoring: this CPU has AMX)"
+                if f["bf16_hidden"]
                 else ""
             )
+            + f"; batch scoring {r['score']} from folded tables ({r['plain']} with the plain "
+            "model"
             + f"); ranking {r['default']} the same model in Keras with the default model and "
             f"{r['full']} with the full one (bst, match)"
             + (f", the engine over {n} CPU devices (`--host_devices`)." if n > 1 else ".")
@@ -777,14 +778,14 @@ def _cpu_zh(f: dict) -> str:
         else f"训练与打分 {f['rounds']} 轮、排序 {f['rank_rounds']} 轮，引擎与参照轮流运行；"
         "比值为各轮比值的中位数（括号内为最低-最高）"
     )
+    bf16 = "（训练与打分时隐藏层以 bfloat16 操作数相乘，该 CPU 有 AMX）" if f["bf16_hidden"] else ""
     return (
         f"在 {m['cpu']} 上（{m['cores']} 核，{m['date'][:10]}，{runs}）："
         f"基准种子 CNN 的训练在 batch {r['batches']} 下为最佳参照（{r['best']}）的 {r['train']}，"
-        f"训练步达到矩阵乘法上限的 {r['limit']}；批量打分（折叠表）为 {r['score']}"
-        f"（未折叠模型 {r['plain']}"
-        + ("；隐藏层以 bfloat16 操作数相乘，该 CPU 有 AMX" if f["score_bf16"] else "")
-        + f"）；排序：默认模型为同一模型 Keras 版的 {r['default']}，"
-        f"完整模型（bst、match）为 {r['full']}"
+        f"训练步达到矩阵乘法上限的 {r['limit']}"
+        + bf16
+        + f"；批量打分（折叠表）为 {r['score']}（未折叠模型 {r['plain']}）；"
+        f"排序：默认模型为同一模型 Keras 版的 {r['default']}，完整模型（bst、match）为 {r['full']}"
         + (f"，引擎分为 {n} 个 CPU 设备（`--host_devices`）。" if n > 1 else "。")
     )
 
@@ -842,16 +843,17 @@ def _cpu_benchmarks(f: dict) -> str:
         "with the engine's allocator settings; Keras scores through the faster of `predict` "
         "and a `predict_on_batch` loop."
     )
-    if f["score_bf16"]:
+    if f["bf16_hidden"]:
         head += (
-            " The engine's scoring (folded and plain) multiplies the hidden layer's operands in "
-            "bfloat16 into a float32 result on this CPU (AMX); training stays float32."
+            " The engine's hidden layer multiplies bfloat16 operands into float32 results on "
+            "this CPU (AMX), in training (forward and gradients) and in scoring (folded and "
+            "plain); every other op, the parameters and the optimizer stay float32."
         )
         q = max(f["quality"], key=lambda r: r["steps"], default=None)
-        if q and "test_auc_f32_scoring" in q:
+        if q and "test_auc_float32_hidden" in q:
             head += (
                 f" Held-out AUC after {q['steps']} steps of `--what=quality` (quality.jsonl): "
-                f"{q['test_auc']:.5f} scored so, {q['test_auc_f32_scoring']:.5f} in float32."
+                f"{q['test_auc']:.4f} so, {q['test_auc_float32_hidden']:.4f} all in float32."
             )
     rows = ["| impl | batch | train ex/s | score ex/s | train vs best ref | score vs best ref "
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",

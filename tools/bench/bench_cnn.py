@@ -18,9 +18,10 @@ precomputed rows replace the user and item convolutions, which ran at about 2/3 
 matmul rate. The plain model folds in scoring too, per call, each tower whose vocabulary is no
 larger than the batch's positions (`fold_in_scoring`; the 10K-id user tower at batch 1024, the
 100K-id item tower from batch 2048 on): on the AMX Xeon of 2026-12-05 1.10x (batch 1024) and
-1.41x (4096) the plain model's scoring rate without it. On CPUs with AMX scoring (plain and
-folded) multiplies the hidden layer's operands in bfloat16 into a float32 result
-(`bf16_hidden_in_scoring`, `bench_util.bf16_scoring_pays`); training stays float32.
+1.41x (4096) the plain model's scoring rate without it. On CPUs with AMX the hidden layer
+multiplies bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`)
+in training (`matmul_bf16`: the forward product and both gradients) and in scoring (plain and
+folded); every other op, the parameters and the optimizer stay float32.
 """
 
 from __future__ import annotations
@@ -142,22 +143,64 @@ def dot_operands(x: jax.Array, kernel: jax.Array, operands: Any) -> jax.Array:
     return jnp.dot(x.astype(operands), kernel.astype(operands), preferred_element_type=x.dtype)
 
 
+def transposed_copy(a_MxN: jax.Array) -> jax.Array:
+    """`a.T` as a stack of a's columns: a row-major [N, M] array, not a transpose to XLA.
+
+    XLA:CPU (jax 0.10.2) folds a transpose feeding a dot into the dot's dimension numbers, even
+    through an optimization barrier or elementwise ops; the dot then has a column-major operand,
+    which its matmul library (YNNPACK) refuses in bfloat16, and the compiler upcasts that dot to
+    float32. A concatenation of slices keeps the dot row-major and in bfloat16. For the small
+    operands it is used on ([B, 128] gradients, the [I, 128] kernel) the copy is cheap.
+    """
+    return jnp.stack([a_MxN[:, j] for j in range(a_MxN.shape[1])])
+
+
+@jax.custom_vjp
+def matmul_bf16(x_BxI: jax.Array, kernel_IxO: jax.Array) -> jax.Array:
+    """`dot_operands(x, kernel, bfloat16)`, float32 result, whose gradients multiply bfloat16
+    operands into float32 results too: dx = g @ kernel^T, dkernel = (g^T x)^T.
+
+    Each of the three products is a row-major bfloat16 matmul (`transposed_copy`), which
+    XLA:CPU runs on AMX: on the AMX Xeon of 2026-12-05 the benchmark's hidden layer ([1024,
+    4608] by 128, forward and backward with its relu) took 7.3 ms against 15.5 in float32.
+    """
+    return dot_operands(x_BxI, kernel_IxO, jnp.bfloat16)
+
+
+def _matmul_bf16_fwd(x_BxI, kernel_IxO):
+    x, kernel = x_BxI.astype(jnp.bfloat16), kernel_IxO.astype(jnp.bfloat16)
+    return jnp.dot(x, kernel, preferred_element_type=x_BxI.dtype), (x, kernel)
+
+
+def _matmul_bf16_bwd(res, g_BxO):
+    x_BxI, kernel_IxO = res
+    g = g_BxO.astype(jnp.bfloat16)
+    # The barrier keeps g^T x as written: XLA would fold the final transpose into a TN dot.
+    dkernel_OxI = jax.lax.optimization_barrier(
+        jnp.dot(transposed_copy(g), x_BxI, preferred_element_type=g_BxO.dtype)
+    )
+    dx_BxI = jnp.dot(g, transposed_copy(kernel_IxO), preferred_element_type=g_BxO.dtype)
+    return dx_BxI, dkernel_OxI.T
+
+
+matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
+
+
 class Dense(nn.Module):
     """`nn.Dense` (same parameters, initialisers and dtype casts) through `matmul_tn`; with
-    `operands` (no gradient: scoring) a `dot_operands` product instead."""
+    `bf16` through `matmul_bf16` (bfloat16 operands, float32 results, gradients alike)."""
 
     features: int
     dtype: Any = jnp.float32
-    operands: Any = None
+    bf16: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if self.operands is not None:
-            return dot_operands(x, kernel, self.operands) + bias.astype(self.dtype)
-        return matmul_tn(x, kernel) + bias.astype(self.dtype)
+        matmul = matmul_bf16 if self.bf16 else matmul_tn
+        return matmul(x, kernel) + bias.astype(self.dtype)
 
 
 class Dropout(nn.Module):
@@ -278,9 +321,9 @@ class BenchCNN(nn.Module):
     # Scoring (train=False) also folds, per call, each tower whose vocabulary is no larger than
     # the batch's positions (B * L): folding costs V rows, the convolution B * L positions.
     fold_in_scoring: bool = True
-    # Scoring (train=False) multiplies the hidden layer's bfloat16-cast operands, float32 result
-    # (`dot_operands`): set where the CPU has AMX (bench_util); training never does.
-    bf16_hidden_in_scoring: bool = False
+    # The hidden layer multiplies bfloat16-cast operands into float32 results, in training
+    # (`matmul_bf16`) and scoring: set where the CPU has AMX (bench_util.bf16_hidden_pays).
+    bf16_hidden: bool = False
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
@@ -310,8 +353,7 @@ class BenchCNN(nn.Module):
         h_BxH = jnp.concatenate([pooled[n] for n, _, _ in TOWERS], axis=-1).reshape(B, -1)
         h_BxH = Dropout(self.dropout, self.dropout_impl)(h_BxH, train)
         if self.dense_impl == "tn":
-            bf16 = not train and self.bf16_hidden_in_scoring
-            hidden = Dense(self.hidden, self.dtype, jnp.bfloat16 if bf16 else None, name="hidden")
+            hidden = Dense(self.hidden, self.dtype, self.bf16_hidden, name="hidden")
         elif self.dense_impl == "flax":
             hidden = nn.Dense(self.hidden, dtype=self.dtype, name="hidden")
         else:
@@ -346,7 +388,7 @@ def fold_for_scoring(model: BenchCNN, params: Any) -> dict[str, Any]:
             "bias": params[f"{name}_conv"]["bias"].astype(model.dtype),
         }
     hidden = dict(params["hidden"])
-    if model.bf16_hidden_in_scoring:  # cast once per checkpoint; score_folded keeps the dtype
+    if model.bf16_hidden:  # cast once per checkpoint; score_folded keeps the dtype
         hidden["kernel"] = hidden["kernel"].astype(jnp.bfloat16)
     return {"towers": towers, "hidden": hidden, "out": params["out"]}
 
@@ -365,7 +407,7 @@ def score_folded(model: BenchCNN, tables: dict[str, Any], batch: dict[str, jax.A
     h_BxH = jnp.concatenate(pooled, axis=-1).reshape(B, -1)
     dense = lambda p, x: jnp.dot(x, p["kernel"].astype(model.dtype)) + p["bias"].astype(model.dtype)
     hidden = tables["hidden"]
-    if hidden["kernel"].dtype == jnp.bfloat16:  # fold_for_scoring of a bf16_hidden_in_scoring model
+    if hidden["kernel"].dtype == jnp.bfloat16:  # fold_for_scoring of a bf16_hidden model
         h_BxH = dot_operands(h_BxH, hidden["kernel"], jnp.bfloat16) + hidden["bias"]
     else:
         h_BxH = dense(hidden, h_BxH)
@@ -380,5 +422,5 @@ STRAIGHTFORWARD = {
     "dense_impl": "flax",
     "fold_max_vocab": 0,
     "fold_in_scoring": False,
-    "bf16_hidden_in_scoring": False,
+    "bf16_hidden": False,
 }

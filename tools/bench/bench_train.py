@@ -60,9 +60,9 @@ class JaxBench:
     def model(self, variant: str, item_vocab: int, embed_dim: int) -> BenchCNN:
         if variant not in ("fast", "straightforward"):
             raise ValueError(f"--variants: {variant!r} is not 'fast' or 'straightforward'")
-        # Scoring's hidden layer with bfloat16 operands on CPUs with AMX (bf16_scoring_pays).
+        # The hidden layer with bfloat16 operands on CPUs with AMX (bf16_hidden_pays).
         cpu = jax.devices()[0].platform == "cpu"
-        b = self.dtype == "float32" and cpu and bench_util.bf16_scoring_pays()
+        b = self.dtype == "float32" and cpu and bench_util.bf16_hidden_pays()
         return BenchCNN(
             user_vocab=common.USER_VOCAB,
             item_vocab=item_vocab,
@@ -74,7 +74,7 @@ class JaxBench:
             hidden=common.HIDDEN,
             dropout=common.DROPOUT,
             dtype=jnp.dtype(self.dtype),
-            **(STRAIGHTFORWARD if variant == "straightforward" else {"bf16_hidden_in_scoring": b}),
+            **(STRAIGHTFORWARD if variant == "straightforward" else {"bf16_hidden": b}),
         )
 
     def compile_step(self, model: BenchCNN, batch: dict) -> tuple[Any, Any, Any]:
@@ -119,7 +119,7 @@ class JaxBench:
             "num_devices": jax.device_count(),
             "versions": {"jax": jax.__version__},
             "host_memory_kept": self.host_memory_kept,
-            "score_hidden_operands": "bfloat16" if model.bf16_hidden_in_scoring else self.dtype,
+            "hidden_operands": "bfloat16" if model.bf16_hidden else self.dtype,
         }
         inputs = [{k: b[k] for k in common.ID_KEYS} for b in batches]
         with bench_util.CpuShareOfOthers() as others:

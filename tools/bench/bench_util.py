@@ -85,12 +85,12 @@ def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str] | None:
     return fields
 
 
-def bf16_scoring_pays(cpuinfo: str | None = None) -> bool:
-    """Whether this host's CPU has AMX with bfloat16 (amx_bf16 in /proc/cpuinfo's flags): on the
-    AMX Xeon of 2026-12-05 bfloat16 operands with a float32 result made the benchmark model's
-    scoring 1.08-1.31x as fast (held-out AUC within 1e-5 of float32 scoring;
-    `BenchCNN.bf16_hidden_in_scoring`). Not measured on AVX-512 BF16 without AMX, nor on AVX2,
-    which keep float32."""
+def bf16_hidden_pays(cpuinfo: str | None = None) -> bool:
+    """Whether this host's CPU has AMX with bfloat16 (amx_bf16 in /proc/cpuinfo's flags), where
+    the benchmark model's hidden layer multiplies bfloat16 operands into float32 results
+    (`BenchCNN.bf16_hidden`). On the AMX Xeon of 2026-12-05 that made scoring 1.08-1.31x and
+    training about 1.2x as fast, held-out AUC within 0.002 of float32 (`--what=quality`). Not
+    measured on AVX-512 BF16 without AMX, nor on AVX2, which keep float32."""
     fields = _cpuinfo_fields(cpuinfo) or {}
     return "amx_bf16" in fields.get("flags", "").split()
 
