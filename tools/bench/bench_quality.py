@@ -2,7 +2,10 @@
 
 Trains the benchmark CNN with the engine's train step (the same one `--what=train` times) in
 each compute dtype on the same planted-signal data, from the same initial parameters, and
-compares held-out AUC: mixed precision counts as a speed-up only where it keeps AUC.
+compares held-out AUC: mixed precision counts as a speed-up only where it keeps AUC. Where the
+benchmark's model multiplies its hidden layer's operands in bfloat16 (`BenchCNN.bf16_hidden`,
+CPUs with AMX), the float32 row also trains and scores the model all in float32 from the same
+start (`test_auc_float32_hidden`).
 
 The data: ids drawn uniformly as in the speed benchmark, and labels from a known logit, the
 mean over positions of hidden per-id scores of each tower's vocabulary (user, item, behaviour),
