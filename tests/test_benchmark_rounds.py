@@ -106,7 +106,10 @@ def test_readme_figures_read_the_rounds(tmp_path):
     said = " ".join(doc.split())
     assert "--what=rank --compare --rounds=3 --host_devices=2 --json" in said
     assert "hidden layer multiplies bfloat16 operands into float32 results" in said
-    assert "AUC after 9 steps of `--what=quality` (quality.jsonl): 0.7009 so, 0.6900 all" in said
+    assert (
+        "AUC after 9 steps of `--what=quality` (quality.jsonl): 0.7009 with the bfloat16 hidden "
+        "layer, 0.6900 all in float32." in said
+    )
     assert doc.count("| jax ") == 0 and doc.count("influence_jax (folded scoring)") == len(
         facts[0]["batches"]
     )  # one row per batch, not per round

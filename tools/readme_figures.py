@@ -853,7 +853,8 @@ def _cpu_benchmarks(f: dict) -> str:
         if q and "test_auc_float32_hidden" in q:
             head += (
                 f" Held-out AUC after {q['steps']} steps of `--what=quality` (quality.jsonl): "
-                f"{q['test_auc']:.4f} so, {q['test_auc_float32_hidden']:.4f} all in float32."
+                f"{q['test_auc']:.4f} with the bfloat16 hidden layer, "
+                f"{q['test_auc_float32_hidden']:.4f} all in float32."
             )
     rows = ["| impl | batch | train ex/s | score ex/s | train vs best ref | score vs best ref "
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",
