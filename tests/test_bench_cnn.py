@@ -204,12 +204,12 @@ def test_bf16_hidden_layer_in_training_and_scoring(params):
     g32, g16 = grads(f32), grads(bf16)
     for name in ("hidden", "item_conv"):  # the layer's kernel, and one below it
         assert not np.array_equal(g16[name]["kernel"], g32[name]["kernel"])
-    for path, a in jax.tree_util.tree_leaves_with_path(g16):
-        b = g32
-        for k in path:
-            b = b[k.key]
+
+    def close(path, a, b):
         tol = 2e-2 * float(np.max(np.abs(b))) + 1e-6
         np.testing.assert_allclose(a, b, atol=tol, err_msg=jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(close, g16, g32)
 
 
 def test_bf16_hidden_only_where_the_cpu_has_amx():

@@ -75,9 +75,8 @@ def train_and_score(
         pending = m
     last = jax.device_get(pending)
     train_s = time.perf_counter() - t0
-    inputs = {k: test[k] for k in common.ID_KEYS}
-
     score = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+    inputs = {k: test[k] for k in common.ID_KEYS}
     logits = np.concatenate(
         [
             sharding.to_host(score(state.params, sharding.to_global(part, jb.mesh)))
