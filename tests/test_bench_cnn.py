@@ -269,3 +269,23 @@ def test_scoring_folds_the_towers_no_larger_than_the_batch(params, B, convolutio
     assert str(jax.make_jaxpr(score())(params)).count("conv_general_dilated") == convolutions
     want = jax.jit(score(**STRAIGHTFORWARD))(params)
     np.testing.assert_allclose(jax.jit(score())(params), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tower_major_flattening_writes_no_concatenation(params):
+    """The fast model flattens the pooled towers tower by tower: its compiled train step has
+    no [B, T', towers * F] concatenation of them (Keras' order, which the straightforward
+    model keeps), and it needs the hidden layer that permutes its kernel's rows."""
+    batch = _batch(seed=5)
+    n_towers, P = len(bench_cnn.TOWERS), (12 - 3 + 1) // 2
+    pooled_concat = rf" f32\[8,{P},{n_towers * SMALL['filters']}\]\{{[0-9,]+\}} concatenate\("
+
+    def train_hlo(**variant):
+        model = BenchCNN(**SMALL, **variant)
+        rngs = {"dropout": jax.random.PRNGKey(1)}
+        loss = lambda p: jnp.sum(model.apply({"params": p}, batch, train=True, rngs=rngs)[0])
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+    assert re.search(pooled_concat, train_hlo(tower_major=False))
+    assert not re.search(pooled_concat, train_hlo())
+    with pytest.raises(ValueError, match="tower_major"):
+        BenchCNN(**SMALL, dense_impl="flax").apply({"params": params}, batch)

@@ -18,7 +18,10 @@ precomputed rows replace the user and item convolutions, which ran at about 2/3 
 matmul rate. The plain model folds in scoring too, per call, each tower whose vocabulary is no
 larger than the batch's positions (`fold_in_scoring`; the 10K-id user tower at batch 1024, the
 100K-id item tower from batch 2048 on): on the AMX Xeon of 2026-12-05 1.10x (batch 1024) and
-1.41x (4096) the plain model's scoring rate without it. On CPUs with AMX the hidden layer
+1.41x (4096) the plain model's scoring rate without it. The pooled towers flatten tower by
+tower (`tower_major`), so that XLA fuses pooling, flattening, dropout and the hidden layer's
+input cast into one pass instead of writing the pooled towers and copying them into Keras'
+position-major concatenation (see docs/benchmarks.md). On CPUs with AMX the hidden layer
 multiplies bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`)
 in training (`matmul_bf16`: the forward product and both gradients) and in scoring (plain and
 folded); every other op, the parameters and the optimizer stay float32.
@@ -193,11 +196,17 @@ class Dense(nn.Module):
     features: int
     dtype: Any = jnp.float32
     bf16: bool = False
+    # (A, C): the kernel's rows are stored in (a, c, rest) order for inputs in (c, a, rest) order
+    swap_rows: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        if self.swap_rows is not None:
+            A, C = self.swap_rows
+            kernel = kernel.reshape(A, C, -1, self.features).swapaxes(0, 1)
+            kernel = kernel.reshape(-1, self.features)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         matmul = matmul_bf16 if self.bf16 else matmul_tn
         return matmul(x, kernel) + bias.astype(self.dtype)
@@ -324,6 +333,12 @@ class BenchCNN(nn.Module):
     # The hidden layer multiplies bfloat16-cast operands into float32 results, in training
     # (`matmul_bf16`) and scoring: set where the CPU has AMX (bench_util.bf16_hidden_pays).
     bf16_hidden: bool = False
+    # Flatten the pooled towers tower by tower ([B, towers, T', F]) instead of position by
+    # position ([B, T', towers * F], Keras' Concatenate + Flatten): XLA:CPU then fuses the
+    # flattening into the pooling, bias, relu, dropout and cast instead of copying the pooled
+    # towers into a concatenation. The hidden kernel keeps Keras' row order (`Dense.swap_rows`
+    # permutes it in the step); dropout draws its mask in the flattened order.
+    tower_major: bool = True
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
@@ -350,10 +365,22 @@ class BenchCNN(nn.Module):
                 name=f"{name}_conv",
             )(x, fold, train)
         B = batch[TOWERS[0][1]].shape[0]
-        h_BxH = jnp.concatenate([pooled[n] for n, _, _ in TOWERS], axis=-1).reshape(B, -1)
+        if self.tower_major and self.dense_impl != "tn":
+            raise ValueError("tower_major needs dense_impl='tn' (Dense.swap_rows)")
+        if self.tower_major:
+            h_BxH = jnp.stack([pooled[n] for n, _, _ in TOWERS], axis=1).reshape(B, -1)
+        else:
+            h_BxH = jnp.concatenate([pooled[n] for n, _, _ in TOWERS], axis=-1).reshape(B, -1)
         h_BxH = Dropout(self.dropout, self.dropout_impl)(h_BxH, train)
         if self.dense_impl == "tn":
-            hidden = Dense(self.hidden, self.dtype, self.bf16_hidden, name="hidden")
+            swap = (h_BxH.shape[1] // (len(TOWERS) * self.filters), len(TOWERS))
+            hidden = Dense(
+                self.hidden,
+                self.dtype,
+                self.bf16_hidden,
+                swap if self.tower_major else None,
+                name="hidden",
+            )
         elif self.dense_impl == "flax":
             hidden = nn.Dense(self.hidden, dtype=self.dtype, name="hidden")
         else:
@@ -376,7 +403,8 @@ def fold_for_scoring(model: BenchCNN, params: Any) -> dict[str, Any]:
 
     Returns:
       {"towers": {name: {"table": Q [V, K*F], "bias": [F]}}, "hidden": ..., "out": ...}: the
-      dense layers' parameters pass through unchanged.
+      dense layers' parameters, the hidden kernel's rows in `score_folded`'s order (permuted
+      once for a `tower_major` model) and cast once for a `bf16_hidden` one.
     """
     towers = {}
     for name, _, _ in TOWERS:
@@ -388,6 +416,10 @@ def fold_for_scoring(model: BenchCNN, params: Any) -> dict[str, Any]:
             "bias": params[f"{name}_conv"]["bias"].astype(model.dtype),
         }
     hidden = dict(params["hidden"])
+    if model.tower_major:  # the kernel's rows in the order score_folded flattens the towers
+        kernel, H = hidden["kernel"], hidden["kernel"].shape[-1]
+        P = kernel.shape[0] // (len(TOWERS) * model.filters)
+        hidden["kernel"] = kernel.reshape(P, len(TOWERS), -1, H).swapaxes(0, 1).reshape(-1, H)
     if model.bf16_hidden:  # cast once per checkpoint; score_folded keeps the dtype
         hidden["kernel"] = hidden["kernel"].astype(jnp.bfloat16)
     return {"towers": towers, "hidden": hidden, "out": params["out"]}
@@ -404,7 +436,10 @@ def score_folded(model: BenchCNN, tables: dict[str, Any], batch: dict[str, jax.A
         y_BxTxF = folded_conv1d(t["table"], batch[key], model.kernel_size)
         pooled.append(nn.relu(max_pool_slices(y_BxTxF, model.pool) + t["bias"]))
     B = pooled[0].shape[0]
-    h_BxH = jnp.concatenate(pooled, axis=-1).reshape(B, -1)
+    if model.tower_major:
+        h_BxH = jnp.stack(pooled, axis=1).reshape(B, -1)
+    else:
+        h_BxH = jnp.concatenate(pooled, axis=-1).reshape(B, -1)
     dense = lambda p, x: jnp.dot(x, p["kernel"].astype(model.dtype)) + p["bias"].astype(model.dtype)
     hidden = tables["hidden"]
     if hidden["kernel"].dtype == jnp.bfloat16:  # fold_for_scoring of a bf16_hidden model
@@ -423,4 +458,5 @@ STRAIGHTFORWARD = {
     "fold_max_vocab": 0,
     "fold_in_scoring": False,
     "bf16_hidden": False,
+    "tower_major": False,
 }
