@@ -289,3 +289,26 @@ def test_tower_major_flattening_writes_no_concatenation(params):
     assert not re.search(pooled_concat, train_hlo())
     with pytest.raises(ValueError, match="tower_major"):
         BenchCNN(**SMALL, dense_impl="flax").apply({"params": params}, batch)
+
+
+def test_onehot_conv1d_gradient_is_one_matmul_equal_to_the_convolutions():
+    """onehot_conv1d: the convolution of one-hot ids (ids outside the table embed as zeros),
+    and its kernel gradient, computed as one matmul over one-hots built transposed, equals
+    the gradient through XLA's convolution; no convolution is left in that gradient."""
+    K, V, F = 3, 6, 5
+    ids = np.random.default_rng(0).integers(-1, V + 2, (4, 11)).astype(np.int32)
+    P = jax.random.normal(jax.random.PRNGKey(0), (K, V, F))
+    g = jax.random.normal(jax.random.PRNGKey(1), (4, 11 - K + 1, F))
+    plain = lambda P: bench_cnn.conv1d(jax.nn.one_hot(ids, V), P)
+    y, vjp = jax.vjp(lambda P: bench_cnn.onehot_conv1d(ids, P), P)
+    np.testing.assert_allclose(y, plain(P), rtol=1e-6, atol=1e-6)
+    want = jax.vjp(plain, P)[1](g)[0]
+    assert float(jnp.max(jnp.abs(want))) > 0.1
+    np.testing.assert_allclose(vjp(g)[0], want, rtol=1e-5, atol=1e-5)
+
+    def grad_hlo(conv):  # the gradient alone: XLA drops the unused forward
+        return jax.jit(lambda P: jax.vjp(conv, P)[1](g)).lower(P).compile().as_text()
+
+    assert " convolution(" in grad_hlo(plain)
+    onehot_hlo = grad_hlo(lambda P: bench_cnn.onehot_conv1d(ids, P))
+    assert " convolution(" not in onehot_hlo and " dot(" in onehot_hlo, onehot_hlo

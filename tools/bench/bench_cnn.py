@@ -10,9 +10,11 @@ time either and the tests check that they agree. Measured on a 2-core CPU (train
 1024): flax's max_pool gradient (select_and_scatter) -> a max of strided slices; threefry dropout
 masks -> one hash per element (about 25 ms of CPU time per step -> 5); the gather, scatter-add
 and convolution of the 10-id behaviour tower -> the kernel folded into its table (ConvPool),
-about 10 ms less per training step and 7% faster scoring; the hidden layer's kernel gradient
-as a plain matmul (`matmul_tn`) instead of the batch-contracting dot XLA leaves to Eigen, about
-2-7% faster training on the AVX-512 EPYC of 2026-12-05 (the step overlaps much of it). Scoring
+about 10 ms less per training step and 7% faster scoring, with that kernel's gradient as one
+matmul over one-hots built transposed (`onehot_conv1d`; XLA convolves transposed copies); the
+hidden layer's kernel gradient as a plain matmul (`matmul_tn`) instead of the batch-contracting
+dot XLA leaves to Eigen, about 2-7% faster training on the AVX-512 EPYC of 2026-12-05 (the step
+overlaps much of it). Scoring
 from a checkpoint can fold every tower (`fold_for_scoring`, `score_folded`): gathers of
 precomputed rows replace the user and item convolutions, which ran at about 2/3 of XLA:CPU's
 matmul rate. The plain model folds in scoring too, per call, each tower whose vocabulary is no
@@ -34,6 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # (tower name, batch key, vocabulary field of BenchCNN)
 TOWERS = (
@@ -70,6 +73,39 @@ def folded_conv1d(Q_VxKF: jax.Array, ids_BxL: jax.Array, K: int) -> jax.Array:
     F, T_out = Q_VxKF.shape[1] // K, ids_BxL.shape[1] - K + 1
     rows_BxLxKF = jnp.take(Q_VxKF, ids_BxL, axis=0, mode="clip")
     return sum(rows_BxLxKF[:, k : k + T_out, k * F : (k + 1) * F] for k in range(K))
+
+
+@jax.custom_vjp
+def onehot_conv1d(ids_BxL: jax.Array, P_KxVxF: jax.Array) -> jax.Array:
+    """`conv1d(one_hot(ids, V), P)`, whose gradient dP is one [K * V, N] x [N, F] matmul.
+
+    XLA computes the kernel gradient of a convolution as a convolution over transposed
+    operands ([V, L, B] one-hots and [T, B, F] output gradients). Here the one-hots come out
+    already transposed, [K * V, B * T] built from the ids, and the output gradient g [B * T, F]
+    is used as it is: no transposes, one matmul for XLA's matmul library. Ids outside [0, V)
+    are all-zero one-hots either way.
+    """
+    return conv1d(jax.nn.one_hot(ids_BxL, P_KxVxF.shape[1], dtype=P_KxVxF.dtype), P_KxVxF)
+
+
+def _onehot_conv1d_fwd(ids_BxL, P_KxVxF):
+    return onehot_conv1d(ids_BxL, P_KxVxF), (ids_BxL, P_KxVxF)  # P: its shape and dtype
+
+
+def _onehot_conv1d_bwd(res, g_BxTxF):
+    ids_BxL, P_KxVxF = res
+    (K, V, F), dtype = P_KxVxF.shape, P_KxVxF.dtype
+    B, T, _ = g_BxTxF.shape
+    vocab_V1 = jnp.arange(V, dtype=ids_BxL.dtype)[:, None]
+    onehots_KVxN = jnp.concatenate(
+        [(ids_BxL[:, k : k + T].reshape(1, B * T) == vocab_V1).astype(dtype) for k in range(K)]
+    )
+    dP_KVxF = jnp.dot(onehots_KVxN, g_BxTxF.reshape(B * T, F).astype(dtype))
+    ids_ct = np.zeros(ids_BxL.shape, jax.dtypes.float0)  # integer input: no cotangent
+    return ids_ct, dP_KVxF.reshape(K, V, F)
+
+
+onehot_conv1d.defvjp(_onehot_conv1d_fwd, _onehot_conv1d_bwd)
 
 
 def conv1d_im2col(x_BxTxD: jax.Array, kernel_KxDxF: jax.Array) -> jax.Array:
@@ -265,6 +301,7 @@ class ConvPool(nn.Module):
     conv_impl: str = "lax"  # 'lax' (XLA's convolution) | 'im2col'
     pool_impl: str = "slices"  # 'slices' (max of strided slices) | 'flax' (nn.max_pool)
     dtype: Any = jnp.float32  # compute dtype
+    onehot_matmul_grad: bool = True  # folded towers: `onehot_conv1d`'s gradient
 
     @nn.compact
     def __call__(
@@ -283,7 +320,10 @@ class ConvPool(nn.Module):
             V, K, F = table_VxD.shape[0], self.kernel_size, self.filters
             if train:
                 P_KxVxF = jnp.einsum("vd,kdf->kvf", table_VxD, kernel).astype(self.dtype)
-                y_BxTxF = self._conv(jax.nn.one_hot(x, V, dtype=self.dtype), P_KxVxF)
+                if self.conv_impl == "lax" and self.onehot_matmul_grad:
+                    y_BxTxF = onehot_conv1d(x, P_KxVxF)
+                else:
+                    y_BxTxF = self._conv(jax.nn.one_hot(x, V, dtype=self.dtype), P_KxVxF)
             else:
                 Q_VxKF = jnp.einsum("vd,kdf->vkf", table_VxD, kernel).reshape(V, K * F)
                 y_BxTxF = folded_conv1d(Q_VxKF.astype(self.dtype), x, K)
@@ -327,6 +367,7 @@ class BenchCNN(nn.Module):
     dropout_impl: str = "hash"  # see Dropout
     dense_impl: str = "tn"  # the hidden layer: 'tn' (Dense, matmul_tn) | 'flax' (nn.Dense)
     fold_max_vocab: int = 64  # towers with at most this many ids: kernel folded into the table
+    onehot_matmul_grad: bool = True  # the folded towers' kernel gradient: see onehot_conv1d
     # Scoring (train=False) also folds, per call, each tower whose vocabulary is no larger than
     # the batch's positions (B * L): folding costs V rows, the convolution B * L positions.
     fold_in_scoring: bool = True
@@ -362,6 +403,7 @@ class BenchCNN(nn.Module):
                 self.conv_impl,
                 self.pool_impl,
                 self.dtype,
+                self.onehot_matmul_grad,
                 name=f"{name}_conv",
             )(x, fold, train)
         B = batch[TOWERS[0][1]].shape[0]
