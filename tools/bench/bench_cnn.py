@@ -14,19 +14,18 @@ about 10 ms less per training step and 7% faster scoring, with that kernel's gra
 matmul over one-hots built transposed (`onehot_conv1d`; XLA convolves transposed copies); the
 hidden layer's kernel gradient as a plain matmul (`matmul_tn`) instead of the batch-contracting
 dot XLA leaves to Eigen, about 2-7% faster training on the AVX-512 EPYC of 2026-12-05 (the step
-overlaps much of it). Scoring
-from a checkpoint can fold every tower (`fold_for_scoring`, `score_folded`): gathers of
-precomputed rows replace the user and item convolutions, which ran at about 2/3 of XLA:CPU's
-matmul rate. The plain model folds in scoring too, per call, each tower whose vocabulary is no
-larger than the batch's positions (`fold_in_scoring`; the 10K-id user tower at batch 1024, the
-100K-id item tower from batch 2048 on): on the AMX Xeon of 2026-12-05 1.10x (batch 1024) and
-1.41x (4096) the plain model's scoring rate without it. The pooled towers flatten tower by
-tower (`tower_major`), so that XLA fuses pooling, flattening, dropout and the hidden layer's
-input cast into one pass instead of writing the pooled towers and copying them into Keras'
-position-major concatenation (see docs/benchmarks.md). On CPUs with AMX the hidden layer
-multiplies bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`)
-in training (`matmul_bf16`: the forward product and both gradients) and in scoring (plain and
-folded); every other op, the parameters and the optimizer stay float32.
+overlaps much of it). Scoring from a checkpoint can fold every tower (`fold_for_scoring`,
+`score_folded`): gathers of precomputed rows replace the user and item convolutions, which ran
+at about 2/3 of XLA:CPU's matmul rate. The plain model folds in scoring too, per call, each tower
+whose vocabulary is no larger than the batch's positions (`fold_in_scoring`; the 10K-id user tower
+at batch 1024, the 100K-id item tower from batch 2048 on): on the AMX Xeon of 2026-12-05 1.10x
+(batch 1024) and 1.41x (4096) the plain model's scoring rate without it. The pooled towers flatten
+tower by tower (`tower_major`), so that XLA fuses pooling, flattening, dropout and the hidden
+layer's input cast into one pass instead of writing the pooled towers and copying them into Keras'
+position-major concatenation (see docs/benchmarks.md). On CPUs with AMX the hidden layer multiplies
+bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`) in training
+(`matmul_bf16`: the forward product and both gradients) and in scoring (plain and folded); every
+other op, the parameters and the optimizer stay float32.
 """
 
 from __future__ import annotations
