@@ -224,6 +224,23 @@ def _matmul_bf16_bwd(res, g_BxO):
 matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
 
 
+def flatten_towers(pooled: list[jax.Array], tower_major: bool) -> jax.Array:
+    """The pooled towers [B, T', F] each as the hidden layer's input [B, towers * T' * F]:
+    tower by tower (`BenchCNN.tower_major`) or position by position (Keras' Concatenate and
+    Flatten)."""
+    B = pooled[0].shape[0]
+    if tower_major:
+        return jnp.stack(pooled, axis=1).reshape(B, -1)
+    return jnp.concatenate(pooled, axis=-1).reshape(B, -1)
+
+
+def swap_row_blocks(kernel_IxO: jax.Array, A: int, C: int) -> jax.Array:
+    """A kernel whose rows are in (a, c, rest) order, its rows put in (c, a, rest) order: Keras'
+    position-major hidden kernel ([T', towers, F] rows) for tower-major inputs."""
+    out = kernel_IxO.shape[-1]
+    return kernel_IxO.reshape(A, C, -1, out).swapaxes(0, 1).reshape(-1, out)
+
+
 class Dense(nn.Module):
     """`nn.Dense` (same parameters, initialisers and dtype casts) through `matmul_tn`; with
     `bf16` through `matmul_bf16` (bfloat16 operands, float32 results, gradients alike)."""
@@ -239,9 +256,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         if self.swap_rows is not None:
-            A, C = self.swap_rows
-            kernel = kernel.reshape(A, C, -1, self.features).swapaxes(0, 1)
-            kernel = kernel.reshape(-1, self.features)
+            kernel = swap_row_blocks(kernel, *self.swap_rows)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         matmul = matmul_bf16 if self.bf16 else matmul_tn
         return matmul(x, kernel) + bias.astype(self.dtype)
@@ -405,23 +420,14 @@ class BenchCNN(nn.Module):
                 self.onehot_matmul_grad,
                 name=f"{name}_conv",
             )(x, fold, train)
-        B = batch[TOWERS[0][1]].shape[0]
         if self.tower_major and self.dense_impl != "tn":
             raise ValueError("tower_major needs dense_impl='tn' (Dense.swap_rows)")
-        if self.tower_major:
-            h_BxH = jnp.stack([pooled[n] for n, _, _ in TOWERS], axis=1).reshape(B, -1)
-        else:
-            h_BxH = jnp.concatenate([pooled[n] for n, _, _ in TOWERS], axis=-1).reshape(B, -1)
+        h_BxH = flatten_towers([pooled[n] for n, _, _ in TOWERS], self.tower_major)
         h_BxH = Dropout(self.dropout, self.dropout_impl)(h_BxH, train)
         if self.dense_impl == "tn":
-            swap = (h_BxH.shape[1] // (len(TOWERS) * self.filters), len(TOWERS))
-            hidden = Dense(
-                self.hidden,
-                self.dtype,
-                self.bf16_hidden,
-                swap if self.tower_major else None,
-                name="hidden",
-            )
+            positions = pooled[TOWERS[0][0]].shape[1]
+            swap = (positions, len(TOWERS)) if self.tower_major else None
+            hidden = Dense(self.hidden, self.dtype, self.bf16_hidden, swap, name="hidden")
         elif self.dense_impl == "flax":
             hidden = nn.Dense(self.hidden, dtype=self.dtype, name="hidden")
         else:
@@ -458,9 +464,8 @@ def fold_for_scoring(model: BenchCNN, params: Any) -> dict[str, Any]:
         }
     hidden = dict(params["hidden"])
     if model.tower_major:  # the kernel's rows in the order score_folded flattens the towers
-        kernel, H = hidden["kernel"], hidden["kernel"].shape[-1]
-        P = kernel.shape[0] // (len(TOWERS) * model.filters)
-        hidden["kernel"] = kernel.reshape(P, len(TOWERS), -1, H).swapaxes(0, 1).reshape(-1, H)
+        positions = hidden["kernel"].shape[0] // (len(TOWERS) * model.filters)
+        hidden["kernel"] = swap_row_blocks(hidden["kernel"], positions, len(TOWERS))
     if model.bf16_hidden:  # cast once per checkpoint; score_folded keeps the dtype
         hidden["kernel"] = hidden["kernel"].astype(jnp.bfloat16)
     return {"towers": towers, "hidden": hidden, "out": params["out"]}
@@ -476,11 +481,7 @@ def score_folded(model: BenchCNN, tables: dict[str, Any], batch: dict[str, jax.A
         t = tables["towers"][name]
         y_BxTxF = folded_conv1d(t["table"], batch[key], model.kernel_size)
         pooled.append(nn.relu(max_pool_slices(y_BxTxF, model.pool) + t["bias"]))
-    B = pooled[0].shape[0]
-    if model.tower_major:
-        h_BxH = jnp.stack(pooled, axis=1).reshape(B, -1)
-    else:
-        h_BxH = jnp.concatenate(pooled, axis=-1).reshape(B, -1)
+    h_BxH = flatten_towers(pooled, model.tower_major)
     dense = lambda p, x: jnp.dot(x, p["kernel"].astype(model.dtype)) + p["bias"].astype(model.dtype)
     hidden = tables["hidden"]
     if hidden["kernel"].dtype == jnp.bfloat16:  # fold_for_scoring of a bf16_hidden model
