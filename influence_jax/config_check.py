@@ -56,6 +56,13 @@ def check_devices(config: Any, num_devices: int, num_processes: int = 1) -> None
             raise ConfigError(
                 f"config.data.{field}={b} does not divide over {num_processes} processes"
             )
+    blocks = config.opt.grad_blocks
+    if config.data.batch_size % (data_par * blocks):
+        raise ConfigError(
+            f"config.opt.grad_blocks={blocks}: config.data.batch_size={config.data.batch_size} "
+            f"does not split into {blocks} blocks on each of the {data_par} data-parallel "
+            f"devices; use a multiple of {data_par * blocks}"
+        )
 
 
 def check_schema(config: Any, schema: Any) -> None:
@@ -275,7 +282,7 @@ def _check_opt(o: Any) -> None:
     _one_of(o.name, OPTIMIZERS, "opt.name")
     _one_of(o.schedule, SCHEDULES, "opt.schedule")
     for field in ("learning_rate", "influence_lr_multiplier", "sparse_learning_rate",
-                  "sparse_min_rows"):  # fmt: skip
+                  "sparse_min_rows", "grad_blocks"):  # fmt: skip
         _positive(o, "opt", field)
     for field in ("warmup_steps", "weight_decay", "grad_clip"):
         _at_least(o, "opt", field, 0)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from influence_jax import optim, sharding, sparse
 from influence_jax.data.schema import Schema, dummy_batch
+from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
 
 EVAL_KEYS = ("user", "item", "hist", "label", "labels", "weight", "user_key", "target_type")
@@ -49,17 +50,22 @@ def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dic
 
 
 def head_sums(
-    model: nn.Module, head_logits: dict[str, jax.Array], batch: dict[str, jax.Array]
+    model: nn.Module,
+    head_logits: dict[str, jax.Array],
+    batch: dict[str, jax.Array],
+    count: jax.Array | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Multi-task: (sums, loss). Each head's BCE against its column of batch["labels"]; the loss
-    is sum_h loss_weight_h * mean loss_h; `loss_sum`/`accuracy_sum` are the objective head's
-    (the step log), `heads/<h>/loss_sum` each head's."""
+    is sum_h loss_weight_h * mean loss_h (means over `count`, default the batch's weight);
+    `loss_sum`/`accuracy_sum` are the objective head's (the step log), `heads/<h>/loss_sum`
+    each head's."""
     weights = dict(model.loss_weights or {})
     objective = model.objective_head
     sums, loss = {}, 0.0
     for i, h in enumerate(model.heads):
         s = bce_sums(head_logits[h], batch["labels"][:, i], batch["weight"])
-        loss = loss + weights.get(h, 1.0) * s["loss_sum"] / jnp.maximum(s["count"], 1.0)
+        n = jnp.maximum(s["count"], 1.0) if count is None else count
+        loss = loss + weights.get(h, 1.0) * s["loss_sum"] / n
         sums[f"heads/{h}/loss_sum"] = s["loss_sum"]
         if h == objective:
             sums.update(s)
@@ -67,29 +73,101 @@ def head_sums(
 
 
 def training_loss(
-    model: nn.Module, params: Any, batch: dict[str, jax.Array], dropout_rng: jax.Array
+    model: nn.Module,
+    params: Any,
+    batch: dict[str, jax.Array],
+    dropout_rng: jax.Array,
+    count: jax.Array | None = None,
+    share: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean loss, sums) of one training batch; the sums carry the learned influence weights."""
+    """(mean loss, sums) of one training batch; the sums carry the learned influence weights.
+
+    A block of a larger batch (`training_grads`) passes that batch's weight as `count` and
+    its share of the batch as `share`, so that the blocks' losses add up to the batch's.
+    """
     logit_B, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
     if "head_logits" in aux:
-        sums, loss = head_sums(model, aux["head_logits"], batch)
+        sums, loss = head_sums(model, aux["head_logits"], batch, count)
     else:
         sums = bce_sums(logit_B, batch["label"], batch["weight"])
-        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+        loss = sums["loss_sum"] / (jnp.maximum(sums["count"], 1.0) if count is None else count)
     # Learned influence weights (extractor, behaviour type) ride along for logging.
     sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
     # Fits running statistics kept as parameters (the ranker's score_mean/var); touches
     # nothing else, and is not part of the reported loss.
-    return loss + aux.get("stats_loss", 0.0), sums
+    return loss + share * aux.get("stats_loss", 0.0), sums
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_schedule: Any):
-    """Returns the pure `train_step(state, batch) -> (state, metrics)` (dense updates)."""
+def row_blocks(tree: Any, devices: int, blocks: int) -> Any:
+    """[B, ...] leaves -> [blocks, B / blocks, ...]; block i holds rows i of every device's
+    share ([B] as [devices, blocks, rows]), so each block stays split over `data` as the
+    batch is and no row moves between devices."""
+
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0] // (devices * blocks)
+        x = x.reshape(devices, blocks, rows, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(blocks, devices * rows, *x.shape[3:])
+
+    return jax.tree_util.tree_map(split, tree)
+
+
+def training_grads(
+    model: nn.Module,
+    params: Any,
+    batch: dict[str, jax.Array],
+    dropout_rng: jax.Array,
+    blocks: int = 1,
+    mesh: Mesh | None = None,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """(gradients, sums) of the batch's mean training loss, computed over `blocks` row blocks.
+
+    Each block's loss is its loss sum over the whole batch's weight, so the blocks' gradients
+    add up to the batch's; its dropout key is fold_in(dropout_rng, block), and a model that
+    standardises with batch statistics (the ranker's extractor scores) uses the block's. The
+    sums add up too; the learned influence weights (`weights/...`) are the first block's.
+    The blocks are independent until their gradients add up, so XLA:CPU can run one block's
+    ops beside the other's (config.opt.grad_blocks; docs/benchmarks.md has what it measured).
+    """
+    grad = lambda b, rng, **kw: jax.grad(
+        lambda p: training_loss(model, p, b, rng, **kw), has_aux=True
+    )(params)
+    if blocks <= 1:
+        return grad(batch, dropout_rng)
+    d = mesh.shape[sharding.DATA] if mesh is not None else 1
+    sizes = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1 or next(iter(sizes)) % (d * blocks):
+        raise ConfigError(
+            f"config.opt.grad_blocks={blocks}: the batch ({sorted(sizes)} rows) does not split "
+            f"into {blocks} blocks on each of the {d} data-parallel devices"
+        )
+    count = jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+    split = row_blocks(batch, d, blocks)
+    grads, sums = None, {}
+    for i in range(blocks):
+        block = jax.tree_util.tree_map(lambda x, i=i: x[i], split)
+        if mesh is not None:
+            block = jax.lax.with_sharding_constraint(block, sharding.batch_sharding(mesh))
+        rng = jax.random.fold_in(dropout_rng, i)
+        g, s = grad(block, rng, count=count, share=1.0 / blocks)
+        grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+        for k, v in s.items():
+            sums[k] = v if k not in sums or k.startswith("weights/") else sums[k] + v
+    return grads, sums
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    lr_schedule: Any,
+    blocks: int = 1,
+    mesh: Mesh | None = None,
+):
+    """Returns the pure `train_step(state, batch) -> (state, metrics)` (dense updates), the
+    gradient computed in `blocks` row blocks (`training_grads`)."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
-        loss_fn = lambda params: training_loss(model, params, batch, dropout_rng)
-        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, sums = training_grads(model, state.params, batch, dropout_rng, blocks, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         out = dict(
@@ -184,12 +262,7 @@ class Engine:
             n = B // d // rows if rows else 0
             if n < 2 or B != n * d * rows:
                 return score(params, batch)
-            # [B] -> [d, n, rows] -> [n, d * rows]: block i holds rows i of every device's share,
-            # so each block stays split over `data` as the batch is and no row moves.
-            split = lambda x: jnp.swapaxes(x.reshape(d, n, rows, *x.shape[1:]), 0, 1).reshape(
-                n, d * rows, *x.shape[1:]
-            )
-            blocks = jax.tree_util.tree_map(split, batch)
+            blocks = row_blocks(batch, d, n)
             keep = lambda b: jax.lax.with_sharding_constraint(b, self.batch_sharding)
             prob = jax.lax.map(lambda b: score(params, keep(b)), blocks)  # [n, d * rows, ...]
             prob = jnp.swapaxes(prob.reshape(n, d, rows, *prob.shape[2:]), 0, 1)
@@ -246,12 +319,14 @@ def setup(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh
     )
     batch_sh = sharding.batch_sharding(mesh)
+    blocks = int(config.opt.get("grad_blocks", 1))
     if vocabs:
+        grads_fn = lambda p, b, rng: training_grads(model, p, b, rng, blocks, mesh)
         step = sparse.make_train_step(
-            model, tx, lr_schedule, schema, vocabs, training_loss, config.opt.sparse_learning_rate
+            tx, lr_schedule, schema, vocabs, grads_fn, config.opt.sparse_learning_rate
         )
     else:
-        step = make_train_step(model, tx, lr_schedule)
+        step = make_train_step(model, tx, lr_schedule, blocks, mesh)
     train_step = jax.jit(
         step,
         in_shardings=(state_sh, batch_sh),

@@ -139,28 +139,25 @@ def init_opt_state(tx: Any, params: Any, vocabs: tuple[str, ...]) -> dict[str, A
 
 
 def make_train_step(
-    model: Any,
     tx: Any,
     lr_schedule: Any,
     schema: Schema,
     vocabs: tuple[str, ...],
-    training_loss: Any,
+    training_grads: Any,
     sparse_lr: float,
 ):
     """`train_step(state, batch) -> (state, metrics)` with row-sparse updates of `vocabs`.
 
-    Same contract as train.make_train_step; `state.opt_state` is `init_opt_state`'s layout.
-    `training_loss(model, params, batch, dropout_rng)` is train.training_loss (mean, sums).
+    Same contract as engine.make_train_step; `state.opt_state` is `init_opt_state`'s layout.
+    `training_grads(params, batch, dropout_rng) -> (gradients, sums)` differentiates the
+    batch's mean training loss (engine.training_grads).
     """
     import optax
 
     def train_step(state: Any, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
         vparams, vbatch, rows = gather_rows(state.params, batch, schema, vocabs)
-
-        loss_fn = lambda p: training_loss(model, p, vbatch, dropout_rng)
-
-        grads, sums = jax.grad(loss_fn, has_aux=True)(vparams)
+        grads, sums = training_grads(vparams, vbatch, dropout_rng)
         dense_params = without(state.params, vocabs)
         dense_grads = without(grads, vocabs)
         updates, dense_state = tx.update(dense_grads, state.opt_state["dense"], dense_params)

@@ -45,6 +45,8 @@ def test_every_config_builds_and_checks(path):
         ({"opt.schedule": "linear"}, "config.opt.schedule"),
         ({"opt.stats_rate": 0.0}, "config.opt.stats_rate"),
         ({"opt.sparse_learning_rate": 0.0}, "config.opt.sparse_learning_rate"),
+        ({"opt.grad_blocks": 0}, "config.opt.grad_blocks"),
+        ({"opt.grad_blocks": 3}, "config.opt.grad_blocks=3: config.data.batch_size=64 does not"),
         ({"loop.eval_every": -1}, "config.loop.eval_every"),
         ({"loop.early_stop_metric": "aucc"}, "config.loop.early_stop_metric"),
         ({"loop.early_stop_mode": "up"}, "config.loop.early_stop_mode"),

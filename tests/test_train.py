@@ -11,6 +11,7 @@ import pytest
 from influence_jax import engine, sharding
 from influence_jax.data import pipeline
 from influence_jax.data.store import ExampleStore
+from influence_jax.errors import ConfigError
 from tests import helpers
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_steps.json")
@@ -123,3 +124,64 @@ def test_one_device_and_eight_devices_agree(tiny_data, mesh_over):
         results[0][1],
         results[1][1],
     )
+
+
+def _after_steps(tiny_data, blocks: int, devices, steps: int = 2, **overrides):
+    """(last metrics, params) after `steps` train steps on one batch with `blocks` blocks."""
+    schema, path = tiny_data
+    batch = helpers.first_batch(schema, path, 64)
+    over = {"opt.schedule": "constant", "opt.grad_blocks": blocks, **overrides}
+    eng, state = helpers.setup(helpers.tiny_config(**over), schema, devices)
+    for _ in range(steps):
+        state, m = eng.train_step(state, sharding.to_global(batch, eng.mesh))
+    return jax.device_get(m), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("sparse_tables", [False, True], ids=["dense", "row-sparse"])
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_gradient_blocks_add_up_to_the_whole_batchs_gradient(tiny_data, n_devices, sparse_tables):
+    """Without dropout or batch statistics (the seed CNN), the step's gradient in two row blocks
+    per device is the whole batch's: the same metrics and parameters after two steps, with
+    dense Adam and with row-sparse tables, on one device and on eight."""
+    over = {
+        "model.name": "seed_cnn",
+        "model.seed_cnn.dropout": 0.0,
+        "opt.sparse_embeddings": sparse_tables,
+        "opt.sparse_min_rows": 100,
+    }
+    devices = jax.devices()[:n_devices]
+    (m1, p1), (m2, p2) = (_after_steps(tiny_data, b, devices, **over) for b in (1, 2))
+    assert m1["count"] == m2["count"] == 64
+    for k in ("loss_sum", "accuracy_sum", "grad_norm"):
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-5, err_msg=k)
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(
+            b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        ),
+        p1,
+        p2,
+    )
+
+
+def test_gradient_blocks_log_the_weights_once_and_fit_the_mean_of_the_blocks(tiny_data):
+    """The ranker in two blocks: the logged influence weights are the parameters' (not a sum
+    over blocks), the counts add up, and the running mean of each extractor's score moves to the
+    mean of the blocks' means, the batch's mean (equal blocks, no dropout)."""
+    over = {f"model.{e}.dropout": 0.0 for e in ("cnn", "dnn")}
+    (m1, p1), (m2, p2) = (_after_steps(tiny_data, b, jax.devices()[:1], 1, **over) for b in (1, 2))
+    weights = [k for k in m1 if k.startswith("weights/")]
+    assert weights and m2["count"] == m1["count"] == 64
+    for k in weights:
+        np.testing.assert_allclose(m2[k], m1[k], rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(p2["score_mean"], p1["score_mean"], rtol=1e-5, atol=1e-7)
+    # The variance fits the blocks' own variances, which leave out the spread between blocks.
+    assert not np.allclose(p2["score_var"], p1["score_var"], rtol=1e-6, atol=0)
+
+
+def test_gradient_blocks_that_do_not_split_the_batch_name_the_field(tiny_data):
+    schema, path = tiny_data
+    config = helpers.tiny_config(**{"opt.grad_blocks": 3})
+    eng, state = helpers.setup(config, schema, jax.devices()[:1])
+    batch = sharding.to_global(helpers.first_batch(schema, path, 64), eng.mesh)
+    with pytest.raises(ConfigError, match=r"config.opt.grad_blocks=3: the batch \(\[64\] rows\)"):
+        eng.train_step(state, batch)

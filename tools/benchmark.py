@@ -55,6 +55,12 @@ _COMPARE = flags.DEFINE_string(
     "References to run too: 'all' (= a bare --compare) or some of keras, torch, torch-eager, "
     "torch-compile (--what=rank has only keras).",
 )
+_GRAD_BLOCKS = flags.DEFINE_integer(
+    "grad_blocks",
+    0,
+    "Row blocks of the fast train step's gradient (config.opt.grad_blocks; --what=train|scale|"
+    "quality); 0: 2 on CPU, 1 on accelerators.",
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per line instead of a table.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype.")
 _VARIANTS = flags.DEFINE_list(
@@ -218,12 +224,18 @@ def main(argv: list[str]) -> None:
             _QUALITY_STEPS.value,
             _QUALITY_VOCAB.value,
             _QUALITY_TEST.value,
+            grad_blocks=_GRAD_BLOCKS.value,
         )
         return _emit(rows, lambda: bench_quality.print_table(rows))
     import bench_train
 
     jb = bench_train.JaxBench(
-        _DTYPE.value, _SECONDS.value, _REPEATS.value, kept, profile_dir=_PROFILE_DIR.value
+        _DTYPE.value,
+        _SECONDS.value,
+        _REPEATS.value,
+        kept,
+        profile_dir=_PROFILE_DIR.value,
+        grad_blocks=_GRAD_BLOCKS.value,
     )
     if _WHAT.value == "scale":
         vocabs, lens = [int(v) for v in _SCALE_VOCABS.value], [int(n) for n in _SCALE_LENS.value]

@@ -682,6 +682,8 @@ def cpu_machine_facts(folder: str) -> dict:
         "bf16_hidden": any(
             r.get("hidden_operands") == "bfloat16" for g in jax_train.values() for r in g
         ),
+        # the step's gradient in row blocks (config.opt.grad_blocks; rows before it: 1)
+        "grad_blocks": max(r.get("grad_blocks", 1) for g in jax_train.values() for r in g),
         "train": train,
         "rank": rank,
         # --what=quality rows of that machine (quality.jsonl), where saved
@@ -748,6 +750,7 @@ def cpu_en(machines: list[dict]) -> str:
                 if f["bf16_hidden"]
                 else ""
             )
+            + _blocks_en(f)
             + f"; batch scoring {r['score']} from folded tables ({r['plain']} with the plain "
             "model"
             + f"); ranking {r['default']} the same model in Keras with the default model and "
@@ -759,6 +762,11 @@ def cpu_en(machines: list[dict]) -> str:
         "docs/results/cpu/.)"
     )
     return "\n\n".join(_wrap(t) for t in said)
+
+
+def _blocks_en(f: dict) -> str:
+    g = f["grad_blocks"]
+    return f", its gradient in {g} row blocks (`config.opt.grad_blocks={g}`)" if g > 1 else ""
 
 
 def cpu_zh(machines: list[dict]) -> str:
@@ -784,6 +792,11 @@ def _cpu_zh(f: dict) -> str:
         f"基准种子 CNN 的训练在 batch {r['batches']} 下为最佳参照（{r['best']}）的 {r['train']}，"
         f"训练步达到矩阵乘法上限的 {r['limit']}"
         + bf16
+        + (
+            f"，梯度分 {f['grad_blocks']} 个行块计算（`config.opt.grad_blocks={f['grad_blocks']}`）"
+            if f["grad_blocks"] > 1
+            else ""
+        )
         + f"；批量打分（折叠表）为 {r['score']}（未折叠模型 {r['plain']}）；"
         f"排序：默认模型为同一模型 Keras 版的 {r['default']}，完整模型（bst、match）为 {r['full']}"
         + (f"，引擎分为 {n} 个 CPU 设备（`--host_devices`）。" if n > 1 else "。")
@@ -855,6 +868,19 @@ def _cpu_benchmarks(f: dict) -> str:
                 f" Held-out AUC after {q['steps']} steps of `--what=quality` (quality.jsonl): "
                 f"{q['test_auc']:.4f} with the bfloat16 hidden layer, "
                 f"{q['test_auc_float32_hidden']:.4f} all in float32."
+            )
+    g = f["grad_blocks"]
+    if g > 1:
+        head += (
+            f" The engine's train step computes its gradient in {g} row blocks "
+            f"(`config.opt.grad_blocks={g}`), which XLA:CPU runs side by side until their "
+            "gradients add up."
+        )
+        q = max(f["quality"], key=lambda r: r["steps"], default=None)
+        if q and "test_auc_one_block" in q:
+            head += (
+                f" Held-out AUC after {q['steps']} steps: {q['test_auc']:.4f} in {g} blocks, "
+                f"{q['test_auc_one_block']:.4f} in one."
             )
     rows = ["| impl | batch | train ex/s | score ex/s | train vs best ref | score vs best ref "
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",

@@ -57,15 +57,18 @@ def train_and_score(
     test: dict,
     item_vocab: int,
     bf16_hidden: bool | None = None,
+    grad_blocks: int = 0,
 ) -> dict:
     """One dtype: a train step per batch of `train_batches`, then AUC on `test`; the benchmark's
-    model (`JaxBench.model`), with `bf16_hidden` set where given."""
-    jb = bench_train.JaxBench(dtype, 0.0, 0, host_memory_kept=False)
+    model (`JaxBench.model`) and step (its gradient in `grad_blocks` row blocks, 0: the
+    benchmark's default), with `bf16_hidden` set where given."""
+    jb = bench_train.JaxBench(dtype, 0.0, 0, host_memory_kept=False, grad_blocks=grad_blocks)
     model = jb.model("fast", item_vocab, common.EMBED_DIM)
     if bf16_hidden is not None:
         model = dataclasses.replace(model, bf16_hidden=bf16_hidden)
     batch, steps = len(train_batches[0]["label"]), len(train_batches)
-    state, _, step = jb.compile_step(model, sharding.to_global(train_batches[0], jb.mesh))
+    first = sharding.to_global(train_batches[0], jb.mesh)
+    state, _, step = jb.compile_step(model, first, jb.grad_blocks)
     t0 = time.perf_counter()
     pending = None
     for b in train_batches:
@@ -97,6 +100,7 @@ def train_and_score(
         "train_s": train_s,
         "device": jax.devices()[0].device_kind,
         "hidden_operands": "bfloat16" if model.bf16_hidden else dtype,
+        "grad_blocks": jb.grad_blocks,
     }
 
 
@@ -113,8 +117,11 @@ def run(
     item_vocab: int = common.ITEM_VOCAB,
     test_examples: int = 131_072,
     max_len: int = common.MAX_LEN,
+    grad_blocks: int = 0,
 ) -> list[dict]:
-    """A row per dtype (first row: the reference dtype), each with `auc_vs_first`.
+    """A row per dtype (first row: the reference dtype), each with `auc_vs_first`; the step's
+    gradient in `grad_blocks` row blocks (0: the benchmark's default), and where that is more
+    than one, the AUC of the whole batch's gradient beside it.
 
     The held-out set (rounded up to whole batches) is the same for every dtype, so the AUC
     differences are paired; at the default 131K examples an AUC's standard error is ~0.0015.
@@ -125,11 +132,17 @@ def run(
     train_batches = [data.batch(batch, seed=1 + i)[0] for i in range(steps)]
     rows = []
     for dtype in dtypes:
-        row = train_and_score(dtype, train_batches, test, item_vocab)
+        row = train_and_score(dtype, train_batches, test, item_vocab, grad_blocks=grad_blocks)
         if row["hidden_operands"] != dtype:  # bfloat16 hidden layer: against it in `dtype`
-            same = train_and_score(dtype, train_batches, test, item_vocab, bf16_hidden=False)
+            same = train_and_score(
+                dtype, train_batches, test, item_vocab, False, row["grad_blocks"]
+            )
             row[f"test_auc_{dtype}_hidden"] = same["test_auc"]
             row[f"train_s_{dtype}_hidden"] = same["train_s"]
+        if row["grad_blocks"] > 1:  # the gradient in row blocks: against the whole batch's
+            whole = train_and_score(dtype, train_batches, test, item_vocab, grad_blocks=1)
+            row["test_auc_one_block"] = whole["test_auc"]
+            row["train_s_one_block"] = whole["train_s"]
         row["oracle_auc"] = oracle
         row["auc_vs_first"] = row["test_auc"] - (rows[0]["test_auc"] if rows else row["test_auc"])
         rows.append(row)
@@ -150,6 +163,13 @@ def print_table(rows: list[dict]) -> None:
             f"{r['last_train_loss']:>12.4f}{r['train_s']:>9.1f}"
         )
     for r in rows:
+        if "test_auc_one_block" in r:
+            whole = r["test_auc_one_block"]
+            print(
+                f"  {r['dtype']}: the gradient in {r['grad_blocks']} row blocks: "
+                f"{r['test_auc']:.4f} in {r['train_s']:.1f} s; in one: {whole:.4f} "
+                f"({r['test_auc'] - whole:+.4f}) in {r['train_s_one_block']:.1f} s"
+            )
         if f"test_auc_{r['dtype']}_hidden" in r:
             same, secs = r[f"test_auc_{r['dtype']}_hidden"], r[f"train_s_{r['dtype']}_hidden"]
             print(

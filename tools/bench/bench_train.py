@@ -46,15 +46,23 @@ class JaxBench:
         repeats: int,
         host_memory_kept: bool,
         profile_dir: str = "",
+        grad_blocks: int = 0,
     ):
         self.dtype, self.seconds, self.repeats = dtype, seconds, repeats
+        # The fast step's gradient in row blocks (config.opt.grad_blocks); 0: two on CPU,
+        # where XLA runs one block's ops beside the other's, one on accelerators.
+        cpu = jax.devices()[0].platform == "cpu"
+        self.grad_blocks = grad_blocks or (2 if cpu else 1)
         self.profile_dir = profile_dir  # a jax.profiler trace of the fast step per batch there
         self.host_memory_kept = host_memory_kept
         self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
 
     def describe(self) -> str:
-        return f"{bench_util.describe_device()}, compute dtype {self.dtype}, freed host memory " + (
-            "kept" if self.host_memory_kept else "returned to the OS"
+        memory = "kept" if self.host_memory_kept else "returned to the OS"
+        return (
+            f"{bench_util.describe_device()}, compute dtype {self.dtype}, freed host memory "
+            f"{memory}, the fast step's gradient in {self.grad_blocks} row block"
+            + ("s" if self.grad_blocks > 1 else "")
         )
 
     def model(self, variant: str, item_vocab: int, embed_dim: int) -> BenchCNN:
@@ -77,12 +85,13 @@ class JaxBench:
             **(STRAIGHTFORWARD if variant == "straightforward" else {"bf16_hidden": b}),
         )
 
-    def compile_step(self, model: BenchCNN, batch: dict) -> tuple[Any, Any, Any]:
-        """The engine's train step for `model` with plain Adam (engine.setup), jitted with the
-        state donated and compiled for `batch`'s shapes; returns (initial state, its shardings,
-        the step)."""
+    def compile_step(self, model: BenchCNN, batch: dict, blocks: int = 1) -> tuple[Any, Any, Any]:
+        """The engine's train step for `model` with plain Adam (engine.setup), its gradient in
+        `blocks` row blocks, jitted with the state donated and compiled for `batch`'s shapes;
+        returns (initial state, its shardings, the step)."""
         example = {k: np.zeros((2,) + batch[k].shape[1:], np.int32) for k in common.ID_KEYS}
-        eng = engine.setup(bench_config(), None, self.mesh, model=model, example=example)
+        config = bench_config(blocks)
+        eng = engine.setup(config, None, self.mesh, model=model, example=example)
         state = eng.init_state()
         return state, eng.state_shardings, eng.train_step.lower(state, batch).compile()
 
@@ -102,7 +111,8 @@ class JaxBench:
             sharding.to_global(b, self.mesh)
             for b in common.make_batches(batch, max_len, item_vocab)
         ]
-        state, state_sh, step = self.compile_step(model, batches[0])
+        blocks = self.grad_blocks if variant == "fast" else 1
+        state, state_sh, step = self.compile_step(model, batches[0], blocks)
         trainer = bench_util.Trainer(step, state, batches)
         run_train = trainer.run
 
@@ -120,6 +130,7 @@ class JaxBench:
             "versions": {"jax": jax.__version__},
             "host_memory_kept": self.host_memory_kept,
             "hidden_operands": "bfloat16" if model.bf16_hidden else self.dtype,
+            "grad_blocks": blocks,
         }
         inputs = [{k: b[k] for k in common.ID_KEYS} for b in batches]
         with bench_util.CpuShareOfOthers() as others:
@@ -191,9 +202,9 @@ class JaxBench:
         return common.ex_per_s(batch, steps, secs), batch / cpu
 
 
-def bench_config() -> ml_collections.ConfigDict:
+def bench_config(grad_blocks: int = 1) -> ml_collections.ConfigDict:
     """The default config with the benchmark's plain Adam (constant rate, no clip), dense
-    updates, all parameters replicated, seed 0."""
+    updates, the gradient in `grad_blocks` row blocks, all parameters replicated, seed 0."""
     config = default_config.get_config()
     with config.unlocked():
         config.opt.update(
@@ -203,6 +214,7 @@ def bench_config() -> ml_collections.ConfigDict:
             warmup_steps=0,
             grad_clip=0.0,
             sparse_embeddings=False,
+            grad_blocks=grad_blocks,
         )
         config.loop.num_steps = 1
         config.seed = 0
