@@ -101,8 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     opt.sparse_min_rows = 100_000  # tables with at least this many rows count as large
     opt.sparse_learning_rate = 0.05  # row-wise Adagrad learning rate of the large tables
     # The step's gradient in this many row blocks per device (engine.training_grads): 2 lets
-    # XLA:CPU overlap the blocks' ops on a 2-core host; dropout draws (and the ranker's batch
-    # statistics) are then per block.
+    # XLA:CPU overlap the blocks' ops on a multi-core host, which pays from about 1024 rows a
+    # device (docs/benchmarks.md); dropout draws and the ranker's batch statistics are then
+    # per block.
     opt.grad_blocks = 1
 
     config.loop = loop = ml_collections.ConfigDict()
