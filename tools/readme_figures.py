@@ -856,31 +856,30 @@ def _cpu_benchmarks(f: dict) -> str:
         "with the engine's allocator settings; Keras scores through the faster of `predict` "
         "and a `predict_on_batch` loop."
     )
+    q = max(f["quality"], key=lambda r: r["steps"], default=None)  # the longest quality run
     if f["bf16_hidden"]:
         head += (
             " The engine's hidden layer multiplies bfloat16 operands into float32 results on "
             "this CPU (AMX), in training (forward and gradients) and in scoring (folded and "
             "plain); every other op, the parameters and the optimizer stay float32."
         )
-        q = max(f["quality"], key=lambda r: r["steps"], default=None)
         if q and "test_auc_float32_hidden" in q:
             head += (
                 f" Held-out AUC after {q['steps']} steps of `--what=quality` (quality.jsonl): "
                 f"{q['test_auc']:.4f} with the bfloat16 hidden layer, "
                 f"{q['test_auc_float32_hidden']:.4f} all in float32."
             )
-    g = f["grad_blocks"]
-    if g > 1:
+    blocks = f["grad_blocks"]
+    if blocks > 1:
         head += (
-            f" The engine's train step computes its gradient in {g} row blocks "
-            f"(`config.opt.grad_blocks={g}`), which XLA:CPU runs side by side until their "
+            f" The engine's train step computes its gradient in {blocks} row blocks "
+            f"(`config.opt.grad_blocks={blocks}`), which XLA:CPU runs side by side until their "
             "gradients add up."
         )
-        q = max(f["quality"], key=lambda r: r["steps"], default=None)
         if q and "test_auc_one_block" in q:
             head += (
-                f" Held-out AUC after {q['steps']} steps: {q['test_auc']:.4f} in {g} blocks, "
-                f"{q['test_auc_one_block']:.4f} in one."
+                f" Held-out AUC after {q['steps']} steps: {q['test_auc']:.4f} in {blocks} "
+                f"blocks, {q['test_auc_one_block']:.4f} in one."
             )
     rows = ["| impl | batch | train ex/s | score ex/s | train vs best ref | score vs best ref "
             "| plain model vs best ref | score ex/CPU-s | others' CPU |",
