@@ -49,14 +49,19 @@ def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dic
     }
 
 
+def batch_weight(batch: dict[str, jax.Array]) -> jax.Array:
+    """The batch's total example weight, at least 1: the denominator of its mean loss."""
+    return jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+
+
 def head_sums(
     model: nn.Module,
     head_logits: dict[str, jax.Array],
     batch: dict[str, jax.Array],
-    count: jax.Array | None = None,
+    count: jax.Array,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Multi-task: (sums, loss). Each head's BCE against its column of batch["labels"]; the loss
-    is sum_h loss_weight_h * mean loss_h (means over `count`, default the batch's weight);
+    is sum_h loss_weight_h * mean loss_h (means over `count`, `batch_weight` of the batch);
     `loss_sum`/`accuracy_sum` are the objective head's (the step log), `heads/<h>/loss_sum`
     each head's."""
     weights = dict(model.loss_weights or {})
@@ -64,8 +69,7 @@ def head_sums(
     sums, loss = {}, 0.0
     for i, h in enumerate(model.heads):
         s = bce_sums(head_logits[h], batch["labels"][:, i], batch["weight"])
-        n = jnp.maximum(s["count"], 1.0) if count is None else count
-        loss = loss + weights.get(h, 1.0) * s["loss_sum"] / n
+        loss = loss + weights.get(h, 1.0) * s["loss_sum"] / count
         sums[f"heads/{h}/loss_sum"] = s["loss_sum"]
         if h == objective:
             sums.update(s)
@@ -82,15 +86,17 @@ def training_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean loss, sums) of one training batch; the sums carry the learned influence weights.
 
-    A block of a larger batch (`training_grads`) passes that batch's weight as `count` and
-    its share of the batch as `share`, so that the blocks' losses add up to the batch's.
+    The mean is over `count`, default `batch_weight(batch)`; a block of a larger batch
+    (`training_grads`) passes that batch's weight as `count` and its share of the batch as
+    `share`, so that the blocks' losses add up to the batch's.
     """
+    count = batch_weight(batch) if count is None else count
     logit_B, aux = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout_rng})
     if "head_logits" in aux:
         sums, loss = head_sums(model, aux["head_logits"], batch, count)
     else:
         sums = bce_sums(logit_B, batch["label"], batch["weight"])
-        loss = sums["loss_sum"] / (jnp.maximum(sums["count"], 1.0) if count is None else count)
+        loss = sums["loss_sum"] / count
     # Learned influence weights (extractor, behaviour type) ride along for logging.
     sums.update({f"weights/{k}": v for k, v in aux.get("weights", {}).items()})
     # Fits running statistics kept as parameters (the ranker's score_mean/var); touches
@@ -140,7 +146,7 @@ def training_grads(
             f"config.opt.grad_blocks={blocks}: the batch ({sorted(sizes)} rows) does not split "
             f"into {blocks} blocks on each of the {d} data-parallel devices"
         )
-    count = jnp.maximum(jnp.sum(batch["weight"]), 1.0)
+    count = batch_weight(batch)
     split = row_blocks(batch, d, blocks)
     grads, sums = None, {}
     for i in range(blocks):

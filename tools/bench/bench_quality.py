@@ -134,8 +134,9 @@ def run(
     for dtype in dtypes:
         row = train_and_score(dtype, train_batches, test, item_vocab, grad_blocks=grad_blocks)
         if row["hidden_operands"] != dtype:  # bfloat16 hidden layer: against it in `dtype`
+            blocks = row["grad_blocks"]
             same = train_and_score(
-                dtype, train_batches, test, item_vocab, False, row["grad_blocks"]
+                dtype, train_batches, test, item_vocab, bf16_hidden=False, grad_blocks=blocks
             )
             row[f"test_auc_{dtype}_hidden"] = same["test_auc"]
             row[f"train_s_{dtype}_hidden"] = same["train_s"]
