@@ -291,6 +291,34 @@ def test_tower_major_flattening_writes_no_concatenation(params):
         BenchCNN(**SMALL, dense_impl="flax").apply({"params": params}, batch)
 
 
+def test_time_major_gather_keeps_the_values_and_the_gradients(params):
+    """Training gathers the convolved towers' embeddings time-major ([L, B, D]) and swaps them
+    to [B, L, D]: the same logits and gradients as the batch-major gather (the scatter-add only
+    sums in another order); scoring and `time_major_gather=False` gather batch-major."""
+    batch = _batch(seed=6)
+    D = SMALL["embed_dim"]
+
+    def run(train, **variant):
+        model = BenchCNN(**SMALL, dropout=0.0, **variant)
+        f = lambda p: jnp.sum(model.apply({"params": p}, batch, train=train)[0] ** 2)
+        jaxpr = str(jax.make_jaxpr(f)(params))
+        return jax.jit(f)(params), jax.jit(jax.grad(f))(params), jaxpr
+
+    time_major = rf"f32\[12,8,{D}\] = gather\["
+    loss, grads, jaxpr = run(True)
+    assert re.search(time_major, jaxpr), jaxpr
+    loss_bm, grads_bm, jaxpr_bm = run(True, time_major_gather=False)
+    assert not re.search(time_major, jaxpr_bm) and re.search(rf"f32\[8,12,{D}\] = gather", jaxpr_bm)
+    assert not re.search(time_major, run(False)[2])
+    np.testing.assert_array_equal(loss, loss_bm)
+    assert float(jnp.max(jnp.abs(grads["embed_item"]))) > 1e-3
+    for path, a in jax.tree_util.tree_leaves_with_path(grads):
+        b = grads_bm
+        for k in path:
+            b = b[k.key]
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_onehot_conv1d_gradient_is_one_matmul_equal_to_the_convolutions():
     """onehot_conv1d: the convolution of one-hot ids (ids outside the table embed as zeros),
     and its kernel gradient, computed as one matmul over one-hots built transposed, equals

@@ -22,8 +22,10 @@ at batch 1024, the 100K-id item tower from batch 2048 on): on the AMX Xeon of 20
 (batch 1024) and 1.41x (4096) the plain model's scoring rate without it. The pooled towers flatten
 tower by tower (`tower_major`), so that XLA fuses pooling, flattening, dropout and the hidden
 layer's input cast into one pass instead of writing the pooled towers and copying them into Keras'
-position-major concatenation (see docs/benchmarks.md). On CPUs with AMX the hidden layer multiplies
-bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`) in training
+position-major concatenation (see docs/benchmarks.md). Training gathers the user and item
+embeddings time-major (`time_major_gather`): 1.03x (batch 1024) and 1.07-1.10x (4096) on the
+AMX Xeon's two cores (2026-12-06). On CPUs with AMX the hidden layer multiplies bfloat16
+operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`) in training
 (`matmul_bf16`: the forward product and both gradients) and in scoring (plain and folded); every
 other op, the parameters and the optimizer stay float32.
 """
@@ -394,6 +396,11 @@ class BenchCNN(nn.Module):
     # towers into a concatenation. The hidden kernel keeps Keras' row order (`Dense.swap_rows`
     # permutes it in the step); dropout draws its mask in the flattened order.
     tower_major: bool = True
+    # In training, gather the convolved towers' embeddings time-major ([L, B, D]) and copy them
+    # batch-major for the convolution: XLA:CPU transposes the gathered rows to [D, L, B] for the
+    # kernel gradient's convolution, and on two cores that transpose and the row copy together
+    # ran faster than the one transpose from [B, L, D] (docs/benchmarks.md).
+    time_major_gather: bool = True
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     @nn.compact
@@ -408,8 +415,11 @@ class BenchCNN(nn.Module):
             if fold_here:
                 x, fold = ids_BxL, table
             else:  # cast after the gather: its scatter-add gradient stays float32
-                x = jnp.take(table, ids_BxL, axis=0, mode="clip").astype(self.dtype)
-                fold = None
+                if train and self.time_major_gather:  # the same [B, L, D] values
+                    x = jnp.take(table, ids_BxL.T, axis=0, mode="clip").swapaxes(0, 1)
+                else:
+                    x = jnp.take(table, ids_BxL, axis=0, mode="clip")
+                x, fold = x.astype(self.dtype), None
             pooled[name] = ConvPool(
                 self.filters,
                 self.kernel_size,
@@ -501,4 +511,5 @@ STRAIGHTFORWARD = {
     "fold_in_scoring": False,
     "bf16_hidden": False,
     "tower_major": False,
+    "time_major_gather": False,
 }
