@@ -130,7 +130,9 @@ def training_grads(
     Each block's loss is its loss sum over the whole batch's weight, so the blocks' gradients
     add up to the batch's; its dropout key is fold_in(dropout_rng, block), and a model that
     standardises with batch statistics (the ranker's extractor scores) uses the block's. The
-    sums add up too; the learned influence weights (`weights/...`) are the first block's.
+    sums add up too; the learned influence weights (`weights/...`) are the mean of the
+    blocks' (blocks have equal rows): the parameters' own where they depend on nothing else,
+    the batch's mean where they are means over rows (mixture models' expert gates).
     The blocks are independent until their gradients add up, so XLA:CPU can run one block's
     ops beside the other's (config.opt.grad_blocks; docs/benchmarks.md has what it measured).
     """
@@ -157,7 +159,10 @@ def training_grads(
         g, s = grad(block, rng, count=count, share=1.0 / blocks)
         grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
         for k, v in s.items():
-            sums[k] = v if k not in sums or k.startswith("weights/") else sums[k] + v
+            sums[k] = v if k not in sums else sums[k] + v
+    for k in sums:
+        if k.startswith("weights/"):
+            sums[k] = sums[k] / blocks
     return grads, sums
 
 

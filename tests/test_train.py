@@ -4,7 +4,9 @@ invariance."""
 import json
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -176,6 +178,34 @@ def test_gradient_blocks_log_the_weights_once_and_fit_the_mean_of_the_blocks(tin
     np.testing.assert_allclose(p2["score_mean"], p1["score_mean"], rtol=1e-5, atol=1e-7)
     # The variance fits the blocks' own variances, which leave out the spread between blocks.
     assert not np.allclose(p2["score_var"], p1["score_var"], rtol=1e-6, atol=0)
+
+
+class _RowMeanWeight(nn.Module):
+    """A logit x * w whose logged influence weight is a mean over the batch's rows."""
+
+    @nn.compact
+    def __call__(self, batch, train=False):
+        w = self.param("w", nn.initializers.ones, (1,))
+        return batch["x"] * w[0], {"weights": {"row_mean": jnp.mean(batch["x"])}}
+
+
+def test_gradient_blocks_log_the_batchs_mean_of_a_row_dependent_weight():
+    """A weight that is a mean over rows (a mixture model's expert gates) is logged as the whole
+    batch's mean, the mean of the equal blocks' means, not one block's; the loss sum adds up."""
+    model = _RowMeanWeight()
+    batch = {
+        "x": jnp.arange(8, dtype=jnp.float32),
+        "label": jnp.array([0, 1] * 4, jnp.float32),
+        "weight": jnp.ones(8),
+    }
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    rng = jax.random.PRNGKey(1)
+    g1, s1 = engine.training_grads(model, params, batch, rng, blocks=1)
+    g2, s2 = engine.training_grads(model, params, batch, rng, blocks=2)
+    assert float(s1["weights/row_mean"]) == 3.5
+    np.testing.assert_allclose(s2["weights/row_mean"], 3.5, rtol=1e-6)
+    np.testing.assert_allclose(s2["loss_sum"], s1["loss_sum"], rtol=1e-6)
+    np.testing.assert_allclose(g2["w"], g1["w"], rtol=1e-5)
 
 
 def test_gradient_blocks_that_do_not_split_the_batch_name_the_field(tiny_data):
