@@ -143,6 +143,18 @@ def test_hash_dropout_masks_are_unrelated():
         assert abs(corr(b[shift:], a[: a.size - shift])) < 0.01
 
 
+def test_hash_bits_mixes_the_key_once_not_in_every_elements_loop():
+    """XLA:CPU fuses scalar work into each element's loop: the salts' three murmur rounds must
+    stay out of the fusion that hashes the elements (one round, two multiplies, plus the index's
+    strides)."""
+    hash_bits = jax.jit(lambda key: bench_cnn.hash_bits(key, (64, 96)))
+    hlo = hash_bits.lower(jax.random.PRNGKey(0)).compile().as_text()
+    computations = re.split(r"\n(?=%?\S+ \([^)]*\) -> )", hlo)
+    per_element = [c for c in computations if "-> u32[64,96]" in c.split("\n")[0]]
+    assert per_element, hlo
+    assert max(c.count(" multiply(") for c in per_element) <= 3, hlo
+
+
 def test_folded_scoring_equals_the_model(params):
     """Every tower's kernel folded into its table (a checkpoint's scoring tables) scores the
     same logits as the plain model, ids past the end of a table included (both clip)."""
