@@ -278,6 +278,17 @@ def assert_trees_equal(a: dict, b: dict) -> None:
     assert not differ, f"{len(differ)} of {len(flat_a)} leaves differ: {differ[:8]}"
 
 
+def assert_trees_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    """Both trees have the same structure and each leaf of a is within tolerance of b's."""
+    jax.tree_util.tree_map_with_path(
+        lambda p, x, y: np.testing.assert_allclose(
+            x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(p)
+        ),
+        a,
+        b,
+    )
+
+
 def scalars(workdir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of a run's TensorBoard event files, read back by TensorBoard."""
     acc = EventAccumulator(str(workdir), size_guidance={"scalars": 0, "tensors": 0})

@@ -109,11 +109,7 @@ def test_fast_and_straightforward_gradients_agree(params):
         return jax.jit(jax.grad(loss))(params)
 
     want, got = grads(**STRAIGHTFORWARD), grads()
-    for path, a in jax.tree_util.tree_leaves_with_path(got):
-        b = want
-        for k in path:
-            b = b[k.key]
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    helpers.assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_hash_dropout_keeps_the_rate_and_scales():
@@ -339,11 +335,7 @@ def test_time_major_gather_keeps_the_values_and_the_gradients(params):
     assert not re.search(time_major, run(False)[2])
     np.testing.assert_array_equal(loss, loss_bm)
     assert float(jnp.max(jnp.abs(grads["embed_item"]))) > 1e-3
-    for path, a in jax.tree_util.tree_leaves_with_path(grads):
-        b = grads_bm
-        for k in path:
-            b = b[k.key]
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    helpers.assert_trees_close(grads, grads_bm, rtol=1e-5, atol=1e-6)
 
 
 def test_onehot_conv1d_gradient_is_one_matmul_equal_to_the_convolutions():
