@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests import helpers
@@ -50,37 +51,75 @@ def test_im2col_conv_equals_lax_conv():
     )
 
 
-def test_matmul_tn_has_the_gradients_of_a_plain_matmul():
-    """The hidden layer's matmul_tn only reorders its kernel gradient's matmul; Dense has
-    nn.Dense's parameters (same names, shapes and initial values) and output."""
+def test_matmul_nt_has_the_gradients_of_a_plain_matmul():
+    """The hidden layer's matmul_nt (kernel stored [O, I]) has the gradients of x @ w.T; Dense
+    is nn.Dense with the kernel transposed: same names, initial distribution and output."""
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
-    x, w = jax.random.normal(kx, (16, 24)), jax.random.normal(kw, (24, 5))
+    x, w = jax.random.normal(kx, (16, 24)), jax.random.normal(kw, (5, 24))
     g = jax.random.normal(kg, (16, 5))
-    got = jax.vjp(bench_cnn.matmul_tn, x, w)[1](g)
-    want = jax.vjp(jnp.dot, x, w)[1](g)
+    got = jax.vjp(bench_cnn.matmul_nt, x, w)[1](g)
+    want = jax.vjp(lambda x, w: x @ w.T, x, w)[1](g)
+    assert got[1].shape == w.shape
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    mine, flax_dense = bench_cnn.Dense(5), nn.Dense(5)
-    p_mine = mine.init(jax.random.PRNGKey(0), x)
-    p_flax = flax_dense.init(jax.random.PRNGKey(0), x)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, p_mine, p_flax)
+    x = jax.random.normal(kx, (16, 400))
+    mine, flax_dense = bench_cnn.Dense(300), nn.Dense(300)
+    p_mine = mine.init(jax.random.PRNGKey(0), x)["params"]
+    p_flax = flax_dense.init(jax.random.PRNGKey(0), x)["params"]
+    assert p_mine["kernel"].shape == (300, 400) and p_flax["kernel"].shape == (400, 300)
+    # the same fan-in (lecun_normal over the 400 inputs), so the same spread
+    np.testing.assert_allclose(np.std(p_mine["kernel"]), np.std(p_flax["kernel"]), rtol=0.02)
+    np.testing.assert_array_equal(p_mine["bias"], p_flax["bias"])
     p_flax = jax.tree_util.tree_map(lambda a: a + 0.1, p_flax)  # a bias that is not zero
-    np.testing.assert_allclose(mine.apply(p_flax, x), flax_dense.apply(p_flax, x), rtol=1e-6)
+    p_mine = {"kernel": p_flax["kernel"].T, "bias": p_flax["bias"]}
+    np.testing.assert_allclose(
+        mine.apply({"params": p_mine}, x), flax_dense.apply({"params": p_flax}, x), rtol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(BenchCNN(**SMALL).init)(jax.random.PRNGKey(0), _batch())["params"]
+    """The straightforward model's parameters (Keras' layout); `_fast` puts them in a fast
+    model's (the hidden kernel stored [O, I], its columns tower by tower)."""
+    model = BenchCNN(**SMALL, **STRAIGHTFORWARD)
+    return jax.jit(model.init)(jax.random.PRNGKey(0), _batch())["params"]
+
+
+def _fast(model, params):
+    return bench_cnn.model_params(model, params)
 
 
 def test_model_shapes_and_valid_conv_pool_width(params):
-    logit, aux = jax.jit(BenchCNN(**SMALL).apply)({"params": params}, _batch(B=8, L=12))
+    model = BenchCNN(**SMALL)
+    logit, aux = jax.jit(model.apply)({"params": _fast(model, params)}, _batch(B=8, L=12))
     assert logit.shape == (8,) and logit.dtype == jnp.float32
     for name, _, _ in bench_cnn.TOWERS:
         # VALID conv: 12 - 3 + 1 = 10 positions, pooled by 2 -> 5.
         assert aux["pooled"][name].shape == (8, 5, SMALL["filters"])
     assert params["hidden"]["kernel"].shape == (3 * 5 * SMALL["filters"], SMALL["hidden"])
     assert params["embed_item"].shape == (SMALL["item_vocab"], SMALL["embed_dim"])
+    own = jax.jit(model.init)(jax.random.PRNGKey(0), _batch())["params"]
+    assert own["hidden"]["kernel"].shape == (SMALL["hidden"], 3 * 5 * SMALL["filters"])
+    assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(params)
+
+
+def test_keras_layout_round_trips_and_orders_the_rows_by_position(params):
+    """keras_params inverts model_params; the fast kernel's column for (tower c, position a,
+    filter f) is Keras' row for (a, c, f)."""
+    model = BenchCNN(**SMALL)
+    fast = _fast(model, params)
+    back = bench_cnn.keras_params(model, fast)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+    A, C, F = 5, len(bench_cnn.TOWERS), SMALL["filters"]
+    keras_k, fast_k = np.asarray(params["hidden"]["kernel"]), np.asarray(fast["hidden"]["kernel"])
+    for a, c, f in ((0, 0, 0), (1, 0, 3), (0, 2, 5), (4, 1, F - 1)):
+        np.testing.assert_array_equal(
+            fast_k[:, c * A * F + a * F + f], keras_k[a * C * F + c * F + f]
+        )
+    flat = BenchCNN(**SMALL, tower_major=False)  # position-major input: only transposed
+    np.testing.assert_array_equal(
+        bench_cnn.model_params(flat, params)["hidden"]["kernel"], keras_k.T
+    )
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -91,7 +130,8 @@ def test_fast_and_straightforward_formulations_agree(params, train):
 
     def logits(**variant):
         model = BenchCNN(**SMALL, dropout=0.0, **variant)
-        return jax.jit(lambda p: model.apply({"params": p}, batch, train=train)[0])(params)
+        apply = lambda p: model.apply({"params": p}, batch, train=train)[0]
+        return jax.jit(apply)(_fast(model, params))
 
     want = logits(**STRAIGHTFORWARD)
     for variant in ({}, {"conv_impl": "im2col"}):
@@ -99,14 +139,15 @@ def test_fast_and_straightforward_formulations_agree(params, train):
 
 
 def test_fast_and_straightforward_gradients_agree(params):
-    """The training gradients of the fast formulations (matmul_tn's kernel gradient, the folded
-    behaviour tower, the pooling) equal flax's layers' (dropout off to compare)."""
+    """The training gradients of the fast formulations (matmul_nt's kernel gradient, the folded
+    behaviour tower, the pooling) equal flax's layers' (dropout off to compare), the fast
+    model's in its own layout brought to Keras' (`keras_params`)."""
     batch = _batch(seed=4)
 
     def grads(**variant):
         model = BenchCNN(**SMALL, dropout=0.0, **variant)
         loss = lambda p: jnp.sum(model.apply({"params": p}, batch, train=True)[0] ** 2)
-        return jax.jit(jax.grad(loss))(params)
+        return bench_cnn.keras_params(model, jax.jit(jax.grad(loss))(_fast(model, params)))
 
     want, got = grads(**STRAIGHTFORWARD), grads()
     helpers.assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
@@ -156,6 +197,7 @@ def test_folded_scoring_equals_the_model(params):
     same logits as the plain model, ids past the end of a table included (both clip)."""
     model = BenchCNN(**SMALL)
     params = jax.tree_util.tree_map(lambda x: x + 0.01 * (x.ndim == 1), params)  # biases != 0
+    params = _fast(model, params)
     batch = {k: v for k, v in _batch(seed=2).items() if k.endswith("_ids")}
     batch["item_ids"][0, :3] = SMALL["item_vocab"] + 5
     want = jax.jit(lambda p: model.apply({"params": p}, batch)[0])(params)
@@ -174,16 +216,16 @@ def test_matmul_bf16_rounds_the_operands_of_all_three_products():
     the kernel; g in the gradients) into float32 results: equal to float64 products of the
     rounded operands, and off from the float32 products by more than float32 rounding."""
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(5), 3)
-    x, w = jax.random.normal(kx, (64, 48)), jax.random.normal(kw, (48, 24))
+    x, w = jax.random.normal(kx, (64, 48)), jax.random.normal(kw, (24, 48))  # w stored [O, I]
     g = jax.random.normal(kg, (64, 24))
     y, vjp = jax.jit(lambda x, w: jax.vjp(bench_cnn.matmul_bf16, x, w))(x, w)
     dx, dw = vjp(g)
     assert y.dtype == dx.dtype == dw.dtype == jnp.float32 and dw.shape == w.shape
     xr, wr, gr = _rounded(x), _rounded(w), _rounded(g)
     for got, want, exact in (
-        (y, xr @ wr, np.asarray(x, np.float64) @ np.asarray(w, np.float64)),
-        (dx, gr @ wr.T, np.asarray(g, np.float64) @ np.asarray(w, np.float64).T),
-        (dw, xr.T @ gr, np.asarray(x, np.float64).T @ np.asarray(g, np.float64)),
+        (y, xr @ wr.T, np.asarray(x, np.float64) @ np.asarray(w, np.float64).T),
+        (dx, gr @ wr, np.asarray(g, np.float64) @ np.asarray(w, np.float64)),
+        (dw, gr.T @ xr, np.asarray(g, np.float64).T @ np.asarray(x, np.float64)),
     ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
         assert np.max(np.abs(np.asarray(got) - exact)) > 1e-2  # the rounding shows
@@ -193,7 +235,7 @@ def test_matmul_bf16_gradients_stay_bfloat16_in_the_compiled_step():
     """XLA:CPU upcasts a bfloat16 dot to float32 where its matmul library refuses it (a
     column-major operand, from a transpose folded into the dot): every dot of matmul_bf16's
     forward and backward must keep bfloat16 operands after compilation."""
-    x, w = jnp.ones((256, 192)), jnp.ones((192, 32))
+    x, w = jnp.ones((256, 192)), jnp.ones((32, 192))
     loss = lambda x, w: jnp.sum(jnp.maximum(bench_cnn.matmul_bf16(x, w), 0) ** 2)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     dtype_of = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", hlo, re.M))
@@ -209,6 +251,7 @@ def test_bf16_hidden_layer_in_training_and_scoring(params):
     batch = _batch(seed=4)
     ids = {k: v for k, v in batch.items() if k.endswith("_ids")}
     f32, bf16 = BenchCNN(**SMALL), BenchCNN(**SMALL, bf16_hidden=True)
+    params = _fast(f32, params)  # the same layout for both
     score = lambda m: jax.jit(lambda p: m.apply({"params": p}, ids)[0])
     want, got = score(f32)(params), score(bf16)(params)
     assert "bf16" in str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, ids)[0])(params))
@@ -287,7 +330,8 @@ def test_scoring_folds_the_towers_no_larger_than_the_batch(params, B, convolutio
     batch["user_ids"][1, :2] = SMALL["user_vocab"] + 7
 
     def score(**variant):
-        return lambda p: BenchCNN(**SMALL, **variant).apply({"params": p}, batch)[0]
+        model = BenchCNN(**SMALL, **variant)
+        return lambda p: model.apply({"params": _fast(model, p)}, batch)[0]
 
     assert str(jax.make_jaxpr(score())(params)).count("conv_general_dilated") == convolutions
     want = jax.jit(score(**STRAIGHTFORWARD))(params)
@@ -297,7 +341,7 @@ def test_scoring_folds_the_towers_no_larger_than_the_batch(params, B, convolutio
 def test_tower_major_flattening_writes_no_concatenation(params):
     """The fast model flattens the pooled towers tower by tower: its compiled train step has
     no [B, T', towers * F] concatenation of them (Keras' order, which the straightforward
-    model keeps), and it needs the hidden layer that permutes its kernel's rows."""
+    model keeps), and it needs the hidden layer whose kernel follows its input's order."""
     batch = _batch(seed=5)
     n_towers, P = len(bench_cnn.TOWERS), (12 - 3 + 1) // 2
     pooled_concat = rf" f32\[8,{P},{n_towers * SMALL['filters']}\]\{{[0-9,]+\}} concatenate\("
@@ -306,7 +350,7 @@ def test_tower_major_flattening_writes_no_concatenation(params):
         model = BenchCNN(**SMALL, **variant)
         rngs = {"dropout": jax.random.PRNGKey(1)}
         loss = lambda p: jnp.sum(model.apply({"params": p}, batch, train=True, rngs=rngs)[0])
-        return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return jax.jit(jax.grad(loss)).lower(_fast(model, params)).compile().as_text()
 
     assert re.search(pooled_concat, train_hlo(tower_major=False))
     assert not re.search(pooled_concat, train_hlo())
@@ -324,8 +368,8 @@ def test_time_major_gather_keeps_the_values_and_the_gradients(params):
     def run(train, **variant):
         model = BenchCNN(**SMALL, dropout=0.0, **variant)
         f = lambda p: jnp.sum(model.apply({"params": p}, batch, train=train)[0] ** 2)
-        jaxpr = str(jax.make_jaxpr(f)(params))
-        return jax.jit(f)(params), jax.jit(jax.grad(f))(params), jaxpr
+        p = _fast(model, params)
+        return jax.jit(f)(p), jax.jit(jax.grad(f))(p), str(jax.make_jaxpr(f)(p))
 
     time_major = rf"f32\[12,8,{D}\] = gather\["
     loss, grads, jaxpr = run(True)
@@ -359,3 +403,29 @@ def test_onehot_conv1d_gradient_is_one_matmul_equal_to_the_convolutions():
     assert " convolution(" in grad_hlo(plain)
     onehot_hlo = grad_hlo(lambda P: bench_cnn.onehot_conv1d(ids, P))
     assert " convolution(" not in onehot_hlo and " dot(" in onehot_hlo, onehot_hlo
+
+
+def test_hidden_kernel_gradient_reaches_adam_without_a_transpose(params):
+    """The fast hidden kernel is stored [O, I] in the order the towers flatten, so its gradient
+    g^T x comes out of the matmul in the parameter's layout: the compiled step (gradient, Adam,
+    gradient norm) has no transpose of it. With the kernel stored [I, O] XLA fused the
+    transpose of (g^T x) into each of Adam's reads, strided."""
+    model, batch = BenchCNN(**SMALL), _batch(B=64, seed=5)
+    tx, rngs = optax.adam(1e-3), {"dropout": jax.random.PRNGKey(1)}
+
+    def step(p, opt):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, batch, train=True, rngs=rngs)[0])
+        g = jax.grad(loss)(p)
+        updates, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, updates), opt, optax.global_norm(g)
+
+    p = _fast(model, params)
+    hlo = jax.jit(step).lower(p, tx.init(p)).compile().as_text()
+    n_out, n_in = p["hidden"]["kernel"].shape
+    shapes = (f"f32[{n_out},{n_in}]", f"f32[{n_in},{n_out}]")
+    hidden_dots = [ln for ln in hlo.splitlines() if " dot(" in ln and shapes[0] in ln]
+    assert hidden_dots, hlo  # the kernel's gradient, [O, I]
+    transposes = [
+        ln for ln in hlo.splitlines() if " transpose(" in ln and any(s in ln for s in shapes)
+    ]
+    assert not transposes, transposes

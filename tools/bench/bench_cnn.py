@@ -4,32 +4,34 @@ Three towers over length-L id sequences (user, item, behaviour): Embedding -> Co
 relu) -> MaxPool (window = stride = `pool`); concat -> flatten -> Dropout -> Dense relu ->
 Dropout -> Dense 1. The references in tools/bench/bench_refs/ build exactly this model.
 
-Each costly op has a straightforward formulation (flax's layers) and a faster one, chosen by
-the fields below; all compute the same function with the same parameters, so the benchmark can
-time either and the tests check that they agree. Measured on a 2-core CPU (train step, batch
-1024): flax's max_pool gradient (select_and_scatter) -> a max of strided slices; threefry dropout
-masks -> one hash per element (about 25 ms of CPU time per step -> 5; one murmur round per
-element instead of two: 1.03x / 1.04x the step at batch 1024 / 4096 on the AMX Xeon of
-2026-12-06, `hash_bits`); the gather, scatter-add
-and convolution of the 10-id behaviour tower -> the kernel folded into its table (ConvPool),
-about 10 ms less per training step and 7% faster scoring, with that kernel's gradient as one
-matmul over one-hots built transposed (`onehot_conv1d`; XLA convolves transposed copies); the
-hidden layer's kernel gradient as a plain matmul (`matmul_tn`) instead of the batch-contracting
-dot XLA leaves to Eigen, about 2-7% faster training on the AVX-512 EPYC of 2026-12-05 (the step
-overlaps much of it). Scoring from a checkpoint can fold every tower (`fold_for_scoring`,
-`score_folded`): gathers of precomputed rows replace the user and item convolutions, which ran
-at about 2/3 of XLA:CPU's matmul rate. The plain model folds in scoring too, per call, each tower
-whose vocabulary is no larger than the batch's positions (`fold_in_scoring`; the 10K-id user tower
-at batch 1024, the 100K-id item tower from batch 2048 on): on the AMX Xeon of 2026-12-05 1.10x
-(batch 1024) and 1.41x (4096) the plain model's scoring rate without it. The pooled towers flatten
-tower by tower (`tower_major`), so that XLA fuses pooling, flattening, dropout and the hidden
-layer's input cast into one pass instead of writing the pooled towers and copying them into Keras'
-position-major concatenation (see docs/benchmarks.md). Training gathers the user and item
-embeddings time-major (`time_major_gather`): 1.03x (batch 1024) and 1.07-1.10x (4096) on the
-AMX Xeon's two cores (2026-12-06). On CPUs with AMX the hidden layer multiplies bfloat16
-operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`) in training
-(`matmul_bf16`: the forward product and both gradients) and in scoring (plain and folded); every
-other op, the parameters and the optimizer stay float32.
+Each costly op has a straightforward formulation (flax's layers) and a faster one, chosen by the
+fields below; all compute the same function with the same parameters (the fast hidden kernel stored
+in its own layout: `keras_params`), so the benchmark can time either and the tests check that they
+agree. Measured on a 2-core CPU (train step, batch 1024): flax's max_pool gradient
+(select_and_scatter) -> a max of strided slices; threefry dropout masks -> one hash per element
+(about 25 ms of CPU time per step -> 5; one murmur round per element instead of two: 1.03x / 1.04x
+the step at batch 1024 / 4096 on the AMX Xeon of 2026-12-06, `hash_bits`); the gather, scatter-add
+and convolution of the 10-id behaviour tower -> the kernel folded into its table (ConvPool), about
+10 ms less per training step and 7% faster scoring, with that kernel's gradient as one matmul over
+one-hots built transposed (`onehot_conv1d`; XLA convolves transposed copies); the hidden layer's
+kernel stored [O, I], its columns in the order the towers flatten, so that its gradient g^T x is a
+plain matmul in the kernel's own layout (`matmul_nt`): x^T g is a batch-contracting dot XLA leaves
+to Eigen (about 2-7% of the step on the AVX-512 EPYC of 2026-12-05), and (g^T x)^T plus Keras' row
+order cost a transpose and a permutation that XLA fused into each of Adam's reads (1.04-1.06x the
+step at batch 1024, 1.01x at 4096, on the Zen 3 EPYC of 2026-12-06). Scoring from a checkpoint can
+fold every tower (`fold_for_scoring`, `score_folded`): gathers of precomputed rows replace the user
+and item convolutions, which ran at about 2/3 of XLA:CPU's matmul rate. The plain model folds in
+scoring too, per call, each tower whose vocabulary is no larger than the batch's positions
+(`fold_in_scoring`; the 10K-id user tower at batch 1024, the 100K-id item tower from batch 2048
+on): on the AMX Xeon of 2026-12-05 1.10x (batch 1024) and 1.41x (4096) the plain model's scoring
+rate without it. The pooled towers flatten tower by tower (`tower_major`), so that XLA fuses
+pooling, flattening, dropout and the hidden layer's input cast into one pass instead of writing the
+pooled towers and copying them into Keras' position-major concatenation (see docs/benchmarks.md).
+Training gathers the user and item embeddings time-major (`time_major_gather`): 1.03x (batch 1024)
+and 1.07-1.10x (4096) on the AMX Xeon's two cores (2026-12-06). On CPUs with AMX the hidden layer
+multiplies bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`) in
+training (`matmul_bf16`: the forward product and both gradients) and in scoring (plain and folded);
+every other op, the parameters and the optimizer stay float32.
 """
 
 from __future__ import annotations
@@ -159,32 +161,33 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 @jax.custom_vjp
-def matmul_tn(x_BxI: jax.Array, kernel_IxO: jax.Array) -> jax.Array:
-    """`x @ kernel`, whose kernel gradient is computed as (g^T x)^T, a plain matmul.
+def matmul_nt(x_BxI: jax.Array, kernel_OxI: jax.Array) -> jax.Array:
+    """`x @ kernel.T` for a kernel stored [O, I], whose kernel gradient g^T x is a plain matmul
+    that comes out in the kernel's layout.
 
-    Left alone, XLA folds the transposes into one dot contracting the batch axis of both
-    operands (x^T g), which XLA:CPU (jax 0.10) hands to Eigen instead of its faster matmul
-    library: for the benchmark's hidden layer (1024 x 4608 by 128) that dot ran at about half
-    the machine's matmul rate. Optimization barriers keep g^T materialised (a small [O, B]
-    copy) and g^T x as written, a row-major matmul XLA gives its matmul library (a `ynn_fusion`
-    in the compiled step); the only other transpose is of the small [O, I] result. Measured on
-    the family-25 EPYC, kernel and input gradients of that layer: 19 ms -> 13.5 ms.
+    With the kernel stored [I, O], as `nn.Dense` keeps it, that gradient is x^T g. Left alone,
+    XLA:CPU (jax 0.10) hands that batch-contracting dot to Eigen instead of its faster matmul
+    library, at about half the machine's matmul rate for the benchmark's hidden layer (1024 x
+    4608 by 128); written as (g^T x)^T it runs as a row-major matmul, but XLA fuses the final
+    transpose into each of its consumers (Adam's two moments and the gradient norm), each then a
+    strided read of the [4608, 128] gradient. Stored [O, I], the gradient g^T x needs no
+    transpose: an optimization barrier keeps g^T materialised (a small [O, B] copy), and the
+    product is a row-major matmul XLA gives its matmul library (a `ynn_fusion`).
     """
-    return x_BxI @ kernel_IxO
+    return x_BxI @ kernel_OxI.T
 
 
-def _matmul_tn_fwd(x_BxI, kernel_IxO):
-    return x_BxI @ kernel_IxO, (x_BxI, kernel_IxO)
+def _matmul_nt_fwd(x_BxI, kernel_OxI):
+    return x_BxI @ kernel_OxI.T, (x_BxI, kernel_OxI)
 
 
-def _matmul_tn_bwd(res, g_BxO):
-    x_BxI, kernel_IxO = res
+def _matmul_nt_bwd(res, g_BxO):
+    x_BxI, kernel_OxI = res
     g_OxB = jax.lax.optimization_barrier(g_BxO.T)  # materialised: a row-major operand
-    dkernel_OxI = jax.lax.optimization_barrier(g_OxB @ x_BxI)
-    return g_BxO @ kernel_IxO.T, dkernel_OxI.T
+    return g_BxO @ kernel_OxI, g_OxB @ x_BxI
 
 
-matmul_tn.defvjp(_matmul_tn_fwd, _matmul_tn_bwd)
+matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
 
 
 def dot_operands(x: jax.Array, kernel: jax.Array, operands: Any) -> jax.Array:
@@ -195,43 +198,45 @@ def dot_operands(x: jax.Array, kernel: jax.Array, operands: Any) -> jax.Array:
 
 
 def transposed_copy(a_MxN: jax.Array) -> jax.Array:
-    """`a.T` as a stack of a's columns: a row-major [N, M] array, not a transpose to XLA.
+    """`a.T` as a stack of slices along a's shorter axis: a row-major [N, M] array, not a
+    transpose to XLA.
 
     XLA:CPU (jax 0.10.2) folds a transpose feeding a dot into the dot's dimension numbers, even
     through an optimization barrier or elementwise ops; the dot then has a column-major operand,
     which its matmul library (YNNPACK) refuses in bfloat16, and the compiler upcasts that dot to
     float32. A concatenation of slices keeps the dot row-major and in bfloat16. For the small
-    operands it is used on ([B, 128] gradients, the [I, 128] kernel) the copy is cheap.
+    operands it is used on ([B, 128] gradients, the [128, I] kernel) the copy is cheap.
     """
-    return jnp.stack([a_MxN[:, j] for j in range(a_MxN.shape[1])])
+    M, N = a_MxN.shape
+    if M < N:  # the rows side by side
+        return jnp.stack([a_MxN[i] for i in range(M)], axis=1)
+    return jnp.stack([a_MxN[:, j] for j in range(N)])
 
 
 @jax.custom_vjp
-def matmul_bf16(x_BxI: jax.Array, kernel_IxO: jax.Array) -> jax.Array:
-    """`dot_operands(x, kernel, bfloat16)`, float32 result, whose gradients multiply bfloat16
-    operands into float32 results too: dx = g @ kernel^T, dkernel = (g^T x)^T.
+def matmul_bf16(x_BxI: jax.Array, kernel_OxI: jax.Array) -> jax.Array:
+    """`matmul_nt` with bfloat16 operands and a float32 result, whose gradients multiply
+    bfloat16 operands into float32 results too: dx = g @ kernel, dkernel = g^T x.
 
     Each of the three products is a row-major bfloat16 matmul (`transposed_copy`), which
     XLA:CPU runs on AMX: on the AMX Xeon of 2026-12-05 the benchmark's hidden layer ([1024,
     4608] by 128, forward and backward with its relu) took 7.3 ms against 15.5 in float32.
     """
-    return dot_operands(x_BxI, kernel_IxO, jnp.bfloat16)
+    return dot_operands(x_BxI, kernel_OxI.T, jnp.bfloat16)
 
 
-def _matmul_bf16_fwd(x_BxI, kernel_IxO):
-    x, kernel = x_BxI.astype(jnp.bfloat16), kernel_IxO.astype(jnp.bfloat16)
-    return jnp.dot(x, kernel, preferred_element_type=x_BxI.dtype), (x, kernel)
+def _matmul_bf16_fwd(x_BxI, kernel_OxI):
+    x, kernel = x_BxI.astype(jnp.bfloat16), kernel_OxI.astype(jnp.bfloat16)
+    out = jnp.dot(x, transposed_copy(kernel), preferred_element_type=x_BxI.dtype)
+    return out, (x, kernel)
 
 
 def _matmul_bf16_bwd(res, g_BxO):
-    x_BxI, kernel_IxO = res
+    x_BxI, kernel_OxI = res
     g = g_BxO.astype(jnp.bfloat16)
-    # The barrier keeps g^T x as written: XLA would fold the final transpose into a TN dot.
-    dkernel_OxI = jax.lax.optimization_barrier(
-        jnp.dot(transposed_copy(g), x_BxI, preferred_element_type=g_BxO.dtype)
-    )
-    dx_BxI = jnp.dot(g, transposed_copy(kernel_IxO), preferred_element_type=g_BxO.dtype)
-    return dx_BxI, dkernel_OxI.T
+    dkernel_OxI = jnp.dot(transposed_copy(g), x_BxI, preferred_element_type=g_BxO.dtype)
+    dx_BxI = jnp.dot(g, kernel_OxI, preferred_element_type=g_BxO.dtype)
+    return dx_BxI, dkernel_OxI
 
 
 matmul_bf16.defvjp(_matmul_bf16_fwd, _matmul_bf16_bwd)
@@ -255,23 +260,21 @@ def swap_row_blocks(kernel_IxO: jax.Array, A: int, C: int) -> jax.Array:
 
 
 class Dense(nn.Module):
-    """`nn.Dense` (same parameters, initialisers and dtype casts) through `matmul_tn`; with
-    `bf16` through `matmul_bf16` (bfloat16 operands, float32 results, gradients alike)."""
+    """`nn.Dense` (same initial distribution and dtype casts) through `matmul_nt`, its kernel
+    stored [O, I] (`nn.Dense`'s transposed); with `bf16` through `matmul_bf16` (bfloat16
+    operands, float32 results, gradients alike)."""
 
     features: int
     dtype: Any = jnp.float32
     bf16: bool = False
-    # (A, C): the kernel's rows are stored in (a, c, rest) order for inputs in (c, a, rest) order
-    swap_rows: tuple[int, int] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+        kernel = self.param("kernel", init, (self.features, x.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        if self.swap_rows is not None:
-            kernel = swap_row_blocks(kernel, *self.swap_rows)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        matmul = matmul_bf16 if self.bf16 else matmul_tn
+        matmul = matmul_bf16 if self.bf16 else matmul_nt
         return matmul(x, kernel) + bias.astype(self.dtype)
 
 
@@ -392,7 +395,9 @@ class BenchCNN(nn.Module):
     conv_impl: str = "lax"  # see ConvPool
     pool_impl: str = "slices"  # see ConvPool
     dropout_impl: str = "hash"  # see Dropout
-    dense_impl: str = "tn"  # the hidden layer: 'tn' (Dense, matmul_tn) | 'flax' (nn.Dense)
+    # the hidden layer: 'nt' (Dense, matmul_nt: the kernel stored [O, I], in the order of its
+    # input) | 'flax' (nn.Dense: [I, O], Keras' layout); `keras_params` converts
+    dense_impl: str = "nt"
     fold_max_vocab: int = 64  # towers with at most this many ids: kernel folded into the table
     onehot_matmul_grad: bool = True  # the folded towers' kernel gradient: see onehot_conv1d
     # Scoring (train=False) also folds, per call, each tower whose vocabulary is no larger than
@@ -404,8 +409,8 @@ class BenchCNN(nn.Module):
     # Flatten the pooled towers tower by tower ([B, towers, T', F]) instead of position by
     # position ([B, T', towers * F], Keras' Concatenate + Flatten): XLA:CPU then fuses the
     # flattening into the pooling, bias, relu, dropout and cast instead of copying the pooled
-    # towers into a concatenation. The hidden kernel keeps Keras' row order (`Dense.swap_rows`
-    # permutes it in the step); dropout draws its mask in the flattened order.
+    # towers into a concatenation. The hidden kernel's columns follow that order (Keras' rows
+    # permuted: `keras_params`); dropout draws its mask in the flattened order.
     tower_major: bool = True
     # In training, gather the convolved towers' embeddings time-major ([L, B, D]) and copy them
     # batch-major for the convolution: XLA:CPU transposes the gathered rows to [D, L, B] for the
@@ -441,18 +446,16 @@ class BenchCNN(nn.Module):
                 self.onehot_matmul_grad,
                 name=f"{name}_conv",
             )(x, fold, train)
-        if self.tower_major and self.dense_impl != "tn":
-            raise ValueError("tower_major needs dense_impl='tn' (Dense.swap_rows)")
+        if self.tower_major and self.dense_impl != "nt":
+            raise ValueError("tower_major needs dense_impl='nt' (a kernel in the input's order)")
         h_BxH = flatten_towers([pooled[n] for n, _, _ in TOWERS], self.tower_major)
         h_BxH = Dropout(self.dropout, self.dropout_impl)(h_BxH, train)
-        if self.dense_impl == "tn":
-            positions = pooled[TOWERS[0][0]].shape[1]
-            swap = (positions, len(TOWERS)) if self.tower_major else None
-            hidden = Dense(self.hidden, self.dtype, self.bf16_hidden, swap, name="hidden")
+        if self.dense_impl == "nt":
+            hidden = Dense(self.hidden, self.dtype, self.bf16_hidden, name="hidden")
         elif self.dense_impl == "flax":
             hidden = nn.Dense(self.hidden, dtype=self.dtype, name="hidden")
         else:
-            raise ValueError(f"dense impl {self.dense_impl!r} is not 'tn' or 'flax'")
+            raise ValueError(f"dense impl {self.dense_impl!r} is not 'nt' or 'flax'")
         h_BxH = nn.relu(hidden(h_BxH))
         h_BxH = Dropout(self.dropout, self.dropout_impl)(h_BxH, train)
         logit_B = nn.Dense(1, dtype=self.dtype, name="out")(h_BxH)[:, 0].astype(jnp.float32)
@@ -471,8 +474,8 @@ def fold_for_scoring(model: BenchCNN, params: Any) -> dict[str, Any]:
 
     Returns:
       {"towers": {name: {"table": Q [V, K*F], "bias": [F]}}, "hidden": ..., "out": ...}: the
-      dense layers' parameters, the hidden kernel's rows in `score_folded`'s order (permuted
-      once for a `tower_major` model) and cast once for a `bf16_hidden` one.
+      dense layers' parameters, the hidden kernel [I, O] with its rows in the order the model
+      flattens its towers (`score_folded`'s), cast once for a `bf16_hidden` one.
     """
     towers = {}
     for name, _, _ in TOWERS:
@@ -484,12 +487,40 @@ def fold_for_scoring(model: BenchCNN, params: Any) -> dict[str, Any]:
             "bias": params[f"{name}_conv"]["bias"].astype(model.dtype),
         }
     hidden = dict(params["hidden"])
-    if model.tower_major:  # the kernel's rows in the order score_folded flattens the towers
-        positions = hidden["kernel"].shape[0] // (len(TOWERS) * model.filters)
-        hidden["kernel"] = swap_row_blocks(hidden["kernel"], positions, len(TOWERS))
+    if model.dense_impl == "nt":  # stored [O, I], its columns in the flattening's order
+        hidden["kernel"] = hidden["kernel"].T
     if model.bf16_hidden:  # cast once per checkpoint; score_folded keeps the dtype
         hidden["kernel"] = hidden["kernel"].astype(jnp.bfloat16)
     return {"towers": towers, "hidden": hidden, "out": params["out"]}
+
+
+def _hidden_rows(model: BenchCNN, kernel_I: int) -> tuple[int, int]:
+    """(positions, towers) of the hidden layer's input for `swap_row_blocks`."""
+    return kernel_I // (len(TOWERS) * model.filters), len(TOWERS)
+
+
+def keras_params(model: BenchCNN, params: Any) -> Any:
+    """`model`'s parameters in the straightforward model's layout (`STRAIGHTFORWARD`, Keras'):
+    the hidden kernel [I, O] with its rows position by position. The fast model stores it [O, I]
+    with its columns in the order it flattens the towers (`Dense`, `tower_major`). Only the
+    hidden kernel moves, so gradients convert alike; `model_params` is the inverse."""
+    if model.dense_impl != "nt":
+        return params
+    kernel = params["hidden"]["kernel"].T
+    if model.tower_major:  # rows (tower, position, F) -> (position, tower, F)
+        positions, towers = _hidden_rows(model, kernel.shape[0])
+        kernel = swap_row_blocks(kernel, towers, positions)
+    return {**params, "hidden": {**params["hidden"], "kernel": kernel}}
+
+
+def model_params(model: BenchCNN, params: Any) -> Any:
+    """Parameters in Keras' layout (`keras_params`) in `model`'s."""
+    if model.dense_impl != "nt":
+        return params
+    kernel = params["hidden"]["kernel"]
+    if model.tower_major:
+        kernel = swap_row_blocks(kernel, *_hidden_rows(model, kernel.shape[0]))
+    return {**params, "hidden": {**params["hidden"], "kernel": kernel.T}}
 
 
 def score_folded(model: BenchCNN, tables: dict[str, Any], batch: dict[str, jax.Array]):
