@@ -234,14 +234,21 @@ def test_matmul_bf16_rounds_the_operands_of_all_three_products():
 def test_matmul_bf16_gradients_stay_bfloat16_in_the_compiled_step():
     """XLA:CPU upcasts a bfloat16 dot to float32 where its matmul library refuses it (a
     column-major operand, from a transpose folded into the dot): every dot of matmul_bf16's
-    forward and backward must keep bfloat16 operands after compilation."""
+    forward and backward, and of its forward alone (scoring), must keep bfloat16 operands
+    after compilation."""
     x, w = jnp.ones((256, 192)), jnp.ones((32, 192))
+
+    def dot_operand_dtypes(f):
+        hlo = jax.jit(f).lower(x, w).compile().as_text()
+        dtype_of = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", hlo, re.M))
+        dots = re.findall(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", hlo)
+        return [(dtype_of[a], dtype_of[b]) for a, b in dots], hlo
+
     loss = lambda x, w: jnp.sum(jnp.maximum(bench_cnn.matmul_bf16(x, w), 0) ** 2)
-    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
-    dtype_of = dict(re.findall(r"^\s*(?:ROOT )?(%[\w.\-]+) = (\w+)\[", hlo, re.M))
-    dots = re.findall(r" dot\((%[\w.\-]+), (%[\w.\-]+)\)", hlo)
-    assert len(dots) == 3, hlo
-    assert all(dtype_of[a] == dtype_of[b] == "bf16" for a, b in dots), (dots, hlo)
+    dtypes, hlo = dot_operand_dtypes(jax.grad(loss, argnums=(0, 1)))
+    assert dtypes == [("bf16", "bf16")] * 3, hlo
+    dtypes, hlo = dot_operand_dtypes(bench_cnn.matmul_bf16)  # the custom_vjp's primal
+    assert dtypes == [("bf16", "bf16")], hlo
 
 
 def test_bf16_hidden_layer_in_training_and_scoring(params):

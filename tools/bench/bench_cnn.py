@@ -221,8 +221,9 @@ def matmul_bf16(x_BxI: jax.Array, kernel_OxI: jax.Array) -> jax.Array:
     Each of the three products is a row-major bfloat16 matmul (`transposed_copy`), which
     XLA:CPU runs on AMX: on the AMX Xeon of 2026-12-05 the benchmark's hidden layer ([1024,
     4608] by 128, forward and backward with its relu) took 7.3 ms against 15.5 in float32.
+    Scoring runs this forward alone, with the same row-major copy of the kernel.
     """
-    return dot_operands(x_BxI, kernel_OxI.T, jnp.bfloat16)
+    return _matmul_bf16_fwd(x_BxI, kernel_OxI)[0]
 
 
 def _matmul_bf16_fwd(x_BxI, kernel_OxI):
