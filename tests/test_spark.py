@@ -39,9 +39,24 @@ def spark():
         pytest.skip("needs PySpark and Java 17+: pip install -e '.[spark]'")
     from influence_jax.data import spark as spark_engine
 
-    session = spark_engine.session("local[2]", 1024)
+    # Started as from an interpreter that is not the first `python3` on PATH (a venv's python
+    # run without activating it): the workers must still run this interpreter.
+    java = os.path.dirname(shutil.which("java"))
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.pathsep.join(
+        [java] + [d for d in os.environ["PATH"].split(os.pathsep) if d and d != bin_dir]
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PYSPARK_PYTHON", raising=False)
+        mp.setenv("PATH", path)
+        session = spark_engine.session("local[2]", 1024)
     yield session
     session.stop()
+
+
+def test_workers_run_the_drivers_interpreter(spark):
+    got = spark.sparkContext.parallelize([0], 1).map(lambda _: (sys.executable, sys.prefix))
+    assert got.collect() == [(sys.executable, sys.prefix)]
 
 
 def _both(source, tmp_path, spark, **kw) -> tuple[str, str]:
