@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from tensorboard.backend.event_processing import event_accumulator
 
 from influence_jax import metrics, summary
+from tests.helpers import ROOT
 
 
 def _data(n: int, seed: int, decimals: int | None = None):
@@ -242,3 +245,21 @@ def test_disabled_summary_writer_writes_nothing(tmp_path):
     writer.scalar("loss", 1.0, 2)
     assert not logdir.exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_event_files_are_written_without_importing_tensorflow(tmp_path):
+    """Where TensorFlow is installed, TensorBoard's own writer imports it (seconds at every
+    start); ours does not, and each writer gets its own file, readable once flushed."""
+    code = f"""
+import sys
+from influence_jax import summary
+a, b = summary.SummaryWriter({str(tmp_path)!r}), summary.SummaryWriter({str(tmp_path)!r})
+a.scalar("x", 1.5, 7)
+a.flush()
+print("tensorflow" in sys.modules, a._writer.path != b._writer.path)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]
+    ea = event_accumulator.EventAccumulator(str(tmp_path)).Reload()  # not closed: flushed
+    assert [(e.step, e.value) for e in ea.Scalars("x")] == [(7, 1.5)]

@@ -18,7 +18,8 @@ from typing import Any
 
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from influence_jax import summary
 
 SUFFIX = ".hparams"  # event files of this module end with it
 _TYPES = {
@@ -32,7 +33,7 @@ def _write(logdir: str, tag: str, data: plugin_data_pb2.HParamsPluginData) -> No
     value = summary_pb2.Summary.Value(
         tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR
     )
-    writer = EventFileWriter(logdir, filename_suffix=SUFFIX)
+    writer = summary.event_file(logdir, filename_suffix=SUFFIX)
     writer.add_event(
         event_pb2.Event(wall_time=time.time(), step=0, summary=summary_pb2.Summary(value=[value]))
     )
