@@ -64,7 +64,7 @@ def jax_cache(pytestconfig, tmp_path_factory) -> str:
 @pytest.fixture
 def reference(tmp_path_factory, jax_cache):
     """The uninterrupted one-process, 8-device tiny run (once per session)."""
-    return helpers.reference_run(str(tmp_path_factory.getbasetemp()), jax_cache)
+    return helpers.reference_run(tmp_path_factory, jax_cache)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ the engine on tiny configs, hand-made event logs, trained tiny runs, and real tr
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import importlib
 import os
@@ -74,13 +75,26 @@ def setup(config, schema, devices=None) -> tuple[engine.Engine, engine.TrainStat
     return eng, eng.init_state()
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder NAME that `build(path)` makes, built once per test session whatever the
+    number of pytest-xdist workers: the first to ask builds it under a file lock in the
+    session's temporary root, the others wait for it and reuse it (a tiny training is 10-15 s
+    of a 2-core machine's default tier)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 def trained_tiny_run(tmp_path_factory) -> str:
     """WORKDIR of a configs/tiny.py run, trained once per test session."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny-ranking-run"
-    if not (workdir / "done").exists():
-        train.train_and_evaluate(tiny_config(), str(workdir))
-        (workdir / "done").touch()
-    return str(workdir)
+    build = lambda workdir: train.train_and_evaluate(tiny_config(), str(workdir))
+    return str(built_once(tmp_path_factory, "tiny-ranking-run", build))
 
 
 # ----------------------------------------------------------------------------- event logs
@@ -296,14 +310,15 @@ def scalars(workdir) -> dict[str, list[tuple[int, float]]]:
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
 
-@functools.lru_cache(maxsize=1)
-def reference_run(base: str, cache: str) -> Path:
+def reference_run(tmp_path_factory, cache: str) -> Path:
     """WORKDIR of one uninterrupted run of configs/tiny.py with FLAGS, made once per session."""
-    workdir = Path(base) / "reference"
-    out = run_main(workdir, *FLAGS, cache=cache)
-    assert out.returncode == 0, out.log[-4000:]
-    assert ckpt_steps(workdir)[-1] == 20
-    return workdir
+
+    def build(workdir: Path) -> None:
+        out = run_main(workdir, *FLAGS, cache=cache)
+        assert out.returncode == 0, out.log[-4000:]
+        assert ckpt_steps(workdir)[-1] == 20
+
+    return built_once(tmp_path_factory, "reference", build)
 
 
 def session_cache(pytestconfig, tmp_path_factory) -> str:
