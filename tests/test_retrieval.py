@@ -116,6 +116,28 @@ def test_popular_items_weighted_and_padded():
     assert sources.popular_items(pop, 5).tolist() == [11, 12, 10, 0, 0]
 
 
+def test_expand_with_distinct_items_equals_the_general_sum():
+    """A table where each item has one key (category -> items): the fast path (each key's first
+    m items, no pair sums) gives the general path's items and scores, ties included."""
+    from influence_jax.retrieval.table import Table, expand
+
+    rng = np.random.default_rng(0)
+    n_keys, n_items, m = 30, 2000, 7
+    key = rng.integers(0, n_keys, n_items - 2)  # one key per item
+    item = np.arange(2, n_items, dtype=np.int32)
+    score = rng.integers(1, 6, len(item)).astype(np.float64)  # many ties
+    table = Table.from_pairs(key, item, score, n_keys, n_items, top_m=20)
+    assert table.items_distinct and np.diff(table.indptr).max() == 20 > m
+    keys = rng.integers(-1, n_keys + 2, (50, 12))  # out-of-range keys and repeats
+    weights = rng.integers(0, 4, keys.shape).astype(np.float64)
+    fast = expand(table, keys, weights, n_items, m, items_distinct=True)
+    general = expand(table, keys, weights, n_items, m)
+    np.testing.assert_array_equal(fast[0], general[0])
+    np.testing.assert_allclose(fast[1], general[1])
+    assert (fast[0] != 0).sum() > 40 * m  # most rows full
+    assert not Table(np.r_[0, 1, 2], np.r_[5, 5].astype(np.int32), np.r_[1.0, 1.0]).items_distinct
+
+
 LISTS = {
     "recent": np.array([[5, 6, 7], [15, 0, 0]], np.int32),
     "covisit": np.array([[6, 8, 9, 10], [16, 17, 0, 0]], np.int32),

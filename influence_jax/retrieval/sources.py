@@ -74,8 +74,9 @@ def category_popular(
     out = np.zeros((len(h), m), np.int32)
     if table is None:
         return out
+    distinct = table.items_distinct  # an item has one category (item_features): fast path
     for a in range(0, len(h), users_per_chunk):
         part = h.rows(a, a + users_per_chunk)
         w = event_weights(part, beh_w, half_life_s)
-        out[a : a + len(part)] = expand(table, part.category, w, h.n_items, m)[0]
+        out[a : a + len(part)] = expand(table, part.category, w, h.n_items, m, distinct)[0]
     return out

@@ -79,6 +79,18 @@ class Table:
         a, b = self.indptr[key], self.indptr[key + 1]
         return self.item[a:b], self.score[a:b]
 
+    def head(self, m: int) -> Table:
+        """Each key's `m` best items (its row's first `m`)."""
+        n = np.minimum(np.diff(self.indptr), m)
+        starts = np.r_[0, np.cumsum(n)]
+        at = np.repeat(self.indptr[:-1] - starts[:-1], n) + np.arange(starts[-1])
+        return Table(starts.astype(np.int64), self.item[at], self.score[at])
+
+    @property
+    def items_distinct(self) -> bool:
+        """Whether no item is in two keys' rows (e.g. category -> items, one category each)."""
+        return len(np.unique(self.item)) == len(self.item)
+
     @classmethod
     def from_pairs(
         cls,
@@ -99,7 +111,12 @@ class Table:
 
 
 def expand(
-    table: Table, keys: np.ndarray, weights: np.ndarray, n_items: int, m: int
+    table: Table,
+    keys: np.ndarray,
+    weights: np.ndarray,
+    n_items: int,
+    m: int,
+    items_distinct: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the `m` items of highest sum over its keys of weight x the table's score.
 
@@ -108,6 +125,8 @@ def expand(
       keys: [R, L] int keys (e.g. a user's history items); slots with weight 0 are ignored.
       weights: [R, L] weight of each key slot.
       n_items, m: item id range, items kept per row.
+      items_distinct: `table.items_distinct` holds: an item comes from one key only, so a
+        row's best `m` are among its keys' first `m` each, and no (row, item) pair repeats.
 
     Returns:
       (items [R, m] int32, PAD-padded; scores [R, m]); memory is O(R * L * table row length).
@@ -117,11 +136,15 @@ def expand(
         return top_per_group(r, r, r.astype(np.float64), len(keys), m)
     # A key repeated in a row (an item viewed twice, a category's many events) is looked up once.
     r, k, w = sum_pairs(r, keys[r, ok], weights[r, ok], table.n_keys)
+    if items_distinct:
+        table = table.head(m)
     a = table.indptr[k]
     n = table.indptr[k + 1] - a
     row = np.repeat(r, n)
     # Positions a..a+n-1 of each slot's table row, without a Python loop.
     at = np.repeat(a - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
     score = np.repeat(w, n) * table.score[at]
+    if items_distinct:
+        return top_per_group(row, table.item[at], score, len(keys), m)
     row, item, total = sum_pairs(row, table.item[at], score, n_items)
     return top_per_group(row, item, total, len(keys), m)
