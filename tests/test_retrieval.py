@@ -116,25 +116,44 @@ def test_popular_items_weighted_and_padded():
     assert sources.popular_items(pop, 5).tolist() == [11, 12, 10, 0, 0]
 
 
-def test_expand_with_distinct_items_equals_the_general_sum():
-    """A table where each item has one key (category -> items): the fast path (each key's first
-    m items, no pair sums) gives the general path's items and scores, ties included."""
+def _expand_by_hand(table, keys, weights, n_items, m):
+    """expand() one row at a time: dense scores, then score descending, item ascending."""
+    items = np.zeros((len(keys), m), np.int32)
+    scores = np.zeros((len(keys), m))
+    for r in range(len(keys)):
+        dense = np.zeros(n_items)
+        for k, w in zip(keys[r], weights[r], strict=True):
+            if w > 0 and 0 <= k < table.n_keys:
+                it, sc = table.row(k)
+                dense[it] += w * sc
+        best = [i for i in np.lexsort((np.arange(n_items), -dense)) if dense[i] > 0][:m]
+        items[r, : len(best)], scores[r, : len(best)] = best, dense[best]
+    return items, scores
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_expand_equals_the_scores_summed_by_hand(distinct):
+    """expand() against a dense sum per row, with many ties, repeated and out-of-range keys, on
+    a table where each item has one key (category -> items: the fast path, each key's first m
+    items) and on one where items recur across keys (co-visitation: scores add up)."""
     from influence_jax.retrieval.table import Table, expand
 
     rng = np.random.default_rng(0)
-    n_keys, n_items, m = 30, 2000, 7
-    key = rng.integers(0, n_keys, n_items - 2)  # one key per item
-    item = np.arange(2, n_items, dtype=np.int32)
-    score = rng.integers(1, 6, len(item)).astype(np.float64)  # many ties
-    table = Table.from_pairs(key, item, score, n_keys, n_items, top_m=20)
-    assert table.items_distinct and np.diff(table.indptr).max() == 20 > m
-    keys = rng.integers(-1, n_keys + 2, (50, 12))  # out-of-range keys and repeats
+    n_keys, n_items, m = 30, 400, 7
+    if distinct:
+        key, item = rng.integers(0, n_keys, n_items - 2), np.arange(2, n_items)
+    else:
+        key, item = rng.integers(0, n_keys, 3000), rng.integers(2, n_items, 3000)
+    score = rng.integers(1, 4, len(item)).astype(np.float64)
+    table = Table.from_pairs(key, item.astype(np.int32), score, n_keys, n_items, top_m=10)
+    assert table.items_distinct == distinct and np.diff(table.indptr).max() == 10 > m
+    keys = rng.integers(-1, n_keys + 2, (40, 12))
     weights = rng.integers(0, 4, keys.shape).astype(np.float64)
-    fast = expand(table, keys, weights, n_items, m, items_distinct=True)
-    general = expand(table, keys, weights, n_items, m)
-    np.testing.assert_array_equal(fast[0], general[0])
-    np.testing.assert_allclose(fast[1], general[1])
-    assert (fast[0] != 0).sum() > 40 * m  # most rows full
+    got = expand(table, keys, weights, n_items, m, items_distinct=distinct)
+    want = _expand_by_hand(table, keys, weights, n_items, m)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1])
+    assert (got[0] != 0).sum() > 30 * m  # most rows full
     assert not Table(np.r_[0, 1, 2], np.r_[5, 5].astype(np.int32), np.r_[1.0, 1.0]).items_distinct
 
 

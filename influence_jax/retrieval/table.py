@@ -144,7 +144,16 @@ def expand(
     # Positions a..a+n-1 of each slot's table row, without a Python loop.
     at = np.repeat(a - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
     score = np.repeat(w, n) * table.score[at]
-    if items_distinct:
-        return top_per_group(row, table.item[at], score, len(keys), m)
-    row, item, total = sum_pairs(row, table.item[at], score, n_items)
-    return top_per_group(row, item, total, len(keys), m)
+    item = table.item[at]
+    if not items_distinct:
+        row, item, score = sum_pairs(row, item, score, n_items)
+    if m > 0 and table.score.min(initial=0.0) >= 0:
+        # A key with m items or more gives its row m distinct candidates scoring at least
+        # w x its m-th score (sums only add): nothing below that can be among the row's best m,
+        # so only the rest is sorted (ties at the bound are kept).
+        full = n >= m
+        bound = np.zeros(len(keys))
+        np.maximum.at(bound, r[full], w[full] * table.score[a[full] + m - 1])
+        keep = score >= bound[row]
+        row, item, score = row[keep], item[keep], score[keep]
+    return top_per_group(row, item, score, len(keys), m)
