@@ -81,7 +81,9 @@ def merge(
     key_base = (rows if user_key is None else np.asarray(user_key, np.int64)) * stride
     if seen is not None and (user_key is None or n_items <= 0):
         raise ValueError("seen pairs need user_key and n_items")
-    blocked = np.zeros(0, np.int64) if seen is None else np.asarray(seen, np.int64)
+    # Keys (user_key * stride + item) not to take, kept sorted: the seen pairs, then each
+    # source's taken ones (sorting the concatenation of two sorted runs is a linear merge).
+    blocked = np.zeros(0, np.int64) if seen is None else np.sort(np.asarray(seen, np.int64))
     for first_pass in (True, False):
         for s, name in enumerate(SOURCES):
             if name not in lists:
@@ -93,7 +95,7 @@ def merge(
             if first_pass:
                 cap = np.minimum(cap, int(round(q[name] * n)))
             key = key_base[:, None] + lst
-            ok = (lst >= NUM_RESERVED) & ~np.isin(key, blocked)
+            ok = (lst >= NUM_RESERVED) & ~_sorted_member(blocked, key)
             rank = np.cumsum(ok, axis=1)
             take = ok & (rank <= cap[:, None])
             r, c = np.nonzero(take)
@@ -101,5 +103,13 @@ def merge(
             items[r, pos] = lst[r, c]
             source[r, pos] = s
             fill += take.sum(1)
-            blocked = np.union1d(blocked, key[r, c])
+            blocked = np.sort(np.concatenate([blocked, key[r, c]]), kind="stable")
     return items, source
+
+
+def _sorted_member(sorted_keys: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """np.isin(key, sorted_keys) for a sorted `sorted_keys`, by binary search."""
+    if not len(sorted_keys):
+        return np.zeros(key.shape, bool)
+    at = np.minimum(np.searchsorted(sorted_keys, key), len(sorted_keys) - 1)
+    return sorted_keys[at] == key
