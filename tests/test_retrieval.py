@@ -134,8 +134,8 @@ def _expand_by_hand(table, keys, weights, n_items, m):
 @pytest.mark.parametrize("distinct", [True, False])
 def test_expand_equals_the_scores_summed_by_hand(distinct):
     """expand() against a dense sum per row, with many ties, repeated and out-of-range keys, on
-    a table where each item has one key (category -> items: the fast path, each key's first m
-    items) and on one where items recur across keys (co-visitation: scores add up)."""
+    a table where each item has one key (category -> items: nothing to sum) and on one where
+    items recur across keys (co-visitation: scores add up)."""
     from influence_jax.retrieval.table import Table, expand
 
     rng = np.random.default_rng(0)

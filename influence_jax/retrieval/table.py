@@ -79,13 +79,6 @@ class Table:
         a, b = self.indptr[key], self.indptr[key + 1]
         return self.item[a:b], self.score[a:b]
 
-    def head(self, m: int) -> Table:
-        """Each key's `m` best items (its row's first `m`)."""
-        n = np.minimum(np.diff(self.indptr), m)
-        starts = np.r_[0, np.cumsum(n)]
-        at = np.repeat(self.indptr[:-1] - starts[:-1], n) + np.arange(starts[-1])
-        return Table(starts.astype(np.int64), self.item[at], self.score[at])
-
     @property
     def items_distinct(self) -> bool:
         """Whether no item is in two keys' rows (e.g. category -> items, one category each)."""
@@ -125,8 +118,8 @@ def expand(
       keys: [R, L] int keys (e.g. a user's history items); slots with weight 0 are ignored.
       weights: [R, L] weight of each key slot.
       n_items, m: item id range, items kept per row.
-      items_distinct: `table.items_distinct` holds: an item comes from one key only, so a
-        row's best `m` are among its keys' first `m` each, and no (row, item) pair repeats.
+      items_distinct: `table.items_distinct` holds: an item comes from one key only, so no
+        (row, item) pair repeats and nothing needs summing.
 
     Returns:
       (items [R, m] int32, PAD-padded; scores [R, m]); memory is O(R * L * table row length).
@@ -136,8 +129,6 @@ def expand(
         return top_per_group(r, r, r.astype(np.float64), len(keys), m)
     # A key repeated in a row (an item viewed twice, a category's many events) is looked up once.
     r, k, w = sum_pairs(r, keys[r, ok], weights[r, ok], table.n_keys)
-    if items_distinct:
-        table = table.head(m)
     a = table.indptr[k]
     n = table.indptr[k + 1] - a
     row = np.repeat(r, n)
