@@ -105,11 +105,10 @@ def session(master: str | None = None, memory_mb: int = 2048, conf: dict | None 
     }
     if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit, whose flags rule
         defaults["spark.driver.memory"] = f"{max(1024, memory_mb)}m"
-        defaults["spark.pyspark.python"] = defaults["spark.pyspark.driver.python"] = sys.executable
         # A running Python driver hands its workers PYSPARK_PYTHON, or else whatever `python3`
-        # is on PATH (the conf above is read by spark-submit only): without this, a venv's
-        # python run without activating it started workers of another interpreter, which
-        # lacked pyarrow.
+        # is on PATH (spark.pyspark.python is read by spark-submit only): without this, a
+        # venv's python run without activating it started workers of another interpreter,
+        # which lacked pyarrow.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     for k, v in {**defaults, **(conf or {})}.items():
         b = b.config(k, v)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from influence_jax.data.schema import NUM_RESERVED, DataError
+from influence_jax.data.vocab import positions
 from influence_jax.retrieval.table import PAD
 
 SOURCES = ("recent", "covisit", "learned", "category", "popular")
@@ -95,7 +96,8 @@ def merge(
             if first_pass:
                 cap = np.minimum(cap, int(round(q[name] * n)))
             key = key_base[:, None] + lst
-            ok = (lst >= NUM_RESERVED) & ~_sorted_member(blocked, key)
+            taken = positions(blocked, key.ravel())[1].reshape(key.shape)
+            ok = (lst >= NUM_RESERVED) & ~taken
             rank = np.cumsum(ok, axis=1)
             take = ok & (rank <= cap[:, None])
             r, c = np.nonzero(take)
@@ -105,11 +107,3 @@ def merge(
             fill += take.sum(1)
             blocked = np.sort(np.concatenate([blocked, key[r, c]]), kind="stable")
     return items, source
-
-
-def _sorted_member(sorted_keys: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """np.isin(key, sorted_keys) for a sorted `sorted_keys`, by binary search."""
-    if not len(sorted_keys):
-        return np.zeros(key.shape, bool)
-    at = np.minimum(np.searchsorted(sorted_keys, key), len(sorted_keys) - 1)
-    return sorted_keys[at] == key

@@ -6,6 +6,7 @@ them and turns them into per-user candidate lists. Every source is one of these:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class Table:
         a, b = self.indptr[key], self.indptr[key + 1]
         return self.item[a:b], self.score[a:b]
 
-    @property
+    @functools.cached_property
     def items_distinct(self) -> bool:
         """Whether no item is in two keys' rows (e.g. category -> items, one category each)."""
         return len(np.unique(self.item)) == len(self.item)
