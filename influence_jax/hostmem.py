@@ -12,28 +12,57 @@ from influence_jax.errors import ConfigError
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"
 
 
-def keep_freed_host_memory() -> bool:
+# The train batch (examples) from which `--host_memory=auto` keeps one arena (`arenas`).
+ONE_ARENA_BATCH = 1024
+HOST_MEMORY = ("auto", "one_arena", "thread_arenas", "off")  # main.py's --host_memory
+
+
+def keep_freed_host_memory(one_arena: bool = True) -> bool:
     """Makes glibc reuse freed memory instead of returning it to the OS; True if it applied.
 
-    XLA:CPU allocates each step's temporary buffers (tens of MB) on its own worker threads and
-    frees them at the end of the step. By default glibc serves such blocks with mmap (or from
-    64 MB per-thread arenas it trims), so every step page-faults its buffers in again: about
-    30,000 faults and a third of the step's CPU time at batch 1024 on 2 cores. One arena, no
-    mmap and no trimming keep the pages. Must run before JAX starts its CPU client.
+    XLA:CPU allocates each step's temporary buffers on its own worker threads and frees them
+    at the end of the step. By default glibc serves large blocks with mmap and trims what is
+    freed, so every step page-faults its buffers in again: about 30,000 faults and a third of
+    the step's CPU time for the benchmark CNN at batch 1024 on 2 cores. No mmap and no
+    trimming keep the pages.
+
+    `one_arena` also makes every thread allocate from one arena. That suits large buffers (a
+    thread's arena grows in heaps of at most 64 MB, and glibc unmaps a heap as soon as all of
+    it is free, whatever the trim threshold): the benchmark CNN trained about 2x as fast at
+    batch 1024 and 4096 with one arena as with glibc's 8 per core. Small buffers want the
+    threads' own arenas (one is a lock every thread takes): the multi-task model at batch 256
+    trained 1.4-1.9x as fast with them as without any setting, and faster than with one arena
+    (docs/benchmarks.md, 2026-12-06; `arenas` chooses).
+    Must run before JAX starts its CPU client (its threads keep the arenas they started with).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to tune
         return False
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    return all(
-        libc.mallopt(param, value) == 1
-        for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-    )
+    settings = [(m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)]
+    if one_arena:
+        settings.insert(0, (m_arena_max, 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-# The same three settings as glibc environment tunables, for another process (the benchmark's
-# reference implementations get them so that the comparison is like for like).
+def arenas(choice: str, batch_size: int) -> bool | None:
+    """`--host_memory` -> keep_freed_host_memory's `one_arena`, or None to leave glibc alone.
+
+    "auto": one arena for train batches of ONE_ARENA_BATCH examples or more (large per-step
+    buffers), the threads' own arenas below (many small ones).
+    """
+    if choice not in HOST_MEMORY:
+        raise ConfigError(f"--host_memory={choice}: choose from {', '.join(HOST_MEMORY)}")
+    if choice == "off":
+        return None
+    if choice == "auto":
+        return batch_size >= ONE_ARENA_BATCH
+    return choice == "one_arena"
+
+
+# keep_freed_host_memory's settings with one arena as glibc environment tunables, for another
+# process (the benchmark's references get them so that the comparison is like for like).
 ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",

@@ -19,11 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
-_KEEP_HOST_MEMORY = flags.DEFINE_bool(
-    "keep_host_memory",
-    False,
-    "Keep freed host memory for reuse (influence_jax/hostmem.py). Measured on 2 CPU cores: "
-    "1.5x faster for the benchmark CNN at batch 1024, 0.77x for the default ranker at 256.",
+_HOST_MEMORY = flags.DEFINE_enum(
+    "host_memory",
+    "auto",
+    list(hostmem.HOST_MEMORY),
+    "Keep freed host memory for reuse (influence_jax/hostmem.py): in one allocator arena "
+    "(large per-step buffers), in each thread's own (small ones), auto (one arena for a train "
+    "batch of 1024 or more), or off (glibc's defaults). Measured in docs/benchmarks.md.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 LOG_FILE = "train.log"  # in the workdir: every log line with absl's prefix (the terminal: plain)
@@ -34,13 +36,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # JAX's INFO lines too: "Unable to initialize backend 'tpu'" on every CPU or GPU host.
     logs.quiet_libraries(libs=("orbax", "grain", "jax"))
-    if _KEEP_HOST_MEMORY.value:
-        hostmem.keep_freed_host_memory()
     from influence_jax import config_check
 
     try:
         config = cli.loaded_config(_CONFIG.value)
         config_check.check(config)  # before the multi-process runtime starts
+        one_arena = hostmem.arenas(_HOST_MEMORY.value, int(config.data.batch_size))
+        kept = one_arena is not None and hostmem.keep_freed_host_memory(one_arena)  # before JAX
         cli.init_distributed()
         import jax
 
@@ -54,6 +56,9 @@ def main(argv):
         )  # fmt: skip
         if jax.process_index() != 0:
             logging.set_verbosity(logging.WARNING)
+        if kept:
+            where = "one allocator arena" if one_arena else "each thread's allocator arena"
+            logging.info("freed host memory kept for reuse in %s (--host_memory)", where)
         train.train_and_evaluate(config, _WORKDIR.value)
     except (errors.ConfigError, errors.DataError) as e:
         sys.exit(f"error: {e}")
