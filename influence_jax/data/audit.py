@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from influence_jax.data import vocab
 from influence_jax.data.prepare import GAP_INVALID, NO_HISTORY, SPLITS, gap_bucket
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, PAD_ID, DataError, Schema
 from influence_jax.data.store import ExampleStore
@@ -215,8 +216,8 @@ def _check_negatives(real: list, negs: list, n_items: int, counts: dict) -> None
         if not len(nu) or not len(key):
             continue
         k = nu * n_items + ni
-        pos = np.minimum(np.searchsorted(key, k), len(key) - 1)
-        bad = (key[pos] == k) & (first_t[pos] <= nt) & (ni != OOV_ID)
+        pos, found = vocab.positions(key, k)
+        bad = found & (first_t[pos] <= nt) & (ni != OOV_ID)
         if bad.any():
             j = int(np.argmax(bad))
             raise _fail(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from influence_jax.data import vocab
 from influence_jax.data.plan import Plan, PrepareOptions
 
 
@@ -53,8 +54,8 @@ def negatives(
             at = np.searchsorted(plan.pool_cdf, u * plan.pool_cdf[-1], side="right")
             cand = plan.pool[np.minimum(at, len(plan.pool) - 1)]
         key = pair_key[r] + cand
-        pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
-        seen = (keys[pos] == key) & (first_ts[pos] <= t[r])
+        pos, found = vocab.positions(keys, key)
+        seen = found & (first_ts[pos] <= t[r])
         items[r, c] = cand
         todo[r, c] = seen
     return items, ~todo

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from influence_jax.data import rank_state
+from influence_jax.data import rank_state, vocab
 from influence_jax.data.history import NO_HISTORY
 from influence_jax.data.idmaps import IdMaps
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, DataError
@@ -340,8 +340,7 @@ class DefaultCandidates:
             item_row = np.tile(np.arange(n_items), len(users))
             if self.seen is not None and len(self.seen):
                 key = self.ctx.user_key[ctx_row] * self.n_ids + self.top[item_row]
-                pos = np.minimum(np.searchsorted(self.seen, key), len(self.seen) - 1)
-                keep = self.seen[pos] != key
+                keep = ~vocab.positions(self.seen, key)[1]
                 ctx_row, item_row = ctx_row[keep], item_row[keep]
             yield _pairs(self, ctx_row, item_row)
 
