@@ -49,16 +49,23 @@ def keep_freed_host_memory(one_arena: bool = True) -> bool:
 def arenas(choice: str, batch_size: int) -> bool | None:
     """`--host_memory` -> keep_freed_host_memory's `one_arena`, or None to leave glibc alone.
 
-    "auto": one arena for train batches of ONE_ARENA_BATCH examples or more (large per-step
-    buffers), the threads' own arenas below (many small ones).
+    "auto": one arena where each CPU device of this host (XLA_FLAGS' forced device count,
+    else 1) trains on ONE_ARENA_BATCH rows of the batch or more (large per-step buffers),
+    the threads' own arenas below (many small ones).
     """
     if choice not in HOST_MEMORY:
         raise ConfigError(f"--host_memory={choice}: choose from {', '.join(HOST_MEMORY)}")
     if choice == "off":
         return None
     if choice == "auto":
-        return batch_size >= ONE_ARENA_BATCH
+        return batch_size // host_devices() >= ONE_ARENA_BATCH
     return choice == "one_arena"
+
+
+def host_devices() -> int:
+    """The CPU devices JAX will make of this host: XLA_FLAGS' forced count, else 1."""
+    found = re.findall(rf"{_DEVICE_COUNT}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return max(int(found[-1]), 1) if found else 1
 
 
 # keep_freed_host_memory's settings with one arena as glibc environment tunables, for another

@@ -24,8 +24,9 @@ _HOST_MEMORY = flags.DEFINE_enum(
     "auto",
     list(hostmem.HOST_MEMORY),
     "Keep freed host memory for reuse (influence_jax/hostmem.py): in one allocator arena "
-    "(large per-step buffers), in each thread's own (small ones), auto (one arena for a train "
-    "batch of 1024 or more), or off (glibc's defaults). Measured in docs/benchmarks.md.",
+    "(large per-step buffers), in each thread's own (small ones), auto (one arena from 1024 "
+    "rows of the train batch per CPU device), or off (glibc's defaults). Measured in "
+    "docs/benchmarks.md.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 LOG_FILE = "train.log"  # in the workdir: every log line with absl's prefix (the terminal: plain)

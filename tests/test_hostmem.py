@@ -66,11 +66,17 @@ def test_freed_buffers_are_kept_in_one_arena_or_in_each_threads():
     assert threads["heaps"] >= 2, threads  # ... from its own
 
 
-def test_host_memory_choices():
+def test_host_memory_choices(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     assert hostmem.arenas("off", 4096) is None
     assert hostmem.arenas("auto", 256) is False  # small buffers: the threads' arenas
     assert hostmem.arenas("auto", hostmem.ONE_ARENA_BATCH) is True
     assert hostmem.arenas("one_arena", 256) is True
     assert hostmem.arenas("thread_arenas", 4096) is False
+    # Per CPU device of the host: 8 devices share a batch of 1024 in rows of 128.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert hostmem.host_devices() == 8
+    assert hostmem.arenas("auto", 1024) is False
+    assert hostmem.arenas("auto", 8 * hostmem.ONE_ARENA_BATCH) is True
     with pytest.raises(ConfigError, match="--host_memory=fast: choose from auto"):
         hostmem.arenas("fast", 256)
