@@ -52,7 +52,9 @@ def arenas(choice: str, batch_size: int) -> bool | None:
 
     "auto": one arena where each CPU device of this host (XLA_FLAGS' forced device count,
     else 1) trains on ONE_ARENA_BATCH rows of the batch or more (large per-step buffers),
-    the threads' own arenas below (many small ones).
+    the threads' own arenas below (many small ones). `batch_size` is the global batch: in a
+    multi-process run each process's share is smaller, but the process count is not known
+    before JAX's runtime starts, so such a run may keep one arena where its rows are fewer.
     """
     if choice not in HOST_MEMORY:
         raise ConfigError(f"--host_memory={choice}: choose from {', '.join(HOST_MEMORY)}")
