@@ -68,21 +68,24 @@ def test_corrupted_and_half_written_latest_checkpoints_fall_back(tmp_path, jax_c
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     assert ckpt_steps(workdir) == [10, 15, 20]
-    # Step 20: bytes flipped inside the array data; Orbax reads it back without complaint, only
-    # the checksums saved with the checkpoint notice.
-    with open(_largest_file(workdir / "checkpoints" / "20" / "state"), "r+b") as f:
-        f.seek(os.path.getsize(f.name) // 2)
-        f.write(b"\x13\x37\xbe\xef" * 4)
+    # Step 20: its arrays silently replaced by well-formed ones of another step (bytes flipped
+    # inside Orbax's zstd-compressed data sometimes decode, sometimes not, depending on where
+    # they land); Orbax reads them back without complaint, only the checksums saved with the
+    # checkpoint notice.
+    state20 = workdir / "checkpoints" / "20" / "state"
+    shutil.rmtree(state20)
+    shutil.copytree(workdir / "checkpoints" / "10" / "state", state20)
     # Step 15: its JSON item cut short, as by a writer killed mid-file.
     meta = workdir / "checkpoints" / "15" / "data" / "metadata"
     meta.write_text(meta.read_text()[:20])
 
     out = run_main(workdir, *FLAGS, cache=jax_cache)
     assert out.returncode == 0, out.log[-4000:]
+    unusable = "\n".join(line for line in out.log.splitlines() if "unusable" in line)
     assert re.search(
-        r"checkpoint step 20 .* unusable \(CheckpointError: checksum mismatch", out.log
-    )
-    assert re.search(r"checkpoint step 15 .* unusable", out.log)
+        r"checkpoint step 20 .* unusable \(CheckpointError: checksum mismatch", unusable
+    ), unusable or out.log[-4000:]
+    assert re.search(r"checkpoint step 15 .* unusable", unusable), unusable
     assert "resumed from checkpoint step 10 " in out.log
     assert ckpt_steps(workdir)[-1] == 20
     assert_trees_equal(load_state(workdir, 20), load_state(reference, 20))
