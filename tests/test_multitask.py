@@ -124,13 +124,18 @@ def test_the_loss_is_the_weighted_sum_of_each_heads_bce(data):
     np.testing.assert_allclose(loss - aux["stats_loss"], want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixture", ["towers", "mmoe"])
-def test_training_and_evaluate_report_every_head(tmp_path, mixture):
+def _trained(tmp_path, mixture: str) -> tuple[dict, str]:
+    """(final metrics, workdir) of a 10-step multi-task run with `mixture`."""
     config = _config(
         **{"loop.num_steps": 10, "loop.eval_every": 10, "model.multitask.mixture": mixture}
     )
     workdir = str(tmp_path / "run")
-    final = train.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir), workdir
+
+
+@pytest.mark.parametrize("mixture", ["towers", "mmoe"])
+def test_training_and_evaluate_give_every_heads_metrics(tmp_path, mixture):
+    final, workdir = _trained(tmp_path, mixture)
     for h in ("buy", "engage"):
         assert 0 <= final[f"test/{h}/auc"] <= 1 and final[f"test/{h}/logloss"] > 0
     assert final["test/auc"] == final["test/engage/auc"]  # the headline: the objective's
@@ -141,28 +146,32 @@ def test_training_and_evaluate_report_every_head(tmp_path, mixture):
     record = json.loads(r.stdout)
     assert set(record["heads"]) == {"buy", "engage"}
     assert record["heads"]["buy"]["auc"] == pytest.approx(final["test/buy/auc"])
-    if mixture == "mmoe":  # every head's influence report, and the heads side by side
-        out = tmp_path / "heads"
-        args = [f"--workdir={workdir}", f"--output={out}", "--objective=each"]
-        r = helpers.run_tool(
-            "influence_report", *args, "--max_examples=64", "--bootstrap=20", "--sample=8",
-            timeout=300,
-        )  # fmt: skip
-        assert r.returncode == 0, r.stderr[-3000:]
-        side = json.loads((out / "heads.json").read_text())
-        assert side["heads"] == ["buy", "engage"]
-        shares = side["behaviour_types"]["cart"]["share"]
-        assert set(shares) == {"buy", "engage"} and all(0 <= v <= 1 for v in shares.values())
-        assert set(side["behaviour_types"]["cart"]["planted_weight"]) == {"buy", "engage"}
-        assert (out / "behaviour_influence_heads.png").stat().st_size > 0
-        for h in ("buy", "engage"):
-            assert json.loads((out / f"head_{h}" / "influence.json").read_text())["head"] == h
-        assert "heads side by side" in r.stdout and "behaviour cart" in r.stdout
     run = scoring.load_run(workdir, objective="buy")
     assert run.model.objective == "buy"
     assert scoring.load_run(workdir, objective="2*buy+engage").model.objective_head == "buy"
     with pytest.raises(DataError, match=r"--objective=click: 'click' is not a head of this run"):
         scoring.load_run(workdir, objective="click")
+
+
+@pytest.mark.slow  # compiles every report program once per head: about 30 s on 2 cores
+def test_influence_report_of_every_head_and_the_heads_side_by_side(tmp_path):
+    _, workdir = _trained(tmp_path, "mmoe")
+    out = tmp_path / "heads"
+    args = [f"--workdir={workdir}", f"--output={out}", "--objective=each"]
+    r = helpers.run_tool(
+        "influence_report", *args, "--max_examples=64", "--bootstrap=20", "--sample=8",
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    side = json.loads((out / "heads.json").read_text())
+    assert side["heads"] == ["buy", "engage"]
+    shares = side["behaviour_types"]["cart"]["share"]
+    assert set(shares) == {"buy", "engage"} and all(0 <= v <= 1 for v in shares.values())
+    assert set(side["behaviour_types"]["cart"]["planted_weight"]) == {"buy", "engage"}
+    assert (out / "behaviour_influence_heads.png").stat().st_size > 0
+    for h in ("buy", "engage"):
+        assert json.loads((out / f"head_{h}" / "influence.json").read_text())["head"] == h
+    assert "heads side by side" in r.stdout and "behaviour cart" in r.stdout
 
 
 @pytest.mark.parametrize(
