@@ -738,3 +738,34 @@ def test_ranking_quality_tool_over_two_seeds(run_dir, tmp_path):
     assert "| tiny (" in r.stdout and "popular only" in r.stdout
     bad = helpers.run_tool("ranking_quality", f"--workdir={tmp_path}", "--datasets=nope")
     assert bad.returncode != 0 and "nope-ranker-0: no such run" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "users, scores",
+    [
+        ("small", "float32"),  # one packed integer sort, then the ties by item
+        ("huge", "float32"),  # ids past 2^32: the three-key sort
+        ("small", "float64"),
+        ("small", "nan"),
+    ],
+)
+def test_top_k_rows_orders_by_score_then_item_like_a_sort_by_hand(users, scores):
+    rng = np.random.default_rng(0)
+    n, k = 3000, 4
+    user = rng.integers(0, 200, n).astype(np.int64) + (1 << 40 if users == "huge" else 7)
+    item = 10**6 + rng.integers(0, 300, n)
+    score = rng.integers(0, 6, n).astype(np.float32) / 8  # ties in most users, 0 among them
+    score[rng.random(n) < 0.05] = -0.0
+    if scores == "float64":
+        score = score.astype(np.float64)
+    if scores == "nan":
+        score[::97] = np.nan
+    rows, rank = ranking.top_k_rows(user, item, score, k)
+    # By hand: per user, (score descending, item ascending); NaN after every number.
+    want = []
+    for u in np.unique(user):
+        at = np.flatnonzero(user == u)
+        key = lambda r: (np.isnan(score[r]), -score[r] if not np.isnan(score[r]) else 0, item[r])
+        best = sorted(at, key=key)[:k]
+        want += [(r, j + 1) for j, r in enumerate(best)]
+    assert list(zip(rows.tolist(), rank.tolist(), strict=True)) == want

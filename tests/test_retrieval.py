@@ -284,3 +284,25 @@ def test_saved_tables_are_reused_and_checked(tiny_data, tmp_path):
         assert ("saved the tables" if k == 0 else "loaded the tables") in r.stderr
         outs.append(out.read_text())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("presorted", [True, False])
+def test_top_per_group_breaks_score_ties_by_item_in_any_input_order(presorted):
+    """top_per_group against a sort per group by hand, with many ties, on rows in (group, item)
+    order (sum_pairs' output, sorted without an item pass) and on shuffled rows."""
+    from influence_jax.retrieval.table import top_per_group
+
+    rng = np.random.default_rng(1)
+    n_groups, n_items, m = 25, 60, 6
+    pair = np.unique(rng.integers(0, n_groups * n_items, 900))
+    group, item = np.divmod(pair, n_items)
+    score = rng.integers(0, 4, len(pair)).astype(np.float64)  # ties in most groups
+    if not presorted:
+        p = rng.permutation(len(pair))
+        group, item, score = group[p], item[p], score[p]
+    items, scores = top_per_group(group, item.astype(np.int32), score, n_groups, m)
+    for g in range(n_groups):
+        rows = sorted(zip(-score[group == g], item[group == g], strict=True))[:m]
+        want = [i for _, i in rows] + [0] * (m - len(rows))
+        assert items[g].tolist() == want
+        np.testing.assert_array_equal(scores[g][: len(rows)], [-s for s, _ in rows])
