@@ -286,10 +286,11 @@ def test_saved_tables_are_reused_and_checked(tiny_data, tmp_path):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("presorted", [True, False])
-def test_top_per_group_breaks_score_ties_by_item_in_any_input_order(presorted):
+@pytest.mark.parametrize("rows", ["presorted", "shuffled", "nan"])
+def test_top_per_group_breaks_score_ties_by_item_in_any_input_order(rows):
     """top_per_group against a sort per group by hand, with many ties, on rows in (group, item)
-    order (sum_pairs' output, sorted without an item pass) and on shuffled rows."""
+    order (sum_pairs' output: no item sort needed), on shuffled rows (ties sorted by item) and
+    with a NaN score (the three-key sort; NaN last)."""
     from influence_jax.retrieval.table import top_per_group
 
     rng = np.random.default_rng(1)
@@ -297,12 +298,16 @@ def test_top_per_group_breaks_score_ties_by_item_in_any_input_order(presorted):
     pair = np.unique(rng.integers(0, n_groups * n_items, 900))
     group, item = np.divmod(pair, n_items)
     score = rng.integers(0, 4, len(pair)).astype(np.float64)  # ties in most groups
-    if not presorted:
+    if rows != "presorted":
         p = rng.permutation(len(pair))
         group, item, score = group[p], item[p], score[p]
+    if rows == "nan":
+        score[group == 3] = np.nan
+        score[np.flatnonzero(group == 3)[0]] = 2.0
     items, scores = top_per_group(group, item.astype(np.int32), score, n_groups, m)
     for g in range(n_groups):
-        rows = sorted(zip(-score[group == g], item[group == g], strict=True))[:m]
-        want = [i for _, i in rows] + [0] * (m - len(rows))
-        assert items[g].tolist() == want
-        np.testing.assert_array_equal(scores[g][: len(rows)], [-s for s, _ in rows])
+        at = np.flatnonzero(group == g)
+        best = sorted(at, key=lambda r: (np.isnan(score[r]), -np.nan_to_num(score[r]), item[r]))
+        best = best[:m]
+        assert items[g].tolist() == item[best].tolist() + [0] * (m - len(best))
+        np.testing.assert_array_equal(scores[g][: len(best)], score[best])

@@ -20,17 +20,35 @@ def _ranked(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(order, rank): rows sorted by group, score descending, item ascending, and each sorted
     row's 0-based rank within its group."""
-    if _in_group_item_order(group, item):
-        # Rows already sorted by (group, item), as sum_pairs returns them: a stable sort by
-        # score within groups keeps ties in item order, so item needs no sort pass of its own
-        # (the same order, a third of the time on 5M rows; docs/benchmarks.md).
-        order = np.lexsort((-score, group))
-    else:
-        order = np.lexsort((item, -score, group))
+    order = _order(group, item, score)
     g = group[order]
     ar = np.arange(len(g))
     start = np.maximum.accumulate(np.where(np.r_[True, g[1:] != g[:-1]], ar, 0))
     return order, ar - start
+
+
+def _order(group: np.ndarray, item: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """The rows in order of group, score descending, item.
+
+    One stable integer sort where it fits: (group, the score's rank among the distinct scores,
+    descending) packed into one int64. Rows that come in (group, item) order, as sum_pairs
+    returns them, keep their ties in item order; otherwise only the rows that tie on both are
+    sorted by item. On the default run's retrieval (3.9M and 1.8M rows) a third of the
+    three-key sort's time in all (docs/ranking.md)."""
+    values, rank = np.unique(score, return_inverse=True)
+    n = len(values)
+    if not n or np.isnan(values[-1]) or group.min() < 0 or (int(group.max()) + 1) * n >= 1 << 63:
+        return np.lexsort((item, -score, group))
+    key = group.astype(np.int64) * n + (n - 1 - rank.ravel())
+    order = np.argsort(key, kind="stable")
+    if not _in_group_item_order(group, item):
+        sorted_key = key[order]
+        tied = np.flatnonzero(sorted_key[1:] == sorted_key[:-1])
+        if len(tied):
+            at = np.union1d(tied, tied + 1)  # whole runs of equal keys, in sorted order
+            sub = order[at]
+            order[at] = sub[np.lexsort((item[sub], key[sub]))]
+    return order
 
 
 def _in_group_item_order(group: np.ndarray, item: np.ndarray) -> bool:
