@@ -769,3 +769,19 @@ def test_top_k_rows_orders_by_score_then_item_like_a_sort_by_hand(users, scores)
         best = sorted(at, key=key)[:k]
         want += [(r, j + 1) for j, r in enumerate(best)]
     assert list(zip(rows.tolist(), rank.tolist(), strict=True)) == want
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 500])
+def test_key_order_is_a_lexsort_of_the_key_then_the_minor_keys(n):
+    """The packed-key sort behind top k, the retrieval tables and the event sort: the same
+    order as a lexsort, with ties on every key kept in input order (stable)."""
+    from influence_jax import sorting
+
+    rng = np.random.default_rng(n)
+    key = rng.integers(0, 20, n).astype(np.uint64)  # many ties
+    a, b = rng.integers(0, 3, n), rng.integers(0, 2, n).astype(str).astype(object)
+    assert sorting.key_order(key).tolist() == np.argsort(key, kind="stable").tolist()
+    assert sorting.key_order(key, a).tolist() == np.lexsort((a, key)).tolist()
+    assert sorting.key_order(key, a, b).tolist() == np.lexsort((b, a, key)).tolist()
+    if n > 2:  # ties on every key remain, in input order
+        assert len({(int(k), int(x), y) for k, x, y in zip(key, a, b, strict=True)}) < n

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from influence_jax import sorting
 from influence_jax.data.schema import NUM_RESERVED, Field, Schema
 
 NUM_GAP_BUCKETS = 32  # log2 buckets of seconds: 1 s .. 2^31 s and above
@@ -39,17 +40,7 @@ def sort_order(ev: np.ndarray) -> np.ndarray:
     if int(user.max()) + 1 >= (1 << 62) // span:
         return np.lexsort((ev["value"], ev["item"], ev["beh"], ts, user))
     key = user * span + (ts - ts.min())
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    tie = key[1:] == key[:-1]
-    if tie.any():
-        rows = np.zeros(len(key), bool)
-        rows[1:] |= tie
-        rows[:-1] |= tie
-        at = np.flatnonzero(rows)
-        sub = order[at]
-        order[at] = sub[np.lexsort((ev["value"][sub], ev["item"][sub], ev["beh"][sub], key[at]))]
-    return order
+    return sorting.key_order(key, ev["beh"], ev["item"], ev["value"])
 
 
 def sort_events(ev: np.ndarray, dedupe: bool) -> tuple[np.ndarray, int]:

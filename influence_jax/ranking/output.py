@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from influence_jax import sorting
+
 
 def top_k_rows(
     user: np.ndarray, item: np.ndarray, score: np.ndarray, k: int
@@ -30,15 +32,7 @@ def _best_first(user: np.ndarray, item: np.ndarray, score: np.ndarray) -> np.nda
         # into one uint64; only the rows that tie on both are then sorted by item.
         bits = (score + np.float32(0)).view(np.uint32)  # -0.0 + 0 is +0.0
         key = (user.astype(np.uint64) << np.uint64(32)) | (0xFFFFFFFF - bits).astype(np.uint64)
-        order = np.argsort(key, kind="stable")
-        sorted_key = key[order]
-        tied = np.flatnonzero(sorted_key[1:] == sorted_key[:-1])
-        if len(tied):
-            at = np.union1d(tied, tied + 1)  # whole runs of equal keys, in sorted order
-            sub = order[at]
-            _, i = np.unique(item[sub], return_inverse=True)
-            order[at] = sub[np.lexsort((i, key[sub]))]
-        return order
+        return sorting.key_order(key, item)
     _, u = np.unique(user, return_inverse=True)
     _, i = np.unique(item, return_inverse=True)
     return np.lexsort((i, -score.astype(np.float64), u))

@@ -10,6 +10,7 @@ import functools
 
 import numpy as np
 
+from influence_jax import sorting
 from influence_jax.data.schema import PAD_ID
 
 PAD = PAD_ID  # item id of an empty candidate slot (the vocabularies' padding id)
@@ -40,15 +41,8 @@ def _order(group: np.ndarray, item: np.ndarray, score: np.ndarray) -> np.ndarray
     if not n or np.isnan(values[-1]) or group.min() < 0 or (int(group.max()) + 1) * n >= 1 << 63:
         return np.lexsort((item, -score, group))
     key = group.astype(np.int64) * n + (n - 1 - rank.ravel())
-    order = np.argsort(key, kind="stable")
-    if not _in_group_item_order(group, item):
-        sorted_key = key[order]
-        tied = np.flatnonzero(sorted_key[1:] == sorted_key[:-1])
-        if len(tied):
-            at = np.union1d(tied, tied + 1)  # whole runs of equal keys, in sorted order
-            sub = order[at]
-            order[at] = sub[np.lexsort((item[sub], key[sub]))]
-    return order
+    # Rows in (group, item) order already keep their ties in item order.
+    return sorting.key_order(key, *(() if _in_group_item_order(group, item) else (item,)))
 
 
 def _in_group_item_order(group: np.ndarray, item: np.ndarray) -> bool:
