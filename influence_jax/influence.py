@@ -25,7 +25,7 @@ from influence_jax import counterfactual, files, influence_plots, summary
 from influence_jax.data.history import gap_seconds
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.errors import DataError
-from influence_jax.ranking.output import Progress
+from influence_jax.logs import Progress
 from influence_jax.scoring import Run, batched, copies_logits, global_batch
 
 NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--explain)

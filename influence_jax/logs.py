@@ -1,9 +1,12 @@
-"""Log hygiene for entry points: keeps the checkpoint and data libraries' chatter out of ours."""
+"""Log hygiene for entry points: keeps the checkpoint and data libraries' chatter out of ours;
+and the progress line (done, rate, ETA) of long jobs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
 from absl import logging as absl_logging
 
@@ -48,3 +51,47 @@ def plain_terminal_and_file(path: str | None) -> None:
         for f in handler.filters:
             file.addFilter(f)
         logging.getLogger().addHandler(file)
+
+
+def hms(seconds: float) -> str:
+    """H:MM:SS of a duration."""
+    s = int(round(max(seconds, 0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Reports "scored D/N pairs (P%) R pairs/s ETA H:MM:SS" at most every `every` seconds and
+    once at the end; the rate counts from the first call (so it includes compilation)."""
+
+    def __init__(
+        self,
+        total: int,
+        log: Callable[[str], None],
+        every: float = 10.0,
+        clock: Callable[[], float] = time.perf_counter,
+        verb: str = "scored",
+        unit: str = "pairs",
+    ):
+        self.total, self.log, self.every, self.clock = total, log, every, clock
+        self.verb, self.unit = verb, unit
+        self.t0 = clock()
+        self.last = self.t0
+        self.done = 0
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.t0, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.done / max(self.total, 1)
+        eta_s = hms(eta) if eta != float("inf") else "?"
+        return (
+            f"{self.verb} {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%) "
+            f"{rate:,.0f} {self.unit}/s ETA {eta_s}"
+        )
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        now = self.clock()
+        if done >= self.total or now - self.last >= self.every:
+            self.last = now
+            self.log(self.line())

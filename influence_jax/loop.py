@@ -14,7 +14,7 @@ import jax
 from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import metrics, sharding
+from influence_jax import logs, metrics, sharding
 from influence_jax.config_check import metric_mode
 from influence_jax.errors import TrainingError
 
@@ -249,7 +249,7 @@ class Loop:
             "step %d/%d loss=%.4f acc=%.4f grad_norm=%.3f lr=%.2e %.0f ex/s input_wait=%.0f%% "
             "ETA %s%s",
             done, num_steps, m["loss"], m["accuracy"], grad_norm, lr, ex_s,
-            100 * wait / elapsed, _hms(eta),
+            100 * wait / elapsed, logs.hms(eta),
             f" | behaviour weights {behaviour}" if behaviour else "",
         )  # fmt: skip
         self.writer.scalars(
@@ -273,8 +273,3 @@ class Loop:
 
 def _mesh_of(state: Any) -> jax.sharding.Mesh:
     return jax.tree_util.tree_leaves(state.params)[0].sharding.mesh
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -19,7 +19,6 @@ import pytest
 
 from tests import helpers
 
-
 # Every recovery claim holds on three data/init seeds; CI trains the first.
 SEEDS = [0, *(pytest.param(s, marks=pytest.mark.more_seeds) for s in (1, 2))]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -277,3 +278,34 @@ def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):
     assert rest.strip().splitlines()[-1:] == ["rank: interrupted"], rest
     assert "Traceback" not in rest and not out.exists()
     assert not list(tmp_path.iterdir())  # no temporary file either
+
+
+def test_no_tool_starts_jax_for_help():
+    """`--help` (and a flag error) answers before JAX, Orbax or the models load: the tools bind
+    those with influence_jax.lazy, so absl parses the flags first (2-3 s saved each)."""
+    tools = sorted(p.stem for p in Path(helpers.TOOLS).glob("*.py"))
+    assert len(tools) >= 15, tools
+    for cmd in [["-m", "influence_jax.main"], *([f"{helpers.TOOLS}/{t}.py"] for t in tools)]:
+        r = subprocess.run(
+            [sys.executable, "-X", "importtime", *cmd, "--help"],
+            capture_output=True, text=True, cwd=helpers.ROOT, timeout=120 * helpers.HANG_FACTOR,
+        )  # fmt: skip
+        assert r.returncode == 0 and "--" in r.stdout, (cmd, r.stdout[-500:], r.stderr[-2000:])
+        loaded = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
+        assert not loaded & {"jax", "orbax.checkpoint", "flax"}, (cmd, loaded & {"jax", "flax"})
+
+
+def test_a_lazy_module_runs_its_code_on_first_attribute_use(tmp_path, monkeypatch):
+    from influence_jax import lazy
+
+    (tmp_path / "lazy_probe.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_suffix('.ran').write_text('1')\nVALUE = 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_probe", raising=False)
+    mod = lazy.module("lazy_probe")
+    assert sys.modules["lazy_probe"] is mod and lazy.module("lazy_probe") is mod
+    assert not (tmp_path / "lazy_probe.ran").exists()  # bound, not run
+    assert mod.VALUE == 7 and (tmp_path / "lazy_probe.ran").exists()
+    with pytest.raises(ImportError, match="no module named 'influence_jax.nope'"):
+        lazy.module("influence_jax.nope")

@@ -23,8 +23,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, evaluation, files, metrics, scoring  # noqa: E402
+from influence_jax import cli, files, lazy, metrics  # noqa: E402
 from influence_jax.errors import DataError  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
+# errors stay fast.
+evaluation = lazy.module("influence_jax.evaluation")
+scoring = lazy.module("influence_jax.scoring")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (default: the run's own).")

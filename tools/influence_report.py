@@ -30,12 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from influence_jax import (  # noqa: E402
     cli,
     files,
-    influence,
     influence_heads,
     influence_runs,
-    scoring,
+    lazy,
 )
 from influence_jax.data.schema import DataError  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
+# errors stay fast.
+influence = lazy.module("influence_jax.influence")
+scoring = lazy.module("influence_jax.scoring")
 
 _WORKDIR = flags.DEFINE_list(
     "workdir", None, "Training workdir (config.json, checkpoints/); several, comma-separated."

@@ -11,10 +11,17 @@ Memory stays at one block of users; a .gz output name writes gzip.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from influence_jax import cli  # noqa: E402
 
 _EVENTS = flags.DEFINE_integer("events", 20_000_000, "Rows to write.")
 _OUTPUT = flags.DEFINE_string("output", None, "CSV file (.gz for gzip).", required=True)
@@ -97,4 +104,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)  # --help exits 0

@@ -26,10 +26,16 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, evaluation, files, influence_runs, scoring, train  # noqa: E402
+from influence_jax import cli, files, influence_runs, lazy  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
 from influence_jax.experiments import tables  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
+# errors stay fast.
+evaluation = lazy.module("influence_jax.evaluation")
+scoring = lazy.module("influence_jax.scoring")
+train = lazy.module("influence_jax.train")
 
 # The registered sources with conversion heads (data/sources.py) and their heads.
 HEADS = {n: s.heads for n, s in readers.SOURCES.items() if s.heads and s.conversion_config}

@@ -36,11 +36,18 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import baselines, cli, evaluation, files, metrics, scoring, train  # noqa: E402
+from influence_jax import baselines, cli, files, lazy, metrics  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
-from influence_jax.experiments import cv, tables  # noqa: E402
+from influence_jax.experiments import tables  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
+# errors stay fast.
+evaluation = lazy.module("influence_jax.evaluation")
+scoring = lazy.module("influence_jax.scoring")
+train = lazy.module("influence_jax.train")
+cv = lazy.module("influence_jax.experiments.cv")
 
 # Every registered source with a public sample and a config (data/sources.py).
 DATASETS = {n: s for n, s in readers.SOURCES.items() if s.sample and s.config}

@@ -42,9 +42,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files, hostmem, ranking  # noqa: E402
+from influence_jax import cli, files, hostmem, lazy, retrieval  # noqa: E402
 from influence_jax.data import readers  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
+
+ranking = lazy.module("influence_jax.ranking")  # JAX: after the flags (--help stays fast)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (default: the run's own).")
@@ -85,7 +87,7 @@ _MAX_ITEMS = flags.DEFINE_integer(
 )
 _RETRIEVE = flags.DEFINE_integer(
     "retrieve_n",
-    ranking.RETRIEVE,
+    retrieval.RETRIEVE,
     "Without --candidates: candidates per user from the non-learned retriever (co-visitation, "
     "recent items, popular in the user's categories and overall; see tools/retrieve.py).",
 )

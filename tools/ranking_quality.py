@@ -25,10 +25,16 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files, ranking, scoring  # noqa: E402
+from influence_jax import cli, files, lazy, retrieval  # noqa: E402
 from influence_jax.data import readers  # noqa: E402
 from influence_jax.data.schema import DataError  # noqa: E402
-from influence_jax.experiments import ranking_quality, tables  # noqa: E402
+from influence_jax.experiments import tables  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
+# errors stay fast.
+ranking = lazy.module("influence_jax.ranking")
+scoring = lazy.module("influence_jax.scoring")
+ranking_quality = lazy.module("influence_jax.experiments.ranking_quality")
 
 DATASETS = [n for n, s in readers.SOURCES.items() if s.sample and s.config]
 
@@ -36,7 +42,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quality", "tools/quality.py's wo
 _DATASETS = flags.DEFINE_list("datasets", DATASETS, "Datasets whose runs to rank.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
 _MODEL = flags.DEFINE_string("model", "ranker", "The model's slug in the run folders' names.")
-_RETRIEVE = flags.DEFINE_integer("retrieve", ranking.RETRIEVE, "Candidates per user.")
+_RETRIEVE = flags.DEFINE_integer("retrieve", retrieval.RETRIEVE, "Candidates per user.")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Length of the evaluated lists.")
 _N_BOOT = flags.DEFINE_integer("n_boot", 2000, "User resamples for the intervals.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON output (default WORKDIR/ranking_quality.json).")

@@ -78,9 +78,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import checkpoint, cli, files  # noqa: E402
+from influence_jax import cli, files, lazy  # noqa: E402
 from influence_jax.errors import DataError  # noqa: E402
 from influence_jax.experiments import tables  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
+# errors stay fast.
+checkpoint = lazy.module("influence_jax.checkpoint")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")

@@ -28,16 +28,15 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files, retrieval  # noqa: E402
+from influence_jax import cli, files, logs, retrieval  # noqa: E402
 from influence_jax.data.idmaps import IdMaps  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
-from influence_jax.ranking.output import Progress  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (with rank_state/).")
 _AS_OF = flags.DEFINE_string(
     "as_of", "test", "Cut: valid or test (the split's start; recall against its positives)."
 )
-_N = flags.DEFINE_integer("n", 200, "Candidates per user.")
+_N = flags.DEFINE_integer("n", retrieval.RETRIEVE, "Candidates per user.")
 _OUTPUT = flags.DEFINE_string("output", None, "Candidates file (replaced atomically).")
 _FORMAT = flags.DEFINE_enum("format", "parquet", ["parquet", "csv"], "Output format.")
 _RECALL = flags.DEFINE_bool("recall", False, "Print recall@50/100/200/500 of every source.")
@@ -112,7 +111,7 @@ def _config() -> retrieval.RetrievalConfig:
 def _write(r: retrieval.Retriever, maps: IdMaps, seen, log) -> int:
     """Writes the candidates of every user; returns the number of rows."""
     users, items, sources, ranks = [], [], [], []
-    progress = Progress(len(r.h), log, _PROGRESS.value, verb="retrieved", unit="users")
+    progress = logs.Progress(len(r.h), log, _PROGRESS.value, verb="retrieved", unit="users")
     done = 0
     for user_key, it, src in r.candidates(_N.value, seen):
         row, col = np.nonzero(it != 0)
@@ -154,7 +153,7 @@ def _retrieve() -> None:
         print(line, file=sys.stderr, flush=True)
 
     log(f"building sources from {len(h):,} users' histories as of {_AS_OF.value}")
-    counted = Progress(len(h), log, _PROGRESS.value, verb="counted", unit="users")
+    counted = logs.Progress(len(h), log, _PROGRESS.value, verb="counted", unit="users")
     learned = None
     if _TWO_TOWER.value:
         from influence_jax.retrieval import two_tower

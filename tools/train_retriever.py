@@ -21,11 +21,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from influence_jax import cli, files  # noqa: E402
+from influence_jax import cli, files, lazy  # noqa: E402
 from influence_jax.data.schema import DataError, Schema  # noqa: E402
-from influence_jax.retrieval import two_tower  # noqa: E402
+from influence_jax.retrieval.retriever import TwoTowerConfig  # noqa: E402
 
-D = two_tower.TwoTowerConfig()
+two_tower = lazy.module("influence_jax.retrieval.two_tower")  # JAX, after the flags
+
+D = TwoTowerConfig()
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the retriever goes (replaced atomically).")
 _STEPS = flags.DEFINE_integer("steps", D.steps, "Training steps.")
@@ -62,7 +64,7 @@ def _main() -> None:
         raise DataError(f"--temperature must be > 0, got {_TEMPERATURE.value}")
     files.check_output(_WORKDIR.value, "workdir", folder=True)
     schema = Schema.load(_DATA.value)
-    cfg = two_tower.TwoTowerConfig(
+    cfg = TwoTowerConfig(
         dim=_DIM.value,
         hidden=_HIDDEN.value,
         temperature=_TEMPERATURE.value,

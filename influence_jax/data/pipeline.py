@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from influence_jax import lazy
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, Schema
 from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError
 
-try:  # Grain is optional at run time; see pyproject.toml.
-    import grain
+try:  # Grain is optional at run time (pyproject.toml); it loads JAX, so on first use only
+    grain = lazy.module("grain")
 except ImportError:  # pragma: no cover - exercised on images without grain
     grain = None
 

@@ -32,10 +32,10 @@ from influence_jax.ranking.candidates import (
 )
 from influence_jax.ranking.contexts import Contexts, load_contexts
 from influence_jax.ranking.output import Progress, top_k_rows
+from influence_jax.retrieval.retriever import RETRIEVE  # candidates per user by default
 from influence_jax.scoring import Run, batched, batched_local, global_batch, make_score_fn
 
 BLOCK_PAIRS = 1 << 20  # default candidates scored (and reduced to the top k) per block of users
-RETRIEVE = 200  # retrieved candidates per user by default (two-stage ranking)
 
 
 def _when(ts: int) -> str:

@@ -1,15 +1,14 @@
-"""Ranking output: each user's top k with deterministic ties, and the progress line (pairs done,
-rate, ETA) printed while candidates are scored. Tables are written by files.write_table.
+"""Ranking output: each user's top k with deterministic ties; the progress line (pairs done,
+rate, ETA) printed while candidates are scored is logs.Progress. Tables are written by
+files.write_table.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 
 from influence_jax import sorting
+from influence_jax.logs import Progress, hms  # noqa: F401  (the ranker's progress line)
 
 
 def top_k_rows(
@@ -44,47 +43,3 @@ def _packable(user: np.ndarray, score: np.ndarray) -> bool:
         return False
     low = score.min()  # NaN if any is NaN
     return bool(user.min() >= 0 and user.max() < 1 << 32 and low >= 0)
-
-
-def hms(seconds: float) -> str:
-    """H:MM:SS of a duration."""
-    s = int(round(max(seconds, 0)))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-class Progress:
-    """Reports "scored D/N pairs (P%) R pairs/s ETA H:MM:SS" at most every `every` seconds and
-    once at the end; the rate counts from the first call (so it includes compilation)."""
-
-    def __init__(
-        self,
-        total: int,
-        log: Callable[[str], None],
-        every: float = 10.0,
-        clock: Callable[[], float] = time.perf_counter,
-        verb: str = "scored",
-        unit: str = "pairs",
-    ):
-        self.total, self.log, self.every, self.clock = total, log, every, clock
-        self.verb, self.unit = verb, unit
-        self.t0 = clock()
-        self.last = self.t0
-        self.done = 0
-
-    def line(self) -> str:
-        elapsed = max(self.clock() - self.t0, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        pct = 100.0 * self.done / max(self.total, 1)
-        eta_s = hms(eta) if eta != float("inf") else "?"
-        return (
-            f"{self.verb} {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%) "
-            f"{rate:,.0f} {self.unit}/s ETA {eta_s}"
-        )
-
-    def __call__(self, done: int) -> None:
-        self.done = done
-        now = self.clock()
-        if done >= self.total or now - self.last >= self.every:
-            self.last = now
-            self.log(self.line())

@@ -20,11 +20,18 @@ from influence_jax.retrieval.histories import (
     seen_keys,
 )
 from influence_jax.retrieval.merge import DEFAULT_QUOTAS, LEARNED_QUOTAS, SOURCES, merge
-from influence_jax.retrieval.retriever import RetrievalConfig, Retriever, recall, top_k_metrics
+from influence_jax.retrieval.retriever import (
+    RETRIEVE,
+    RetrievalConfig,
+    Retriever,
+    recall,
+    top_k_metrics,
+)
 
 __all__ = [
     "DEFAULT_QUOTAS",
     "LEARNED_QUOTAS",
+    "RETRIEVE",
     "SOURCES",
     "CovisitConfig",
     "Histories",

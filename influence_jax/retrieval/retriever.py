@@ -26,6 +26,8 @@ from influence_jax.retrieval.merge import (
 )
 from influence_jax.retrieval.table import Table
 
+RETRIEVE = 200  # candidates per user by default (tools/retrieve.py, rank.py's retrieval)
+
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
@@ -37,6 +39,26 @@ class RetrievalConfig:
     # None: DEFAULT_QUOTAS, or LEARNED_QUOTAS with a learned source.
     quotas: Mapping[str, float] | None = None
     users_per_chunk: int = 8192  # users whose candidates are made at once
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowerConfig:
+    """Settings of the learned two-tower source (two_tower.py; tools/train_retriever.py's
+    flags default to them). Here, not in two_tower.py, so reading them loads no JAX."""
+
+    dim: int = 64  # embedding and output size
+    hidden: int = 128  # MLP width of each tower
+    temperature: float = 0.2  # chosen on the validation cut (docs/ranking.md)
+    log_q: bool = True  # subtract log Q(item) from the in-batch logits
+    steps: int = 2000
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    seed: int = 0
+    # Training pairs. "histories": every event in the users' histories as of `as_of` (valid,
+    # test or end: only events strictly before it), each with the events before it;
+    # "examples": the train split's real interactions (its targets; no sampled negatives).
+    pairs: str = "histories"
+    as_of: str = "test"
 
 
 class Retriever:

@@ -47,27 +47,11 @@ from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, DataError, S
 from influence_jax.data.store import ExampleStore
 from influence_jax.models.layers import Embeddings
 from influence_jax.retrieval.histories import Histories
+from influence_jax.retrieval.retriever import TwoTowerConfig  # settings: a light module
 
 AXIS = "shards"  # the one mesh axis: batch rows when training, items when retrieving
 META = "meta.json"
 NEG = -1e9
-
-
-@dataclasses.dataclass(frozen=True)
-class TwoTowerConfig:
-    dim: int = 64  # embedding and output size
-    hidden: int = 128  # MLP width of each tower
-    temperature: float = 0.2  # chosen on the validation cut (docs/ranking.md)
-    log_q: bool = True  # subtract log Q(item) from the in-batch logits
-    steps: int = 2000
-    batch_size: int = 512
-    learning_rate: float = 2e-3
-    seed: int = 0
-    # Training pairs. "histories": every event in the users' histories as of `as_of` (valid,
-    # test or end: only events strictly before it), each with the events before it;
-    # "examples": the train split's real interactions (its targets; no sampled negatives).
-    pairs: str = "histories"
-    as_of: str = "test"
 
 
 class TwoTower(nn.Module):
