@@ -23,6 +23,7 @@ from influence_jax import influence
 from influence_jax.data import readers
 from influence_jax.errors import DataError
 from influence_jax.files import replace_folder, write_table
+from influence_jax.logs import Progress
 from influence_jax.ranking.asof import contexts_from_log
 from influence_jax.ranking.candidates import (
     Candidates,
@@ -31,7 +32,7 @@ from influence_jax.ranking.candidates import (
     file_candidates,
 )
 from influence_jax.ranking.contexts import Contexts, load_contexts
-from influence_jax.ranking.output import Progress, top_k_rows
+from influence_jax.ranking.output import top_k_rows
 from influence_jax.retrieval.retriever import RETRIEVE  # candidates per user by default
 from influence_jax.scoring import Run, batched, batched_local, global_batch, make_score_fn
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 
 from influence_jax import sorting
-from influence_jax.logs import Progress, hms  # noqa: F401  (the ranker's progress line)
 
 
 def top_k_rows(
