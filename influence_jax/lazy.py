@@ -15,7 +15,9 @@ import types
 def module(name: str) -> types.ModuleType:
     """The module `name`, its code run on first attribute access. Names from it must be reached
     as attributes (`ranking.rank`), not with `from ... import`, or the import happens at once.
-    Raises ImportError where no such module is installed."""
+    A submodule's parent packages are imported at once (finding it needs their paths), so bind
+    only modules whose packages are light: `influence_jax.ranking.output` would load JAX
+    through `influence_jax.ranking`. Raises ImportError where no such module is installed."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.find_spec(name)
