@@ -1,22 +1,23 @@
-"""Test setup: 8 fake CPU devices before JAX is imported; the repo root importable; the fixtures
+"""Test setup: 8 fake CPU devices before JAX starts; the repo root importable; the fixtures
 shared across test files (their code lives in tests/helpers.py)."""
 
 import os
 import sys
 
-# Tests check correctness on tiny models, where compiling is most of the time: LLVM's backend
-# optimisation off halves XLA:CPU compile times (and changes no result beyond float rounding).
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 
-from tests import helpers  # noqa: E402
+from tests import helpers  # noqa: E402  (imports JAX; its CPU client starts only on first use)
+
+# Tests check correctness on tiny models, where compiling is most of the time: the flags that
+# make XLA:CPU compile fast (helpers.FAST_COMPILE), this process and its children alike.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_force_host_platform_device_count=8 {helpers.FAST_COMPILE}"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -32,6 +32,14 @@ BENCH = TOOLS / "bench"  # benchmark code: importable as top-level modules from 
 DATA = os.environ.get("INFLUENCE_JAX_DATA", "")  # the real datasets (CI sets it)
 needs_data = pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set")
 
+# XLA:CPU flags for tests (tiny models, where compiling is most of the time; no result changes
+# beyond float rounding): LLVM's backend optimisation off, and the older elemental emitters
+# instead of the MLIR fusion emitters. On a 2-core AMD EPYC family 25 (Zen 3), the tiny
+# model's train step compiled in 5.1-5.7 s without the second flag and 2.8-3.3 s with it
+# (three runs each); the optimised benchmark step, though, trains 0-25 % and scores 2.5x
+# slower with it, so only tests use it (and long trainings, `optimize`, neither).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
 
 def need(*parts: str) -> str:
     """A file of the real datasets; fails (does not skip) when INFLUENCE_JAX_DATA lacks it."""
@@ -167,12 +175,12 @@ def subprocess_env(
 ) -> dict[str, str]:
     """The environment of a test's child process: CPU, `devices` fake devices, a shared
     persistent compilation cache (only the first process of a session compiles), and unless
-    `optimize` (long trainings) LLVM's optimisation off, as in this process (conftest.py)."""
+    `optimize` (long trainings) the fast-compiling flags, as in this process (FAST_COMPILE)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     flags = f"--xla_force_host_platform_device_count={devices}"
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=flags if optimize else f"{flags} --xla_backend_optimization_level=0",
+        XLA_FLAGS=flags if optimize else f"{flags} {FAST_COMPILE}",
         JAX_COMPILATION_CACHE_DIR=cache_dir,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         TF_CPP_MIN_LOG_LEVEL="2",
