@@ -59,6 +59,14 @@ def test_workers_run_the_drivers_interpreter(spark):
     assert got.collect() == [(sys.executable, sys.prefix)]
 
 
+def test_the_session_leaves_no_warehouse_folder_where_it_started(spark):
+    from influence_jax.data import spark as spark_engine
+
+    assert spark.conf.get("spark.sql.warehouse.dir").endswith(spark_engine.WAREHOUSE)
+    spark.sql("SHOW TABLES").collect()  # the catalog starts: its default database's folder
+    assert not os.path.exists(os.path.join(os.getcwd(), "spark-warehouse"))
+
+
 def _both(source, tmp_path, spark, **kw) -> tuple[str, str]:
     """Prepares `source` with both engines (3 buckets); returns (numpy folder, spark folder)."""
     from influence_jax.data import spark as spark_engine

@@ -74,6 +74,7 @@ REASON_BITS = {r: 2 << i for i, r in enumerate(logio.REASONS)}
 SKEW_WARN, SKEW_MIN_EVENTS = 4.0, 100_000  # a bucket this many times the mean (and this big)
 PROGRESS_S = 30.0  # seconds between progress lines of the running Spark stages
 PART_ROWS = 1 << 62  # one shard per split in a part: the driver cuts the final shards
+WAREHOUSE = os.path.join(tempfile.gettempdir(), "influence_jax-spark-warehouse")
 SPARK_MISSING = (
     "--engine=spark needs PySpark and a Java runtime (17 or newer): pip install -e '.[spark]' "
     "and, on Debian/Ubuntu, apt-get install default-jre-headless"
@@ -110,6 +111,9 @@ def session(master: str | None = None, memory_mb: int = 2048, conf: dict | None 
         # venv's python run without activating it started workers of another interpreter,
         # which lacked pyarrow.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        # Spark SQL makes its warehouse folder (unused here: no managed tables) at session start
+        # in the working folder; an empty `spark-warehouse` was left wherever a user ran.
+        defaults["spark.sql.warehouse.dir"] = WAREHOUSE
     for k, v in {**defaults, **(conf or {})}.items():
         b = b.config(k, v)
     spark = b.getOrCreate()
