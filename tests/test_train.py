@@ -81,6 +81,24 @@ def test_tiny_steps_match_golden(tiny_data):
     assert np.ptp(golden["extractor_logits"]) > 1e-4
 
 
+def test_small_models_compile_init_fast_on_cpu_and_draw_the_same_state(tiny_data, monkeypatch):
+    schema, _ = tiny_data
+    eng, fast = helpers.setup(helpers.tiny_config(), schema)
+    shapes = eng.abstract_state
+    assert engine.init_compiler_options(eng.mesh, shapes) == engine.FAST_INIT_OPTIONS
+    monkeypatch.setattr(engine, "FAST_INIT_MAX_PARAMS", 1000)
+    assert engine.init_compiler_options(eng.mesh, shapes) is None
+    # The same init compiled with XLA:CPU's usual options (over this process's fast ones).
+    usual = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
+    init = jax.jit(
+        eng.init_fn.__wrapped__, out_shardings=eng.state_shardings, compiler_options=usual
+    )
+    state = init(jax.random.PRNGKey(eng.seed))
+    helpers.assert_trees_close(fast.params, state.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(fast.rng, state.rng)
+    assert any(np.abs(x).max() > 0.01 for x in jax.tree_util.tree_leaves(state.params))
+
+
 def test_thirty_steps_on_a_fixed_batch_lower_the_loss(tiny_data):
     schema, path = tiny_data
     no_dropout = {f"model.{e}.dropout": 0.0 for e in ("cnn", "dnn")}
