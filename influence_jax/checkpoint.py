@@ -26,7 +26,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from influence_jax import files
+from influence_jax import files, xla_options
 from influence_jax.errors import DataError
 
 CONFIG_FILE = "config.json"
@@ -155,9 +155,10 @@ def _leaf_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.lru_cache(maxsize=4)
-def _digest_fn(mesh: jax.sharding.Mesh | None) -> Any:
+def _digest_fn(mesh: jax.sharding.Mesh | None, options: tuple = ()) -> Any:
     out_sh = NamedSharding(mesh, P()) if mesh is not None else None
-    return jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves], out_shardings=out_sh)
+    fn = lambda leaves: [_leaf_digest(x) for x in leaves]
+    return jax.jit(fn, out_shardings=out_sh, compiler_options=dict(options) or None)
 
 
 def tree_digest(tree: Any) -> tuple[list[int], list[str]]:
@@ -168,7 +169,14 @@ def tree_digest(tree: Any) -> tuple[list[int], list[str]]:
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     leaves = [leaf for _, leaf in flat]
-    pairs = jax.device_get(_digest_fn(getattr(leaves[0].sharding, "mesh", None))(leaves))
+    # Fast-compiling on CPU for states of up to 3 x the init's limit (parameters and two
+    # moments): the sums are integers, exact whatever the options.
+    sh = getattr(leaves[0], "sharding", None)
+    platform = next(iter(sh.device_set)).platform if sh is not None else jax.default_backend()
+    limit = 3 * xla_options.FAST_COMPILE_MAX_ELEMENTS
+    options = xla_options.fast_compile(platform, xla_options.elements(leaves), limit) or {}
+    mesh = getattr(sh, "mesh", None)
+    pairs = jax.device_get(_digest_fn(mesh, tuple(sorted(options.items())))(leaves))
     bad = [
         jax.tree_util.keystr(path) for (path, _), (_, ok) in zip(flat, pairs, strict=True) if not ok
     ]

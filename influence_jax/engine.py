@@ -22,19 +22,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from influence_jax import optim, sharding, sparse
+from influence_jax import optim, sharding, sparse, xla_options
 from influence_jax.data.schema import Schema, dummy_batch
 from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
-
-# The init program runs once per training. On CPU, XLA compiles it about 3x faster without
-# LLVM's optimisation and with its elemental emitters (the default model's: 5.6-5.7 s -> 1.9-2.3
-# s on a 2-core AMD EPYC family 25, Zen 3), and runs it about 5x slower (0.01 -> 0.06 s; a 1M x
-# 32 table with its two Adam moments 1.1-1.3 -> 5.4-6.6 s): models up to this many parameters
-# take that trade, larger ones are compiled as usual. Same random bits; float rounding of the
-# normal draws may differ.
-FAST_INIT_MAX_PARAMS = 4_000_000
-FAST_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 EVAL_KEYS = ("user", "item", "hist", "label", "labels", "weight", "user_key", "target_type")
 
@@ -292,12 +283,10 @@ class Engine:
 
 
 def init_compiler_options(mesh: Mesh, shapes: Any) -> dict[str, Any] | None:
-    """XLA options of the init program: FAST_INIT_OPTIONS on CPU for models of up to
-    FAST_INIT_MAX_PARAMS parameters, else None (the defaults)."""
-    if mesh.devices.flat[0].platform != "cpu":
-        return None
-    params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes.params))
-    return dict(FAST_INIT_OPTIONS) if params <= FAST_INIT_MAX_PARAMS else None
+    """XLA options of the init program, which runs once: fast-compiling on CPU for models of up
+    to xla_options.FAST_COMPILE_MAX_ELEMENTS parameters, else None (the defaults)."""
+    platform = mesh.devices.flat[0].platform
+    return xla_options.fast_compile(platform, xla_options.elements(shapes.params))
 
 
 def setup(

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import train, workdir_lock
+from influence_jax import train, workdir_lock, xla_options
 from influence_jax.errors import WorkdirInUseError
 from tests.helpers import (
     FLAGS,
@@ -138,6 +138,25 @@ def test_checkpointer_refuses_nan_state_and_verifies_checksums(tmp_path):
     np.testing.assert_array_equal(state["w"], good["w"])
     assert ckpt.all_steps() == [3]  # the unusable step is gone, so step 4 can be saved again
     ckpt.close()
+
+
+def test_checksums_are_the_same_whether_compiled_fast_or_as_usual():
+    rng = np.random.default_rng(0)
+    tree = {
+        "w": jnp.asarray(rng.normal(size=(300, 70)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+        "n": jnp.asarray(rng.integers(-9, 9, size=(5, 3)), jnp.int32),
+        "key": jax.random.key(3),
+    }
+    leaves = jax.tree_util.tree_leaves(tree)
+    fast = tuple(sorted(xla_options.FAST_COMPILE.items()))
+    usual = (("xla_backend_optimization_level", 2), ("xla_cpu_use_fusion_emitters", True))
+    sums = {
+        o: [int(x) for x, _ in jax.device_get(ckpt_lib._digest_fn(None, o)(leaves))]
+        for o in (fast, usual)
+    }
+    digest, bad = ckpt_lib.tree_digest(tree)  # small, on CPU: compiled fast
+    assert sums[fast] == sums[usual] == digest and bad == [] and len(set(digest)) == 4
 
 
 def test_a_second_run_on_a_locked_workdir_stops_at_once_naming_the_holder(tmp_path, jax_cache):

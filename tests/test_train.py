@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax import engine, sharding
+from influence_jax import engine, sharding, xla_options
 from influence_jax.data import pipeline
 from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError
@@ -85,8 +85,8 @@ def test_small_models_compile_init_fast_on_cpu_and_draw_the_same_state(tiny_data
     schema, _ = tiny_data
     eng, fast = helpers.setup(helpers.tiny_config(), schema)
     shapes = eng.abstract_state
-    assert engine.init_compiler_options(eng.mesh, shapes) == engine.FAST_INIT_OPTIONS
-    monkeypatch.setattr(engine, "FAST_INIT_MAX_PARAMS", 1000)
+    assert engine.init_compiler_options(eng.mesh, shapes) == xla_options.FAST_COMPILE
+    monkeypatch.setattr(xla_options, "FAST_COMPILE_MAX_ELEMENTS", 1000)
     assert engine.init_compiler_options(eng.mesh, shapes) is None
     # The same init compiled with XLA:CPU's usual options (over this process's fast ones).
     usual = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
