@@ -21,7 +21,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from configs import tiny
-from influence_jax import engine, sharding, train
+from influence_jax import engine, sharding, train, xla_options
 from influence_jax.data import pipeline, prepare, readers, synthetic
 from influence_jax.data.schema import Schema
 from influence_jax.data.store import ExampleStore
@@ -33,12 +33,13 @@ DATA = os.environ.get("INFLUENCE_JAX_DATA", "")  # the real datasets (CI sets it
 needs_data = pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set")
 
 # XLA:CPU flags for tests (tiny models, where compiling is most of the time; no result changes
-# beyond float rounding): LLVM's backend optimisation off, and the older elemental emitters
+# beyond float rounding), the options the engine compiles its small one-off programs with
+# (xla_options.FAST_COMPILE): LLVM's backend optimisation off, and the older elemental emitters
 # instead of the MLIR fusion emitters. On a 2-core AMD EPYC family 25 (Zen 3), the tiny
 # model's train step compiled in 5.1-5.7 s without the second flag and 2.8-3.3 s with it
 # (three runs each); the optimised benchmark step, though, trains 0-25 % and scores 2.5x
-# slower with it, so only tests use it (and long trainings, `optimize`, neither).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# slower with it, so only tests compile everything so (and long trainings, `optimize`, not).
+FAST_COMPILE = " ".join(f"--{k}={str(v).lower()}" for k, v in xla_options.FAST_COMPILE.items())
 
 
 def need(*parts: str) -> str:
