@@ -40,6 +40,9 @@ needs_data = pytest.mark.skipif(not DATA, reason="INFLUENCE_JAX_DATA is not set"
 # (three runs each); the optimised benchmark step, though, trains 0-25 % and scores 2.5x
 # slower with it, so only tests compile everything so (and long trainings, `optimize`, not).
 FAST_COMPILE = " ".join(f"--{k}={str(v).lower()}" for k, v in xla_options.FAST_COMPILE.items())
+# XLA:CPU's usual options for the same keys (over this process's flags): what the fast ones
+# are checked against.
+USUAL_COMPILE = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
 
 
 def need(*parts: str) -> str:

@@ -27,6 +27,7 @@ from influence_jax import train, workdir_lock, xla_options
 from influence_jax.errors import WorkdirInUseError
 from tests.helpers import (
     FLAGS,
+    USUAL_COMPILE,
     assert_trees_equal,
     ckpt_steps,
     finish,
@@ -150,7 +151,7 @@ def test_checksums_are_the_same_whether_compiled_fast_or_as_usual():
     }
     leaves = jax.tree_util.tree_leaves(tree)
     fast = tuple(sorted(xla_options.FAST_COMPILE.items()))
-    usual = (("xla_backend_optimization_level", 2), ("xla_cpu_use_fusion_emitters", True))
+    usual = tuple(sorted(USUAL_COMPILE.items()))
     sums = {
         o: [int(x) for x, _ in jax.device_get(ckpt_lib._digest_fn(None, o)(leaves))]
         for o in (fast, usual)

@@ -39,10 +39,11 @@ kept = libc.mallinfo2().arena
 held = []
 t = threading.Thread(target=lambda: held.append(libc.malloc(100_000)))
 t.start(); t.join()
-path = os.path.join(tempfile.mkdtemp(), "info.xml")
-f = libc.fopen(path.encode(), b"w")
-libc.malloc_info(0, f); libc.fclose(f)
-heaps = open(path).read().count("<heap nr=")
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "info.xml")
+    f = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, f); libc.fclose(f)
+    heaps = open(path).read().count("<heap nr=")
 print(json.dumps({"mapped": mapped, "kept": kept, "size": size, "heaps": heaps}))
 """
 

@@ -89,9 +89,10 @@ def test_small_models_compile_init_fast_on_cpu_and_draw_the_same_state(tiny_data
     monkeypatch.setattr(xla_options, "FAST_COMPILE_MAX_ELEMENTS", 1000)
     assert engine.init_compiler_options(eng.mesh, shapes) is None
     # The same init compiled with XLA:CPU's usual options (over this process's fast ones).
-    usual = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
     init = jax.jit(
-        eng.init_fn.__wrapped__, out_shardings=eng.state_shardings, compiler_options=usual
+        eng.init_fn.__wrapped__,
+        out_shardings=eng.state_shardings,
+        compiler_options=helpers.USUAL_COMPILE,
     )
     state = init(jax.random.PRNGKey(eng.seed))
     helpers.assert_trees_close(fast.params, state.params, rtol=1e-5, atol=1e-6)
