@@ -29,7 +29,7 @@ import numpy as np
 
 from influence_jax.data import history, synthetic
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
-from influence_jax.scoring import Run, batched, copies_logits, global_batch
+from influence_jax.scoring import Run, batched, copies_logits, global_batch, program
 
 ADD_GAP_SECONDS = 3600  # the added event happened one hour before the example
 ROWS_PER_CALL = 4096  # model rows (examples x copies) per call
@@ -93,7 +93,7 @@ def make_fn(run: Run) -> Callable:
         base = {"user": batch["user"], "item": batch["item"]}
         return copies_logits(run.model, params, base, jnp.moveaxis(batch["hists"], 1, 0)).T
 
-    return run.engine.jit_scoring(fn)
+    return program(run, "counterfactual", lambda: run.engine.jit_scoring(fn))
 
 
 def planted_type_weights(schema: Schema, head: str = "") -> dict[str, float] | None:

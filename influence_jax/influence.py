@@ -26,7 +26,7 @@ from influence_jax.data.history import gap_seconds
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.errors import DataError
 from influence_jax.logs import Progress
-from influence_jax.scoring import Run, batched, copies_logits, global_batch
+from influence_jax.scoring import Run, batched, copies_logits, global_batch, program
 
 NUM_EXPLAINED_EVENTS = 3  # the most influential past events per ranked row (--explain)
 MAX_K = 5  # faithfulness: remove k = 1..MAX_K events
@@ -87,7 +87,7 @@ def make_masked_fn(run: Run) -> Callable:
             "contributions": aux.get("contributions", {}),
         }
 
-    return run.engine.jit_scoring(fn)
+    return program(run, "influence.masked", lambda: run.engine.jit_scoring(fn))
 
 
 def real_events(hist: np.ndarray, schema: Schema) -> np.ndarray:
@@ -339,7 +339,8 @@ def _learned_weights(run: Run, batch: dict[str, np.ndarray]) -> tuple[dict, dict
         _, aux = run.model.apply({"params": params}, batch, train=False)
         return aux.get("extractor_weights", {}), aux.get("behaviour_type_weights", {})
 
-    w, g = jax.device_get(jax.jit(weights)(run.params, batch))
+    fn = program(run, "influence.weights", lambda: jax.jit(weights))
+    w, g = jax.device_get(fn(run.params, batch))
     return {k: float(v) for k, v in w.items()}, {k: float(v) for k, v in g.items()}
 
 
@@ -366,11 +367,6 @@ def extractor_separation(weights: dict[str, float | None]) -> dict[str, Any]:
         "separated": separated,
         "verdict": verdict,
     }
-
-
-def objective_head(run: Run) -> str:
-    """The head a multi-task run's scores are (models/multitask.py); "" for other runs."""
-    return getattr(run.model, "objective_head", "")
 
 
 def planted_weights(schema: Schema, head: str = "") -> dict[str, float] | None:
@@ -448,7 +444,7 @@ def report(
             per_event=float(np.abs(loto[:, j]).sum() / max(n_t.sum(), 1)),
             gate=gates.get(t),
         )
-    head = objective_head(run)
+    head = run.objective_head
     if head:
         result["head"] = head
     _add_type_weights(result["behaviour_types"], gates, planted_weights(s, head))

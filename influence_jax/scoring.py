@@ -4,7 +4,9 @@
 dataset's schema, restores the parameters only, verified against their saved checksums
 (checkpoint.restore_params), and opens the dataset once as the run saw it (data/dataset.py:
 its dropped behaviour types already removed). Ranking, influence reports and evaluation all
-start here; this module imports none of them.
+start here; this module imports none of them. A multi-task run loaded `switchable` reads its
+objective from its parameters: `with_objective` moves it to another head or mix of heads with
+the programs already compiled (`program`), so a report per head compiles once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from influence_jax.data import synthetic
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import Schema
 from influence_jax.errors import DataError
-from influence_jax.models.multitask import parse_objective
+from influence_jax.models.multitask import objective_vector, parse_objective
 
 
 @dataclasses.dataclass
@@ -39,6 +41,10 @@ class Run:
     engine: engine.Engine
     params: Any
     step: int
+    # A switchable multi-task run's objective (load_run, with_objective); "" otherwise.
+    objective: str = ""
+    # Jitted programs by name (`program`), shared with the copies with_objective makes.
+    programs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def schema(self) -> Schema:
@@ -55,6 +61,15 @@ class Run:
     @property
     def mesh(self) -> Mesh:
         return self.engine.mesh
+
+    @property
+    def objective_head(self) -> str:
+        """The head a multi-task run's scores are (its objective's largest weight); "" for
+        other runs."""
+        if self.objective:
+            weights = parse_objective(self.objective, self.model.heads)
+            return max(weights, key=weights.get)
+        return getattr(self.model, "objective_head", "")
 
 
 def make_run(
@@ -96,7 +111,11 @@ def run_heads(workdir: str, data: str | None = None) -> tuple[str, ...]:
 
 
 def load_run(
-    workdir: str, data: str | None = None, step: str | int = "latest", objective: str = ""
+    workdir: str,
+    data: str | None = None,
+    step: str | int = "latest",
+    objective: str = "",
+    switchable: bool = False,
 ) -> Run:
     """The run in `workdir` at `step` ("latest", "best" or a number), parameters only.
 
@@ -104,6 +123,8 @@ def load_run(
       objective: a multi-task run's head whose score the run gives (ranking, influence), or
         a weighted sum of heads' probabilities ("buy+0.3*cart", models.multitask.
         parse_objective); "" keeps the trained objective. Other runs take only "".
+      switchable: a multi-task run only: the objective is a parameter (the model's
+        `runtime_objective`), for `with_objective`.
 
     Raises:
       DataError: no such run or step, a checkpoint that fails its checksums, a dataset whose
@@ -112,21 +133,59 @@ def load_run(
     """
     config = checkpoint.read_config(workdir)
     dataset = Dataset(_data_path(config, workdir, data), config.data)
-    if objective:
-        heads = dataset.schema.heads if config.model.name == "multitask" else ()
-        if not heads:
-            raise DataError(
-                f"--objective={objective}: not a head of this run; it is a single-task run"
-            )
-        try:
-            parse_objective(objective, heads)
-        except ValueError as e:
-            raise DataError(f"--objective={e}") from None
+    if objective or switchable:
+        _check_objective(
+            objective, dataset.schema.heads if config.model.name == "multitask" else ()
+        )
         config = ml_collections.ConfigDict(config.to_dict())
-        config.model.multitask.objective = objective
+        config.model.multitask.objective = objective or config.model.multitask.objective
     eng = engine.setup(config, dataset.schema)
     params, n = checkpoint.restore_params(workdir, eng.abstract_state, step)
-    return Run(os.path.abspath(workdir), config, dataset, eng, params, n)
+    run = Run(os.path.abspath(workdir), config, dataset, eng, params, n)
+    if not switchable:
+        return run
+    # The same model reading its objective from the parameters: its own engine (programs
+    # and shardings with the one more parameter), the restored parameters beside it.
+    eng = engine.setup(config, dataset.schema, model=eng.model.clone(runtime_objective=True))
+    run = dataclasses.replace(run, engine=eng)
+    return with_objective(run, config.model.multitask.objective or eng.model.objective_head)
+
+
+def _check_objective(objective: str, heads: tuple[str, ...]) -> None:
+    """DataError unless `objective` ("" the trained one) names heads of the run (`heads`)."""
+    if not heads:
+        what = f"--objective={objective}: not a head of this run" if objective else "switching"
+        raise DataError(f"{what}; it is a single-task run")
+    try:
+        parse_objective(objective, heads)
+    except ValueError as e:
+        raise DataError(f"--objective={e}") from None
+
+
+def with_objective(run: Run, objective: str) -> Run:
+    """A switchable run (load_run) scoring `objective` (a head, or a weighted sum of heads'
+    probabilities): the same engine and compiled programs, the objective's weights in the
+    parameters. DataError for an objective that is not the run's heads'."""
+    model = run.model
+    if not getattr(model, "runtime_objective", False):
+        raise ValueError(f"{run.workdir}: not loaded switchable (scoring.load_run)")
+    _check_objective(objective, tuple(model.heads))
+    sh = run.engine.param_shardings["objective_weights"]
+    weights = jax.device_put(objective_vector(objective, model.heads), sh)
+    objective = objective or model.heads[-1]  # "": the last head, as parse_objective
+    return dataclasses.replace(
+        run, params=dict(run.params, objective_weights=weights), objective=objective
+    )
+
+
+def program(run: Run, name: str, build: Callable[[], Callable]) -> Callable:
+    """The run's jitted program `name`, built by `build()` the first time: a switchable
+    run's copies (with_objective) share it, so each head reuses one compiled program. Programs
+    must take the parameters as an argument (they differ between copies)."""
+    key = (name, id(run.engine))
+    if key not in run.programs:
+        run.programs[key] = build()
+    return run.programs[key]
 
 
 def copies_logits(

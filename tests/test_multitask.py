@@ -16,7 +16,7 @@ from influence_jax import config_check, engine, scoring, train
 from influence_jax.data import synthetic
 from influence_jax.errors import ConfigError, DataError
 from influence_jax.models import build_model
-from influence_jax.models.multitask import chained_logit
+from influence_jax.models.multitask import chained_logit, objective_vector
 from tests import helpers
 
 HEADS = {
@@ -107,6 +107,31 @@ def test_mmoe_heads_mix_shared_experts_and_keep_the_additive_readout(data):
     )
 
 
+@pytest.mark.parametrize(
+    "multitask",
+    [{}, {"mixture": "mmoe"}, {"chain": {"buy": "engage"}}],
+    ids=["towers", "mmoe", "chain"],
+)
+def test_an_objective_in_the_parameters_scores_as_the_static_one(data, multitask):
+    """`runtime_objective` (scoring.with_objective): the objective's weights as a parameter
+    give each head's and a mix's logit and aux as the static objective does, one program."""
+    schema, path = data
+    overrides = {f"model.multitask.{k}": v for k, v in multitask.items()}
+    model = build_model(_config(**overrides).model, schema)
+    batch = helpers.first_batch(schema, path, 16)
+    params = model.init(jax.random.key(0), batch)["params"]
+    switchable = model.clone(runtime_objective=True)
+    init = switchable.init(jax.random.key(0), batch)["params"]["objective_weights"]
+    assert init.tolist() == [0.0, 1.0]  # the static objective's (the last head) at first
+    apply = jax.jit(lambda p, b: switchable.apply({"params": p}, b))
+    for objective in ("buy", "engage", "buy + 3*engage", "3*buy+engage"):
+        want = model.clone(objective=objective).apply({"params": params}, batch)
+        weights = jnp.asarray(objective_vector(objective, schema.heads))
+        got = apply(dict(params, objective_weights=weights), batch)
+        helpers.assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
+    assert apply._cache_size() == 1
+
+
 def test_the_loss_is_the_weighted_sum_of_each_heads_bce(data):
     schema, path = data
     config = _config(**{"model.multitask.loss_weights": {"buy": 2.0}})
@@ -151,9 +176,29 @@ def test_training_and_evaluate_give_every_heads_metrics(tmp_path, mixture):
     assert scoring.load_run(workdir, objective="2*buy+engage").model.objective_head == "buy"
     with pytest.raises(DataError, match=r"--objective=click: 'click' is not a head of this run"):
         scoring.load_run(workdir, objective="click")
+    # Loaded switchable, the run moves between heads with the programs it compiled.
+    switchable = scoring.load_run(workdir, switchable=True)
+    assert switchable.objective_head == "engage"
+    buy = scoring.with_objective(switchable, "buy")
+    assert buy.objective_head == "buy" and buy.programs is switchable.programs
+    store = run.dataset.examples("test")
+    gather = lambda rows: {
+        k: v for k, v in store.gather(rows).items() if k in ("user", "item", "hist")
+    }
+
+    def scores(r: scoring.Run) -> np.ndarray:
+        fn = scoring.program(r, "score", r.engine.score_fn)
+        return scoring.batched(fn, r, 40, gather, scoring.global_batch(r, 40))
+
+    np.testing.assert_allclose(scores(buy), scores(run), rtol=1e-5, atol=1e-6)
+    engage = scoring.load_run(workdir)
+    np.testing.assert_allclose(scores(switchable), scores(engage), rtol=1e-5, atol=1e-6)
+    assert len(switchable.programs) == 1  # one compiled for both heads
+    with pytest.raises(DataError, match=r"--objective=click: 'click' is not a head"):
+        scoring.with_objective(switchable, "click")
 
 
-@pytest.mark.slow  # compiles every report program once per head: about 30 s on 2 cores
+@pytest.mark.slow  # compiles the report's programs (once for both heads): 43 s on 2 cores
 def test_influence_report_of_every_head_and_the_heads_side_by_side(tmp_path):
     _, workdir = _trained(tmp_path, "mmoe")
     out = tmp_path / "heads"

@@ -76,12 +76,23 @@ def _report() -> None:
     heads = scoring.run_heads(runs[0], _DATA.value) if each else (_OBJECTIVE.value,)
     if each and not heads:
         raise DataError(f"--objective=each: {runs[0]} is a single-task run; it has no heads")
+    loaded = {}  # --objective=each: each run loaded once, its objective a parameter
+
+    def load(workdir: str, objective: str) -> scoring.Run:
+        if not each:
+            return scoring.load_run(workdir, _DATA.value, _STEP.value, objective)
+        if workdir not in loaded:
+            loaded[workdir] = scoring.load_run(workdir, _DATA.value, _STEP.value, switchable=True)
+        # The same compiled programs for every head (scoring.with_objective).
+        return scoring.with_objective(loaded[workdir], objective)
+
     with files.atomic_folder(_OUTPUT.value, commit=jax.process_index() == 0) as tmp:
         by_head = {}
         for head in heads:
             if each:
                 print(f"== head {head}", flush=True)
-            by_head[head] = _runs(runs, os.path.join(tmp, f"head_{head}") if each else tmp, head)
+            out = os.path.join(tmp, f"head_{head}") if each else tmp
+            by_head[head] = _runs([load(w, head) for w in runs], out)
         if each:
             side = influence_heads.side_by_side(by_head)
             influence_heads.write(side, tmp)
@@ -90,26 +101,26 @@ def _report() -> None:
     print(f"report written to {os.path.join(_OUTPUT.value, name)}")
 
 
-def _runs(runs: list[str], output: str, objective: str) -> dict:
-    """The report of one run, or of several combined, for `objective`, written to `output`."""
+def _runs(runs: list[scoring.Run], output: str) -> dict:
+    """The report of one run, or of several combined, written to `output`."""
     reports = []
-    for i, workdir in enumerate(runs):
+    for i, run in enumerate(runs):
         out = output if len(runs) == 1 else os.path.join(output, f"run_{i}")
-        reports.append(_one(workdir, out, objective))
+        reports.append(_one(run, out))
     if len(runs) == 1:
         return reports[0]
+    workdirs = _WORKDIR.value
     try:
-        combined = influence_runs.combine(reports, runs)
+        combined = influence_runs.combine(reports, workdirs)
     except ValueError as e:
-        raise DataError(f"--workdir={','.join(runs)}: {e}") from None
+        raise DataError(f"--workdir={','.join(workdirs)}: {e}") from None
     influence_runs.write(combined, output)
     print("\n".join(influence_runs.lines(combined)))
     return combined
 
 
-def _one(workdir: str, output: str, objective: str) -> dict:
+def _one(run: scoring.Run, output: str) -> dict:
     """One run's report, written to `output` and printed."""
-    run = scoring.load_run(workdir, _DATA.value, _STEP.value, objective)
     r = influence.report(
         run,
         output,

@@ -9,7 +9,10 @@ sigmoid(buy tower), so the buy head is trained over all exposures through the pr
 
 The module returns the objective head's logit and that head's aux, so ranking, evaluation and
 influence reports work on any head unchanged (`clone(objective=...)`); aux["head_logits"]
-holds every head's logit [B] for the multi-task loss and per-head metrics. For a chained head
+holds every head's logit [B] for the multi-task loss and per-head metrics. With
+`runtime_objective` the objective is read from the parameter `objective_weights` [H]
+(`objective_vector`) instead, so one compiled scoring program serves every head
+(scoring.with_objective); training never sets it. For a chained head
 the aux (contributions, weights) are its tower's: they add up to the tower's logit, not to the
 chained one.
 
@@ -30,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from influence_jax.data.schema import Schema
 from influence_jax.models.layers import Embeddings
@@ -68,6 +72,12 @@ def parse_objective(text: str, heads: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def objective_vector(text: str, heads: Sequence[str]) -> np.ndarray:
+    """parse_objective's weights as a float32 [H] vector in `heads` order (0: not in it)."""
+    weights = parse_objective(text, heads)
+    return np.asarray([weights.get(h, 0.0) for h in heads], np.float32)
+
+
 class MultiTask(nn.Module):
     """Heads over shared embeddings; returns `(logit of the objective head, aux)`."""
 
@@ -76,6 +86,9 @@ class MultiTask(nn.Module):
     # The head whose logit the model returns ("" = the last head), or a weighted sum of heads'
     # probabilities, "buy+0.3*cart" (parse_objective), returned as the logit of that mean.
     objective: str = ""
+    # Read the objective from the parameter `objective_weights` [H] (objective_vector; its
+    # initial value: `objective`'s), not from `objective`: scoring only (scoring.load_run).
+    runtime_objective: bool = False
     chain: Mapping[str, str] | None = None  # head -> parent head (ESMM): p = p(parent) * tower
     loss_weights: Mapping[str, float] | None = None  # head -> weight of its loss (default 1)
     mixture: str = "towers"  # "towers" (a tower per head) or "mmoe" (experts, a gate per head)
@@ -99,6 +112,9 @@ class MultiTask(nn.Module):
         return max(weights, key=weights.get)
 
     def setup(self):
+        if self.runtime_objective:
+            init = lambda rng, shape: jnp.asarray(objective_vector(self.objective, self.heads))
+            self.objective_weights = self.param("objective_weights", init, (len(self.heads),))
         b_vocab = self.schema.hist_fields[self.schema.hist_index("behaviour")].vocab
         skip = (b_vocab,) if self.behaviour_gates and not self.type_embedding else ()
         self.embeddings = Embeddings(
@@ -139,6 +155,8 @@ class MultiTask(nn.Module):
             stats_loss = sum(a.get("stats_loss", 0.0) for a in auxes.values())
         for h, parent in dict(self.chain or {}).items():
             logits[h] = chained_logit(logits[parent], logits[h])
+        if self.runtime_objective:
+            return self._runtime_objective(logits, auxes, stats_loss)
         objective = self.objective_head
         aux = dict(auxes[objective])
         aux["head_logits"] = logits
@@ -156,6 +174,32 @@ class MultiTask(nn.Module):
         )
         aux["stats_loss"] = stats_loss
         return aux.pop("objective_logit", logits[objective]), aux
+
+    def _runtime_objective(self, logits: dict, auxes: dict, stats_loss: Any):
+        """`__call__`'s (logit, aux) for the objective in the parameter `objective_weights`:
+        the same values as with `objective` static (up to float rounding), one program."""
+        heads = tuple(self.heads)
+        w_H = self.objective_weights
+        top = jnp.argmax(w_H)  # the objective head (the largest weight's, as objective_head)
+
+        def pick(*per_head: Any) -> jax.Array:  # the objective head's value of a leaf
+            out = per_head[0]
+            for i, x in enumerate(per_head[1:], 1):
+                out = jnp.where(top == i, x, out)
+            return out
+
+        logit_HxB = jnp.stack([logits[h] for h in heads])
+        p_B = jnp.einsum("h,hb->b", w_H / jnp.sum(w_H), jax.nn.sigmoid(logit_HxB))
+        p_B = jnp.clip(p_B, 1e-7, 1 - 1e-7)
+        mean_B = jnp.log(p_B) - jnp.log1p(-p_B)  # a weighted mean of probabilities, as a logit
+        logit_B = jnp.where(jnp.sum(w_H > 0) > 1, mean_B, pick(*logit_HxB))
+        aux = jax.tree_util.tree_map(pick, *(auxes[h] for h in heads))
+        aux["head_logits"] = logits
+        aux["weights"].update(
+            {f"{h}/{k}": v for h in heads for k, v in auxes[h]["weights"].items()}
+        )
+        aux["stats_loss"] = stats_loss
+        return logit_B, aux
 
     def _mixture(self, batch: dict[str, jax.Array], train: bool):
         """Every head's logit and aux from the gated mixture of the expert towers."""
