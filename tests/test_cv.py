@@ -199,3 +199,73 @@ def test_backtest_folds_tile_the_time_before_the_cut():
     assert [c["test_start"] for c in cuts] == [900, 800, 700]
     with pytest.raises(DataError, match="fold 8: .* leaves no training period"):
         cv.backtest_cut(split, 8)
+
+
+def synthetic_config(**overrides):
+    """The tiny config on its own synthetic data (generated in the cv workdir), few steps."""
+    fast = {"model.extractors": ("dnn",), "loop.num_steps": 4, "loop.eval_every": 0}
+    return helpers.tiny_config(**{**fast, "ckpt.every": 4, **overrides})
+
+
+def test_cv_on_synthetic_data_generates_it_once_and_cuts_folds_from_it(tmp_path):
+    def fake_fold(cfg, workdir):  # a fold's "AUC": the end of its evaluation window
+        return {"train/auc": cfg.data.eval_time_range[1] / 1e10}
+
+    workdir = tmp_path / "cv"
+    result = cv.run(synthetic_config(), str(workdir), 2, train_fn=fake_fold)
+    # One dataset, shared by the folds through their data links (trials.share_synthetic_data).
+    assert len(list(workdir.glob("data-*"))) == 1
+    for i in (0, 1):
+        assert os.path.realpath(workdir / f"fold_{i}" / "data") == os.path.realpath(
+            workdir / "data"
+        )
+    t = ExampleStore(str(workdir / "data"), "train").column("timestamp")
+    folds = result["folds"]
+    assert [f["status"] for f in folds] == ["ok", "ok"]
+    assert folds[0]["eval_start"] == folds[0]["train_end"] < folds[1]["eval_start"]
+    assert folds[1]["eval_end"] == t.max() + 1
+    assert files.read_json(str(workdir / cv.SUMMARY_FILE))["summary"]["auc"]["folds"] == 2
+    assert (workdir / "cv.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0,), "--cv_folds=0"),
+        ((-1,), "--cv_folds=-1"),
+        ((2, "shuffled"), "--cv_mode"),
+        ((2, "rolling", 0), "--cv_window=0"),
+    ],
+)
+def test_bad_cv_arguments_fail_before_any_folder_is_made(tmp_path, args, match):
+    workdir = tmp_path / "cv"
+    with pytest.raises(ConfigError, match=match):
+        cv.run(synthetic_config(), str(workdir), *args)
+    assert not workdir.exists()
+
+
+def test_a_config_that_fails_its_check_fails_before_data_is_generated(tmp_path):
+    workdir = tmp_path / "cv"
+    with pytest.raises(ConfigError, match="batch_size"):
+        cv.run(synthetic_config(**{"data.batch_size": 60}), str(workdir), 2)
+    assert not workdir.exists()
+
+
+def test_the_cv_tool_rejects_a_bad_fold_count_before_any_folder(tmp_path):
+    workdir = tmp_path / "cv"
+    r = helpers.run_tool(
+        "cv", "--config=configs/tiny.py", f"--workdir={workdir}", "--cv_folds=0", timeout=120
+    )
+    assert r.returncode != 0 and "--cv_folds=0: need at least one fold" in r.stderr
+    assert "Traceback" not in r.stderr and not workdir.exists()
+
+
+def test_real_cv_on_synthetic_data_trains_every_fold_and_writes_the_summary(tmp_path):
+    workdir = tmp_path / "cv"
+    result = cv.run(synthetic_config(), str(workdir), 2)
+    assert [f["status"] for f in result["folds"]] == ["ok", "ok"]
+    assert all(0.0 < f["metrics"]["auc"] < 1.0 for f in result["folds"])
+    saved = files.read_json(str(workdir / cv.SUMMARY_FILE))
+    assert saved["summary"]["auc"]["folds"] == 2
+    assert saved["summary"] == result["summary"]
+    assert "mean" in cv.format_summary(result)

@@ -12,7 +12,7 @@ import pytest
 from influence_jax.data import pipeline
 from influence_jax.data.schema import NUM_RESERVED
 from influence_jax.data.store import ExampleStore
-from influence_jax.errors import ConfigError
+from influence_jax.errors import ConfigError, DataError
 from influence_jax.experiments import selection, trials
 from tests import helpers
 
@@ -77,6 +77,47 @@ def test_loop_stops_when_the_metric_drops_and_keeps_the_last_good_round(tmp_path
     # Rerun: every round is finished, nothing trains again, same answer.
     again = selection.run(config, str(tmp_path), **kw)
     assert len(calls) == 4 and again["rounds"] == result["rounds"]
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ('{"valid/auc": 0.7, "valid/gauc": 0.6}', "no key 'behaviour_types'"),
+        ("[1, 2]", "not an influence report"),
+        ('{"behaviour_types": {"pv": 0.3}}', "behaviour_types.pv: has no 'influence'"),
+        ('{"behaviour_types": {"pv": {"influence": 1}}, "extractors": []}', "extractors: "),
+    ],
+    ids=["missing", "not-json", "evaluate-output", "a-list", "no-influence", "bad-extractors"],
+)
+def test_a_bad_report_fails_before_round_0_naming_the_file(tmp_path, tiny_data, text, match):
+    path = tmp_path / "given.json"
+    if text is not None:
+        path.write_text(text)
+    config = helpers.tiny_config(**{"data.source": "prepared", "data.path": tiny_data[1]})
+    calls = []
+    train_fn = lambda cfg, workdir: calls.append(workdir) or {"valid/auc": 0.7}
+    workdir = tmp_path / "select"
+    with pytest.raises(DataError, match=match) as e:
+        selection.run(config, str(workdir), 0.1, report_path=str(path), train_fn=train_fn)
+    assert str(path) in str(e.value)
+    assert not calls and not workdir.exists()
+
+
+def test_a_given_report_sets_round_0s_drops(tmp_path, tiny_data):
+    given = tmp_path / "given.json"
+    given.write_text(json.dumps(report({"pv": 0.01, "cart": 1.0, "fav": 1.0, "buy": 1.0})))
+    config = helpers.tiny_config(**{"data.source": "prepared", "data.path": tiny_data[1]})
+
+    def train_fn(cfg, workdir):
+        os.makedirs(workdir, exist_ok=True)
+        return {"valid/auc": 0.7, "test/auc": 0.6}
+
+    result = selection.run(
+        config, str(tmp_path / "select"), 0.05, report_path=str(given), train_fn=train_fn
+    )
+    assert result["rounds"][1]["drop_behaviours"] == ["pv"]
 
 
 def test_drop_events_removes_a_type_and_keeps_the_order(tiny_data):

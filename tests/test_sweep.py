@@ -11,6 +11,7 @@ import csv
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +123,52 @@ def test_random_values_are_reproducible_and_in_range():
 def test_bad_sweep_files(raw, match):
     with pytest.raises(ConfigError, match=match):
         sweep_lib.parse(raw, "s.json")
+
+
+@pytest.mark.parametrize(
+    "metric", ["valid/auc", "test/logloss", "valid/auc/buy", "valid/click/auc", "cv/auc_mean"]
+)
+def test_metrics_a_trial_reports_are_accepted(metric):
+    assert sweep_lib.parse({**GRID, "metric": metric}, "s.json").metric == metric
+
+
+@pytest.mark.parametrize(
+    "metric", ["valid/nosuch", "auc", "valid", "/auc", "valid/click/buy/auc", "cv/auc", 3]
+)
+def test_an_unknown_metric_names_the_sweep_file_and_the_field(metric):
+    with pytest.raises(ConfigError, match=r"^s\.json: metric: .* is not a result key"):
+        sweep_lib.parse({**GRID, "metric": metric}, "s.json")
+
+
+def test_a_metric_of_a_split_the_trials_do_not_evaluate_stops_before_any_trial(tmp_path, tiny_data):
+    sweep = sweep_lib.parse({**GRID, "metric": "train/auc"}, "s.json")
+    calls = []
+    with pytest.raises(ConfigError, match="s.json: metric: 'train/auc'.*'valid', 'test'"):
+        sweep_lib.run(prepared(tiny_data), sweep, str(tmp_path / "sw"), None, calls.append)
+    assert not calls and not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize(
+    "metric, cv_folds, match",
+    [
+        ("valid/nosuch", 0, "metric: 'valid/nosuch' is not a result key"),
+        ("valid/auc", 2, "with --cv_folds=2 .* 'cv/<metric>_<stat>'"),
+        ("cv/auc_mean", -1, "--cv_folds=-1: need at least one fold"),
+    ],
+    ids=["unknown-metric", "cv-needs-a-cv-metric", "negative-folds"],
+)
+def test_the_sweep_tool_checks_its_metric_before_any_trial(tmp_path, metric, cv_folds, match):
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps({**GRID, "metric": metric}))
+    d = tmp_path / "sweep"
+    r = helpers.run_tool(
+        "sweep", "--config=configs/tiny.py", f"--sweep={sweep_file}", f"--workdir={d}",
+        f"--cv_folds={cv_folds}", "--config.loop.num_steps=5", timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert re.search(match, r.stderr), r.stderr[-2000:]
+    assert str(sweep_file) in r.stderr or "cv_folds=-1" in r.stderr
+    assert not d.exists()
 
 
 def test_bad_values_name_the_field(tmp_path, tiny_data):

@@ -6,8 +6,10 @@
 
 Fold i trains on train-split examples before its evaluation window and evaluates on the window
 (influence_jax/experiments/cv.py). Writes WORKDIR/fold_<i>/ (a resumable run each), cv.json and
-cv.csv, and prints each fold's AUC/GAUC with their mean, standard deviation, min and max. Needs
-real timestamps: a prepared dataset (the built-in synthetic data has none).
+cv.csv, and prints each fold's AUC/GAUC with their mean, standard deviation, min and max. Works
+on prepared datasets and on synthetic configs (configs/tiny.py), whose data is generated once in
+WORKDIR/data-<hash> and carries timestamps. The fold count, mode and window and the config are
+checked before any folder is made or any data generated.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ _MODE = flags.DEFINE_enum("mode", "auto", ["auto", "max", "min"], "auto: min for
 _LOOP = flags.DEFINE_bool("loop", False, "Repeat until the metric drops.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 5, "Most retraining rounds with --loop.")
 _MIN_DELTA = flags.DEFINE_float("min_delta", 0.0, "A change below -min_delta is a drop.")
-_REPORT = flags.DEFINE_string("report", None, "Existing influence.json for round 0's drops.")
+_REPORT = flags.DEFINE_string(
+    "report", None, "Existing influence.json for round 0's drops (checked before round 0 trains)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -62,6 +62,20 @@ def _run_isolated(indices: list[int], workdir: str) -> None:
             sys.exit(f"sweep stopped: trial {i} did not finish; run the same command to resume")
 
 
+def _check_cv(sweep, cv) -> None:
+    """--cv_* flags and the sweep's metric agree: cross-validated trials report only "cv/..."
+    keys and plain trials none, so any other pairing would rank by an empty column."""
+    cross_validated = _CV_FOLDS.value != 0
+    if cross_validated:
+        cv.check_args(_CV_FOLDS.value, _CV_MODE.value, _CV_WINDOW.value)
+    if cross_validated != sweep.metric.startswith("cv/"):
+        need = "a 'cv/<metric>_<stat>' key (e.g. cv/auc_mean)" if cross_validated else "no cv/ key"
+        raise ConfigError(
+            f"{sweep.source}: metric: {sweep.metric!r}: with --cv_folds={_CV_FOLDS.value} the "
+            f"trials' results have {need}; change the metric or --cv_folds"
+        )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -75,6 +89,7 @@ def main(argv: list[str]) -> None:
         split = config.loop.final_eval_split
         if not _REPORT_ONLY.value:
             train_fn = trials.train_trial
+            _check_cv(sweep, cv)
             if _CV_FOLDS.value:
                 train_fn = functools.partial(
                     cv.trial_metrics,

@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from influence_jax import files, metrics
+from influence_jax import checkpoint, files, metrics
 from influence_jax.errors import ConfigError, DataError
 from influence_jax.experiments import trials
 
@@ -44,6 +44,19 @@ class Fold:
     train_end: int
     eval_start: int
     eval_end: int
+
+
+def check_args(num_folds: int, mode: str = "expanding", window: int = 1) -> None:
+    """Raises ConfigError for a fold count, mode or rolling window that cannot make folds.
+
+    Cheap, so that the tools call it before any data is generated or any folder is made.
+    """
+    if num_folds < 1:
+        raise ConfigError(f"--cv_folds={num_folds}: need at least one fold")
+    if mode not in MODES:
+        raise ConfigError(f"--cv_mode={mode!r}: choose one of {MODES}")
+    if mode == "rolling" and window < 1:
+        raise ConfigError(f"--cv_window={window}: a rolling window is at least one block")
 
 
 def boundaries(timestamps: np.ndarray, num_folds: int) -> np.ndarray:
@@ -71,10 +84,7 @@ def make_folds(
     timestamps: np.ndarray, num_folds: int, mode: str = "expanding", window: int = 1
 ) -> list[Fold]:
     """The folds over `timestamps` (see the module docstring)."""
-    if mode not in MODES:
-        raise ConfigError(f"--cv_mode={mode!r}: choose one of {MODES}")
-    if mode == "rolling" and window < 1:
-        raise ConfigError(f"--cv_window={window}: a rolling window is at least one block")
+    check_args(num_folds, mode, window)
     b = boundaries(timestamps, num_folds)
     folds = []
     for i in range(1, num_folds + 1):
@@ -121,13 +131,24 @@ def fold_config(config: ml_collections.ConfigDict, fold: Fold) -> ml_collections
     )
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The config check every fold would fail, made once before any data is generated (on a
+    stand-in fold: the check reads the time ranges' form, not their values)."""
+    import jax
+
+    from influence_jax import config_check
+
+    cfg = fold_config(config, Fold(0, 0, 1, 1, 2))
+    config_check.check(cfg, jax.device_count(), jax.process_count())
+
+
 def train_timestamps(config: ml_collections.ConfigDict, workdir: str) -> np.ndarray:
     """Timestamps of the train split the config reads (synthetic data is generated first)."""
     from influence_jax.data.store import ExampleStore
 
     if config.data.source == "synthetic":
         trials.share_synthetic_data(config, workdir, workdir)
-        path = os.path.join(workdir, trials.DATA_DIR)
+        path = checkpoint.data_dir(workdir)  # the link to the shared WORKDIR/data-<hash>
     else:
         path = config.data.path
     return ExampleStore(path, SPLIT).column("timestamp")
@@ -147,7 +168,13 @@ def run(
       {"folds": [{fold bounds, "examples_train", "metrics": {auc, gauc, ...}}], "summary":
       {metric: {"mean", "std", "min", "max"}}, "mode", "window"}; std is the sample standard
       deviation over folds (0 for one fold).
+
+    Raises:
+      ConfigError: a bad fold count, mode or window, or a config that fails its check; raised
+        before anything is written, synthetic data included.
     """
+    check_args(num_folds, mode, window)
+    check_config(config)
     os.makedirs(workdir, exist_ok=True)
     t = train_timestamps(config, workdir)
     folds = make_folds(t, num_folds, mode, window)

@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from influence_jax import files
-from influence_jax.errors import ConfigError
+from influence_jax.errors import ConfigError, DataError
 from influence_jax.experiments import trials
 
 CRITERIA = ("share", "influence")  # share: influence / the group's total influence
@@ -40,6 +40,39 @@ def influence_report(workdir: str, output: str, split: str) -> dict[str, Any]:
 
     run = scoring.load_run(workdir)
     return influence.report(run, output, split=split, sample=64, max_examples=5_000, n_boot=200)
+
+
+def load_report(path: str) -> dict[str, Any]:
+    """The influence report in `path` (`--report`), checked for what selection reads.
+
+    Raises:
+      DataError: naming the file, when it is missing, not valid JSON or not an influence report
+        (e.g. tools/evaluate.py's output): checked before round 0 trains, not after it.
+    """
+    report = files.read_json(path)
+    if report is None:
+        raise DataError(f"--report={path}: no such file")
+    check_report(report, f"--report={path}")
+    return report
+
+
+def check_report(report: Any, where: str) -> None:
+    """Raises DataError naming `where` and the key unless `report` has what `candidates` reads:
+    "behaviour_types" (and optionally "extractors"), each {name: {"influence": number}}."""
+    kind = "an influence report (influence.json of tools/influence_report.py)"
+    if not isinstance(report, dict):
+        raise DataError(f"{where}: not {kind}: it holds a {type(report).__name__}, not an object")
+    if "behaviour_types" not in report:
+        raise DataError(f"{where}: not {kind}: it has no key 'behaviour_types'")
+    for group in ("behaviour_types", "extractors"):
+        entries = report.get(group, {})
+        if not isinstance(entries, dict):
+            raise DataError(f'{where}: {group}: give an object of name -> {{"influence": ...}}')
+        for name, entry in entries.items():
+            try:
+                float(entry["influence"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{where}: {group}.{name}: has no 'influence' number") from None
 
 
 def candidates(
@@ -113,7 +146,8 @@ def run(
 
     Args:
       report_path: an existing influence.json to take round 0's drops from (round 0 is still
-        trained here, so that every round's metric is measured the same way).
+        trained here, so that every round's metric is measured the same way); read and checked
+        before round 0 trains (DataError naming the file and the missing key).
       mode: "max" if a larger `metric` is better, "min" otherwise.
 
     Returns:
@@ -121,6 +155,7 @@ def run(
        "selected_round", "stopped"}; also written to WORKDIR/selection.json.
     """
     trials.check_final_split(config)
+    given = load_report(report_path) if report_path else None  # before round 0 trains
     sign = 1.0 if mode == "max" else -1.0
     split = config.loop.eval_split
     rounds: list[dict[str, Any]] = []
@@ -154,7 +189,7 @@ def run(
         if r == max_rounds or (r >= 1 and not loop):
             stopped = "max_rounds" if loop else "one_round"
             break
-        report = _report(d, report_path if r == 0 else None, split, report_fn)
+        report = given if r == 0 and given is not None else _report(d, split, report_fn)
         row["next"] = candidates(report, cfg, threshold, criterion)
         if not any(row["next"].values()):
             stopped = "nothing_below_threshold"
@@ -179,16 +214,15 @@ def run(
     return result
 
 
-def _report(round_dir: str, given: str | None, split: str, report_fn: ReportFn) -> dict:
-    """The influence report of a finished round: `given`, the one written before, or a new one."""
-    if given:
-        report = files.read_json(given)
-        if report is None:
-            raise ConfigError(f"--report={given}: no such file")
-        return report
+def _report(round_dir: str, split: str, report_fn: ReportFn) -> dict:
+    """The influence report of a finished round: the one written before, or a new one."""
     out = os.path.join(round_dir, REPORT_DIR)
-    report = files.read_json(os.path.join(out, "influence.json"))
-    return report if report is not None else report_fn(round_dir, out, split)
+    path = os.path.join(out, "influence.json")
+    report = files.read_json(path)
+    if report is None:
+        report = report_fn(round_dir, out, split)
+    check_report(report, path)
+    return report
 
 
 def format_summary(result: dict[str, Any]) -> str:

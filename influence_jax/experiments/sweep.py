@@ -41,6 +41,7 @@ from influence_jax.experiments import hparams, trials
 
 METHODS = ("grid", "random")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
+CV_STATS = ("mean", "std", "min", "max")  # cross-validated trials: "cv/<metric>_<stat>"
 TRIAL_FILE = "trial.json"
 TABLE = "results"  # DIR/results.csv and DIR/results.parquet
 BEST_CONFIG = "best_config.py"
@@ -116,9 +117,11 @@ def parse(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
             f"{where}num_trials: the grid has {grid_size} points; leave num_trials out or set it "
             f"to {grid_size}"
         )
+    metric = raw.get("metric", "valid/auc")
+    check_metric(metric, where)
     mode = raw.get("mode", "auto")
     if mode == "auto":
-        mode = metrics.mode(raw.get("metric", "valid/auc"))
+        mode = metrics.mode(metric)
     if mode not in ("max", "min"):
         raise ConfigError(f"{where}mode: {mode!r} is not 'max', 'min' or 'auto'")
     return Sweep(
@@ -126,10 +129,48 @@ def parse(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:
         params=params,
         num_trials=num_trials,
         seed=int(raw.get("seed", 0)),
-        metric=raw.get("metric", "valid/auc"),
+        metric=metric,
         mode=mode,
         source=source,
     )
+
+
+def check_metric(metric: Any, where: str = "") -> None:
+    """Raises ConfigError unless `metric` names a result key a trial can have.
+
+    The rule of config.loop.early_stop_metric (config_check), behind a split: "<split>/<name>"
+    with <name> one of metrics.METRICS, optionally "/<behaviour type>" ("valid/auc/buy"), or
+    "<split>/<head>/<name>" (a multi-task model's head); a cross-validated trial's summary is
+    "cv/<name>_<mean|std|min|max>". Checked when the sweep file is read, so that a misspelt
+    metric stops the sweep before any trial trains instead of ranking by an empty column.
+    """
+    split, _, rest = metric.partition("/") if isinstance(metric, str) else ("", "", "")
+    parts = rest.split("/")
+    if split == "cv":
+        ok = rest in {f"{m}_{s}" for m in metrics.METRICS for s in CV_STATS}
+    else:
+        per_type = parts[0] in metrics.METRICS and len(parts) <= 2
+        per_head = len(parts) == 2 and parts[1] in metrics.METRICS
+        ok = bool(split) and (per_type or per_head)
+    if not ok:
+        raise ConfigError(
+            f"{where}metric: {metric!r} is not a result key; give '<split>/<name>' with <name> "
+            f"one of {metrics.METRICS}, optionally '/<behaviour type>' (e.g. 'valid/auc', "
+            "'valid/auc/buy'), '<split>/<head>/<name>' for a multi-task model, or "
+            f"'cv/<name>_<{'|'.join(CV_STATS)}>' with --cv_folds"
+        )
+
+
+def check_metric_split(sweep: Sweep, config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError unless the sweep's metric is of a split the trials evaluate (the
+    config's loop.eval_split or loop.final_eval_split) or a cross-validation summary."""
+    split = sweep.metric.partition("/")[0]
+    splits = [s for s in (config.loop.eval_split, config.loop.final_eval_split) if s]
+    if split != "cv" and split not in splits:
+        raise ConfigError(
+            f"{sweep.source}: metric: {sweep.metric!r}: the trials evaluate the split(s) "
+            f"{splits} (config.loop.eval_split, config.loop.final_eval_split), not {split!r}"
+        )
 
 
 def trial_values(sweep: Sweep, i: int) -> dict[str, Any]:
@@ -179,6 +220,7 @@ def trial_configs(
     from influence_jax import config_check
 
     trials.check_final_split(config)
+    check_metric_split(sweep, config)
     out = []
     for i in range(sweep.num_trials):
         values = trial_values(sweep, i)
@@ -208,8 +250,8 @@ def run(
       ConfigError: a trial's values do not fit the config, or differ from the values recorded
         in its workdir (the sweep file changed: use a new workdir).
     """
+    all_trials = trial_configs(config, sweep)  # checked before the workdir is made
     os.makedirs(workdir, exist_ok=True)
-    all_trials = trial_configs(config, sweep)
     indices = list(range(sweep.num_trials)) if indices is None else list(indices)
     split = config.loop.final_eval_split
     hparams.write_experiment(
