@@ -11,6 +11,7 @@ step.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import os
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from influence_jax import files, xla_options
-from influence_jax.errors import DataError
+from influence_jax.errors import CheckpointError, DataError
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -78,6 +79,27 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(upgrade_config(raw))
 
 
+def config_changes(old: dict, new: dict, most: int = 6) -> list[str]:
+    """The fields whose values differ between two configs as JSON ("model.embed_dim: 8 -> 16"),
+    model, data and opt first (they shape the state), at most `most` and a count of the rest."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    a, b = flat(upgrade_config(copy.deepcopy(old))), flat(new)
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "absent") != b.get(k, "absent")]
+    keys.sort(key=lambda k: k.split(".")[0] not in ("model", "data", "opt"))
+    out = [f"{k}: {a.get(k, 'absent')!r} -> {b.get(k, 'absent')!r}" for k in keys[:most]]
+    if len(keys) > most:
+        out.append(f"and {len(keys) - most} more")
+    return out
+
+
 def upgrade_config(raw: dict) -> dict:
     """A config.json of an older run in today's layout: the seed CNN's settings moved from
     config.model into config.model.seed_cnn, and loop.sync_every (never read) is gone."""
@@ -109,10 +131,6 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or used; the message names the step and the folder."""
 
 
 class LatestPlusBest:
@@ -391,7 +409,14 @@ def restore_params(
 
 
 def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> Any:
-    saved = manager.item_metadata(n)["state"]
+    damaged = lambda e: DataError(
+        f"{where}: cannot read the checkpoint ({str(e).splitlines()[0][:200]}): its files are "
+        "damaged or incomplete; use another --step"
+    )
+    try:
+        saved = manager.item_metadata(n)["state"]
+    except (ValueError, OSError) as e:  # tensorstore's read errors are ValueErrors
+        raise damaged(e) from None
     _check_shapes(abstract_state.params, getattr(saved, "tree", saved)["params"], where)
     abstract = {"params": abstract_state.params}
     state_args = ocp.args.PyTreeRestore(
@@ -403,7 +428,11 @@ def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> An
         out = manager.restore(
             n, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore())
         )
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - Orbax wraps read errors in a bare Exception
+        if "reading" in str(e) or isinstance(e, OSError):
+            raise damaged(e) from None  # the shapes fit (_check_shapes): the files are bad
+        if not isinstance(e, (ValueError, KeyError, TypeError)):
+            raise
         raise DataError(
             f"{where}: the saved parameters do not fit the model built from the run's config "
             f"and this dataset ({str(e).splitlines()[0][:200]}); was the run trained on "

@@ -17,5 +17,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message names the step and the folder."""
+
+
 class WorkdirInUseError(ConfigError):
     """Another training run holds the --workdir lock; the message names it and what to do."""

@@ -8,6 +8,7 @@ the whole split, so they are exact whatever the batch size or the number of devi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -63,10 +64,14 @@ def evaluate(
                     out["weight"],
                 )
     names = {i + NUM_RESERVED: n for i, n in enumerate(examples.schema.behaviour_types)}
-    result = acc.result(names)
-    for h, a in per_head.items():  # a multi-task model: each head's metrics as "<head>/<metric>"
-        if len(a):
-            result.update({f"{h}/{k}": v for k, v in a.result(names).items()})
+    try:
+        result = acc.result(names)
+        for h, a in per_head.items():  # a multi-task model: each head's as "<head>/<metric>"
+            if len(a):
+                result.update({f"{h}/{k}": v for k, v in a.result(names).items()})
+    except metrics.MetricsError as e:  # e.g. a label that is not 0 or 1: name the split
+        where = os.path.join(getattr(examples, "root", ""), getattr(examples, "split", ""))
+        raise metrics.MetricsError(f"{where}: {e}") from None
     return result
 
 

@@ -97,12 +97,18 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any | None:
-    """The JSON in `path`, or None when there is no such file."""
+    """The JSON in `path`, or None when there is no such file; DataError naming the file and
+    place when it is not valid JSON."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise DataError(f"{path}: not valid JSON ({e.msg} at {where})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
@@ -114,13 +120,23 @@ def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
     )
 
 
-def check_output(path: str, flag: str, folder: bool = False) -> None:
+def check_output(
+    path: str, flag: str, folder: bool = False, replaces: tuple[str, ...] = ()
+) -> None:
     """Raises DataError unless `path` (a file, or a folder with `folder`) can be written, before
     any work is done: not a folder where a file goes (or the reverse), no file in the way of
-    its parent folders, and a writable place to create them."""
+    its parent folders, and a writable place to create them. `replaces`: the files that mark
+    a folder this tool wrote; an existing folder with none of them is not replaced unless
+    empty (it may hold the user's files)."""
     p = os.path.abspath(path)
     if folder and os.path.exists(p) and not os.path.isdir(p):
         raise DataError(f"--{flag}={path}: exists and is not a folder")
+    if folder and replaces and os.path.isdir(p) and os.listdir(p):
+        if not any(os.path.exists(os.path.join(p, name)) for name in replaces):
+            raise DataError(
+                f"--{flag}={path}: a folder that is not this tool's output (none of "
+                f"{', '.join(replaces)}) and would be replaced; remove it or choose another path"
+            )
     if not folder and os.path.isdir(p):
         raise DataError(f"--{flag}={path}: is a folder; give a file path")
     existing = p if folder else os.path.dirname(p)

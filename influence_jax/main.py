@@ -63,6 +63,9 @@ def main(argv):
         train.train_and_evaluate(config, _WORKDIR.value)
     except (errors.ConfigError, errors.DataError) as e:
         sys.exit(f"error: {e}")
+    except errors.CheckpointError as e:  # no checkpoint of the run restores
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
     except errors.TrainingError as e:
         logging.error("%s", e)
         sys.exit(f"training stopped: {e}")

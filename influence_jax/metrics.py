@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from influence_jax.errors import DataError
+
 _SUM_SUFFIX = "_sum"
 # The split metrics, in the order reports print them; any can pick the best checkpoint.
 METRICS = ("auc", "gauc", "gauc_impression", "logloss", "accuracy")
@@ -34,8 +36,9 @@ def format_metrics(m: Mapping[str, float], keys: Sequence[str] = METRICS) -> str
     return line
 
 
-class MetricsError(ValueError):
-    """Inputs a metric cannot be computed from; the message names the field and the fix."""
+class MetricsError(DataError):
+    """Inputs a metric cannot be computed from; the message names the field and the fix (a
+    DataError: the entry points report it in one line)."""
 
 
 # ----------------------------------------------------------------------------- input checks

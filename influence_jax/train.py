@@ -16,11 +16,12 @@ import numpy as np
 from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check, engine, evaluation, metrics, summary, workdir_lock
+from influence_jax import config_check, engine, evaluation, files, metrics, summary, workdir_lock
 from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
 from influence_jax.data.dataset import Dataset
 from influence_jax.errors import (
+    ConfigError,
     TrainingError,  # noqa: F401 - part of this module's API
     WorkdirInUseError,
 )
@@ -91,11 +92,27 @@ def _agree_from_process_0(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
+def _resume(ckpt, eng, workdir: str, saved: dict | None, config_json: dict) -> tuple:
+    """ckpt.restore of the newest usable step; when none fits and the config differs from the
+    run's config.json, a ConfigError naming the fields that differ."""
+    try:
+        return ckpt.restore(eng.abstract_state)
+    except ckpt_lib.CheckpointError as e:
+        changes = ckpt_lib.config_changes(saved, config_json) if saved else []
+        if not changes:
+            raise
+        raise ConfigError(
+            f"--workdir={workdir}: its checkpoints do not fit this config, which differs from "
+            f"the run's {ckpt_lib.CONFIG_FILE} in {'; '.join(changes)}. Resume with the run's "
+            f"settings, or train in a new --workdir ({str(e)[:300]})"
+        ) from None
+
+
 def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption) -> dict:
     dataset = load_data(config, workdir)
     config_check.check_schema(config, dataset.schema)
     config_json = json.loads(config.to_json_best_effort())
-    ckpt_lib.write_config(workdir, config_json)
+    saved_config = files.read_json(ckpt_lib.config_path(workdir))  # None for a new run
 
     eng = engine.setup(config, dataset.schema)
     num_steps = config.loop.num_steps
@@ -116,10 +133,12 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         if ckpt.latest_step() is None:
             state = eng.init_state()
         else:
-            state, data_state, restored = ckpt.restore(eng.abstract_state)
+            state, data_state, restored = _resume(ckpt, eng, workdir, saved_config, config_json)
             loop.load_state(data_state.pop("loop", {}))
             it.set_state(data_state)
             logging.info("resumed from checkpoint step %d (data %s)", restored, data_state)
+        # Written once the state is there: a resume that fails leaves the run's own config.
+        ckpt_lib.write_config(workdir, config_json)
         if int(state.step) == 0:
             writer.text("config", "```\n" + json.dumps(config_json, indent=2) + "\n```", 0)
         logging.info(

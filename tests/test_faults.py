@@ -24,7 +24,7 @@ import pytest
 
 from influence_jax import checkpoint as ckpt_lib
 from influence_jax import train, workdir_lock, xla_options
-from influence_jax.errors import WorkdirInUseError
+from influence_jax.errors import DataError, WorkdirInUseError
 from tests.helpers import (
     FLAGS,
     USUAL_COMPILE,
@@ -88,6 +88,37 @@ def test_corrupted_and_half_written_latest_checkpoints_fall_back(tmp_path, jax_c
     assert "resumed from checkpoint step 10 " in out.log
     assert ckpt_steps(workdir)[-1] == 20
     assert_trees_equal(load_state(workdir, 20), load_state(reference, 20))
+
+
+@pytest.mark.parametrize("cut", ["every_file", "array_data"])
+def test_a_damaged_checkpoint_read_for_scoring_is_one_error_naming_it(tmp_path, reference, cut):
+    """Checkpoint files cut short (a copy interrupted, a full disk): loading the run to score
+    it (scoring.load_run: ranking, reports, evaluate) says which step is damaged and what to
+    do, whether the metadata or only the arrays' bytes are cut; another step still loads."""
+    from influence_jax import scoring
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    state = workdir / "checkpoints" / "20" / "state"
+    pattern = "**/*" if cut == "every_file" else "ocdbt.process_0/d/*"
+    cut_files = [p for p in state.glob(pattern) if p.is_file() and p.stat().st_size > 10]
+    assert cut_files
+    for p in cut_files:
+        os.truncate(p, 10)
+    with pytest.raises(DataError, match=r"checkpoints/20: cannot read the checkpoint .* damaged"):
+        scoring.load_run(str(workdir))
+    assert scoring.load_run(str(workdir), step=15).step == 15
+
+
+def test_a_damaged_config_json_is_one_error_naming_it(tmp_path, reference):
+    from influence_jax import scoring
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    config = workdir / "config.json"
+    config.write_text(config.read_text()[:300])
+    with pytest.raises(DataError, match=r"config.json: not valid JSON \(.* at line \d+ column"):
+        scoring.load_run(str(workdir))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, jax_cache, reference):

@@ -190,6 +190,17 @@ def test_a_failed_influence_report_leaves_no_folder(run_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_folder_that_is_not_a_report_is_left_alone(run_dir, tmp_path):
+    """--output naming a folder of the user's (no influence.json or heads.json in it): refused
+    before any work, and the folder kept as it was."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    r = helpers.run_tool("influence_report", f"--workdir={run_dir}", f"--output={out}")
+    assert r.returncode == 2 and "not this tool's output" in r.stderr.strip().splitlines()[-1]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def _fake_report(step, types, extractors):
     """A report as influence.report shapes it: {name: {metric: value}} per group."""
     return {

@@ -242,6 +242,20 @@ def test_malformed_candidates_name_the_line(run, tmp_path, rows, match):
     assert not (tmp_path / "out.parquet").exists()
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"batch_size": 0}, r"--batch_size must be positive, got 0"),
+        ({"batch_size": -3}, r"--batch_size must be positive, got -3"),
+        ({"top_k": 0}, r"--top_k must be at least 1, got 0"),
+    ],
+)
+def test_bad_ranking_settings_are_refused_before_any_work(run, tmp_path, kw, match):
+    with pytest.raises(DataError, match=match):
+        ranking.rank(run, str(tmp_path / "out.parquet"), **kw)
+    assert not (tmp_path / "out.parquet").exists()
+
+
 def test_candidates_file_needs_both_columns(run, tmp_path):
     path = tmp_path / "c.parquet"
     pq.write_table(pa.table({"user": [1], "item_id": [2]}), path)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import types
 
 import jax
@@ -19,7 +20,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check, evaluation, scoring
+from influence_jax import config_check, evaluation, scoring, train
 from influence_jax import loop as loop_lib
 from influence_jax.errors import ConfigError
 from tests import helpers
@@ -118,6 +119,21 @@ def test_early_stopping_keeps_last_k_plus_best_and_records_it(tmp_path, jax_cach
     with open(workdir / "checkpoints" / str(stop) / "data" / "metadata") as f:
         saved = json.load(f)["loop"]["early_stopping"]
     assert saved["stopped"] and saved["best_step"] == stopper.best_step
+
+
+def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(tmp_path, reference):
+    """Resuming with a config whose state does not fit the checkpoints: one error naming the
+    fields that differ from the run's config.json, which stays as it was (and so do the
+    checkpoints), so the run still loads and resumes with its own settings."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    saved = (workdir / "config.json").read_text()
+    config = helpers.tiny_config(**{"model.embed_dim": 16, "ckpt.every": 5})
+    with pytest.raises(ConfigError, match=r"config.json in model.embed_dim: 8 -> 16\. Resume"):
+        train.train_and_evaluate(config, str(workdir))
+    assert (workdir / "config.json").read_text() == saved
+    assert ckpt_steps(workdir) == ckpt_steps(reference)
+    assert scoring.load_run(str(workdir)).step == 20
 
 
 def test_a_run_that_stopped_early_does_not_train_again(tmp_path):

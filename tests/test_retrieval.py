@@ -274,6 +274,18 @@ def test_saved_tables_are_reused_and_checked(tiny_data, tmp_path):
     early = retrieval.load_histories(tiny_data, schema, "valid")
     with pytest.raises(DataError, match="other histories or settings"):
         retrieval.Retriever(early, tables=str(tmp_path / "t"))
+    # A folder of the user's is not replaced by tables; cut tables are one error.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not this tool's output"):
+        retrieval.Retriever(h, tables=str(mine))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    npz = tmp_path / "t" / "tables.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"tables\.npz: unreadable .* to build the tables again"):
+        retrieval.Retriever(h, tables=str(tmp_path / "t"))
+    built.save_tables(str(tmp_path / "t"))
     # The CLI: the first call saves, the second loads and writes the same candidates.
     outs = []
     for k in range(2):

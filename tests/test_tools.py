@@ -66,6 +66,34 @@ def test_tools_refuse_bad_outputs_and_values_in_one_line(run_dir, tmp_path, tool
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # nothing written
 
 
+def test_an_output_folder_is_replaced_only_when_it_is_the_tools_own(tmp_path):
+    from influence_jax import files
+
+    check = lambda p: files.check_output(str(p), "output", folder=True, replaces=("a.json",))
+    check(tmp_path / "new")  # nothing there yet
+    (tmp_path / "empty").mkdir()
+    check(tmp_path / "empty")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "a.json").write_text("{}")
+    check(tmp_path / "ours")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(DataError, match=r"mine: a folder that is not this tool's output \(none of"):
+        check(tmp_path / "mine")
+
+
+def test_a_label_that_is_not_0_or_1_names_the_split(run_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(run_dir, "data"), data)
+    labels = data / "test" / "part-00000" / "label.npy"
+    y = np.load(labels)
+    y[5] = np.nan
+    np.save(labels, y)
+    run = scoring.load_run(run_dir, data=str(data))
+    with pytest.raises(DataError, match=rf"{data / 'test'}: labels: must be 0 or 1 .*\[nan\]"):
+        evaluation.evaluate_run(run, "test")
+
+
 def test_a_dataset_the_run_was_not_trained_on_is_one_clear_line(run_dir, tmp_path):
     from influence_jax.data import synthetic
 

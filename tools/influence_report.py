@@ -38,6 +38,7 @@ from influence_jax.data.schema import DataError  # noqa: E402
 
 # Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
 # errors stay fast.
+checkpoint = lazy.module("influence_jax.checkpoint")
 influence = lazy.module("influence_jax.influence")
 scoring = lazy.module("influence_jax.scoring")
 
@@ -61,14 +62,20 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling and bootstrap seed.")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
+_REPORT_FILES = ("influence.json", "heads.json")  # what marks a folder as a report of ours
+
+
 def _report() -> None:
-    files.check_output(_OUTPUT.value, "output", folder=True)  # before any work
+    # Before any work; an existing folder is replaced only when it is a report.
+    files.check_output(_OUTPUT.value, "output", folder=True, replaces=_REPORT_FILES)
     for flag, low in ((_SAMPLE, 0), (_MAX_EXAMPLES, 1), (_BOOTSTRAP, 1)):
         if flag.value < low:
             raise DataError(f"--{flag.name} must be at least {low}, got {flag.value}")
     runs = _WORKDIR.value
     if len(set(runs)) != len(runs):
         raise DataError(f"--workdir names a run twice: {runs}")
+    for workdir in runs:  # every run's config read before the first report's work
+        checkpoint.read_config(workdir)
     # The report appears whole or not at all: built in a folder beside OUTPUT, then renamed.
     import jax  # after the flag checks: --help and bad flags stay fast
 

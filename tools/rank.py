@@ -144,7 +144,9 @@ def _rank() -> None:
     import jax
 
     several = jax.process_count() > 1  # then OUTPUT is a folder of part files
-    files.check_output(_OUTPUT.value, "output", folder=several)  # before any work
+    # Before any work; a folder (of part files) is replaced only when it holds ours.
+    parts = ("part-00000.parquet", "part-00000.csv")
+    files.check_output(_OUTPUT.value, "output", folder=several, replaces=parts)
     if _EVENTS.value and not _AS_OF.value:
         raise DataError("--events needs --as_of=UNIX_TS")
     run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)

@@ -62,7 +62,8 @@ def _main() -> None:
             raise DataError(f"--{flag} must be > 0, got {v}")
     if not _TEMPERATURE.value > 0:
         raise DataError(f"--temperature must be > 0, got {_TEMPERATURE.value}")
-    files.check_output(_WORKDIR.value, "workdir", folder=True)
+    # An existing folder is replaced only when it holds a retriever (two_tower.META).
+    files.check_output(_WORKDIR.value, "workdir", folder=True, replaces=("meta.json",))
     schema = Schema.load(_DATA.value)
     cfg = TwoTowerConfig(
         dim=_DIM.value,

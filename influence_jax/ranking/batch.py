@@ -294,6 +294,8 @@ def rank(
     """
     if top_k < 1:
         raise DataError(f"--top_k must be at least 1, got {top_k}")
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"--batch_size must be positive, got {batch_size}")
     if evaluate and (events is not None or str(as_of or split) not in ("valid", "test")):
         raise DataError("--evaluate needs --as_of=valid or test (the split's positives)")
     if max_items < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
@@ -92,6 +93,8 @@ class Retriever:
         if self.loaded:
             self._load_tables(tables)
             return
+        if tables:  # before building: a folder of the user's is not replaced by the tables
+            files.check_output(tables, "tables", folder=True, replaces=("tables.json",))
         self.covisit = covisit.covisitation(h, self.beh_w, cfg.covisit, progress)
         self.pop = sources.popularity(h, self.beh_w, cfg.covisit.half_life_s)
         self.category = sources.category_table(h, self.pop, cfg.per_category)
@@ -135,14 +138,21 @@ class Retriever:
                 f"{folder}: the saved retrieval tables were built from other histories or "
                 f"settings (differing: {', '.join(diff)}); rebuild them"
             )
-        with np.load(os.path.join(folder, "tables.npz")) as z:
-            self.covisit = Table(*(z["covisit_" + k] for k in ("indptr", "item", "score")))
-            self.pop = z["pop"]
-            self.category = (
-                Table(*(z["category_" + k] for k in ("indptr", "item", "score")))
-                if "category_indptr" in z
-                else None
-            )
+        path = os.path.join(folder, "tables.npz")
+        try:
+            with np.load(path) as z:
+                self.covisit = Table(*(z["covisit_" + k] for k in ("indptr", "item", "score")))
+                self.pop = z["pop"]
+                self.category = (
+                    Table(*(z["category_" + k] for k in ("indptr", "item", "score")))
+                    if "category_indptr" in z
+                    else None
+                )
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise DataError(
+                f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]}); remove {folder} to "
+                "build the tables again"
+            ) from None
 
     def lists(self, part: Histories, m: int) -> dict[str, np.ndarray]:
         """Each source's best `m` items for the users of `part` ([U, m]; popular is [m])."""
