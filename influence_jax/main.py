@@ -42,6 +42,8 @@ def main(argv):
     try:
         config = cli.loaded_config(_CONFIG.value)
         config_check.check(config)  # before the multi-process runtime starts
+        if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+            raise errors.ConfigError(f"--workdir={_WORKDIR.value}: exists and is not a folder")
         one_arena = hostmem.arenas(_HOST_MEMORY.value, int(config.data.batch_size))
         kept = one_arena is not None and hostmem.keep_freed_host_memory(one_arena)  # before JAX
         cli.init_distributed()

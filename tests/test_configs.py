@@ -91,3 +91,16 @@ def test_main_reports_a_bad_config_in_one_line_before_any_work(tmp_path, args, m
     )  # fmt: skip
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr
     assert "Traceback" not in r.stderr and not workdir.exists()
+
+
+def test_main_refuses_a_workdir_that_is_a_file(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("a file of the user's")
+    r = subprocess.run(
+        [sys.executable, "-m", "influence_jax.main", f"--workdir={workdir}",
+         "--config=configs/tiny.py"],
+        capture_output=True, text=True, cwd=helpers.ROOT, timeout=120,
+    )  # fmt: skip
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last == f"error: --workdir={workdir}: exists and is not a folder"
+    assert workdir.read_text() == "a file of the user's"
