@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import os
+import sys
 import zoneinfo
 
 import numpy as np
@@ -13,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from influence_jax.data import audit, prepare, readers
-from influence_jax.data.schema import DataError
+from influence_jax.data.schema import DataError, Schema
 from influence_jax.data.store import ExampleStore
+from tests import helpers
 from tests.helpers import LOG, rows, write
 from tests.helpers import prepare_log as run
 
@@ -30,8 +33,16 @@ def assert_same(a, b) -> None:
 
 
 BAD_ROWS = [
-    ("7,10,1,pv\n", "wrong_field_count", "wrong number of fields"),
-    ("7,10,1,pv,100,3\n", "wrong_field_count", "wrong number of fields"),
+    (  # the count and the row's text, not ''
+        "7,10,1,pv\n",
+        "wrong_field_count",
+        r"wrong number of fields: expected 5 fields, got 4 \(row '7,10,1,pv'\)",
+    ),
+    (
+        "7,10,1,pv,100,3\n",
+        "wrong_field_count",
+        r"wrong number of fields: expected 5 fields, got 6 \(row '7,10,1,pv,100,3'\)",
+    ),
     ("7,10,1,pv,12:00\n", "bad_timestamp", "non-integer timestamp: '7,10,1,pv,12:00'"),
     (  # the field and its value, then the row
         "7,10,1,click,100\n",
@@ -60,6 +71,52 @@ def test_malformed_row_stops_with_file_and_line_or_is_counted_when_lenient(
     clean = run(write(tmp_path / "clean.csv", LOG), tmp_path / "clean", max_len=3)
     assert_same(all_rows(tmp_path / "lenient"), all_rows(tmp_path / "clean"))
     assert clean.extra["counts"]["rows_valid"] == counts["rows_valid"]
+
+
+@pytest.mark.parametrize(
+    "bad,reason,message",
+    [
+        (b"7,10,1,p\xffv,100\n", "bad_encoding", "not UTF-8 text .*: '7,10,1,p\ufffdv,100'"),
+        (b"7,1\xff0,1,pv\n", "wrong_field_count", r"got 4 \(row '7,1\ufffd0,1,pv'\)"),
+    ],
+    ids=["invalid_field", "invalid_short_row"],
+)
+def test_invalid_utf8_row_names_the_line_or_is_counted_when_lenient(
+    tmp_path, monkeypatch, bad, reason, message
+):
+    # pyarrow decoded a short row strictly for the invalid-row handler ("Exception ignored in
+    # ... on_invalid: UnicodeDecodeError") and failed any read with an invalid field outright.
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    lines = LOG.encode().splitlines(keepends=True)
+    (tmp_path / "log.csv").write_bytes(b"".join(lines[:4]) + bad + b"".join(lines[4:]))
+    with pytest.raises(DataError, match=rf"log\.csv:5: .*{message}"):
+        run(tmp_path / "log.csv", tmp_path / "strict", max_len=3)
+    schema = run(tmp_path / "log.csv", tmp_path / "lenient", max_len=3, lenient=True)
+    assert schema.extra["counts"][f"skipped_{reason}"] == 1
+    run(write(tmp_path / "clean.csv", LOG), tmp_path / "clean", max_len=3)
+    assert_same(all_rows(tmp_path / "lenient"), all_rows(tmp_path / "clean"))
+    assert not unraisable
+
+
+def test_valid_utf8_split_across_reads_is_kept(tmp_path):
+    # Multi-byte characters straddle the 64 KiB reads of the UTF-8 check: none may be garbled.
+    body = "".join(f"{u % 7},{u % 11},\u00e9\u6f22{u},pv,{100 + u}\n" for u in range(20_000))
+    src = readers.open_source(
+        "events",
+        write(tmp_path / "ev.csv", "uid,sku,cat,act,ts\n" + body),
+        user="uid",
+        item="sku",
+        behaviour="act",
+        timestamp="ts",
+        category="cat",
+        behaviour_types=("pv",),
+        string_ids=True,
+    )
+    tally = readers.Tally(lenient=False)
+    chunks = list(src.chunks(1 << 16, tally))
+    cats = pa.concat_arrays([c.category for c in chunks]).to_pylist()
+    assert cats == [f"\u00e9\u6f22{u}" for u in range(20_000)]
 
 
 def test_line_numbers_survive_many_blocks(tmp_path):
@@ -421,3 +478,58 @@ def test_unknown_time_format_or_zone_is_one_clear_error(tmp_path):
         _timed_log(tmp_path, ["1"], time_format="dd-mm-yyyy")
     with pytest.raises(DataError, match=r"--time_zone: unknown time zone 'Mars/Olympus'"):
         _timed_log(tmp_path, ["1"], time_format="iso8601", time_zone="Mars/Olympus")
+
+
+def test_bad_side_table_rows_show_their_text_and_line(tmp_path):
+    ev = write(tmp_path / "ev.csv", "uid,sku,act,ts\na,x,click,10\nb,y,order,20\n")
+    kw = dict(user="uid", item="sku", behaviour="act", timestamp="ts", string_ids=True)
+    kw |= dict(behaviour_types=("click", "order"), user_table=str(tmp_path / "users.csv"))
+    write(tmp_path / "users.csv", "uid,country\na,FR\nb,DE,extra\n")
+    with pytest.raises(DataError, match=r"users\.csv:3: .*got 3 \(row 'b,DE,extra'\)"):
+        readers.open_source("events", ev, **kw)
+    (tmp_path / "users.csv").write_bytes(b"uid,country\na,FR\nb,D\xffE\n")
+    with pytest.raises(DataError, match=r"users\.csv:3: not UTF-8 text .*'b,D\ufffdE'"):
+        readers.open_source("events", ev, **kw)
+
+
+@pytest.mark.parametrize("source", ["taobao", "retailrocket", "events"])
+def test_a_folder_as_input_is_one_clear_error(tmp_path, source):
+    kw = {}
+    if source == "events":
+        kw = dict(user="u", item="i", behaviour="b", timestamp="t", behaviour_types=("pv",))
+    src = readers.open_source(source, str(tmp_path), **kw)
+    with pytest.raises(DataError, match=rf"--input=.*: is a folder; {source} expects a file: "):
+        prepare.prepare(src, str(tmp_path / "p"), prepare.PrepareOptions())
+    with pytest.raises(DataError, match="is a folder, not a file"):  # other readers of logs
+        readers.read_header(str(tmp_path), ",")
+
+
+def test_output_is_never_a_user_folder_an_input_or_a_sibling(tmp_path):
+    log = write(tmp_path / "log.csv", LOG)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    with pytest.raises(DataError, match=r"--output=.*mine: a folder that is not this tool's"):
+        run(log, mine)
+    assert os.listdir(mine) == ["notes.txt"]
+    with pytest.raises(DataError, match=r"--output=.*log\.csv is --input=.*log\.csv"):
+        run(log, log)
+    with pytest.raises(DataError, match=r"--output=.* holds --input=.*log\.csv"):
+        run(log, tmp_path)
+    assert open(log).read() == LOG
+    # A prepared dataset is replaced; a sibling named like the old fixed `<output>.old` is not.
+    (tmp_path / "p.old").mkdir()
+    (tmp_path / "p.old" / "keep.txt").write_text("someone's")
+    run(log, tmp_path / "p", max_len=3)
+    run(log, tmp_path / "p", max_len=2)
+    assert Schema.load(str(tmp_path / "p")).max_len == 2
+    assert (tmp_path / "p.old" / "keep.txt").read_text() == "someone's"
+    assert sorted(os.listdir(tmp_path)) == ["log.csv", "mine", "p", "p.old"]
+
+
+def test_prepare_data_refuses_an_output_over_its_input_before_reading(tmp_path):
+    log = write(tmp_path / "log.csv", LOG)
+    args = ["--source=taobao", f"--input={log}", f"--output={log}"]
+    r = helpers.run_tool("prepare_data", *args, timeout=120)
+    assert r.returncode == 1 and "--output=" in r.stderr and "is --input=" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and open(log).read() == LOG

@@ -289,6 +289,11 @@ def _spark_conf() -> dict[str, str]:
 def main(argv: list[str]) -> None:
     del argv
     try:
+        if "://" not in _OUTPUT.value:  # a URI (--engine=spark) is uploaded, not replaced
+            inputs = {f"--input={_INPUT.value}": _INPUT.value}
+            for f in (_EVENT_FLAGS["user_table"], _EVENT_FLAGS["item_table"]):
+                inputs[f"--{f.name}={f.value}"] = f.value
+            prepare.check_output(_OUTPUT.value, inputs)
         source = readers.open_source(_SOURCE.value, _INPUT.value, **_event_kwargs())
         opts = prepare.PrepareOptions(
             max_len=_MAX_LEN.value,

@@ -6,6 +6,7 @@ for every source. A malformed row raises one `DataError` naming the file and lin
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import gzip
@@ -32,7 +33,9 @@ REASONS = {
     "bad_timestamp": "non-integer timestamp",  # unix_s; other formats say which they expected
     "unknown_behaviour": "unknown behaviour type",
     "bad_value": "non-numeric value",
+    "bad_encoding": "not UTF-8 text (shown as \ufffd)",
 }
+REPLACEMENT = "\ufffd"  # what an invalid UTF-8 byte of a CSV reads as (_ValidUtf8)
 
 
 @dataclasses.dataclass
@@ -101,6 +104,7 @@ class Tally:
 
 
 def fail_row(path: str, line: int | str, reason: str, text: str, detail: str = "") -> DataError:
+    text = text if len(text) <= 200 else text[:200] + "..."  # a runaway row (e.g. a lost quote)
     what = f"{detail} (row {text!r})" if detail else repr(text)
     return DataError(
         f"{path}:{line}: {REASONS.get(reason, reason)}: {what}. Fix or delete the row, "
@@ -141,10 +145,23 @@ def _warn_if_dates(f: EventFile, chunk: EventChunk) -> None:
     )
 
 
-def open_stream(path: str) -> pa.NativeFile:
-    """Opens `path` for reading, decompressing gzip whatever its extension."""
+def wrong_field_count(path: str, skipped: dict[int, tuple[str, str]]) -> DataError:
+    """The error for the first row with a wrong field count (`skipped`: csv_batches')."""
+    line = min(skipped)
+    detail, text = skipped[line]
+    return fail_row(path, line, "wrong_field_count", text, detail)
+
+
+def _check_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+
+
+def open_stream(path: str) -> pa.NativeFile:
+    """Opens `path` for reading, decompressing gzip whatever its extension."""
+    _check_file(path)
     with open(path, "rb") as f:
         magic = f.read(2)
     if not magic:
@@ -154,6 +171,7 @@ def open_stream(path: str) -> pa.NativeFile:
 
 def read_header(path: str, delimiter: str) -> tuple[str, ...]:
     """The first line's column names (BOM and CRLF stripped)."""
+    _check_file(path)
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     try:
@@ -167,12 +185,50 @@ def read_header(path: str, delimiter: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(delimiter))
 
 
+class _ValidUtf8:
+    """A byte stream (for pa.PythonFile) with each invalid UTF-8 sequence replaced by U+FFFD.
+
+    pyarrow fails a whole read on a field that is not UTF-8, and decodes a row with a wrong
+    field count strictly for `invalid_row_handler` (an invalid byte there prints "Exception
+    ignored" and fails the read too). Replaced, such a row parses; `iter_file` then counts
+    or reports it by its line (bad_encoding). ASCII blocks, the usual case, pass as they are.
+    """
+
+    def __init__(self, raw: pa.NativeFile):
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.pending = b""  # decoded bytes beyond what the last read asked for
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.pending) < n:
+            data = self.raw.read(-1 if n < 0 else max(n, 1 << 16))
+            if data.isascii() and not self.decoder.getstate()[0]:
+                self.pending += data
+            else:  # a multi-byte character may straddle two reads: the decoder keeps its head
+                self.pending += self.decoder.decode(data, final=not data).encode()
+            if not data or n < 0:
+                break
+        out = self.pending if n < 0 else self.pending[:n]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def close(self) -> None:
+        self.raw.close()
+        self.closed = True
+
+
 def csv_batches(
-    f: EventFile, cols: list[str], block_bytes: int, skipped: list[int], encoding: str = "utf8"
+    f: EventFile,
+    cols: list[str],
+    block_bytes: int,
+    skipped: dict[int, tuple[str, str]],
+    encoding: str = "utf8",
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Yields (batch of string columns, header lines). Rows with a wrong field count are
-    skipped and their physical line numbers appended to `skipped`. Parsing is serial: pyarrow
-    only knows line numbers then, and with small blocks it is as fast as threaded here."""
+    skipped and put in `skipped`: physical line -> ("expected N fields, got M", row text).
+    Invalid UTF-8 reads as U+FFFD (REPLACEMENT). Parsing is serial: pyarrow only knows line
+    numbers then, and with small blocks it is as fast as threaded here."""
     if f.names is None:
         names, header = read_header(f.path, f.delimiter), 1
     else:
@@ -184,12 +240,16 @@ def csv_batches(
         raise DataError(f"{f.path}: missing column(s) {missing}; the file has {list(names)}")
 
     def on_invalid(row) -> str:
-        skipped.append(row.number)
+        what = f"expected {row.expected_columns} fields, got {row.actual_columns}"
+        skipped[row.number] = (what, row.text)
         return "skip"
 
     try:
+        stream = open_stream(f.path)
+        if encoding == "utf8":
+            stream = pa.PythonFile(_ValidUtf8(stream), mode="r")
         reader = pcsv.open_csv(
-            open_stream(f.path),
+            stream,
             read_options=pcsv.ReadOptions(
                 column_names=list(names),
                 skip_rows=header,
@@ -300,11 +360,24 @@ def convert(
     return EventChunk(user, item, beh, ts, category, value), blank, bad
 
 
+def _flag_encoding(by_role: dict[str, pa.Array], blank: np.ndarray, bad: dict) -> None:
+    """Marks rows with invalid UTF-8 (read as REPLACEMENT) in a role column as bad_encoding,
+    and for that reason only: the garbled value breaks no other rule of its own."""
+    enc = np.zeros(len(blank), bool)
+    for a in by_role.values():
+        if pa.types.is_string(a.type):
+            enc |= np.asarray(pc.fill_null(pc.match_substring(a, REPLACEMENT), False))
+    if enc.any():
+        for m in bad.values():
+            m &= ~enc
+        bad["bad_encoding"] = enc
+
+
 def _row_text(batch: pa.RecordBatch, i: int, delimiter: str) -> str:
     return delimiter.join(str(a[i].as_py()) for a in batch.columns)
 
 
-def _physical_line(row: int, header: int, skipped: list[int]) -> int:
+def _physical_line(row: int, header: int, skipped: dict[int, tuple[str, str]]) -> int:
     """Line number of data row `row` (0-based over rows the parser kept)."""
     line = header + row + 1
     for s in sorted(skipped):
@@ -324,16 +397,17 @@ def iter_file(
     if f.path.endswith(".parquet") or f.path.endswith(".pq"):
         yield from _iter_parquet(f, cols, string_ids, block_bytes, tally)
         return
-    skipped: list[int] = []  # lines with a wrong field count, as pyarrow reports them
+    skipped: dict[int, tuple[str, str]] = {}  # lines with a wrong field count (csv_batches)
     rows = 0
     for batch, header in csv_batches(f, list(cols.values()), block_bytes, skipped):
         by_role = {r: batch.column(c) for r, c in cols.items()}
         chunk, blank, bad = convert(by_role, f, string_ids)
+        _flag_encoding(by_role, blank, bad)
         tally.counts["blank_lines"] += int(blank.sum())
         if not tally.lenient:
             # The first bad line so far: a bad value in this batch or a skipped line up to it.
             last = _physical_line(rows + batch.num_rows - 1, header, skipped)
-            cands = [(s, "wrong_field_count", "", "") for s in skipped if s <= last]
+            cands = [(s, "wrong_field_count", *skipped[s][::-1]) for s in skipped if s <= last]
             for reason, m in bad.items():
                 if m.any():
                     i = int(np.argmax(m))
@@ -356,7 +430,7 @@ def iter_file(
         _warn_if_dates(f, chunk)
         yield chunk
     if skipped and not tally.lenient:
-        raise fail_row(f.path, min(skipped), "wrong_field_count", "")
+        raise wrong_field_count(f.path, skipped)
     tally.counts["wrong_field_count"] += len(skipped)
 
 

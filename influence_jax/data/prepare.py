@@ -21,6 +21,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 
+from influence_jax import files
 from influence_jax.data import readers
 from influence_jax.data.examples import (
     NpyColumns,
@@ -156,6 +157,12 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
     tables = [f.path for f in source.files if f.path.startswith(readers.TABLE_PREFIX)]
     if tables:
         raise DataError(f"--input={tables[0]}: tables are read by --engine=spark only")
+    folders = [f.path for f in source.files if os.path.isdir(f.path)]
+    if folders:  # --engine=spark reads a folder of Parquet files; this engine reads files
+        spec = readers.SOURCES.get(source.name)
+        expects = f": {spec.input}" if spec else ""
+        raise DataError(f"--input={folders[0]}: is a folder; {source.name} expects a file{expects}")
+    check_output(output, source_inputs(source))
     if opts.num_shards:
         raise DataError(
             "--num_shards: the numpy engine writes shards as it goes, before it knows a split's "
@@ -193,6 +200,39 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
             shutil.rmtree(tmp, ignore_errors=True)
         schema = finish(root, source, scan, plan, opts, schema, counts, splits, rank_info)
     return schema
+
+
+def source_inputs(source: readers.EventSource) -> dict[str, str]:
+    """The files `source` reads, by flag (event files and the events side tables)."""
+    paths = {f"--input={f.path}": f.path for f in source.files}
+    for flag in ("user_table", "item_table"):
+        if source.options.get(flag):
+            paths[f"--{flag}={source.options[flag]}"] = str(source.options[flag])
+    return paths
+
+
+def check_output(output: str, inputs: dict[str, str]) -> None:
+    """Raises DataError, before any work, unless the folder `output` can be (re)placed: it
+    must not be, hold or lie in an input (`inputs`: flag=value -> path), nor be a folder of
+    the user's own (a prepared dataset, with its schema.json, is replaced)."""
+    out = os.path.realpath(output)
+    for flag, path in inputs.items():
+        if not path or path.startswith(readers.TABLE_PREFIX) or "://" in path:
+            continue
+        p = os.path.realpath(path)
+        if out == p:
+            how = "is"
+        elif p.startswith(out + os.sep):
+            how = "holds"
+        elif out.startswith(p + os.sep):
+            how = "lies in"
+        else:
+            continue
+        raise DataError(
+            f"--output={output} {how} {flag}; the output folder is replaced as a whole: "
+            "prepare into a folder apart from the input"
+        )
+    files.check_output(output, "output", folder=True, replaces=("schema.json",))
 
 
 def finish(

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from influence_jax.data import timefmt
 from influence_jax.data.logio import (
+    REPLACEMENT,
     EventChunk,
     EventFile,
     SideTable,
@@ -26,6 +27,7 @@ from influence_jax.data.logio import (
     parse_id,
     parse_int,
     read_header,
+    wrong_field_count,
 )
 from influence_jax.data.schema import DataError
 
@@ -72,11 +74,20 @@ def read_table(
         return pa.table({c: t.column(c).cast(pa.string()) for c in t.column_names})
     cols = list(names or read_header(path, delimiter))
     f = EventFile(path, {}, (), names=names, delimiter=delimiter)
-    skipped: list[int] = []
+    skipped: dict[int, tuple[str, str]] = {}
     batches = [b for b, _ in csv_batches(f, cols, 1 << 24, skipped, encoding)]
     if skipped:
-        raise fail_row(path, min(skipped), "wrong_field_count", "")
+        raise wrong_field_count(path, skipped)
     t = pa.Table.from_batches(batches) if batches else None
+    if t is not None and encoding == "utf8":  # invalid UTF-8 reads as REPLACEMENT
+        garbled = [
+            np.asarray(pc.fill_null(pc.match_substring(c, REPLACEMENT), False)) for c in t.columns
+        ]
+        bad = np.logical_or.reduce(garbled)
+        if bad.any():
+            i = int(np.argmax(bad))  # no line is skipped above and blank lines are still in
+            text = delimiter.join(str(c[i]) for c in t.columns)
+            raise fail_row(path, i + (1 if names else 2), "bad_encoding", text)
     if t is not None:  # drop blank lines (every field empty)
         empty = [np.asarray(pc.equal(pc.utf8_length(c), 0)) for c in t.columns]
         t = t.filter(pa.array(~np.logical_and.reduce(empty)))

@@ -34,6 +34,7 @@ import tempfile
 
 import numpy as np
 
+from influence_jax import files
 from influence_jax.data import history
 from influence_jax.data.schema import DataError, Schema
 
@@ -220,14 +221,9 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if os.path.exists(self.final):
-            old = self.final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
+        # An old folder is moved aside under a fresh temporary name (never a fixed `.old`,
+        # which may be someone's) and removed once the new one is in place.
+        files.replace_folder(self.tmp, self.final)
 
 
 class ExampleStore:
