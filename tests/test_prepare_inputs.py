@@ -533,3 +533,26 @@ def test_prepare_data_refuses_an_output_over_its_input_before_reading(tmp_path):
     r = helpers.run_tool("prepare_data", *args, timeout=120)
     assert r.returncode == 1 and "--output=" in r.stderr and "is --input=" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and open(log).read() == LOG
+
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"max_len": 0}, "--max_len must be at least 1, not 0"),
+        ({"memory_mb": 10}, "--memory_mb must be at least 64, not 10"),
+        ({"neg_ratio": -1}, "--neg_ratio must be at least 0, not -1"),
+        ({"min_count": 0}, "--min_count must be at least 1, not 0"),
+    ],
+)
+def test_an_option_out_of_range_names_its_flag(tmp_path, kw, says):
+    src = readers.open_source("taobao", write(tmp_path / "log.csv", LOG))
+    with pytest.raises(DataError, match=f"^{says}$"):
+        prepare.prepare(src, str(tmp_path / "p"), prepare.PrepareOptions(min_timestamp=0, **kw))
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_log_without_events_names_its_file(tmp_path):
+    log = write(tmp_path / "log.csv", LOG)
+    opts = prepare.PrepareOptions(min_timestamp=10**10)  # every event before the window
+    with pytest.raises(DataError, match=rf"^{log}: no events to prepare \(11 valid rows, 11 out"):
+        prepare.prepare(readers.open_source("taobao", log), str(tmp_path / "p"), opts)

@@ -179,8 +179,14 @@ class PrepareOptions:
             raise DataError(f"--num_shards must be at least 1, not {out.num_shards}")
         if out.num_shards and out.rows_per_shard:
             raise DataError("--num_shards and --rows_per_shard both set the shards: pass one")
-        if out.max_len <= 0 or out.memory_mb < 64 or out.neg_ratio < 0 or out.min_count < 1:
-            raise DataError("need max_len > 0, memory_mb >= 64, neg_ratio >= 0, min_count >= 1")
+        for flag, value, low in (
+            ("max_len", out.max_len, 1),
+            ("memory_mb", out.memory_mb, 64),
+            ("neg_ratio", out.neg_ratio, 0),
+            ("min_count", out.min_count, 1),
+        ):
+            if value < low:
+                raise DataError(f"--{flag} must be at least {low}, not {value}")
         out.cleaning_rules.check()
         return out
 
@@ -259,7 +265,7 @@ def scan_log(source: readers.EventSource, opts: PrepareOptions, block_bytes: int
     events = int(behaviours.sum())
     if events == 0:
         raise DataError(
-            f"{[f.path for f in source.files]}: no events to prepare ({rows} valid "
+            f"{', '.join(f.path for f in source.files)}: no events to prepare ({rows} valid "
             f"rows, {outside} outside the time window, skipped {tally.as_dict()})"
         )
     counts = {

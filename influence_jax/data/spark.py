@@ -325,7 +325,7 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
     if n_events == 0:
         ev.unpersist()
         raise DataError(
-            f"{[f.path for f in source.files]}: no events to prepare ({rows_valid} valid "
+            f"{', '.join(f.path for f in source.files)}: no events to prepare ({rows_valid} valid "
             f"rows, {rows_valid - n_events} outside the time window, skipped {tally})"
         )
     cols = ["user", "item", "ts", "value", "beh"]
