@@ -8,6 +8,7 @@ share one persistent compilation cache, so only the first run of the session com
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -121,6 +122,8 @@ def test_early_stopping_keeps_last_k_plus_best_and_records_it(tmp_path, jax_cach
     assert saved["stopped"] and saved["best_step"] == stopper.best_step
 
 
+# Orbax's reads that failed leave futures whose errors surface at garbage collection.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(tmp_path, reference):
     """Resuming with a config whose state does not fit the checkpoints: one error naming the
     fields that differ from the run's config.json, which stays as it was (and so do the
@@ -134,6 +137,7 @@ def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(tmp_path
     assert (workdir / "config.json").read_text() == saved
     assert ckpt_steps(workdir) == ckpt_steps(reference)
     assert scoring.load_run(str(workdir)).step == 20
+    gc.collect()  # the failed reads' futures, here, under this test's warning filter
 
 
 def test_a_run_that_stopped_early_does_not_train_again(tmp_path):
