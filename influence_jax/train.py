@@ -22,6 +22,7 @@ from influence_jax.data import pipeline, synthetic
 from influence_jax.data.dataset import Dataset
 from influence_jax.errors import (
     ConfigError,
+    DataError,
     TrainingError,  # noqa: F401 - part of this module's API
     WorkdirInUseError,
 )
@@ -92,12 +93,16 @@ def _agree_from_process_0(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
-def _resume(ckpt, eng, workdir: str, saved: dict | None, config_json: dict) -> tuple:
+def _resume(ckpt, eng, workdir: str, config_json: dict) -> tuple:
     """ckpt.restore of the newest usable step; when none fits and the config differs from the
     run's config.json, a ConfigError naming the fields that differ."""
     try:
         return ckpt.restore(eng.abstract_state)
     except ckpt_lib.CheckpointError as e:
+        try:  # read only here: a damaged config.json does not stop a resume that works
+            saved = files.read_json(ckpt_lib.config_path(workdir))
+        except DataError:
+            saved = None
         changes = ckpt_lib.config_changes(saved, config_json) if saved else []
         if not changes:
             raise
@@ -112,7 +117,6 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
     dataset = load_data(config, workdir)
     config_check.check_schema(config, dataset.schema)
     config_json = json.loads(config.to_json_best_effort())
-    saved_config = files.read_json(ckpt_lib.config_path(workdir))  # None for a new run
 
     eng = engine.setup(config, dataset.schema)
     num_steps = config.loop.num_steps
@@ -133,7 +137,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         if ckpt.latest_step() is None:
             state = eng.init_state()
         else:
-            state, data_state, restored = _resume(ckpt, eng, workdir, saved_config, config_json)
+            state, data_state, restored = _resume(ckpt, eng, workdir, config_json)
             loop.load_state(data_state.pop("loop", {}))
             it.set_state(data_state)
             logging.info("resumed from checkpoint step %d (data %s)", restored, data_state)
