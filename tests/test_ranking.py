@@ -627,6 +627,18 @@ def test_histories_rebuilt_from_the_raw_log_equal_the_rank_state(prepared_run, t
         ranking.rank(run, str(tmp_path / "t.parquet"), events=src, as_of="end")
 
 
+def test_a_malformed_row_in_rank_events_does_not_advise_a_lenient_flag(prepared_run, tmp_path):
+    run, _ = prepared_run
+    bad = tmp_path / "bad.csv"
+    lines = open(os.path.join(run.workdir, "log.csv")).read().splitlines()
+    bad.write_text("\n".join(lines[:3] + ["1,2,3"] + lines[3:]) + "\n")
+    src = ranking.open_log("taobao", str(bad))
+    with pytest.raises(DataError) as e:
+        ranking.contexts_from_log(run.dataset, src, 1070)
+    assert f"{bad}:4:" in str(e.value) and "Fix or delete the row" in str(e.value)
+    assert "pass --lenient" not in str(e.value) and "it has no --lenient" in str(e.value)
+
+
 def test_an_events_log_replays_with_the_mapping_saved_at_preparation(prepared_run, tmp_path):
     """The Taobao-layout log rewritten as a generic events CSV (other column names and order,
     ISO 8601 times in a +08:00 wall clock, some with their own offset): prepared with

@@ -72,6 +72,21 @@ def _prepare(tmp_path, **kw):
     return prepare.prepare(src, str(tmp_path / "p"), opts)
 
 
+def test_log_entities_missing_from_a_side_table_are_counted(tmp_path, caplog):
+    src = _open(
+        tmp_path,
+        user_table=write(tmp_path / "users.csv", "1,30,FR\n2,55,DE\n"),  # no user 3
+        user_table_names=("u", "age", "country"),
+    )
+    opts = prepare.PrepareOptions(
+        target_behaviours=("buy",), neg_ratio=0, valid_start=500, test_start=650
+    )
+    with caplog.at_level("WARNING"):
+        counts = prepare.prepare(src, str(tmp_path / "p"), opts).extra["counts"]
+    assert counts["users_without_side_row"] == 1 and counts["items_without_side_row"] == 0
+    assert "1 of 3 users in the log have no row in the user table" in caplog.text
+
+
 def test_side_tables_numeric_bags_and_category(tmp_path):
     s = _prepare(tmp_path)
     assert [f.name for f in s.user_fields] == ["user_id", "age", "country"]

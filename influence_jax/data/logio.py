@@ -103,12 +103,16 @@ class Tally:
         return {k: int(v) for k, v in sorted(self.counts.items())}
 
 
+# How a row error ends; a reader without a lenient mode (rank's --events) replaces it.
+FIX_ROW = "Fix or delete the row"
+LENIENT_ADVICE = ", or pass --lenient to count and skip malformed rows."
+
+
 def fail_row(path: str, line: int | str, reason: str, text: str, detail: str = "") -> DataError:
     text = text if len(text) <= 200 else text[:200] + "..."  # a runaway row (e.g. a lost quote)
     what = f"{detail} (row {text!r})" if detail else repr(text)
     return DataError(
-        f"{path}:{line}: {REASONS.get(reason, reason)}: {what}. Fix or delete the row, "
-        "or pass --lenient to count and skip malformed rows."
+        f"{path}:{line}: {REASONS.get(reason, reason)}: {what}. {FIX_ROW}{LENIENT_ADVICE}"
     )
 
 

@@ -365,6 +365,18 @@ def make_plan(source: readers.EventSource, scan: Scan, opts: PrepareOptions) -> 
             cols += side.side_columns(
                 table, keys, reserved, mc, vocabs, fields, numeric[group], counts
             )
+            # Entities of the log the side table lacks: their side features are OOV.
+            pos, found = positions(keys, table.key)
+            missing = counts[f"{group}s_without_side_row"] = len(keys) - len(np.unique(pos[found]))
+            if missing:
+                logging.warning(
+                    "%d of %d %ss in the log have no row in the %s table; their side features "
+                    "are OOV",
+                    missing,
+                    len(keys),
+                    group,
+                    group,
+                )
     pool = np.flatnonzero(item_ids >= NUM_RESERVED)
     if opts.neg_ratio and not len(pool):
         raise DataError(

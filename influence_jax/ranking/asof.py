@@ -19,6 +19,7 @@ import pyarrow as pa
 from influence_jax.data import rank_state, readers
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.history import Events, sort_events, state_as_of
+from influence_jax.data.logio import LENIENT_ADVICE
 from influence_jax.data.plan import RECORD
 from influence_jax.data.schema import OOV_ID, DataError
 from influence_jax.data.vocab import Vocab, positions
@@ -26,6 +27,20 @@ from influence_jax.ranking.contexts import Contexts
 
 
 def _read(source: readers.EventSource, window: list | None) -> dict[str, list]:
+    """The log's events in `window`; a malformed row is an error (rank has no lenient mode)."""
+    try:
+        return _read_strict(source, window)
+    except DataError as e:
+        message = str(e)
+        if not message.endswith(LENIENT_ADVICE):
+            raise
+        raise DataError(
+            message[: -len(LENIENT_ADVICE)]
+            + " (rank reads --events strictly; it has no --lenient)."
+        ) from None
+
+
+def _read_strict(source: readers.EventSource, window: list | None) -> dict[str, list]:
     cols: dict[str, list] = {k: [] for k in ("user", "item", "ts", "beh", "value", "cat")}
     lo, hi = window if window else (None, None)
     for chunk in source.chunks(4 << 20, readers.Tally(False)):
