@@ -1,5 +1,8 @@
 """Input pipeline: determinism, epoch coverage, process sharding, eval padding, resumable state."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -77,6 +80,27 @@ def test_too_small_split_is_a_clear_error(tiny_data):
     schema, path = tiny_data
     with pytest.raises(DataError, match="fewer than one global batch"):
         pipeline.TrainBatches(ExampleStore(path, "valid", schema), 4096, seed=0, num_batches=1)
+
+
+@pytest.mark.parametrize("column", ["item", "hist"])
+def test_an_id_outside_its_vocabulary_names_row_and_field(tiny_data, tmp_path, column):
+    """A damaged or hand-edited split: the lookup would clamp the id silently."""
+    schema, path = tiny_data
+    copy = tmp_path / "data"
+    shutil.copytree(path, copy)
+    shard = os.path.join(copy, schema.splits["valid"]["shards"][0])
+    ids = np.load(os.path.join(shard, f"{column}.npy"))
+    if column == "item":
+        ids[5, 0] = schema.vocab_sizes["item_id"]  # one past the vocabulary
+        want = r"valid: row 5: item field 'item_id' holds id \d+, outside vocabulary 'item_id'"
+    else:
+        ids[3, 2, schema.hist_index("behaviour")] = -1
+        want = r"valid: row 3, event 2: hist field 'behaviour' holds id -1"
+    np.save(os.path.join(shard, f"{column}.npy"), ids)
+    batches = pipeline.EvalBatches(ExampleStore(str(copy), "valid", schema), 16)
+    assert len(batches[1]["label"]) == 16  # rows 16-31 are whole
+    with pytest.raises(DataError, match=want + r".*prepare it again"):
+        batches[0]
 
 
 def test_synthetic_same_seed_same_data_and_planted_weights(tmp_path):

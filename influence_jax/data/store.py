@@ -249,6 +249,16 @@ class ExampleStore:
                 )
             except (OSError, ValueError) as e:
                 raise DataError(f"{d}: cannot read shard ({e})") from None
+        # Id bounds per field (uint32: a negative id is out of bounds too); ids at or above a
+        # table size are in range (they embed as OOV), ids at or above the vocabulary are not.
+        self._bounds = {
+            col: np.array([self.schema.vocab_sizes[f.vocab] for f in fields], np.uint32)
+            for col, fields in (
+                ("user", self.schema.user_fields),
+                ("item", self.schema.item_fields),
+                ("hist", self.schema.hist_fields),
+            )
+        }
         sizes = [len(c["label"]) for c in self._cols]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if self._offsets[-1] != self.schema.splits[split]["rows"]:
@@ -276,7 +286,9 @@ class ExampleStore:
             return {k: np.zeros((0, *shapes.get(k, ())), dt) for k, dt in self.columns.items()}
         if len(self._cols) == 1:
             cols = self._cols[0]
-            return self._with_histories({k: _take(v, idx) for k, v in cols.items()})
+            return self._checked(
+                self._with_histories({k: _take(v, idx) for k, v in cols.items()}), idx
+            )
         shard = np.searchsorted(self._offsets, idx, side="right") - 1
         out = {k: np.empty((len(idx),) + v.shape[1:], v.dtype) for k, v in self._cols[0].items()}
         for s in np.unique(shard):
@@ -284,7 +296,31 @@ class ExampleStore:
             local = idx[sel] - self._offsets[s]
             for k, v in self._cols[s].items():
                 out[k][sel] = _take(v, local)
-        return self._with_histories(out)
+        return self._checked(self._with_histories(out), idx)
+
+    def _checked(self, out: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+        """`out`, once every id is within its vocabulary (a damaged or hand-edited file would
+        otherwise be clamped silently by the embedding lookup); else a DataError naming the
+        split, row and field."""
+        for col, bound in self._bounds.items():
+            ids = out[col]
+            if ids.dtype != np.int32:
+                raise DataError(
+                    f"{self.root}/{self.split}: column {col!r} is {ids.dtype}, expected int32"
+                )
+            bad = ids.view(np.uint32) >= bound
+            if not bad.any():
+                continue
+            at = np.argwhere(bad)[0]
+            fields = {"user": self.schema.user_fields, "item": self.schema.item_fields}
+            field = fields.get(col, self.schema.hist_fields)[at[-1]]
+            where = f"row {int(idx[at[0]])}" + (f", event {at[1]}" if col == "hist" else "")
+            raise DataError(
+                f"{self.root}/{self.split}: {where}: {col} field {field.name!r} holds id "
+                f"{int(ids[tuple(at)])}, outside vocabulary {field.vocab!r} "
+                f"[0, {int(bound[at[-1]])}); the dataset is damaged: prepare it again"
+            )
+        return out
 
     def _with_histories(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stored columns -> `columns_of` columns: histories by reference are assembled."""
