@@ -53,6 +53,15 @@ def plain_terminal_and_file(path: str | None) -> None:
         logging.getLogger().addHandler(file)
 
 
+def error_to_files(message: str) -> None:
+    """Writes an ERROR line to the log files of `plain_terminal_and_file` only (the terminal
+    gets the message from sys.exit), so a run's log says why it stopped."""
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 0, "%s", (message,), None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def hms(seconds: float) -> str:
     """H:MM:SS of a duration."""
     s = int(round(max(seconds, 0)))

@@ -63,14 +63,16 @@ def main(argv):
             where = "one allocator arena" if one_arena else "each thread's allocator arena"
             logging.info("freed host memory kept for reuse in %s (--host_memory)", where)
         train.train_and_evaluate(config, _WORKDIR.value)
-    except (errors.ConfigError, errors.DataError) as e:
-        sys.exit(f"error: {e}")
-    except errors.CheckpointError as e:  # no checkpoint of the run restores
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
+        _stop(f"error: {e}")
     except errors.TrainingError as e:
-        logging.error("%s", e)
-        sys.exit(f"training stopped: {e}")
+        _stop(f"training stopped: {e}")
+
+
+def _stop(message: str) -> None:
+    """Exits with `message` on the terminal, and in train.log when it was opened."""
+    logs.error_to_files(message)
+    sys.exit(message)
 
 
 def run():

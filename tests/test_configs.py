@@ -104,3 +104,20 @@ def test_main_refuses_a_workdir_that_is_a_file(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and last == f"error: --workdir={workdir}: exists and is not a folder"
     assert workdir.read_text() == "a file of the user's"
+
+
+def test_main_writes_why_it_stopped_into_train_log(tmp_path):
+    """An error after train.log opened (a dataset path that does not exist) ends the log too,
+    and the terminal shows it once."""
+    workdir, missing = tmp_path / "run", tmp_path / "no-such-data"
+    r = subprocess.run(
+        [sys.executable, "-m", "influence_jax.main", f"--workdir={workdir}",
+         "--config=configs/tiny.py", "--config.data.source=prepared",
+         f"--config.data.path={missing}"],
+        capture_output=True, text=True, cwd=helpers.ROOT, timeout=120,
+    )  # fmt: skip
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("error: ") and str(missing) in last, r.stderr
+    assert r.stderr.count(last[len("error: ") :]) == 1 and "Traceback" not in r.stderr
+    log = (workdir / "train.log").read_text().strip().splitlines()
+    assert log[-1].startswith("E") and log[-1].endswith(last), log[-1]
