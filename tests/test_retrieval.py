@@ -323,3 +323,9 @@ def test_top_per_group_breaks_score_ties_by_item_in_any_input_order(rows):
         best = best[:m]
         assert items[g].tolist() == item[best].tolist() + [0] * (m - len(best))
         np.testing.assert_array_equal(scores[g][: len(best)], score[best])
+
+
+def test_retrieval_on_synthetic_data_says_it_needs_a_prepared_log(tmp_path):
+    schema, path = helpers.tiny_dataset(str(tmp_path))
+    with pytest.raises(DataError, match="synthetic data has no event log to retrieve"):
+        retrieval.load_histories(path, schema, "test")

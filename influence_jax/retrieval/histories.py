@@ -82,6 +82,11 @@ def load_histories(data_path: str, schema: Schema, cut: str) -> Histories:
     its log2 time-gap bucket (cut - 2^k s), a coarse but ordered stand-in.
     """
     if not rank_state.available(data_path):
+        if schema.name == "synthetic":
+            raise DataError(
+                f"{data_path}: synthetic data has no event log to retrieve candidates from; "
+                "retrieval needs a dataset made by tools/prepare_data.py"
+            )
         raise DataError(
             f"{data_path}: no rank_state/ folder (prepared before it existed); rerun "
             "tools/prepare_data.py to retrieve candidates"
