@@ -301,7 +301,7 @@ def _check_loop(lp: Any) -> None:
     if not metric:
         if lp.early_stop_patience:
             raise ConfigError("config.loop.early_stop_patience: set config.loop.early_stop_metric")
-    elif metric.partition("/")[0] not in metrics.METRICS:
+    elif not metrics.is_metric_key(metric, heads=False):
         raise ConfigError(
             f"config.loop.early_stop_metric: {metric!r} is not one of {metrics.METRICS}, "
             "optionally '/<behaviour type>'"

@@ -17,6 +17,15 @@ METRICS = ("auc", "gauc", "gauc_impression", "logloss", "accuracy")
 LOWER_IS_BETTER = ("logloss",)
 
 
+def is_metric_key(key: str, heads: bool = True) -> bool:
+    """Whether `key` names a metric of a split's evaluation: "<name>" with <name> one of
+    METRICS, "<name>/<behaviour type>", or with `heads` a multi-task head's "<head>/<name>"."""
+    parts = key.split("/") if isinstance(key, str) else []
+    per_type = bool(parts) and parts[0] in METRICS and len(parts) <= 2
+    per_head = heads and len(parts) == 2 and parts[1] in METRICS
+    return per_type or per_head
+
+
 def mode(metric: str) -> str:
     """'min' for a metric where lower is better ("logloss", "valid/logloss/buy"), else 'max'."""
     lower = any(p in LOWER_IS_BETTER or p == "loss" for p in metric.split("/"))

@@ -105,6 +105,17 @@ def test_a_bad_report_fails_before_round_0_naming_the_file(tmp_path, tiny_data, 
     assert not calls and not workdir.exists()
 
 
+@pytest.mark.parametrize("metric", ["valid/acc", "train/auc", "auc", "valid/auc/buy/x"])
+def test_a_bad_metric_fails_before_round_0(tmp_path, tiny_data, metric):
+    config = helpers.tiny_config(**{"data.source": "prepared", "data.path": tiny_data[1]})
+    calls = []
+    train_fn = lambda cfg, workdir: calls.append(workdir) or {"valid/auc": 0.7}
+    workdir = tmp_path / "select"
+    with pytest.raises(ConfigError, match=rf"--metric={metric}: give '<split>/<name>'"):
+        selection.run(config, str(workdir), 0.1, metric=metric, train_fn=train_fn)
+    assert not calls and not workdir.exists()
+
+
 def test_a_given_report_sets_round_0s_drops(tmp_path, tiny_data):
     given = tmp_path / "given.json"
     given.write_text(json.dumps(report({"pv": 0.01, "cart": 1.0, "fav": 1.0, "buy": 1.0})))

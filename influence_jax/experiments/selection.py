@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from influence_jax import files
+from influence_jax import files, metrics
 from influence_jax.errors import ConfigError, DataError
 from influence_jax.experiments import trials
 
@@ -128,6 +128,19 @@ def _metric(record: dict[str, Any], metric: str) -> float:
     return float(record["metrics"][metric])
 
 
+def check_metric(metric: str, config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError unless `metric` is a key the rounds' evaluation reports (of
+    loop.eval_split or loop.final_eval_split); checked before round 0 trains."""
+    splits = [s for s in (config.loop.eval_split, config.loop.final_eval_split) if s]
+    split, _, rest = metric.partition("/")
+    if split not in splits or not metrics.is_metric_key(rest):
+        raise ConfigError(
+            f"--metric={metric}: give '<split>/<name>' with <split> one of {splits} (the "
+            f"splits the rounds evaluate) and <name> one of {metrics.METRICS}, optionally "
+            "'/<behaviour type>', or '<split>/<head>/<name>' for a multi-task model"
+        )
+
+
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -155,6 +168,7 @@ def run(
        "selected_round", "stopped"}; also written to WORKDIR/selection.json.
     """
     trials.check_final_split(config)
+    check_metric(metric, config)
     given = load_report(report_path) if report_path else None  # before round 0 trains
     sign = 1.0 if mode == "max" else -1.0
     split = config.loop.eval_split

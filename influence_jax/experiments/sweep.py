@@ -145,13 +145,10 @@ def check_metric(metric: Any, where: str = "") -> None:
     metric stops the sweep before any trial trains instead of ranking by an empty column.
     """
     split, _, rest = metric.partition("/") if isinstance(metric, str) else ("", "", "")
-    parts = rest.split("/")
     if split == "cv":
         ok = rest in {f"{m}_{s}" for m in metrics.METRICS for s in CV_STATS}
     else:
-        per_type = parts[0] in metrics.METRICS and len(parts) <= 2
-        per_head = len(parts) == 2 and parts[1] in metrics.METRICS
-        ok = bool(split) and (per_type or per_head)
+        ok = bool(split) and metrics.is_metric_key(rest)
     if not ok:
         raise ConfigError(
             f"{where}metric: {metric!r} is not a result key; give '<split>/<name>' with <name> "
