@@ -154,8 +154,9 @@ def load_run(
 def _check_objective(objective: str, heads: tuple[str, ...]) -> None:
     """DataError unless `objective` ("" the trained one) names heads of the run (`heads`)."""
     if not heads:
-        what = f"--objective={objective}: not a head of this run" if objective else "switching"
-        raise DataError(f"{what}; it is a single-task run")
+        if objective:
+            raise DataError(f"--objective={objective}: not a head of this run; it is single-task")
+        raise DataError("a single-task run has one objective; there are no heads to switch")
     try:
         parse_objective(objective, heads)
     except ValueError as e:

@@ -269,3 +269,11 @@ def test_heads_side_by_side_flags_orders_that_differ():
     assert influence_heads.side_by_side({"a": combined})["behaviour_types"]["pv"]["share"] == {
         "a": 0.5
     }
+
+
+def test_a_single_task_run_has_no_objective_to_name_or_switch():
+    with pytest.raises(DataError, match=r"^--objective=buy: not a head of this run; it is single"):
+        scoring._check_objective("buy", ())
+    with pytest.raises(DataError, match="a single-task run has one objective; there are no heads"):
+        scoring._check_objective("", ())
+    scoring._check_objective("2*buy+click", ("click", "buy"))  # heads of the run: fine
