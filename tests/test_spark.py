@@ -316,7 +316,9 @@ def test_a_malformed_row_fails_naming_the_file_or_is_counted_as_numpy_counts_it(
 
     good = random_log(20, 15, 400, seed=1)
     bad = "7,x,1,pv,1050\n9,3,1,jump,1051\n4,4,1\n\n"  # the last: a blank line
-    log = write(tmp_path / "bad.csv", good + bad + good)
+    log = tmp_path / "bad.csv"  # and a row with a byte that is not UTF-8 (in its category)
+    log.write_bytes((good + bad).encode() + b"5,6,7\xff,pv,1052\n" + good.encode())
+    log = str(log)
     source = readers.open_source("taobao", log)
     opts = dict(valid_start=1060, test_start=1080, min_timestamp=0, num_buckets=2)
     with pytest.raises(DataError, match=r"bad\.csv: .*(non-integer id|unknown behaviour|number)"):
@@ -329,7 +331,7 @@ def test_a_malformed_row_fails_naming_the_file_or_is_counted_as_numpy_counts_it(
     assert_same_output(a, b, drop=("counts",))
     counts, numpy_counts = _schema(b)["extra"]["counts"], _schema(a)["extra"]["counts"]
     assert (counts["skipped_bad_id"], counts["skipped_unknown_behaviour"]) == (1, 1)
-    assert counts["skipped_wrong_field_count"] == 1
+    assert counts["skipped_wrong_field_count"] == 1 and counts["skipped_bad_encoding"] == 1
     # The one documented difference (docs/spark.md): Spark's CSV reader drops blank lines
     # before they can be counted.
     assert (numpy_counts["skipped_blank_lines"], counts["skipped_blank_lines"]) == (1, 0)

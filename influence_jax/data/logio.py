@@ -364,7 +364,7 @@ def convert(
     return EventChunk(user, item, beh, ts, category, value), blank, bad
 
 
-def _flag_encoding(by_role: dict[str, pa.Array], blank: np.ndarray, bad: dict) -> None:
+def flag_encoding(by_role: dict[str, pa.Array], blank: np.ndarray, bad: dict) -> None:
     """Marks rows with invalid UTF-8 (read as REPLACEMENT) in a role column as bad_encoding,
     and for that reason only: the garbled value breaks no other rule of its own."""
     enc = np.zeros(len(blank), bool)
@@ -406,7 +406,7 @@ def iter_file(
     for batch, header in csv_batches(f, list(cols.values()), block_bytes, skipped):
         by_role = {r: batch.column(c) for r, c in cols.items()}
         chunk, blank, bad = convert(by_role, f, string_ids)
-        _flag_encoding(by_role, blank, bad)
+        flag_encoding(by_role, blank, bad)
         tally.counts["blank_lines"] += int(blank.sum())
         if not tally.lenient:
             # The first bad line so far: a bad value in this batch or a skipped line up to it.

@@ -200,6 +200,7 @@ def _validate(
             a = b.column(r)
             by_role[r] = pc.fill_null(a, "") if pa.types.is_string(a.type) else a
         chunk, blank, bad = logio.convert(by_role, f, string_ids)
+        logio.flag_encoding(by_role, blank, bad)  # Spark reads invalid UTF-8 as U+FFFD too
         bits = np.where(blank, BLANK, 0).astype(np.int32)
         for reason, m in bad.items():
             bits |= np.where(m, REASON_BITS[reason], 0).astype(np.int32)
@@ -322,6 +323,8 @@ def scan(spark, source: readers.EventSource, opts: PrepareOptions):
     has_value = source.has_value
     for r in ("bad_id", "bad_timestamp", "unknown_behaviour", *(["bad_value"] * has_value)):
         tally[r] = bad[r]
+    if bad["bad_encoding"]:  # as the numpy engine's tally: only when a row had it
+        tally["bad_encoding"] = bad["bad_encoding"]
     if n_events == 0:
         ev.unpersist()
         raise DataError(
