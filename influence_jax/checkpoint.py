@@ -46,6 +46,12 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINTS)
 
 
+def has_checkpoints(workdir: str) -> bool:
+    """Whether WORKDIR/checkpoints holds a step folder (usable or not), without Orbax."""
+    d = checkpoint_dir(workdir)
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def config_path(workdir: str) -> str:
     return os.path.join(workdir, CONFIG_FILE)
 

@@ -32,12 +32,29 @@ def load_data(config: Any, workdir: str) -> Dataset:
     """The dataset of this run; synthetic data is (re)generated into WORKDIR/data."""
     if config.data.source == "synthetic":
         path = ckpt_lib.data_dir(workdir)
+        _check_same_synthetic_data(config, workdir, path)  # every process: it only reads
         if jax.process_index() == 0:
             schema = synthetic.ensure(config.data.synthetic, path)
             synthetic.write_planted(schema, workdir)
         _barrier("synthetic-data")
         return Dataset(path, config.data)
     return Dataset(config.data.path, config.data)
+
+
+def _check_same_synthetic_data(config: Any, workdir: str, path: str) -> None:
+    """ConfigError when a run with checkpoints would regenerate its synthetic data from other
+    settings (its checkpoints were trained on the data there, which would be replaced)."""
+    saved = synthetic.saved_generator(path)
+    new = synthetic.cfg_to_dict(config.data.synthetic)
+    if saved is None or saved == new or not ckpt_lib.has_checkpoints(workdir):
+        return
+    wrap = lambda d: {"data": {"synthetic": d}}  # noqa: E731
+    changes = ckpt_lib.config_changes(wrap(saved), wrap(new))
+    raise ConfigError(
+        f"--workdir={workdir}: its checkpoints were trained on the synthetic data in {path}, "
+        f"made with other settings ({'; '.join(changes)}); resume with the run's settings, or "
+        "train in a new --workdir"
+    )
 
 
 def _barrier(name: str) -> None:

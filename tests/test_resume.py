@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from influence_jax import checkpoint as ckpt_lib
 from influence_jax import config_check, evaluation, scoring, train
 from influence_jax import loop as loop_lib
-from influence_jax.errors import ConfigError
+from influence_jax.errors import ConfigError, DataError
 from tests import helpers
 from tests.helpers import (
     FLAGS,
@@ -138,6 +138,30 @@ def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(tmp_path
     assert ckpt_steps(workdir) == ckpt_steps(reference)
     assert scoring.load_run(str(workdir)).step == 20
     gc.collect()  # the failed reads' futures, here, under this test's warning filter
+
+
+def test_a_resume_with_other_synthetic_data_names_the_change_and_keeps_the_data(
+    tmp_path, reference
+):
+    """Other generator settings on a run with checkpoints would regenerate WORKDIR/data under
+    them (the run then resumed on data it never saw): refused, naming the fields."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    schema = (workdir / "data" / "schema.json").read_text()
+    config = helpers.tiny_config(**{"data.synthetic.bias": 3.0, "ckpt.every": 5})
+    with pytest.raises(ConfigError, match=r"made with other settings \(data.synthetic.bias: "):
+        train.train_and_evaluate(config, str(workdir))
+    assert (workdir / "data" / "schema.json").read_text() == schema
+    assert ckpt_steps(workdir) == ckpt_steps(reference)
+
+
+def test_synthetic_data_does_not_replace_a_folder_of_the_users(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "data").mkdir(parents=True)
+    (workdir / "data" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"data: a folder that is not a synthetic dataset"):
+        train.train_and_evaluate(helpers.tiny_config(), str(workdir))
+    assert (workdir / "data" / "notes.txt").read_text() == "mine"
 
 
 def test_a_run_that_stopped_early_does_not_train_again(tmp_path):

@@ -33,10 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from influence_jax import files
 from influence_jax.data import store
 from influence_jax.data.schema import NUM_RESERVED, DataError, Field, Schema
 
 BEHAVIOURS = ("pv", "cart", "fav", "buy")
+SIGNALS = ("history", "item", "user")  # what config.data.synthetic.signals_absent may name
 TASKS = ("click", "conversion")
 DEFAULT_TYPE_WEIGHTS = {"pv": 0.15, "cart": 0.6, "fav": 0.35, "buy": 1.0}
 DEFAULT_TYPE_PROBS = {"pv": 0.55, "cart": 0.15, "fav": 0.15, "buy": 0.15}
@@ -368,22 +370,38 @@ def generate(cfg: Any, output_dir: str) -> Schema:
     return schema
 
 
-def ensure(cfg: Any, output_dir: str) -> Schema:
-    """The synthetic dataset in `output_dir`, generated unless the same config made it."""
+def saved_generator(output_dir: str) -> dict[str, Any] | None:
+    """The generator settings of the synthetic dataset in `output_dir`; None when there is
+    none (or it cannot be read). DataError when `output_dir` holds something else (a folder of
+    the user's files, a file): it is not replaced."""
+    if not os.path.exists(output_dir):
+        return None
+    if not os.path.isdir(output_dir):
+        raise DataError(
+            f"{output_dir}: exists and is not a folder; remove it or choose another --workdir"
+        )
     try:
-        schema = Schema.load(output_dir)
-        if schema.extra.get("generator") == cfg_to_dict(cfg):
-            return schema
-    except DataError:
-        pass
+        return Schema.load(output_dir).extra["generator"]
+    except (DataError, KeyError):
+        if os.listdir(output_dir) and not os.path.exists(os.path.join(output_dir, "schema.json")):
+            raise DataError(
+                f"{output_dir}: a folder that is not a synthetic dataset of this engine (no "
+                "schema.json) and would be replaced by the generated data; remove it or choose "
+                "another --workdir"
+            ) from None
+        return None
+
+
+def ensure(cfg: Any, output_dir: str) -> Schema:
+    """The synthetic dataset in `output_dir`, generated unless the same config made it (see
+    `saved_generator` for what is never replaced)."""
+    if saved_generator(output_dir) == cfg_to_dict(cfg):
+        return Schema.load(output_dir)
     return generate(cfg, output_dir)
 
 
 def write_planted(schema: Schema, workdir: str) -> str:
     """Writes the planted ground truth of a synthetic dataset to `workdir/planted.json`."""
     path = os.path.join(workdir, PLANTED_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(schema.extra["planted"], f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    files.write_json(path, schema.extra["planted"])
     return path
