@@ -9,6 +9,7 @@ dataset can confirm (dropped behaviour types, a per-type early-stopping metric, 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from influence_jax import metrics
@@ -142,12 +143,18 @@ def mesh_axis_sizes(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
         raise ConfigError(
             f"config.mesh: data={data}, model={model}; give positive sizes, at most one of them -1"
         )
-    if data == -1:
-        data = num_devices // model
-    if model == -1:
-        model = num_devices // data
+    given = {"data": data, "model": model}
+    fixed = model if data == -1 else data if model == -1 else None  # the size that is set
+    if fixed is not None and num_devices % fixed == 0:
+        data, model = (num_devices // fixed, model) if data == -1 else (data, num_devices // fixed)
     if data * model != num_devices:
-        raise ConfigError(f"config.mesh: data={data} x model={model} != {num_devices} devices")
+        said = ", ".join(f"{k}={v}" for k, v in given.items() if v != -1)
+        what = (
+            f"{said} does not divide the {num_devices} devices"
+            if fixed is not None
+            else f"data={data} x model={model} != {num_devices} devices"
+        )
+        raise ConfigError(f"config.mesh: {what}; the mesh uses every device of the run")
     return {"data": data, "model": model}
 
 
@@ -192,6 +199,7 @@ def _check_data(d: Any) -> None:
     for field in ("batch_size", "eval_batch_size", "num_threads"):
         _positive(d, "data", field)
     _at_least(d, "data", "prefetch", 0)
+    _at_least(d, "data", "shuffle_seed", 0)
     for field in ("train_time_range", "eval_time_range"):
         value = tuple(getattr(d, field) or ())
         if value and len(value) != 2:
@@ -216,11 +224,35 @@ def _check_data(d: Any) -> None:
 def _check_synthetic_task(syn: Any) -> None:
     """The task and its conversion fields (a bias in logits, a probability)."""
     _one_of(syn.task, synthetic.TASKS, "data.synthetic.task")
-    if not math.isfinite(syn.conversion_bias):  # ConfigDict's typing rejects non-numbers
+    _at_least(syn, "data.synthetic", "seed", 0)
+    # ConfigDict's typing rejects non-numbers; NaN and inf pass it.
+    for field in ("bias", "conversion_bias", "history_scale", "item_quality_scale", "user_scale"):
+        if not math.isfinite(getattr(syn, field)):
+            raise ConfigError(
+                f"config.data.synthetic.{field}: must be finite, got {getattr(syn, field)}"
+            )
+    if not 0.0 < syn.recency_decay <= 1.0:
         raise ConfigError(
-            f"config.data.synthetic.conversion_bias: must be a finite logit, got "
-            f"{syn.conversion_bias}"
+            f"config.data.synthetic.recency_decay: must be in (0, 1], got {syn.recency_decay}"
         )
+    unknown = sorted(set(syn.signals_absent) - set(synthetic.SIGNALS))
+    if isinstance(syn.signals_absent, str) or unknown:
+        raise ConfigError(
+            f"config.data.synthetic.signals_absent: give a tuple of {synthetic.SIGNALS}, got "
+            f"{syn.signals_absent!r}"
+        )
+    for field in ("type_weights", "type_probs"):
+        table = dict(getattr(syn, field))
+        if sorted(table) != sorted(synthetic.BEHAVIOURS):
+            raise ConfigError(
+                f"config.data.synthetic.{field}: give a value for each of {synthetic.BEHAVIOURS}"
+                f", got {sorted(table)}"
+            )
+        for b, v in table.items():
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"config.data.synthetic.{field}.{b}: must be >= 0, got {v}")
+    if not sum(syn.type_probs.values()) > 0:
+        raise ConfigError("config.data.synthetic.type_probs: at least one must be positive")
     if not 0.0 <= syn.repeat_view_prob <= 1.0:
         raise ConfigError(
             f"config.data.synthetic.repeat_view_prob: must be in [0, 1], got {syn.repeat_view_prob}"
@@ -309,6 +341,9 @@ def _check_loop(lp: Any) -> None:
     metric_mode(metric, lp.early_stop_mode)
 
 
+MESH_AXES = ("data", "model")  # sharding.DATA, sharding.MODEL (that module loads JAX)
+
+
 def _check_mesh(mesh: Any) -> None:
     for field in ("data", "model"):
         value = getattr(mesh, field)
@@ -320,3 +355,18 @@ def _check_mesh(mesh: Any) -> None:
     for entry in mesh.rules:
         if not isinstance(entry, list | tuple) or len(entry) != 2:
             raise ConfigError(f"config.mesh.rules: {entry!r} is not a (regex, spec) pair")
+        regex, spec = entry
+        try:
+            re.compile(regex)
+        except (re.error, TypeError) as e:
+            raise ConfigError(
+                f"config.mesh.rules: {regex!r} is not a regular expression ({e})"
+            ) from None
+        axes = spec if isinstance(spec, list | tuple) else (spec,)
+        for axis in axes:
+            names = axis if isinstance(axis, list | tuple) else (axis,)
+            if any(a is not None and a not in MESH_AXES for a in names):
+                raise ConfigError(
+                    f"config.mesh.rules: ({regex!r}, {spec!r}): give each dimension one of the "
+                    f"mesh axes {MESH_AXES} or None"
+                )

@@ -63,6 +63,18 @@ def test_every_config_builds_and_checks(path):
         ({"model.match.taus": (4.0, 0.0)}, "config.model.match.taus"),
         ({"data.synthetic.conversion_bias": float("nan")}, "config.data.synthetic.conversion_bias"),
         ({"data.synthetic.repeat_view_prob": 1.5}, "config.data.synthetic.repeat_view_prob"),
+        ({"mesh.rules": (("[", "model"),)}, "config.mesh.rules: '[' is not a regular"),
+        ({"mesh.rules": ((".*embed.*", "axis"),)}, "give each dimension one of the mesh axes"),
+        ({"mesh.model": 3}, "config.mesh: model=3 does not divide the 8 devices"),
+        ({"mesh.data": 3, "mesh.model": 2}, "config.mesh: data=3 x model=2 != 8 devices"),
+        ({"data.shuffle_seed": -1}, "config.data.shuffle_seed: must be >= 0"),
+        ({"data.synthetic.seed": -1}, "config.data.synthetic.seed: must be >= 0"),
+        ({"data.synthetic.bias": float("nan")}, "config.data.synthetic.bias: must be finite"),
+        ({"data.synthetic.history_scale": float("inf")}, "config.data.synthetic.history_scale"),
+        ({"data.synthetic.recency_decay": -2.0}, "config.data.synthetic.recency_decay"),
+        ({"data.synthetic.signals_absent": ("foo",)}, "config.data.synthetic.signals_absent"),
+        ({"data.synthetic.type_weights.fav": float("nan")}, "synthetic.type_weights.fav: must"),
+        ({"data.synthetic.type_probs.pv": -0.1}, "config.data.synthetic.type_probs.pv: must"),
     ],
 )
 def test_bad_config_values_name_the_field(overrides, field):

@@ -9,7 +9,7 @@ from influence_jax import config_check
 from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError
 from influence_jax.models import build_model
-from influence_jax.models.extractors import Inputs, MatchCounts, SplitDense
+from influence_jax.models.extractors import MLP, Inputs, MatchCounts, SplitDense
 from influence_jax.models.layers import ConvTower, masked_max, take_small
 from tests import helpers
 
@@ -44,6 +44,17 @@ def test_split_dense_is_nn_dense_on_the_concatenation():
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_split, g_dense
     )
+
+
+def test_an_mlp_without_hidden_layers_is_a_linear_score_of_its_parts():
+    """hidden=() (e.g. --config.model.din.hidden='()'): one Dense(1) on the parts joined."""
+    rng = np.random.default_rng(0)
+    parts = [jnp.asarray(rng.normal(size=(3, k)), jnp.float32) for k in (4, 2)]
+    mlp = MLP(hidden=())
+    p = mlp.init(jax.random.PRNGKey(0), parts, train=False)
+    w, b = p["params"]["out"]["kernel"], p["params"]["out"]["bias"]
+    want = (jnp.concatenate(parts, -1) @ w)[:, 0] + b[0]
+    np.testing.assert_allclose(mlp.apply(p, parts, train=False), want, rtol=1e-6)
 
 
 def test_take_small_is_the_gather():

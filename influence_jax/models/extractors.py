@@ -84,6 +84,8 @@ class MLP(nn.Module):
             else:
                 x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        if isinstance(x, list | tuple):  # hidden=(): a linear score of the parts
+            x = jnp.concatenate(x, -1)
         return nn.Dense(1, use_bias=self.out_bias, name="out")(x)[..., 0]
 
 
