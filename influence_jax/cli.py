@@ -58,14 +58,29 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.exit(0)
         raise
     except flags.Error as e:
-        sys.exit("error: " + " ".join(str(e).split()))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        text = str(e).replace("\\n", " ").replace("\\'", "'")
-        name, hint = re.search(r"'(\w+)'", text), re.search(r"Did you mean [^?]*\?", text)
-        detail = f"no field {name.group(1)!r}" if name else " ".join(text.split())
-        detail += f" ({hint.group(0)})" if hint else ""
-        sys.exit(f"error: a config override ({', '.join(overrides)}) is not valid: {detail}")
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # ml_collections' get_config(arg) error
+            flag = re.split(r": Error|:\s*\n", text, maxsplit=1)[0].removeprefix("flag ")
+            text = f"{flag}: {text.strip().splitlines()[-1]}"
+        sys.exit("error: " + " ".join(text.split()))
+    except SyntaxError as e:  # a config file that is not Python
+        sys.exit(f"error: --config: {e.filename}:{e.lineno}: not a Python config file ({e.msg})")
+    except AttributeError as e:
+        if "has no attribute 'get_config'" not in str(e):
+            _bad_override(argv, e)
+        sys.exit("error: --config: the file defines no get_config() (a Python config file does)")
+    except (KeyError, TypeError, ValueError) as e:
+        _bad_override(argv, e)
+
+
+def _bad_override(argv: list[str], e: Exception) -> None:
+    """Exits naming the config overrides and what was wrong with one of them."""
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    text = str(e).replace("\\n", " ").replace("\\'", "'")
+    name, hint = re.search(r"'(\w+)'", text), re.search(r"Did you mean [^?]*\?", text)
+    detail = f"no field {name.group(1)!r}" if name else " ".join(text.split())
+    detail += f" ({hint.group(0)})" if hint else ""
+    sys.exit(f"error: a config override ({', '.join(overrides)}) is not valid: {detail}")
 
 
 def loaded_config(config: Any) -> Any:
@@ -75,6 +90,10 @@ def loaded_config(config: Any) -> Any:
         config.keys()
     except OSError as e:
         sys.exit("error: --config: " + " ".join(str(e).split()))
+    except AttributeError:
+        sys.exit(
+            f"error: --config: get_config() returned {type(config).__name__}, not a ConfigDict"
+        )
     return config
 
 

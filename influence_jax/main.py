@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from influence_jax import cli, errors, hostmem, logs
+from influence_jax import cli, errors, files, hostmem, logs
 
 # Config files import their siblings as `configs.<name>`; make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,8 +42,10 @@ def main(argv):
     try:
         config = cli.loaded_config(_CONFIG.value)
         config_check.check(config)  # before the multi-process runtime starts
-        if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-            raise errors.ConfigError(f"--workdir={_WORKDIR.value}: exists and is not a folder")
+        if not _WORKDIR.value.strip():
+            raise errors.ConfigError("--workdir: give the run's folder")
+        if "://" not in _WORKDIR.value:  # a local folder: no file in the way, writable
+            files.check_output(_WORKDIR.value, "workdir", folder=True)
         one_arena = hostmem.arenas(_HOST_MEMORY.value, int(config.data.batch_size))
         kept = one_arena is not None and hostmem.keep_freed_host_memory(one_arena)  # before JAX
         cli.init_distributed()

@@ -133,3 +133,43 @@ def test_main_writes_why_it_stopped_into_train_log(tmp_path):
     assert r.stderr.count(last[len("error: ") :]) == 1 and "Traceback" not in r.stderr
     log = (workdir / "train.log").read_text().strip().splitlines()
     assert log[-1].startswith("E") and log[-1].endswith(last), log[-1]
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("def get_config(:\n", "error: --config: {path}:1: not a Python config file (invalid"),
+        ('{"loop": {"num_steps": 3}}\n', "error: --config: the file defines no get_config()"),
+        ("def get_config():\n    return 5\n", "error: --config: get_config() returned int, not"),
+        (None, "error: --config={path}:foo: TypeError: get_config() takes 0 positional"),
+    ],
+    ids=["syntax", "json", "not-a-config", "argument"],
+)
+def test_a_config_file_that_is_not_one_is_one_line(tmp_path, text, message):
+    path = tmp_path / "c.py"
+    path.write_text(text or (helpers.ROOT / "configs" / "tiny.py").read_text())
+    flag = f"{path}:foo" if text is None else str(path)
+    workdir = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "influence_jax.main", f"--workdir={workdir}", f"--config={flag}"],
+        capture_output=True, text=True, cwd=helpers.ROOT, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(
+        message.format(path=path)
+    ), r.stderr
+    assert "Traceback" not in r.stderr and not workdir.exists()
+
+
+@pytest.mark.parametrize("workdir", ["", "{file}/sub"])
+def test_main_refuses_an_empty_workdir_or_one_under_a_file(tmp_path, workdir):
+    file = tmp_path / "f"
+    file.write_text("x")
+    r = subprocess.run(
+        [sys.executable, "-m", "influence_jax.main", f"--workdir={workdir.format(file=file)}",
+         "--config=configs/tiny.py"],
+        capture_output=True, text=True, cwd=helpers.ROOT, timeout=120,
+    )  # fmt: skip
+    last = r.stderr.strip().splitlines()[-1]
+    want = f"{file} is a file, not a folder" if workdir else "--workdir: give the run's folder"
+    assert r.returncode != 0 and last.startswith("error: ") and want in last, r.stderr
+    assert "Traceback" not in r.stderr and file.read_text() == "x"
