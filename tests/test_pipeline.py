@@ -1,6 +1,8 @@
 """Input pipeline: determinism, epoch coverage, process sharding, eval padding, resumable state."""
 
+import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -82,9 +84,10 @@ def test_too_small_split_is_a_clear_error(tiny_data):
         pipeline.TrainBatches(ExampleStore(path, "valid", schema), 4096, seed=0, num_batches=1)
 
 
-@pytest.mark.parametrize("column", ["item", "hist"])
+@pytest.mark.parametrize("column", ["item", "hist", "label"])
 def test_an_id_outside_its_vocabulary_names_row_and_field(tiny_data, tmp_path, column):
-    """A damaged or hand-edited split: the lookup would clamp the id silently."""
+    """A damaged or hand-edited split: the lookup would clamp the id silently (and a NaN label
+    gave NaN metrics, or a loss error blaming the learning rate)."""
     schema, path = tiny_data
     copy = tmp_path / "data"
     shutil.copytree(path, copy)
@@ -93,14 +96,38 @@ def test_an_id_outside_its_vocabulary_names_row_and_field(tiny_data, tmp_path, c
     if column == "item":
         ids[5, 0] = schema.vocab_sizes["item_id"]  # one past the vocabulary
         want = r"valid: row 5: item field 'item_id' holds id \d+, outside vocabulary 'item_id'"
-    else:
+    elif column == "hist":
         ids[3, 2, schema.hist_index("behaviour")] = -1
         want = r"valid: row 3, event 2: hist field 'behaviour' holds id -1"
+    else:
+        ids[7] = np.nan
+        want = r"valid: row 7: label is nan, not 0 or 1"
     np.save(os.path.join(shard, f"{column}.npy"), ids)
     batches = pipeline.EvalBatches(ExampleStore(str(copy), "valid", schema), 16)
     assert len(batches[1]["label"]) == 16  # rows 16-31 are whole
     with pytest.raises(DataError, match=want + r".*prepare it again"):
-        batches[0]
+        batches[0]  # noqa: B018
+
+
+@pytest.mark.parametrize("damage", ["empty-npy", "short-column", "split-without-rows"])
+def test_a_damaged_split_is_one_error_naming_it(tiny_data, tmp_path, damage):
+    schema, path = tiny_data
+    copy = tmp_path / "data"
+    shutil.copytree(path, copy)
+    shard = os.path.join(copy, schema.splits["valid"]["shards"][0])
+    if damage == "empty-npy":
+        open(os.path.join(shard, "item.npy"), "w").close()
+        want = rf"{re.escape(shard)}: cannot read shard \(No data left in file\)"
+    elif damage == "short-column":
+        np.save(os.path.join(shard, "user.npy"), np.load(os.path.join(shard, "user.npy"))[:-1])
+        want = rf"{re.escape(shard)}: the columns' row counts differ .*the shard is damaged"
+    else:
+        d = json.loads((copy / "schema.json").read_text())
+        del d["splits"]["valid"]["rows"]
+        (copy / "schema.json").write_text(json.dumps(d))
+        want = r"schema.json: splits.valid: needs 'rows' \(a count\) and 'shards'"
+    with pytest.raises(DataError, match=want):
+        ExampleStore(str(copy), "valid")
 
 
 def test_synthetic_same_seed_same_data_and_planted_weights(tmp_path):

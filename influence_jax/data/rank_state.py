@@ -152,7 +152,7 @@ def load_state(data_path: str, schema: Schema, cut: str) -> RankState:
         ts_path = os.path.join(folder, "hist_ts.npy")
         if os.path.exists(ts_path):  # absent in states written before it existed
             cols["hist_ts"] = np.load(ts_path, mmap_mode="r")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise DataError(
             f"{folder}: cannot read the ranking state ({e}); rerun tools/prepare_data.py"
         ) from None

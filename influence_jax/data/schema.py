@@ -163,6 +163,13 @@ class Schema:
             }
         except (KeyError, TypeError) as e:
             raise DataError(f"{source}: missing or malformed key {e}") from None
+        for split, info in d.get("splits", {}).items():
+            ok = isinstance(info, dict) and isinstance(info.get("shards"), list)
+            if not (ok and isinstance(info.get("rows"), int) and info["rows"] >= 0):
+                raise DataError(
+                    f"{source}: splits.{split}: needs 'rows' (a count) and 'shards' (a list of "
+                    f"folders), got {str(info)[:120]}"
+                )
         return cls(
             name=kw["name"],
             vocab_sizes={k: int(v) for k, v in kw["vocab_sizes"].items()},

@@ -247,8 +247,14 @@ class ExampleStore:
                 self._cols.append(
                     {k: np.load(os.path.join(d, f"{k}.npy"), mmap_mode="r") for k in stored}
                 )
-            except (OSError, ValueError) as e:
-                raise DataError(f"{d}: cannot read shard ({e})") from None
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty .npy file
+                raise DataError(f"{d}: cannot read shard ({e or 'empty file'})") from None
+            c = self._cols[-1]
+            lengths = {k: len(v) for k, v in c.items()}
+            if len(set(lengths.values())) > 1:
+                raise DataError(
+                    f"{d}: the columns' row counts differ ({lengths}); the shard is damaged"
+                )
         # Id bounds per field (uint32: a negative id is out of bounds too); ids at or above a
         # table size are in range (they embed as OOV), ids at or above the vocabulary are not.
         self._bounds = {
@@ -320,6 +326,17 @@ class ExampleStore:
                 f"{int(ids[tuple(at)])}, outside vocabulary {field.vocab!r} "
                 f"[0, {int(bound[at[-1]])}); the dataset is damaged: prepare it again"
             )
+        for col in ("label", "labels"):
+            y = out.get(col)
+            if y is None:
+                continue
+            bad = (y != 0) & (y != 1)  # NaN too
+            if bad.any():
+                at = np.argwhere(bad)[0]
+                raise DataError(
+                    f"{self.root}/{self.split}: row {int(idx[at[0]])}: {col} is "
+                    f"{y[tuple(at)]}, not 0 or 1; the dataset is damaged: prepare it again"
+                )
         return out
 
     def _with_histories(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -355,7 +372,7 @@ class HistoryEvents:
             self.rows, self.ts = (
                 np.load(os.path.join(self.folder, f"{k}.npy"), mmap_mode="r") for k in EVENT_FILES
             )
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise DataError(f"{self.folder}: cannot read the history event table ({e})") from None
         fh = len(schema.hist_fields)
         if self.rows.shape != (len(self.ts), fh) or self.rows.dtype != np.int32:

@@ -57,11 +57,16 @@ class Vocab:
     def load(cls, prepared_dir: str, name: str) -> Vocab:
         """The vocabulary `name` of a prepared dataset (for mapping raw ids at ranking time)."""
         base = os.path.join(prepared_dir, "vocab", name)
-        if os.path.exists(base + ".npy"):
-            return cls(np.load(base + ".npy"))
-        if os.path.exists(base + ".json"):
-            with open(base + ".json") as f:
-                return cls(pa.array(json.load(f), pa.string()))
+        try:
+            if os.path.exists(base + ".npy"):
+                return cls(np.load(base + ".npy"))
+            if os.path.exists(base + ".json"):
+                with open(base + ".json") as f:
+                    return cls(pa.array(json.load(f), pa.string()))
+        except (OSError, ValueError, EOFError, TypeError, pa.ArrowException) as e:
+            raise DataError(
+                f"{base}: cannot read the vocabulary ({e or 'empty file'}); prepare the data again"
+            ) from None
         raise DataError(f"{prepared_dir}: no vocabulary file vocab/{name}.npy or .json")
 
 
