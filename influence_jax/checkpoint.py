@@ -35,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 BEST_FILE = "best.json"
 DATA_DIR = "data"
 LOCK_FILE = "train.lock"
+DATASET_FILE = "dataset.json"  # the dataset a run trains on: {"path", "fingerprint"}
 PACKAGES = ("influence_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 # Orbax splits each replicated array across its replicas so that every host writes a part; each
 # part costs one small jit compile per device on the first save (seconds on 8 CPU devices,
@@ -74,6 +75,34 @@ def write_config(workdir: str, config_json: dict) -> None:
     """WORKDIR/config.json (process 0, atomically)."""
     if jax.process_index() == 0:
         files.write_json(config_path(workdir), config_json)
+
+
+def dataset_record_path(workdir: str) -> str:
+    return os.path.join(workdir, DATASET_FILE)
+
+
+def check_dataset(workdir: str, path: str, fingerprint: str, flag: str) -> None:
+    """DataError when the run's record says it was trained on another dataset than the one at
+    `path` (`fingerprint`: data.dataset.fingerprint); runs from before the record pass."""
+    try:
+        saved = files.read_json(dataset_record_path(workdir))
+    except DataError:
+        saved = None  # a damaged record does not stop a run; training writes it again
+    if not isinstance(saved, dict) or saved.get("fingerprint") in (None, fingerprint):
+        return
+    raise DataError(
+        f"{flag}={path}: not the dataset {workdir!r} was trained on ({saved.get('path')}): "
+        "its vocabularies or field layout differ, so the model's ids would name other users "
+        "and items. Use the run's dataset, or one prepared from the same log with the same "
+        "vocabulary settings"
+    )
+
+
+def write_dataset(workdir: str, path: str, fingerprint: str) -> None:
+    """WORKDIR/dataset.json (process 0, atomically)."""
+    if jax.process_index() == 0:
+        record = {"path": os.path.abspath(path), "fingerprint": fingerprint}
+        files.write_json(dataset_record_path(workdir), record)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -155,6 +155,25 @@ def test_a_resume_with_other_synthetic_data_names_the_change_and_keeps_the_data(
     assert ckpt_steps(workdir) == ckpt_steps(reference)
 
 
+def test_a_run_refuses_other_data_of_the_same_shapes(tmp_path, reference):
+    """Data whose table sizes equal the run's but whose ids mean other users and items (here:
+    the generator's seed 1 instead of 0) is refused by scoring and by a resume; a copy of the
+    run's own data elsewhere is accepted."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    record = json.loads((workdir / "dataset.json").read_text())
+    assert record["path"].endswith("/data") and len(record["fingerprint"]) == 32
+    _, other = helpers.tiny_dataset(str(tmp_path), seed=1)
+    with pytest.raises(DataError, match=rf"--data={re.escape(other)}: not the dataset .* was tr"):
+        scoring.load_run(str(workdir), data=other)
+    shutil.copytree(workdir / "data", tmp_path / "moved")
+    assert scoring.load_run(str(workdir), data=str(tmp_path / "moved")).step == 20
+    config = helpers.tiny_config(**{"data.source": "prepared", "data.path": other})
+    with pytest.raises(DataError, match=r"config.data.path=.*: not the dataset"):
+        train.train_and_evaluate(config, str(workdir))
+    assert json.loads((workdir / "dataset.json").read_text()) == record
+
+
 def test_synthetic_data_does_not_replace_a_folder_of_the_users(tmp_path):
     workdir = tmp_path / "run"
     (workdir / "data").mkdir(parents=True)

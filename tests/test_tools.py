@@ -90,7 +90,7 @@ def test_a_label_that_is_not_0_or_1_names_the_split(run_dir, tmp_path):
     y[5] = np.nan
     np.save(labels, y)
     run = scoring.load_run(run_dir, data=str(data))
-    with pytest.raises(DataError, match=rf"{data / 'test'}: labels: must be 0 or 1 .*\[nan\]"):
+    with pytest.raises(DataError, match=rf"{data / 'test'}: row 5: label is nan, not 0 or 1"):
         evaluation.evaluate_run(run, "test")
 
 
@@ -101,6 +101,14 @@ def test_a_dataset_the_run_was_not_trained_on_is_one_clear_line(run_dir, tmp_pat
     synthetic.ensure(other.data.synthetic, str(tmp_path / "other"))
     out = tmp_path / "top.parquet"
     r = helpers.run_tool("rank", f"--workdir={run_dir}", f"--data={tmp_path / 'other'}",
+                         f"--output={out}", timeout=180)  # fmt: skip
+    assert r.returncode == 2 and not out.exists()
+    assert f"--data={tmp_path / 'other'}: not the dataset" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # A run from before dataset.json: the shapes tell.
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("dataset.json", "data"))
+    r = helpers.run_tool("rank", f"--workdir={old}", f"--data={tmp_path / 'other'}",
                          f"--output={out}", timeout=180)  # fmt: skip
     assert r.returncode == 2 and not out.exists()
     assert "['embeddings']['embed_item_id'] has shape (502, 8) in the checkpoint but (602, 8)" in (

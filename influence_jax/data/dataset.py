@@ -11,6 +11,9 @@ elsewhere (ranking contexts).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,8 +22,37 @@ import numpy as np
 from influence_jax.data import pipeline, rank_state
 from influence_jax.data.history import NO_HISTORY
 from influence_jax.data.idmaps import IdMaps
-from influence_jax.data.schema import Schema
+from influence_jax.data.schema import DataError, Schema
 from influence_jax.data.store import ExampleStore
+
+VOCAB_FOLDER = "vocab"  # a prepared dataset's vocabularies (vocab.Vocab.save)
+
+
+def fingerprint(path: str, schema: Schema) -> str:
+    """What a trained model's ids mean in the dataset at `path`: a hash of its vocabularies
+    (the files mapping raw ids to ids; a synthetic dataset's generator settings) and its field
+    layout. The same for a copy, a move, or the same log prepared again with other splits;
+    another for other data whose table sizes happen to be the same."""
+    h = hashlib.sha256()
+    layout = {
+        "vocab_sizes": schema.vocab_sizes,
+        "table_sizes": schema.table_sizes,
+        "fields": [[f.name, f.vocab] for g in (schema.user_fields, schema.item_fields,
+                                                 schema.hist_fields) for f in g],
+        "behaviour_types": schema.behaviour_types,
+        "generator": schema.extra.get("generator"),
+    }  # fmt: skip
+    h.update(json.dumps(layout, sort_keys=True, default=str).encode())
+    folder = os.path.join(path, VOCAB_FOLDER)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        h.update(name.encode() + b"\0")
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        except OSError as e:
+            raise DataError(f"{folder}/{name}: cannot read ({e.strerror})") from None
+    return h.hexdigest()[:32]
 
 
 class Dataset:
