@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -61,14 +62,28 @@ def tree_shardings(shapes: Any, rules: list[tuple[str, P]], mesh: Mesh) -> Any:
     dimensions it does not fit (e.g. scalar counters, or rows not divisible by the axis).
     """
 
+    matched: set[int] = set()
+
     def pick(path: str, leaf: Any) -> NamedSharding:
-        for regex, spec in rules:
-            if re.search(regex, path) and _fits(spec, leaf.shape, mesh):
-                return NamedSharding(mesh, spec)
+        for i, (regex, spec) in enumerate(rules):
+            if re.search(regex, path):
+                matched.add(i)
+                if _fits(spec, leaf.shape, mesh):
+                    return NamedSharding(mesh, spec)
         return NamedSharding(mesh, P())
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    leaves = [pick("/".join(_key_str(k) for k in path), leaf) for path, leaf in flat]
+    paths = ["/".join(_key_str(k) for k in path) for path, _ in flat]
+    leaves = [pick(path, leaf) for path, (_, leaf) in zip(paths, flat, strict=True)]
+    for i, (regex, spec) in enumerate(rules):
+        if i not in matched:  # a misspelt rule would otherwise shard nothing, silently
+            logging.warning(
+                "config.mesh.rules: (%r, %s) matches no parameter path (they look like %r); "
+                "it shards nothing",
+                regex,
+                spec,
+                next((p for p in paths if "embed" in p), paths[0] if paths else ""),
+            )
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

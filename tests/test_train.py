@@ -234,3 +234,16 @@ def test_gradient_blocks_that_do_not_split_the_batch_name_the_field(tiny_data):
     batch = sharding.to_global(helpers.first_batch(schema, path, 64), eng.mesh)
     with pytest.raises(ConfigError, match=r"config.opt.grad_blocks=3: the batch \(\[64\] rows\)"):
         eng.train_step(state, batch)
+
+
+def test_a_mesh_rule_that_matches_no_parameter_is_warned_of(caplog):
+    from jax.sharding import PartitionSpec as P
+
+    shapes = {"params": {"embeddings": {"embed_item_id": jax.ShapeDtypeStruct((8, 4), "f4")}}}
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    rules = [("embed_itme", P("model", None)), ("embed_item_id$", P("model", None))]
+    with caplog.at_level("WARNING"):
+        out = sharding.tree_shardings(shapes, rules, mesh)
+    assert out["params"]["embeddings"]["embed_item_id"].spec == P("model", None)
+    assert "('embed_itme', P('model', None)) matches no parameter path" in caplog.text
+    assert "embed_item_id$" not in caplog.text
