@@ -8,6 +8,7 @@ dataset can confirm (dropped behaviour types, a per-type early-stopping metric, 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
@@ -74,6 +75,12 @@ def check_schema(config: Any, schema: Any) -> None:
         raise ConfigError(
             f"config.data.drop_behaviours: {unknown} not among the dataset's behaviour types "
             f"{list(types)}"
+        )
+    if types and set(types) <= set(config.data.drop_behaviours):
+        logging.warning(
+            "config.data.drop_behaviours drops every behaviour type %s: the model trains "
+            "without any history (a no-history baseline)",
+            list(types),
         )
     _, _, kind = config.loop.early_stop_metric.partition("/")
     if kind and kind not in types:

@@ -173,3 +173,14 @@ def test_main_refuses_an_empty_workdir_or_one_under_a_file(tmp_path, workdir):
     want = f"{file} is a file, not a folder" if workdir else "--workdir: give the run's folder"
     assert r.returncode != 0 and last.startswith("error: ") and want in last, r.stderr
     assert "Traceback" not in r.stderr and file.read_text() == "x"
+
+
+def test_dropping_every_behaviour_type_is_warned_of(tiny_data, caplog):
+    schema, _ = tiny_data
+    config = helpers.tiny_config(**{"data.drop_behaviours": tuple(schema.behaviour_types)})
+    with caplog.at_level("WARNING"):
+        config_check.check_schema(config, schema)
+    assert "drops every behaviour type" in caplog.text
+    caplog.clear()
+    config_check.check_schema(helpers.tiny_config(**{"data.drop_behaviours": ("pv",)}), schema)
+    assert "drops every" not in caplog.text
