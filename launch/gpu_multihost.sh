@@ -26,6 +26,10 @@ shift 2
 port=${PORT:-1234}
 python=${PYTHON:-python3}
 dry=${DRY_RUN:-0}
+if [[ "$dry" != [01] ]]; then
+  echo "launch/gpu_multihost.sh: DRY_RUN=$dry must be 0 or 1" >&2
+  exit 2
+fi
 train=("$python" -m influence_jax.main --config="$config" --workdir="$workdir" "$@")
 
 first_host() {  # first host of a SLURM node list such as "gpu[07-09,12],cpu3"

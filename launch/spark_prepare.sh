@@ -47,6 +47,10 @@ if [[ -n "${SPARK_ARGS:-}" ]]; then
   cmd+=("${extra[@]}")
 fi
 cmd+=("$here/tools/prepare_data.py" --engine=spark --output="$output" "$@")
+if [[ "${DRY_RUN:-0}" != [01] ]]; then
+  echo "launch/spark_prepare.sh: DRY_RUN=${DRY_RUN} must be 0 or 1" >&2
+  exit 2
+fi
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
 else

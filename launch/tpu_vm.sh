@@ -38,6 +38,10 @@ accelerator=${ACCELERATOR_TYPE:-v4-8}
 runtime=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
 remote_dir=${REMOTE_DIR:-influence_jax}
 dry=${DRY_RUN:-0}
+if [[ "$dry" != [01] ]]; then
+  echo "launch/tpu_vm.sh: DRY_RUN=$dry must be 0 or 1" >&2
+  exit 2
+fi
 
 gflags=(--zone="$ZONE")
 [[ -n "${PROJECT:-}" ]] && gflags+=(--project="$PROJECT")

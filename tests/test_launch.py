@@ -45,7 +45,20 @@ def _remote(argv: list[str]) -> list[str]:
 
 def test_local_dry_run_prints_the_training_command():
     (argv,) = _dry_run("local.sh", {}, "configs/tiny.py", "gs://b/run x", *OVERRIDES)
-    _ends_with_train(argv, "python")
+    _ends_with_train(argv, "python3")
+    (argv,) = _dry_run("local.sh", {"PYTHON": "/v/bin/python"}, "configs/tiny.py", "gs://b/run x",
+                       *OVERRIDES)  # fmt: skip
+    _ends_with_train(argv, "/v/bin/python")
+
+
+@pytest.mark.parametrize(
+    "script", ["local.sh", "gpu_multihost.sh", "tpu_vm.sh", "spark_prepare.sh"]
+)
+def test_a_dry_run_value_other_than_0_or_1_is_refused(script):
+    """DRY_RUN=yes once started the real training (only 1 counted)."""
+    out = _launch(script, {"DRY_RUN": "yes", "TPU_NAME": "t", "ZONE": "z"}, ["a", "b", "c"])
+    assert out.returncode == 2 and f"launch/{script}: DRY_RUN=yes must be 0 or 1" in out.stderr
+    assert not out.stdout
 
 
 def test_tpu_vm_dry_run_creates_copies_installs_and_trains_on_all_workers():
