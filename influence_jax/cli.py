@@ -83,6 +83,20 @@ def _bad_override(argv: list[str], e: Exception) -> None:
     sys.exit(f"error: a config override ({', '.join(overrides)}) is not valid: {detail}")
 
 
+def parse_seeds(values: list[str], flag: str = "seeds") -> list[int]:
+    """A list flag of seeds as integers: at least one, each an integer, none twice (DataError
+    naming the flag otherwise)."""
+    given = ",".join(values)
+    try:
+        seeds = [int(v) for v in values]
+    except ValueError:
+        raise DataError(f"--{flag}={given}: give integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        what = "no seed" if not seeds else "a seed twice"
+        raise DataError(f"--{flag}={given}: names {what}; give e.g. 0,1,2")
+    return seeds
+
+
 def loaded_config(config: Any) -> Any:
     """The value of a config_flags flag; a file that failed to load (ml_collections defers that
     error to the config's first use) exits with one line."""

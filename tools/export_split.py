@@ -2,8 +2,11 @@
 libraries can be run on exactly the rows influence_jax trains and evaluates on.
 
     python tools/export_split.py --data=.prepared/taobao --split=test --output=taobao_test.parquet
-    python tools/export_split.py --data=.prepared/taobao --split=train --format=csv \
-      --output=taobao_train.csv
+    python tools/export_split.py --data=.prepared/taobao --split=train --output=taobao_train.csv
+
+The format follows --output's extension (.parquet or .pq: Parquet, .csv: CSV); --format is
+for other names (default parquet), and a --format that contradicts the extension is refused,
+as is a .gz name (the file is not compressed).
 
 Columns (influence_jax/data/export.py): user_id, item_id, timestamp, label, label_<head> per head
 (datasets prepared with --heads), target_behaviour,
@@ -23,17 +26,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from influence_jax import cli, files  # noqa: E402
 from influence_jax.data import export  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
+from influence_jax.errors import DataError  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to write: train, valid or test.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output file (replaced atomically).")
-_FORMAT = flags.DEFINE_enum("format", "parquet", list(export.FORMATS), "Output format.")
+_FORMAT = flags.DEFINE_enum(
+    "format",
+    "parquet",
+    list(export.FORMATS),
+    "Output format; unset, --output's extension decides (.csv: csv), else parquet.",
+)
+EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 flags.mark_flags_as_required(["data", "output"])
 
 
+def _format() -> str:
+    """The output format: --output's extension, which an explicit --format must agree with."""
+    ext = os.path.splitext(_OUTPUT.value)[1].lower()
+    if ext == ".gz":
+        raise DataError(f"--output={_OUTPUT.value}: the export is not compressed; drop the .gz")
+    fmt = EXTENSIONS.get(ext)
+    if fmt and _FORMAT.present and _FORMAT.value != fmt:
+        raise DataError(
+            f"--format={_FORMAT.value} does not match --output={_OUTPUT.value} ({fmt}); "
+            f"name the file with .{_FORMAT.value} or leave --format out"
+        )
+    return fmt or _FORMAT.value
+
+
 def _export() -> None:
+    fmt = _format()
     files.check_output(_OUTPUT.value, "output")
-    n = export.export(Dataset(_DATA.value), _SPLIT.value, _OUTPUT.value, _FORMAT.value)
+    n = export.export(Dataset(_DATA.value), _SPLIT.value, _OUTPUT.value, fmt)
     print(f"wrote {n:,} {_SPLIT.value} examples to {_OUTPUT.value}")
 
 

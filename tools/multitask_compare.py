@@ -47,12 +47,27 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/multitask_compare", "Prepared da
 _DATASETS = flags.DEFINE_list("datasets", list(HEADS), "Datasets to compare.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
 _HORIZON = flags.DEFINE_float("horizon_hours", 6.0, "The conversion window.")
-_STEPS = flags.DEFINE_integer("num_steps", 0, "Override config.loop.num_steps (0: config's).")
+_STEPS = flags.DEFINE_integer(
+    "num_steps", 0, "Override config.loop.num_steps (0: config's).", lower_bound=0
+)
+
+
+def prepared_path(name: str, target: str = "") -> str:
+    """Where `prepared` keeps the conversion task of `name` (heads, or the one `target`)."""
+    return os.path.join(_WORKDIR.value, "prepared", f"{name}-{target or 'heads'}")
+
+
+def _is_prepared(path: str) -> bool:
+    try:
+        Schema.load(path)
+    except DataError:
+        return False
+    return True
 
 
 def prepared(name: str, heads: tuple[str, ...], target: str = "") -> str:
     """The conversion task of `name` with label heads, or with the one target `target`."""
-    out = os.path.join(_WORKDIR.value, "prepared", f"{name}-{target or 'heads'}")
+    out = prepared_path(name, target)
     try:
         Schema.load(out)
     except DataError:
@@ -81,9 +96,8 @@ def run_one(name: str, data: str, seed: int, multitask: bool, tag: str) -> dict[
     return evaluation.evaluate_run(scoring.load_run(workdir, data, step="best"), "test")
 
 
-def compare(name: str) -> dict:
+def compare(name: str, seeds: list[int]) -> dict:
     heads = HEADS[name]
-    seeds = [int(s) for s in _SEEDS.value]
     multi = [run_one(name, prepared(name, heads), s, True, "multitask") for s in seeds]
     out = {}
     for h in heads:
@@ -100,11 +114,34 @@ def compare(name: str) -> dict:
     return out
 
 
+def _seeds() -> list[int]:
+    return cli.parse_seeds(_SEEDS.value)
+
+
 def _main() -> None:
-    unknown = [d for d in _DATASETS.value if d not in HEADS]
-    if unknown:
-        raise DataError(f"--datasets: {unknown} unknown; choose from {list(HEADS)}")
-    results = {name: compare(name) for name in _DATASETS.value}
+    # Every flag before any preparation or training.
+    names = list(_DATASETS.value)
+    unknown = [d for d in names if d not in HEADS]
+    if unknown or not names or len(set(names)) != len(names):
+        what = f"{unknown} unknown" if unknown else "none given" if not names else "a repeat"
+        raise DataError(f"--datasets: {what}; choose from {list(HEADS)}")
+    seeds = _seeds()
+    if not _HORIZON.value > 0:
+        raise DataError(f"--horizon_hours must be positive, got {_HORIZON.value}")
+    files.check_output(_WORKDIR.value, "workdir", folder=True)
+    if _DATA_ROOT.value and not os.path.isdir(_DATA_ROOT.value):
+        raise DataError(f"--data_root={_DATA_ROOT.value}: no such folder")
+    for name in names:  # the raw log, unless every task the comparison reads is prepared already
+        sample = readers.SOURCES[name].sample
+        needed = [prepared_path(name)] + [prepared_path(name, h) for h in HEADS[name]]
+        has_log = _DATA_ROOT.value and os.path.exists(os.path.join(_DATA_ROOT.value, sample))
+        if not has_log and not all(map(_is_prepared, needed)):
+            where = f"--data_root={_DATA_ROOT.value}" if _DATA_ROOT.value else "--data_root unset"
+            raise DataError(
+                f"{where}: {name}'s {sample} is not there; set --data_root to the shared data "
+                "folder (INFLUENCE_JAX_DATA)"
+            )
+    results = {name: compare(name, seeds) for name in names}
     md = tables.multitask_table(results)
     files.write_json(os.path.join(_WORKDIR.value, "multitask.json"), results)
     files.write_text(os.path.join(_WORKDIR.value, "multitask.md"), md + "\n")

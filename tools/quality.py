@@ -32,7 +32,7 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,8 +67,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quality", "Where prepared data a
 _DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "Datasets to evaluate.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Model seeds.")
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Model variants to train (names of MODELS).")
-_STEPS = flags.DEFINE_integer("num_steps", 0, "Override config.loop.num_steps (0: config's).")
-_N_BOOT = flags.DEFINE_integer("n_boot", 500, "User resamples for the interval of the difference.")
+_STEPS = flags.DEFINE_integer(
+    "num_steps", 0, "Override config.loop.num_steps (0: config's).", lower_bound=0
+)
+_N_BOOT = flags.DEFINE_integer(
+    "n_boot", 500, "User resamples for the interval of the difference.", lower_bound=1
+)
 _TASK = flags.DEFINE_enum(
     "task", "next_item", ["next_item", "conversion"], "The prepared task (tools/prepare_data.py)."
 )
@@ -86,32 +90,42 @@ _FOLDS = flags.DEFINE_integer(
     1,
     "Backtest folds: fold k re-prepares the log with its cut k test windows earlier "
     "(experiments/cv.py backtest_cut); every figure pools the folds' test rows.",
+    lower_bound=1,
 )
+
+
+def prepared_path(name: str, fold: int = 0, target: str = "", heads: tuple[str, ...] = ()) -> str:
+    """Where `prepared` keeps the dataset prepared for these arguments."""
+    task = _TASK.value
+    out = os.path.join(
+        _WORKDIR.value, "prepared", name if task == "next_item" else f"{name}-{task}"
+    )
+    if target:
+        out = f"{out}-{target}"
+    elif heads:
+        out = f"{out}-heads"
+    return f"{out}-fold{fold}" if fold else out
 
 
 def prepared(name: str, fold: int = 0, target: str = "", heads: tuple[str, ...] = ()) -> str:
     """The dataset prepared for the task; fold k > 0 with its cut k test windows earlier; with
     `target`, the conversion task for that behaviour, with `heads` one label column per head."""
-    task = _TASK.value
-    out = os.path.join(
-        _WORKDIR.value, "prepared", name if task == "next_item" else f"{name}-{task}"
-    )
+    out = prepared_path(name, fold, target, heads)
     kw = {}
     if target:
-        out, kw = f"{out}-{target}", {"target_behaviours": (target,)}
+        kw = {"target_behaviours": (target,)}
     elif heads:
-        out, kw = f"{out}-heads", {"heads": heads}
+        kw = {"heads": heads}
     cut = {}
     if fold:
         cut = cv.backtest_cut(Schema.load(prepared(name)).extra["split"], fold)
-        out += f"-fold{fold}"
     try:
         Schema.load(out)
     except DataError:
         path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
         if not os.path.exists(path):
             raise DataError(f"{path}: missing; set --data_root to the shared data folder") from None
-        opts = prepare.PrepareOptions(task=task, horizon_hours=_HORIZON.value, **cut, **kw)
+        opts = prepare.PrepareOptions(task=_TASK.value, horizon_hours=_HORIZON.value, **cut, **kw)
         prepare.prepare(readers.open_source(name, path), out, opts)
     return out
 
@@ -203,9 +217,7 @@ def evaluate_dataset(name: str, target: str = "", multitask: dict | None = None)
         "models": {},
     }
     summarise = lambda scores: _model_figures(label, users, base, best, scores)
-    for variant in _MODELS.value:
-        if variant not in MODELS:
-            raise app.UsageError(f"--models: unknown variant {variant!r}; have {list(MODELS)}")
+    for variant in _MODELS.value:  # names checked by _check_flags
         scores = []
         for seed in map(int, _SEEDS.value):
             t0 = time.time()
@@ -236,8 +248,6 @@ def _model_figures(label, users, base: dict, best: str, scores: list[np.ndarray]
 def evaluate_heads(name: str) -> dict:
     """Every head of `name` as its own block: the head's baselines and models, and the head of
     one multi-task model trained on all of them (the rows must be the same exposures)."""
-    if _FOLDS.value != 1:
-        raise app.UsageError("--heads takes one fold (--folds=1)")
     heads = DATASETS[name].heads
     data = prepared(name, heads=heads)
     test = Dataset(data).eval_examples("test")
@@ -256,17 +266,69 @@ def evaluate_heads(name: str) -> dict:
     return {f"{name}, head {h}": evaluate_dataset(name, h, multitask) for h in heads}
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
+def _seeds() -> list[int]:
+    return cli.parse_seeds(_SEEDS.value)
+
+
+def _checked_datasets() -> list[str]:
+    """The datasets to evaluate (every flag checked first, before any preparation or training),
+    left out with a line those that the task does not apply to."""
     names = list(_DATASETS.value)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown or not names or len(set(names)) != len(names):
+        what = f"{unknown} not known" if unknown else "none given" if not names else "a repeat"
+        raise DataError(f"--datasets: {what}; choose from {list(DATASETS)}")
+    unknown = [m for m in _MODELS.value if m not in MODELS]
+    if unknown or not _MODELS.value:
+        what = f"{unknown} not known" if unknown else "none given"
+        raise DataError(f"--models: {what}; choose from {list(MODELS)}")
+    _seeds()
     if _HEADS.value and _TASK.value != "conversion":
-        raise app.UsageError("--heads needs --task=conversion")
+        raise DataError("--heads needs --task=conversion")
+    if _HEADS.value and _FOLDS.value != 1:
+        raise DataError(f"--heads takes one fold (--folds=1), not --folds={_FOLDS.value}")
+    if _TASK.value == "conversion" and not _HORIZON.value > 0:
+        raise DataError(f"--horizon_hours must be positive, got {_HORIZON.value}")
+    files.check_output(_WORKDIR.value, "workdir", folder=True)
+    if _DATA_ROOT.value and not os.path.isdir(_DATA_ROOT.value):
+        raise DataError(f"--data_root={_DATA_ROOT.value}: no such folder")
     if _TASK.value == "conversion":  # only sources with an exposure behaviour and a config
         keep = [n for n in names if DATASETS[n].conversion_config]
         for n in sorted(set(names) - set(keep)):
             print(f"{n}: no exposure behaviour, not a conversion dataset; left out", flush=True)
         names = keep
+        if not names:
+            conversion = [n for n, spec in DATASETS.items() if spec.conversion_config]
+            raise DataError(f"--datasets: none has a conversion task; choose from {conversion}")
+    for name in names:  # the raw log, unless everything the run reads is prepared already
+        path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
+        if not os.path.exists(path) and not all(map(_is_prepared, _needed(name))):
+            where = f"--data_root={_DATA_ROOT.value}" if _DATA_ROOT.value else "--data_root unset"
+            raise DataError(
+                f"{where}: {name}'s {DATASETS[name].sample} is not there; set --data_root to "
+                "the shared data folder (INFLUENCE_JAX_DATA)"
+            )
+    return names
+
+
+def _needed(name: str) -> list[str]:
+    """The prepared folders that evaluating `name` reads."""
+    heads = DATASETS[name].heads if _HEADS.value else ()
+    if heads:
+        return [prepared_path(name, heads=heads)] + [prepared_path(name, target=h) for h in heads]
+    return [prepared_path(name, k) for k in range(_FOLDS.value)]
+
+
+def _is_prepared(path: str) -> bool:
+    try:
+        Schema.load(path)
+    except DataError:
+        return False
+    return True
+
+
+def _main() -> None:
+    names = _checked_datasets()
     results = {}
     for name in names:
         if _HEADS.value and DATASETS[name].heads:
@@ -280,4 +342,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.tool_main(_main, "quality"), flags_parser=cli.parse_flags)

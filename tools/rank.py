@@ -51,7 +51,7 @@ ranking = lazy.module("influence_jax.ranking")  # JAX: after the flags (--help s
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (default: the run's own).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output file (replaced atomically).")
-_TOP_K = flags.DEFINE_integer("top_k", 10, "Items kept per user.")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "Items kept per user.", lower_bound=1)
 _CANDIDATES = flags.DEFINE_string("candidates", None, "CSV or Parquet of user_id,item_id.")
 _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, best or latest.")
 _OBJECTIVE = flags.DEFINE_string(
@@ -84,12 +84,14 @@ _MAX_ITEMS = flags.DEFINE_integer(
     0,
     "Without --candidates: score every one of the N most frequent training items (implies "
     "--all_items; 0: no cap).",
+    lower_bound=0,
 )
 _RETRIEVE = flags.DEFINE_integer(
     "retrieve_n",
     retrieval.RETRIEVE,
     "Without --candidates: candidates per user from the non-learned retriever (co-visitation, "
     "recent items, popular in the user's categories and overall; see tools/retrieve.py).",
+    lower_bound=0,
 )
 _TABLES = flags.DEFINE_string(
     "retrieval_tables",
@@ -102,6 +104,7 @@ _MAX_USERS = flags.DEFINE_integer(
     0,
     "Rank only this many users, spread evenly over them (0: all): a sample to time or check a "
     "large run; the retrieval tables still come from every user.",
+    lower_bound=0,
 )
 _TWO_TOWER = flags.DEFINE_string(
     "two_tower",
@@ -124,11 +127,22 @@ _EVALUATE = flags.DEFINE_bool(
 _EXCLUDE_SEEN = flags.DEFINE_bool(
     "exclude_seen", False, "Without --candidates: drop items the user interacted with before."
 )
-_PROGRESS = flags.DEFINE_float("progress_every", 10.0, "Seconds between progress lines.")
+_PROGRESS = flags.DEFINE_float(
+    "progress_every",
+    10.0,
+    "Seconds between progress lines (0: a line after every batch; there is always a last one).",
+)
+flags.register_validator(  # a validator, not lower_bound: NaN fails it too
+    "progress_every",
+    lambda seconds: seconds >= 0,
+    message="must be 0 or more seconds (0: a line after every batch)",
+)
 _KEEP_HOST_MEMORY = flags.DEFINE_bool(
     "keep_host_memory", True, "Keep freed host memory for reuse (faster scoring; hostmem.py)."
 )
-_BATCH = flags.DEFINE_integer("batch_size", None, "Global scoring batch (default: eval batch).")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "Global scoring batch (default: eval batch).", lower_bound=1
+)
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices",
     0,
@@ -139,6 +153,14 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 
 def _rank() -> None:
+    # The flags absl cannot check, before any work (the library checks the file's contents).
+    if _CANDIDATES.value is not None:
+        if os.path.isdir(_CANDIDATES.value):
+            raise DataError(
+                f"--candidates={_CANDIDATES.value}: is a folder; give a CSV or Parquet file"
+            )
+        if not os.path.isfile(_CANDIDATES.value):
+            raise DataError(f"--candidates={_CANDIDATES.value}: no such file")
     hostmem.split_host(_HOST_DEVICES.value)  # before JAX starts its CPU client
     cli.init_distributed()  # JAX_NUM_PROCESSES > 1: each process ranks every P-th user
     import jax

@@ -160,6 +160,8 @@ def read_candidate_ids(path: str, maps: IdMaps) -> tuple[np.ndarray, np.ndarray]
     Blank CSV lines are skipped; any other malformed row raises a DataError naming its line, and
     a binary file (NUL bytes or invalid UTF-8 near its start) one naming the file.
     """
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a candidates file (CSV or Parquet)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such candidates file")
     kind = _sniff(path)
