@@ -120,6 +120,24 @@ def write_table(table: pa.Table, path: str, fmt: str = "parquet") -> None:
     )
 
 
+TABLE_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def table_format(path: str, fmt: str, explicit: bool) -> str:
+    """The format of a table written to `path`: its extension's (.parquet/.pq, .csv), which an
+    `explicit` --format must agree with; `fmt` for other names. DataError on a mismatch."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".gz":
+        raise DataError(f"--output={path}: the table is not compressed; drop the .gz")
+    by_name = TABLE_EXTENSIONS.get(ext)
+    if by_name and explicit and fmt != by_name:
+        raise DataError(
+            f"--format={fmt} does not match --output={path} ({by_name}); name the file "
+            f"with .{fmt} or leave --format out"
+        )
+    return by_name or fmt
+
+
 def check_output(
     path: str, flag: str, folder: bool = False, replaces: tuple[str, ...] = ()
 ) -> None:

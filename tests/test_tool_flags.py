@@ -162,10 +162,12 @@ def test_ranking_quality_names_the_known_datasets_for_an_unknown_one(tmp_path):
 @pytest.mark.parametrize(
     "fmt, name", [("csv", "out.parquet"), ("parquet", "out.csv"), ("csv", "out.PQ")]
 )
-def test_export_split_refuses_a_format_its_output_name_contradicts(tmp_path, fmt, name):
-    r = helpers.run_tool("export_split", "--data=/nonexistent-data", f"--format={fmt}",
-                         f"--output={tmp_path / name}", timeout=60)  # fmt: skip
-    refused(r, "export_split", f"--format={fmt}", "--output")
+@pytest.mark.parametrize("tool", ["export_split", "rank"])
+def test_a_format_the_output_name_contradicts_is_refused(tmp_path, fmt, name, tool):
+    where = "--data=/nonexistent-data" if tool == "export_split" else "--workdir=/nonexistent"
+    r = helpers.run_tool(tool, where, f"--format={fmt}", f"--output={tmp_path / name}",
+                         timeout=60)  # fmt: skip
+    refused(r, tool, f"--format={fmt}", "--output")
     assert os.listdir(tmp_path) == []
 
 

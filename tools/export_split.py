@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from influence_jax import cli, files  # noqa: E402
 from influence_jax.data import export  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
-from influence_jax.errors import DataError  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Prepared dataset folder.")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to write: train, valid or test.")
@@ -37,26 +36,11 @@ _FORMAT = flags.DEFINE_enum(
     list(export.FORMATS),
     "Output format; unset, --output's extension decides (.csv: csv), else parquet.",
 )
-EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 flags.mark_flags_as_required(["data", "output"])
 
 
-def _format() -> str:
-    """The output format: --output's extension, which an explicit --format must agree with."""
-    ext = os.path.splitext(_OUTPUT.value)[1].lower()
-    if ext == ".gz":
-        raise DataError(f"--output={_OUTPUT.value}: the export is not compressed; drop the .gz")
-    fmt = EXTENSIONS.get(ext)
-    if fmt and _FORMAT.present and _FORMAT.value != fmt:
-        raise DataError(
-            f"--format={_FORMAT.value} does not match --output={_OUTPUT.value} ({fmt}); "
-            f"name the file with .{_FORMAT.value} or leave --format out"
-        )
-    return fmt or _FORMAT.value
-
-
 def _export() -> None:
-    fmt = _format()
+    fmt = files.table_format(_OUTPUT.value, _FORMAT.value, _FORMAT.present)
     files.check_output(_OUTPUT.value, "output")
     n = export.export(Dataset(_DATA.value), _SPLIT.value, _OUTPUT.value, fmt)
     print(f"wrote {n:,} {_SPLIT.value} examples to {_OUTPUT.value}")

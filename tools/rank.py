@@ -60,7 +60,12 @@ _OBJECTIVE = flags.DEFINE_string(
 _EXPLAIN = flags.DEFINE_bool(
     "explain", False, "Add behaviour-type and extractor contributions and the top 3 events."
 )
-_FORMAT = flags.DEFINE_enum("format", "parquet", ["parquet", "csv"], "Output format.")
+_FORMAT = flags.DEFINE_enum(
+    "format",
+    "parquet",
+    ["parquet", "csv"],
+    "Output format; unset, --output's extension decides (.csv: csv), else parquet.",
+)
 _SPLIT = flags.DEFINE_string("split", "test", "Rank as of this split's start: valid or test.")
 _AS_OF = flags.DEFINE_string(
     "as_of",
@@ -169,6 +174,11 @@ def _rank() -> None:
     # Before any work; a folder (of part files) is replaced only when it holds ours.
     parts = ("part-00000.parquet", "part-00000.csv")
     files.check_output(_OUTPUT.value, "output", folder=several, replaces=parts)
+    fmt = (
+        _FORMAT.value
+        if several
+        else files.table_format(_OUTPUT.value, _FORMAT.value, _FORMAT.present)
+    )
     if _EVENTS.value and not _AS_OF.value:
         raise DataError("--events needs --as_of=UNIX_TS")
     run = ranking.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)
@@ -182,7 +192,7 @@ def _rank() -> None:
         candidates=_CANDIDATES.value,
         split=_SPLIT.value,
         explain=_EXPLAIN.value,
-        fmt=_FORMAT.value,
+        fmt=fmt,
         max_items=_MAX_ITEMS.value,
         batch_size=_BATCH.value,
         as_of=_AS_OF.value,
