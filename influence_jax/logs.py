@@ -86,10 +86,15 @@ class Progress:
         self.t0 = clock()
         self.last = self.t0
         self.done = 0
+        self.skipped = 0  # done without work (a resumed ranking's kept blocks): not in the rate
+
+    def skip(self, n: int) -> None:
+        """Counts `n` more as done that took no time (the rate and ETA leave them out)."""
+        self.skipped += n
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.t0, 1e-9)
-        rate = self.done / elapsed
+        rate = (self.done - self.skipped) / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
         eta_s = hms(eta) if eta != float("inf") else "?"

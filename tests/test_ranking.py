@@ -215,8 +215,9 @@ def test_ties_break_by_item_id_and_unknown_ids_are_counted(run, tmp_path):
     path = write_csv(tmp_path / "c.csv", rows)
     out1, out2 = tmp_path / "a.csv", tmp_path / "b.csv"
     s = ranking.rank(run, str(out1), top_k=10, candidates=path, fmt="csv")
-    ranking.rank(run, str(out2), top_k=10, candidates=path, fmt="csv")
-    assert out1.read_bytes() == out2.read_bytes()
+    # In blocks of whole users (about 2 pairs each: user 0's 6 pairs make one): the same table.
+    s2 = ranking.rank(run, str(out2), top_k=10, candidates=path, fmt="csv", block_pairs=2)
+    assert out1.read_bytes() == out2.read_bytes() and s2["pairs_scored"] == s["pairs_scored"]
     t = pcsv.read_csv(out1).to_pydict()
     check_ranking(t, 10)
     mine = [i for u, i in zip(t["user_id"], t["item_id"], strict=True) if u == 0]
@@ -575,6 +576,51 @@ def test_exclude_seen_and_as_of_end(prepared_run, tmp_path):
     per_user = collections.Counter(t["user_id"])
     assert s2["pairs_scored"] == s["pairs_scored"]
     assert s2["rows_written"] == sum(min(7, n) for n in per_user.values())
+
+
+def test_a_stopped_ranking_resumes_from_its_finished_blocks(prepared_run, tmp_path, monkeypatch):
+    """Killed after two blocks, the same ranking run again scores only the blocks left and
+    writes the same table; other settings start anew; the kept blocks go with the output."""
+    from influence_jax.ranking import batch, progress
+
+    run, _ = prepared_run
+    kw = dict(top_k=7, as_of="end", exclude_seen=True, max_items=30, block_pairs=50)
+    scored, real_batched, real_save = [], batch.batched, progress.BlockStore.save
+    monkeypatch.setattr(batch, "batched", lambda *a: scored.append(a[2]) or real_batched(*a))
+    whole = tmp_path / "whole.parquet"
+    ranking.rank(run, str(whole), **kw)
+    every, scored[:] = list(scored), []  # pairs per call: 2 timing the first batch, then blocks
+    assert len(every) > 6
+
+    def save_then_stop(self, i, kept):
+        real_save(self, i, kept)
+        if i == 1:
+            raise KeyboardInterrupt  # as a kill after the second block
+
+    monkeypatch.setattr(progress.BlockStore, "save", save_then_stop)
+    out = tmp_path / "top.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        ranking.rank(run, str(out), **kw)
+    kept = sorted(os.listdir(f"{out}.progress"))
+    assert not out.exists() and len(kept) == 3 and kept[-1] == "p000-settings.json"
+    monkeypatch.setattr(progress.BlockStore, "save", real_save)
+    scored[:] = []
+    lines = []
+    ranking.rank(run, str(out), log=lines.append, **kw)
+    assert "resuming: 2 blocks already scored" in "\n".join(lines)
+    assert scored == every[:2] + every[4:]  # only the blocks left
+    assert pq.read_table(out).to_pydict() == pq.read_table(whole).to_pydict()
+    assert not os.path.exists(f"{out}.progress")
+    # A stop, then other settings (top 5): the old blocks are not used.
+    monkeypatch.setattr(progress.BlockStore, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ranking.rank(run, str(out), **kw)
+    monkeypatch.setattr(progress.BlockStore, "save", real_save)
+    lines = []
+    ranking.rank(run, str(out), log=lines.append, **dict(kw, top_k=5))
+    assert "2 blocks of a ranking with other settings; starting anew" in "\n".join(lines)
+    ranking.rank(run, str(whole), **dict(kw, top_k=5))
+    assert pq.read_table(out).to_pydict() == pq.read_table(whole).to_pydict()
 
 
 def test_contexts_are_the_rank_state_and_old_datasets_fall_back(prepared_run, tmp_path, caplog):

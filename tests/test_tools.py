@@ -316,6 +316,48 @@ def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):
     assert not list(tmp_path.iterdir())  # no temporary file either
 
 
+def test_rank_interrupted_then_run_again_resumes_and_writes_the_same_table(run_dir, tmp_path):
+    """Ctrl-C after two of three blocks: the blocks stay in OUTPUT.progress/, and the same
+    command run again reads them, scores the third and writes the uninterrupted table."""
+    import signal
+    import subprocess
+
+    def cmd(out):
+        return [sys.executable, str(helpers.TOOLS / "rank.py"), f"--workdir={run_dir}",
+                f"--output={out}", "--batch_size=8", "--progress_every=0", "--max_users=3",
+                "--max_items=40", "--block_pairs=40", "--top_k=5"]  # fmt: skip
+
+    whole = tmp_path / "whole.parquet"
+    r = subprocess.run(cmd(whole), capture_output=True, text=True, cwd=helpers.ROOT, timeout=180)
+    assert r.returncode == 0 and r.stderr.count("\nscored ") == 15, r.stderr  # 3 blocks of 5
+    out = tmp_path / "top.parquet"
+    reset = (  # the default SIGINT disposition a terminal gives (test_ctrl_c_during_rank...)
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
+    first = cmd(out)
+    proc = subprocess.Popen([sys.executable, "-c", reset, *first[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=helpers.ROOT)  # fmt: skip
+    seen = 0
+    for line in proc.stderr:  # the 11th batch is the third block's first: two are kept
+        seen += line.startswith("scored ")
+        if seen == 11:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120 * helpers.HANG_FACTOR)
+    assert proc.returncode == 130 and not out.exists()
+    assert sorted(os.listdir(f"{out}.progress")) == [
+        "p000-block-000000.npz", "p000-block-000001.npz", "p000-settings.json"
+    ]  # fmt: skip
+    r = subprocess.run(first, capture_output=True, text=True, cwd=helpers.ROOT, timeout=180)
+    assert r.returncode == 0 and "resuming: 2 blocks already scored" in r.stderr, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("scored ")]
+    assert len(lines) == 2 + 5  # a line per kept block, then the third block's batches
+    assert lines[1].startswith("scored 80/120 pairs (67%) 0 pairs/s")  # kept: not in the rate
+    assert pq.read_table(out).to_pydict() == pq.read_table(whole).to_pydict()
+    assert not os.path.exists(f"{out}.progress")
+
+
 def test_no_tool_starts_jax_for_help():
     """`--help` (and a flag error) answers before JAX, Orbax or the models load: the tools bind
     those with influence_jax.lazy, so absl parses the flags first (2-3 s saved each)."""

@@ -132,6 +132,13 @@ _EVALUATE = flags.DEFINE_bool(
 _EXCLUDE_SEEN = flags.DEFINE_bool(
     "exclude_seen", False, "Without --candidates: drop items the user interacted with before."
 )
+_BLOCK_PAIRS = flags.DEFINE_integer(
+    "block_pairs",
+    1 << 20,  # ranking.BLOCK_PAIRS (this tool does not load JAX before its flags are parsed)
+    "Candidate pairs scored per block of whole users: each block's top k is kept in "
+    "OUTPUT.progress/ until the output is written, and a rerun after a kill resumes there.",
+    lower_bound=1,
+)
 _PROGRESS = flags.DEFINE_float(
     "progress_every",
     10.0,
@@ -200,6 +207,7 @@ def _rank() -> None:
         exclude_seen=_EXCLUDE_SEEN.value,
         log=lambda line: print(line, file=sys.stderr, flush=True),
         progress_every=_PROGRESS.value,
+        block_pairs=_BLOCK_PAIRS.value,
         retrieve=0 if _ALL_ITEMS.value else _RETRIEVE.value,
         two_tower=_TWO_TOWER.value,
         max_users=_MAX_USERS.value,

@@ -33,6 +33,7 @@ from influence_jax.ranking.candidates import (
 )
 from influence_jax.ranking.contexts import Contexts, load_contexts
 from influence_jax.ranking.output import top_k_rows
+from influence_jax.ranking.progress import BlockStore, file_identity
 from influence_jax.retrieval.retriever import RETRIEVE  # candidates per user by default
 from influence_jax.scoring import Run, batched, batched_local, global_batch, make_score_fn
 
@@ -52,32 +53,46 @@ def _score_top_k(
     batch_size: int | None,
     log: Callable[[str], None],
     progress_every: float,
+    store: BlockStore | None = None,
 ) -> tuple[Candidates, np.ndarray, np.ndarray]:
-    """Scores each block of candidates (whole users per block) and keeps each user's top k.
+    """Scores each block of candidates (whole users per block) and keeps each user's top k;
+    with `store`, blocks it holds are read instead of scored and new ones are saved there.
 
     Returns the kept pairs (as one `Candidates`, in output order), their scores and ranks."""
     fn, bs = make_score_fn(run), global_batch(run, batch_size)
     progress = Progress(total, log, progress_every)
-    done, kept = 0, []
-    for c, steps in _blocks_in_step(blocks, bs):
+    done, kept, first = 0, [], None
+    for i, (c, steps) in enumerate(_blocks_in_step(blocks, bs)):
         show = lambda d, base=done: progress(base + d)
-        if steps is None:
+        saved = store.load(i) if store is not None and c is not None else None
+        if saved is not None:  # scored before the ranking was stopped
+            if steps is not None:  # the other processes score this round: no pairs from here
+                batched_local(fn, run, 0, None, bs, steps, lambda d: None)
+            kept.append(saved)
+        elif steps is None:
             prob = batched(fn, run, len(c), c.gather, bs, show)
         else:  # several processes: each its own pairs, the same number of global batches
             n, gather = (0, None) if c is None else (len(c), c.gather)
             prob = batched_local(fn, run, n, gather, bs, steps, show)
         if c is None:  # this process is out of blocks; the others were not
             continue
+        first = first or c
+        done += len(c)
+        if saved is not None:
+            progress.skip(len(c))
+            progress(done)
+            continue
         prob = np.zeros(0, np.float32) if prob is None else prob
         rows, ranks = top_k_rows(c.user_out, c.item_out, prob, top_k)
-        kept.append((c, rows, prob[rows], ranks))
-        done += len(c)
-    if not kept:  # no user to rank: an empty table
+        block = {f: getattr(c, f)[rows] for f in ("ctx_row", "item_row", "user_out", "item_out")}
+        kept.append(dict(block, prob=prob[rows], ranks=ranks))
+        if store is not None:
+            store.save(i, kept[-1])
+    if first is None:  # no user to rank: an empty table
         e = np.zeros(0, np.int64)
         items = np.zeros((0, len(run.schema.item_fields)), np.int32)
         return Candidates(ctx, items, e, e, e, e, {}), np.zeros(0, np.float32), e
-    first = kept[0][0]
-    cat = lambda f: np.concatenate([getattr(c, f)[rows] for c, rows, _, _ in kept])
+    cat = lambda f: np.concatenate([k[f] for k in kept])
     out = Candidates(
         first.ctx,
         first.items,
@@ -87,7 +102,7 @@ def _score_top_k(
         cat("item_out"),
         first.counts,
     )
-    return out, np.concatenate([p for *_, p, _ in kept]), np.concatenate([r for *_, r in kept])
+    return out, cat("prob"), cat("ranks")
 
 
 def _blocks_in_step(
@@ -146,6 +161,29 @@ def _file_share(c: Candidates) -> Candidates:
         user_out=c.user_out[keep],
         item_out=c.item_out[keep],
     )
+
+
+def _file_blocks(c: Candidates, block_pairs: int) -> Iterator[Candidates]:
+    """A candidates file's pairs in blocks of whole users (in user order; about `block_pairs`
+    pairs each: a block ends with the user whose pairs cross the limit), so that each block's
+    top k is kept as it is scored (progress.py)."""
+    if len(c) <= block_pairs:
+        yield c
+        return
+    _, inv = np.unique(c.user_out, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    first = np.flatnonzero(np.r_[True, np.diff(inv[order]) != 0])  # each user's first row
+    window = first // block_pairs
+    cuts = np.r_[first[np.r_[True, np.diff(window) != 0]], len(order)]
+    for a, b in itertools.pairwise(cuts):
+        rows = order[a:b]
+        yield dataclasses.replace(
+            c,
+            ctx_row=c.ctx_row[rows],
+            item_row=c.item_row[rows],
+            user_out=c.user_out[rows],
+            item_out=c.item_out[rows],
+        )
 
 
 def _write_parts(table: pa.Table, output: str, fmt: str) -> None:
@@ -326,7 +364,7 @@ def rank(
     retrieved = not candidates and not all_items
     if candidates:
         cands = _file_share(file_candidates(run, candidates, everyone))
-        total, blocks, counts = len(cands), iter([cands]), cands.counts
+        total, blocks, counts = len(cands), _file_blocks(cands, block_pairs), cands.counts
         what = f"candidates from {candidates}{at}"
     elif retrieved:
         log(f"retrieving {retrieve} candidates for each of {n_users:,} users{at}")
@@ -348,10 +386,30 @@ def rank(
     log(f"scoring {'up to ' if not (candidates or all_items) else ''}{total:,} pairs: {what}")
     if all_items:
         blocks = _announce(run, blocks, total, batch_size, log)
+    # What the blocks are scored with: a rerun with the same settings resumes (progress.py).
+    settings = {
+        "workdir": os.path.abspath(run.workdir),
+        "step": run.step,
+        "objective": getattr(run, "objective", None),
+        "data": os.path.abspath(run.dataset.path),
+        "as_of": when,
+        "events": [file_identity(f.path) for f in events.files] if events is not None else None,
+        "candidates": file_identity(candidates),
+        "two_tower": os.path.abspath(two_tower) if two_tower else None,
+        "top_k": top_k,
+        "max_items": max_items,
+        "retrieve": retrieve,
+        "exclude_seen": exclude_seen,
+        "max_users": max_users,
+        "block_pairs": block_pairs,
+        "batch": global_batch(run, batch_size),
+        "processes": jax.process_count(),
+    }
+    store = BlockStore(output, settings, jax.process_index(), log)
     t1 = time.perf_counter()
     scored: list[int] = []
     cands, prob, ranks = _score_top_k(
-        run, ctx, _counted(blocks, scored), total, top_k, batch_size, log, progress_every
+        run, ctx, _counted(blocks, scored), total, top_k, batch_size, log, progress_every, store
     )
     t_score = time.perf_counter() - t1
     total = sum(scored)
@@ -372,6 +430,7 @@ def rank(
         _write_parts(pa.table(cols), output, fmt)
     else:
         write_table(pa.table(cols), output, fmt)
+    store.finish()  # the output is written: the kept blocks go
     evaluation = {}
     if evaluate:
         lists = got.retriever.lists(got.part, top_k) if retrieved else {}
