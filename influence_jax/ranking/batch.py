@@ -76,7 +76,7 @@ def _score_top_k(
             prob = batched_local(fn, run, n, gather, bs, steps, show)
         if c is None:  # this process is out of blocks; the others were not
             continue
-        first = first or c
+        first = c if first is None else first
         done += len(c)
         if saved is not None:
             progress.skip(len(c))
