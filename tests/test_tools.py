@@ -316,6 +316,7 @@ def test_ctrl_c_during_rank_is_one_line_and_leaves_no_file(run_dir, tmp_path):
     assert not list(tmp_path.iterdir())  # no temporary file either
 
 
+@pytest.mark.slow  # three rank processes (about 40 s); test_ranking tests the logic in-process
 def test_rank_interrupted_then_run_again_resumes_and_writes_the_same_table(run_dir, tmp_path):
     """Ctrl-C after two of three blocks: the blocks stay in OUTPUT.progress/, and the same
     command run again reads them, scores the third and writes the uninterrupted table."""
