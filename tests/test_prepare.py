@@ -336,6 +336,23 @@ def test_failure_leaves_no_output_folder_and_keeps_the_old_one(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["bad.csv", "good.csv", "p"]
 
 
+def test_the_check_sees_the_finished_folder_before_it_is_renamed_into_place(tmp_path):
+    """The leakage audit runs in the temporary folder: a failed audit (or a kill during it)
+    leaves no dataset at the output that looks finished but was never checked."""
+    out, seen = tmp_path / "p", []
+
+    def check(root):
+        seen.append(Schema.load(root).splits["train"]["rows"])
+        assert not out.exists() and sum(audit.audit_leakage(root)["rows"].values()) > 0
+        raise DataError("the audit failed")
+
+    source = readers.open_source("taobao", write(tmp_path / "log.csv", LOG))
+    opts = prepare.PrepareOptions(valid_start=500, test_start=900, min_timestamp=0)
+    with pytest.raises(DataError, match="the audit failed"):
+        prepare.prepare(source, str(out), opts, check=check)
+    assert seen and seen[0] > 0 and sorted(os.listdir(tmp_path)) == ["log.csv"]
+
+
 def test_cli_prepares_a_synthetic_log_and_records_the_command(tmp_path):
     log = tmp_path / "events.csv.gz"
     env = {**os.environ, "PYTHONPATH": ROOT}

@@ -331,15 +331,13 @@ def main(argv: list[str]) -> None:
             name=_NAME.value,
             command=shlex.join(["python", *sys.argv]),
         )
+        got = {}  # the audit runs before the folder is renamed into place or uploaded
+        check = (
+            (lambda root: got.update(report=audit.audit_leakage(root))) if _AUDIT.value else None
+        )
         if _ENGINE.value == "spark":
             from influence_jax.data import spark
 
-            got = {}  # the audit runs before the folder is renamed into place or uploaded
-            check = (
-                (lambda root: got.update(report=audit.audit_leakage(root)))
-                if _AUDIT.value
-                else None
-            )
             schema = spark.prepare(
                 source,
                 _OUTPUT.value,
@@ -352,8 +350,8 @@ def main(argv: list[str]) -> None:
         else:
             if _SPARK_MASTER.present or _SPARK_CONF.present:
                 raise DataError("--spark_master and --spark_conf need --engine=spark")
-            schema = prepare.prepare(source, _OUTPUT.value, opts)
-            report = audit.audit_leakage(_OUTPUT.value) if _AUDIT.value else None
+            schema = prepare.prepare(source, _OUTPUT.value, opts, check=check)
+            report = got.get("report")
     except DataError as e:
         sys.exit(f"prepare_data: {e}")
     logging.info("wrote %s", _OUTPUT.value)

@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -144,8 +145,15 @@ def _source_block_bytes(opts: PrepareOptions) -> int:
     return int(min(8 << 20, max(1 << 20, opts.memory_mb * 2**20 * READ_SHARE)))
 
 
-def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> Schema:
-    """Prepares `source` into the folder `output` (atomically); returns its schema.
+def prepare(
+    source: readers.EventSource,
+    output: str,
+    opts: PrepareOptions,
+    check: Callable[[str], None] | None = None,
+) -> Schema:
+    """Prepares `source` into the folder `output` (atomically); returns its schema. `check`
+    (e.g. the leakage audit) gets the finished folder before it is renamed into place: a
+    failed check, or a kill, leaves nothing at `output`.
 
     Events and examples stay within about `opts.memory_mb`; on top come the interpreter and
     libraries (~150 MB) and the vocabularies: ~40 bytes per distinct user/item, plus, while
@@ -199,6 +207,8 @@ def prepare(source: readers.EventSource, output: str, opts: PrepareOptions) -> S
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         schema = finish(root, source, scan, plan, opts, schema, counts, splits, rank_info)
+        if check is not None:
+            check(root)
     return schema
 
 
