@@ -311,3 +311,22 @@ def test_real_sweep_killed_after_two_trials_resumes_the_rest(tmp_path, jax_cache
         t = d / f"trial_{i:03d}"
         assert sorted(_hparams_events(str(t))) == ["session_end_info", "session_start_info"]
         assert [p for p in glob.glob(str(t / "events.out.tfevents.*")) if "hparams" not in p]
+
+
+def test_the_synthetic_data_lock_of_a_killed_process_does_not_hold_up_the_rerun(tmp_path):
+    """The shared data's lock is an flock: a holder killed while generating (SIGKILL leaves
+    the lock file behind) releases it, and the next trial generates the data at once."""
+    shared = str(tmp_path / "data-x")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+         shared + ".lock"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    assert os.path.exists(shared + ".lock")
+    cfg = helpers.tiny_config(**{"data.synthetic.train_examples": 64}).data.synthetic
+    trials._generate_once(cfg, shared)  # hung up to 30 minutes on a lock file left behind
+    assert os.path.exists(os.path.join(shared, "schema.json"))

@@ -9,6 +9,7 @@ configs written as Python files (`get_config()`) that `python -m influence_jax.m
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -147,29 +148,28 @@ def share_synthetic_data(config: ml_collections.ConfigDict, workdir: str, root: 
     os.symlink(os.path.relpath(shared, workdir), link)
 
 
-def _generate_once(cfg: Any, shared: str, stale_s: float = 1800.0) -> None:
+def _generate_once(cfg: Any, shared: str) -> None:
     """synthetic.ensure, by one process at a time: workers starting together on a shared
-    folder must not replace the dataset under each other (a lock file; one older than
-    `stale_s` is taken to be left by a killed process)."""
+    folder must not replace the dataset under each other. The lock is an flock on
+    `<shared>.lock`, which the kernel releases when its holder exits, killed or not (a lock
+    file's mere existence, as before, kept a rerun after a kill waiting for 30 minutes); the
+    file stays (removing a locked file would let a third process lock a new one)."""
+    from absl import logging
+
     from influence_jax.data import synthetic
 
     lock = shared + ".lock"
     os.makedirs(os.path.dirname(lock), exist_ok=True)
-    while True:
+    with open(lock, "a") as fh:
         try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            break
-        except FileExistsError:
-            try:
-                if time.time() - os.path.getmtime(lock) > stale_s:
-                    os.remove(lock)
-            except FileNotFoundError:
-                pass
-            time.sleep(0.5)
-    try:
-        synthetic.ensure(cfg, shared)  # keeps the dataset when the same settings made it
-    finally:
-        os.remove(lock)
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.info("waiting for %s: another process is generating the synthetic data", lock)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            synthetic.ensure(cfg, shared)  # keeps the dataset when the same settings made it
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def run_in_workdir(
