@@ -320,13 +320,13 @@ def test_the_synthetic_data_lock_of_a_killed_process_does_not_hold_up_the_rerun(
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
          "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
-         shared + ".lock"],
+         str(tmp_path / ".data-x.lock")],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
     holder.kill()
     holder.wait()
-    assert os.path.exists(shared + ".lock")
+    assert os.path.exists(tmp_path / ".data-x.lock")
     cfg = helpers.tiny_config(**{"data.synthetic.train_examples": 64}).data.synthetic
     trials._generate_once(cfg, shared)  # hung up to 30 minutes on a lock file left behind
     assert os.path.exists(os.path.join(shared, "schema.json"))

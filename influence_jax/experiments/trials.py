@@ -151,14 +151,16 @@ def share_synthetic_data(config: ml_collections.ConfigDict, workdir: str, root: 
 def _generate_once(cfg: Any, shared: str) -> None:
     """synthetic.ensure, by one process at a time: workers starting together on a shared
     folder must not replace the dataset under each other. The lock is an flock on
-    `<shared>.lock`, which the kernel releases when its holder exits, killed or not (a lock
-    file's mere existence, as before, kept a rerun after a kill waiting for 30 minutes); the
-    file stays (removing a locked file would let a third process lock a new one)."""
+    `.<shared>.lock` beside it, which the kernel releases when its holder exits, killed or
+    not (a lock file's mere existence, as before, kept a rerun after a kill waiting for 30
+    minutes); the file stays (removing a locked file would let a third process lock a new
+    one)."""
+
     from absl import logging
 
     from influence_jax.data import synthetic
 
-    lock = shared + ".lock"
+    lock = os.path.join(os.path.dirname(shared), f".{os.path.basename(shared)}.lock")
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with open(lock, "a") as fh:
         try:
