@@ -1,14 +1,17 @@
 """What the entry points share: quiet library logs, and a user's mistake (bad data, a bad flag or
-config override, a missing file) or Ctrl-C ends in one line on stderr and a non-zero exit,
-never in a traceback. Entry points define their own flags; this module defines none."""
+config override, a missing file), Ctrl-C or SIGTERM ends in one line on stderr and a non-zero
+exit, never in a traceback. Entry points define their own flags; this module defines none."""
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from absl import app, flags, logging
@@ -17,20 +20,50 @@ from influence_jax import logs
 from influence_jax.errors import ConfigError, DataError
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is (as KeyboardInterrupt for Ctrl-C), so that the
+    cleanup on the way up (finally blocks, temporary files) runs before the exit."""
+
+
+@contextlib.contextmanager
+def stopped_cleanly(tool: str) -> Iterator[None]:
+    """Ctrl-C exits 130 and SIGTERM 143, each with one line, after the cleanup code on the way
+    up ran (a SIGTERM left a tool's temporary files behind). A SIGTERM handler of the
+    program's own (training's preemption) is kept."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+
+            def terminate(signum: int, frame: Any) -> None:
+                raise Terminated()
+
+            previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
+        print(f"{tool}: terminated", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run(body: Callable[[], None], tool: str) -> None:
-    """Runs a tool's `body`; DataError/ConfigError exit 2 and Ctrl-C exits 130, one line each."""
+    """Runs a tool's `body`; DataError/ConfigError exit 2, Ctrl-C 130 and SIGTERM 143, one line
+    each."""
     logging.set_verbosity(logging.WARNING)
     # Orbax warns that the (read-only) checkpoint folder is read-only; keep its chatter out.
     logs.quiet_libraries(std_logging.ERROR, libs=("orbax",))
     logs.plain_terminal_and_file(None)  # "warning: ..." lines, without absl's prefix
-    try:
-        body()
-    except (DataError, ConfigError) as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{tool}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    with stopped_cleanly(tool):
+        try:
+            body()
+        except (DataError, ConfigError) as e:
+            print(f"{tool}: error: {e}", file=sys.stderr)
+            sys.exit(2)
 
 
 def tool_main(body: Callable[[], None], tool: str) -> Callable[[list[str]], None]:

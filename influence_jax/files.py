@@ -1,5 +1,6 @@
 """Atomic writes: a reader sees the old file or the whole new one, never a part, and a crash
-leaves at most a `<name>.tmp-*` file beside the target (never a file that looks complete)."""
+leaves at most a `<name>.tmp-<host>-<pid>-*` file beside the target (never a file that looks
+complete), which the next write of the same target removes once that process is gone."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,11 +32,54 @@ def _as_umask_allows(path: str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def temp_prefix(path: str) -> str:
+    """`<name>.tmp-<host>-<pid>-`: whose temporary file or folder it is, so that a later writer
+    of the same target can tell one left by a killed process (`clear_dead_temps`)."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    return f"{os.path.basename(path)}.tmp-{host}-{os.getpid()}-"
+
+
+def clear_dead_temps(path: str) -> list[str]:
+    """Removes the temporary files and folders of `path` (beside it) that a process of this host
+    which no longer runs left behind (killed before its cleanup); returns their names. Those of
+    live processes, or of other hosts (a shared folder), are kept."""
+    folder, name = os.path.split(os.path.abspath(path))
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    start = f"{name}.tmp-{host}-"
+    removed = []
+    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
+        if not entry.startswith(start):
+            continue
+        pid = entry[len(start) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        target = os.path.join(folder, entry)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(target)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Calls `write(tmp)` on a temporary path in the target's folder, then renames it to `path`."""
+    """Calls `write(tmp)` on a temporary path in the target's folder, then renames it to `path`
+    (temporary files a killed writer left there go first)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
+    clear_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -55,7 +100,8 @@ def atomic_folder(path: str, commit: bool = True) -> Iterator[str]:
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    clear_dead_temps(path)
+    tmp = tempfile.mkdtemp(prefix=temp_prefix(path), dir=parent)
     try:
         yield tmp
         if commit:

@@ -82,7 +82,15 @@ def run():
     sys.argv[0] (here the script), so this module's flags are registered under it too."""
     for flag in flags.FLAGS.flags_by_module_dict().get(__name__, []):
         flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(_main, flags_parser=cli.parse_flags)
+
+
+def _main(argv):
+    """main, with Ctrl-C (exit 130) or a SIGTERM before training's own handler (143) as one
+    line once the cleanup on the way up (the workdir lock) ran; training turns a SIGTERM into
+    a checkpoint and a clean stop."""
+    with cli.stopped_cleanly("influence_jax.main"):
+        main(argv)
 
 
 if __name__ == "__main__":

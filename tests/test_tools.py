@@ -389,3 +389,52 @@ def test_a_lazy_module_runs_its_code_on_first_attribute_use(tmp_path, monkeypatc
     assert mod.VALUE == 7 and (tmp_path / "lazy_probe.ran").exists()
     with pytest.raises(ImportError, match="no module named 'influence_jax.nope'"):
         lazy.module("influence_jax.nope")
+
+
+def test_a_write_clears_the_temporary_files_a_killed_writer_left(tmp_path):
+    """Temporary names carry host and pid: the next write of the same target removes those
+    of a process that is gone (SIGKILL skips every cleanup) and keeps a live one's and another
+    host's (a shared folder)."""
+    from influence_jax import files
+    from influence_jax.data.store import AtomicDir
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    out = tmp_path / "top.csv"
+    dead = files.temp_prefix(str(out)).replace(f"-{os.getpid()}-", f"-{gone}-") + "abc"
+    live = files.temp_prefix(str(out)) + "xyz"  # this process: still writing
+    other = f"top.csv.tmp-otherhost-{gone}-abc"
+    for name in (dead, live, other):
+        (tmp_path / name).write_text("part")
+    (tmp_path / (dead + "-dir")).mkdir()  # e.g. a folder of influence_report's
+    files.write_text(str(out), "done")
+    assert sorted(os.listdir(tmp_path)) == sorted([live, other, "top.csv"])
+    folder = tmp_path / "prepared"
+    (
+        tmp_path / (files.temp_prefix(str(folder)).replace(f"-{os.getpid()}-", f"-{gone}-") + "q")
+    ).mkdir()
+    with AtomicDir(str(folder)) as root:
+        (Path(root) / "schema.json").write_text("{}")
+    assert sorted(os.listdir(tmp_path)) == sorted([live, other, "prepared", "top.csv"])
+
+
+def test_sigterm_ends_a_tool_in_one_line_and_removes_its_temporary_file(tmp_path):
+    """SIGTERM (a scheduler's stop) runs the cleanup a Ctrl-C runs: exit 143, one line, no
+    temporary file left (it skipped every cleanup before)."""
+    import signal
+    import time
+
+    out = tmp_path / "log.csv"
+    proc = subprocess.Popen(
+        [sys.executable, str(helpers.TOOLS / "make_event_log.py"), "--events=50000000",
+         "--block_events=100000", f"--output={out}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=helpers.ROOT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60 * helpers.HANG_FACTOR
+    while not any(p.stat().st_size > 0 for p in tmp_path.iterdir()):  # writing has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60 * helpers.HANG_FACTOR)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "make_event_log: terminated"
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []

@@ -370,5 +370,10 @@ def main(argv: list[str]) -> None:
     )
 
 
+def _main(argv: list[str]) -> None:
+    with cli.stopped_cleanly("prepare_data"):  # its temporary folder goes on Ctrl-C or SIGTERM
+        main(argv)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(_main, flags_parser=cli.parse_flags)

@@ -205,7 +205,8 @@ def write_split(
 class AtomicDir:
     """Context manager: build a folder under a temporary name, rename it into place on success.
 
-    An interrupted or failed run leaves only `<final>.tmp-*`, never a folder that looks complete.
+    An interrupted or failed run leaves only `<final>.tmp-*`, never a folder that looks complete;
+    the next run of the same output removes it.
     """
 
     def __init__(self, final: str):
@@ -214,7 +215,8 @@ class AtomicDir:
     def __enter__(self) -> str:
         parent = os.path.dirname(self.final)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.final) + ".tmp-", dir=parent)
+        files.clear_dead_temps(self.final)  # what a killed run of the same output left
+        self.tmp = tempfile.mkdtemp(prefix=files.temp_prefix(self.final), dir=parent)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -45,6 +45,7 @@ class BlockStore:
         self.prefix = f"p{process:03d}-"
         self.settings = json.loads(json.dumps(settings, default=str))
         self.log = log
+        self._remove(self._temps())  # a block half-written when this process's rank was killed
         try:
             saved = files.read_json(self._path("settings.json"))
         except DataError:
@@ -67,6 +68,10 @@ class BlockStore:
 
     def _block_path(self, i: int) -> str:
         return self._path(f"block-{i:06d}.npz")
+
+    def _temps(self) -> list[str]:
+        names = os.listdir(self.folder) if os.path.isdir(self.folder) else []
+        return [n for n in names if n.startswith(self.prefix + "tmp-")]
 
     def _blocks(self) -> list[str]:
         names = os.listdir(self.folder) if os.path.isdir(self.folder) else []
@@ -104,7 +109,7 @@ class BlockStore:
         """Removes this process's blocks and settings; the folder once it is empty."""
         if not os.path.isdir(self.folder):
             return
-        self._remove(self._blocks() + [self.prefix + "settings.json"])
+        self._remove(self._blocks() + self._temps() + [self.prefix + "settings.json"])
         try:
             os.rmdir(self.folder)
         except OSError:
