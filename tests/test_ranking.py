@@ -857,3 +857,28 @@ def test_key_order_is_a_lexsort_of_the_key_then_the_minor_keys(n):
     assert sorting.key_order(key, a, b).tolist() == np.lexsort((b, a, key)).tolist()
     if n > 2:  # ties on every key remain, in input order
         assert len({(int(k), int(x), y) for k, x, y in zip(key, a, b, strict=True)}) < n
+
+
+def test_a_retrained_step_does_not_resume_the_old_blocks(run, tmp_path, monkeypatch):
+    """The settings name the step's checkpoint as written: the same step of a retrained run (a
+    new folder) starts anew."""
+    from influence_jax.ranking import progress
+
+    kw = dict(top_k=7, max_items=30, max_users=5, block_pairs=50)
+    real_save = progress.BlockStore.save
+
+    def save_then_stop(self, i, kept):
+        real_save(self, i, kept)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(progress.BlockStore, "save", save_then_stop)
+    out = tmp_path / "top.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        ranking.rank(run, str(out), **kw)
+    monkeypatch.setattr(progress.BlockStore, "save", real_save)
+    step = os.path.join(checkpoint.checkpoint_dir(run.workdir), str(run.step))
+    st = os.stat(step)
+    os.utime(step, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a folder written anew
+    lines = []
+    ranking.rank(run, str(out), log=lines.append, **kw)
+    assert "1 blocks of a ranking with other settings; starting anew" in "\n".join(lines)

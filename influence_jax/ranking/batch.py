@@ -20,7 +20,9 @@ import pyarrow as pa
 from absl import logging
 
 from influence_jax import influence
+from influence_jax.checkpoint import checkpoint_dir
 from influence_jax.data import readers
+from influence_jax.data.dataset import fingerprint
 from influence_jax.errors import DataError
 from influence_jax.files import replace_folder, write_table
 from influence_jax.logs import Progress
@@ -390,12 +392,15 @@ def rank(
     settings = {
         "workdir": os.path.abspath(run.workdir),
         "step": run.step,
+        # The step's folder as written (a retrained run's step N is another), the data's ids.
+        "checkpoint": file_identity(os.path.join(checkpoint_dir(run.workdir), str(run.step))),
         "objective": getattr(run, "objective", None),
         "data": os.path.abspath(run.dataset.path),
+        "data_fingerprint": fingerprint(run.dataset.path, run.schema),
         "as_of": when,
         "events": [file_identity(f.path) for f in events.files] if events is not None else None,
         "candidates": file_identity(candidates),
-        "two_tower": os.path.abspath(two_tower) if two_tower else None,
+        "two_tower": file_identity(os.path.join(two_tower, "meta.json")) if two_tower else None,
         "top_k": top_k,
         "max_items": max_items,
         "retrieve": retrieve,

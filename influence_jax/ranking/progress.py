@@ -28,9 +28,12 @@ KEPT = ("ctx_row", "item_row", "user_out", "item_out", "prob", "ranks")  # a blo
 
 
 def file_identity(path: str | None) -> list | None:
-    """(absolute path, size, modification time) of an input file: part of the settings."""
+    """(absolute path, size, modification time) of an input file or folder: part of the
+    settings."""
     if not path:
         return None
+    if not os.path.exists(path):
+        return [os.path.abspath(path), None, None]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
