@@ -97,6 +97,17 @@ class SummaryWriter:
         )
         self._writer.add_event(event)
 
+    def restart(self, step: int) -> None:
+        """Marks a resume at `step` (TensorBoard's SessionLog START): readers drop what a
+        stopped run logged at this step or later before the checkpoint it resumes from (its
+        steps after that checkpoint are trained and logged again), so no step shows twice."""
+        if not self.enabled:
+            return
+        log = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.add_event(
+            event_pb2.Event(wall_time=time.time(), step=int(step), session_log=log)
+        )
+
     def scalars(self, step: int, values: Mapping[str, float], prefix: str = "") -> None:
         """Writes each `values[tag]` under `prefix + tag` (e.g. prefix "eval/")."""
         if not self.enabled:

@@ -158,6 +158,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
             state = eng.init_state()
         else:
             state, data_state, restored = _resume(ckpt, eng, workdir, config_json)
+            writer.restart(restored + 1)  # TensorBoard drops the stopped run's later steps
             loop.load_state(data_state.pop("loop", {}))
             it.set_state(data_state)
             logging.info("resumed from checkpoint step %d (data %s)", restored, data_state)

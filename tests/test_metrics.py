@@ -263,3 +263,23 @@ print("tensorflow" in sys.modules, a._writer.path != b._writer.path)
     assert r.stdout.split() == ["False", "True"]
     ea = event_accumulator.EventAccumulator(str(tmp_path)).Reload()  # not closed: flushed
     assert [(e.step, e.value) for e in ea.Scalars("x")] == [(7, 1.5)]
+
+
+def test_a_resumed_runs_events_replace_the_stopped_runs_later_steps(tmp_path):
+    """A run stopped at step 10 whose last checkpoint was step 5 logs 6-10 again when it
+    resumes: its SessionLog START at step 6 makes TensorBoard drop the first 6-10, so no step
+    shows twice."""
+    import time
+
+    with summary.SummaryWriter(tmp_path) as first:
+        for step in range(1, 11):
+            first.scalars(step, {"train/loss": 1.0})
+    time.sleep(1.1)  # event file names carry the second they were made in: another file
+    with summary.SummaryWriter(tmp_path) as resumed:
+        resumed.restart(6)
+        for step in range(6, 13):
+            resumed.scalars(step, {"train/loss": 2.0})
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(s, 1.0) for s in range(1, 6)] + [(s, 2.0) for s in range(6, 13)]
