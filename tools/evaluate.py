@@ -69,14 +69,14 @@ def _evaluate() -> None:
             if f"auc/{t}" in m:
                 line = " ".join(f"{k}={m[f'{k}/{t}']:.4f}" for k in ("auc", "logloss", "accuracy"))
                 print(f"  target {t}: {line} ({int(m[f'num_examples/{t}']):,} examples)")
-    if _OUTPUT.value:
-        files.write_json(_OUTPUT.value, record)
-    if _PREDICTIONS.value:
+    if _PREDICTIONS.value:  # before --output: the metrics file, once there, has its scores
         rows = evaluation.predict(run, _SPLIT.value, _BATCH.value)
         table = pa.table(
             {k: pa.array(v.tolist() if v.dtype == object else v) for k, v in rows.items()}
         )
         files.write_table(table, _PREDICTIONS.value)
+    if _OUTPUT.value:
+        files.write_json(_OUTPUT.value, record)
 
 
 if __name__ == "__main__":
