@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from influence_jax import cli, files, influence_runs, lazy  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
-from influence_jax.data.schema import DataError, Schema  # noqa: E402
+from influence_jax.data.schema import DataError, Schema, is_prepared  # noqa: E402
 from influence_jax.experiments import tables  # noqa: E402
 
 # Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
@@ -55,14 +55,6 @@ _STEPS = flags.DEFINE_integer(
 def prepared_path(name: str, target: str = "") -> str:
     """Where `prepared` keeps the conversion task of `name` (heads, or the one `target`)."""
     return os.path.join(_WORKDIR.value, "prepared", f"{name}-{target or 'heads'}")
-
-
-def _is_prepared(path: str) -> bool:
-    try:
-        Schema.load(path)
-    except DataError:
-        return False
-    return True
 
 
 def prepared(name: str, heads: tuple[str, ...], target: str = "") -> str:
@@ -135,7 +127,7 @@ def _main() -> None:
         sample = readers.SOURCES[name].sample
         needed = [prepared_path(name)] + [prepared_path(name, h) for h in HEADS[name]]
         has_log = _DATA_ROOT.value and os.path.exists(os.path.join(_DATA_ROOT.value, sample))
-        if not has_log and not all(map(_is_prepared, needed)):
+        if not has_log and not all(map(is_prepared, needed)):
             where = f"--data_root={_DATA_ROOT.value}" if _DATA_ROOT.value else "--data_root unset"
             raise DataError(
                 f"{where}: {name}'s {sample} is not there; set --data_root to the shared data "

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from influence_jax import baselines, cli, files, lazy, metrics  # noqa: E402
 from influence_jax.data import prepare, readers  # noqa: E402
 from influence_jax.data.dataset import Dataset  # noqa: E402
-from influence_jax.data.schema import DataError, Schema  # noqa: E402
+from influence_jax.data.schema import DataError, Schema, is_prepared  # noqa: E402
 from influence_jax.experiments import tables  # noqa: E402
 
 # Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags: --help and flag
@@ -302,7 +302,7 @@ def _checked_datasets() -> list[str]:
             raise DataError(f"--datasets: none has a conversion task; choose from {conversion}")
     for name in names:  # the raw log, unless everything the run reads is prepared already
         path = os.path.join(_DATA_ROOT.value, DATASETS[name].sample)
-        if not os.path.exists(path) and not all(map(_is_prepared, _needed(name))):
+        if not os.path.exists(path) and not all(map(is_prepared, _needed(name))):
             where = f"--data_root={_DATA_ROOT.value}" if _DATA_ROOT.value else "--data_root unset"
             raise DataError(
                 f"{where}: {name}'s {DATASETS[name].sample} is not there; set --data_root to "
@@ -317,14 +317,6 @@ def _needed(name: str) -> list[str]:
     if heads:
         return [prepared_path(name, heads=heads)] + [prepared_path(name, target=h) for h in heads]
     return [prepared_path(name, k) for k in range(_FOLDS.value)]
-
-
-def _is_prepared(path: str) -> bool:
-    try:
-        Schema.load(path)
-    except DataError:
-        return False
-    return True
 
 
 def _main() -> None:

@@ -208,6 +208,15 @@ class Schema:
         return cls.from_json(d, source=path)
 
 
+def is_prepared(path: str) -> bool:
+    """Whether `path` holds a readable prepared dataset (its schema.json)."""
+    try:
+        Schema.load(path)
+    except DataError:
+        return False
+    return True
+
+
 def dummy_batch(schema: Schema, batch_size: int = 2) -> dict[str, np.ndarray]:
     """Zeros shaped like a model batch, for initialisation and shape inference."""
     return {
