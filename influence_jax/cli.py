@@ -26,12 +26,12 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def stopped_cleanly(tool: str) -> Iterator[None]:
-    """Ctrl-C exits 130 and SIGTERM 143, each with one line, after the cleanup code on the way
-    up ran (a SIGTERM left a tool's temporary files behind). A SIGTERM handler of the
-    program's own (training's preemption) is kept."""
+def stopped_cleanly(tool: str, sigterm: bool = True) -> Iterator[None]:
+    """Ctrl-C exits 130 and (with `sigterm`) SIGTERM 143, each with one line, after the cleanup
+    code on the way up ran (a SIGTERM left a tool's temporary files behind). A SIGTERM
+    handler the program has already is kept."""
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    if sigterm and threading.current_thread() is threading.main_thread():
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
 
             def terminate(signum: int, frame: Any) -> None:

@@ -86,10 +86,10 @@ def run():
 
 
 def _main(argv):
-    """main, with Ctrl-C (exit 130) or a SIGTERM before training's own handler (143) as one
-    line once the cleanup on the way up (the workdir lock) ran; training turns a SIGTERM into
-    a checkpoint and a clean stop."""
-    with cli.stopped_cleanly("influence_jax.main"):
+    """main, with Ctrl-C (exit 130) as one line once the cleanup on the way up (the workdir
+    lock) ran. SIGTERM is training's own: a checkpoint and a clean stop (with several
+    processes, JAX's preemption service agrees on the step), so no handler is added here."""
+    with cli.stopped_cleanly("influence_jax.main", sigterm=False):
         main(argv)
 
 
