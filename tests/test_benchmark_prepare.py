@@ -14,6 +14,7 @@ import pytest
 from tests import helpers
 
 
+@pytest.mark.slow  # about 30 s: four preparations of one log
 def test_prepare_benchmark_runs_both_tasks_on_one_log():
     r = helpers.run_tool(
         "benchmark", "--what=prepare", "--prepare_events=20000", "--repeats=1", "--json"

@@ -79,7 +79,9 @@ def test_params_only_restore_verifies_the_saved_checksums(run_dir, tmp_path):
     assert scoring.load_run(str(copy)).step == 20
 
 
-def test_step_selection(run_dir):
+def test_step_selection(run_dir, tmp_path):
+    shutil.copytree(run_dir, tmp_path / "run")  # other workers read the shared run's best.json
+    run_dir = str(tmp_path / "run")
     assert ranking.load_run(run_dir, step="10").step == 10
     best = os.path.join(run_dir, checkpoint.BEST_FILE)
     saved = open(best).read() if os.path.exists(best) else None
@@ -859,10 +861,13 @@ def test_key_order_is_a_lexsort_of_the_key_then_the_minor_keys(n):
         assert len({(int(k), int(x), y) for k, x, y in zip(key, a, b, strict=True)}) < n
 
 
-def test_a_retrained_step_does_not_resume_the_old_blocks(run, tmp_path, monkeypatch):
+def test_a_retrained_step_does_not_resume_the_old_blocks(run_dir, tmp_path, monkeypatch):
     """The settings name the step's checkpoint as written: the same step of a retrained run (a
     new folder) starts anew."""
     from influence_jax.ranking import progress
+
+    shutil.copytree(run_dir, tmp_path / "run")  # its checkpoint is touched below
+    run = ranking.load_run(str(tmp_path / "run"))
 
     kw = dict(top_k=7, max_items=30, max_users=5, block_pairs=50)
     real_save = progress.BlockStore.save

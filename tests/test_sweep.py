@@ -259,6 +259,7 @@ def _sweep_cmd(workdir: Path, sweep_file: Path) -> list[str]:
             f"--sweep={sweep_file}", f"--workdir={workdir}", *FAST]  # fmt: skip
 
 
+@pytest.mark.slow  # about 50 s of trainings; the resume logic has fast tests above
 def test_real_sweep_killed_after_two_trials_resumes_the_rest(tmp_path, jax_cache):
     """A real sweep, SIGKILLed while its third trial runs, then the same command again."""
     sweep_file = tmp_path / "sweep.json"
