@@ -34,12 +34,13 @@ def test_prepare_benchmark_runs_both_tasks_on_one_log():
 
 
 @pytest.mark.slow
+@pytest.mark.not_in_ci  # about 85 s (Spark); test_spark.py checks the engines agree
 def test_prepare_benchmark_compares_the_engines_on_one_log():
     """--prepare_engines=numpy,spark: each task by both engines, identical outputs, Spark's
     shuffle bytes read from its event log and its phase times from schema.json."""
     if importlib.util.find_spec("pyspark") is None:
         if os.environ.get("CI"):
-            pytest.fail("CI must run the Spark benchmark smoke: .ci/run installs '.[spark]'")
+            pytest.fail("the Spark benchmark smoke needs '.[spark]', which .ci/run installs")
         pytest.skip("needs PySpark and Java 17+: pip install -e '.[spark]'")
     r = helpers.run_tool(
         "benchmark",

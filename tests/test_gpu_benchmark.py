@@ -25,6 +25,7 @@ def _summary_module():
 
 
 @pytest.mark.slow  # a benchmark's smoke run: the slow tier
+@pytest.mark.not_in_ci  # about 90 s; run it before a GPU session (python -m pytest -m slow)
 def test_gpu_benchmark_smoke_train_and_quality(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bench")
     out = tmp_path_factory.mktemp("device_out")  # the device tool's: one archive, the summary
