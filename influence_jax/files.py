@@ -32,11 +32,15 @@ def _as_umask_allows(path: str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def _host() -> str:
+    """This host's name as it goes into temporary names."""
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+
+
 def temp_prefix(path: str) -> str:
     """`<name>.tmp-<host>-<pid>-`: whose temporary file or folder it is, so that a later writer
     of the same target can tell one left by a killed process (`clear_dead_temps`)."""
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
-    return f"{os.path.basename(path)}.tmp-{host}-{os.getpid()}-"
+    return f"{os.path.basename(path)}.tmp-{_host()}-{os.getpid()}-"
 
 
 def clear_dead_temps(path: str) -> list[str]:
@@ -44,8 +48,7 @@ def clear_dead_temps(path: str) -> list[str]:
     which no longer runs left behind (killed before its cleanup); returns their names. Those of
     live processes, or of other hosts (a shared folder), are kept."""
     folder, name = os.path.split(os.path.abspath(path))
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
-    start = f"{name}.tmp-{host}-"
+    start = f"{name}.tmp-{_host()}-"
     removed = []
     for entry in os.listdir(folder) if os.path.isdir(folder) else ():
         if not entry.startswith(start):

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from influence_jax import checkpoint, engine, sharding
 from influence_jax.data import synthetic
-from influence_jax.data.dataset import Dataset, fingerprint
+from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import Schema
 from influence_jax.errors import DataError
 from influence_jax.models.multitask import objective_vector, parse_objective
@@ -135,8 +135,7 @@ def load_run(
     dataset = Dataset(_data_path(config, workdir, data), config.data)
     # The same ids as in training? (--data, or the run's own folder prepared again since.)
     flag = "--data" if data else "the run's config.data.path"
-    print_ = fingerprint(dataset.path, dataset.schema)
-    checkpoint.check_dataset(workdir, dataset.path, print_, flag)
+    checkpoint.check_dataset(workdir, dataset.path, dataset.fingerprint, flag)
     if objective or switchable:
         _check_objective(
             objective, dataset.schema.heads if config.model.name == "multitask" else ()

@@ -19,7 +19,7 @@ from influence_jax import checkpoint as ckpt_lib
 from influence_jax import config_check, engine, evaluation, files, metrics, summary, workdir_lock
 from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
-from influence_jax.data.dataset import Dataset, fingerprint
+from influence_jax.data.dataset import Dataset
 from influence_jax.errors import (
     ConfigError,
     DataError,
@@ -133,7 +133,7 @@ def _resume(ckpt, eng, workdir: str, config_json: dict) -> tuple:
 def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption) -> dict:
     dataset = load_data(config, workdir)
     config_check.check_schema(config, dataset.schema)
-    data_print = fingerprint(dataset.path, dataset.schema)
+    data_print = dataset.fingerprint
     if ckpt_lib.has_checkpoints(workdir):  # resuming: on the data trained on so far?
         ckpt_lib.check_dataset(workdir, dataset.path, data_print, "config.data.path")
     config_json = json.loads(config.to_json_best_effort())

@@ -28,7 +28,7 @@ from influence_jax.data.store import ExampleStore
 VOCAB_FOLDER = "vocab"  # a prepared dataset's vocabularies (vocab.Vocab.save)
 
 
-def fingerprint(path: str, schema: Schema) -> str:
+def _fingerprint(path: str, schema: Schema) -> str:
     """What a trained model's ids mean in the dataset at `path`: a hash of its vocabularies
     (the files mapping raw ids to ids; a synthetic dataset's generator settings) and its field
     layout. The same for a copy, a move, or the same log prepared again with other splits;
@@ -66,6 +66,12 @@ class Dataset:
         # Names are checked against the schema here, once, with the config field in the message.
         self.drop_ids = pipeline.dropped_behaviour_ids(self.schema, self.data_cfg)
         self._stores: dict[str, ExampleStore] = {}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What the model's ids mean in this dataset (`_fingerprint`), hashed once per Dataset
+        (training, run loading and a ranking's resume settings all ask)."""
+        return _fingerprint(self.path, self.schema)
 
     def store(self, split: str) -> ExampleStore:
         """The split as stored (no restriction), opened once."""

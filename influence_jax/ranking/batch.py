@@ -22,7 +22,6 @@ from absl import logging
 from influence_jax import influence
 from influence_jax.checkpoint import checkpoint_dir
 from influence_jax.data import readers
-from influence_jax.data.dataset import fingerprint
 from influence_jax.errors import DataError
 from influence_jax.files import replace_folder, write_table
 from influence_jax.logs import Progress
@@ -396,7 +395,7 @@ def rank(
         "checkpoint": file_identity(os.path.join(checkpoint_dir(run.workdir), str(run.step))),
         "objective": getattr(run, "objective", None),
         "data": os.path.abspath(run.dataset.path),
-        "data_fingerprint": fingerprint(run.dataset.path, run.schema),
+        "data_fingerprint": run.dataset.fingerprint,
         "as_of": when,
         "events": [file_identity(f.path) for f in events.files] if events is not None else None,
         "candidates": file_identity(candidates),
