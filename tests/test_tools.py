@@ -396,7 +396,6 @@ def test_a_write_clears_the_temporary_files_a_killed_writer_left(tmp_path):
     of a process that is gone (SIGKILL skips every cleanup) and keeps a live one's and another
     host's (a shared folder)."""
     from influence_jax import files
-    from influence_jax.data.store import AtomicDir
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
@@ -413,7 +412,7 @@ def test_a_write_clears_the_temporary_files_a_killed_writer_left(tmp_path):
     (
         tmp_path / (files.temp_prefix(str(folder)).replace(f"-{os.getpid()}-", f"-{gone}-") + "q")
     ).mkdir()
-    with AtomicDir(str(folder)) as root:
+    with files.atomic_folder(str(folder)) as root:
         (Path(root) / "schema.json").write_text("{}")
     assert sorted(os.listdir(tmp_path)) == sorted([live, other, "prepared", "top.csv"])
 

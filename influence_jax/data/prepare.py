@@ -58,7 +58,7 @@ from influence_jax.data.plan import (  # noqa: F401  (re-exported)
 )
 from influence_jax.data.rank_state import RankStateWriter
 from influence_jax.data.schema import NUM_RESERVED, DataError, Field, Schema
-from influence_jax.data.store import AtomicDir, ShardWriter
+from influence_jax.data.store import ShardWriter
 from influence_jax.data.vocab import Vocab, indexer, positions  # noqa: F401  (re-exported)
 
 HISTORY_EVENTS = "history_events"  # the event table's folder (store.py), by reference
@@ -182,7 +182,7 @@ def prepare(
             f"keeps them open, at most {MAX_BUCKETS}; use fewer or --engine=spark"
         )
     block_bytes = _source_block_bytes(opts)
-    with AtomicDir(output) as root:
+    with files.atomic_folder(output) as root:
         scan = scan_log(source, opts, block_bytes)
         plan = make_plan(source, scan, opts)
         pa.default_memory_pool().release_unused()

@@ -26,7 +26,7 @@ CSV on a cluster is prepared by the cluster and not by one host.
   rules).
 
 The output is a folder that the driver and every executor see under one path (one machine, or
-a shared mount), written atomically (store.AtomicDir), or a URI of pyarrow's filesystems (gs://,
+a shared mount), written atomically (files.atomic_folder), or a URI of pyarrow's filesystems (gs://,
 s3://, hdfs://, file://): then the tasks upload their parts and the driver assembles the folder
 locally and uploads it, schema.json last (`prepare`).
 """
@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from influence_jax import files
 from influence_jax.data import cleaning, logio, readers
 from influence_jax.data.examples import Rules
 from influence_jax.data.plan import (
@@ -64,7 +65,7 @@ from influence_jax.data.plan import (
 )
 from influence_jax.data.prepare import Sinks, _schema, finish, new_counts
 from influence_jax.data.schema import DataError, Schema
-from influence_jax.data.store import AtomicDir, shard_sizes
+from influence_jax.data.store import shard_sizes
 from influence_jax.data.vocab import indexer
 
 TABLE_PREFIX = logio.TABLE_PREFIX  # --input=table:db.events reads a Hive / catalog table
@@ -696,7 +697,7 @@ def _one_line(e: Exception) -> DataError:
 def _prepare(source, output: str, opts: PrepareOptions, spark, check, progress) -> Schema:
     """`prepare` into a folder or, through a local one, a URI."""
     if not _is_uri(output):
-        with AtomicDir(output) as root:
+        with files.atomic_folder(output) as root:
             parts = os.path.join(root, "_parts")
             schema = _prepare_into(root, parts, source, opts, spark, progress)
             if check:

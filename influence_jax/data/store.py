@@ -29,12 +29,9 @@ example that sees it (a conversion dataset's examples see 50 events each).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from influence_jax import files
 from influence_jax.data import history
 from influence_jax.data.schema import DataError, Schema
 
@@ -200,32 +197,6 @@ def write_split(
     w = ShardWriter(root, split, schema, rows_per_shard)
     w.add(columns)
     return w.close()
-
-
-class AtomicDir:
-    """Context manager: build a folder under a temporary name, rename it into place on success.
-
-    An interrupted or failed run leaves only `<final>.tmp-*`, never a folder that looks complete;
-    the next run of the same output removes it.
-    """
-
-    def __init__(self, final: str):
-        self.final = os.path.abspath(final)
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.final)
-        os.makedirs(parent, exist_ok=True)
-        files.clear_dead_temps(self.final)  # what a killed run of the same output left
-        self.tmp = tempfile.mkdtemp(prefix=files.temp_prefix(self.final), dir=parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        # An old folder is moved aside under a fresh temporary name (never a fixed `.old`,
-        # which may be someone's) and removed once the new one is in place.
-        files.replace_folder(self.tmp, self.final)
 
 
 class ExampleStore:

@@ -350,7 +350,7 @@ def generate(cfg: Any, output_dir: str) -> Schema:
     head_rng = np.random.default_rng([cfg.seed, 1])  # the heads' draws (see `_World.examples`)
     world = _World(cfg, rng)
     sizes = {"train": cfg.train_examples, "valid": cfg.valid_examples, "test": cfg.test_examples}
-    with store.AtomicDir(output_dir) as tmp:
+    with files.atomic_folder(output_dir) as tmp:
         schema0 = _schema(cfg, {})
         splits, row = {}, 0
         for split, n in sizes.items():
