@@ -1,6 +1,7 @@
 """What the entry points share: quiet library logs, and a user's mistake (bad data, a bad flag or
 config override, a missing file), Ctrl-C or SIGTERM ends in one line on stderr and a non-zero
-exit, never in a traceback. Entry points define their own flags; this module defines none."""
+exit, never in a traceback. Entry points define their own flags; this module defines only the
+one the training entry points share when they call `define_preempted_exit_code`."""
 
 from __future__ import annotations
 
@@ -75,6 +76,32 @@ def tool_main(body: Callable[[], None], tool: str) -> Callable[[list[str]], None
         run(body, tool)
 
     return main
+
+
+def define_preempted_exit_code() -> flags.FlagHolder[int]:
+    """--preempted_exit_code of the entry points that train (main, sweep, cv, select_features)."""
+    return flags.DEFINE_integer(
+        "preempted_exit_code",
+        0,
+        "Exit status when SIGTERM (a preemption notice) stopped training at a saved checkpoint. "
+        "0 reads as finished to a scheduler; one that restarts only failed jobs (a Kubernetes "
+        "Job with restartPolicy OnFailure, a systemd unit with Restart=on-failure, a retry "
+        "loop around the command) resumes the run when this is non-zero, e.g. 143.",
+        lower_bound=0,
+        upper_bound=255,
+    )
+
+
+def exit_preempted(tool: str, code: int) -> None:
+    """After SIGTERM stopped training at a saved checkpoint: exits with `code` and one line when
+    it is not 0 (--preempted_exit_code); returns otherwise."""
+    if code:
+        print(
+            f"{tool}: stopped by SIGTERM at a saved checkpoint; the same command resumes "
+            f"(exit {code}, --preempted_exit_code)",
+            file=sys.stderr,
+        )
+        sys.exit(code)
 
 
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")

@@ -2,8 +2,9 @@
 
 Multi-process runs (one process per host) set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID (see launch/); with INFLUENCE_JAX_AUTO_DISTRIBUTED=1, jax.distributed finds the
-processes itself (TPU VM slices, SLURM). SIGTERM saves a checkpoint and exits 0; a NaN or Inf
-loss exits 1 naming the step. The same command again resumes from the last checkpoint.
+processes itself (TPU VM slices, SLURM). SIGTERM saves a checkpoint and exits 0 (or
+--preempted_exit_code); a NaN or Inf loss exits 1 naming the step. The same command again
+resumes from the last checkpoint.
 """
 
 import os
@@ -28,6 +29,7 @@ _HOST_MEMORY = flags.DEFINE_enum(
     "rows of the train batch per CPU device), or off (glibc's defaults). Measured in "
     "docs/benchmarks.md.",
 )
+_PREEMPTED_EXIT = cli.define_preempted_exit_code()
 flags.mark_flags_as_required(["config", "workdir"])
 LOG_FILE = "train.log"  # in the workdir: every log line with absl's prefix (the terminal: plain)
 
@@ -51,8 +53,9 @@ def main(argv):
         cli.init_distributed()
         import jax
 
-        from influence_jax import train
+        from influence_jax import loop, train
 
+        preempt = loop.Preemption()  # SIGTERM from here on: a checkpoint and a clean stop
         log_file = os.path.join(_WORKDIR.value, LOG_FILE) if jax.process_index() == 0 else None
         logs.plain_terminal_and_file(log_file)
         logging.info(  # every process says it joined; then only process 0 logs progress
@@ -64,7 +67,9 @@ def main(argv):
         if kept:
             where = "one allocator arena" if one_arena else "each thread's allocator arena"
             logging.info("freed host memory kept for reuse in %s (--host_memory)", where)
-        train.train_and_evaluate(config, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value, preempt)
+        if preempt.requested:
+            cli.exit_preempted("influence_jax.main", _PREEMPTED_EXIT.value)
     except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
         _stop(f"error: {e}")
     except errors.TrainingError as e:

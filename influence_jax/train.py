@@ -64,21 +64,26 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+def train_and_evaluate(
+    config: Any, workdir: str, preempt: loop_lib.Preemption | None = None
+) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
 
     Killed at any step and rerun with the same config, a run continues from its newest usable
     checkpoint and ends with the same parameters bit for bit (on the same devices).
 
     Returns:
-      The final evaluation metrics, keys prefixed with the split ("test/auc", ...).
+      The final evaluation metrics, keys prefixed with the split ("test/auc", ...). A run that
+      SIGTERM stopped (at a saved checkpoint) returns without the final evaluation; `preempt`,
+      when given, tells it (`preempt.requested`) and catches SIGTERM from its creation on.
 
     Raises:
       ConfigError: an invalid config field (before any work).
       WorkdirInUseError: another run trains in `workdir` (before any checkpoint is touched).
       TrainingError: the loss or the parameters became NaN or Inf (checkpoints stay good).
     """
-    preempt = loop_lib.Preemption()  # first, so that SIGTERM during start-up is not fatal
+    if preempt is None:  # first, so that SIGTERM during start-up is not fatal
+        preempt = loop_lib.Preemption()
     try:
         config_check.check(config, jax.device_count(), jax.process_count())
         os.makedirs(workdir, exist_ok=True)

@@ -40,12 +40,15 @@ from tests.helpers import (
 
 
 def test_sigterm_saves_the_step_reached_and_the_rerun_finishes(tmp_path, jax_cache, reference):
+    """SIGTERM: a checkpoint at the step reached, exit --preempted_exit_code (for a scheduler
+    that restarts only failed jobs) with one line; the same command finishes the run."""
     workdir = tmp_path / "run"
-    proc, log = start(workdir, *FLAGS, cache=jax_cache)
+    proc, log = start(workdir, *FLAGS, "--preempted_exit_code=75", cache=jax_cache)
     wait_for(lambda: (workdir / "checkpoints" / "5").is_dir(), proc, log)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc, log)
-    assert out.returncode == 0, out.log[-4000:]
+    assert out.returncode == 75, out.log[-4000:]
+    assert "stopped by SIGTERM at a saved checkpoint; the same command resumes" in out.log
     saved = re.findall(r"SIGTERM received: saved checkpoint at step (\d+)", out.log)
     assert saved, out.log[-4000:]
     step = int(saved[0])

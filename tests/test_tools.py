@@ -417,6 +417,21 @@ def test_a_write_clears_the_temporary_files_a_killed_writer_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([live, other, "prepared", "top.csv"])
 
 
+def test_a_preempted_run_exits_0_by_default_or_the_given_code_with_one_line(capsys):
+    """--preempted_exit_code (main, sweep, cv, select_features): 0 reads as finished; another
+    code, for a scheduler that restarts only failed jobs, comes with one line."""
+    from influence_jax import cli
+
+    cli.exit_preempted("sweep", 0)  # returns
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as stop:
+        cli.exit_preempted("sweep", 143)
+    assert stop.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sweep: stopped by SIGTERM at a saved checkpoint; the same command resumes "
+                   "(exit 143, --preempted_exit_code)"]  # fmt: skip
+
+
 def test_sigterm_ends_a_tool_in_one_line_and_removes_its_temporary_file(tmp_path):
     """SIGTERM (a scheduler's stop) runs the cleanup a Ctrl-C runs: exit 143, one line, no
     temporary file left (it skipped every cleanup before)."""

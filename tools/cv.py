@@ -31,6 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the folds and the su
 _FOLDS = flags.DEFINE_integer("cv_folds", 3, "Number of folds K (the period is cut in K + 1).")
 _MODE = flags.DEFINE_enum("cv_mode", "expanding", ["expanding", "rolling"], "Training windows.")
 _WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling: blocks of training before each fold.")
+_PREEMPTED_EXIT = cli.define_preempted_exit_code()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> None:
         result = cv.run(config, _WORKDIR.value, _FOLDS.value, _MODE.value, _WINDOW.value)
     except trials.Preempted as e:
         print(f"cross-validation stopped: {e}", flush=True)
+        cli.exit_preempted("cv", _PREEMPTED_EXIT.value)
         return
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")

@@ -37,6 +37,7 @@ _MIN_DELTA = flags.DEFINE_float("min_delta", 0.0, "A change below -min_delta is 
 _REPORT = flags.DEFINE_string(
     "report", None, "Existing influence.json for round 0's drops (checked before round 0 trains)."
 )
+_PREEMPTED_EXIT = cli.define_preempted_exit_code()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str]) -> None:
         )
     except trials.Preempted as e:
         print(f"selection stopped: {e}", flush=True)
+        cli.exit_preempted("select_features", _PREEMPTED_EXIT.value)
         return
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")

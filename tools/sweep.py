@@ -47,6 +47,7 @@ _ISOLATE = flags.DEFINE_bool(
 _CV_FOLDS = flags.DEFINE_integer("cv_folds", 0, "If > 0, each trial is K-fold time CV.")
 _CV_MODE = flags.DEFINE_enum("cv_mode", "expanding", ["expanding", "rolling"], "CV windows.")
 _CV_WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling CV: blocks of training per fold.")
+_PREEMPTED_EXIT = cli.define_preempted_exit_code()
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> None:
     from influence_jax.experiments import sweep as sweep_lib
 
     config, workdir = cli.loaded_config(_CONFIG.value), _WORKDIR.value
+    preempted = False
     try:
         sweep = sweep_lib.load(_SWEEP.value)
         split = config.loop.final_eval_split
@@ -107,9 +109,12 @@ def main(argv: list[str]) -> None:
                 sweep_lib.run(config, sweep, workdir, indices, train_fn)
     except trials.Preempted as e:
         print(f"sweep stopped: {e}", flush=True)
+        preempted = True
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")
     print(sweep_lib.report(workdir, sweep, split), flush=True)
+    if preempted:
+        cli.exit_preempted("sweep", _PREEMPTED_EXIT.value)
 
 
 if __name__ == "__main__":
