@@ -1,6 +1,8 @@
 """Atomic writes: a reader sees the old file or the whole new one, never a part, and a crash
 leaves at most a `<name>.tmp-<host>-<pid>-*` file beside the target (never a file that looks
-complete), which the next write of the same target removes once that process is gone."""
+complete), which the next write of the same target removes once that process is gone. A folder
+replaced in place is first moved aside as `<name>.old-<host>-<pid>-*/x`; a process killed between
+the two renames leaves no folder at `<name>`, and the next write of it puts the old one back."""
 
 from __future__ import annotations
 
@@ -37,33 +39,42 @@ def _host() -> str:
     return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
 
 
-def temp_prefix(path: str) -> str:
-    """`<name>.tmp-<host>-<pid>-`: whose temporary file or folder it is, so that a later writer
-    of the same target can tell one left by a killed process (`clear_dead_temps`)."""
-    return f"{os.path.basename(path)}.tmp-{_host()}-{os.getpid()}-"
+def temp_prefix(path: str, kind: str = "tmp") -> str:
+    """`<name>.tmp-<host>-<pid>-` (`kind` "old": a replaced folder moved aside): whose temporary
+    file or folder it is, so that a later writer of the same target can tell one left by a
+    killed process (`clear_dead_temps`)."""
+    return f"{os.path.basename(path)}.{kind}-{_host()}-{os.getpid()}-"
 
 
 def clear_dead_temps(path: str) -> list[str]:
     """Removes the temporary files and folders of `path` (beside it) that a process of this host
     which no longer runs left behind (killed before its cleanup); returns their names. Those of
-    live processes, or of other hosts (a shared folder), are kept."""
+    live processes, or of other hosts (a shared folder), are kept. Where `path` is missing and
+    such a process had moved the folder there aside (`replace_folder`, killed between its two
+    renames), that folder is put back first."""
     folder, name = os.path.split(os.path.abspath(path))
-    start = f"{name}.tmp-{_host()}-"
     removed = []
-    for entry in os.listdir(folder) if os.path.isdir(folder) else ():
-        if not entry.startswith(start):
-            continue
-        pid = entry[len(start) :].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        target = os.path.join(folder, entry)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(target)
-        removed.append(entry)
+    for kind in ("old", "tmp"):
+        start = f"{name}.{kind}-{_host()}-"
+        for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+            if not entry.startswith(start):
+                continue
+            pid = entry[len(start) :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove_dead(os.path.join(folder, entry), path, kind)
+                removed.append(entry)
     return removed
+
+
+def _remove_dead(target: str, path: str, kind: str) -> None:
+    aside = os.path.join(target, "x")
+    if kind == "old" and os.path.lexists(aside) and not os.path.lexists(path):
+        os.replace(aside, path)  # the last whole version
+    if os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(target)
 
 
 def _alive(pid: int) -> bool:
@@ -122,7 +133,7 @@ def replace_folder(tmp: str, path: str) -> None:
     _as_umask_allows(tmp, folder=True)
     old = None
     if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=parent)
         os.replace(path, os.path.join(old, "x"))
     os.replace(tmp, path)
     if old:

@@ -417,6 +417,32 @@ def test_a_write_clears_the_temporary_files_a_killed_writer_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([live, other, "prepared", "top.csv"])
 
 
+def test_a_folder_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
+    """replace_folder moves the old folder aside, then renames the new one in: a kill between
+    the two left no folder at the target and the old one in `<name>.old-*` for good. The next
+    write of the target puts it back (then replaces it as usual); a live process's is kept."""
+    from influence_jax import files
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    target = tmp_path / "prepared"
+    aside = tmp_path / files.temp_prefix(str(target), "old").replace(
+        f"-{os.getpid()}-", f"-{gone}-"
+    )
+    (aside / "x").mkdir(parents=True)
+    (aside / "x" / "schema.json").write_text("v1")
+    live = tmp_path / (files.temp_prefix(str(target), "old") + "abc")
+    live.mkdir()
+    assert files.clear_dead_temps(str(target)) == [aside.name]
+    assert (target / "schema.json").read_text() == "v1"
+    assert sorted(os.listdir(tmp_path)) == sorted(["prepared", live.name])
+    live.rmdir()
+    with files.atomic_folder(str(target)) as root:  # a replace leaves nothing aside
+        (Path(root) / "schema.json").write_text("v2")
+    assert (target / "schema.json").read_text() == "v2"
+    assert os.listdir(tmp_path) == ["prepared"]
+
+
 def test_a_preempted_run_exits_0_by_default_or_the_given_code_with_one_line(capsys):
     """--preempted_exit_code (main, sweep, cv, select_features): 0 reads as finished; another
     code, for a scheduler that restarts only failed jobs, comes with one line."""
