@@ -259,6 +259,33 @@ def _sweep_cmd(workdir: Path, sweep_file: Path) -> list[str]:
             f"--sweep={sweep_file}", f"--workdir={workdir}", *FAST]  # fmt: skip
 
 
+@pytest.mark.slow  # one trial's process start and a few steps
+def test_an_isolated_sweep_passes_sigterm_to_its_trial(tmp_path, jax_cache):
+    """--isolate: a SIGTERM to the sweep's own process only (a scheduler may signal just the
+    command it started) reaches the trial's process, which saves a checkpoint and stops; the
+    sweep then exits --preempted_exit_code. (The trial trained on unsignalled before.)"""
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps(REAL))
+    d = tmp_path / "sweep"
+    cmd = _sweep_cmd(d, sweep_file) + ["--isolate", "--preempted_exit_code=75",
+                                       "--config.loop.num_steps=4000"]  # fmt: skip
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=subprocess_env(jax_cache, devices=1), stdout=log, stderr=log
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not _saved_steps(d / "trial_000"):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # this process only, not its group
+        proc.wait(timeout=240)
+    out = log_path.read_text()
+    assert proc.returncode == 75, out[-3000:]
+    assert "SIGTERM received: saved checkpoint at step" in out, out[-3000:]
+    assert "sweep stopped: SIGTERM: trial 0 stopped at a saved checkpoint" in out
+    assert not (d / "trial_000" / "result.json").exists() and not (d / "trial_001").exists()
+
+
 @pytest.mark.slow  # about 50 s of trainings; the resume logic has fast tests above
 def test_real_sweep_killed_after_two_trials_resumes_the_rest(tmp_path, jax_cache):
     """A real sweep, SIGKILLed while its third trial runs, then the same command again."""

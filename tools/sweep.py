@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 
@@ -53,14 +54,39 @@ flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 def _run_isolated(indices: list[int], workdir: str) -> None:
     """Each trial in a child process; the flags given last win, so the child runs one trial."""
+    from influence_jax.experiments import trials
+
     for i in indices:
         if os.path.exists(os.path.join(workdir, f"trial_{i:03d}", "result.json")):
             continue
         one = [f"--trial_index={i}", "--num_workers=1", "--worker_index=0", "--noisolate"]
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *one]
-        subprocess.run(cmd, check=False)
-        if not os.path.exists(os.path.join(workdir, f"trial_{i:03d}", "result.json")):
+        terminated = _run_forwarding_sigterm(
+            [sys.executable, os.path.abspath(__file__), *sys.argv[1:], *one]
+        )
+        finished = os.path.exists(os.path.join(workdir, f"trial_{i:03d}", "result.json"))
+        if terminated:  # no further trial
+            done = "finished" if finished else "stopped at a saved checkpoint"
+            raise trials.Preempted(f"SIGTERM: trial {i} {done}; run again to resume")
+        if not finished:
             sys.exit(f"sweep stopped: trial {i} did not finish; run the same command to resume")
+
+
+def _run_forwarding_sigterm(cmd: list[str]) -> bool:
+    """Runs `cmd`, passing a SIGTERM to this process on to it (a scheduler may signal only the
+    command it started: the trial then saves a checkpoint and stops, instead of training on
+    unsignalled or being killed); returns whether one came."""
+    child, came = subprocess.Popen(cmd), []
+
+    def forward(signum: int, frame: object) -> None:
+        came.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return bool(came)
 
 
 def _check_cv(sweep, cv) -> None:
