@@ -26,9 +26,9 @@ CSV on a cluster is prepared by the cluster and not by one host.
   rules).
 
 The output is a folder that the driver and every executor see under one path (one machine, or
-a shared mount), written atomically (files.atomic_folder), or a URI of pyarrow's filesystems (gs://,
-s3://, hdfs://, file://): then the tasks upload their parts and the driver assembles the folder
-locally and uploads it, schema.json last (`prepare`).
+a shared mount), written atomically (files.atomic_folder), or a URI of pyarrow's filesystems
+(gs://, s3://, hdfs://, file://): then the tasks upload their parts and the driver assembles the
+folder locally and uploads it, schema.json last (`prepare`).
 """
 
 from __future__ import annotations
