@@ -8,6 +8,7 @@ import socket
 
 import jax
 import numpy as np
+import pytest
 
 from influence_jax.data import pipeline
 from influence_jax.data.schema import Schema
@@ -79,29 +80,41 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, ja
     )
 
 
-def test_two_processes_rank_every_user_once_like_one_process(run_dir, tmp_path):
-    """rank.py under JAX's multi-process runtime: each of 2 processes ranks every other user
-    (retrieval tables from every user) and writes its own part file; the folder read as one
-    Parquet table equals a 1-process run's file."""
+# tools/rank.py run with BlockStore.save raising Ctrl-C once block 1 is kept (as a kill after
+# the second block), in each process alike: the blocks are global rounds, so both stop there.
+_RANK_STOPPED_AFTER_BLOCK_1 = """
+import runpy, sys
+from influence_jax.ranking import progress
+real = progress.BlockStore.save
+def save(self, i, kept):
+    real(self, i, kept)
+    if i == 1:
+        raise KeyboardInterrupt
+progress.BlockStore.save = save
+sys.argv[0] = "tools/rank.py"
+runpy.run_path("tools/rank.py", run_name="__main__")
+"""
+
+
+def _rank_in_two_processes(args: list[str], stop_after_block_1: bool = False) -> list[tuple]:
+    """tools/rank.py `args` as 2 JAX processes of 4 CPU devices each; (returncode, stdout,
+    stderr) of each."""
     import os
     import subprocess
     import sys
 
-    import pyarrow.parquet as pq
+    from tests.helpers import ROOT
 
-    from tests.helpers import ROOT, run_tool
-
-    args = [f"--workdir={run_dir}", "--top_k=5", "--retrieve_n=30"]
-    one = run_tool("rank", *args, f"--output={tmp_path / 'one.parquet'}", timeout=180)
-    assert one.returncode == 0, one.stderr[-3000:]
-    out = tmp_path / "parts"
     env = dict(
         os.environ,
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
         JAX_NUM_PROCESSES="2",
         XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
     )
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "rank.py"), *args, f"--output={out}"]
+    if stop_after_block_1:
+        cmd = [sys.executable, "-c", _RANK_STOPPED_AFTER_BLOCK_1, *args]
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "rank.py"), *args]
     procs = [
         subprocess.Popen(
             cmd,
@@ -119,10 +132,31 @@ def test_two_processes_rank_every_user_once_like_one_process(run_dir, tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, stderr) in zip(procs, results, strict=True):
-        assert p.returncode == 0, stderr[-3000:]
+    return [(p.returncode, *r) for p, r in zip(procs, results, strict=True)]
+
+
+def test_two_processes_rank_every_user_once_like_one_process(run_dir, tmp_path):
+    """rank.py under JAX's multi-process runtime: each of 2 processes ranks every other user
+    (retrieval tables from every user) and writes its own part file; the folder read as one
+    Parquet table equals a 1-process run's file."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from tests.helpers import run_tool
+
+    args = [f"--workdir={run_dir}", "--top_k=5", "--retrieve_n=30"]
+    one = run_tool("rank", *args, f"--output={tmp_path / 'one.parquet'}", timeout=180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    out = tmp_path / "parts"
+    results = _rank_in_two_processes([*args, f"--output={out}"])
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
     assert sorted(os.listdir(out)) == ["part-00000.parquet", "part-00001.parquet"]
-    assert "process 0 of 2: ranked" in results[0][0] and "process 1 of 2: ranked" in results[1][0]
+    assert "process 0 of 2: ranked" in results[0][1] and "process 1 of 2: ranked" in results[1][1]
+    # Each process counts the retrieval tables over every user (it said 179/90 users, 199 %).
+    counted = re.findall(r"counted (\d+)/(\d+) users", results[0][1] + results[0][2])
+    assert counted and all(a == b for a, b in counted), counted
     parts = [pq.read_table(out / f).to_pydict() for f in sorted(os.listdir(out))]
     assert not set(parts[0]["user_id"]) & set(parts[1]["user_id"])  # each user in one part
     order = [("user_id", "ascending"), ("rank", "ascending")]
@@ -131,3 +165,35 @@ def test_two_processes_rank_every_user_once_like_one_process(run_dir, tmp_path):
     for k in ("user_id", "rank", "item_id"):
         assert both[k] == ref[k]
     np.testing.assert_allclose(both["score"], ref["score"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # three 2-process rankings
+def test_two_processes_resume_a_stopped_ranking_whatever_blocks_each_kept(run_dir, tmp_path):
+    """A 2-process ranking stopped after two blocks, with process 1's second block lost (as
+    when a kill came between the two processes' writes), run again: process 0 takes part in
+    that block's round with no pairs, process 1 scores it, and the parts equal an
+    uninterrupted run's."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    # Every user scores the 30 most frequent items: 90 users, 20 a block, 3 blocks a process.
+    args = [f"--workdir={run_dir}", "--top_k=5", "--max_items=30", "--block_pairs=600"]
+    whole = tmp_path / "whole"
+    for code, _, stderr in _rank_in_two_processes([*args, f"--output={whole}"]):
+        assert code == 0, stderr[-3000:]
+    out = tmp_path / "parts"
+    for code, _, stderr in _rank_in_two_processes([*args, f"--output={out}"], True):
+        assert code == 130 and "interrupted" in stderr, stderr[-3000:]
+    kept = tmp_path / "parts.progress"
+    blocks = sorted(n for n in os.listdir(kept) if "-block-" in n)
+    assert blocks == [f"p00{p}-block-00000{i}.npz" for p in (0, 1) for i in (0, 1)], blocks
+    os.remove(kept / "p001-block-000001.npz")
+    results = _rank_in_two_processes([*args, f"--output={out}"])
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert "resuming: 2 blocks already scored" in results[0][1] + results[0][2]
+    assert "resuming: 1 blocks already scored" in results[1][1] + results[1][2]
+    assert not kept.exists()
+    for part in ("part-00000.parquet", "part-00001.parquet"):
+        assert pq.read_table(out / part).to_pydict() == pq.read_table(whole / part).to_pydict()

@@ -370,7 +370,10 @@ def rank(
     elif retrieved:
         log(f"retrieving {retrieve} candidates for each of {n_users:,} users{at}")
         t1 = time.perf_counter()
-        counted = Progress(n_users, log, progress_every, verb="counted", unit="users")
+        # The tables come from every user's history (each process's own share of the users
+        # gets candidates): counted over all of them.
+        builders = int(np.count_nonzero(everyone.in_split))
+        counted = Progress(builders, log, progress_every, verb="counted", unit="users")
         got = RetrievedCandidates(
             run, everyone, retrieve, exclude_seen, counted, ctx.in_split, two_tower,
             retrieval_tables,
