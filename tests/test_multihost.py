@@ -193,7 +193,7 @@ def test_two_processes_resume_a_stopped_ranking_whatever_blocks_each_kept(run_di
     for code, _, stderr in results:
         assert code == 0, stderr[-3000:]
     assert "resuming: 2 blocks already scored" in results[0][1] + results[0][2]
-    assert "resuming: 1 blocks already scored" in results[1][1] + results[1][2]
+    assert "resuming: 1 block already scored" in results[1][1] + results[1][2]
     assert not kept.exists()
     for part in ("part-00000.parquet", "part-00001.parquet"):
         assert pq.read_table(out / part).to_pydict() == pq.read_table(whole / part).to_pydict()

@@ -62,7 +62,8 @@ class BlockStore:
             self._remove(found)
             found = []
         if found:
-            log(f"resuming: {len(found)} blocks already scored are read from {self.folder}")
+            n = f"{len(found)} block{'s' if len(found) != 1 else ''}"
+            log(f"resuming: {n} already scored are read from {self.folder}")
         self.resumed = len(found)
         self._settings_written = bool(found)  # else with the first block saved
 
