@@ -1,7 +1,6 @@
 """What the entry points share: quiet library logs, and a user's mistake (bad data, a bad flag or
 config override, a missing file), Ctrl-C or SIGTERM ends in one line on stderr and a non-zero
-exit, never in a traceback. Entry points define their own flags; this module defines only the
-one the training entry points share when they call `define_preempted_exit_code`."""
+exit, never in a traceback. Entry points define their own flags; this module defines none."""
 
 from __future__ import annotations
 
@@ -78,18 +77,18 @@ def tool_main(body: Callable[[], None], tool: str) -> Callable[[list[str]], None
     return main
 
 
-def define_preempted_exit_code() -> flags.FlagHolder[int]:
-    """--preempted_exit_code of the entry points that train (main, sweep, cv, select_features)."""
-    return flags.DEFINE_integer(
-        "preempted_exit_code",
-        0,
-        "Exit status when SIGTERM (a preemption notice) stopped training at a saved checkpoint. "
-        "0 reads as finished to a scheduler; one that restarts only failed jobs (a Kubernetes "
-        "Job with restartPolicy OnFailure, a systemd unit with Restart=on-failure, a retry "
-        "loop around the command) resumes the run when this is non-zero, e.g. 143.",
-        lower_bound=0,
-        upper_bound=255,
-    )
+# --preempted_exit_code: the keywords of the integer flag that each entry point that trains
+# (main, sweep, cv, select_features) defines with them.
+PREEMPTED_EXIT_FLAG = dict(
+    name="preempted_exit_code",
+    default=0,
+    help="Exit status when SIGTERM (a preemption notice) stopped training at a saved checkpoint. "
+    "0 reads as finished to a scheduler; one that restarts only failed jobs (a Kubernetes Job "
+    "with restartPolicy OnFailure, a systemd unit with Restart=on-failure, a retry loop around "
+    "the command) resumes the run when this is non-zero, e.g. 143.",
+    lower_bound=0,
+    upper_bound=255,
+)
 
 
 def exit_preempted(tool: str, code: int) -> None:

@@ -29,7 +29,7 @@ _HOST_MEMORY = flags.DEFINE_enum(
     "rows of the train batch per CPU device), or off (glibc's defaults). Measured in "
     "docs/benchmarks.md.",
 )
-_PREEMPTED_EXIT = cli.define_preempted_exit_code()
+_PREEMPTED_EXIT = flags.DEFINE_integer(**cli.PREEMPTED_EXIT_FLAG)
 flags.mark_flags_as_required(["config", "workdir"])
 LOG_FILE = "train.log"  # in the workdir: every log line with absl's prefix (the terminal: plain)
 

@@ -31,7 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the folds and the su
 _FOLDS = flags.DEFINE_integer("cv_folds", 3, "Number of folds K (the period is cut in K + 1).")
 _MODE = flags.DEFINE_enum("cv_mode", "expanding", ["expanding", "rolling"], "Training windows.")
 _WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling: blocks of training before each fold.")
-_PREEMPTED_EXIT = cli.define_preempted_exit_code()
+_PREEMPTED_EXIT = flags.DEFINE_integer(**cli.PREEMPTED_EXIT_FLAG)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

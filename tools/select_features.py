@@ -37,7 +37,7 @@ _MIN_DELTA = flags.DEFINE_float("min_delta", 0.0, "A change below -min_delta is 
 _REPORT = flags.DEFINE_string(
     "report", None, "Existing influence.json for round 0's drops (checked before round 0 trains)."
 )
-_PREEMPTED_EXIT = cli.define_preempted_exit_code()
+_PREEMPTED_EXIT = flags.DEFINE_integer(**cli.PREEMPTED_EXIT_FLAG)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

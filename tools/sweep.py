@@ -48,7 +48,7 @@ _ISOLATE = flags.DEFINE_bool(
 _CV_FOLDS = flags.DEFINE_integer("cv_folds", 0, "If > 0, each trial is K-fold time CV.")
 _CV_MODE = flags.DEFINE_enum("cv_mode", "expanding", ["expanding", "rolling"], "CV windows.")
 _CV_WINDOW = flags.DEFINE_integer("cv_window", 1, "Rolling CV: blocks of training per fold.")
-_PREEMPTED_EXIT = cli.define_preempted_exit_code()
+_PREEMPTED_EXIT = flags.DEFINE_integer(**cli.PREEMPTED_EXIT_FLAG)
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
