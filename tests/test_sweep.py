@@ -60,6 +60,28 @@ def fake_train(config, workdir):
     return {"valid/auc": 0.5 + lr + dim / 1000, "test/auc": 0.4 + lr}
 
 
+def test_train_whole_stops_the_tool_on_sigterm_instead_of_scoring_a_partly_trained_run(
+    monkeypatch, tmp_path
+):
+    """tools/quality.py and multitask_compare.py score each run they train at once: a SIGTERM
+    during training (which then returns, at a saved checkpoint) stops the tool (cli.Terminated,
+    exit 143 under cli.run) instead of the tool scoring that run as a finished one."""
+    from influence_jax import cli, train
+
+    def sigterm_during_training(config, workdir, preempt):
+        try:
+            preempt._handle(signal.SIGTERM, None)  # what its SIGTERM handler does
+            return {}
+        finally:
+            preempt.restore()
+
+    monkeypatch.setattr(train, "train_and_evaluate", sigterm_during_training)
+    with pytest.raises(cli.Terminated):
+        trials.train_whole(None, str(tmp_path))
+    monkeypatch.setattr(train, "train_and_evaluate", lambda c, w, p: {"test/auc": 0.5})
+    assert trials.train_whole(None, str(tmp_path)) == {"test/auc": 0.5}
+
+
 def test_grid_values_and_partition():
     sweep = sweep_lib.parse(GRID)
     assert sweep.num_trials == 4

@@ -35,7 +35,7 @@ from influence_jax.experiments import tables  # noqa: E402
 # errors stay fast.
 evaluation = lazy.module("influence_jax.evaluation")
 scoring = lazy.module("influence_jax.scoring")
-train = lazy.module("influence_jax.train")
+trials = lazy.module("influence_jax.experiments.trials")
 
 # The registered sources with conversion heads (data/sources.py) and their heads.
 HEADS = {n: s.heads for n, s in readers.SOURCES.items() if s.heads and s.conversion_config}
@@ -84,7 +84,7 @@ def run_one(name: str, data: str, seed: int, multitask: bool, tag: str) -> dict[
         config.loop.num_steps, config.loop.eval_every = _STEPS.value, 0
     workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{tag}-{seed}")
     shutil.rmtree(workdir, ignore_errors=True)
-    train.train_and_evaluate(config, workdir)
+    trials.train_whole(config, workdir)  # a SIGTERM stops the tool, not just the run
     return evaluation.evaluate_run(scoring.load_run(workdir, data, step="best"), "test")
 
 

@@ -46,7 +46,7 @@ from influence_jax.experiments import tables  # noqa: E402
 # errors stay fast.
 evaluation = lazy.module("influence_jax.evaluation")
 scoring = lazy.module("influence_jax.scoring")
-train = lazy.module("influence_jax.train")
+trials = lazy.module("influence_jax.experiments.trials")
 cv = lazy.module("influence_jax.experiments.cv")
 
 # Every registered source with a public sample and a config (data/sources.py).
@@ -165,7 +165,7 @@ def run_one(
     workdir = os.path.join(_WORKDIR.value, "runs", f"{name}-{slug}-{seed}{tag}")
     if os.path.exists(workdir):
         shutil.rmtree(workdir)
-    train.train_and_evaluate(config, workdir)
+    trials.train_whole(config, workdir)  # a SIGTERM stops the tool, not just the run
     if heads:
         return {
             h: evaluation.predict(scoring.load_run(workdir, data, "best", h), "test")["score"]

@@ -110,6 +110,20 @@ def check_final_split(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def train_whole(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """train.train_and_evaluate for a tool that scores the run at once (tools/quality.py,
+    multitask_compare.py): a SIGTERM, which stops training at a checkpoint, stops the tool too
+    (cli.Terminated: exit 143 and one line under cli.run) instead of the tool scoring a partly
+    trained run as if it were the finished one."""
+    from influence_jax import cli, loop, train
+
+    preempt = loop.Preemption()
+    metrics = train.train_and_evaluate(config, workdir, preempt)
+    if preempt.requested:
+        raise cli.Terminated()
+    return metrics
+
+
 def train_trial(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """train.train_and_evaluate, raising Preempted when the run stopped before its final eval."""
     from influence_jax import train
