@@ -1,8 +1,9 @@
 """Atomic writes: a reader sees the old file or the whole new one, never a part, and a crash
 leaves at most a `<name>.tmp-<host>-<pid>-*` file beside the target (never a file that looks
-complete), which the next write of the same target removes once that process is gone. A folder
-replaced in place is first moved aside as `<name>.old-<host>-<pid>-*/x`; a process killed between
-the two renames leaves no folder at `<name>`, and the next write of it puts the old one back."""
+complete; <host> is the host's name and PID namespace), which the next write of the same target
+removes once that process is gone. A folder replaced in place is first moved aside as
+`<name>.old-<host>-<pid>-*/x`; a process killed between the two renames leaves no folder at
+`<name>`, and the next write of it puts the old one back."""
 
 from __future__ import annotations
 
@@ -35,8 +36,14 @@ def _as_umask_allows(path: str, folder: bool = False) -> None:
 
 
 def _host() -> str:
-    """This host's name as it goes into temporary names."""
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    """This host's name as it goes into temporary names, with its PID namespace where /proc
+    tells it: containers that share a hostname (host networking) number their processes apart,
+    so a pid is only looked up among the processes of the namespace that wrote it."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    try:
+        return f"{host}_{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return host
 
 
 def temp_prefix(path: str, kind: str = "tmp") -> str:

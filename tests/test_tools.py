@@ -403,18 +403,23 @@ def test_a_write_clears_the_temporary_files_a_killed_writer_left(tmp_path):
     dead = files.temp_prefix(str(out)).replace(f"-{os.getpid()}-", f"-{gone}-") + "abc"
     live = files.temp_prefix(str(out)) + "xyz"  # this process: still writing
     other = f"top.csv.tmp-otherhost-{gone}-abc"
-    for name in (dead, live, other):
+    # This hostname in another PID namespace (a container sharing the host's network): its pid
+    # means another process, so the file is not this namespace's to remove.
+    pidns = os.stat("/proc/self/ns/pid").st_ino
+    assert files._host().endswith(f"_{pidns}")
+    ns = f"top.csv.tmp-{files._host().removesuffix(str(pidns))}{pidns + 1}-{gone}-abc"
+    for name in (dead, live, other, ns):
         (tmp_path / name).write_text("part")
     (tmp_path / (dead + "-dir")).mkdir()  # e.g. a folder of influence_report's
     files.write_text(str(out), "done")
-    assert sorted(os.listdir(tmp_path)) == sorted([live, other, "top.csv"])
+    assert sorted(os.listdir(tmp_path)) == sorted([live, other, ns, "top.csv"])
     folder = tmp_path / "prepared"
     (
         tmp_path / (files.temp_prefix(str(folder)).replace(f"-{os.getpid()}-", f"-{gone}-") + "q")
     ).mkdir()
     with files.atomic_folder(str(folder)) as root:
         (Path(root) / "schema.json").write_text("{}")
-    assert sorted(os.listdir(tmp_path)) == sorted([live, other, "prepared", "top.csv"])
+    assert sorted(os.listdir(tmp_path)) == sorted([live, other, ns, "prepared", "top.csv"])
 
 
 def test_a_folder_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
