@@ -285,11 +285,12 @@ def test_bf16_hidden_layer_in_training_and_scoring(params):
     jax.tree_util.tree_map_with_path(close, g16, g32)
 
 
-def test_bf16_hidden_only_where_the_cpu_has_amx():
+def test_bf16_hidden_only_where_the_cpu_multiplies_bfloat16():
     amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
     bench_util = helpers.bench_module("bench_util")
     assert bench_util.bf16_hidden_pays(amx)
-    assert not bench_util.bf16_hidden_pays("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert bench_util.bf16_hidden_pays("flags\t\t: fpu avx2 avx512f avx512_bf16\n")  # Zen 4
+    assert not bench_util.bf16_hidden_pays("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
     assert not bench_util.bf16_hidden_pays("model name\t: no flags line\n")
 
 

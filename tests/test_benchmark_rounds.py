@@ -77,6 +77,8 @@ def test_readme_figures_read_the_rounds(tmp_path):
         for i, scale in enumerate((1.0, 0.5, 2.0)):
             for r in rows:
                 r = json.loads(json.dumps(r)) | {"round": i}
+                if "machine" in r:  # an AMX CPU
+                    r["machine"]["cpu"] = r["machine"]["cpu"] + " amx_tile amx_bf16"
                 if ratio in r:
                     r[ratio] = 1.0 * scale
                 if kind == "rank" and r["impl"] == "jax":
@@ -103,6 +105,8 @@ def test_readme_figures_read_the_rounds(tmp_path):
         "this CPU has AMX), its gradient in 2 row blocks (`config.opt.grad_blocks=2`); batch "
         "scoring" in en
     )
+    zen4 = {"machine": {"cpu": "AMD EPYC (family 25), avx2 avx512f avx512_bf16 avx512_vnni"}}
+    assert readme_figures._bf16_unit(zen4) == "AVX-512 BF16"
     zh = readme_figures.cpu_zh(facts)
     assert "3 轮" in zh and "2 个 CPU 设备" in zh and "bfloat16 操作数" in zh
     assert "梯度分 2 个行块计算" in zh

@@ -731,6 +731,11 @@ def _host(f: dict) -> str:
     return f" --host_devices={f['rank_devices']}" if f["rank_devices"] > 1 else ""
 
 
+def _bf16_unit(f: dict) -> str:
+    """What multiplies bfloat16 natively on the machine of `f`: AMX or AVX-512 BF16."""
+    return "AMX" if "amx_bf16" in f["machine"]["cpu"].split() else "AVX-512 BF16"
+
+
 def _runs_en(f: dict) -> str:
     if f["rounds"] == 1 and f["rank_rounds"] == 1:
         return "one run, ratios in the same run"
@@ -750,7 +755,8 @@ def cpu_en(machines: list[dict]) -> str:
             f"({r['best']}) at batch {r['batches']}, the step at {r['limit']} of the matmul "
             "limit"
             + (
-                " (the hidden layer's operands in bfloat16, training and scoring: this CPU has AMX)"
+                " (the hidden layer's operands in bfloat16, training and scoring: this CPU has "
+                f"{_bf16_unit(f)})"
                 if f["bf16_hidden"]
                 else ""
             )
@@ -790,7 +796,11 @@ def _cpu_zh(f: dict) -> str:
         else f"训练与打分 {f['rounds']} 轮、排序 {f['rank_rounds']} 轮，引擎与参照轮流运行；"
         "比值为各轮比值的中位数（括号内为最低-最高）"
     )
-    bf16 = "（训练与打分时隐藏层以 bfloat16 操作数相乘，该 CPU 有 AMX）" if f["bf16_hidden"] else ""
+    bf16 = (
+        f"（训练与打分时隐藏层以 bfloat16 操作数相乘，该 CPU 有 {_bf16_unit(f)}）"
+        if f["bf16_hidden"]
+        else ""
+    )
     return (
         f"在 {m['cpu']} 上（{m['cores']} 核，{m['date'][:10]}，{runs}）："
         f"基准种子 CNN 的训练在 batch {r['batches']} 下为最佳参照（{r['best']}）的 {r['train']}，"
@@ -864,8 +874,8 @@ def _cpu_benchmarks(f: dict) -> str:
     if f["bf16_hidden"]:
         head += (
             " The engine's hidden layer multiplies bfloat16 operands into float32 results on "
-            "this CPU (AMX), in training (forward and gradients) and in scoring (folded and "
-            "plain); every other op, the parameters and the optimizer stay float32."
+            f"this CPU ({_bf16_unit(f)}), in training (forward and gradients) and in scoring "
+            "(folded and plain); every other op, the parameters and the optimizer stay float32."
         )
         if q and "test_auc_float32_hidden" in q:
             head += (

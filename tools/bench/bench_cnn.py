@@ -28,10 +28,11 @@ rate without it. The pooled towers flatten tower by tower (`tower_major`), so th
 pooling, flattening, dropout and the hidden layer's input cast into one pass instead of writing the
 pooled towers and copying them into Keras' position-major concatenation (see docs/benchmarks.md).
 Training gathers the user and item embeddings time-major (`time_major_gather`): 1.03x (batch 1024)
-and 1.07-1.10x (4096) on the AMX Xeon's two cores (2026-12-06). On CPUs with AMX the hidden layer
-multiplies bfloat16 operands into float32 results (`bf16_hidden`, `bench_util.bf16_hidden_pays`) in
-training (`matmul_bf16`: the forward product and both gradients) and in scoring (plain and folded);
-every other op, the parameters and the optimizer stay float32.
+and 1.07-1.10x (4096) on the AMX Xeon's two cores (2026-12-06). On CPUs that multiply bfloat16
+natively (AMX or AVX-512 BF16) the hidden layer multiplies bfloat16 operands into float32 results
+(`bf16_hidden`, `bench_util.bf16_hidden_pays`) in training (`matmul_bf16`: the forward product and
+both gradients) and in scoring (plain and folded); every other op, the parameters and the
+optimizer stay float32.
 """
 
 from __future__ import annotations
@@ -405,7 +406,8 @@ class BenchCNN(nn.Module):
     # the batch's positions (B * L): folding costs V rows, the convolution B * L positions.
     fold_in_scoring: bool = True
     # The hidden layer multiplies bfloat16-cast operands into float32 results, in training
-    # (`matmul_bf16`) and scoring: set where the CPU has AMX (bench_util.bf16_hidden_pays).
+    # (`matmul_bf16`) and scoring: set where the CPU multiplies bfloat16 natively (AMX or
+    # AVX-512 BF16: bench_util.bf16_hidden_pays).
     bf16_hidden: bool = False
     # Flatten the pooled towers tower by tower ([B, towers, T', F]) instead of position by
     # position ([B, T', towers * F], Keras' Concatenate + Flatten): XLA:CPU then fuses the

@@ -4,8 +4,8 @@ Trains the benchmark CNN with the engine's train step (the same one `--what=trai
 each compute dtype on the same planted-signal data, from the same initial parameters, and
 compares held-out AUC: mixed precision counts as a speed-up only where it keeps AUC. Where the
 benchmark's model multiplies its hidden layer's operands in bfloat16 (`BenchCNN.bf16_hidden`,
-CPUs with AMX), the float32 row also trains and scores the model all in float32 from the same
-start (`test_auc_float32_hidden`).
+CPUs with AMX or AVX-512 BF16), the float32 row also trains and scores the model all in float32
+from the same start (`test_auc_float32_hidden`).
 
 The data: ids drawn uniformly as in the speed benchmark, and labels from a known logit, the
 mean over positions of hidden per-id scores of each tower's vocabulary (user, item, behaviour),
@@ -175,6 +175,6 @@ def print_table(rows: list[dict]) -> None:
             same, secs = r[f"test_auc_{r['dtype']}_hidden"], r[f"train_s_{r['dtype']}_hidden"]
             print(
                 f"  {r['dtype']}: the hidden layer's operands in bfloat16, training and scoring "
-                f"(this CPU has AMX): {r['test_auc']:.4f} in {r['train_s']:.1f} s; in "
+                f"(bench_util.bf16_hidden_pays): {r['test_auc']:.4f} in {r['train_s']:.1f} s; in "
                 f"{r['dtype']}: {same:.4f} ({r['test_auc'] - same:+.4f}) in {secs:.1f} s"
             )

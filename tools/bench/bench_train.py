@@ -68,7 +68,8 @@ class JaxBench:
     def model(self, variant: str, item_vocab: int, embed_dim: int) -> BenchCNN:
         if variant not in ("fast", "straightforward"):
             raise ValueError(f"--variants: {variant!r} is not 'fast' or 'straightforward'")
-        # The hidden layer with bfloat16 operands on CPUs with AMX (bf16_hidden_pays).
+        # The hidden layer with bfloat16 operands on CPUs with AMX or AVX-512 BF16
+        # (bf16_hidden_pays).
         cpu = jax.devices()[0].platform == "cpu"
         b = self.dtype == "float32" and cpu and bench_util.bf16_hidden_pays()
         return BenchCNN(

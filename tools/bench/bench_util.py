@@ -86,13 +86,15 @@ def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str] | None:
 
 
 def bf16_hidden_pays(cpuinfo: str | None = None) -> bool:
-    """Whether this host's CPU has AMX with bfloat16 (amx_bf16 in /proc/cpuinfo's flags), where
-    the benchmark model's hidden layer multiplies bfloat16 operands into float32 results
-    (`BenchCNN.bf16_hidden`). On the AMX Xeon of 2026-12-05 that made scoring 1.08-1.31x and
-    training about 1.2x as fast, held-out AUC within 0.002 of float32 (`--what=quality`). Not
-    measured on AVX-512 BF16 without AMX, nor on AVX2, which keep float32."""
-    fields = _cpuinfo_fields(cpuinfo) or {}
-    return "amx_bf16" in fields.get("flags", "").split()
+    """Whether this host's CPU multiplies bfloat16 natively, with AMX (amx_bf16 in
+    /proc/cpuinfo's flags) or AVX-512 BF16 (avx512_bf16), where the benchmark model's hidden
+    layer multiplies bfloat16 operands into float32 results (`BenchCNN.bf16_hidden`). On the AMX
+    Xeon of 2026-12-05 that made scoring 1.08-1.31x and training about 1.2x as fast; on the
+    AVX-512 BF16 EPYC (Zen 4, no AMX) of 2026-12-07 folded scoring about 1.27x, plain scoring
+    1.1-1.2x and training 1.05-1.08x (two runs each way, alternating); held-out AUC within 0.002
+    of float32 on both (`--what=quality`). AVX2 CPUs keep float32."""
+    flags = (_cpuinfo_fields(cpuinfo) or {}).get("flags", "").split()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
