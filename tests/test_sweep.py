@@ -281,6 +281,25 @@ def _sweep_cmd(workdir: Path, sweep_file: Path) -> list[str]:
             f"--sweep={sweep_file}", f"--workdir={workdir}", *FAST]  # fmt: skip
 
 
+@pytest.mark.slow  # two trials, each in its own process
+def test_an_isolated_sweep_runs_each_trial_in_its_own_process(tmp_path, jax_cache):
+    """--isolate: the sweep's own share of the trials (worker 0 of 2: trials 0 and 2), each
+    trained by this command run again with --trial_index, then the table of them."""
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps(REAL))
+    d = tmp_path / "sweep"
+    cmd = _sweep_cmd(d, sweep_file) + ["--isolate", "--num_workers=2", "--worker_index=0"]
+    out = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(jax_cache, devices=1), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert sorted(glob.glob(str(d / "trial_*" / "result.json"))) == [
+        str(d / f"trial_{i:03d}" / "result.json") for i in (0, 2)
+    ]
+    assert "2 of 4 trials finished" in out.stdout, out.stdout[-3000:]
+
+
 @pytest.mark.slow  # one trial's process start and a few steps
 def test_an_isolated_sweep_passes_sigterm_to_its_trial(tmp_path, jax_cache):
     """--isolate: a SIGTERM to the sweep's own process only (a scheduler may signal just the

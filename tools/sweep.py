@@ -84,6 +84,10 @@ def _run_forwarding_sigterm(cmd: list[str]) -> bool:
     previous = signal.signal(signal.SIGTERM, forward)
     try:
         child.wait()
+    except BaseException:  # Ctrl-C: as with subprocess.run, the trial does not outlive the sweep
+        child.kill()
+        child.wait()
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     return bool(came)
