@@ -60,10 +60,11 @@ def clear_dead_temps(path: str) -> list[str]:
     such a process had moved the folder there aside (`replace_folder`, killed between its two
     renames), that folder is put back first."""
     folder, name = os.path.split(os.path.abspath(path))
-    removed = []
-    for kind in ("old", "tmp"):
-        start = f"{name}.{kind}-{_host()}-"
-        for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+    host, removed = _host(), []
+    entries = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for kind in ("old", "tmp"):  # a folder put back first, then the temporary ones
+        start = f"{name}.{kind}-{host}-"
+        for entry in entries:
             if not entry.startswith(start):
                 continue
             pid = entry[len(start) :].split("-", 1)[0]
