@@ -311,6 +311,12 @@ def _check_model(m: Any) -> None:
                 f"from {sorted(EXTRACTORS)}"
             )
         _one_of(m.combine, COMBINE, "model.combine")
+        if m.name == "multitask" and "rates" in names:
+            raise ConfigError(
+                "config.model.extractors: 'rates' learns from one label's train rates and a "
+                "multi-task model has several; use it in a single-task ranker (model.name="
+                "'ranker')"
+            )
     # Every model's and extractor's own settings, used now or not: a typo fails today.
     for name, cls in {**MODELS, **EXTRACTORS}.items():
         if name in m:

@@ -26,6 +26,8 @@ INFLUENCE_PARAMS = ("behaviour_type_logits", "extractor_logits", "score_log_scal
 # Running statistics kept as parameters and fitted by a squared-error loss term: plain SGD at
 # rate r turns that fit into an exponential moving average with momentum 1 - r, unclipped.
 STATS_PARAMS = ("score_mean", "score_var")
+# Tables read from the training data (models.extractors.TrainRates): never updated.
+FROZEN_PREFIX = "frozen_"
 
 
 def _core(opt_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -36,12 +38,14 @@ def _core(opt_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformatio
 
 def param_labels(params: Any) -> Any:
     """'influence' for the influence parameters and the top-level logit bias, 'stats' for
-    running statistics, 'default' for everything else."""
+    running statistics, 'frozen' for tables of counts, 'default' for everything else."""
 
     def label(path, _):
         key = getattr(path[-1], "key", None)
         if key in STATS_PARAMS:
             return "stats"
+        if str(key).startswith(FROZEN_PREFIX):
+            return "frozen"
         # The model's own top-level logit bias is such a scalar too: over standardised scores
         # it alone carries the base rate, which it must reach within a short run.
         top_bias = key == "bias" and (
@@ -59,13 +63,16 @@ def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation
     mult = float(opt_cfg.influence_lr_multiplier)
     rate = float(opt_cfg.stats_rate)
 
-    def learned(params: Any) -> Any:  # what the gradient clip sees: all but running statistics
-        return jax.tree_util.tree_map(lambda lab: lab != "stats", param_labels(params))
+    def learned(params: Any) -> Any:  # what the gradient clip sees: the learned parameters
+        return jax.tree_util.tree_map(
+            lambda lab: lab not in ("stats", "frozen"), param_labels(params)
+        )
 
     core = optax.multi_transform(
         {"default": _core(opt_cfg, schedule),
          "influence": _core(opt_cfg, lambda step: mult * schedule(step)),
-         "stats": optax.sgd(rate)},
+         "stats": optax.sgd(rate),
+         "frozen": optax.set_to_zero()},
         param_labels,
     )  # fmt: skip
     if opt_cfg.grad_clip > 0:

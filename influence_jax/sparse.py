@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from influence_jax.data.schema import NUM_RESERVED, OOV_ID, Schema
+from influence_jax.data.schema import NUM_RESERVED, OOV_ID, RAW_IDS, Schema
 
 GROUPS = ("user", "item", "hist")
 
@@ -46,7 +46,9 @@ def gather_rows(
       are marked invalid.
     """
     params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of the containers
-    batch = dict(batch)
+    # Per-id tables other than the embeddings (models.extractors.TrainRates) read the ids as
+    # they were.
+    batch = dict(batch, **{RAW_IDS[g]: batch[g] for g in ("user", "item")})
     rows = {}
     for v in vocabs:
         cols = _columns(schema, v)

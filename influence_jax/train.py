@@ -26,6 +26,7 @@ from influence_jax.errors import (
     TrainingError,  # noqa: F401 - part of this module's API
     WorkdirInUseError,
 )
+from influence_jax.models import extractors
 
 
 def load_data(config: Any, workdir: str) -> Dataset:
@@ -135,6 +136,24 @@ def _resume(ckpt, eng, workdir: str, config_json: dict) -> tuple:
         ) from None
 
 
+def with_train_rates(state: Any, eng: engine.Engine, config: Any, train_examples: Any) -> Any:
+    """`state` with the "rates" extractor's tables (models.extractors.TrainRates) holding the
+    train split's counts (as training reads it: config.data's time range); unchanged for
+    models without that extractor. A fresh state only: a resumed one has them in its
+    checkpoint."""
+    if config.model.name != "ranker" or "rates" not in tuple(config.model.extractors):
+        return state
+    fields = extractors.id_fields(train_examples.schema)
+    cols = (train_examples.column(k) for k in ("user", "item", "label"))
+    tables = extractors.train_rate_tables(fields, *cols)
+    sub = dict(state.params["rates"])
+    for name, value in tables.items():
+        sh = eng.param_shardings["rates"][name]
+        value = np.asarray(value, sub[name].dtype)  # the same on every process
+        sub[name] = jax.make_array_from_callback(value.shape, sh, lambda i, v=value: v[i])
+    return state.replace(params=dict(state.params, rates=sub))
+
+
 def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption) -> dict:
     dataset = load_data(config, workdir)
     config_check.check_schema(config, dataset.schema)
@@ -160,7 +179,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         it = pipeline.BatchIterator(batches, config.data.prefetch, config.data.num_threads)
         loop = loop_lib.Loop(config, workdir, writer, ckpt, it)
         if ckpt.latest_step() is None:
-            state = eng.init_state()
+            state = with_train_rates(eng.init_state(), eng, config, train_examples)
         else:
             state, data_state, restored = _resume(ckpt, eng, workdir, config_json)
             writer.restart(restored + 1)  # TensorBoard drops the stopped run's later steps

@@ -54,6 +54,7 @@ DATASETS = {n: s for n, s in readers.SOURCES.items() if s.sample and s.config}
 MODELS = {  # variant -> config.model overrides of the dataset's config
     "ranker": {},  # the config's own model (shown with its extractors)
     "ranker without match": {"extractors": ("din", "dnn", "cnn")},
+    "match and rates": {"extractors": ("match", "rates")},
     "seed CNN": {"name": "seed_cnn"},
     "DNN": {"extractors": ("dnn",), "combine": "sum"},
 }
@@ -137,14 +138,16 @@ def config_for(name: str, variant: str):
     config = __import__(f"configs.{module}", fromlist=["get_config"]).get_config()
     for k, v in MODELS[variant].items():
         config.model[k] = v
+    if _HEADS.value:  # a multi-task model cannot use "rates" (config_check); nor its rivals here
+        config.model.extractors = tuple(e for e in config.model.extractors if e != "rates")
     return config
 
 
 def model_label(variant: str, config) -> str:
-    """The table's name of a variant: a ranker with several extractors shows them."""
+    """The table's name of a variant: a ranker shows its extractors (but the DNN)."""
     m = config.model
-    several = m.name == "ranker" and len(m.extractors) > 1
-    return f"ranker ({'+'.join(m.extractors)})" if several else variant
+    shown = m.name == "ranker" and variant != "DNN"
+    return f"ranker ({'+'.join(m.extractors)})" if shown else variant
 
 
 def run_one(

@@ -21,6 +21,9 @@ from influence_jax.errors import DataError  # noqa: F401 - re-exported for the d
 PAD_ID = 0
 OOV_ID = 1
 NUM_RESERVED = 2
+# Batch keys of the user and item ids as the data holds them, kept by the sparse train step
+# beside the ids it remaps to rows of its gathered tables (sparse.gather_rows).
+RAW_IDS = {"user": "user_raw_ids", "item": "item_raw_ids"}
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 

@@ -13,8 +13,12 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from influence_jax.data.schema import Schema
+from influence_jax.errors import DataError
 from influence_jax.models.layers import ConvTower
+from influence_jax.optim import FROZEN_PREFIX  # TrainRates' counts: never updated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,11 @@ class Inputs:
     hist_BxLxE: each event's full embedding (all history fields, concatenated).
     mask_BxL: True at real events. gate_BxL: the event's behaviour-type weight (0 at padding).
     match_BxLxK: exact id matches between the event and the target, per shared item field.
+    user_ids_BxF / item_ids_BxF: the raw user and item field ids (before any sparse remapping).
+    id_fields: (name, "user" or "item", column, vocabulary size) of each single-valued user and
+    item field, for extractors with per-id tables (TrainRates).
+    label_B: the examples' labels in training (TrainRates leaves each example's own out), else
+    None.
     """
 
     user_BxFxD: jax.Array
@@ -36,6 +45,10 @@ class Inputs:
     mask_BxL: jax.Array
     gate_BxL: jax.Array
     match_BxLxK: jax.Array  # 1.0 where the event's item field equals the target's (id match)
+    user_ids_BxF: jax.Array | None = None
+    item_ids_BxF: jax.Array | None = None
+    id_fields: tuple[tuple[str, str, int, int], ...] = ()
+    label_B: jax.Array | None = None
 
 
 class SplitDense(nn.Module):
@@ -252,10 +265,96 @@ class MatchCounts(nn.Module):
         return MLP(self.hidden, 0.0, out_bias=False, name="mlp")(jnp.log1p(c_BxF), train), {}
 
 
+RATE_PRIOR = 10.0  # pseudo-examples at the overall rate in a smoothed rate (baselines.PRIOR)
+
+
+class TrainRates(nn.Module):
+    """The label's smoothed rate in the training split per user id and per item id (and per
+    value of every other single-valued user and item field), through a small MLP.
+
+    For each such field f with the example's id v: rate_f = (pos_f[v] + a r) / (n_f[v] + a),
+    the positives and examples of v in the train split shrunk towards the overall rate r by a
+    pseudo-examples; the MLP reads log(rate_f / r) and log1p(n_f[v]). In training each
+    example's own label is left out of its counts (pos - y, n - 1), so the rates it learns from
+    are the ones a held-out example sees (the logistic-regression baseline's leave-one-out
+    rates; without it a user's rate would hold the very label it predicts). The counts are
+    parameters named `frozen_*`, filled from the train split when training starts
+    (`train_rate_tables`) and saved in the checkpoint; the optimizer never changes them, and
+    ids the train split never held keep the overall rate. Where positives are few (conversions)
+    these rates carry what embeddings of rare ids overfit.
+    """
+
+    hidden: Sequence[int] = (16,)
+
+    @nn.compact
+    def __call__(self, x: Inputs, train: bool = False):
+        if not x.id_fields:
+            raise ValueError("rates: the model passes no user or item id fields")
+        if train and x.label_B is None:  # a multi-task tower: its batch has `labels`
+            raise ValueError("rates: training needs the batch's single `label` column")
+        sg = jax.lax.stop_gradient
+        rate = sg(self.param(f"{FROZEN_PREFIX}rate", nn.initializers.constant(0.5), ()))
+        rate = jnp.clip(rate, 1e-6, 1 - 1e-6)
+        ids = {"user": x.user_ids_BxF, "item": x.item_ids_BxF}
+        feats = []
+        for name, group, col, size in x.id_fields:
+            tables = [
+                sg(self.param(f"{FROZEN_PREFIX}{kind}_{name}", nn.initializers.zeros, (size,)))
+                for kind in ("positives", "examples")
+            ]
+            v_B = jnp.clip(ids[group][:, col], 0, size - 1)
+            pos_B, n_B = (jnp.take(t, v_B) for t in tables)
+            if train:  # leave the example's own label out
+                pos_B = jnp.maximum(pos_B - x.label_B, 0.0)
+                n_B = jnp.maximum(n_B - 1.0, 0.0)
+            smoothed = (pos_B + RATE_PRIOR * rate) / (n_B + RATE_PRIOR)
+            feats += [jnp.log(smoothed / rate), jnp.log1p(n_B)]
+        h = jnp.stack(feats, -1)
+        return MLP(self.hidden, 0.0, out_bias=False, name="mlp")(h, train), {}
+
+
+def id_fields(schema: Schema) -> tuple[tuple[str, str, int, int], ...]:
+    """(name, "user" or "item", column, vocabulary size) of each single-valued user and item
+    field of `schema` (Inputs.id_fields)."""
+    return tuple(
+        (f.name, group, j, schema.vocab_sizes[f.vocab])
+        for group, fields in (("user", schema.user_fields), ("item", schema.item_fields))
+        for j, f in enumerate(fields)
+        if not f.bag
+    )
+
+
+def train_rate_tables(
+    id_fields: Sequence[tuple[str, str, int, int]],
+    user_NxF: np.ndarray,
+    item_NxF: np.ndarray,
+    label_N: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """TrainRates' frozen parameters from the train split's ids and labels: per field, the
+    positives and examples of each id, and the overall rate."""
+    label = np.asarray(label_N, np.float64)
+    bad = np.flatnonzero((label != 0) & (label != 1))  # NaN too
+    if len(bad):
+        raise DataError(
+            f"train split: row {int(bad[0])}: label is {label[bad[0]]}, not 0 or 1; the dataset "
+            "is damaged: prepare it again"
+        )
+    cols = {"user": user_NxF, "item": item_NxF}
+    out = {f"{FROZEN_PREFIX}rate": np.float32(label.mean() if len(label) else 0.5)}
+    for name, group, col, size in id_fields:
+        v = np.clip(np.asarray(cols[group][:, col], np.int64), 0, size - 1)
+        out[f"{FROZEN_PREFIX}positives_{name}"] = np.bincount(v, label, size).astype(np.float32)
+        out[f"{FROZEN_PREFIX}examples_{name}"] = np.bincount(v, minlength=size).astype(np.float32)
+    return out
+
+
 EXTRACTORS: dict[str, type[nn.Module]] = {
     "match": MatchCounts,
     "cnn": CNNExtractor,
     "dnn": DNNExtractor,
     "din": TargetAttention,
     "bst": SelfAttention,
+    "rates": TrainRates,
 }
+# Extractors whose parameters include tables filled from the training data.
+DATA_EXTRACTORS = ("rates",)

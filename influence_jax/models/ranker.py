@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
-from influence_jax.models.extractors import EXTRACTORS, Inputs
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, RAW_IDS, Schema
+from influence_jax.models.extractors import EXTRACTORS, Inputs, id_fields
 from influence_jax.models.layers import Embeddings, history_mask, take_small
 
 _GATE_INIT = 0.5413  # softplus(0.5413) = 1.0: every behaviour type starts with weight 1
@@ -58,7 +58,7 @@ class Ranker(nn.Module):
             g_T = jnp.ones((T,))
         return jnp.concatenate([jnp.array([0.0, 1.0]), g_T])
 
-    def _inputs(self, batch: dict[str, jax.Array], gates: jax.Array) -> Inputs:
+    def _inputs(self, batch: dict[str, jax.Array], gates: jax.Array, train: bool) -> Inputs:
         s = self.schema
         b = s.hist_index(HIST_BEHAVIOUR)
         # With gates on, the type reaches the extractors only through its gate, so its learned
@@ -105,12 +105,18 @@ class Ranker(nn.Module):
             mask_BxL=mask,
             gate_BxL=gate,
             match_BxLxK=match,
+            # The ids as the data holds them: the sparse train step remaps `user` and `item` to
+            # rows of its gathered tables (sparse.gather_rows) and keeps these.
+            user_ids_BxF=batch.get(RAW_IDS["user"], batch["user"]),
+            item_ids_BxF=batch.get(RAW_IDS["item"], batch["item"]),
+            id_fields=id_fields(s),
+            label_B=batch.get("label") if train else None,
         )
 
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], train: bool = False):
         gates = self._gates()
-        x = self._inputs(batch, gates)
+        x = self._inputs(batch, gates, train)
         args = dict(self.extractor_args or {})
         scores, aux = {}, {}
         for name in self.extractors:

@@ -31,17 +31,19 @@ from influence_jax.data import synthetic
 from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, Schema
 from influence_jax.data.store import ExampleStore
 from influence_jax.experiments import tables
-from influence_jax.models.extractors import EXTRACTORS
+from influence_jax.models.extractors import DATA_EXTRACTORS, EXTRACTORS
 
 CHECK_ROWS = 64  # examples whose Keras scores are compared with ours
 
 
 def model_config(config_name: str, which: str):
-    """The config of `configs/<config_name>.py`; "full" turns on every registered extractor."""
+    """The config of `configs/<config_name>.py`; "full" turns on every registered extractor
+    but those whose tables come from the training data ("rates": two lookups per id field,
+    which the synthetic benchmark data would leave empty)."""
     config = importlib.import_module(f"configs.{config_name}").get_config()
     if which == "full":
         with config.unlocked():
-            config.model.extractors = tuple(EXTRACTORS)
+            config.model.extractors = tuple(n for n in EXTRACTORS if n not in DATA_EXTRACTORS)
     elif which != "default":
         raise ValueError(f"--rank_models: {which!r} is not 'default' or 'full'")
     return config
