@@ -29,6 +29,11 @@ machine.json, in docs/results/gpu/.
 Block `quality_heads` (docs/quality.md): copy WORKDIR/quality.json of
 `tools/quality.py --task=conversion --heads` to docs/results/quality_heads/ and run this tool.
 
+Block `quality_conversion` (README.md, README.zh-CN.md, docs/quality.md): copy
+WORKDIR/quality.json of `tools/quality.py --task=conversion --folds=3` to
+docs/results/quality_conversion/, beside a meta.json naming the date and the machine
+({"date": ..., "machine": ...}), and run this tool.
+
 Block `cpu` (README.md, README.zh-CN.md, docs/benchmarks.md): one folder per machine,
 docs/results/cpu/MACHINE/, holding the JSON lines of `python tools/benchmark.py --what=train
 --compare=keras,torch --variants=fast --json` as train.jsonl and of `python tools/benchmark.py
@@ -312,6 +317,75 @@ def _wrap(text: str, width: int = 96) -> str:
         else:
             line = f"{line} {word}" if line else word
     return "\n".join([*out, line])
+
+
+def conversion_facts(folder: str) -> dict:
+    """tools/quality.py --task=conversion's quality.json and meta.json (when and where)."""
+    return {
+        "results": _load(os.path.join(folder, "quality.json")),
+        "meta": _load(os.path.join(folder, "meta.json")),
+    }
+
+
+def _config_ranker(name: str) -> str:
+    """tools/quality.py's label of the dataset's conversion config's own ranker."""
+    from influence_jax.data import readers
+
+    module = f"configs.{readers.SOURCES[name].conversion_config}"
+    extractors = __import__(module, fromlist=["get_config"]).get_config().model.extractors
+    return f"ranker ({'+'.join(extractors)})"
+
+
+def _conversion_diffs(f: dict, model: str | None, zh: bool) -> list[str]:
+    """Per dataset: the model's (default: the conversion config's ranker) AUC difference to the
+    best baseline with its interval and the test conversions. DataError where the results lack
+    the config's ranker (the config changed since: run tools/quality.py again)."""
+    out = []
+    for name, r in f["results"].items():
+        label = _config_ranker(name) if model is None else model
+        if label not in r["models"]:
+            if model is None:
+                raise DataError(
+                    f"quality_conversion: no {label!r} (the config's ranker) among the {name} "
+                    "results; run tools/quality.py --task=conversion again"
+                )
+            continue
+        models = r["models"]
+        d = models[label]["vs_best_baseline"]
+        where = name  # the source's registry name, as in the table
+        conv = f"{r['positives']:,} 次测试转化" if zh else f"{r['positives']:,} test conversions"
+        to = "到" if zh else "to"
+        out.append(
+            f"{where} {d['diff']:+.3f} ({d['ci_low']:+.3f} {to} {d['ci_high']:+.3f}; {conv})"
+            if not zh
+            else f"{where} {d['diff']:+.3f}（{d['ci_low']:+.3f} {to} {d['ci_high']:+.3f}；{conv}）"
+        )
+    return out
+
+
+def conversion_en(f: dict) -> str:
+    m = f["meta"]
+    lr = "; ".join(_conversion_diffs(f, LEARNED_LR, False))
+    return _wrap(
+        f"On the conversion task (6 h, three folds; {m['date']}, {m['machine']}) the config's "
+        f"ranker against the best baseline (AUC difference, 95 % interval): "
+        + "; ".join(_conversion_diffs(f, None, False))
+        + (f". The ranker with only `match` and `rates`: {lr}." if lr else ".")
+    )
+
+
+def conversion_zh(f: dict) -> str:
+    m = f["meta"]
+    lr = "；".join(_conversion_diffs(f, LEARNED_LR, True))
+    return (
+        f"在转化任务上（6 h，三个折；{m['date']}，{m['machine']}），"
+        "数据集配置中的 ranker 与最佳基线的 AUC 差（95 % 区间）："
+        + "；".join(_conversion_diffs(f, None, True))
+        + (f"。只含 `match` 与 `rates` 的 ranker：{lr}。" if lr else "。")
+    )
+
+
+LEARNED_LR = "ranker (match+rates)"  # tools/quality.py's "match and rates" variant
 
 
 def multitask_facts(folder: str) -> dict:
@@ -982,6 +1056,14 @@ BLOCKS = {
     "quality_heads": (
         lambda folder: _load(os.path.join(folder, "quality.json")),
         {"quality": tables.quality_table},
+    ),
+    "quality_conversion": (
+        conversion_facts,
+        {
+            "en": conversion_en,
+            "zh": conversion_zh,
+            "quality": lambda f: tables.quality_table(f["results"]),
+        },
     ),
 }
 
