@@ -197,3 +197,36 @@ def test_two_processes_resume_a_stopped_ranking_whatever_blocks_each_kept(run_di
     assert not kept.exists()
     for part in ("part-00000.parquet", "part-00001.parquet"):
         assert pq.read_table(out / part).to_pydict() == pq.read_table(whole / part).to_pydict()
+
+
+@pytest.mark.slow  # a 2-process training
+def test_two_processes_fill_the_rate_tables_alike(tmp_path, jax_cache):
+    """Each process counts the train split itself and places the counts in the global (here
+    replicated) tables: the run's checkpoint holds the whole split's counts, sparse tables on."""
+    from influence_jax import scoring
+    from influence_jax.models.extractors import id_fields, train_rate_tables
+
+    workdir = tmp_path / "run"
+    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
+    over = ('--config.model.extractors=("din","cnn","rates")', "--config.loop.num_steps=4",
+            "--config.loop.eval_every=0", "--config.ckpt.every=4",
+            "--config.opt.sparse_min_rows=100")  # fmt: skip
+    procs = [
+        start(workdir, *over, cache=jax_cache, devices=4, tag=f"-{i}", JAX_PROCESS_ID=str(i), **env)
+        for i in range(2)
+    ]
+    try:
+        outs = [finish(proc, log, timeout=400) for proc, log in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for out in outs:
+        assert out.returncode == 0, out.log[-4000:]
+    run = scoring.load_run(str(workdir))
+    store = ExampleStore(run.data_path, "train", run.schema)
+    want = train_rate_tables(
+        id_fields(run.schema), *(store.column(k) for k in ("user", "item", "label"))
+    )
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(run.params["rates"][name]), value)

@@ -281,7 +281,9 @@ class TrainRates(nn.Module):
     parameters named `frozen_*`, filled from the train split when training starts
     (`train_rate_tables`) and saved in the checkpoint; the optimizer never changes them, and
     ids the train split never held keep the overall rate. Where positives are few (conversions)
-    these rates carry what embeddings of rare ids overfit.
+    these rates carry what embeddings of rare ids overfit. Scoring the train split itself
+    outside training (tools/evaluate.py --split=train) reads the full counts, each example's own
+    label included: such figures flatter the model.
     """
 
     hidden: Sequence[int] = (16,)
