@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
         {"filters": 32, "kernel_size": 3, "hidden": (64,), "dropout": 0.2}
     )
     # The label's smoothed train-split rate per user, item (and other user/item field) id,
-    # leave-one-out in training (add "rates" to extractors to use; single-task ranker only).
+    # leave-one-out in training (add "rates" to extractors to use; not with mixture "mmoe").
     model.rates = ml_collections.ConfigDict({"hidden": (16,)})  # MLP widths
     # Multi-task (model.name="multitask", a dataset with label heads): one ranker tower per head
     # over shared embeddings. objective: the head ranking and reports use ("": the last head);

@@ -26,6 +26,4 @@ def get_config():
     config = taobao_conversion.get_config()
     config.model.name = "multitask"  # a ranker tower per head over shared embeddings
     config.model.multitask.objective = "buy"  # early stopping, ranking and reports by default
-    # "rates" reads one label's train rates: single-task rankers only (config_check).
-    config.model.extractors = tuple(e for e in config.model.extractors if e != "rates")
     return config

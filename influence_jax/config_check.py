@@ -311,11 +311,11 @@ def _check_model(m: Any) -> None:
                 f"from {sorted(EXTRACTORS)}"
             )
         _one_of(m.combine, COMBINE, "model.combine")
-        if m.name == "multitask" and "rates" in names:
+        if m.name == "multitask" and "rates" in names and m.multitask.mixture == "mmoe":
             raise ConfigError(
-                "config.model.extractors: 'rates' learns from one label's train rates and a "
-                "multi-task model has several; use it in a single-task ranker (model.name="
-                "'ranker')"
+                "config.model.extractors: 'rates' learns one label's train rates, and the "
+                "experts of model.multitask.mixture='mmoe' serve every head; use it with "
+                "mixture='towers' (a tower per head) or in a single-task ranker"
             )
     # Every model's and extractor's own settings, used now or not: a typo fails today.
     for name, cls in {**MODELS, **EXTRACTORS}.items():

@@ -138,20 +138,34 @@ def _resume(ckpt, eng, workdir: str, config_json: dict) -> tuple:
 
 def with_train_rates(state: Any, eng: engine.Engine, config: Any, train_examples: Any) -> Any:
     """`state` with the "rates" extractor's tables (models.extractors.TrainRates) holding the
-    train split's counts (as training reads it: config.data's time range); unchanged for
-    models without that extractor. A fresh state only: a resumed one has them in its
-    checkpoint."""
-    if config.model.name != "ranker" or "rates" not in tuple(config.model.extractors):
+    train split's counts (as training reads it: config.data's time range), a multi-task
+    model's per head from that head's labels; unchanged for models without that extractor. A
+    fresh state only: a resumed one has them in its checkpoint."""
+    m = config.model
+    if m.name not in ("ranker", "multitask") or "rates" not in tuple(m.extractors):
         return state
-    fields = extractors.id_fields(train_examples.schema)
-    cols = (train_examples.column(k) for k in ("user", "item", "label"))
-    tables = extractors.train_rate_tables(fields, *cols)
-    sub = dict(state.params["rates"])
-    for name, value in tables.items():
-        sh = eng.param_shardings["rates"][name]
-        value = np.asarray(value, sub[name].dtype)  # the same on every process
-        sub[name] = jax.make_array_from_callback(value.shape, sh, lambda i, v=value: v[i])
-    return state.replace(params=dict(state.params, rates=sub))
+    schema = train_examples.schema
+    fields = extractors.id_fields(schema)
+    ids = [train_examples.column(k) for k in ("user", "item")]
+    if m.name == "ranker":  # (params scope, label column)
+        towers = [((), train_examples.column("label"))]
+    else:  # a tower per head (config_check refuses "rates" in a mixture of experts)
+        labels = train_examples.column("labels")
+        towers = [((f"head_{h}",), labels[:, i]) for i, h in enumerate(schema.heads)]
+    params = dict(state.params)
+    for scope, label in towers:
+        tables = extractors.train_rate_tables(fields, *ids, label)
+        parent, shardings = params, eng.param_shardings
+        for key in scope:
+            parent[key] = dict(parent[key])
+            parent, shardings = parent[key], shardings[key]
+        sub = dict(parent["rates"])
+        for name, value in tables.items():
+            value = np.asarray(value, sub[name].dtype)  # the same on every process
+            sh = shardings["rates"][name]
+            sub[name] = jax.make_array_from_callback(value.shape, sh, lambda i, v=value: v[i])
+        parent["rates"] = sub
+    return state.replace(params=params)
 
 
 def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption) -> dict:

@@ -146,7 +146,62 @@ def test_training_fills_the_tables_and_keeps_them(tmp_path, sparse_rows):
     assert float(np.asarray(want["frozen_examples_user_id"]).sum()) == 512
 
 
-def test_a_multitask_model_refuses_rates():
-    config = helpers.tiny_config(**{"model.name": "multitask", "model.extractors": RATES})
-    with pytest.raises(ConfigError, match="'rates'.*single-task"):
+def test_a_mixture_of_experts_refuses_rates():
+    config = helpers.tiny_config(
+        **{"model.name": "multitask", "model.extractors": RATES, "model.multitask.mixture": "mmoe"}
+    )
+    with pytest.raises(ConfigError, match="'rates'.*mmoe"):
         config_check.check(config)
+
+
+def test_each_multitask_tower_counts_and_leaves_out_its_own_heads_label(tmp_path):
+    """A tower per head: each tower's tables count that head's labels, and in training each
+    tower leaves the example's label of its head out (its logit equals the evaluation logit
+    under that head's tables without the example)."""
+    heads = {"engage": {"pv": 1.0, "cart": 0.6, "fav": 0.35, "buy": 0.15},
+             "buy": {"pv": 0.15, "cart": 1.0, "fav": 0.6, "buy": 0.35}}  # fmt: skip
+    config = helpers.tiny_config(
+        **{
+            "data.synthetic.task": "conversion",
+            "data.synthetic.heads": heads,
+            "model.name": "multitask",
+            "model.extractors": ("match", "rates"),
+            "model.normalise_scores": False,
+            "loop.num_steps": 4,
+            "loop.eval_every": 0,
+            "ckpt.every": 4,
+        }  # fmt: skip
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    run = scoring.load_run(str(tmp_path))
+    store = ExampleStore(run.data_path, "train", run.schema)
+    fields, labels = id_fields(run.schema), store.column("labels")
+    ids = [store.column(k) for k in ("user", "item")]
+    assert set(run.schema.heads) == {"engage", "buy"}
+    for i, h in enumerate(run.schema.heads):
+        want = train_rate_tables(fields, *ids, labels[:, i])
+        got = run.params[f"head_{h}"]["rates"]
+        for name, value in want.items():
+            np.testing.assert_array_equal(np.asarray(got[name]), value)
+    assert labels[:, 0].sum() != labels[:, 1].sum()  # the heads' tables differ
+    # Training: the buy head's tower without each example's own buy label.
+    differ = np.flatnonzero(labels[:, 0] != labels[:, 1])[:1]  # a head swap would show
+    ex = store.gather(differ)
+    one = {k: ex[k] for k in ("user", "item", "hist", "labels")}
+    model, params = run.model, run.params
+    rngs = {"dropout": jax.random.PRNGKey(0)}  # dropouts of rate 0 still ask for a key
+    _, aux = model.apply({"params": params}, one, train=True, rngs=rngs)
+    buy = run.schema.heads.index("buy")
+    tables = dict(params["head_buy"]["rates"])
+    for name, group, col, _ in fields:
+        v = int(one[group][0, col])
+        for kind, minus in (("positives", one["labels"][0, buy]), ("examples", 1.0)):
+            t = np.array(tables[f"frozen_{kind}_{name}"])
+            t[v] -= minus
+            tables[f"frozen_{kind}_{name}"] = t
+    held = dict(params, head_buy=dict(params["head_buy"], rates=tables))
+    _, aux_held = model.apply({"params": held}, one)
+    np.testing.assert_allclose(
+        np.asarray(aux["head_logits"]["buy"]), np.asarray(aux_held["head_logits"]["buy"]),
+        rtol=1e-5,
+    )  # fmt: skip

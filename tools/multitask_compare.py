@@ -78,9 +78,6 @@ def run_one(name: str, data: str, seed: int, multitask: bool, tag: str) -> dict[
     spec = readers.SOURCES[name]
     config = __import__(f"configs.{spec.conversion_config}", fromlist=["x"]).get_config()
     config.data.path, config.seed, config.data.shuffle_seed = data, seed, seed
-    # A multi-task model cannot use "rates" (one label's train rates; config_check): neither
-    # form uses it, so the two differ only in being multi-task.
-    config.model.extractors = tuple(e for e in config.model.extractors if e != "rates")
     if multitask:
         config.model.name, config.model.multitask.objective = "multitask", "buy"
     if _STEPS.value:

@@ -138,8 +138,6 @@ def config_for(name: str, variant: str):
     config = __import__(f"configs.{module}", fromlist=["get_config"]).get_config()
     for k, v in MODELS[variant].items():
         config.model[k] = v
-    if _HEADS.value:  # a multi-task model cannot use "rates" (config_check); nor its rivals here
-        config.model.extractors = tuple(e for e in config.model.extractors if e != "rates")
     return config
 
 

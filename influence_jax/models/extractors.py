@@ -280,10 +280,11 @@ class TrainRates(nn.Module):
     rates; without it a user's rate would hold the very label it predicts). The counts are
     parameters named `frozen_*`, filled from the train split when training starts
     (`train_rate_tables`) and saved in the checkpoint; the optimizer never changes them, and
-    ids the train split never held keep the overall rate. Where positives are few (conversions)
-    these rates carry what embeddings of rare ids overfit. Scoring the train split itself
-    outside training (tools/evaluate.py --split=train) reads the full counts, each example's own
-    label included: such figures flatter the model.
+    ids the train split never held keep the overall rate. In a multi-task model each head's
+    tower has its own tables, of its head's labels (not in a mixture of experts). Where
+    positives are few (conversions) these rates carry what embeddings of rare ids overfit.
+    Scoring the train split itself outside training (tools/evaluate.py --split=train) reads the
+    full counts, each example's own label included: such figures flatter the model.
     """
 
     hidden: Sequence[int] = (16,)
@@ -292,8 +293,8 @@ class TrainRates(nn.Module):
     def __call__(self, x: Inputs, train: bool = False):
         if not x.id_fields:
             raise ValueError("rates: the model passes no user or item id fields")
-        if train and x.label_B is None:  # a multi-task tower: its batch has `labels`
-            raise ValueError("rates: training needs the batch's single `label` column")
+        if train and x.label_B is None:  # e.g. an expert of a mixture, which serves every head
+            raise ValueError("rates: training needs the example's label of this tower's head")
         sg = jax.lax.stop_gradient
         rate = sg(self.param(f"{FROZEN_PREFIX}rate", nn.initializers.constant(0.5), ()))
         rate = jnp.clip(rate, 1e-6, 1 - 1e-6)

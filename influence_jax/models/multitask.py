@@ -150,8 +150,10 @@ class MultiTask(nn.Module):
             logits, auxes, stats_loss = self._mixture(batch, train)
         else:
             logits, auxes = {}, {}
-            for h in self.heads:
-                logits[h], auxes[h] = self.towers[h](batch, train)
+            for i, h in enumerate(self.heads):
+                # A tower's own label (its "rates" extractor leaves it out in training).
+                own = dict(batch, label=batch["labels"][:, i]) if "labels" in batch else batch
+                logits[h], auxes[h] = self.towers[h](own, train)
             stats_loss = sum(a.get("stats_loss", 0.0) for a in auxes.values())
         for h, parent in dict(self.chain or {}).items():
             logits[h] = chained_logit(logits[parent], logits[h])
