@@ -42,12 +42,13 @@ def _final_metrics(log: str) -> str:
     return line
 
 
-def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, jax_cache, reference):
-    workdir = tmp_path / "run"  # one workdir for both: Orbax coordinates the checkpoint writes
+def _train_in_two_processes(workdir, overrides: tuple[str, ...], cache: str) -> list:
+    """The training command as 2 JAX processes of 4 CPU devices each, in one workdir (Orbax
+    coordinates the checkpoint writes); each one's Finished, after checking it succeeded."""
     env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     procs = [
         start(
-            workdir, *FLAGS, cache=jax_cache, devices=4, tag=f"-{i}", JAX_PROCESS_ID=str(i), **env
+            workdir, *overrides, cache=cache, devices=4, tag=f"-{i}", JAX_PROCESS_ID=str(i), **env
         )
         for i in range(2)
     ]
@@ -60,6 +61,12 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, ja
     for out in outs:
         assert out.returncode == 0, out.log[-4000:]
         assert "2 processes" in out.log or "Connecting to JAX distributed service" in out.log
+    return outs
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, jax_cache, reference):
+    workdir = tmp_path / "run"
+    outs = _train_in_two_processes(workdir, FLAGS, jax_cache)
 
     # Only process 0 writes metrics; both evaluate the same test split to the same numbers.
     assert len(glob.glob(str(workdir / "events.out.tfevents.*"))) == 1
@@ -207,22 +214,10 @@ def test_two_processes_fill_the_rate_tables_alike(tmp_path, jax_cache):
     from influence_jax.models.extractors import id_fields, train_rate_tables
 
     workdir = tmp_path / "run"
-    env = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}", "JAX_NUM_PROCESSES": "2"}
     over = ('--config.model.extractors=("din","cnn","rates")', "--config.loop.num_steps=4",
             "--config.loop.eval_every=0", "--config.ckpt.every=4",
             "--config.opt.sparse_min_rows=100")  # fmt: skip
-    procs = [
-        start(workdir, *over, cache=jax_cache, devices=4, tag=f"-{i}", JAX_PROCESS_ID=str(i), **env)
-        for i in range(2)
-    ]
-    try:
-        outs = [finish(proc, log, timeout=400) for proc, log in procs]
-    finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for out in outs:
-        assert out.returncode == 0, out.log[-4000:]
+    _train_in_two_processes(workdir, over, jax_cache)
     run = scoring.load_run(str(workdir))
     store = ExampleStore(run.data_path, "train", run.schema)
     want = train_rate_tables(
