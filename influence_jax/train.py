@@ -154,7 +154,8 @@ def with_train_rates(state: Any, eng: engine.Engine, config: Any, train_examples
         towers = [((f"head_{h}",), labels[:, i]) for i, h in enumerate(schema.heads)]
     params = dict(state.params)
     for scope, label in towers:
-        tables = extractors.train_rate_tables(fields, *ids, label)
+        where = f"{train_examples.root}/{train_examples.split}"
+        tables = extractors.train_rate_tables(fields, *ids, label, where)
         parent, shardings = params, eng.param_shardings
         for key in scope:
             parent[key] = dict(parent[key])

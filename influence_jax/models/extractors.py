@@ -332,15 +332,17 @@ def train_rate_tables(
     user_NxF: np.ndarray,
     item_NxF: np.ndarray,
     label_N: np.ndarray,
+    where: str = "train split",
 ) -> dict[str, np.ndarray]:
     """TrainRates' frozen parameters from the train split's ids and labels: per field, the
-    positives and examples of each id, and the overall rate."""
+    positives and examples of each id, and the overall rate. A label other than 0 or 1 is a
+    DataError naming `where` (the split's folder) and the row."""
     label = np.asarray(label_N, np.float64)
     bad = np.flatnonzero((label != 0) & (label != 1))  # NaN too
     if len(bad):
         raise DataError(
-            f"train split: row {int(bad[0])}: label is {label[bad[0]]}, not 0 or 1; the dataset "
-            "is damaged: prepare it again"
+            f"{where}: row {int(bad[0])}: label is {label[bad[0]]}, not 0 or 1; the dataset is "
+            "damaged: prepare it again"
         )
     cols = {"user": user_NxF, "item": item_NxF}
     out = {f"{FROZEN_PREFIX}rate": np.float32(label.mean() if len(label) else 0.5)}
