@@ -145,27 +145,28 @@ def with_train_rates(state: Any, eng: engine.Engine, config: Any, train_examples
     if m.name not in ("ranker", "multitask") or "rates" not in tuple(m.extractors):
         return state
     schema = train_examples.schema
-    fields = extractors.id_fields(schema)
-    ids = [train_examples.column(k) for k in ("user", "item")]
-    if m.name == "ranker":  # (params scope, label column)
-        towers = [((), train_examples.column("label"))]
-    else:  # a tower per head (config_check refuses "rates" in a mixture of experts)
-        labels = train_examples.column("labels")
-        towers = [((f"head_{h}",), labels[:, i]) for i, h in enumerate(schema.heads)]
-    params = dict(state.params)
-    for scope, label in towers:
-        where = f"{train_examples.root}/{train_examples.split}"
-        tables = extractors.train_rate_tables(fields, *ids, label, where)
-        parent, shardings = params, eng.param_shardings
-        for key in scope:
-            parent[key] = dict(parent[key])
-            parent, shardings = parent[key], shardings[key]
-        sub = dict(parent["rates"])
+    label = "label" if m.name == "ranker" else "labels"
+    cols = train_examples.checked_columns(("user", "item", label))
+    fields, ids = extractors.id_fields(schema), (cols["user"], cols["item"])
+
+    def filled(rates: dict, shardings: dict, label_N: np.ndarray) -> dict:
+        tables = extractors.train_rate_tables(fields, *ids, label_N)
+        out = dict(rates)
         for name, value in tables.items():
-            value = np.asarray(value, sub[name].dtype)  # the same on every process
-            sh = shardings["rates"][name]
-            sub[name] = jax.make_array_from_callback(value.shape, sh, lambda i, v=value: v[i])
-        parent["rates"] = sub
+            value = np.asarray(value, rates[name].dtype)  # the same on every process
+            out[name] = jax.make_array_from_callback(
+                value.shape, shardings[name], lambda i, v=value: v[i]
+            )
+        return out
+
+    params, sh = dict(state.params), eng.param_shardings
+    if m.name == "ranker":
+        params["rates"] = filled(params["rates"], sh["rates"], cols[label])
+    else:  # a tower per head (config_check refuses "rates" in a mixture of experts)
+        for i, h in enumerate(schema.heads):
+            tower = f"head_{h}"
+            rates = filled(params[tower]["rates"], sh[tower]["rates"], cols[label][:, i])
+            params[tower] = dict(params[tower], rates=rates)
     return state.replace(params=params)
 
 

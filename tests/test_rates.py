@@ -1,11 +1,15 @@
 """The "rates" extractor: the label's smoothed train rates per id, leave-one-out in training,
 read from frozen tables filled from the train split and kept in the checkpoint."""
 
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from influence_jax import config_check, optim, scoring, sparse, train
+from influence_jax.data import pipeline
 from influence_jax.data.schema import RAW_IDS
 from influence_jax.data.store import ExampleStore
 from influence_jax.errors import ConfigError, DataError
@@ -27,8 +31,35 @@ def test_tables_count_each_ids_positives_and_examples():
     np.testing.assert_array_equal(t["frozen_positives_category"], [0, 0, 1, 1])
     np.testing.assert_array_equal(t["frozen_examples_category"], [0, 0, 2, 3])
     assert t["frozen_rate"] == pytest.approx(0.4)
-    with pytest.raises(DataError, match="row 3: label is nan"):
-        train_rate_tables(fields, user, item, np.array([1, 0, 1, np.nan, 0]))
+
+
+@pytest.mark.parametrize("column", ["label", "item"])
+def test_the_columns_counted_are_checked_as_training_reads_rows(tiny_data, tmp_path, column):
+    """The tables are counted from whole columns (not through gather): a NaN label or an id
+    outside its vocabulary stops the fill with the split, row and field named, as a batch
+    holding that row would."""
+    schema, path = tiny_data
+    copy = tmp_path / "data"
+    shutil.copytree(path, copy)
+    shard = os.path.join(copy, schema.splits["train"]["shards"][0])
+    values = np.load(os.path.join(shard, f"{column}.npy"))
+    if column == "label":
+        values[3] = np.nan
+        want = r"train: row 3: label is nan"
+    else:
+        values[5, 0] = schema.vocab_sizes["item_id"]  # one past the vocabulary
+        want = r"train: row 5: item field 'item_id' holds id \d+, outside vocabulary"
+    np.save(os.path.join(shard, f"{column}.npy"), values)
+    store = ExampleStore(str(copy), "train", schema)
+    with pytest.raises(DataError, match=want + r".*prepare it again"):
+        store.checked_columns(("user", "item", "label"))
+    view = pipeline.StoreView(store, np.arange(2, 10))  # a time range's rows
+    with pytest.raises(DataError, match=want):
+        view.checked_columns(("user", "item", "label"))
+    config = helpers.tiny_config(**{"model.extractors": RATES})
+    eng, state = helpers.setup(config, schema)
+    with pytest.raises(DataError, match=want):
+        train.with_train_rates(state, eng, config, store)
 
 
 def _filled(schema, path, model):

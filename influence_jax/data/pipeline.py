@@ -127,6 +127,15 @@ class StoreView:
             out["hist"] = drop_events(out["hist"], self.schema, self.drop_ids)
         return out
 
+    def checked_columns(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The store's checked columns (errors name the store's rows), of the view's rows."""
+        out = self.store.checked_columns(names)
+        if self.rows is not None:
+            out = {k: v[self.rows] for k, v in out.items()}
+        if "hist" in out:
+            out["hist"] = drop_events(out["hist"], self.schema, self.drop_ids)
+        return out
+
     def column(self, name: str) -> np.ndarray:
         col = self.store.column(name)
         col = col if self.rows is None else col[self.rows]

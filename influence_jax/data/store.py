@@ -282,7 +282,9 @@ class ExampleStore:
         otherwise be clamped silently by the embedding lookup); else a DataError naming the
         split, row and field."""
         for col, bound in self._bounds.items():
-            ids = out[col]
+            ids = out.get(col)
+            if ids is None:  # checked_columns: only the columns asked for
+                continue
             if ids.dtype != np.int32:
                 raise DataError(
                     f"{self.root}/{self.split}: column {col!r} is {ids.dtype}, expected int32"
@@ -319,6 +321,12 @@ class ExampleStore:
         lo, hi = out.pop("hist_lo"), out.pop("hist_hi")
         out["hist"] = self._events.histories(lo, hi, out["timestamp"])
         return {k: out[k] for k in self.columns}
+
+    def checked_columns(self, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Whole columns as `column` reads them, checked as `gather` checks its rows (ids within
+        their vocabularies, labels 0 or 1): for tables counted from a whole split."""
+        out = {k: self.column(k) for k in names}
+        return self._checked(out, np.arange(len(self), dtype=np.int64))
 
     def column(self, name: str) -> np.ndarray:
         """One whole column, concatenated over shards (for metrics and audits)."""

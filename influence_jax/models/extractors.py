@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence_jax.data.schema import Schema
-from influence_jax.errors import DataError
 from influence_jax.models.layers import ConvTower
 from influence_jax.optim import FROZEN_PREFIX  # TrainRates' counts: never updated
 
@@ -332,22 +331,15 @@ def train_rate_tables(
     user_NxF: np.ndarray,
     item_NxF: np.ndarray,
     label_N: np.ndarray,
-    where: str = "train split",
 ) -> dict[str, np.ndarray]:
-    """TrainRates' frozen parameters from the train split's ids and labels: per field, the
-    positives and examples of each id, and the overall rate. A label other than 0 or 1 is a
-    DataError naming `where` (the split's folder) and the row."""
+    """TrainRates' frozen parameters from the train split's ids and labels (checked: ids within
+    their vocabularies, labels 0 or 1; ExampleStore.checked_columns): per field, the positives
+    and examples of each id, and the overall rate."""
     label = np.asarray(label_N, np.float64)
-    bad = np.flatnonzero((label != 0) & (label != 1))  # NaN too
-    if len(bad):
-        raise DataError(
-            f"{where}: row {int(bad[0])}: label is {label[bad[0]]}, not 0 or 1; the dataset is "
-            "damaged: prepare it again"
-        )
     cols = {"user": user_NxF, "item": item_NxF}
     out = {f"{FROZEN_PREFIX}rate": np.float32(label.mean() if len(label) else 0.5)}
     for name, group, col, size in id_fields:
-        v = np.clip(np.asarray(cols[group][:, col], np.int64), 0, size - 1)
+        v = np.asarray(cols[group][:, col], np.int64)
         out[f"{FROZEN_PREFIX}positives_{name}"] = np.bincount(v, label, size).astype(np.float32)
         out[f"{FROZEN_PREFIX}examples_{name}"] = np.bincount(v, minlength=size).astype(np.float32)
     return out
