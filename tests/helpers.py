@@ -9,6 +9,7 @@ import fcntl
 import functools
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,17 @@ def tiny_dataset(root: str, seed: int = 0):
 def first_batch(schema, path, batch_size: int = 64) -> dict[str, np.ndarray]:
     store = ExampleStore(path, "train", schema)
     return pipeline.TrainBatches(store, batch_size, seed=0, num_batches=1)[0]
+
+
+def damaged_copy(path, copy, schema, split: str, column: str, damage) -> str:
+    """A copy of the dataset at `path` in `copy` whose first `split` shard has `column` passed
+    through `damage` (it edits the loaded array in place); returns the copy's path."""
+    shutil.copytree(path, copy)
+    shard = os.path.join(copy, schema.splits[split]["shards"][0])
+    values = np.load(os.path.join(shard, f"{column}.npy"))
+    damage(values)
+    np.save(os.path.join(shard, f"{column}.npy"), values)
+    return str(copy)
 
 
 def setup(config, schema, devices=None) -> tuple[engine.Engine, engine.TrainState]:

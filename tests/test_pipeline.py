@@ -89,21 +89,19 @@ def test_an_id_outside_its_vocabulary_names_row_and_field(tiny_data, tmp_path, c
     """A damaged or hand-edited split: the lookup would clamp the id silently (and a NaN label
     gave NaN metrics, or a loss error blaming the learning rate)."""
     schema, path = tiny_data
-    copy = tmp_path / "data"
-    shutil.copytree(path, copy)
-    shard = os.path.join(copy, schema.splits["valid"]["shards"][0])
-    ids = np.load(os.path.join(shard, f"{column}.npy"))
     if column == "item":
-        ids[5, 0] = schema.vocab_sizes["item_id"]  # one past the vocabulary
+        at = (5, 0)  # one past the vocabulary
+        value = schema.vocab_sizes["item_id"]
         want = r"valid: row 5: item field 'item_id' holds id \d+, outside vocabulary 'item_id'"
     elif column == "hist":
-        ids[3, 2, schema.hist_index("behaviour")] = -1
+        at, value = (3, 2, schema.hist_index("behaviour")), -1
         want = r"valid: row 3, event 2: hist field 'behaviour' holds id -1"
     else:
-        ids[7] = np.nan
+        at, value = 7, np.nan
         want = r"valid: row 7: label is nan, not 0 or 1"
-    np.save(os.path.join(shard, f"{column}.npy"), ids)
-    batches = pipeline.EvalBatches(ExampleStore(str(copy), "valid", schema), 16)
+    damage = lambda ids: ids.__setitem__(at, value)
+    copy = helpers.damaged_copy(path, tmp_path / "data", schema, "valid", column, damage)
+    batches = pipeline.EvalBatches(ExampleStore(copy, "valid", schema), 16)
     assert len(batches[1]["label"]) == 16  # rows 16-31 are whole
     with pytest.raises(DataError, match=want + r".*prepare it again"):
         batches[0]  # noqa: B018

@@ -1,9 +1,6 @@
 """The "rates" extractor: the label's smoothed train rates per id, leave-one-out in training,
 read from frozen tables filled from the train split and kept in the checkpoint."""
 
-import os
-import shutil
-
 import jax
 import numpy as np
 import pytest
@@ -39,18 +36,15 @@ def test_the_columns_counted_are_checked_as_training_reads_rows(tiny_data, tmp_p
     outside its vocabulary stops the fill with the split, row and field named, as a batch
     holding that row would."""
     schema, path = tiny_data
-    copy = tmp_path / "data"
-    shutil.copytree(path, copy)
-    shard = os.path.join(copy, schema.splits["train"]["shards"][0])
-    values = np.load(os.path.join(shard, f"{column}.npy"))
     if column == "label":
-        values[3] = np.nan
+        at, value = 3, np.nan
         want = r"train: row 3: label is nan"
     else:
-        values[5, 0] = schema.vocab_sizes["item_id"]  # one past the vocabulary
+        at, value = (5, 0), schema.vocab_sizes["item_id"]  # one past the vocabulary
         want = r"train: row 5: item field 'item_id' holds id \d+, outside vocabulary"
-    np.save(os.path.join(shard, f"{column}.npy"), values)
-    store = ExampleStore(str(copy), "train", schema)
+    damage = lambda values: values.__setitem__(at, value)
+    copy = helpers.damaged_copy(path, tmp_path / "data", schema, "train", column, damage)
+    store = ExampleStore(copy, "train", schema)
     with pytest.raises(DataError, match=want + r".*prepare it again"):
         store.checked_columns(("user", "item", "label"))
     view = pipeline.StoreView(store, np.arange(2, 10))  # a time range's rows
