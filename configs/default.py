@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
     opt.grad_clip = 1.0  # global gradient-norm clip; 0 disables
     opt.influence_lr_multiplier = 10.0  # learning-rate factor for gates and extractor logits
     opt.stats_rate = 0.02  # update rate of running statistics (EMA momentum 1 - rate)
+    # Evaluation, checkpoint selection and ranking use an exponential moving average of the
+    # parameters with this decay (bias-corrected; e.g. 0.99 averages over about the last 100
+    # steps); 0 = the parameters as trained. Row-sparse tables are not averaged.
+    opt.ema_decay = 0.0
     opt.sparse_embeddings = True  # row-sparse updates (row-wise Adagrad) for large tables
     opt.sparse_min_rows = 100_000  # tables with at least this many rows count as large
     opt.sparse_learning_rate = 0.05  # row-wise Adagrad learning rate of the large tables

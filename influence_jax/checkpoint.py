@@ -27,7 +27,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from influence_jax import files, xla_options
+from influence_jax import files, optim, xla_options
 from influence_jax.errors import CheckpointError, DataError
 
 CONFIG_FILE = "config.json"
@@ -452,12 +452,22 @@ def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> An
         saved = manager.item_metadata(n)["state"]
     except (ValueError, OSError) as e:  # tensorstore's read errors are ValueErrors
         raise damaged(e) from None
-    _check_shapes(abstract_state.params, getattr(saved, "tree", saved)["params"], where)
+    saved = getattr(saved, "tree", saved)
+    _check_shapes(abstract_state.params, saved["params"], where)
     abstract = {"params": abstract_state.params}
+    ema = getattr(abstract_state, "ema", None)
+    if ema is not None:  # the moving average (config.opt.ema_decay) is what the run evaluates
+        if saved.get("ema") is None:  # absent, or None (saved by a run without an average)
+            raise DataError(
+                f"{where}: the checkpoint holds no moving average of the parameters, but the "
+                "run's config keeps one (config.opt.ema_decay); it belongs to another config"
+            )
+        _check_shapes(ema, saved["ema"], where)
+        abstract["ema"] = ema
     state_args = ocp.args.PyTreeRestore(
         item=abstract,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True,  # only the "params" subtree of the saved TrainState is read
+        partial_restore=True,  # only these subtrees of the saved TrainState are read
     )
     try:
         out = manager.restore(
@@ -473,20 +483,22 @@ def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> An
             f"and this dataset ({str(e).splitlines()[0][:200]}); was the run trained on "
             "another dataset (--data)?"
         ) from None
-    params = out["state"]["params"]
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
-    keep = [i for i, (path, _) in enumerate(flat) if getattr(path[0], "name", None) == "params"]
+    keep = [i for i, (path, _) in enumerate(flat) if getattr(path[0], "name", None) in abstract]
     digest = out["data"].get("digest")
     if digest is not None and len(digest) != len(flat):
         raise DataError(
             f"{where}: the saved state has {len(digest)} arrays, the run's config gives "
             f"{len(flat)}; the checkpoint does not belong to this config"
         )
+    restored = out["state"]["params"]
+    if "ema" in abstract:  # in the TrainState's order: params before ema
+        restored = [restored, out["state"]["ema"]]
     try:
-        _check_digest(params, digest, keep)
+        _check_digest(restored, digest, keep)
     except CheckpointError as e:
         raise DataError(f"{where}: {e}: the checkpoint is corrupted; use another --step") from None
-    return params
+    return optim.with_average(out["state"]["params"], out["state"].get("ema"))
 
 
 def _check_shapes(want: Any, saved: Any, where: str) -> None:

@@ -333,6 +333,8 @@ def _check_opt(o: Any) -> None:
         _at_least(o, "opt", field, 0)
     if not 0 < o.stats_rate <= 1:
         raise ConfigError(f"config.opt.stats_rate: must be in (0, 1], got {o.stats_rate}")
+    if not 0 <= o.get("ema_decay", 0.0) < 1:
+        raise ConfigError(f"config.opt.ema_decay: must be in [0, 1), got {o.ema_decay}")
 
 
 def _check_loop(lp: Any) -> None:

@@ -36,6 +36,14 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # base PRNG key; step t's dropout key is fold_in(rng, t)
+    # The parameters' exponential moving average (config.opt.ema_decay > 0; None when off):
+    # the params the optax chain updates, without row-sparse tables (optim.update_average).
+    ema: Any = None
+
+    def eval_params(self) -> Any:
+        """The parameters evaluation, checkpoint selection and ranking use: the moving
+        average where one is kept (optim.with_average), else `params`."""
+        return optim.with_average(self.params, self.ema)
 
 
 def bce_sums(logit_B: jax.Array, label_B: jax.Array, weight_B: jax.Array) -> dict[str, jax.Array]:
@@ -172,19 +180,25 @@ def make_train_step(
     lr_schedule: Any,
     blocks: int = 1,
     mesh: Mesh | None = None,
+    ema_decay: float = 0.0,
 ):
     """Returns the pure `train_step(state, batch) -> (state, metrics)` (dense updates), the
-    gradient computed in `blocks` row blocks (`training_grads`)."""
+    gradient computed in `blocks` row blocks (`training_grads`); a state with an `ema` moves
+    it towards the new parameters at `ema_decay` (optim.update_average)."""
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
         grads, sums = training_grads(model, state.params, batch, dropout_rng, blocks, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = optim.update_average(ema, params, state.step, ema_decay)
         out = dict(
             sums, grad_norm=optax.tree_utils.tree_norm(grads), learning_rate=lr_schedule(state.step)
         )
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return state, out
 
     return train_step
 
@@ -315,6 +329,7 @@ def setup(
     num_steps = int(config.loop.num_steps)
     lr_schedule = optim.learning_rate_schedule(config.opt, num_steps)
     tx = optim.make_optimizer(config.opt, num_steps)
+    ema_decay = float(config.opt.get("ema_decay", 0.0))  # absent from older runs' configs
 
     init_params = lambda rng: model.init({"params": rng}, example, train=False)["params"]
     vocabs: tuple[str, ...] = ()
@@ -326,9 +341,14 @@ def setup(
         init_rng, state_rng = jax.random.split(rng)
         params = init_params(init_rng)
         opt_state = sparse.init_opt_state(tx, params, vocabs) if vocabs else tx.init(params)
+        # Over what the optax chain updates; the first step replaces it (optim.average_decay),
+        # so it starts as a copy of the initial parameters (a buffer of its own: XLA gives each
+        # output its own) only for a state that has not trained yet.
+        ema = sparse.without(params, vocabs) if ema_decay > 0 else None
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng
-        )
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=state_rng,
+            ema=ema,
+        )  # fmt: skip
 
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     rules = sharding.sharding_rules(config.mesh, shapes.params)
@@ -341,10 +361,10 @@ def setup(
     if vocabs:
         grads_fn = lambda p, b, rng: training_grads(model, p, b, rng, blocks, mesh)
         step = sparse.make_train_step(
-            tx, lr_schedule, schema, vocabs, grads_fn, config.opt.sparse_learning_rate
+            tx, lr_schedule, schema, vocabs, grads_fn, config.opt.sparse_learning_rate, ema_decay
         )
     else:
-        step = make_train_step(model, tx, lr_schedule, blocks, mesh)
+        step = make_train_step(model, tx, lr_schedule, blocks, mesh, ema_decay)
     train_step = jax.jit(
         step,
         in_shardings=(state_sh, batch_sh),

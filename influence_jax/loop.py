@@ -192,7 +192,7 @@ class Loop:
 
     def _eval(self, step: int, state: Any, eval_cb: Any) -> dict[str, float]:
         t0 = time.perf_counter()
-        m = eval_cb(state.params)
+        m = eval_cb(state.eval_params())  # the moving average where kept
         split = self.config.loop.eval_split
         self.last_eval = {f"{split}/{k}": v for k, v in m.items()}
         summaries = dict(self.last_eval)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -79,3 +82,43 @@ def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation
         clip = optax.masked(optax.clip_by_global_norm(opt_cfg.grad_clip), learned)
         return optax.chain(clip, core)
     return core
+
+
+def average_decay(decay: float, step: jax.Array) -> jax.Array:
+    """The weight of the average so far at the update of `step` (counted from 0):
+    d (1 - d^t) / (1 - d^(t+1)), which keeps the average equal to the bias-corrected moving
+    average (as Adam corrects its moments): sum_s d^(t-s) p_s / sum_s d^(t-s) over the steps so
+    far. The first step's is 0, so the initial parameters never enter; it tends to d."""
+    log_d = math.log(decay)  # float64: 1 - d^t to float32 precision even for d near 1
+    t = step.astype(jnp.float32)
+    return jnp.float32(decay) * jnp.expm1(t * log_d) / jnp.expm1((t + 1.0) * log_d)
+
+
+def update_average(average: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """One step of the parameters' exponential moving average (`config.opt.ema_decay`).
+
+    `average` mirrors `params` (the parameters the optax chain updates: without row-sparse
+    tables); tables of counts (`frozen_*`) are copied, never averaged.
+    """
+    d = average_decay(decay, step)
+    return jax.tree_util.tree_map(
+        lambda label, a, p: p if label == "frozen" else d * a + (1.0 - d) * p,
+        param_labels(params),
+        average,
+        params,
+    )
+
+
+def with_average(params: Any, average: Any | None) -> Any:
+    """The parameters that evaluation, ranking and reports use: `params` with each leaf that
+    the moving average holds replaced by its average (row-sparse tables and tables of counts
+    stay the trained ones); `params` itself when no average is kept."""
+    if average is None:
+        return params
+    if not isinstance(average, Mapping):
+        return average
+    out = dict(params)
+    for key, value in average.items():
+        if not str(key).startswith(FROZEN_PREFIX):
+            out[key] = with_average(params[key], value)
+    return out

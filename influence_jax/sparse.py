@@ -147,14 +147,18 @@ def make_train_step(
     vocabs: tuple[str, ...],
     training_grads: Any,
     sparse_lr: float,
+    ema_decay: float = 0.0,
 ):
     """`train_step(state, batch) -> (state, metrics)` with row-sparse updates of `vocabs`.
 
-    Same contract as engine.make_train_step; `state.opt_state` is `init_opt_state`'s layout.
+    Same contract as engine.make_train_step; `state.opt_state` is `init_opt_state`'s layout;
+    a state's `ema` averages the dense parameters only (the large tables are not averaged).
     `training_grads(params, batch, dropout_rng) -> (gradients, sums)` differentiates the
     batch's mean training loss (engine.training_grads).
     """
     import optax
+
+    from influence_jax import optim
 
     def train_step(state: Any, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(state.rng, state.step)
@@ -164,6 +168,9 @@ def make_train_step(
         dense_grads = without(grads, vocabs)
         updates, dense_state = tx.update(dense_grads, state.opt_state["dense"], dense_params)
         dense_params = optax.apply_updates(dense_params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = optim.update_average(ema, dense_params, state.step, ema_decay)
         tables = {f"embed_{v}": state.params["embeddings"][f"embed_{v}"] for v in vocabs}
         params, sparse_state = rowwise_adagrad(
             merge(dense_params, tables), grads, rows, state.opt_state["sparse"], sparse_lr
@@ -174,6 +181,7 @@ def make_train_step(
             learning_rate=lr_schedule(state.step),
         )
         opt_state = {"dense": dense_state, "sparse": sparse_state}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return state, out
 
     return train_step

@@ -230,7 +230,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         final = {}
         split = config.loop.final_eval_split
         if split and not preempt.requested:
-            params, at, which = state.params, int(state.step), "last step"
+            params, at, which = state.eval_params(), int(state.step), "last step"
             best = loop.stopper.best_step
             if config.ckpt.keep_best and best is not None:
                 # The checkpoint chosen by the validation metric, not whatever the last step was.
