@@ -136,5 +136,12 @@ def get_config() -> ml_collections.ConfigDict:
     ckpt.async_save = True  # write checkpoints in the background
     ckpt.keep_best = True  # keep the best step (best.json); the final eval uses it, else the last
 
+    # Warm start (influence_jax/warm_start.py): a fresh run's first parameters from another
+    # run's checkpoint, embedding rows matched by raw id (e.g. today's retrain on a log
+    # prepared again, from yesterday's run); the optimizer and schedule start afresh.
+    config.warm_start = ws = ml_collections.ConfigDict()
+    ws.workdir = ""  # the source run's WORKDIR; "" = random initial parameters
+    ws.step = "best"  # its checkpoint: "best", "latest" or a step number
+
     config.lock()
     return config

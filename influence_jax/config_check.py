@@ -40,6 +40,8 @@ def check(config: Any, num_devices: int | None = None, num_processes: int = 1) -
     _check_mesh(config.mesh)
     _positive(config.ckpt, "ckpt", "every")
     _at_least(config.ckpt, "ckpt", "max_to_keep", 0)
+    if config.get("warm_start") is not None:  # absent from older runs' configs
+        _check_warm_start(config.warm_start)
     if num_devices is not None:
         check_devices(config, num_devices, num_processes)
 
@@ -335,6 +337,12 @@ def _check_opt(o: Any) -> None:
         raise ConfigError(f"config.opt.stats_rate: must be in (0, 1], got {o.stats_rate}")
     if not 0 <= o.get("ema_decay", 0.0) < 1:
         raise ConfigError(f"config.opt.ema_decay: must be in [0, 1), got {o.ema_decay}")
+
+
+def _check_warm_start(ws: Any) -> None:
+    step = str(ws.step)
+    if step not in ("best", "latest") and not step.isdigit():
+        raise ConfigError(f"config.warm_start.step: 'best', 'latest' or a number, got {step!r}")
 
 
 def _check_loop(lp: Any) -> None:

@@ -16,7 +16,16 @@ import numpy as np
 from absl import logging
 
 from influence_jax import checkpoint as ckpt_lib
-from influence_jax import config_check, engine, evaluation, files, metrics, summary, workdir_lock
+from influence_jax import (
+    config_check,
+    engine,
+    evaluation,
+    files,
+    metrics,
+    summary,
+    warm_start,
+    workdir_lock,
+)
 from influence_jax import loop as loop_lib
 from influence_jax.data import pipeline, synthetic
 from influence_jax.data.dataset import Dataset
@@ -194,9 +203,19 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         )
         it = pipeline.BatchIterator(batches, config.data.prefetch, config.data.num_threads)
         loop = loop_lib.Loop(config, workdir, writer, ckpt, it)
+        ws = config.get("warm_start")  # absent from older runs' configs
         if ckpt.latest_step() is None:
-            state = with_train_rates(eng.init_state(), eng, config, train_examples)
+            state = eng.init_state()
+            if ws is not None and ws.workdir:
+                if os.path.abspath(ws.workdir) == os.path.abspath(workdir):
+                    raise ConfigError(
+                        f"config.warm_start.workdir={ws.workdir} is this run's own --workdir"
+                    )
+                state = warm_start.warm_start(state, eng, config, dataset)
+            state = with_train_rates(state, eng, config, train_examples)
         else:
+            if ws is not None and ws.workdir:
+                logging.info("resuming: config.warm_start (%s) is not read again", ws.workdir)
             state, data_state, restored = _resume(ckpt, eng, workdir, config_json)
             writer.restart(restored + 1)  # TensorBoard drops the stopped run's later steps
             loop.load_state(data_state.pop("loop", {}))

@@ -25,6 +25,13 @@ class IdMaps:
             self._vocabs[name] = Vocab.load(self.path, name)
         return self._vocabs[name]
 
+    def keyed(self, name: str) -> bool:
+        """Whether vocabulary `name` maps raw ids (users, items, categories, side fields); the
+        others (behaviour types, time-gap buckets) are fixed lists, the same in every dataset
+        of the same sizes."""
+        base = os.path.join(self.path, "vocab", name)
+        return self.synthetic or any(os.path.exists(base + e) for e in (".npy", ".json"))
+
     def integer(self, name: str) -> bool:
         """Whether raw ids of vocabulary `name` are integers."""
         return self.synthetic or isinstance(self._vocab(name).keys, np.ndarray)

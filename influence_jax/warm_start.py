@@ -1,0 +1,136 @@
+"""Warm start: a new run's first parameters from another run's checkpoint, on new data.
+
+The daily retrain of a recommender: today's log is prepared again (new users and items, ids
+renumbered), and today's run starts from yesterday's model instead of from random values
+(`config.warm_start.workdir`, `config.warm_start.step`). Every parameter is copied from the
+source run's checkpoint (its moving average where it kept one, as its evaluation and ranking
+read it), except:
+
+- embedding tables (`embed_<vocab>`, `embed_hist_<vocab>`), which are matched row by row
+  through the raw ids: an id of the new vocabulary that the source vocabulary holds, with a
+  trained row there, gets that row; a new id keeps its initial row; the reserved rows
+  (padding, OOV) are copied;
+- the `rates` extractor's tables of counts (`frozen_*`), which the new run counts from its own
+  train split.
+
+Everything else must have the same path and shape as in the source run (the same model and
+sizes), else one ConfigError names the first parameter that differs. The optimizer state, the
+step and the learning-rate schedule start afresh. The source run's dataset must still be where
+its `dataset.json` says (its vocabularies give the raw ids). The row matching is one jitted
+gather per table in the tables' own shardings, so sharded tables and multi-process runs need no
+table on one host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from influence_jax import engine, optim, scoring
+from influence_jax.data.dataset import Dataset
+from influence_jax.data.schema import NUM_RESERVED, Schema
+from influence_jax.errors import ConfigError, DataError
+
+TABLE_PREFIX = "embed_"
+
+
+def table_vocab(key: str, schema: Schema) -> str | None:
+    """The vocabulary of an embedding table's parameter name (`embed_item_id`,
+    `embed_hist_item_id`), or None for any other parameter."""
+    if not key.startswith(TABLE_PREFIX):
+        return None
+    name = key[len(TABLE_PREFIX) :]
+    if name in schema.vocab_sizes:
+        return name
+    if name.startswith("hist_") and name[len("hist_") :] in schema.vocab_sizes:
+        return name[len("hist_") :]
+    return None
+
+
+def row_sources(src: Dataset, dst: Dataset, vocab: str, src_rows: int, dst_rows: int):
+    """(index [dst_rows] into the source table, found [dst_rows]): for each row of the new
+    table, the source row of the same raw id; reserved rows map to themselves. A vocabulary
+    without raw ids (behaviour types, time-gap buckets) maps row to row, at equal sizes."""
+    idx = np.arange(dst_rows, dtype=np.int64)
+    if not (src.id_maps.keyed(vocab) and dst.id_maps.keyed(vocab)):
+        if src_rows != dst_rows:
+            raise ConfigError(
+                f"config.warm_start: vocabulary {vocab} has {src_rows} rows in the source run's "
+                f"dataset and {dst_rows} in this one, and no raw ids to match them by"
+            )
+        return idx.astype(np.int32), np.ones(dst_rows, bool)
+    raw, valid = dst.id_maps.raw(vocab, idx)
+    at = np.full(dst_rows, -1, np.int64)
+    if valid.any():
+        at[valid] = src.id_maps.lookup(vocab, raw[valid])
+    at[:NUM_RESERVED] = idx[:NUM_RESERVED]
+    found = (at >= 0) & (at < src_rows) & ((at >= NUM_RESERVED) | (idx < NUM_RESERVED))
+    return np.where(found, at, 0).astype(np.int32), found
+
+
+def _remap(table, source, at, found):
+    return jnp.where(found[:, None], jnp.take(source, at, axis=0), table)
+
+
+def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) -> Any:
+    """`state` (a fresh one) with its parameters from `config.warm_start.workdir` (module doc)."""
+    ws = config.warm_start
+    try:
+        src = scoring.load_run(ws.workdir, step=ws.step)
+    except DataError as e:  # no such run or step, its dataset gone, a damaged checkpoint
+        raise ConfigError(f"config.warm_start.workdir={ws.workdir}: {e}") from None
+    where = f"config.warm_start.workdir={ws.workdir} (step {src.step})"
+    if tuple(src.schema.behaviour_types) != tuple(dataset.schema.behaviour_types):
+        raise ConfigError(
+            f"{where}: its behaviour types {list(src.schema.behaviour_types)} are not this "
+            f"dataset's {list(dataset.schema.behaviour_types)}"
+        )
+    flat_src = {
+        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(src.params)
+    }
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+    shardings = jax.tree_util.tree_leaves(eng.param_shardings)
+    missing = [jax.tree_util.keystr(p) for p, _ in flat if jax.tree_util.keystr(p) not in flat_src]
+    extra = sorted(set(flat_src) - {jax.tree_util.keystr(p) for p, _ in flat})
+    if missing or extra:
+        raise ConfigError(
+            f"{where}: its model is not this config's (parameters only here: {missing[:3]}, "
+            f"only there: {extra[:3]}); warm-start from a run of the same model"
+        )
+    out, matched = [], {}
+    for (path, leaf), sh in zip(flat, shardings, strict=True):
+        name, key = jax.tree_util.keystr(path), str(getattr(path[-1], "key", ""))
+        source = flat_src[name]
+        vocab = table_vocab(key, dataset.schema)
+        same = source.shape[1:] == leaf.shape[1:] and source.dtype == leaf.dtype
+        if key.startswith(optim.FROZEN_PREFIX):
+            out.append(leaf)  # counted from this run's train split (train.with_train_rates)
+        elif not same or (vocab is None and source.shape != leaf.shape):
+            raise ConfigError(
+                f"{where}: parameter {name} is {source.dtype}{list(source.shape)} there and "
+                f"{leaf.dtype}{list(leaf.shape)} in this config; warm-start from a run of the "
+                "same model and sizes"
+            )
+        elif vocab is not None:
+            at, found = row_sources(src.dataset, dataset, vocab, source.shape[0], leaf.shape[0])
+            matched[name] = (int(found[NUM_RESERVED:].sum()), leaf.shape[0] - NUM_RESERVED)
+            rows = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
+            # The same host arrays on every process, placed without a transfer between them.
+            at, found = (
+                jax.make_array_from_callback(x.shape, rows, lambda i, x=x: x[i])
+                for x in (at, found)
+            )
+            out.append(jax.jit(_remap, out_shardings=sh)(leaf, source, at, found))
+
+        else:
+            out.append(jax.device_put(source, sh))
+    params = jax.tree_util.tree_unflatten(treedef, out)
+    for name, (hit, total) in matched.items():
+        logging.info("warm start: %s: %d of %d ids have the source run's rows", name, hit, total)
+    logging.info("warm start from %s: %d parameters", where, len(out))
+    # A moving average (config.opt.ema_decay) is replaced by the first step's parameters.
+    return state.replace(params=params)
