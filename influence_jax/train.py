@@ -204,6 +204,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         it = pipeline.BatchIterator(batches, config.data.prefetch, config.data.num_threads)
         loop = loop_lib.Loop(config, workdir, writer, ckpt, it)
         ws = config.get("warm_start")  # absent from older runs' configs
+        warmed = False
         if ckpt.latest_step() is None:
             state = eng.init_state()
             if ws is not None and ws.workdir:
@@ -211,7 +212,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
                     raise ConfigError(
                         f"config.warm_start.workdir={ws.workdir} is this run's own --workdir"
                     )
-                state = warm_start.warm_start(state, eng, config, dataset)
+                state, warmed = warm_start.warm_start(state, eng, config, dataset), True
             state = with_train_rates(state, eng, config, train_examples)
         else:
             if ws is not None and ws.workdir:
@@ -245,6 +246,13 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
             )  # fmt: skip
 
         eval_cb = lambda params: evaluate(params, config.loop.eval_split)
+        if warmed:  # where the warm start starts, before any step (TensorBoard step 0)
+            m = eval_cb(state.eval_params())
+            writer.scalars(0, {f"{config.loop.eval_split}/{k}": v for k, v in m.items()})
+            logging.info(
+                "eval %s of the warm start, before training: %s", config.loop.eval_split,
+                metrics.format_metrics(m),
+            )  # fmt: skip
         state = loop.run(state, eng.train_step, num_steps, preempt, eval_cb)
         final = {}
         split = config.loop.final_eval_split

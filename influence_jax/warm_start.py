@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from influence_jax import engine, optim, scoring
+from influence_jax import engine, optim, scoring, sparse
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import NUM_RESERVED, Schema
 from influence_jax.errors import ConfigError, DataError
@@ -132,5 +132,8 @@ def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) ->
     for name, (hit, total) in matched.items():
         logging.info("warm start: %s: %d of %d ids have the source run's rows", name, hit, total)
     logging.info("warm start from %s: %d parameters", where, len(out))
-    # A moving average (config.opt.ema_decay) is replaced by the first step's parameters.
-    return state.replace(params=params)
+    ema = state.ema  # a moving average (config.opt.ema_decay) starts at them too (own buffers)
+    if ema is not None:
+        copy = lambda x: jnp.array(x, copy=True)
+        ema = jax.tree_util.tree_map(copy, sparse.without(params, eng.sparse_vocabs))
+    return state.replace(params=params, ema=ema)

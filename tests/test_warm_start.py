@@ -92,6 +92,9 @@ def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_
     # (moved away here).
     result = train.train_and_evaluate(config, str(tmp_path / "today"))
     assert np.isfinite(result["test/logloss"])
+    steps = [step for step, _ in helpers.scalars(tmp_path / "today")["valid/auc"]]
+    assert steps == [0, 10]  # the warm start's own validation before the first step
+
     os.rename(src_dir, str(tmp_path / "moved"))
     assert (
         train.train_and_evaluate(config, str(tmp_path / "today"))["test/auc"] == result["test/auc"]
@@ -101,6 +104,12 @@ def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_
         train.train_and_evaluate(
             _config(b, **{"warm_start.workdir": str(tmp_path / "fresh")}), str(tmp_path / "fresh")
         )
+
+    # A moving average starts at the warm parameters, not at the random ones.
+    averaged = _config(b, **{"warm_start.workdir": src_dir, "opt.ema_decay": 0.9})
+    eng_a = engine.setup(averaged, dataset.schema)
+    warm = warm_start.warm_start(eng_a.init_state(), eng_a, averaged, dataset)
+    helpers.assert_trees_equal(warm.eval_params(), warm.params)
 
     # Another model, other sizes, no such run: one error naming the field.
     other = _config(b, **{"warm_start.workdir": src_dir, "model.extractors": ("din", "dnn")})
