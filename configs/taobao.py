@@ -27,7 +27,12 @@ def get_config():
     config.data.batch_size = 256  # global training batch, examples
     config.data.eval_batch_size = 1024  # global evaluation batch, examples
     config.model.embed_dim = 16  # embedding width D per field
-    config.model.extractors = ("din", "dnn", "cnn", "match")  # + gated exact-match counts
+    # + gated exact-match counts and the label's train rates per user, item and category.
+    # Chosen on the validation split (mean best validation AUC, seeds 0-2, tools/quality.py,
+    # 2026-12-07): din+dnn+cnn+match 0.880, with rates 0.906; match+rates alone scored 0.916
+    # and stays a variant of the quality table: the config keeps the sequence extractors,
+    # whose attention gives each past event's influence.
+    config.model.extractors = ("din", "dnn", "cnn", "match", "rates")
     config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.opt.warmup_steps = 30  # linear warm-up, steps

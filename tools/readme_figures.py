@@ -29,6 +29,9 @@ machine.json, in docs/results/gpu/.
 Block `quality_heads` (docs/quality.md): copy WORKDIR/quality.json of
 `tools/quality.py --task=conversion --heads` to docs/results/quality_heads/ and run this tool.
 
+Block `quality_next_item` (README.md, README.zh-CN.md, docs/quality.md): the same for
+`tools/quality.py` (the next-item task, one fold) in docs/results/quality_next_item/.
+
 Block `quality_conversion` (README.md, README.zh-CN.md, docs/quality.md): copy
 WORKDIR/quality.json of `tools/quality.py --task=conversion --folds=3` to
 docs/results/quality_conversion/, beside a meta.json naming the date and the machine
@@ -327,33 +330,36 @@ def conversion_facts(folder: str) -> dict:
     }
 
 
-def _config_ranker(name: str) -> str:
-    """tools/quality.py's label of the dataset's conversion config's own ranker."""
+def _config_ranker(name: str, task: str = "conversion") -> str:
+    """tools/quality.py's label of the dataset's config's own ranker for `task`."""
     from influence_jax.data import readers
 
-    module = f"configs.{readers.SOURCES[name].conversion_config}"
+    source = readers.SOURCES[name]
+    module = f"configs.{source.conversion_config if task == 'conversion' else source.config}"
     extractors = __import__(module, fromlist=["get_config"]).get_config().model.extractors
     return f"ranker ({'+'.join(extractors)})"
 
 
-def _conversion_diffs(f: dict, model: str | None, zh: bool) -> list[str]:
-    """Per dataset: the model's (default: the conversion config's ranker) AUC difference to the
-    best baseline with its interval and the test conversions. DataError where the results lack
+def _conversion_diffs(f: dict, model: str | None, zh: bool, task: str = "conversion") -> list[str]:
+    """Per dataset: the model's (default: the task's config's ranker) AUC difference to the
+    best baseline with its interval and the test positives. DataError where the results lack
     the config's ranker (the config changed since: run tools/quality.py again)."""
     out = []
-    for name, r in f["results"].items():
-        label = _config_ranker(name) if model is None else model
+    for name, r in sorted(f["results"].items()):
+        label = _config_ranker(name, task) if model is None else model
         if label not in r["models"]:
             if model is None:
                 raise DataError(
-                    f"quality_conversion: no {label!r} (the config's ranker) among the {name} "
-                    "results; run tools/quality.py --task=conversion again"
+                    f"quality_{task}: no {label!r} (the config's ranker) among the {name} "
+                    f"results; run tools/quality.py --task={task} again"
                 )
             continue
         models = r["models"]
         d = models[label]["vs_best_baseline"]
         where = name  # the source's registry name, as in the table
-        conv = f"{r['positives']:,} 次测试转化" if zh else f"{r['positives']:,} test conversions"
+        what = {("conversion", True): "次测试转化", ("conversion", False): "test conversions"}
+        what.update({("next_item", True): "个测试正例", ("next_item", False): "test positives"})
+        conv = f"{r['positives']:,} {what[task, zh]}"
         to = "到" if zh else "to"
         out.append(
             f"{where} {d['diff']:+.3f} ({d['ci_low']:+.3f} {to} {d['ci_high']:+.3f}; {conv})"
@@ -386,6 +392,28 @@ def conversion_zh(f: dict) -> str:
 
 
 LEARNED_LR = "ranker (match+rates)"  # tools/quality.py's "match and rates" variant
+
+
+def next_item_en(f: dict) -> str:
+    m = f["meta"]
+    lr = "; ".join(_conversion_diffs(f, LEARNED_LR, False, "next_item"))
+    return _wrap(
+        f"On the next-item task (sampled negatives, one fold; {m['date']}, {m['machine']}) the "
+        "config's ranker against the best baseline (AUC difference, 95 % interval): "
+        + "; ".join(_conversion_diffs(f, None, False, "next_item"))
+        + (f". The ranker with only `match` and `rates`: {lr}." if lr else ".")
+    )
+
+
+def next_item_zh(f: dict) -> str:
+    m = f["meta"]
+    lr = "；".join(_conversion_diffs(f, LEARNED_LR, True, "next_item"))
+    return (
+        f"在下一物品任务上（采样负例，一个折；{m['date']}，{m['machine']}），"
+        "数据集配置中的 ranker 与最佳基线的 AUC 差（95 % 区间）："
+        + "；".join(_conversion_diffs(f, None, True, "next_item"))
+        + (f"。只含 `match` 与 `rates` 的 ranker：{lr}。" if lr else "。")
+    )
 
 
 def multitask_facts(folder: str) -> dict:
@@ -1056,6 +1084,14 @@ BLOCKS = {
     "quality_heads": (
         lambda folder: _load(os.path.join(folder, "quality.json")),
         {"quality": tables.quality_table},
+    ),
+    "quality_next_item": (
+        conversion_facts,
+        {
+            "en": next_item_en,
+            "zh": next_item_zh,
+            "quality": lambda f: tables.quality_table(f["results"]),
+        },
     ),
     "quality_conversion": (
         conversion_facts,
