@@ -25,7 +25,9 @@ def get_config():
     config.data.batch_size = 512  # global training batch, examples
     config.data.eval_batch_size = 2048  # global evaluation batch, examples
     config.model.embed_dim = 16  # embedding width D per field
-    config.model.extractors = ("din", "dnn", "cnn", "match")  # + gated exact-match counts
+    # + gated exact-match counts. With `rates` too: mean best validation AUC 0.9811 against
+    # 0.9813 without (seeds 0-2, 2026-12-07), so it is left out.
+    config.model.extractors = ("din", "dnn", "cnn", "match")
     config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.loop.num_steps = 1_000  # about 13 epochs of the train split
