@@ -66,7 +66,18 @@ def row_sources(src: Dataset, dst: Dataset, vocab: str, src_rows: int, dst_rows:
     raw, valid = dst.id_maps.raw(vocab, idx)
     at = np.full(dst_rows, -1, np.int64)
     if valid.any():
-        at[valid] = src.id_maps.lookup(vocab, raw[valid])
+        raw = raw[valid]
+        if src.id_maps.integer(vocab) and not dst.id_maps.integer(vocab):
+            # Integer ids there, strings here (a column read another way): digits match.
+            digits = np.array([str(x).lstrip("-").isdigit() for x in raw], bool)
+            found_at = np.full(len(raw), -1, np.int64)
+            if digits.any():
+                found_at[digits] = src.id_maps.lookup(vocab, raw[digits].astype(np.int64))
+            at[valid] = found_at
+        else:
+            if not src.id_maps.integer(vocab) and dst.id_maps.integer(vocab):
+                raw = np.array([str(x) for x in raw], object)  # strings there
+            at[valid] = src.id_maps.lookup(vocab, raw)
     at[:NUM_RESERVED] = idx[:NUM_RESERVED]
     found = (at >= 0) & (at < src_rows) & ((at >= NUM_RESERVED) | (idx < NUM_RESERVED))
     return np.where(found, at, 0).astype(np.int32), found

@@ -139,3 +139,42 @@ def test_table_names_map_to_their_vocabularies(tiny_data):
     assert warm_start.table_vocab("embed_hist_item_id", schema) == "item_id"
     assert warm_start.table_vocab("kernel", schema) is None
     assert warm_start.table_vocab("embed_nothing", schema) is None
+
+
+class _Ids:
+    """The raw ids of one vocabulary: position i + 2 holds keys[i] (integers or strings)."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+
+    def keyed(self, name):
+        return True
+
+    def integer(self, name):
+        return all(isinstance(k, int) for k in self.keys)
+
+    def raw(self, name, idx):
+        ok = idx >= 2
+        return np.array([self.keys[i - 2] if i >= 2 else 0 for i in idx], object), ok
+
+    def lookup(self, name, raw):
+        at = {k: i + 2 for i, k in enumerate(self.keys)}
+        return np.array([at.get(r.item() if hasattr(r, "item") else r, 1) for r in raw], np.int32)
+
+
+class _Data:
+    def __init__(self, keys):
+        self.id_maps = _Ids(keys)
+
+
+@pytest.mark.parametrize(
+    "old, new, want",
+    [
+        ([5, 7, 9], [9, 5, 11], [0, 1, 4, 2, -1]),  # moved ids, a new one
+        ([5, 7, 9], ["9", "x", "7"], [0, 1, 4, -1, 3]),  # integers there, strings here
+        (["9", "5"], [5, 9], [0, 1, 3, 2]),  # strings there, integers here
+    ],
+)
+def test_rows_follow_the_raw_ids_whatever_their_type(old, new, want):
+    at, found = warm_start.row_sources(_Data(old), _Data(new), "v", len(old) + 2, len(new) + 2)
+    np.testing.assert_array_equal(np.where(found, at, -1), want)
