@@ -340,7 +340,7 @@ def _config_ranker(name: str, task: str = "conversion") -> str:
     return f"ranker ({'+'.join(extractors)})"
 
 
-def _conversion_diffs(f: dict, model: str | None, zh: bool, task: str = "conversion") -> list[str]:
+def _quality_diffs(f: dict, model: str | None, zh: bool, task: str = "conversion") -> list[str]:
     """Per dataset: the model's (default: the task's config's ranker) AUC difference to the
     best baseline with its interval and the test positives. DataError where the results lack
     the config's ranker (the config changed since: run tools/quality.py again)."""
@@ -369,49 +369,35 @@ def _conversion_diffs(f: dict, model: str | None, zh: bool, task: str = "convers
     return out
 
 
-def conversion_en(f: dict) -> str:
-    m = f["meta"]
-    lr = "; ".join(_conversion_diffs(f, LEARNED_LR, False))
-    return _wrap(
-        f"On the conversion task (6 h, three folds; {m['date']}, {m['machine']}) the config's "
-        f"ranker against the best baseline (AUC difference, 95 % interval): "
-        + "; ".join(_conversion_diffs(f, None, False))
-        + (f". The ranker with only `match` and `rates`: {lr}." if lr else ".")
-    )
-
-
-def conversion_zh(f: dict) -> str:
-    m = f["meta"]
-    lr = "；".join(_conversion_diffs(f, LEARNED_LR, True))
-    return (
-        f"在转化任务上（6 h，三个折；{m['date']}，{m['machine']}），"
-        "数据集配置中的 ranker 与最佳基线的 AUC 差（95 % 区间）："
-        + "；".join(_conversion_diffs(f, None, True))
-        + (f"。只含 `match` 与 `rates` 的 ranker：{lr}。" if lr else "。")
-    )
-
-
 LEARNED_LR = "ranker (match+rates)"  # tools/quality.py's "match and rates" variant
+# The task's words in the sentences of its quality block (English, Chinese).
+TASK_WORDS = {
+    "conversion": ("the conversion task (6 h, three folds", "在转化任务上（6 h，三个折"),
+    "next_item": (
+        "the next-item task (sampled negatives, one fold",
+        "在下一物品任务上（采样负例，一个折",
+    ),
+}
 
 
-def next_item_en(f: dict) -> str:
+def quality_en(f: dict, task: str) -> str:
     m = f["meta"]
-    lr = "; ".join(_conversion_diffs(f, LEARNED_LR, False, "next_item"))
+    lr = "; ".join(_quality_diffs(f, LEARNED_LR, False, task))
     return _wrap(
-        f"On the next-item task (sampled negatives, one fold; {m['date']}, {m['machine']}) the "
-        "config's ranker against the best baseline (AUC difference, 95 % interval): "
-        + "; ".join(_conversion_diffs(f, None, False, "next_item"))
+        f"On {TASK_WORDS[task][0]}; {m['date']}, {m['machine']}) the config's ranker against "
+        "the best baseline (AUC difference, 95 % interval): "
+        + "; ".join(_quality_diffs(f, None, False, task))
         + (f". The ranker with only `match` and `rates`: {lr}." if lr else ".")
     )
 
 
-def next_item_zh(f: dict) -> str:
+def quality_zh(f: dict, task: str) -> str:
     m = f["meta"]
-    lr = "；".join(_conversion_diffs(f, LEARNED_LR, True, "next_item"))
+    lr = "；".join(_quality_diffs(f, LEARNED_LR, True, task))
     return (
-        f"在下一物品任务上（采样负例，一个折；{m['date']}，{m['machine']}），"
+        f"{TASK_WORDS[task][1]}；{m['date']}，{m['machine']}），"
         "数据集配置中的 ranker 与最佳基线的 AUC 差（95 % 区间）："
-        + "；".join(_conversion_diffs(f, None, True, "next_item"))
+        + "；".join(_quality_diffs(f, None, True, task))
         + (f"。只含 `match` 与 `rates` 的 ranker：{lr}。" if lr else "。")
     )
 
@@ -1088,16 +1074,16 @@ BLOCKS = {
     "quality_next_item": (
         conversion_facts,
         {
-            "en": next_item_en,
-            "zh": next_item_zh,
+            "en": lambda f: quality_en(f, "next_item"),
+            "zh": lambda f: quality_zh(f, "next_item"),
             "quality": lambda f: tables.quality_table(f["results"]),
         },
     ),
     "quality_conversion": (
         conversion_facts,
         {
-            "en": conversion_en,
-            "zh": conversion_zh,
+            "en": lambda f: quality_en(f, "conversion"),
+            "zh": lambda f: quality_zh(f, "conversion"),
             "quality": lambda f: tables.quality_table(f["results"]),
         },
     ),
