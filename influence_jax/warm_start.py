@@ -136,7 +136,6 @@ def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) ->
                 for x in (at, found)
             )
             out.append(jax.jit(_remap, out_shardings=sh)(leaf, source, at, found))
-
         else:
             out.append(jax.device_put(source, sh))
     params = jax.tree_util.tree_unflatten(treedef, out)

@@ -29,8 +29,7 @@ class IdMaps:
         """Whether vocabulary `name` maps raw ids (users, items, categories, side fields); the
         others (behaviour types, time-gap buckets) are fixed lists, the same in every dataset
         of the same sizes."""
-        base = os.path.join(self.path, "vocab", name)
-        return self.synthetic or any(os.path.exists(base + e) for e in (".npy", ".json"))
+        return self.synthetic or Vocab.exists(self.path, name)
 
     def integer(self, name: str) -> bool:
         """Whether raw ids of vocabulary `name` are integers."""

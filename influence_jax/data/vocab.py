@@ -53,6 +53,13 @@ class Vocab:
             json.dump(self.keys.to_pylist(), f)
         return f"{name}.json"
 
+    @staticmethod
+    def exists(prepared_dir: str, name: str) -> bool:
+        """Whether the prepared dataset saved a vocabulary `name` (raw ids); fixed lists such as
+        behaviour types and time-gap buckets have none."""
+        base = os.path.join(prepared_dir, "vocab", name)
+        return os.path.exists(base + ".npy") or os.path.exists(base + ".json")
+
     @classmethod
     def load(cls, prepared_dir: str, name: str) -> Vocab:
         """The vocabulary `name` of a prepared dataset (for mapping raw ids at ranking time)."""
