@@ -243,11 +243,23 @@ class Engine:
     train_step: Callable  # jitted (state, batch) -> (state, metrics)
     eval_step: Callable  # jitted (params, batch) -> {prob, label, weight, ...}
     init_fn: Callable  # jitted rng -> TrainState, created in its shardings
+    params_fn: Callable  # jitted rng -> the initial parameters alone (init_fn's)
+    state_fn: Callable  # jitted (params, rng) -> TrainState around params (donated)
     seed: int
 
     def init_state(self) -> TrainState:
         """The initial train state, created directly in its shardings (nothing on one device)."""
         return self.init_fn(jax.random.PRNGKey(self.seed))
+
+    def init_params(self) -> Any:
+        """The initial parameters alone (init_state's), without the optimizer's state."""
+        return self.params_fn(jax.random.PRNGKey(self.seed))
+
+    def state_from(self, params: Any) -> TrainState:
+        """A state that has not trained yet around `params` (in their shardings): the
+        optimizer's state, random key and moving average as `init_state` makes them.
+        `params` is donated: its arrays become the state's (no second copy on the devices)."""
+        return self.state_fn(params, jax.random.PRNGKey(self.seed))
 
     @property
     def param_shardings(self) -> Any:
@@ -337,9 +349,11 @@ def setup(
         shapes = jax.eval_shape(init_params, jax.random.PRNGKey(0))
         vocabs = sparse.sparse_vocabs(schema, shapes, config.opt.sparse_min_rows)
 
-    def init(rng: jax.Array) -> TrainState:
-        init_rng, state_rng = jax.random.split(rng)
-        params = init_params(init_rng)
+    def fresh_params(rng: jax.Array) -> Any:
+        return init_params(jax.random.split(rng)[0])
+
+    def from_params(params: Any, rng: jax.Array) -> TrainState:
+        state_rng = jax.random.split(rng)[1]
         opt_state = sparse.init_opt_state(tx, params, vocabs) if vocabs else tx.init(params)
         # Over what the optax chain updates; the first step replaces it (optim.average_decay),
         # so it starts as a copy of the initial parameters (a buffer of its own: XLA gives each
@@ -350,6 +364,7 @@ def setup(
             ema=ema,
         )  # fmt: skip
 
+    init = lambda rng: from_params(fresh_params(rng), rng)
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
     rules = sharding.sharding_rules(config.mesh, shapes.params)
     state_sh = sharding.tree_shardings(shapes, rules, mesh)
@@ -374,6 +389,7 @@ def setup(
     eval_step = jax.jit(
         make_eval_step(model), in_shardings=(state_sh.params, batch_sh), out_shardings=batch_sh
     )
+    fast = init_compiler_options(mesh, shapes)
     return Engine(
         model=model,
         tx=tx,
@@ -384,8 +400,14 @@ def setup(
         abstract_state=abstract,
         train_step=train_step,
         eval_step=eval_step,
-        init_fn=jax.jit(
-            init, out_shardings=state_sh, compiler_options=init_compiler_options(mesh, shapes)
+        init_fn=jax.jit(init, out_shardings=state_sh, compiler_options=fast),
+        params_fn=jax.jit(fresh_params, out_shardings=state_sh.params, compiler_options=fast),
+        state_fn=jax.jit(
+            from_params,
+            in_shardings=(state_sh.params, None),
+            out_shardings=state_sh,
+            donate_argnums=0,
+            compiler_options=fast,
         ),
         seed=int(config.seed),
     )

@@ -206,13 +206,14 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
         ws = config.get("warm_start")  # absent from older runs' configs
         warmed = False
         if ckpt.latest_step() is None:
-            state = eng.init_state()
             if ws is not None and ws.workdir:
                 if os.path.abspath(ws.workdir) == os.path.abspath(workdir):
                     raise ConfigError(
                         f"config.warm_start.workdir={ws.workdir} is this run's own --workdir"
                     )
-                state, warmed = warm_start.warm_start(state, eng, config, dataset), True
+                state, warmed = warm_start.warm_start(eng, config, dataset), True
+            else:
+                state = eng.init_state()
             state = with_train_rates(state, eng, config, train_examples)
         else:
             if ws is not None and ws.workdir:

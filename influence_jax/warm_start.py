@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from influence_jax import engine, optim, scoring, sparse
+from influence_jax import engine, optim, scoring
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import NUM_RESERVED, Schema
 from influence_jax.errors import ConfigError, DataError
@@ -87,8 +87,15 @@ def _remap(table, source, at, found):
     return jnp.where(found[:, None], jnp.take(source, at, axis=0), table)
 
 
-def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) -> Any:
-    """`state` (a fresh one) with its parameters from `config.warm_start.workdir` (module doc)."""
+def warm_start(eng: engine.Engine, config: Any, dataset: Dataset) -> Any:
+    """A state that has not trained yet (`eng.init_state`'s optimizer state, random key and
+    step) around parameters from `config.warm_start.workdir` (module doc).
+
+    Memory: beside the new parameters the devices hold the source run's (while its checkpoint
+    is read, its trained values and moving average both) and no more: each new table is
+    donated to the gather that fills it, each source table freed once copied, and the
+    optimizer's state is made after the copy, when the source run's parameters are gone.
+    """
     ws = config.warm_start
     try:
         src = scoring.load_run(ws.workdir, step=ws.step)
@@ -103,7 +110,7 @@ def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) ->
     flat_src = {
         jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(src.params)
     }
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(eng.init_params())
     shardings = jax.tree_util.tree_leaves(eng.param_shardings)
     missing = [jax.tree_util.keystr(p) for p, _ in flat if jax.tree_util.keystr(p) not in flat_src]
     extra = sorted(set(flat_src) - {jax.tree_util.keystr(p) for p, _ in flat})
@@ -120,6 +127,7 @@ def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) ->
         same = source.shape[1:] == leaf.shape[1:] and source.dtype == leaf.dtype
         if key.startswith(optim.FROZEN_PREFIX):
             out.append(leaf)  # counted from this run's train split (train.with_train_rates)
+            source.delete()
         elif not same or (vocab is None and source.shape != leaf.shape):
             raise ConfigError(
                 f"{where}: parameter {name} is {source.dtype}{list(source.shape)} there and "
@@ -135,15 +143,13 @@ def warm_start(state: Any, eng: engine.Engine, config: Any, dataset: Dataset) ->
                 jax.make_array_from_callback(x.shape, rows, lambda i, x=x: x[i])
                 for x in (at, found)
             )
-            out.append(jax.jit(_remap, out_shardings=sh)(leaf, source, at, found))
+            out.append(jax.jit(_remap, out_shardings=sh, donate_argnums=0)(leaf, source, at, found))
+            source.delete()
         else:
             out.append(jax.device_put(source, sh))
     params = jax.tree_util.tree_unflatten(treedef, out)
     for name, (hit, total) in matched.items():
         logging.info("warm start: %s: %d of %d ids have the source run's rows", name, hit, total)
     logging.info("warm start from %s: %d parameters", where, len(out))
-    ema = state.ema  # a moving average (config.opt.ema_decay) starts at them too (own buffers)
-    if ema is not None:
-        copy = lambda x: jnp.array(x, copy=True)
-        ema = jax.tree_util.tree_map(copy, sparse.without(params, eng.sparse_vocabs))
-    return state.replace(params=params, ema=ema)
+    # A moving average (config.opt.ema_decay) starts at them too, in buffers of its own.
+    return eng.state_from(params)

@@ -1,8 +1,10 @@
 """Warm start (config.warm_start): a run on a log prepared again starts from another run's
 parameters, embedding rows matched by raw id."""
 
+import gc
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -49,7 +51,12 @@ def _config(path, **extra):
     return helpers.tiny_config(**{**OVER, "data.path": path, **extra})
 
 
-def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_path):
+def _live_bytes() -> int:
+    gc.collect()  # arrays only a reference cycle still holds are garbage, not memory in use
+    return sum(x.nbytes for x in jax.live_arrays())
+
+
+def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_path, monkeypatch):
     a, b = _logs(tmp_path)
     src_dir = str(tmp_path / "yesterday")
     train.train_and_evaluate(_config(a, **{"opt.ema_decay": 0.9}), src_dir)
@@ -59,7 +66,29 @@ def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_
     dataset = Dataset(b, config.data)
     eng = engine.setup(config, dataset.schema)
     init = eng.init_state()
-    state = warm_start.warm_start(init, eng, config, dataset)
+    # What the warm start holds on the devices before each table's copy: the new parameters
+    # and the source run's, not the optimizer's state as well (made once the source is gone).
+    held, before = [], _live_bytes()
+    row_sources = warm_start.row_sources
+    monkeypatch.setattr(
+        warm_start,
+        "row_sources",
+        lambda *args: held.append(_live_bytes() - before) or row_sources(*args),
+    )
+    state = warm_start.warm_start(eng, config, dataset)
+    monkeypatch.undo()
+    size = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+    tables = [
+        p for p, _ in jax.tree_util.tree_leaves_with_path(init.params)
+        if warm_start.table_vocab(str(p[-1].key), dataset.schema)
+    ]  # fmt: skip
+    assert len(held) == len(tables) > 1, held
+    assert max(held) <= size(init.params) + size(src.params) + 1024, held
+    assert held[-1] < held[0]  # each source table freed once copied
+    # The state around them has not trained: the optimizer's state and key of a fresh one.
+    helpers.assert_trees_equal(state.opt_state, init.opt_state)
+    np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(init.rng))
+    assert int(state.step) == 0
 
     new_items, old_items = dataset.id_maps, src.dataset.id_maps
     table = np.asarray(state.params["embeddings"]["embed_item_id"])
@@ -108,23 +137,20 @@ def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_
     # A moving average starts at the warm parameters, not at the random ones.
     averaged = _config(b, **{"warm_start.workdir": src_dir, "opt.ema_decay": 0.9})
     eng_a = engine.setup(averaged, dataset.schema)
-    warm = warm_start.warm_start(eng_a.init_state(), eng_a, averaged, dataset)
+    warm = warm_start.warm_start(eng_a, averaged, dataset)
     helpers.assert_trees_equal(warm.eval_params(), warm.params)
 
     # Another model, other sizes, no such run: one error naming the field.
     other = _config(b, **{"warm_start.workdir": src_dir, "model.extractors": ("din", "dnn")})
     with pytest.raises(ConfigError, match=r"warm_start\.workdir=.*its model is not this config"):
-        warm_start.warm_start(
-            engine.setup(other, dataset.schema).init_state(),
-            engine.setup(other, dataset.schema), other, dataset,
-        )  # fmt: skip
+        warm_start.warm_start(engine.setup(other, dataset.schema), other, dataset)
     wide = _config(b, **{"warm_start.workdir": src_dir, "model.embed_dim": 16})
     eng_w = engine.setup(wide, dataset.schema)
     with pytest.raises(ConfigError, match=r"parameter \[.*there and .*same model and sizes"):
-        warm_start.warm_start(eng_w.init_state(), eng_w, wide, dataset)
+        warm_start.warm_start(eng_w, wide, dataset)
     none = _config(b, **{"warm_start.workdir": str(tmp_path / "nothing")})
     with pytest.raises(ConfigError, match=r"config\.warm_start\.workdir=.*nothing"):
-        warm_start.warm_start(init, eng, none, dataset)
+        warm_start.warm_start(eng, none, dataset)
 
 
 def test_a_bad_warm_start_step_names_the_field():
