@@ -28,7 +28,9 @@ def get_config():
     # The behaviour type is the rating value (r1..r5): extractors need to read it, not only
     # its gate, to learn what a user's past ratings say about the next one.
     config.model.type_embedding = True
-    config.model.extractors = ("din", "dnn", "cnn", "match")  # + gated exact-match counts
+    # + gated exact-match counts. Without "rates" (the label's train rates per id): mean best
+    # validation AUC over seeds 0-2 (2026-12-07) 0.7461 without, 0.7458 with.
+    config.model.extractors = ("din", "dnn", "cnn", "match")
     config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.loop.num_steps = 500  # about 3 epochs of the train split (more overfits)

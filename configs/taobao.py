@@ -33,6 +33,10 @@ def get_config():
     # and stays a variant of the quality table: the config keeps the sequence extractors,
     # whose attention gives each past event's influence.
     config.model.extractors = ("din", "dnn", "cnn", "match", "rates")
+    # The extractors also read the behaviour type's embedding (a page view, a favourite, a
+    # cart of one item are different events, which a gate can only scale): mean best
+    # validation AUC over seeds 0-2 (2026-12-07) 0.923 with, 0.906 without.
+    config.model.type_embedding = True
     config.model.output_bias = "prior"  # start at the train split's log-odds
     config.opt.learning_rate = 1e-3  # peak learning rate
     config.opt.warmup_steps = 30  # linear warm-up, steps
