@@ -13,6 +13,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pyarrow as pa
@@ -20,7 +21,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from influence_jax import checkpoint, hostmem, ranking, scoring, sharding
+from influence_jax import checkpoint, engine, hostmem, ranking, scoring, sharding
 from influence_jax.data import pipeline, prepare, readers
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import DataError
@@ -142,6 +143,34 @@ def test_scores_in_blocks_equal_whole_batch_scores(run):
     np.testing.assert_allclose(sharding.to_host(got), want, rtol=0, atol=1e-6)
     odd = run.engine.score_fn(rows=5)  # 16 rows a device: not a multiple, one block
     assert "while" not in odd.lower(run.params, batch).as_text()
+
+
+def test_cpu_blocks_fit_the_models_widest_value_to_the_cache(run, monkeypatch):
+    """By default a CPU device scores the power of two of rows nearest to those whose largest
+    value fills a core's level-2 cache (engine.block_rows), within [16, 1024]."""
+    assert engine.block_rows(9_600, 1 << 20) == 128  # the default ranker on a 1 MiB cache
+    assert engine.block_rows(20_808, 1 << 20) == 64  # the full one (bst's attention weights)
+    assert engine.block_rows(20_808, 2 << 20) == 128
+    assert engine.block_rows(10, 1 << 20) == engine.CPU_SCORE_ROWS
+    assert engine.block_rows(1e9, 1 << 20) == engine.CPU_MIN_SCORE_ROWS
+    assert engine.block_rows(0, 1 << 20) == engine.CPU_SCORE_ROWS  # no estimate
+    assert engine.l2_cache_bytes() >= 1 << 16
+    # The largest value per example, [10, 7] floats here; values of parameters alone count 0.
+    f = lambda p, b: jnp.sum(b["x"][:, :, None] * p["w"], -1) + jnp.sum(p["big"] * 2.0)
+    p = {"w": jnp.ones((10, 7)), "big": jnp.ones((1000, 100))}
+    assert engine.widest_row_bytes(f, p, {"x": jnp.ones((3, 10))}) == 10 * 7 * 4
+
+    store = ExampleStore(run.data_path, "test", run.schema)
+    d = run.mesh.shape[sharding.DATA]
+    batch = store.gather(np.arange(32 * d) % len(store))
+    batch = sharding.to_global({k: batch[k] for k in ("user", "item", "hist")}, run.mesh)
+    want = sharding.to_host(run.engine.score_fn(rows=0)(run.params, batch))
+    auto = run.engine.score_fn()  # this machine's cache: 32 rows a device fit in one block
+    assert "while" not in auto.lower(run.params, batch).as_text()
+    monkeypatch.setattr(engine, "l2_cache_bytes", lambda: 1)  # a tiny cache: 2 blocks of 16
+    small = run.engine.score_fn()
+    assert "while" in small.lower(run.params, batch).as_text()
+    np.testing.assert_allclose(sharding.to_host(small(run.params, batch)), want, rtol=0, atol=1e-6)
 
 
 def test_ranked_scores_equal_eval_scores_of_each_users_latest_example(run, tmp_path):
