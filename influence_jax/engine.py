@@ -251,12 +251,12 @@ def widest_row_bytes(fn: Callable, params: Any, batch: dict[str, Any]) -> float:
     Values whose size does not grow with the rows (parameters, tables) count 0."""
     shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     abstract = jax.tree_util.tree_map(shape, params)
+    size = lambda a: getattr(a, "size", 0) * getattr(getattr(a, "dtype", None), "itemsize", 0)
     sizes = []
     for n in (8, 16):
         rows = {k: jax.ShapeDtypeStruct((n, *v.shape[1:]), v.dtype) for k, v in batch.items()}
         eqns = jax.make_jaxpr(fn)(abstract, rows).jaxpr.eqns
-        nbytes = lambda e: sum(np.prod(v.aval.shape) * v.aval.dtype.itemsize for v in e.outvars)
-        sizes.append([nbytes(e) for e in eqns])
+        sizes.append([sum(size(v.aval) for v in e.outvars) for e in eqns])
     if len(sizes[0]) != len(sizes[1]):  # traced differently at the two sizes: no estimate
         return 0.0
     return float(max((b - a for a, b in zip(*sizes, strict=True)), default=0)) / 8

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from influence_jax import config_check, engine, scoring, train, warm_start
+from influence_jax import config_check, engine, scoring, sparse, train, warm_start
 from influence_jax.data.dataset import Dataset
 from influence_jax.errors import ConfigError
 from tests import helpers
@@ -139,6 +139,12 @@ def test_a_warm_start_copies_the_model_and_matches_embedding_rows_by_raw_id(tmp_
     eng_a = engine.setup(averaged, dataset.schema)
     warm = warm_start.warm_start(eng_a, averaged, dataset)
     helpers.assert_trees_equal(warm.eval_params(), warm.params)
+    pointer = lambda x: x.addressable_shards[0].data.unsafe_buffer_pointer()
+    kept = jax.tree_util.tree_leaves(sparse.without(warm.params, eng_a.sparse_vocabs))
+    assert all(
+        pointer(a) != pointer(b)
+        for a, b in zip(kept, jax.tree_util.tree_leaves(warm.ema), strict=True)
+    )  # buffers of its own: the train step donates both
 
     # Another model, other sizes, no such run: one error naming the field.
     other = _config(b, **{"warm_start.workdir": src_dir, "model.extractors": ("din", "dnn")})
