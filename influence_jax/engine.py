@@ -357,7 +357,10 @@ class Engine:
             return jax.nn.sigmoid(logit_B)
 
         def blocked(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-            r = rows if rows is not None or not cpu else block_rows_for(score, params, batch)
+            r = rows
+            if r is None and cpu:  # no estimate where a device's share is one block anyway
+                share = jax.tree_util.tree_leaves(batch)[0].shape[0] // d
+                r = block_rows_for(score, params, batch) if share >= 2 * CPU_MIN_SCORE_ROWS else 0
             return by_blocks(params, batch, r or 0)
 
         def by_blocks(params: Any, batch: dict[str, jax.Array], rows: int) -> jax.Array:

@@ -171,6 +171,11 @@ def test_cpu_blocks_fit_the_models_widest_value_to_the_cache(run, monkeypatch):
     small = run.engine.score_fn()
     assert "while" in small.lower(run.params, batch).as_text()
     np.testing.assert_allclose(sharding.to_host(small(run.params, batch)), want, rtol=0, atol=1e-6)
+    # A share of fewer than two blocks of the fewest rows is scored whole, without an estimate.
+    monkeypatch.setattr(engine, "widest_row_bytes", lambda *a: pytest.fail("estimated"))
+    half = store.gather(np.arange(16 * d) % len(store))
+    half = sharding.to_global({k: half[k] for k in ("user", "item", "hist")}, run.mesh)
+    assert "while" not in run.engine.score_fn().lower(run.params, half).as_text()
 
 
 def test_ranked_scores_equal_eval_scores_of_each_users_latest_example(run, tmp_path):
