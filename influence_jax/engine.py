@@ -263,8 +263,11 @@ def widest_row_bytes(fn: Callable, params: Any, batch: dict[str, Any]) -> float:
 
 
 def block_rows_for(fn: Callable, params: Any, batch: dict[str, Any]) -> int:
-    """`block_rows` for `fn(params, batch)` on this machine's CPU (logged)."""
-    row_bytes, cache = widest_row_bytes(fn, params, batch), l2_cache_bytes()
+    """`block_rows` for `fn(params, batch)` on this machine's CPU (logged). With several
+    processes every one assumes the default cache: they must compile the same program, and
+    their hosts' caches may differ."""
+    cache = l2_cache_bytes() if jax.process_count() == 1 else _L2_DEFAULT
+    row_bytes = widest_row_bytes(fn, params, batch)
     rows = block_rows(row_bytes, cache)
     logging.info(
         "scoring %d rows at a time on each CPU device (largest value %.1f KB an example, "
