@@ -360,21 +360,17 @@ class Engine:
             return jax.nn.sigmoid(logit_B)
 
         def blocked(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-            r = rows
-            if r is None and cpu:  # no estimate where a device's share is one block anyway
-                share = jax.tree_util.tree_leaves(batch)[0].shape[0] // d
-                r = block_rows_for(score, params, batch) if share >= 2 * CPU_MIN_SCORE_ROWS else 0
-            return by_blocks(params, batch, r or 0)
-
-        def by_blocks(params: Any, batch: dict[str, jax.Array], rows: int) -> jax.Array:
             B = jax.tree_util.tree_leaves(batch)[0].shape[0]
-            n = B // d // rows if rows else 0
-            if n < 2 or B != n * d * rows:
+            r = rows or 0
+            if rows is None and cpu and B // d >= 2 * CPU_MIN_SCORE_ROWS:  # else one block
+                r = block_rows_for(score, params, batch)
+            n = B // d // r if r else 0
+            if n < 2 or B != n * d * r:
                 return score(params, batch)
             blocks = row_blocks(batch, d, n)
             keep = lambda b: jax.lax.with_sharding_constraint(b, self.batch_sharding)
-            prob = jax.lax.map(lambda b: score(params, keep(b)), blocks)  # [n, d * rows, ...]
-            prob = jnp.swapaxes(prob.reshape(n, d, rows, *prob.shape[2:]), 0, 1)
+            prob = jax.lax.map(lambda b: score(params, keep(b)), blocks)  # [n, d * r, ...]
+            prob = jnp.swapaxes(prob.reshape(n, d, r, *prob.shape[2:]), 0, 1)
             return prob.reshape(B, *prob.shape[3:])
 
         return self.jit_scoring(blocked)
