@@ -1,0 +1,245 @@
+"""A trained run exported for online serving: loadable with jax and numpy alone.
+
+`export_run` writes a folder (tools/export_model.py):
+
+- `model.jax`: the run's scoring function `score(params, user, item, hist) -> prob`, serialized
+  by `jax.export` (StableHLO and its calling convention) with a symbolic batch size `b`, for the
+  platforms asked for (a program lowered for several dispatches on the one it runs on);
+- `params.npz`: the parameters (the moving average where the run keeps one, as evaluation and
+  ranking read it), `p00000`, `p00001`, ... in the order the program takes them;
+- `vocab/<name>.npy` or `.json`: the raw ids of each vocabulary the inputs index (copied from
+  the prepared dataset), index = 2 + position in the file;
+- `signature.json`: the inputs' fields, dtypes and shapes, the id conventions (padding 0,
+  OOV 1, behaviour types, time-gap buckets), the parameters' names and dtypes, the run (workdir,
+  step, model, objective) and the JAX version;
+- `check.npz`: a few rows of the test split (`user`, `item`, `hist`) with the probabilities the
+  engine's own scoring function gives them (`prob`): a serving port checks itself against them.
+
+The probabilities are those of `rank.py` and `evaluate.py` for the same rows
+(tests/test_serving.py). Loading, with nothing of this package (docs/serving.md):
+
+    exp = jax.export.deserialize(open(f"{path}/model.jax", "rb").read())
+    prob = exp.call(params, user, item, hist)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence_jax import files, scoring
+from influence_jax.data.history import gap_column, gap_seconds
+from influence_jax.data.schema import NUM_RESERVED, OOV_ID, Schema
+from influence_jax.data.store import ExampleStore
+from influence_jax.data.vocab import Vocab
+from influence_jax.errors import DataError
+
+MODEL_FILE = "model.jax"
+PARAMS_FILE = "params.npz"
+SIGNATURE_FILE = "signature.json"
+CHECK_FILE = "check.npz"
+VOCAB_DIR = "vocab"
+FORMAT = 1
+INPUTS = ("user", "item", "hist")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+CHECK_ROWS = 16
+
+
+def check_platforms(platforms: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The platforms to lower for, validated; DataError naming a bad one."""
+    bad = [p for p in platforms if p not in PLATFORMS]
+    if bad or not platforms or len(set(platforms)) != len(platforms):
+        what = f"{bad} unknown" if bad else "none given" if not platforms else "a repeat"
+        raise DataError(f"--platforms: {what}; choose from {list(PLATFORMS)}")
+    return tuple(platforms)
+
+
+def input_specs(schema: Schema, batch: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The ShapeDtypeStructs of (user, item, hist) for `batch` rows (an int or a symbol)."""
+    widths = {
+        "user": (len(schema.user_fields),),
+        "item": (len(schema.item_fields),),
+        "hist": (schema.max_len, len(schema.hist_fields)),
+    }
+    return tuple(jax.ShapeDtypeStruct((batch, *widths[k]), jnp.int32) for k in INPUTS)
+
+
+def exported(run: scoring.Run, platforms: tuple[str, ...]) -> Any:
+    """The run's scoring function as a `jax.export.Exported` with a symbolic batch size."""
+    leaves, treedef = jax.tree_util.tree_flatten(run.params)
+    model = run.model
+
+    def score(flat: list[jax.Array], user, item, hist) -> jax.Array:
+        params = jax.tree_util.tree_unflatten(treedef, flat)
+        batch = {"user": user, "item": item, "hist": hist}
+        logit_B, _ = model.apply({"params": params}, batch, train=False)
+        return jax.nn.sigmoid(logit_B)
+
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    (b,) = jax.export.symbolic_shape("b")
+    return jax.export.export(jax.jit(score), platforms=platforms)(
+        specs, *input_specs(run.schema, b)
+    )
+
+
+def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, Any]:
+    """How raw values become the inputs' ids, per vocabulary the inputs index."""
+    out: dict[str, Any] = {}
+    vocabs = {f.vocab for f in (*schema.user_fields, *schema.item_fields, *schema.hist_fields)}
+    for v in sorted(vocabs):
+        if v in copied:
+            out[v] = {
+                "file": copied[v],
+                "rule": f"{NUM_RESERVED} + the raw id's position in the file; {OOV_ID} (OOV) for "
+                "an id not in it",
+            }
+        elif v == "behaviour":
+            out[v] = {
+                "types": {t: NUM_RESERVED + k for k, t in enumerate(schema.behaviour_types)},
+                "rule": "the event's behaviour type's id",
+            }
+        elif v == "time_gap":
+            base = int(gap_seconds(schema, np.array([NUM_RESERVED + 1]))[0])
+            top = schema.vocab_sizes[v] - NUM_RESERVED - 1
+            low = f"{OOV_ID} for a gap <= 0" if base == 2 else "a gap under 1 s counts as 1 s"
+            out[v] = {
+                "rule": f"{NUM_RESERVED} + min(floor(log_{base}(seconds)), {top}) for the "
+                "seconds from the event to the candidate's time (a history holds only events "
+                f"before it); {low}",
+                "base": base,
+            }
+        elif synthetic:
+            out[v] = {"rule": f"{NUM_RESERVED} + the raw id (synthetic data: ids 0..n-1)"}
+        else:
+            raise DataError(f"vocabulary {v}: no raw ids saved and no fixed rule; cannot export")
+    return out
+
+
+def signature(
+    run: scoring.Run, exp: Any, copied: dict[str, str], names: list[str], synthetic: bool
+) -> dict[str, Any]:
+    s = run.schema
+    fields = lambda fs: [{"name": f.name, "vocab": f.vocab} for f in fs]
+    gap = gap_column(s.hist_fields)
+    return {
+        "format": FORMAT,
+        "run": {
+            "workdir": run.workdir,
+            "step": run.step,
+            "model": run.config.model.name,
+            "objective": run.objective_head,
+            "dataset": s.name,
+        },
+        "jax_version": jax.__version__,
+        "platforms": list(exp.platforms),
+        "call": "exp.call(params, user, item, hist) -> prob",
+        "inputs": {
+            "user": {
+                "dtype": "int32",
+                "shape": ["b", len(s.user_fields)],
+                "fields": fields(s.user_fields),
+            },
+            "item": {
+                "dtype": "int32",
+                "shape": ["b", len(s.item_fields)],
+                "fields": fields(s.item_fields),
+            },
+            "hist": {
+                "dtype": "int32",
+                "shape": ["b", s.max_len, len(s.hist_fields)],
+                "fields": fields(s.hist_fields),
+                "order": f"the user's {s.max_len} most recent events strictly before the "
+                "candidate's time, most recent first; empty slots all 0 (padding)",
+                "time_gap_field": gap,
+            },
+        },  # fmt: skip
+        "output": {"prob": {"dtype": "float32", "shape": ["b"]}},
+        "ids": {"padding": 0, "oov": OOV_ID, "vocabularies": _ids(s, synthetic, copied)},
+        "params": {
+            "file": PARAMS_FILE,
+            "arrays": [
+                {"key": f"p{i:05d}", "name": n, "dtype": str(a.dtype), "shape": list(a.shape)}
+                for i, (n, a) in enumerate(zip(names, exp.in_avals[: len(names)], strict=True))
+            ],
+        },
+        "check": {"file": CHECK_FILE, "rows": None},
+    }
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A parameter as a numpy array npz can hold (dtypes numpy lacks as unsigned integers of
+    their width; signature.json names the dtype, `.view` restores it)."""
+    a = np.asarray(jax.device_get(x))
+    if a.dtype.kind not in "biuf" or a.dtype.type.__module__ != "numpy":
+        a = a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
+    return a
+
+
+def _check_rows(run: scoring.Run, n: int) -> dict[str, np.ndarray]:
+    """The first `n` rows of the test split (valid, train: the first that has rows) and the
+    engine's probabilities for them."""
+    for split in ("test", "valid", "train"):
+        if split in run.schema.splits and run.schema.splits[split]["rows"]:
+            break
+    else:
+        raise DataError(f"{run.data_path}: no split has rows to check the export on")
+    store = ExampleStore(run.data_path, split, run.schema)
+    n = min(n, len(store))
+    gather = lambda idx: {k: v for k, v in store.gather(idx).items() if k in INPUTS}
+    fn = scoring.make_score_fn(run)
+    prob = scoring.batched(fn, run, n, gather, scoring.global_batch(run, n))
+    rows = gather(np.arange(n))
+    return {**rows, "prob": np.asarray(prob, np.float32), "split": np.array(split)}
+
+
+def export_run(run: scoring.Run, output: str, platforms: tuple[str, ...] = ("cpu",)) -> dict:
+    """Writes the serving folder of `run` to `output` (atomically; module doc); returns its
+    signature."""
+    if jax.process_count() > 1:
+        raise DataError("export runs in one process; run it without JAX_NUM_PROCESSES")
+    exp = exported(run, check_platforms(platforms))
+    flat, _ = jax.tree_util.tree_flatten_with_path(run.params)
+    names = [jax.tree_util.keystr(p) for p, _ in flat]
+    synthetic = run.dataset.id_maps.synthetic
+    check = _check_rows(run, CHECK_ROWS)
+    with files.atomic_folder(output) as tmp:
+        copied = {}
+        vocabs = {f.vocab for f in (*run.schema.user_fields, *run.schema.item_fields)}
+        vocabs |= {f.vocab for f in run.schema.hist_fields}
+        for v in sorted(vocabs):
+            if not synthetic and Vocab.exists(run.data_path, v):
+                os.makedirs(os.path.join(tmp, VOCAB_DIR), exist_ok=True)
+                for ext in (".npy", ".json"):
+                    src = os.path.join(run.data_path, VOCAB_DIR, v + ext)
+                    if os.path.exists(src):
+                        shutil.copyfile(src, os.path.join(tmp, VOCAB_DIR, v + ext))
+                        copied[v] = f"{VOCAB_DIR}/{v}{ext}"
+        sig = signature(run, exp, copied, names, synthetic)
+        sig["check"]["rows"], sig["check"]["split"] = len(check["prob"]), str(check.pop("split"))
+        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
+            f.write(exp.serialize())
+        arrays = {f"p{i:05d}": _host(x) for i, (_, x) in enumerate(flat)}
+        np.savez(os.path.join(tmp, PARAMS_FILE), **arrays)
+        np.savez(os.path.join(tmp, CHECK_FILE), **check)
+        files.write_json(os.path.join(tmp, SIGNATURE_FILE), sig)
+    return sig
+
+
+def load(path: str):
+    """(score, signature) of an exported folder: `score(user, item, hist) -> prob` as numpy,
+    the program and parameters loaded with jax and numpy alone (the recipe of docs/serving.md)."""
+    import json
+
+    with open(os.path.join(path, SIGNATURE_FILE)) as f:
+        sig = json.load(f)
+    with open(os.path.join(path, MODEL_FILE), "rb") as f:
+        exp = jax.export.deserialize(bytearray(f.read()))
+    with np.load(os.path.join(path, PARAMS_FILE)) as npz:
+        params = [npz[p["key"]].view(jnp.dtype(p["dtype"])) for p in sig["params"]["arrays"]]
+    params = [jax.device_put(p) for p in params]
+    return (lambda user, item, hist: np.asarray(exp.call(params, user, item, hist))), sig

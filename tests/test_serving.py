@@ -1,0 +1,179 @@
+"""Export for online serving (influence_jax/serving.py, tools/export_model.py): the exported
+program, loaded with jax and numpy alone as docs/serving.md shows, gives the engine's
+probabilities at any batch size and for every model; the vocabularies and id rules it carries
+map raw ids as the dataset does; bad settings are refused and leave nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from influence_jax import scoring, serving
+from influence_jax.data import synthetic
+from influence_jax.data.dataset import Dataset
+from influence_jax.data.store import ExampleStore
+from influence_jax.errors import DataError
+from tests import helpers
+
+DOC = os.path.join(helpers.ROOT, "docs", "serving.md")
+
+
+def _documented_loader() -> str:
+    with open(DOC) as f:
+        text = f.read()
+    block = re.search(
+        r"<!-- serving:load -->\n```python\n(.*?)```\n<!-- /serving:load -->", text, re.S
+    )
+    assert block, f"{DOC}: no loading block between the serving:load markers"
+    return block.group(1)
+
+
+def _engine_probs(run, rows: dict[str, np.ndarray]) -> np.ndarray:
+    n = len(rows["user"])
+    gather = lambda idx: {k: rows[k][idx] for k in serving.INPUTS}
+    fn = scoring.make_score_fn(run)
+    return scoring.batched(fn, run, n, gather, scoring.global_batch(run, n))
+
+
+def test_the_documented_loader_scores_as_the_engine_without_this_package(run, tmp_path, jax_cache):
+    out = tmp_path / "serve"
+    sig = serving.export_run(run, str(out))
+    assert sorted(os.listdir(out)) == ["check.npz", "model.jax", "params.npz", "signature.json"]
+    assert sig["run"]["step"] == run.step and sig["platforms"] == ["cpu"]
+    assert sig["inputs"]["hist"]["shape"] == ["b", run.schema.max_len, len(run.schema.hist_fields)]
+    assert len(sig["params"]["arrays"]) == len(__import__("jax").tree_util.tree_leaves(run.params))
+    # Rows the export has not seen, at batch sizes the program was not traced at.
+    store = ExampleStore(run.data_path, "valid", run.schema)
+    rows = {k: v for k, v in store.gather(np.arange(37)).items() if k in serving.INPUTS}
+    np.savez(tmp_path / "rows.npz", **rows)
+    script = (
+        f"path = {str(out)!r}\n"
+        + _documented_loader()
+        + (
+            "import sys\n"
+            "assert not [m for m in sys.modules if m.startswith(('influence_jax', 'flax'))]\n"
+            f"rows = np.load({str(tmp_path / 'rows.npz')!r})\n"
+            "got = [np.asarray(exp.call(params, *(rows[k][:n] for k in ('user', 'item', 'hist'))))"
+            " for n in (1, 5, 37)]\n"
+            f"np.savez({str(tmp_path / 'got.npz')!r}, *got, doc=prob)\n"
+        )
+    )
+    env = helpers.subprocess_env(jax_cache, devices=1)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120 * helpers.HANG_FACTOR,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = _engine_probs(run, rows)
+    with np.load(tmp_path / "got.npz") as got, np.load(out / "check.npz") as check:
+        for i, n in enumerate((1, 5, 37)):
+            np.testing.assert_allclose(got[f"arr_{i}"], want[:n], atol=1e-6)
+        np.testing.assert_allclose(got["doc"], check["prob"], atol=1e-6)
+        assert check["prob"].shape == (serving.CHECK_ROWS,) and len(set(check["prob"])) > 1
+        # check.npz holds the engine's probabilities of the test split's first rows.
+        test = ExampleStore(run.data_path, "test", run.schema).gather(np.arange(16))
+        np.testing.assert_array_equal(check["hist"], test["hist"])
+        np.testing.assert_allclose(check["prob"], _engine_probs(run, test), atol=1e-6)
+
+
+MODELS = {
+    "seed_cnn": {"model.name": "seed_cnn"},
+    "ranker, every extractor": {
+        "model.extractors": ("din", "dnn", "cnn", "bst", "match", "rates"),
+        "model.type_embedding": True,
+    },
+    "multitask": {
+        "data.synthetic.task": "conversion",
+        "data.synthetic.heads": {
+            "engage": {"pv": 1.0, "cart": 0.6, "fav": 0.35, "buy": 0.15},
+            "buy": {"pv": 0.15, "cart": 1.0, "fav": 0.6, "buy": 0.35},
+        },
+        "model.name": "multitask",
+        "model.multitask.objective": "engage",
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_exports_and_scores_as_the_engine(name, tmp_path, tiny_data):
+    config = helpers.tiny_config(**MODELS[name])
+    if "multitask" in name:
+        path = str(tmp_path / "data")
+        synthetic.ensure(config.data.synthetic, path)
+    else:
+        path = tiny_data[1]
+    run = scoring.make_run(config, path)
+    out = str(tmp_path / "serve")
+    # Lowered for a GPU too (one program for both; it dispatches on the CPU here).
+    platforms = ("cpu", "cuda") if name == "seed_cnn" else ("cpu",)
+    sig = serving.export_run(run, out, platforms)
+    assert sig["platforms"] == list(platforms) and sig["run"]["model"] == config.model.name
+    score, _ = serving.load(out)
+    with np.load(os.path.join(out, "check.npz")) as check:
+        prob = score(check["user"], check["item"], check["hist"])
+        np.testing.assert_allclose(prob, check["prob"], atol=1e-6)
+        rows = {k: check[k] for k in serving.INPUTS}
+    np.testing.assert_allclose(prob, _engine_probs(run, rows), atol=1e-6)
+    if name == "multitask":  # the run's objective: the engage head's probability, not buy's
+        assert sig["run"]["objective"] == "engage"
+
+
+def test_vocabularies_and_id_rules_map_raw_ids_as_the_dataset(tmp_path):
+    text = helpers.random_log(20, 60, 1500, seed=5)
+    data = str(tmp_path / "data")
+    helpers.prepare_log(
+        helpers.write(tmp_path / "log.csv", text), data, valid_start=1060, test_start=1080,
+        max_len=5, neg_ratio=2,
+    )  # fmt: skip
+    run = scoring.make_run(helpers.tiny_config(), data)
+    out = tmp_path / "serve"
+    sig = serving.export_run(run, str(out))
+    vocabs = sig["ids"]["vocabularies"]
+    assert set(vocabs) == {"user_id", "item_id", "category", "behaviour", "time_gap"}
+    assert vocabs["behaviour"]["types"] == {"pv": 2, "cart": 3, "fav": 4, "buy": 5}
+    assert vocabs["time_gap"]["base"] == 2
+    dataset = Dataset(data, run.config.data)
+    for v in ("user_id", "item_id", "category"):
+        keys = np.load(out / vocabs[v]["file"])
+        raw = np.array([0, 1, 7, 33, 59, 1000])  # some ids the log has, some it has not
+        pos = {k: i for i, k in enumerate(keys.tolist())}
+        ids = np.array([2 + pos[r] if r in pos else 1 for r in raw.tolist()])
+        np.testing.assert_array_equal(ids, dataset.id_maps.lookup(v, raw))
+        assert (ids > 1).any() and (ids == 1).any()
+
+
+def test_export_cli_writes_the_folder_and_reports_the_check(run_dir, tmp_path):
+    out = tmp_path / "serve"
+    done = helpers.run_tool("export_model", f"--workdir={run_dir}", f"--output={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    diff = float(re.search(r"largest difference from the engine (\S+)$", line).group(1))
+    assert diff <= 1e-6 and "check on 16 test rows" in line
+    sig = json.loads((out / "signature.json").read_text())
+    assert sig["run"]["workdir"] == os.path.abspath(run_dir)
+    # A folder of the user's own is not replaced; a bad platform is one line; nothing written.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    done = helpers.run_tool("export_model", f"--workdir={run_dir}", f"--output={mine}")
+    assert done.returncode != 0 and "not this tool's output" in done.stderr
+    assert os.listdir(mine) == ["notes.txt"]
+    bad = tmp_path / "bad"
+    done = helpers.run_tool(
+        "export_model", f"--workdir={run_dir}", f"--output={bad}", "--platforms=cpu,gpu"
+    )
+    assert done.returncode != 0 and "--platforms: ['gpu'] unknown" in done.stderr
+    assert "Traceback" not in done.stderr and not bad.exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_bad_platforms_are_refused():
+    for platforms, match in (((), "none given"), (("cpu", "cpu"), "a repeat"), (("gpu",), "gpu")):
+        with pytest.raises(DataError, match=match):
+            serving.check_platforms(platforms)

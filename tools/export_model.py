@@ -1,0 +1,68 @@
+"""Exports a trained run's scoring function for online serving: a folder that jax and numpy
+alone load and call, without this package or the model's code (docs/serving.md).
+
+    python tools/export_model.py --workdir=runs/demo --output=runs/demo/serving
+    python tools/export_model.py --workdir=runs/taobao --data=.prepared/taobao --step=best \
+      --output=serving/taobao --platforms=cpu,cuda
+
+--output (replaced atomically) holds model.jax (jax.export: StableHLO with a symbolic batch
+size, lowered for each of --platforms), params.npz, vocab/ (the raw ids of the inputs'
+vocabularies), signature.json (inputs, id conventions, parameters, the run) and check.npz (test
+rows with the engine's own probabilities for them). A multi-task run exports its objective
+(--objective, as rank.py). Prints the signature's summary and the check's largest difference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from influence_jax import cli, files, lazy  # noqa: E402
+
+# Loaded on first use (JAX, Orbax: seconds), after absl has parsed the flags.
+scoring = lazy.module("influence_jax.scoring")
+serving = lazy.module("influence_jax.serving")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json, checkpoints/).")
+_DATA = flags.DEFINE_string("data", None, "Prepared dataset folder (default: the run's own).")
+_OUTPUT = flags.DEFINE_string("output", None, "The serving folder to write (replaced whole).")
+_STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, best or latest.")
+_OBJECTIVE = flags.DEFINE_string(
+    "objective", "", "A multi-task run's head (or weighted heads, as rank.py) to export."
+)
+_PLATFORMS = flags.DEFINE_list(
+    "platforms", ["cpu"], "Platforms to lower for: cpu, cuda, rocm, tpu (several: one program)."
+)
+flags.mark_flags_as_required(["workdir", "output"])
+
+# The files that mark a folder this tool wrote (it may replace only such a folder).
+MARKS = ("signature.json", "model.jax")
+
+
+def _export() -> None:
+    files.check_output(_OUTPUT.value, "output", folder=True, replaces=MARKS)
+    platforms = serving.check_platforms(list(_PLATFORMS.value))  # before loading anything
+    run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)
+    sig = serving.export_run(run, _OUTPUT.value, platforms)
+    score, _ = serving.load(_OUTPUT.value)  # what a server loads, checked against the engine
+    with np.load(os.path.join(_OUTPUT.value, sig["check"]["file"])) as check:
+        prob = score(check["user"], check["item"], check["hist"])
+        diff = float(np.abs(prob - check["prob"]).max()) if len(prob) else 0.0
+    size = sum(e.stat().st_size for e in os.scandir(_OUTPUT.value) if e.is_file())
+    print(
+        f"exported {run.config.model.name} at step {run.step} to {_OUTPUT.value} "
+        f"({size / 1e6:.1f} MB, {len(sig['params']['arrays'])} parameter arrays, platforms "
+        f"{','.join(sig['platforms'])}); inputs user {sig['inputs']['user']['shape']}, item "
+        f"{sig['inputs']['item']['shape']}, hist {sig['inputs']['hist']['shape']}; "
+        f"check on {len(prob)} {sig['check']['split']} rows: largest difference from the "
+        f"engine {diff:.2e}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(cli.tool_main(_export, "export_model"), flags_parser=cli.parse_flags)
