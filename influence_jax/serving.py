@@ -71,19 +71,24 @@ def input_specs(schema: Schema, batch: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
 
 def exported(run: scoring.Run, platforms: tuple[str, ...]) -> Any:
     """The run's scoring function as a `jax.export.Exported` with a symbolic batch size."""
-    leaves, treedef = jax.tree_util.tree_flatten(run.params)
-    model = run.model
+    return export_model(run.model, run.params, run.schema, platforms)
+
+
+def export_model(model: Any, params: Any, schema: Schema, platforms: tuple[str, ...]) -> Any:
+    """`score(flat params, user, item, hist) -> prob` of `model` as a `jax.export.Exported`
+    with a symbolic batch size `b`; the parameters in `jax.tree_util.tree_leaves` order."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def score(flat: list[jax.Array], user, item, hist) -> jax.Array:
-        params = jax.tree_util.tree_unflatten(treedef, flat)
         batch = {"user": user, "item": item, "hist": hist}
-        logit_B, _ = model.apply({"params": params}, batch, train=False)
+        tree = jax.tree_util.tree_unflatten(treedef, flat)
+        logit_B, _ = model.apply({"params": tree}, batch, train=False)
         return jax.nn.sigmoid(logit_B)
 
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     (b,) = jax.export.symbolic_shape("b")
     return jax.export.export(jax.jit(score), platforms=platforms)(
-        specs, *input_specs(run.schema, b)
+        specs, *input_specs(schema, b)
     )
 
 

@@ -78,3 +78,18 @@ def test_catalogue_run_ranks_a_sample_of_users():
     assert row["users_in_log"] > 50 and row["items"] > 2 and row["events"] == 600 * 20
     assert 0 < row["pairs"] <= 50 * 200 and row["tables_seconds"] >= 0  # (not NaN: found)
     assert row["seconds_per_10k_users"] > 0 and row["peak_rss_mb"] > 100
+
+
+def test_serve_benchmark_times_the_exported_program_one_request_at_a_time(capsys):
+    """`--what=serve`, engine only, in process: one row per request size with its latencies,
+    and the exported program gives the engine's probabilities."""
+    bench_serve = helpers.bench_module("bench_serve")
+    rows = bench_serve.run("tiny", ["default"], [8, 32], seconds=0.01, repeats=2)
+    assert [(r["impl"], r["rows"]) for r in rows] == [("jax-export", 8), ("jax-export", 32)]
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["requests_per_s"] > 0
+        assert r["requests"] >= 2 * 4 and r["path"] == "exported"  # 4 distinct requests a pass
+        assert r["export_vs_engine_max_abs_diff"] < 1e-6
+    bench_serve.print_table(rows)
+    out = capsys.readouterr().out
+    assert "one online request at a time" in out and "p99 ms" in out and "jax-export" in out

@@ -3,6 +3,7 @@
 python tools/benchmark.py --what=train [--batches=1024,4096] [--compare] [--json]
 python tools/benchmark.py --what=train --compare=torch --dtype=bfloat16
 python tools/benchmark.py --what=rank [--compare] [--rank_models=default,full]
+python tools/benchmark.py --what=serve [--compare] [--serve_rows=200,1000]
 python tools/benchmark.py --what=scale
 python tools/benchmark.py --what=input
 python tools/benchmark.py --what=quality [--quality_dtypes=float32,bfloat16]
@@ -18,6 +19,9 @@ analysis) against a timed large matmul on the same device. `--what=rank` (bench_
 scores candidates with the engine's own ranker (the default config's model and the model
 with every registered extractor) through the ranking score function and the evaluation step,
 and with `--compare` the same model in Keras.
+`--what=serve` (bench_serve.py) times one online request at a time through the exported program
+(tools/export_model.py, loaded as docs/serving.md does) against the same model in Keras, for
+the --rank_config's model and the full one (--rank_models): median and 99th percentile latency.
 `--what=scale` times the step with a 100K vs 10M-row item table and with max_len 50 vs 200;
 `--what=input` the input pipeline against the step it feeds (bench_input.py).
 `--what=quality` trains the benchmark CNN in each --quality_dtypes on the same planted-signal
@@ -45,7 +49,7 @@ from influence_jax import cli, hostmem  # noqa: E402
 _WHAT = flags.DEFINE_enum(
     "what",
     "train",
-    ["train", "rank", "scale", "input", "quality", "prepare"],
+    ["train", "rank", "serve", "scale", "input", "quality", "prepare"],
     "Which benchmark (see the docstring).",
 )
 _BATCHES = flags.DEFINE_list("batches", ["1024", "4096"], "Batch sizes (--what=train|rank).")
@@ -110,6 +114,9 @@ _HOST_DEVICES = flags.DEFINE_integer(
     "--xla_force_host_platform_device_count), so the data-parallel score function runs one "
     "batch shard per core (as tools/rank.py --host_devices); 0 keeps JAX's single CPU device.",
     lower_bound=0,
+)
+_SERVE_ROWS = flags.DEFINE_list(
+    "serve_rows", ["200", "1000"], "--what=serve: candidates in one request (one user's)."
 )
 _SCALE_BATCH = flags.DEFINE_integer("scale_batch", 1024, "Batch size of --what=scale.")
 _SCALE_VOCABS = flags.DEFINE_list("scale_vocabs", ["100000", "10000000"], "Item vocabularies.")
@@ -215,6 +222,24 @@ def main(argv: list[str]) -> None:
             _emit(e2e, lambda: bench_rank.print_two_stage(e2e))
         return None
 
+    if _WHAT.value == "serve":
+        import bench_serve
+
+        names = [n.strip() for n in _COMPARE.value.split(",") if n.strip()]
+        if [n for n in names if n not in ("all", "keras")]:
+            raise app.UsageError("--compare: --what=serve has only the keras reference")
+        rows = bench_serve.run(
+            _RANK_CONFIG.value,
+            _RANK_MODELS.value,
+            [int(n) for n in _SERVE_ROWS.value],
+            _SECONDS.value,
+            _REPEATS.value,
+            compare=bool(names),
+            ref_kw=ref_kw,
+            rounds=_ROUNDS.value,
+        )
+        return _emit(rows, lambda: bench_serve.print_table(rows))
+
     if _WHAT.value == "quality":
         import bench_quality
 
@@ -278,7 +303,7 @@ def _round(i: int) -> str:
 
 def _emit(rows: list[dict], print_table) -> None:
     if _JSON.value:
-        if _WHAT.value in ("train", "rank"):  # the machine, on the engine's rows
+        if _WHAT.value in ("train", "rank", "serve"):  # the machine, on the engine's rows
             import bench_util
 
             host = bench_util.machine()

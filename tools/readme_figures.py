@@ -103,6 +103,7 @@ READMES = {  # the documents with figure blocks
     "benchmarks": os.path.join(ROOT, "docs", "benchmarks.md"),
     "ranking": os.path.join(ROOT, "docs", "ranking.md"),
     "spark": os.path.join(ROOT, "docs", "spark.md"),
+    "serving": os.path.join(ROOT, "docs", "serving.md"),
 }
 MULTITASK = "multitask_compare"
 INFLUENCE = "taobao_conversion_influence"
@@ -621,6 +622,76 @@ def prepare_zh(rows: list[dict]) -> str:
 SCALE_EVENTS, SCALE_BUCKETS = 10_000_000_000, 4096  # the plan of docs/spark.md
 
 
+def _serve_rows(rows: list[dict], model: str, n: int) -> tuple[list[dict], list[dict]]:
+    """(the export's rows, Keras' rows) of one model and request size, every round."""
+    same = [r for r in rows if r["model"] == model and r["rows"] == n]
+    return [r for r in same if r["impl"] == "jax-export"], [
+        r for r in same if r["impl"] != "jax-export"
+    ]
+
+
+def _serve_head(rows: list[dict]) -> str:
+    m = rows[0]["machine"]
+    rounds = max(r.get("round", 0) for r in rows) + 1
+    return f"{m['cpu']} ({m['cores']} cores, {m['date']}, {rounds} round{'s' * (rounds > 1)})"
+
+
+def serve_doc(rows: list[dict]) -> str:
+    sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
+    import bench_serve
+
+    sizes = sorted({r["rows"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    rounds = max(r.get("round", 0) for r in rows) + 1
+    head = (
+        f"Measured on {_serve_head(rows)}: `python tools/benchmark.py --what=serve --compare "
+        f"--serve_rows={','.join(map(str, sizes))} --rank_models={','.join(models)}"
+        + (f" --rounds={rounds}" if rounds > 1 else "")
+        + " --json` (docs/results/serve/serve.jsonl), JAX "
+        f"{rows[0]['machine']['jax']}, one CPU device; Keras {_keras_version(rows)}."
+    )
+    return "\n".join([_wrap(head), "", "```", bench_serve.table_text(rows), "```"])
+
+
+def _keras_version(rows: list[dict]) -> str:
+    v = next((r["versions"] for r in rows if "versions" in r), {})
+    return f"{v.get('keras', '?')} on TensorFlow {v.get('tensorflow', '?')}"
+
+
+def serve_en(rows: list[dict]) -> str:
+    n = max(r["rows"] for r in rows)
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours, keras = _serve_rows(rows, model, n)
+        ratio = tables.spread([r["p50_vs_keras"] for r in ours if "p50_vs_keras" in r])
+        parts.append(
+            f"{_med(ours, 'p50_ms'):.2f} ms with the {model} model ({ratio} as fast as Keras' "
+            f"{_med(keras, 'p50_ms'):.2f} ms)"
+        )
+    return _wrap(
+        f"One request of {n} candidates takes a median {' and '.join(parts)} through the "
+        f"exported program on {_serve_head(rows)}."
+    )
+
+
+def serve_zh(rows: list[dict]) -> str:
+    n = max(r["rows"] for r in rows)
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours, keras = _serve_rows(rows, model, n)
+        ratio = tables.spread([r["p50_vs_keras"] for r in ours if "p50_vs_keras" in r])
+        name = "默认模型" if model == "default" else "完整模型" if model == "full" else model
+        parts.append(
+            f"{name} {_med(ours, 'p50_ms'):.2f} ms"
+            f"（Keras {_med(keras, 'p50_ms'):.2f} ms 的 {ratio} 速度）"
+        )
+    m = rows[0]["machine"]
+    return (
+        f"在 {m['cpu']}（{m['cores']} 核，{m['date']}）上，经导出程序处理一个含 {n} 个候选的请求，"
+        f"延迟中位数：{'，'.join(parts)}。"
+    )
+
+
 def _engine_rows(rows: list[dict]) -> dict:
     return {(r["task"], r["engine"]): r for r in rows}
 
@@ -1055,6 +1126,10 @@ BLOCKS = {
         {"en": spark_en, "zh": spark_zh, "spark": spark_doc},
     ),
     "two_tower": (two_tower_facts, {"ranking": tables.two_tower_table}),
+    "serve": (
+        lambda folder: prepare_facts(folder, "serve.jsonl"),
+        {"serving": serve_doc, "en": serve_en, "zh": serve_zh},
+    ),
     "recall": (
         lambda folder: two_tower_facts(os.path.join(os.path.dirname(folder), "two_tower")),
         {"en": recall_en, "ranking": tables.recall_table},

@@ -273,6 +273,9 @@ def main() -> None:
     p.add_argument("--spec", required=True, help="JSON written by tools/bench_rank.py")
     p.add_argument("--data", required=True, help="npz of user, item, hist arrays")
     p.add_argument("--check", default="", help="npz of JAX params and scores to compare")
+    p.add_argument(
+        "--latency", action="store_true", help="time one request at a time (--batches: its rows)"
+    )
     args = p.parse_args()
     with open(args.spec) as f:
         spec = json.load(f)
@@ -289,11 +292,16 @@ def main() -> None:
         got = model.predict(rows, verbose=0)
         extra["check_max_abs_diff"] = float(np.max(np.abs(got - ref["scores"])))
     for batch in args.batches:
-        record = bench(model, data, batch, args) | extra
+        record = (latency if args.latency else bench)(model, data, batch, args) | extra
         if args.json:
             print(json.dumps(record), flush=True)
         else:
-            print(f"keras ranker batch {batch}: {record['score_ex_per_s']:,.0f} ex/s", flush=True)
+            rate = (
+                f"p50 {record['p50_ms']:.2f} ms a request"
+                if args.latency
+                else f"{record['score_ex_per_s']:,.0f} ex/s"
+            )
+            print(f"keras ranker batch {batch}: {rate}", flush=True)
 
 
 def bench(model: KerasRanker, data, batch: int, args) -> dict:
@@ -319,6 +327,29 @@ def bench(model: KerasRanker, data, batch: int, args) -> dict:
         "impl": "keras-tensorflow",
         "batch": batch,
         **common.best_scoring_path(paths, batch, args.seconds, args.repeats),
+        "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
+        "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
+    }
+
+
+def latency(model: KerasRanker, data, batch: int, args) -> dict:
+    """One online request of `batch` rows at a time, numpy in and out (common.request_latency):
+    the faster of `predict_on_batch` and the model's call in a `tf.function` (a SavedModel
+    signature's path)."""
+    n = common.NUM_DISTINCT_BATCHES
+    requests = [
+        {k: data[k][i * batch : (i + 1) * batch] for k in ("user", "item", "hist")}
+        for i in range(n)
+    ]
+    graph = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    paths = {
+        "predict_on_batch": lambda r: np.asarray(model.predict_on_batch(r)),
+        "tf_function": lambda r: graph({k: tf.convert_to_tensor(v) for k, v in r.items()}).numpy(),
+    }
+    return {
+        "impl": "keras-tensorflow",
+        "rows": batch,
+        **common.request_latency(paths, requests, args.seconds, args.repeats),
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
         "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
     }
