@@ -111,7 +111,31 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raw = files.read_json(path)
     if raw is None:
         raise DataError(f"{path}: no such file; is {workdir!r} a training workdir?")
+    _check_config_layout(raw, path)
     return ml_collections.ConfigDict(upgrade_config(raw))
+
+
+# What every run's config.json holds (config sections, and the fields a run is loaded by).
+CONFIG_SECTIONS = {
+    "data": ("source", "path"), "model": ("name",), "opt": (), "loop": (), "mesh": (),
+}  # fmt: skip
+
+
+def _check_config_layout(raw: Any, path: str) -> None:
+    """DataError naming `path` and the first missing part unless `raw` has a run config's
+    layout (a JSON file written over it, e.g. another tool's output, is not a config)."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: not a run's config (a JSON {type(raw).__name__}, not an object)")
+    for section, fields in CONFIG_SECTIONS.items():
+        part = raw.get(section)
+        missing = [f for f in fields if not isinstance(part, dict) or f not in part]
+        if not isinstance(part, dict) or missing:
+            what = f"{section}.{missing[0]}" if isinstance(part, dict) else section
+            raise DataError(
+                f"{path}: not a run's config (no {what}; its keys: {sorted(raw)[:8]}): the "
+                "file was overwritten or damaged; every checkpoint keeps a copy of it "
+                "(checkpoints/<step>/_CHECKPOINT_METADATA, under custom_metadata.config)"
+            )
 
 
 def config_changes(old: dict, new: dict, most: int = 6) -> list[str]:
@@ -342,6 +366,9 @@ class Checkpointer:
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         errors: list[tuple[int, str]] = []
         for s in steps:
+            misfit = self._misfit(abstract_state, s)
+            if misfit:  # another model, not damage: no older step of the run fits either
+                raise CheckpointError(f"{self.directory}: {misfit}")
             try:
                 state, data = self._restore_verified(abstract_state, s)
             except Exception as e:  # noqa: BLE001 - any unusable checkpoint falls back
@@ -362,6 +389,27 @@ class Checkpointer:
             + "; ".join(f"step {s}: {why[:300]}" for s, why in errors)
             + ". Move the folder away to start over."
         )
+
+    def _misfit(self, abstract_state: Any, step: int) -> str:
+        """Why the parameters saved at `step` cannot fit `abstract_state`'s (their names or
+        shapes differ: a config that builds another model), from the checkpoint's metadata and
+        before any array is read; "" when they fit or the metadata cannot be read (the restore
+        then reports the damage)."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore's own error says
+            return ""
+        saved = getattr(saved, "tree", saved)
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+            return ""
+        try:
+            _check_shapes(
+                abstract_state.params, saved["params"], f"step {step}",
+                "the config or the dataset builds another model than the one saved",
+            )  # fmt: skip
+        except DataError as e:
+            return str(e)
+        return ""
 
     def _restore_verified(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
@@ -501,9 +549,12 @@ def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> An
     return optim.with_average(out["state"]["params"], out["state"].get("ema"))
 
 
-def _check_shapes(want: Any, saved: Any, where: str) -> None:
+TRAINED_ELSEWHERE = "was the run trained on another dataset? Pass the --data it was trained on"
+
+
+def _check_shapes(want: Any, saved: Any, where: str, hint: str = TRAINED_ELSEWHERE) -> None:
     """Raises DataError naming the first parameter whose saved shape differs from the model's
-    (before Orbax tries, and fails noisily, to read it)."""
+    (before Orbax tries, and fails noisily, to read it); `hint` ends the message."""
     shape = lambda tree: {
         jax.tree_util.keystr(p): tuple(x.shape)
         for p, x in jax.tree_util.tree_leaves_with_path(tree)
@@ -513,15 +564,13 @@ def _check_shapes(want: Any, saved: Any, where: str) -> None:
     if missing or extra:
         raise DataError(
             f"{where}: the saved parameters are not those of the model the run's config builds "
-            f"for this dataset (missing {missing[:3]}, unexpected {extra[:3]}): was the run "
-            "trained on another dataset? Pass the --data it was trained on"
+            f"for this dataset (missing {missing[:3]}, unexpected {extra[:3]}): {hint}"
         )
     for path, shp in want.items():
         if saved[path] != shp:
             raise DataError(
                 f"{where}: parameter {path} has shape {saved[path]} in the checkpoint but "
-                f"{shp} for this dataset: was the run trained on another dataset? Pass the "
-                "--data it was trained on"
+                f"{shp} for this dataset: {hint}"
             )
 
 

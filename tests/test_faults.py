@@ -126,6 +126,14 @@ def test_a_damaged_config_json_is_one_error_naming_it(tmp_path, reference):
     config.write_text(config.read_text()[:300])
     with pytest.raises(DataError, match=r"config.json: not valid JSON \(.* at line \d+ column"):
         scoring.load_run(str(workdir))
+    # Valid JSON that is not a config (another tool's output written over it): one line too.
+    for text, missing in (('{"step": 20, "metrics": {}}', "data"), ("[1]", "a JSON list")):
+        config.write_text(text)
+        with pytest.raises(DataError, match=rf"config.json: not a run's config \(.*{missing}"):
+            scoring.load_run(str(workdir))
+    config.write_text('{"data": {"source": "prepared"}, "model": {"name": "ranker"}}')
+    with pytest.raises(DataError, match=r"no data.path; its keys: \['data', 'model'\]"):
+        scoring.load_run(str(workdir))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, jax_cache, reference):

@@ -122,22 +122,27 @@ def test_early_stopping_keeps_last_k_plus_best_and_records_it(tmp_path, jax_cach
     assert saved["stopped"] and saved["best_step"] == stopper.best_step
 
 
-# Orbax's reads that failed leave futures whose errors surface at garbage collection.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(tmp_path, reference):
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(
+    tmp_path, reference, caplog
+):
     """Resuming with a config whose state does not fit the checkpoints: one error naming the
-    fields that differ from the run's config.json, which stays as it was (and so do the
-    checkpoints), so the run still loads and resumes with its own settings."""
+    fields that differ from the run's config.json and the first parameter that does not fit,
+    found in the checkpoint's metadata before any array is read (no checkpoint is called
+    unusable, no failed read leaves its errors to surface later); the config.json and the
+    checkpoints stay as they were, so the run still loads and resumes with its own settings."""
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     saved = (workdir / "config.json").read_text()
     config = helpers.tiny_config(**{"model.embed_dim": 16, "ckpt.every": 5})
-    with pytest.raises(ConfigError, match=r"config.json in model.embed_dim: 8 -> 16\. Resume"):
+    with pytest.raises(ConfigError, match=r"config.json in model.embed_dim: 8 -> 16\. Resume") as e:
         train.train_and_evaluate(config, str(workdir))
+    assert "step 20: parameter" in str(e.value) and "in the checkpoint but" in str(e.value)
+    assert "unusable" not in caplog.text and "trying an older" not in caplog.text
+    gc.collect()  # a failed read's future would raise here (the warning filter above)
     assert (workdir / "config.json").read_text() == saved
     assert ckpt_steps(workdir) == ckpt_steps(reference)
     assert scoring.load_run(str(workdir)).step == 20
-    gc.collect()  # the failed reads' futures, here, under this test's warning filter
 
 
 def test_a_resume_with_other_synthetic_data_names_the_change_and_keeps_the_data(
