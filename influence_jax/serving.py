@@ -87,9 +87,7 @@ def export_model(model: Any, params: Any, schema: Schema, platforms: tuple[str, 
 
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     (b,) = jax.export.symbolic_shape("b")
-    return jax.export.export(jax.jit(score), platforms=platforms)(
-        specs, *input_specs(schema, b)
-    )
+    return jax.export.export(jax.jit(score), platforms=platforms)(specs, *input_specs(schema, b))
 
 
 def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, Any]:
