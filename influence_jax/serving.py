@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax import files, scoring
+from influence_jax import engine, files, scoring
 from influence_jax.data.history import gap_column, gap_seconds
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, Schema
 from influence_jax.data.store import ExampleStore
@@ -48,6 +48,7 @@ FORMAT = 1
 INPUTS = ("user", "item", "hist")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 CHECK_ROWS = 16
+L2_BYTES = 1 << 20  # the level-2 cache the CPU blocks assume (the serving machine is unknown)
 
 
 def check_platforms(platforms: list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -69,14 +70,38 @@ def input_specs(schema: Schema, batch: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
     return tuple(jax.ShapeDtypeStruct((batch, *widths[k]), jnp.int32) for k in INPUTS)
 
 
-def exported(run: scoring.Run, platforms: tuple[str, ...]) -> Any:
+def exported(run: scoring.Run, platforms: tuple[str, ...], cpu_rows: int | None = None) -> Any:
     """The run's scoring function as a `jax.export.Exported` with a symbolic batch size."""
-    return export_model(run.model, run.params, run.schema, platforms)
+    return export_model(run.model, run.params, run.schema, platforms, cpu_rows)
 
 
-def export_model(model: Any, params: Any, schema: Schema, platforms: tuple[str, ...]) -> Any:
+def _scores(model: Any, params: dict) -> Any:
+    return lambda p, batch: jax.nn.sigmoid(model.apply({"params": p}, batch, train=False)[0])
+
+
+def cpu_block_rows(model: Any, params: Any, schema: Schema) -> int:
+    """The rows a CPU scores at a time in the exported program: engine.block_rows for the
+    model's widest value per example on a L2_BYTES level-2 cache."""
+    example = dict(zip(INPUTS, input_specs(schema, 8), strict=True))
+    row_bytes = engine.widest_row_bytes(_scores(model, params), params, example)
+    return engine.block_rows(row_bytes, L2_BYTES)
+
+
+def export_model(
+    model: Any,
+    params: Any,
+    schema: Schema,
+    platforms: tuple[str, ...],
+    cpu_rows: int | None = None,
+) -> Any:
     """`score(flat params, user, item, hist) -> prob` of `model` as a `jax.export.Exported`
-    with a symbolic batch size `b`; the parameters in `jax.tree_util.tree_leaves` order."""
+    with a symbolic batch size `b`; the parameters in `jax.tree_util.tree_leaves` order.
+
+    On a CPU a request of at least 2 x `cpu_rows` rows is scored `cpu_rows` at a time (a loop
+    inside the program), so a block's activations stay in the core's cache, as the engine's
+    batch scoring does (engine.block_rows; default: for this model on a 1 MiB level-2 cache,
+    the serving machine being unknown; 0: whole requests). Other platforms score whole
+    requests. Blocks change no probability."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
     def score(flat: list[jax.Array], user, item, hist) -> jax.Array:
@@ -85,9 +110,32 @@ def export_model(model: Any, params: Any, schema: Schema, platforms: tuple[str, 
         logit_B, _ = model.apply({"params": tree}, batch, train=False)
         return jax.nn.sigmoid(logit_B)
 
+    if cpu_rows is None:
+        cpu_rows = cpu_block_rows(model, params, schema)
+
+    def blocked(flat: list[jax.Array], user, item, hist) -> jax.Array:
+        b, r = user.shape[0], cpu_rows
+        xs = [jnp.pad(x, [(0, r)] + [(0, 0)] * (x.ndim - 1)) for x in (user, item, hist)]
+
+        def block(i: jax.Array, out: jax.Array) -> jax.Array:
+            part = [jax.lax.dynamic_slice_in_dim(x, i * r, r) for x in xs]
+            return jax.lax.dynamic_update_slice_in_dim(out, score(flat, *part), i * r, 0)
+
+        def in_blocks() -> jax.Array:
+            out = jnp.zeros((b + r,), jnp.float32)
+            return jax.lax.fori_loop(0, (b + r - 1) // r, block, out)[:b]
+
+        whole = lambda: score(flat, user, item, hist)
+        return jax.lax.cond(jnp.asarray(b) >= 2 * r, in_blocks, whole)
+
+    def serve(flat: list[jax.Array], user, item, hist) -> jax.Array:
+        if not cpu_rows or "cpu" not in platforms:
+            return score(flat, user, item, hist)
+        return jax.lax.platform_dependent(flat, user, item, hist, cpu=blocked, default=score)
+
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     (b,) = jax.export.symbolic_shape("b")
-    return jax.export.export(jax.jit(score), platforms=platforms)(specs, *input_specs(schema, b))
+    return jax.export.export(jax.jit(serve), platforms=platforms)(specs, *input_specs(schema, b))
 
 
 def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, Any]:
@@ -200,12 +248,21 @@ def _check_rows(run: scoring.Run, n: int) -> dict[str, np.ndarray]:
     return {**rows, "prob": np.asarray(prob, np.float32), "split": np.array(split)}
 
 
-def export_run(run: scoring.Run, output: str, platforms: tuple[str, ...] = ("cpu",)) -> dict:
+def export_run(
+    run: scoring.Run,
+    output: str,
+    platforms: tuple[str, ...] = ("cpu",),
+    cpu_rows: int | None = None,
+) -> dict:
     """Writes the serving folder of `run` to `output` (atomically; module doc); returns its
-    signature."""
+    signature. `cpu_rows`: export_model's (None: cpu_block_rows)."""
     if jax.process_count() > 1:
         raise DataError("export runs in one process; run it without JAX_NUM_PROCESSES")
-    exp = exported(run, check_platforms(platforms))
+    if cpu_rows is not None and cpu_rows < 0:
+        raise DataError(f"--cpu_block_rows must be 0 (whole requests) or more, not {cpu_rows}")
+    if cpu_rows is None:
+        cpu_rows = cpu_block_rows(run.model, run.params, run.schema)
+    exp = exported(run, check_platforms(platforms), cpu_rows)
     flat, _ = jax.tree_util.tree_flatten_with_path(run.params)
     names = [jax.tree_util.keystr(p) for p, _ in flat]
     synthetic = run.dataset.id_maps.synthetic
@@ -224,6 +281,7 @@ def export_run(run: scoring.Run, output: str, platforms: tuple[str, ...] = ("cpu
                         copied[v] = f"{VOCAB_DIR}/{v}{ext}"
         sig = signature(run, exp, copied, names, synthetic)
         sig["check"]["rows"], sig["check"]["split"] = len(check["prob"]), str(check.pop("split"))
+        sig["cpu_block_rows"] = cpu_rows
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
             f.write(exp.serialize())
         arrays = {f"p{i:05d}": _host(x) for i, (_, x) in enumerate(flat)}

@@ -46,6 +46,7 @@ def test_the_documented_loader_scores_as_the_engine_without_this_package(run, tm
     sig = serving.export_run(run, str(out))
     assert sorted(os.listdir(out)) == ["check.npz", "model.jax", "params.npz", "signature.json"]
     assert sig["run"]["step"] == run.step and sig["platforms"] == ["cpu"]
+    assert sig["cpu_block_rows"] == serving.cpu_block_rows(run.model, run.params, run.schema)
     assert sig["inputs"]["hist"]["shape"] == ["b", run.schema.max_len, len(run.schema.hist_fields)]
     assert len(sig["params"]["arrays"]) == len(__import__("jax").tree_util.tree_leaves(run.params))
     # Rows the export has not seen, at batch sizes the program was not traced at.
@@ -110,16 +111,19 @@ def test_every_model_exports_and_scores_as_the_engine(name, tmp_path, tiny_data)
         path = tiny_data[1]
     run = scoring.make_run(config, path)
     out = str(tmp_path / "serve")
-    # Lowered for a GPU too (one program for both; it dispatches on the CPU here).
+    # Lowered for a GPU too (one program for both; it dispatches on the CPU here); on the CPU
+    # a request of 37 rows in blocks of 8 (the last one short), one of 16 whole.
     platforms = ("cpu", "cuda") if name == "seed_cnn" else ("cpu",)
-    sig = serving.export_run(run, out, platforms)
+    sig = serving.export_run(run, out, platforms, cpu_rows=8)
     assert sig["platforms"] == list(platforms) and sig["run"]["model"] == config.model.name
+    assert sig["cpu_block_rows"] == 8
     score, _ = serving.load(out)
     with np.load(os.path.join(out, "check.npz")) as check:
         prob = score(check["user"], check["item"], check["hist"])
         np.testing.assert_allclose(prob, check["prob"], atol=1e-6)
-        rows = {k: check[k] for k in serving.INPUTS}
-    np.testing.assert_allclose(prob, _engine_probs(run, rows), atol=1e-6)
+    rows = ExampleStore(path, "valid", run.schema).gather(np.arange(37))
+    rows = {k: rows[k] for k in serving.INPUTS}
+    np.testing.assert_allclose(score(*rows.values()), _engine_probs(run, rows), atol=1e-6)
     if name == "multitask":  # the run's objective: the engage head's probability, not buy's
         assert sig["run"]["objective"] == "engage"
 

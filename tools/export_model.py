@@ -38,6 +38,13 @@ _OBJECTIVE = flags.DEFINE_string(
 _PLATFORMS = flags.DEFINE_list(
     "platforms", ["cpu"], "Platforms to lower for: cpu, cuda, rocm, tpu (several: one program)."
 )
+_CPU_ROWS = flags.DEFINE_integer(
+    "cpu_block_rows",
+    None,
+    "On a CPU, score a request of at least twice this many rows this many at a time (the "
+    "activations stay in cache); default: from the model's widest value on a 1 MiB level-2 "
+    "cache; 0: whole requests.",
+)
 flags.mark_flags_as_required(["workdir", "output"])
 
 # The files that mark a folder this tool wrote (it may replace only such a folder).
@@ -48,7 +55,7 @@ def _export() -> None:
     files.check_output(_OUTPUT.value, "output", folder=True, replaces=MARKS)
     platforms = serving.check_platforms(list(_PLATFORMS.value))  # before loading anything
     run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)
-    sig = serving.export_run(run, _OUTPUT.value, platforms)
+    sig = serving.export_run(run, _OUTPUT.value, platforms, _CPU_ROWS.value)
     score, _ = serving.load(_OUTPUT.value)  # what a server loads, checked against the engine
     with np.load(os.path.join(_OUTPUT.value, sig["check"]["file"])) as check:
         prob = score(check["user"], check["item"], check["hist"])
@@ -57,8 +64,9 @@ def _export() -> None:
     print(
         f"exported {run.config.model.name} at step {run.step} to {_OUTPUT.value} "
         f"({size / 1e6:.1f} MB, {len(sig['params']['arrays'])} parameter arrays, platforms "
-        f"{','.join(sig['platforms'])}); inputs user {sig['inputs']['user']['shape']}, item "
-        f"{sig['inputs']['item']['shape']}, hist {sig['inputs']['hist']['shape']}; "
+        f"{','.join(sig['platforms'])}; on CPU {sig['cpu_block_rows']} rows at a time); "
+        f"inputs user {sig['inputs']['user']['shape']}, item {sig['inputs']['item']['shape']}, "
+        f"hist {sig['inputs']['hist']['shape']}; "
         f"check on {len(prob)} {sig['check']['split']} rows: largest difference from the "
         f"engine {diff:.2e}"
     )
