@@ -25,11 +25,12 @@ from influence_jax.experiments import tables
 def _exported_call(rb: bench_rank.RankBench):
     """`call(request) -> prob` of rb's model as a server runs it: the exported program
     serialized and read back, its parameters on the default device."""
-    exp = serving.export_model(rb.model, rb.params, rb.schema, ("cpu",))
+    rows = serving.cpu_block_rows(rb.model, rb.params, rb.schema)
+    exp = serving.export_model(rb.model, rb.params, rb.schema, ("cpu",), rows)
     exp = jax.export.deserialize(exp.serialize())
     params = [jax.device_put(np.asarray(x)) for x in jax.tree_util.tree_leaves(rb.params)]
     fn = jax.jit(exp.call)
-    return lambda r: np.asarray(fn(params, r["user"], r["item"], r["hist"]))
+    return (lambda r: np.asarray(fn(params, r["user"], r["item"], r["hist"]))), rows
 
 
 def run(
@@ -51,7 +52,7 @@ def run(
         with tempfile.TemporaryDirectory() as tmp:
             schema, ex = bench_rank.make_examples(config, n * max(request_rows), tmp)
             rb = bench_rank.RankBench(config, schema)
-            call = _exported_call(rb)
+            call, block_rows = _exported_call(rb)
             x = {k: ex[k] for k in serving.INPUTS}
             check = {k: v[: bench_rank.CHECK_ROWS] for k, v in x.items()}
             want = sharding.to_host(rb.score_fn(rb.params, sharding.to_global(check, rb.mesh)))
@@ -76,7 +77,8 @@ def run(
                         r = common.request_latency({"exported": call}, requests, seconds, repeats)
                     ours.append(
                         {"impl": "jax-export", "rows": b, **r, "others_cpu": others.share,
-                         "export_vs_engine_max_abs_diff": diff} | tag
+                         "export_vs_engine_max_abs_diff": diff, "cpu_block_rows": block_rows}
+                        | tag
                     )  # fmt: skip
                 refs = []
                 if compare:
@@ -125,9 +127,12 @@ def table_text(rows: list[dict]) -> str:
         if r is not next(x for x in rows if x["model"] == r["model"] and x["impl"] == r["impl"]):
             continue
         if r["impl"] == "jax-export":
+            blocks = r.get("cpu_block_rows")
             lines.append(
                 f"({r['model']}: exported program vs the engine's score function, max |prob "
-                f"difference| {r['export_vs_engine_max_abs_diff']:.1e})"
+                f"difference| {r['export_vs_engine_max_abs_diff']:.1e}"
+                + (f"; {blocks} rows at a time from {2 * blocks} rows" if blocks else "")
+                + ")"
             )
         elif "check_max_abs_diff" in r:
             lines.append(
