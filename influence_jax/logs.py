@@ -56,7 +56,13 @@ def plain_terminal_and_file(path: str | None) -> None:
 def error_to_files(message: str) -> None:
     """Writes an ERROR line to the log files of `plain_terminal_and_file` only (the terminal
     gets the message from sys.exit), so a run's log says why it stopped."""
-    record = logging.LogRecord("absl", logging.ERROR, __file__, 0, "%s", (message,), None)
+    to_files(message, logging.ERROR)
+
+
+def to_files(message: str, level: int = logging.INFO) -> None:
+    """Writes `message` to the log files of `plain_terminal_and_file` only: for the lines a run
+    prints on stdout (its final metrics and summary), so that train.log holds them too."""
+    record = logging.LogRecord("absl", level, __file__, 0, "%s", (message,), None)
     for h in logging.getLogger().handlers:
         if isinstance(h, logging.FileHandler):
             h.handle(record)

@@ -7,6 +7,7 @@ processes itself (TPU VM slices, SLURM). SIGTERM saves a checkpoint and exits 0 
 resumes from the last checkpoint.
 """
 
+import contextlib
 import os
 import sys
 
@@ -48,6 +49,9 @@ def main(argv):
             raise errors.ConfigError("--workdir: give the run's folder")
         if "://" not in _WORKDIR.value:  # a local folder: no file in the way, writable
             files.check_output(_WORKDIR.value, "workdir", folder=True)
+            _check_apart_from_data(config, _WORKDIR.value)
+        # What WORKDIR holds now: a failed start removes what it adds (_undo_start).
+        made = (_WORKDIR.value, _entries(_WORKDIR.value))
         one_arena = hostmem.arenas(_HOST_MEMORY.value, int(config.data.batch_size))
         kept = one_arena is not None and hostmem.keep_freed_host_memory(one_arena)  # before JAX
         cli.init_distributed()
@@ -71,14 +75,58 @@ def main(argv):
         if preempt.requested:
             cli.exit_preempted("influence_jax.main", _PREEMPTED_EXIT.value)
     except (errors.ConfigError, errors.DataError, errors.CheckpointError) as e:
-        _stop(f"error: {e}")
+        _stop(f"error: {e}", undo=locals().get("made"))
     except errors.TrainingError as e:
         _stop(f"training stopped: {e}")
 
 
-def _stop(message: str) -> None:
-    """Exits with `message` on the terminal, and in train.log when it was opened."""
+def _check_apart_from_data(config, workdir: str) -> None:
+    """ConfigError for a --workdir that is, or lies in, the prepared dataset's folder: preparing
+    the data again replaces that folder as a whole (prepare_data.py refuses while a run's
+    files are there, but the run belongs apart from it)."""
+    path = str(config.data.get("path") or "")
+    if config.data.source == "synthetic" or not path or "://" in path:
+        return
+    w, d = os.path.realpath(workdir), os.path.realpath(path)
+    if w == d or w.startswith(d + os.sep):
+        raise errors.ConfigError(
+            f"--workdir={workdir} {'is' if w == d else 'lies in'} the dataset folder "
+            f"config.data.path={path}; train in a folder apart from the data"
+        )
+
+
+def _entries(folder: str) -> set[str] | None:
+    """The names in `folder`; None where there is no such folder (or it is remote)."""
+    try:
+        return None if "://" in folder else set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _undo_start(workdir: str, before: set[str] | None) -> None:
+    """After a start that stopped on a config or data error: when the run added nothing to
+    WORKDIR but the log this process began (train.undo_failed_start removes the rest), the
+    log goes, and WORKDIR too when it was not there (`before` None). Process 0 only (it keeps
+    the log)."""
+    jax = sys.modules.get("jax")
+    now = _entries(workdir)
+    if now is None or LOG_FILE in (before or set()) or (jax and jax.process_index() != 0):
+        return
+    if now - {LOG_FILE} - (before or set()):
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(workdir, LOG_FILE))
+    if before is None:
+        with contextlib.suppress(OSError):
+            os.rmdir(workdir)
+
+
+def _stop(message: str, undo: tuple[str, set[str] | None] | None = None) -> None:
+    """Exits with `message` on the terminal, and in train.log when it was opened; `undo`:
+    _undo_start's arguments."""
     logs.error_to_files(message)
+    if undo:
+        _undo_start(*undo)
     sys.exit(message)
 
 

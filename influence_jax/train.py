@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from influence_jax import (
     engine,
     evaluation,
     files,
+    logs,
     metrics,
     summary,
     warm_start,
@@ -96,12 +98,49 @@ def train_and_evaluate(
         preempt = loop_lib.Preemption()
     try:
         config_check.check(config, jax.device_count(), jax.process_count())
+        before = entries(workdir)
         os.makedirs(workdir, exist_ok=True)
         with contextlib.ExitStack() as stack:
             _lock_workdir(workdir, stack)
-            return _train_and_evaluate(config, workdir, preempt)
+            try:
+                return _train_and_evaluate(config, workdir, preempt)
+            except (ConfigError, DataError, ckpt_lib.CheckpointError):
+                undo_failed_start(workdir, before)  # still holding the lock
+                raise
     finally:
         preempt.restore()
+
+
+def entries(folder: str) -> set[str] | None:
+    """The names in `folder`; None where there is no such folder."""
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def undo_failed_start(workdir: str, before: set[str] | None) -> None:
+    """After a start that stopped on an error before WORKDIR held any checkpoint (a bad
+    dataset, too few examples, a missing warm-start run): removes what it made there (its
+    event files, checkpoint folder, generated data), so that a failed start leaves the folder
+    as it found it (main.py then removes its log, and WORKDIR where it made it). The files
+    that were there stay, and so does the lock (released on the way out). Process 0 does it."""
+    if jax.process_index() != 0 or "://" in workdir or ckpt_lib.has_checkpoints(workdir):
+        return
+    made = (
+        (entries(workdir) or set())
+        - (before or set())
+        - {os.path.basename(ckpt_lib.lock_path(workdir))}
+    )
+    for name in made:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    if made:
+        logging.info("removed what the failed start made in %s: %s", workdir, sorted(made))
 
 
 def _lock_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
@@ -270,7 +309,7 @@ def _train_and_evaluate(config: Any, workdir: str, preempt: loop_lib.Preemption)
             writer.scalars(int(state.step), {**final, f"{split}/step": at})
             final[f"{split}/step"] = at
             line = f"final {split} metrics at step {at} ({which}): {metrics.format_metrics(m)}"
-            print(line, flush=True)  # once, on stdout (not again through absl's log)
+            _say(line)
             if jax.process_index() == 0:
                 _print_summary(workdir, loop.stopper, config)
         final.update(loop.last_eval)
@@ -285,6 +324,13 @@ def _print_summary(workdir: str, stopper: Any, config: Any) -> None:
     TensorBoard command."""
     if stopper.best_step is not None:
         metric = f"{config.loop.eval_split}/{stopper.metric}"
-        print(f"best step {stopper.best_step}: {metric}={stopper.best:.4f}", flush=True)
-    print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}", flush=True)
-    print(f"tensorboard --logdir {workdir}", flush=True)
+        _say(f"best step {stopper.best_step}: {metric}={stopper.best:.4f}")
+    _say(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+    _say(f"tensorboard --logdir {workdir}")
+
+
+def _say(line: str) -> None:
+    """One of the run's last lines: on stdout once (not again through absl's terminal log),
+    and in train.log."""
+    print(line, flush=True)
+    logs.to_files(line)

@@ -120,8 +120,11 @@ def test_main_refuses_a_workdir_that_is_a_file(tmp_path):
 
 def test_main_writes_why_it_stopped_into_train_log(tmp_path):
     """An error after train.log opened (a dataset path that does not exist) ends the log too,
-    and the terminal shows it once."""
+    and the terminal shows it once. (A log there already: one this start makes goes with the
+    rest of what it made, tests/test_faults.py.)"""
     workdir, missing = tmp_path / "run", tmp_path / "no-such-data"
+    workdir.mkdir()
+    (workdir / "train.log").write_text("an earlier attempt's line\n")
     r = subprocess.run(
         [sys.executable, "-m", "influence_jax.main", f"--workdir={workdir}",
          "--config=configs/tiny.py", "--config.data.source=prepared",
@@ -133,6 +136,7 @@ def test_main_writes_why_it_stopped_into_train_log(tmp_path):
     assert r.stderr.count(last[len("error: ") :]) == 1 and "Traceback" not in r.stderr
     log = (workdir / "train.log").read_text().strip().splitlines()
     assert log[-1].startswith("E") and log[-1].endswith(last), log[-1]
+    assert log[0] == "an earlier attempt's line" and sorted(os.listdir(workdir)) == ["train.log"]
 
 
 @pytest.mark.parametrize(

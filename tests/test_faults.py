@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import pytest
 
 from influence_jax import checkpoint as ckpt_lib
 from influence_jax import train, workdir_lock, xla_options
-from influence_jax.errors import DataError, WorkdirInUseError
+from influence_jax.errors import ConfigError, DataError, WorkdirInUseError
 from tests.helpers import (
     FLAGS,
     USUAL_COMPILE,
@@ -278,3 +279,34 @@ def test_a_record_from_another_host_is_trusted_until_its_heartbeat_is_stale(tmp_
         with open(lock) as f:
             assert json.load(f)["host"] == socket.gethostname()
     assert not os.path.exists(lock)
+
+
+def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path, jax_cache, tiny_data):
+    """A start that stops on a data or config error before any checkpoint (here: a warm start
+    from a run that does not exist, found after the checkpoint folder and event files are
+    made) removes what it made: a new workdir is gone, an existing one keeps only its own
+    files. A workdir in the dataset's folder is refused before anything is made."""
+    fresh = tmp_path / "fresh"
+    bad = ("--config.warm_start.workdir=" + str(tmp_path / "nowhere"),)
+    out = run_main(fresh, *bad, cache=jax_cache)
+    assert out.returncode != 0 and "config.warm_start.workdir=" in out.log, out.log[-2000:]
+    assert not fresh.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    out = run_main(mine, *bad, cache=jax_cache)
+    assert out.returncode != 0 and os.listdir(mine) == ["notes.txt"]
+    # In library use too: train.train_and_evaluate removes all but the lock's folder.
+    config = ml_collections.ConfigDict(tiny_config().to_dict())
+    config.warm_start.workdir = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="config.warm_start.workdir="):
+        train.train_and_evaluate(config, str(mine))
+    assert os.listdir(mine) == ["notes.txt"]
+    data = tiny_data[1]
+    within = os.path.join(data, "run")
+    out = run_main(
+        Path(within), "--config.data.source=prepared", f"--config.data.path={data}",
+        cache=jax_cache,
+    )  # fmt: skip
+    assert out.returncode != 0 and "lies in the dataset folder config.data.path=" in out.log
+    assert not os.path.exists(within)

@@ -68,6 +68,10 @@ def test_the_terminal_shows_plain_lines_and_train_log_keeps_the_prefixes(referen
     lines = [ln for ln in log.splitlines() if ln]
     assert lines and all(ABSL_PREFIX.match(ln) for ln in lines), log[-2000:]
     assert any("step 20/20 loss=" in ln for ln in lines)
+    # The last lines, printed on stdout once, are in the log too.
+    for said in ("final test metrics at step", "best step ", "checkpoints: ", "tensorboard --"):
+        assert any(said in ln for ln in lines[-6:]), (said, lines[-6:])
+        assert terminal.count(said) == 1, said
 
 
 def test_early_stopping_keeps_last_k_plus_best_and_records_it(tmp_path, jax_cache):

@@ -221,6 +221,13 @@ def source_inputs(source: readers.EventSource) -> dict[str, str]:
     return paths
 
 
+# What a prepared dataset's folder holds (a synthetic one: planted.json too); anything else
+# there (a run trained into the folder) keeps it from being replaced.
+PREPARED_ENTRIES = frozenset(
+    {"schema.json", "vocab", HISTORY_EVENTS, "rank_state", "audit", "planted.json", *SPLITS}
+)
+
+
 def check_output(output: str, inputs: dict[str, str]) -> None:
     """Raises DataError, before any work, unless the folder `output` can be (re)placed: it
     must not be, hold or lie in an input (`inputs`: flag=value -> path), nor be a folder of
@@ -243,6 +250,17 @@ def check_output(output: str, inputs: dict[str, str]) -> None:
             "prepare into a folder apart from the input"
         )
     files.check_output(output, "output", folder=True, replaces=("schema.json",))
+    foreign = sorted(
+        name
+        for name in (os.listdir(out) if os.path.isdir(out) else ())
+        if name not in PREPARED_ENTRIES and not name.startswith(("_", "."))
+    )
+    if foreign:
+        raise DataError(
+            f"--output={output}: holds {', '.join(foreign[:5])} beside a prepared dataset (a "
+            "training run's files?); the output folder is replaced as a whole: move them out "
+            "or prepare into another folder"
+        )
 
 
 def finish(
