@@ -43,14 +43,25 @@ BAD_ROWS = [
         "wrong_field_count",
         r"wrong number of fields: expected 5 fields, got 6 \(row '7,10,1,pv,100,3'\)",
     ),
-    ("7,10,1,pv,12:00\n", "bad_timestamp", "non-integer timestamp: '7,10,1,pv,12:00'"),
+    (  # the field and its value, the flag for other formats, then the row
+        "7,10,1,pv,12:00\n",
+        "bad_timestamp",
+        r"non-integer timestamp: timestamp = '12:00', not unix seconds \(--time_format for other "
+        r"formats\) \(row '7,10,1,pv,12:00'\)",
+    ),
     (  # the field and its value, then the row
         "7,10,1,click,100\n",
         "unknown_behaviour",
         r"unknown behaviour type: behavior_type = 'click', not one of pv, cart, fav, buy "
         r"\(row '7,10,1,click,100'\)",
     ),
-    ("u7,10,1,pv,100\n", "bad_id", "empty or non-integer id"),
+    (
+        "u7,10,1,pv,100\n",
+        "bad_id",
+        r"empty or non-integer id: user_id = 'u7', not an integer \(ids that are text: "
+        r"--string_ids, with --source=events\) \(row 'u7,10,1,pv,100'\)",
+    ),
+    ("7,,1,pv,100\n", "bad_id", r"empty or non-integer id: item_id is empty \(row '7,,1,pv,100'\)"),
 ]
 
 
@@ -525,6 +536,12 @@ def test_output_is_never_a_user_folder_an_input_or_a_sibling(tmp_path):
     assert Schema.load(str(tmp_path / "p")).max_len == 2
     assert (tmp_path / "p.old" / "keep.txt").read_text() == "someone's"
     assert sorted(os.listdir(tmp_path)) == ["log.csv", "mine", "p", "p.old"]
+    # ... but not one that a run was trained into: its files are not the dataset's.
+    (tmp_path / "p" / "train.log").write_text("a run's")
+    with pytest.raises(DataError, match=r"--output=.*p: holds train\.log beside a prepared"):
+        run(log, tmp_path / "p", max_len=3)
+    assert Schema.load(str(tmp_path / "p")).max_len == 2
+    assert (tmp_path / "p" / "train.log").read_text() == "a run's"
 
 
 def test_prepare_data_refuses_an_output_over_its_input_before_reading(tmp_path):
@@ -556,3 +573,11 @@ def test_a_log_without_events_names_its_file(tmp_path):
     opts = prepare.PrepareOptions(min_timestamp=10**10)  # every event before the window
     with pytest.raises(DataError, match=rf"^{log}: no events to prepare \(11 valid rows, 11 out"):
         prepare.prepare(readers.open_source("taobao", log), str(tmp_path / "p"), opts)
+
+
+def test_a_header_line_in_a_headerless_source_is_named_as_one(tmp_path):
+    path = write(
+        tmp_path / "log.csv", "user_id,item_id,category_id,behavior_type,timestamp\n" + LOG
+    )
+    with pytest.raises(DataError, match=r"log\.csv:1: .*user_id = 'user_id'.*is line 1 a header\?"):
+        run(path, tmp_path / "out", max_len=3)

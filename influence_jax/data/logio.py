@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import gzip
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -123,11 +124,30 @@ def _reason(f: EventFile, reason: str) -> str:
     return REASONS.get(reason, reason)
 
 
-def _detail(f: EventFile, by_role: dict[str, pa.Array], reason: str, i: int) -> str:
+def _detail(
+    f: EventFile, by_role: dict[str, pa.Array], reason: str, i: int, string_ids: bool = False
+) -> str:
     """The field and value at fault, where one field is (an unknown behaviour spelling, a
-    timestamp not in the format given)."""
-    if reason == "bad_timestamp" and f.time_format != "unix_s":
-        return f"{f.roles['timestamp']} = {by_role['timestamp'][i].as_py()!r}"
+    timestamp not in the format given, an id that is empty or not an integer), with the flag
+    that reads other values where one does."""
+    if reason == "bad_timestamp":
+        value = by_role["timestamp"][i].as_py()
+        hint = ", not unix seconds (--time_format for other formats)"
+        return f"{f.roles['timestamp']} = {value!r}" + (hint if f.time_format == "unix_s" else "")
+    if reason == "bad_id":
+        for role in ("user", "item", "category"):
+            if role not in by_role:
+                continue
+            value = by_role[role][i].as_py()
+            text = "" if value is None else str(value).strip()
+            if not text:
+                return f"{f.roles[role]} is empty"
+            if not string_ids and not re.match(_INT_RE, text):
+                return (
+                    f"{f.roles[role]} = {value!r}, not an integer (ids that are text: "
+                    "--string_ids, with --source=events)"
+                )
+        return ""
     if reason != "unknown_behaviour":
         return ""
     column = f.roles.get("behaviour", "behaviour")
@@ -420,11 +440,13 @@ def iter_file(
                             _physical_line(rows + i, header, skipped),
                             reason,
                             _row_text(batch, i, f.delimiter),
-                            _detail(f, by_role, reason, i),
+                            _detail(f, by_role, reason, i, string_ids),
                         )
                     )
             if cands:
                 line, reason, text, detail = min(cands)
+                if line == 1 and not header and reason in ("bad_id", "bad_timestamp"):
+                    detail += "; is line 1 a header? Files of this source have none"
                 raise fail_row(f.path, line, _reason(f, reason), text, detail)
         for reason, m in bad.items():
             tally.counts[reason] += int(m.sum())
@@ -460,7 +482,7 @@ def _iter_parquet(
             if m.any() and not tally.lenient:
                 i = int(np.argmax(m))
                 text = _row_text(batch, i, f.delimiter)
-                detail = _detail(f, by_role, reason, i)
+                detail = _detail(f, by_role, reason, i, string_ids)
                 raise fail_row(f.path, f"row {row0 + i + 1}", _reason(f, reason), text, detail)
             tally.counts[reason] += int(m.sum())
         row0 += batch.num_rows
