@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.metadata
+import logging as std_logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -264,6 +265,17 @@ def _manager(directory: str, options: ocp.CheckpointManagerOptions, **kw) -> Any
     """The one place an Orbax CheckpointManager is built: a state item and a JSON item."""
     handlers = {"state": _state_handler(), "data": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers, **kw)
+
+
+class _ReadOnlyNote(std_logging.Filter):
+    """Drops Orbax's warning that a manager opened read-only is read-only (every tool that
+    reads a checkpoint opens it so, on purpose)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+std_logging.getLogger("absl").addFilter(_ReadOnlyNote())
 
 
 def _reader(workdir: str) -> Any:

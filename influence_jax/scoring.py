@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from influence_jax import checkpoint, engine, sharding
@@ -144,6 +145,15 @@ def load_run(
         config.model.multitask.objective = objective or config.model.multitask.objective
     eng = engine.setup(config, dataset.schema)
     params, n = checkpoint.restore_params(workdir, eng.abstract_state, step)
+    try:  # only a hint: a damaged best.json does not stop loading the latest step
+        best = checkpoint.read_best(workdir) if step == "latest" else None
+    except DataError:
+        best = None
+    if isinstance(best, dict) and isinstance(best.get("step"), int) and best["step"] != n:
+        logging.warning(
+            "%s: scoring the latest checkpoint, step %d; the best by %s is step %d (--step=best)",
+            workdir, n, best.get("metric", "the validation metric"), best["step"],
+        )  # fmt: skip
     run = Run(os.path.abspath(workdir), config, dataset, eng, params, n)
     if not switchable:
         return run

@@ -642,9 +642,10 @@ def test_a_stopped_ranking_resumes_from_its_finished_blocks(prepared_run, tmp_pa
     monkeypatch.setattr(progress.BlockStore, "save", real_save)
     scored[:] = []
     lines = []
-    ranking.rank(run, str(out), log=lines.append, **kw)
+    summary = ranking.rank(run, str(out), log=lines.append, **kw)
     assert "resuming: 2 blocks already scored" in "\n".join(lines)
     assert scored == every[:2] + every[4:]  # only the blocks left
+    assert summary["pairs_resumed"] == sum(every[2:4]) and summary["pairs_scored"] == sum(every[2:])
     assert pq.read_table(out).to_pydict() == pq.read_table(whole).to_pydict()
     assert not os.path.exists(f"{out}.progress")
     # A stop, then other settings (top 5): the old blocks are not used.

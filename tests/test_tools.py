@@ -118,12 +118,13 @@ def test_a_dataset_the_run_was_not_trained_on_is_one_clear_line(run_dir, tmp_pat
 
 
 def test_evaluate_writes_per_example_predictions(run_dir, tmp_path):
-    out = tmp_path / "pred.parquet"
+    out = tmp_path / "pred.csv"  # the name's extension picks the format (default Parquet)
     args = (f"--workdir={run_dir}", "--step=best", f"--predictions={out}", "--json")
     r = helpers.run_tool("evaluate", *args, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"wrote 512 predictions to {out}" in r.stderr
     printed = json.loads(r.stdout)
-    t = pq.read_table(out).to_pydict()
+    t = pcsv.read_csv(out).to_pydict()
     assert list(t) == ["user_id", "item_id", "timestamp", "label", "target_behaviour", "score"]
     assert len(t["score"]) == 512 == printed["metrics"]["num_examples"]
     # The rows are the split's, in order, with raw ids (synthetic raw id = index - 2).

@@ -7,8 +7,9 @@ target behaviour type.
       --step=best --output=runs/taobao/valid_metrics.json
 
 Prints one line of metrics and one per behaviour type (--json: one JSON object instead);
---output also writes them as JSON and --predictions one row per example (Parquet: user_id,
-item_id, timestamp, label, target_behaviour, score; raw ids), both atomically. --data may be
+--output also writes them as JSON and --predictions one row per example (Parquet, or CSV for a
+name ending .csv: user_id, item_id, timestamp, label, target_behaviour, score; raw ids), both
+atomically. --data may be
 left out for a synthetic run.
 """
 
@@ -74,7 +75,9 @@ def _evaluate() -> None:
         table = pa.table(
             {k: pa.array(v.tolist() if v.dtype == object else v) for k, v in rows.items()}
         )
-        files.write_table(table, _PREDICTIONS.value)
+        path = _PREDICTIONS.value
+        files.write_table(table, path, files.table_format(path, "parquet", explicit=False))
+        print(f"wrote {table.num_rows:,} predictions to {path}", file=sys.stderr)
     if _OUTPUT.value:
         files.write_json(_OUTPUT.value, record)
 

@@ -217,7 +217,13 @@ def _rank() -> None:
     who = f"process {jax.process_index()} of {jax.process_count()}: " if several else ""
     print(
         f"{who}ranked {s['users']} users as of {s['as_of']} at step {s['step']}: "
-        f"{s['pairs_scored']} pairs scored ({s['candidates_per_s']:.0f}/s with compilation), "
+        f"{s['pairs_scored']} pairs scored ({s['candidates_per_s']:.0f}/s with compilation"
+        + (
+            f"; {s['pairs_resumed']} of them read back from the stopped run"
+            if s["pairs_resumed"]
+            else ""
+        )
+        + "), "
         f"{s['rows_written']} rows -> {_OUTPUT.value} in {s['seconds']} s"
     )
     counts = ("unknown_users", "unknown_user_pairs", "users_without_history", "unknown_items",

@@ -55,9 +55,11 @@ def _score_top_k(
     log: Callable[[str], None],
     progress_every: float,
     store: BlockStore | None = None,
+    reused: list[int] | None = None,
 ) -> tuple[Candidates, np.ndarray, np.ndarray]:
     """Scores each block of candidates (whole users per block) and keeps each user's top k;
-    with `store`, blocks it holds are read instead of scored and new ones are saved there.
+    with `store`, blocks it holds are read instead of scored (their pairs appended to
+    `reused`) and new ones are saved there.
 
     Returns the kept pairs (as one `Candidates`, in output order), their scores and ranks."""
     fn, bs = make_score_fn(run), global_batch(run, batch_size)
@@ -82,6 +84,8 @@ def _score_top_k(
         if saved is not None:
             progress.skip(len(c))
             progress(done)
+            if reused is not None:
+                reused.append(len(c))
             continue
         prob = np.zeros(0, np.float32) if prob is None else prob
         rows, ranks = top_k_rows(c.user_out, c.item_out, prob, top_k)
@@ -415,9 +419,11 @@ def rank(
     store = BlockStore(output, settings, jax.process_index(), log)
     t1 = time.perf_counter()
     scored: list[int] = []
+    reused: list[int] = []
     cands, prob, ranks = _score_top_k(
-        run, ctx, _counted(blocks, scored), total, top_k, batch_size, log, progress_every, store
-    )
+        run, ctx, _counted(blocks, scored), total, top_k, batch_size, log, progress_every, store,
+        reused,
+    )  # fmt: skip
     t_score = time.perf_counter() - t1
     total = sum(scored)
     rows = np.arange(len(cands))
@@ -450,10 +456,11 @@ def rank(
         "as_of": when,
         "users": len(np.unique(cands.user_out)) if len(cands) else 0,
         "pairs_scored": total,
+        "pairs_resumed": sum(reused),  # of pairs_scored: read back from OUTPUT.progress/
         "rows_written": len(rows),
         **counts,
         **log_counts,
         "seconds": round(time.perf_counter() - t0, 2),
         "scoring_seconds": round(t_score, 2),
-        "candidates_per_s": round(total / max(t_score, 1e-9), 1),
+        "candidates_per_s": round((total - sum(reused)) / max(t_score, 1e-9), 1),
     }
