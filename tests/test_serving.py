@@ -159,6 +159,7 @@ def test_export_cli_writes_the_folder_and_reports_the_check(run_dir, tmp_path):
     line = done.stdout.strip().splitlines()[-1]
     diff = float(re.search(r"largest difference from the engine (\S+)$", line).group(1))
     assert diff <= 1e-6 and "check on 16 test rows" in line
+    assert "read only" not in done.stderr  # Orbax's note on a manager opened read-only
     sig = json.loads((out / "signature.json").read_text())
     assert sig["run"]["workdir"] == os.path.abspath(run_dir)
     # A folder of the user's own is not replaced; a bad platform is one line; nothing written.

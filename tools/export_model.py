@@ -41,7 +41,7 @@ _PLATFORMS = flags.DEFINE_list(
 _CPU_ROWS = flags.DEFINE_integer(
     "cpu_block_rows",
     None,
-    "On a CPU, score a request of at least twice this many rows this many at a time (the "
+    "On a CPU, score a request of at least 4x this many rows this many at a time (the "
     "activations stay in cache); default: from the model's widest value on a 1 MiB level-2 "
     "cache; 0: whole requests.",
 )

@@ -131,7 +131,7 @@ def table_text(rows: list[dict]) -> str:
             lines.append(
                 f"({r['model']}: exported program vs the engine's score function, max |prob "
                 f"difference| {r['export_vs_engine_max_abs_diff']:.1e}"
-                + (f"; {blocks} rows at a time from {2 * blocks} rows" if blocks else "")
+                + (f"; {blocks} rows at a time from {4 * blocks} rows" if blocks else "")
                 + ")"
             )
         elif "check_max_abs_diff" in r:
