@@ -658,36 +658,40 @@ def _keras_version(rows: list[dict]) -> str:
     return f"{v.get('keras', '?')} on TensorFlow {v.get('tensorflow', '?')}"
 
 
-def serve_en(rows: list[dict]) -> str:
+def _serve_models(rows: list[dict]) -> tuple[int, list[tuple[str, float, float, str]]]:
+    """(the largest request size, per model: (model, the export's median p50, Keras' median
+    p50, the rounds' ratios as tables.spread)) of `rows`."""
     n = max(r["rows"] for r in rows)
-    parts = []
+    out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         ours, keras = _serve_rows(rows, model, n)
         ratio = tables.spread([r["p50_vs_keras"] for r in ours if "p50_vs_keras" in r])
-        parts.append(
-            f"{_med(ours, 'p50_ms'):.2f} ms with the {model} model ({ratio} as fast as Keras' "
-            f"{_med(keras, 'p50_ms'):.2f} ms)"
-        )
+        out.append((model, _med(ours, "p50_ms"), _med(keras, "p50_ms"), ratio))
+    return n, out
+
+
+def serve_en(rows: list[dict]) -> str:
+    n, models = _serve_models(rows)
+    parts = [
+        f"{ours:.2f} ms with the {model} model ({ratio} as fast as Keras' {keras:.2f} ms)"
+        for model, ours, keras, ratio in models
+    ]
     return _wrap(
-        f"One request of {n} candidates takes a median {' and '.join(parts)} through the "
-        f"exported program on {_serve_head(rows)}."
+        f"One request of {n:,} candidates takes a median {' and '.join(parts)} through the "
+        f"exported program on {_serve_head(rows)}; table in docs/serving.md."
     )
 
 
 def serve_zh(rows: list[dict]) -> str:
-    n = max(r["rows"] for r in rows)
-    parts = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        ours, keras = _serve_rows(rows, model, n)
-        ratio = tables.spread([r["p50_vs_keras"] for r in ours if "p50_vs_keras" in r])
-        name = "默认模型" if model == "default" else "完整模型" if model == "full" else model
-        parts.append(
-            f"{name} {_med(ours, 'p50_ms'):.2f} ms"
-            f"（Keras {_med(keras, 'p50_ms'):.2f} ms 的 {ratio} 速度）"
-        )
+    n, models = _serve_models(rows)
+    names = {"default": "默认模型", "full": "完整模型"}
+    parts = [
+        f"{names.get(model, model)} {ours:.2f} ms（Keras {keras:.2f} ms 的 {ratio} 速度）"
+        for model, ours, keras, ratio in models
+    ]
     m = rows[0]["machine"]
     return (
-        f"在 {m['cpu']}（{m['cores']} 核，{m['date']}）上，经导出程序处理一个含 {n} 个候选的请求，"
+        f"在 {m['cpu']}（{m['cores']} 核，{m['date']}）上，经导出程序处理一个含 {n:,} 个候选的请求，"
         f"延迟中位数：{'，'.join(parts)}。"
     )
 
