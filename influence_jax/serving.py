@@ -147,8 +147,16 @@ def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, A
     """How raw values become the inputs' ids, per vocabulary the inputs index."""
     out: dict[str, Any] = {}
     vocabs = {f.vocab for f in (*schema.user_fields, *schema.item_fields, *schema.hist_fields)}
+    numeric = set(schema.extra.get("source_options", {}).get("numeric_fields") or ())
     for v in sorted(vocabs):
-        if v in copied:
+        if v in copied and v in numeric:  # data/side.py: quantile buckets, lower bounds kept
+            out[v] = {
+                "file": copied[v],
+                "rule": f"{NUM_RESERVED - 1} + the number of the file's bucket lower bounds "
+                f"(the first -inf) at or below the value; {OOV_ID} (OOV) for a blank or "
+                "non-numeric value",
+            }
+        elif v in copied:
             out[v] = {
                 "file": copied[v],
                 "rule": f"{NUM_RESERVED} + the raw id's position in the file; {OOV_ID} (OOV) for "
@@ -180,7 +188,9 @@ def signature(
     run: scoring.Run, exp: Any, copied: dict[str, str], names: list[str], synthetic: bool
 ) -> dict[str, Any]:
     s = run.schema
-    fields = lambda fs: [{"name": f.name, "vocab": f.vocab} for f in fs]
+    fields = lambda fs: [
+        {"name": f.name, "vocab": f.vocab, **({"bag": f.bag} if f.bag else {})} for f in fs
+    ]
     gap = gap_column(s.hist_fields)
     return {
         "format": FORMAT,

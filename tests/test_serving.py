@@ -182,3 +182,36 @@ def test_bad_platforms_are_refused():
     for platforms, match in (((), "none given"), (("cpu", "cpu"), "a repeat"), (("gpu",), "gpu")):
         with pytest.raises(DataError, match=match):
             serving.check_platforms(platforms)
+
+
+def test_side_fields_numeric_buckets_and_bags_are_described_as_the_dataset_maps_them(tmp_path):
+    """A dataset with side tables: a numeric field's rule (bucket lower bounds in its file)
+    and a multi-valued field's slots (one bag) give the ids the prepared rows hold."""
+    from tests.test_side_tables import ITEMS, _prepare
+
+    schema = _prepare(tmp_path)
+    data = str(tmp_path / "p")
+    run = scoring.make_run(helpers.tiny_config(**{"data.source": "prepared"}), data)
+    out = tmp_path / "serve"
+    sig = serving.export_run(run, str(out))
+    fields = sig["inputs"]["item"]["fields"]
+    assert [f.get("bag") for f in fields if f["vocab"] == "genres"] == ["genres", "genres"]
+    price = sig["ids"]["vocabularies"]["price"]
+    assert "lower bounds" in price["rule"]
+    bounds = np.load(out / price["file"])
+    raw = {}  # item -> price, from the side table (blank: OOV)
+    for line in ITEMS.splitlines():
+        item, p = line.split(";")[:2]
+        raw[int(item)] = float(p) if p else None
+    rows = ExampleStore(data, "train", schema).gather(np.arange(len(ExampleStore(data, "train"))))
+    items, _ = run.dataset.id_maps.raw("item_id", rows["item"][:, 0])
+    col = [f["name"] for f in fields].index("price")
+    for item, got in zip(items.tolist(), rows["item"][:, col].tolist(), strict=True):
+        p = raw[item]
+        want = 1 if p is None else 1 + int((bounds <= p).sum())
+        assert got == want, (item, p, got, want)
+    score, _ = serving.load(str(out))
+    with np.load(out / "check.npz") as check:
+        np.testing.assert_allclose(
+            score(check["user"], check["item"], check["hist"]), check["prob"]
+        )
