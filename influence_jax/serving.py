@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence_jax import engine, files, scoring
+from influence_jax.data import rank_state
 from influence_jax.data.history import gap_column, gap_seconds
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, Schema
 from influence_jax.data.store import ExampleStore
@@ -43,6 +44,7 @@ MODEL_FILE = "model.jax"
 PARAMS_FILE = "params.npz"
 SIGNATURE_FILE = "signature.json"
 CHECK_FILE = "check.npz"
+ITEMS_FILE = "items.npy"
 VOCAB_DIR = "vocab"
 FORMAT = 1
 INPUTS = ("user", "item", "hist")
@@ -109,8 +111,18 @@ def export_model(
     score whole requests. Blocks change no probability."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
 
+    sizes = {
+        k: jnp.asarray([schema.vocab_sizes[f.vocab] for f in fs], jnp.int32)
+        for k, fs in zip(
+            INPUTS, (schema.user_fields, schema.item_fields, schema.hist_fields), strict=True
+        )
+    }
+
     def score(flat: list[jax.Array], user, item, hist) -> jax.Array:
-        batch = {"user": user, "item": item, "hist": hist}
+        # An id outside its vocabulary (negative, or at or above its size) is scored as OOV,
+        # not read out of a table's bounds.
+        inside = lambda x, k: jnp.where((x >= 0) & (x < sizes[k]), x, OOV_ID)
+        batch = {k: inside(x, k) for k, x in zip(INPUTS, (user, item, hist), strict=True)}
         tree = jax.tree_util.tree_unflatten(treedef, flat)
         logit_B, _ = model.apply({"params": tree}, batch, train=False)
         return jax.nn.sigmoid(logit_B)
@@ -149,21 +161,22 @@ def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, A
     vocabs = {f.vocab for f in (*schema.user_fields, *schema.item_fields, *schema.hist_fields)}
     numeric = set(schema.extra.get("source_options", {}).get("numeric_fields") or ())
     for v in sorted(vocabs):
+        out[v] = {"size": schema.vocab_sizes[v]}  # ids outside [0, size) are scored as OOV
         if v in copied and v in numeric:  # data/side.py: quantile buckets, lower bounds kept
-            out[v] = {
+            out[v] |= {
                 "file": copied[v],
                 "rule": f"{NUM_RESERVED - 1} + the number of the file's bucket lower bounds "
                 f"(the first -inf) at or below the value; {OOV_ID} (OOV) for a blank or "
                 "non-numeric value",
             }
         elif v in copied:
-            out[v] = {
+            out[v] |= {
                 "file": copied[v],
                 "rule": f"{NUM_RESERVED} + the raw id's position in the file; {OOV_ID} (OOV) for "
                 "an id not in it",
             }
         elif v == "behaviour":
-            out[v] = {
+            out[v] |= {
                 "types": {t: NUM_RESERVED + k for k, t in enumerate(schema.behaviour_types)},
                 "rule": "the event's behaviour type's id",
             }
@@ -171,14 +184,15 @@ def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, A
             base = int(gap_seconds(schema, np.array([NUM_RESERVED + 1]))[0])
             top = schema.vocab_sizes[v] - NUM_RESERVED - 1
             low = f"{OOV_ID} for a gap <= 0" if base == 2 else "a gap under 1 s counts as 1 s"
-            out[v] = {
+            out[v] |= {
                 "rule": f"{NUM_RESERVED} + min(floor(log_{base}(seconds)), {top}) for the "
                 "seconds from the event to the candidate's time (a history holds only events "
                 f"before it); {low}",
                 "base": base,
             }
         elif synthetic:
-            out[v] = {"rule": f"{NUM_RESERVED} + the raw id (synthetic data: ids 0..n-1)"}
+            top = schema.vocab_sizes[v] - NUM_RESERVED - 1
+            out[v] |= {"rule": f"{NUM_RESERVED} + the raw id (synthetic data: ids 0..{top})"}
         else:
             raise DataError(f"vocabulary {v}: no raw ids saved and no fixed rule; cannot export")
     return out
@@ -198,7 +212,11 @@ def signature(
             "workdir": run.workdir,
             "step": run.step,
             "model": run.config.model.name,
-            "objective": run.objective_head,
+            # A multi-task run's objective as exported (a head, or weighted heads), its head
+            "objective": run.config.model.multitask.objective
+            if run.config.model.name == "multitask"
+            else "",
+            "objective_head": run.objective_head,
             "dataset": s.name,
         },
         "jax_version": jax.__version__,
@@ -294,7 +312,16 @@ def export_run(
                     if os.path.exists(src):
                         shutil.copyfile(src, os.path.join(tmp, VOCAB_DIR, v + ext))
                         copied[v] = f"{VOCAB_DIR}/{v}{ext}"
+        features = os.path.join(run.data_path, rank_state.FOLDER, "item_features.npy")
+        if os.path.exists(features):  # datasets prepared with a ranking state
+            shutil.copyfile(features, os.path.join(tmp, ITEMS_FILE))
         sig = signature(run, exp, copied, names, synthetic)
+        if os.path.exists(features):
+            sig["items"] = {
+                "file": ITEMS_FILE,
+                "rule": "row i is the `item` input of item id i: its fields' ids (the history's "
+                "item fields of an event on it too)",
+            }
         sig["check"]["rows"], sig["check"]["split"] = len(check["prob"]), str(check.pop("split"))
         sig["cpu_block_rows"] = cpu_rows
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:

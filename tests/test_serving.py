@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from influence_jax import scoring, serving
-from influence_jax.data import synthetic
+from influence_jax.data import rank_state, synthetic
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.store import ExampleStore
 from influence_jax.errors import DataError
@@ -72,6 +72,17 @@ def test_the_documented_loader_scores_as_the_engine_without_this_package(run, tm
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     want = _engine_probs(run, rows)
+    # An id outside its vocabulary is scored as out-of-vocabulary (1), never read out of bounds.
+    score, _ = serving.load(str(out))
+    odd = {k: v[:4].copy() for k, v in rows.items()}
+    odd["user"][0, 0], odd["item"][1, 0], odd["hist"][2, 0, :] = 10**6, -5, 10**6
+    oov = {k: v[:4].copy() for k, v in rows.items()}
+    oov["user"][0, 0], oov["item"][1, 0], oov["hist"][2, 0, :] = 1, 1, 1
+    got_odd = score(odd["user"], odd["item"], odd["hist"])
+    assert np.isfinite(got_odd).all()
+    np.testing.assert_allclose(got_odd, score(oov["user"], oov["item"], oov["hist"]), atol=1e-7)
+    sizes = sig["ids"]["vocabularies"]
+    assert all(sizes[v]["size"] == run.schema.vocab_sizes[v] for v in sizes)
     with np.load(tmp_path / "got.npz") as got, np.load(out / "check.npz") as check:
         for i, n in enumerate((1, 5, 37)):
             np.testing.assert_allclose(got[f"arr_{i}"], want[:n], atol=1e-6)
@@ -125,7 +136,7 @@ def test_every_model_exports_and_scores_as_the_engine(name, tmp_path, tiny_data)
     rows = {k: rows[k] for k in serving.INPUTS}
     np.testing.assert_allclose(score(*rows.values()), _engine_probs(run, rows), atol=1e-6)
     if name == "multitask":  # the run's objective: the engage head's probability, not buy's
-        assert sig["run"]["objective"] == "engage"
+        assert sig["run"]["objective"] == sig["run"]["objective_head"] == "engage"
 
 
 def test_vocabularies_and_id_rules_map_raw_ids_as_the_dataset(tmp_path):
@@ -140,6 +151,11 @@ def test_vocabularies_and_id_rules_map_raw_ids_as_the_dataset(tmp_path):
     sig = serving.export_run(run, str(out))
     vocabs = sig["ids"]["vocabularies"]
     assert set(vocabs) == {"user_id", "item_id", "category", "behaviour", "time_gap"}
+    # Every item id's `item` input row, as ranking reads it.
+    items = np.load(out / sig["items"]["file"])
+    np.testing.assert_array_equal(items, rank_state.load_item_features(data))
+    rows = ExampleStore(data, "train", run.schema).gather(np.arange(50))
+    np.testing.assert_array_equal(items[rows["item"][:, 0]], rows["item"])
     assert vocabs["behaviour"]["types"] == {"pv": 2, "cart": 3, "fav": 4, "buy": 5}
     assert vocabs["time_gap"]["base"] == 2
     dataset = Dataset(data, run.config.data)
@@ -175,6 +191,14 @@ def test_export_cli_writes_the_folder_and_reports_the_check(run_dir, tmp_path):
     )
     assert done.returncode != 0 and "--platforms: ['gpu'] unknown" in done.stderr
     assert "Traceback" not in done.stderr and not bad.exists()
+    # A program for a GPU only is written (lowering needs none) and not run on this CPU.
+    gpu = tmp_path / "gpu"
+    done = helpers.run_tool(
+        "export_model", f"--workdir={run_dir}", f"--output={gpu}", "--platforms=cuda"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not checked here: the program is for cuda, not cpu" in done.stdout
+    assert json.loads((gpu / "signature.json").read_text())["platforms"] == ["cuda"]
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 

@@ -691,8 +691,8 @@ def serve_zh(rows: list[dict]) -> str:
     ]
     m = rows[0]["machine"]
     return (
-        f"在 {m['cpu']}（{m['cores']} 核，{m['date']}）上，经导出程序处理一个含 {n:,} 个候选的请求，"
-        f"延迟中位数：{'，'.join(parts)}。"
+        f"在 {m['cpu']}（{m['cores']} 核，{m['date']}）上，经导出程序处理一个含 {n:,} "
+        f"个候选的请求，延迟中位数：{'，'.join(parts)}。"
     )
 
 
