@@ -7,18 +7,20 @@
   platforms asked for (a program lowered for several dispatches on the one it runs on);
 - `params.npz`: the parameters (the moving average where the run keeps one, as evaluation and
   ranking read it), `p00000`, `p00001`, ... in the order the program takes them;
-- `vocab/<name>.npy` or `.json`: the raw ids of each vocabulary the inputs index (copied from
-  the prepared dataset), index = 2 + position in the file;
-- `signature.json`: the inputs' fields, dtypes and shapes, the id conventions (padding 0,
-  OOV 1, behaviour types, time-gap buckets), the parameters' names and dtypes, the run (workdir,
-  step, model, objective) and the JAX version;
+- `vocab/<name>.npy` or `.json`: the raw ids (a numeric field: its buckets' lower bounds) of
+  each vocabulary the inputs index, copied from the prepared dataset;
+- `items.npy` (datasets with a ranking state): every item id's `item` input row;
+- `signature.json`: the inputs' fields, dtypes and shapes, the id rules (padding 0, OOV 1 and
+  ids outside a vocabulary's size, raw ids by file position, behaviour types, time-gap and
+  numeric buckets), the parameters' names and dtypes, the run (workdir, step, model,
+  objective), the CPU block rows and the JAX version;
 - `check.npz`: a few rows of the test split (`user`, `item`, `hist`) with the probabilities the
   engine's own scoring function gives them (`prob`): a serving port checks itself against them.
 
 The probabilities are those of `rank.py` and `evaluate.py` for the same rows
 (tests/test_serving.py). Loading, with nothing of this package (docs/serving.md):
 
-    exp = jax.export.deserialize(open(f"{path}/model.jax", "rb").read())
+    exp = jax.export.deserialize(bytearray(open(f"{path}/model.jax", "rb").read()))
     prob = exp.call(params, user, item, hist)
 """
 
