@@ -175,6 +175,67 @@ def random_log(n_users: int, n_items: int, n: int, seed: int) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- side tables
+
+SIDE_LOG = """\
+u,i,b,t
+1,10,view,100
+1,11,view,200
+1,12,buy,300
+2,10,view,150
+2,13,buy,250
+3,11,view,120
+3,12,view,600
+3,10,buy,700
+"""
+# No header; the price of item 13 is missing; item 11 has three genres, 12 none.
+SIDE_ITEMS = """\
+10;5.0;A|B;7;x
+11;20.0;B|C|D;7;y
+12;100.0;;8;x
+13;;A;8;z
+"""
+SIDE_USERS = "1,30,FR\n2,55,DE\n3,41,FR\n"
+
+
+def open_side_source(tmp_path, **kw):
+    """The events source of SIDE_LOG with the headerless item table SIDE_ITEMS (and `kw`)
+    (tests/test_side_tables.py, tests/test_serving.py)."""
+    return readers.open_source(
+        "events",
+        write(tmp_path / "log.csv", SIDE_LOG),
+        user="u",
+        item="i",
+        behaviour="b",
+        timestamp="t",
+        behaviour_types=("view", "buy"),
+        item_table=write(tmp_path / "items.csv", SIDE_ITEMS),
+        item_table_names=("i", "price", "genres", "cat", "brand"),
+        item_table_delimiter=";",
+        multi_value_fields=("genres",),
+        **kw,
+    )
+
+
+def prepare_side_tables(tmp_path, **kw):
+    src = open_side_source(
+        tmp_path,
+        user_table=write(tmp_path / "users.csv", SIDE_USERS),
+        user_table_names=("u", "age", "country"),
+        item_fields=("price", "genres"),
+        item_category="cat",
+        numeric_fields=("price", "age"),
+        numeric_buckets=2,
+        multi_value_sep="|",
+        max_bag=2,
+        **kw,
+    )
+    opts = prepare.PrepareOptions(
+        target_behaviours=("buy",), neg_ratio=0, valid_start=500, test_start=650
+    )
+    return prepare.prepare(src, str(tmp_path / "p"), opts)
+
+
 # ----------------------------------------------------------------------------- real processes
 
 FLAGS = ("--config.ckpt.every=5",)  # tiny: 20 steps, evaluations at 10 and 20

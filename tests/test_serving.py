@@ -211,9 +211,7 @@ def test_bad_platforms_are_refused():
 def test_side_fields_numeric_buckets_and_bags_are_described_as_the_dataset_maps_them(tmp_path):
     """A dataset with side tables: a numeric field's rule (bucket lower bounds in its file)
     and a multi-valued field's slots (one bag) give the ids the prepared rows hold."""
-    from tests.test_side_tables import ITEMS, _prepare
-
-    schema = _prepare(tmp_path)
+    schema = helpers.prepare_side_tables(tmp_path)
     data = str(tmp_path / "p")
     run = scoring.make_run(helpers.tiny_config(**{"data.source": "prepared"}), data)
     out = tmp_path / "serve"
@@ -224,7 +222,7 @@ def test_side_fields_numeric_buckets_and_bags_are_described_as_the_dataset_maps_
     assert "lower bounds" in price["rule"]
     bounds = np.load(out / price["file"])
     raw = {}  # item -> price, from the side table (blank: OOV)
-    for line in ITEMS.splitlines():
+    for line in helpers.SIDE_ITEMS.splitlines():
         item, p = line.split(";")[:2]
         raw[int(item)] = float(p) if p else None
     rows = ExampleStore(data, "train", schema).gather(np.arange(len(ExampleStore(data, "train"))))

@@ -9,67 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from influence_jax.data import prepare, readers
+from influence_jax.data import prepare
 from influence_jax.data.schema import NUM_RESERVED, OOV_ID, PAD_ID, DataError, Field, Schema
 from influence_jax.models.layers import Embeddings
-from tests.helpers import rows, write
+from tests.helpers import (
+    SIDE_ITEMS,
+    SIDE_LOG,
+    SIDE_USERS,
+    open_side_source,
+    prepare_side_tables,
+    rows,
+    write,
+)
 
-LOG = """\
-u,i,b,t
-1,10,view,100
-1,11,view,200
-1,12,buy,300
-2,10,view,150
-2,13,buy,250
-3,11,view,120
-3,12,view,600
-3,10,buy,700
-"""
-# No header; the price of item 13 is missing; item 11 has three genres, 12 none.
-ITEMS = """\
-10;5.0;A|B;7;x
-11;20.0;B|C|D;7;y
-12;100.0;;8;x
-13;;A;8;z
-"""
-USERS = "1,30,FR\n2,55,DE\n3,41,FR\n"
-
-
-def _open(tmp_path, **kw):
-    """The events source of LOG with the headerless item table ITEMS (and `kw`)."""
-    return readers.open_source(
-        "events",
-        write(tmp_path / "log.csv", LOG),
-        user="u",
-        item="i",
-        behaviour="b",
-        timestamp="t",
-        behaviour_types=("view", "buy"),
-        item_table=write(tmp_path / "items.csv", ITEMS),
-        item_table_names=("i", "price", "genres", "cat", "brand"),
-        item_table_delimiter=";",
-        multi_value_fields=("genres",),
-        **kw,
-    )
-
-
-def _prepare(tmp_path, **kw):
-    src = _open(
-        tmp_path,
-        user_table=write(tmp_path / "users.csv", USERS),
-        user_table_names=("u", "age", "country"),
-        item_fields=("price", "genres"),
-        item_category="cat",
-        numeric_fields=("price", "age"),
-        numeric_buckets=2,
-        multi_value_sep="|",
-        max_bag=2,
-        **kw,
-    )
-    opts = prepare.PrepareOptions(
-        target_behaviours=("buy",), neg_ratio=0, valid_start=500, test_start=650
-    )
-    return prepare.prepare(src, str(tmp_path / "p"), opts)
+# The log, tables and sources are shared with tests/test_serving.py (helpers).
+LOG, ITEMS, USERS = SIDE_LOG, SIDE_ITEMS, SIDE_USERS
+_open, _prepare = open_side_source, prepare_side_tables
 
 
 def test_log_entities_missing_from_a_side_table_are_counted(tmp_path, caplog):
