@@ -95,6 +95,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def entries(folder: str) -> set[str] | None:
+    """The names in `folder`; None where there is no such folder (or it is a URI)."""
+    if "://" in folder:
+        return None
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Calls `write(tmp)` on a temporary path in the target's folder, then renames it to `path`
     (temporary files a killed writer left there go first)."""

@@ -51,7 +51,7 @@ def main(argv):
             files.check_output(_WORKDIR.value, "workdir", folder=True)
             _check_apart_from_data(config, _WORKDIR.value)
         # What WORKDIR holds now: a failed start removes what it adds (_undo_start).
-        made = (_WORKDIR.value, _entries(_WORKDIR.value))
+        made = (_WORKDIR.value, files.entries(_WORKDIR.value))
         one_arena = hostmem.arenas(_HOST_MEMORY.value, int(config.data.batch_size))
         kept = one_arena is not None and hostmem.keep_freed_host_memory(one_arena)  # before JAX
         cli.init_distributed()
@@ -95,21 +95,13 @@ def _check_apart_from_data(config, workdir: str) -> None:
         )
 
 
-def _entries(folder: str) -> set[str] | None:
-    """The names in `folder`; None where there is no such folder (or it is remote)."""
-    try:
-        return None if "://" in folder else set(os.listdir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def _undo_start(workdir: str, before: set[str] | None) -> None:
     """After a start that stopped on a config or data error: when the run added nothing to
     WORKDIR but the log this process began (train.undo_failed_start removes the rest), the
     log goes, and WORKDIR too when it was not there (`before` None). Process 0 only (it keeps
     the log)."""
     jax = sys.modules.get("jax")
-    now = _entries(workdir)
+    now = files.entries(workdir)
     if now is None or LOG_FILE in (before or set()) or (jax and jax.process_index() != 0):
         return
     if now - {LOG_FILE} - (before or set()):

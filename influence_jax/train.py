@@ -98,7 +98,7 @@ def train_and_evaluate(
         preempt = loop_lib.Preemption()
     try:
         config_check.check(config, jax.device_count(), jax.process_count())
-        before = entries(workdir)
+        before = files.entries(workdir)
         os.makedirs(workdir, exist_ok=True)
         with contextlib.ExitStack() as stack:
             _lock_workdir(workdir, stack)
@@ -111,14 +111,6 @@ def train_and_evaluate(
         preempt.restore()
 
 
-def entries(folder: str) -> set[str] | None:
-    """The names in `folder`; None where there is no such folder."""
-    try:
-        return set(os.listdir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 def undo_failed_start(workdir: str, before: set[str] | None) -> None:
     """After a start that stopped on an error before WORKDIR held any checkpoint (a bad
     dataset, too few examples, a missing warm-start run): removes what it made there (its
@@ -128,7 +120,7 @@ def undo_failed_start(workdir: str, before: set[str] | None) -> None:
     if jax.process_index() != 0 or "://" in workdir or ckpt_lib.has_checkpoints(workdir):
         return
     made = (
-        (entries(workdir) or set())
+        (files.entries(workdir) or set())
         - (before or set())
         - {os.path.basename(ckpt_lib.lock_path(workdir))}
     )

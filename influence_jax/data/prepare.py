@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from influence_jax import files
-from influence_jax.data import readers
+from influence_jax.data import rank_state, readers
 from influence_jax.data.examples import (
     NpyColumns,
     Rules,
@@ -57,7 +57,7 @@ from influence_jax.data.plan import (  # noqa: F401  (re-exported)
     training_vocabs,
 )
 from influence_jax.data.rank_state import RankStateWriter
-from influence_jax.data.schema import NUM_RESERVED, DataError, Field, Schema
+from influence_jax.data.schema import NUM_RESERVED, SCHEMA_FILE, DataError, Field, Schema
 from influence_jax.data.store import ShardWriter
 from influence_jax.data.vocab import Vocab, indexer, positions  # noqa: F401  (re-exported)
 
@@ -224,7 +224,7 @@ def source_inputs(source: readers.EventSource) -> dict[str, str]:
 # What a prepared dataset's folder holds (a synthetic one: planted.json too); anything else
 # there (a run trained into the folder) keeps it from being replaced.
 PREPARED_ENTRIES = frozenset(
-    {"schema.json", "vocab", HISTORY_EVENTS, "rank_state", "audit", "planted.json", *SPLITS}
+    {SCHEMA_FILE, "vocab", HISTORY_EVENTS, rank_state.FOLDER, "audit", "planted.json", *SPLITS}
 )
 
 

@@ -95,7 +95,7 @@ class RankStateWriter:
         for c in self.columns():
             c.close()
         if features:
-            path = os.path.join(self.root, FOLDER, "item_features.npy")
+            path = item_features_path(self.root)
             np.save(path, item_features(self.plan))
         return {
             "folder": FOLDER,
@@ -174,4 +174,9 @@ def seen_keys(data_path: str, before: int, n_ids: int) -> np.ndarray:
 
 def load_item_features(data_path: str) -> np.ndarray:
     """[item_id vocab size, Fi] feature ids per item id (see `item_features`)."""
-    return np.load(os.path.join(data_path, FOLDER, "item_features.npy"))
+    return np.load(item_features_path(data_path))
+
+
+def item_features_path(data_path: str) -> str:
+    """Where a prepared dataset keeps its item features (`item_features`)."""
+    return os.path.join(data_path, FOLDER, "item_features.npy")
