@@ -26,6 +26,7 @@ The probabilities are those of `rank.py` and `evaluate.py` for the same rows
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -69,6 +70,12 @@ def check_platforms(platforms: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(platforms)
 
 
+def input_fields(schema: Schema) -> dict[str, tuple]:
+    """Each input's fields: its columns, in order."""
+    fields = (schema.user_fields, schema.item_fields, schema.hist_fields)
+    return dict(zip(INPUTS, fields, strict=True))
+
+
 def input_specs(schema: Schema, batch: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
     """The ShapeDtypeStructs of (user, item, hist) for `batch` rows (an int or a symbol)."""
     widths = {
@@ -79,12 +86,8 @@ def input_specs(schema: Schema, batch: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
     return tuple(jax.ShapeDtypeStruct((batch, *widths[k]), jnp.int32) for k in INPUTS)
 
 
-def exported(run: scoring.Run, platforms: tuple[str, ...], cpu_rows: int | None = None) -> Any:
-    """The run's scoring function as a `jax.export.Exported` with a symbolic batch size."""
-    return export_model(run.model, run.params, run.schema, platforms, cpu_rows)
-
-
-def _scores(model: Any, params: dict) -> Any:
+def _scores(model: Any) -> Any:
+    """`probs(params, batch)`: the model's probabilities, as the engine's score function."""
     return lambda p, batch: jax.nn.sigmoid(model.apply({"params": p}, batch, train=False)[0])
 
 
@@ -92,7 +95,7 @@ def cpu_block_rows(model: Any, params: Any, schema: Schema) -> int:
     """The rows a CPU scores at a time in the exported program: engine.block_rows for the
     model's widest value per example on a L2_BYTES level-2 cache."""
     example = dict(zip(INPUTS, input_specs(schema, 8), strict=True))
-    row_bytes = engine.widest_row_bytes(_scores(model, params), params, example)
+    row_bytes = engine.widest_row_bytes(_scores(model), params, example)
     return engine.block_rows(row_bytes, L2_BYTES)
 
 
@@ -101,23 +104,20 @@ def export_model(
     params: Any,
     schema: Schema,
     platforms: tuple[str, ...],
-    cpu_rows: int | None = None,
+    cpu_rows: int,
 ) -> Any:
     """`score(flat params, user, item, hist) -> prob` of `model` as a `jax.export.Exported`
     with a symbolic batch size `b`; the parameters in `jax.tree_util.tree_leaves` order.
 
     On a CPU a request of at least BLOCKED_FROM x `cpu_rows` rows is scored `cpu_rows` at a
     time (a loop inside the program), so a block's activations stay in the core's cache, as
-    the engine's batch scoring does (engine.block_rows; default: for this model on a 1 MiB
-    level-2 cache, the serving machine being unknown; 0: whole requests). Other platforms
-    score whole requests. Blocks change no probability."""
+    the engine's batch scoring does (cpu_block_rows; 0: whole requests). Other platforms
+    score whole requests. Blocks change a probability by float32 rounding at most."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-
+    probs = _scores(model)
     sizes = {
         k: jnp.asarray([schema.vocab_sizes[f.vocab] for f in fs], jnp.int32)
-        for k, fs in zip(
-            INPUTS, (schema.user_fields, schema.item_fields, schema.hist_fields), strict=True
-        )
+        for k, fs in input_fields(schema).items()
     }
 
     def score(flat: list[jax.Array], user, item, hist) -> jax.Array:
@@ -125,12 +125,7 @@ def export_model(
         # not read out of a table's bounds.
         inside = lambda x, k: jnp.where((x >= 0) & (x < sizes[k]), x, OOV_ID)
         batch = {k: inside(x, k) for k, x in zip(INPUTS, (user, item, hist), strict=True)}
-        tree = jax.tree_util.tree_unflatten(treedef, flat)
-        logit_B, _ = model.apply({"params": tree}, batch, train=False)
-        return jax.nn.sigmoid(logit_B)
-
-    if cpu_rows is None:
-        cpu_rows = cpu_block_rows(model, params, schema)
+        return probs(jax.tree_util.tree_unflatten(treedef, flat), batch)
 
     def blocked(flat: list[jax.Array], user, item, hist) -> jax.Array:
         b, r = user.shape[0], cpu_rows
@@ -160,7 +155,7 @@ def export_model(
 def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, Any]:
     """How raw values become the inputs' ids, per vocabulary the inputs index."""
     out: dict[str, Any] = {}
-    vocabs = {f.vocab for f in (*schema.user_fields, *schema.item_fields, *schema.hist_fields)}
+    vocabs = {f.vocab for fs in input_fields(schema).values() for f in fs}
     numeric = set(schema.extra.get("source_options", {}).get("numeric_fields") or ())
     for v in sorted(vocabs):
         out[v] = {"size": schema.vocab_sizes[v]}  # ids outside [0, size) are scored as OOV
@@ -297,16 +292,14 @@ def export_run(
         raise DataError(f"--cpu_block_rows must be 0 (whole requests) or more, not {cpu_rows}")
     if cpu_rows is None:
         cpu_rows = cpu_block_rows(run.model, run.params, run.schema)
-    exp = exported(run, check_platforms(platforms), cpu_rows)
+    exp = export_model(run.model, run.params, run.schema, check_platforms(platforms), cpu_rows)
     flat, _ = jax.tree_util.tree_flatten_with_path(run.params)
     names = [jax.tree_util.keystr(p) for p, _ in flat]
     synthetic = run.dataset.id_maps.synthetic
     check = _check_rows(run, CHECK_ROWS)
     with files.atomic_folder(output) as tmp:
         copied = {}
-        vocabs = {f.vocab for f in (*run.schema.user_fields, *run.schema.item_fields)}
-        vocabs |= {f.vocab for f in run.schema.hist_fields}
-        for v in sorted(vocabs):
+        for v in sorted({f.vocab for fs in input_fields(run.schema).values() for f in fs}):
             if not synthetic and Vocab.exists(run.data_path, v):
                 os.makedirs(os.path.join(tmp, VOCAB_DIR), exist_ok=True)
                 for ext in (".npy", ".json"):
@@ -314,11 +307,12 @@ def export_run(
                     if os.path.exists(src):
                         shutil.copyfile(src, os.path.join(tmp, VOCAB_DIR, v + ext))
                         copied[v] = f"{VOCAB_DIR}/{v}{ext}"
-        features = os.path.join(run.data_path, rank_state.FOLDER, "item_features.npy")
-        if os.path.exists(features):  # datasets prepared with a ranking state
+        features = rank_state.item_features_path(run.data_path)
+        has_items = os.path.exists(features)  # datasets prepared with a ranking state
+        if has_items:
             shutil.copyfile(features, os.path.join(tmp, ITEMS_FILE))
         sig = signature(run, exp, copied, names, synthetic)
-        if os.path.exists(features):
+        if has_items:
             sig["items"] = {
                 "file": ITEMS_FILE,
                 "rule": "row i is the `item` input of item id i: its fields' ids (the history's "
@@ -338,8 +332,6 @@ def export_run(
 def load(path: str):
     """(score, signature) of an exported folder: `score(user, item, hist) -> prob` as numpy,
     the program and parameters loaded with jax and numpy alone (the recipe of docs/serving.md)."""
-    import json
-
     with open(os.path.join(path, SIGNATURE_FILE)) as f:
         sig = json.load(f)
     with open(os.path.join(path, MODEL_FILE), "rb") as f:
