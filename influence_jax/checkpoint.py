@@ -139,9 +139,15 @@ def _check_config_layout(raw: Any, path: str) -> None:
             )
 
 
-def config_changes(old: dict, new: dict, most: int = 6) -> list[str]:
+STATE_SECTIONS = ("model", "data", "opt")  # the config's sections that shape the train state
+
+
+def config_changes(
+    old: dict, new: dict, most: int = 6, sections: Sequence[str] | None = None
+) -> list[str]:
     """The fields whose values differ between two configs as JSON ("model.embed_dim: 8 -> 16"),
-    model, data and opt first (they shape the state), at most `most` and a count of the rest."""
+    model, data and opt first (they shape the state), at most `most` and a count of the rest;
+    with `sections`, only the fields under those top-level sections."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
@@ -153,7 +159,9 @@ def config_changes(old: dict, new: dict, most: int = 6) -> list[str]:
 
     a, b = flat(upgrade_config(copy.deepcopy(old))), flat(new)
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "absent") != b.get(k, "absent")]
-    keys.sort(key=lambda k: k.split(".")[0] not in ("model", "data", "opt"))
+    if sections is not None:
+        keys = [k for k in keys if k.split(".")[0] in sections]
+    keys.sort(key=lambda k: k.split(".")[0] not in STATE_SECTIONS)
     out = [f"{k}: {a.get(k, 'absent')!r} -> {b.get(k, 'absent')!r}" for k in keys[:most]]
     if len(keys) > most:
         out.append(f"and {len(keys) - most} more")

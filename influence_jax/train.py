@@ -166,7 +166,13 @@ def _resume(ckpt, eng, workdir: str, config_json: dict) -> tuple:
             saved = files.read_json(ckpt_lib.config_path(workdir))
         except DataError:
             saved = None
-        changes = ckpt_lib.config_changes(saved, config_json) if saved else []
+        # Only the sections that shape the state can make it misfit (a resume may change
+        # loop.num_steps and the like); all fields when none of those differ.
+        changes = []
+        if saved:
+            changes = ckpt_lib.config_changes(
+                saved, config_json, sections=ckpt_lib.STATE_SECTIONS
+            ) or ckpt_lib.config_changes(saved, config_json)
         if not changes:
             raise
         raise ConfigError(

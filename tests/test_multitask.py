@@ -227,6 +227,8 @@ def test_influence_report_of_every_head_and_the_heads_side_by_side(tmp_path):
         ({"model.multitask.objective": "save"}, r"objective: save: 'save' is not a head"),
         ({"model.multitask.objective": "buy+x*engage"}, r"'x' in 'x\*engage' is not a number"),
         ({"model.multitask.objective": "buy+buy"}, "name each head once"),
+        ({"model.multitask.objective": "buy+0.3*"}, r"the term '0.3\*' names no head; write"),
+        ({"model.multitask.objective": "buy+"}, r"the term '' names no head"),
         ({"model.multitask.chain": {"buy": "click"}}, r"chain: \['click'\] not among"),
         ({"model.multitask.chain": {"buy": "engage", "engage": "buy"}}, "a parent must be"),
         ({"model.multitask.mixture": "ple"}, r"mixture: 'ple'; choose from \('towers', 'mmoe'\)"),

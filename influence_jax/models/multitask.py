@@ -58,6 +58,11 @@ def parse_objective(text: str, heads: Sequence[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for term in text.replace(" ", "").split("+"):
         weight, _, head = term.rpartition("*")
+        if not head:
+            raise ValueError(
+                f"{text}: the term {term!r} names no head; write terms like 'buy' or "
+                f"'0.3*cart', joined by '+' (this run's heads: {list(heads)})"
+            )
         try:
             w = float(weight) if weight else 1.0
         except ValueError:
