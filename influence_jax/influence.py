@@ -420,11 +420,14 @@ def report(
     fn = make_masked_fn(run)
     T = s.num_behaviour_types
     real = real_events(ex["hist"], s)
-    n_pick = min(sample, int(real.any(1).sum()))  # the faithfulness part is at most this
+    # The per-event sample (predictions with at least one past event), drawn first from its
+    # own stream so the progress total is known from the start.
+    pick = np.flatnonzero(real.any(1))
+    pick = np.sort(np.random.default_rng([seed, 1]).choice(pick, min(sample, len(pick)), False))
+    long = np.flatnonzero(real[pick].sum(1) > MAX_K)  # the faithfulness part's rows
     n_cf = min(len(rows), COUNTERFACTUAL_EXAMPLES)
-    work = _Work(
-        [(len(rows), T), (n_cf, 1 + 2 * T), (n_pick, s.max_len), (n_pick, DELETION_COPIES)], log
-    )
+    parts = [(len(rows), T), (n_cf, 1 + 2 * T), (len(pick), s.max_len)]
+    work = _Work(parts + [(len(long), DELETION_COPIES)], log)
     out = masked_deltas(
         run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn, work.part(len(rows), T)
     )
@@ -468,9 +471,7 @@ def report(
     maps = run.dataset.id_maps
     result["segments"] = _segments(run, maps, ex, loto, contrib, min(n_boot, 300), rng)
 
-    # Per-event influence for a sample of predictions with at least one past event.
-    pick = np.flatnonzero(real.any(1))
-    pick = np.sort(rng.choice(pick, min(sample, len(pick)), replace=False))
+    # Per-event influence for the sample of predictions with at least one past event.
     sub = lambda r: gather(pick[r])
     loo_masked = lambda h, r: loo_masks(h, s)
     loo = masked_deltas(
@@ -478,8 +479,6 @@ def report(
     )["delta"]
     loo = np.where(real[pick], loo, 0.0)
     result["per_event"] = _per_event(run, maps, ex, rows, pick, loo, output)
-    long = np.flatnonzero(real[pick].sum(1) > MAX_K)
-    work.progress.total = work.base + len(long) * DELETION_COPIES  # the estimate, now known
     result["faithfulness"] = faithfulness(
         run, lambda r: sub(long[r]), loo[long], real[pick][long], rng, n_boot,
         work.part(len(long), DELETION_COPIES),

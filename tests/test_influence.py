@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -24,10 +25,15 @@ from tests import helpers
 TAOBAO_STEPS = 60  # the gap held with every seed tried at 60 and 100 steps (see the test)
 
 
+PROGRESS_LINES: list[str] = []  # the report fixture's progress lines, one per model call
+
+
 @pytest.fixture(scope="module")
 def report(run, tmp_path_factory) -> tuple[dict, str]:
     out = str(tmp_path_factory.mktemp("report"))
-    return influence.report(run, out, sample=48, n_boot=300), out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(influence, "PROGRESS_EVERY", 0.0)
+        return influence.report(run, out, sample=48, n_boot=300, log=PROGRESS_LINES.append), out
 
 
 def _within(stats: dict, key: str, ci: str = "", strict: bool = True) -> None:
@@ -70,6 +76,14 @@ def test_report_json(run, report):
     events = pq.read_table(os.path.join(out, per["table"]))
     assert events.num_rows == per["events"] > per["predictions"] == 48
     assert set(events.column("behaviour").to_pylist()) <= set(types)
+    # Progress over every part, its total known from the first line and reached at the last.
+    lines = [
+        re.fullmatch(r"influence: ([\d,]+)/([\d,]+) model rows .*", ln) for ln in PROGRESS_LINES
+    ]
+    assert len(lines) >= 4 and all(lines), PROGRESS_LINES[:3]  # a line per part at least
+    done = [int(m[1].replace(",", "")) for m in lines]
+    assert {m[2] for m in lines} == {lines[0][2]} and done == sorted(done)
+    assert done[-1] == int(lines[0][2].replace(",", ""))
 
 
 def test_plots_on_disk_and_in_tensorboard(run, report):
