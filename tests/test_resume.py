@@ -140,9 +140,7 @@ def test_a_resume_with_another_model_names_the_change_and_keeps_the_run(
     shutil.copytree(reference, workdir)
     saved = (workdir / "config.json").read_text()
     # A longer run too, which alone is a valid resume: not named among the changes.
-    config = helpers.tiny_config(
-        **{"model.embed_dim": 16, "ckpt.every": 5, "loop.num_steps": 40}
-    )
+    config = helpers.tiny_config(**{"model.embed_dim": 16, "ckpt.every": 5, "loop.num_steps": 40})
     with pytest.raises(ConfigError, match=r"config.json in model.embed_dim: 8 -> 16\. Resume") as e:
         train.train_and_evaluate(config, str(workdir))
     assert "step 20: parameter" in str(e.value) and "in the checkpoint but" in str(e.value)
