@@ -366,6 +366,26 @@ def _times(src: readers.EventSource, lenient: bool = False) -> tuple[list[int], 
     return ts, tally
 
 
+@pytest.mark.parametrize("gz", [False, True], ids=["csv", "gzip"])
+def test_a_bad_row_is_shown_as_the_file_has_it_on_its_line(tmp_path, gz):
+    """A quoted field holding a line break (and CRLF line ends) before the bad row: the error
+    names the bad row's own line and quotes the file's text, unread columns included."""
+    text = (
+        'who,note,what,kind,day\r\n1,"two\r\nlines",5,view,100\r\n\r\n'
+        '2,plain,6,view,101\r\n3,"kept, too",7,vieww,102\r\n4,x,8,view,103\r\n'
+    )
+    path = tmp_path / ("ev.csv.gz" if gz else "ev.csv")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    src = readers.open_source(
+        "events", str(path), user="who", item="what", behaviour="kind", timestamp="day",
+        behaviour_types=("view", "buy"),
+    )  # fmt: skip
+    want = r"ev\.csv(\.gz)?:6: unknown behaviour type: kind = 'vieww'.* "
+    want += r"\(row '3,\"kept, too\",7,vieww,102'\)"
+    with pytest.raises(DataError, match=want):
+        _times(src)
+
+
 def _unix(*args, tz: dt.tzinfo = dt.UTC) -> int:
     return int(dt.datetime(*args, tzinfo=tz).timestamp())
 

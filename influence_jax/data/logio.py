@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import csv
 import dataclasses
 import gzip
 import os
@@ -196,10 +197,8 @@ def open_stream(path: str) -> pa.NativeFile:
 def read_header(path: str, delimiter: str) -> tuple[str, ...]:
     """The first line's column names (BOM and CRLF stripped)."""
     _check_file(path)
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
     try:
-        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+        with gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb") as f:
             line = f.readline()
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read header ({e}); is the gzip file truncated?") from None
@@ -401,6 +400,45 @@ def _row_text(batch: pa.RecordBatch, i: int, delimiter: str) -> str:
     return delimiter.join(str(a[i].as_py()) for a in batch.columns)
 
 
+def _locate_row(
+    f: EventFile, row: int, header: int, skipped: dict[int, tuple[str, str]]
+) -> tuple[int, str] | None:
+    """(first physical line, the file's text) of data row `row` (0-based over the rows the
+    parser kept), read again from the file: exact where a quoted field holds a newline and
+    with every column, not only those read. Only on the way to an error; None when the file
+    cannot be read again."""
+    lines: list[str] = []
+
+    def raw():
+        opener = gzip.open if _is_gzip(f.path) else open
+        with opener(f.path, "rt", encoding="utf-8-sig", errors="replace", newline="") as fh:
+            for ln in fh:
+                lines.append(ln)
+                yield ln
+
+    quoting = {"quotechar": '"'} if f.quoted else {"quoting": csv.QUOTE_NONE}
+    start, kept = 1, -1
+    try:
+        reader = csv.reader(raw(), delimiter=f.delimiter, strict=False, **quoting)
+        for record_no, _ in enumerate(reader):
+            text, first = "".join(lines).rstrip("\r\n"), start
+            lines.clear()
+            start = reader.line_num + 1
+            if record_no < header or first in skipped:
+                continue
+            kept += 1
+            if kept == row:
+                return first, text
+    except (OSError, EOFError, csv.Error):
+        return None
+    return None
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
 def _physical_line(row: int, header: int, skipped: dict[int, tuple[str, str]]) -> int:
     """Line number of data row `row` (0-based over rows the parser kept)."""
     line = header + row + 1
@@ -429,9 +467,10 @@ def iter_file(
         flag_encoding(by_role, blank, bad)
         tally.counts["blank_lines"] += int(blank.sum())
         if not tally.lenient:
-            # The first bad line so far: a bad value in this batch or a skipped line up to it.
+            # The first bad line so far: a bad value in this batch or a skipped line up to it
+            # (line, reason, data row or -1, text, detail).
             last = _physical_line(rows + batch.num_rows - 1, header, skipped)
-            cands = [(s, "wrong_field_count", *skipped[s][::-1]) for s in skipped if s <= last]
+            cands = [(s, "wrong_field_count", -1, *skipped[s][::-1]) for s in skipped if s <= last]
             for reason, m in bad.items():
                 if m.any():
                     i = int(np.argmax(m))
@@ -439,12 +478,15 @@ def iter_file(
                         (
                             _physical_line(rows + i, header, skipped),
                             reason,
+                            rows + i,
                             _row_text(batch, i, f.delimiter),
                             _detail(f, by_role, reason, i, string_ids),
                         )
                     )
             if cands:
-                line, reason, text, detail = min(cands)
+                line, reason, row, text, detail = min(cands)
+                if row >= 0:  # the row as the file has it, and its line
+                    line, text = _locate_row(f, row, header, skipped) or (line, text)
                 if line == 1 and not header and reason in ("bad_id", "bad_timestamp"):
                     detail += "; is line 1 a header? Files of this source have none"
                 raise fail_row(f.path, line, _reason(f, reason), text, detail)
