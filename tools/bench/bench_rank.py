@@ -19,7 +19,8 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import bench_util
 import jax
@@ -214,6 +215,59 @@ class RankBench:
         return [f"--{k}={v}" for k, v in paths.items()]
 
 
+def model_rounds(
+    config_name: str,
+    which_models: list[str],
+    rows: int,
+    prepare: Callable[[RankBench, dict], Any],
+    ours: Callable[[Any, str, str], list[dict]],
+    pair: Callable[[list[dict], list[dict]], None],
+    keras_args: list[str] | None = None,
+    ref_kw: dict | None = None,
+    rounds: int = 1,
+) -> list[dict]:
+    """The rounds of a scoring benchmark against Keras, for each model (default / full; one
+    with the extractors of an earlier one is timed once): `rows` synthetic examples per
+    distinct batch and a RankBench made once, `prepare(rb, examples)` once, then `rounds`
+    times in turn `ours(prepared, model, said)` (our rows; `said` prefixes progress lines) and,
+    with `keras_args`, bench_refs/keras_ranker.py on the same inputs and parameters;
+    `pair(ours, keras')` adds the ratios. Rows tagged with the model, its extractors, the
+    config and (rounds > 1) the round."""
+    out, seen = [], {}
+    for which in which_models:
+        config = model_config(config_name, which)
+        extractors = tuple(config.model.extractors)
+        if frozenset(extractors) in seen:
+            bench_util.note(
+                f"model {which!r} has the extractors of {seen[frozenset(extractors)]!r} "
+                f"{extractors}: timed once",
+                (ref_kw or {}).get("as_json", False),
+            )
+            continue
+        seen[frozenset(extractors)] = which
+        with tempfile.TemporaryDirectory() as tmp:
+            schema, ex = make_examples(config, common.NUM_DISTINCT_BATCHES * rows, tmp)
+            rb = RankBench(config, schema)
+            prepared = prepare(rb, ex)
+            info = {"model": which, "extractors": list(extractors), "config": config_name}
+            args = None if keras_args is None else rb.write_keras_inputs(ex, tmp) + keras_args
+            for i in range(rounds):
+                tag = info | ({"round": i} if rounds > 1 else {})
+                said = f"round {i + 1}/{rounds}: " if rounds > 1 else ""
+                mine = [r | tag for r in ours(prepared, which, said)]
+                refs = []
+                if args is not None:
+                    refs = [
+                        r | tag
+                        for r in bench_util.run_reference(
+                            "keras ranker", "keras_ranker.py", args, **(ref_kw or {})
+                        )
+                    ]
+                pair(mine, refs)
+                out += mine + refs
+    return out
+
+
 def run(
     config_name: str,
     which_models: list[str],
@@ -230,48 +284,26 @@ def run(
     With `rounds` > 1 each model's data and engine are set up once and then the engine and Keras
     run `rounds` times in turn, each row tagged with its round and its ratios from that round.
     """
-    rows, seen = [], {}
-    for which in which_models:
-        config = model_config(config_name, which)
-        extractors = tuple(config.model.extractors)
-        if frozenset(extractors) in seen:
-            bench_util.note(
-                f"rank: model {which!r} has the extractors of {seen[frozenset(extractors)]!r} "
-                f"{extractors}: "
-                "timed once",
-                (ref_kw or {}).get("as_json", False),
-            )
-            continue
-        seen[frozenset(extractors)] = which
-        with tempfile.TemporaryDirectory() as tmp:
-            schema, ex = make_examples(config, common.NUM_DISTINCT_BATCHES * max(batches), tmp)
-            rb = RankBench(config, schema)
-            info = {"model": which, "extractors": list(extractors), "config": config_name}
-            args = []
-            if compare:
-                args = rb.write_keras_inputs(ex, tmp) + [
-                    f"--batches={','.join(map(str, batches))}",
-                    f"--seconds={seconds}",
-                    f"--repeats={repeats}",
-                ]
-            for i in range(rounds):
-                tag = info | ({"round": i} if rounds > 1 else {})
-                said = f"round {i + 1}/{rounds}: " if rounds > 1 else ""
-                ours = []
-                for batch in batches:
-                    bench_util.progress(f"{said}jax ranker {which} batch {batch} ...")
-                    ours.append(rb.measure(ex, batch, seconds, repeats, measure) | tag)
-                refs = []
-                if compare:
-                    refs = [
-                        r | tag
-                        for r in bench_util.run_reference(
-                            "keras ranker", "keras_ranker.py", args, **ref_kw
-                        )
-                    ]
-                _add_ratios(ours, refs)
-                rows += ours + refs
-    return rows
+
+    def ours(prepared, which, said):
+        rb, ex = prepared
+        out = []
+        for batch in batches:
+            bench_util.progress(f"{said}jax ranker {which} batch {batch} ...")
+            out.append(rb.measure(ex, batch, seconds, repeats, measure))
+        return out
+
+    keras_args = None
+    if compare:
+        keras_args = [
+            f"--batches={','.join(map(str, batches))}",
+            f"--seconds={seconds}",
+            f"--repeats={repeats}",
+        ]
+    return model_rounds(
+        config_name, which_models, max(batches), lambda rb, ex: (rb, ex), ours, _add_ratios,
+        keras_args, ref_kw, rounds,
+    )  # fmt: skip
 
 
 def _add_ratios(ours: list[dict], refs: list[dict]) -> None:

@@ -10,8 +10,6 @@ latency and the requests per second.
 
 from __future__ import annotations
 
-import tempfile
-
 import bench_rank
 import bench_util
 import jax
@@ -45,56 +43,46 @@ def run(
 ) -> list[dict]:
     """Rows for each model (default / full) and request size: the export's and, with
     `compare`, Keras'; with `rounds` > 1 the two in turn `rounds` times, each row tagged."""
-    rows = []
-    for which in which_models:
-        config = bench_rank.model_config(config_name, which)
-        n = common.NUM_DISTINCT_BATCHES
-        with tempfile.TemporaryDirectory() as tmp:
-            schema, ex = bench_rank.make_examples(config, n * max(request_rows), tmp)
-            rb = bench_rank.RankBench(config, schema)
-            call, block_rows = _exported_call(rb)
-            x = {k: ex[k] for k in serving.INPUTS}
-            check = {k: v[: bench_rank.CHECK_ROWS] for k, v in x.items()}
-            want = sharding.to_host(rb.score_fn(rb.params, sharding.to_global(check, rb.mesh)))
-            diff = float(np.max(np.abs(call(check) - want)))
-            info = {"model": which, "extractors": list(config.model.extractors)}
-            args = []
-            if compare:
-                args = rb.write_keras_inputs(ex, tmp) + [
-                    f"--batches={','.join(map(str, request_rows))}",
-                    f"--seconds={seconds}",
-                    f"--repeats={repeats}",
-                    "--latency",
-                ]
-            for i in range(rounds):
-                tag = info | ({"round": i} if rounds > 1 else {})
-                said = f"round {i + 1}/{rounds}: " if rounds > 1 else ""
-                ours = []
-                for b in request_rows:
-                    bench_util.progress(f"{said}exported {which} model, requests of {b} ...")
-                    requests = [{k: v[j * b : (j + 1) * b] for k, v in x.items()} for j in range(n)]
-                    with bench_util.CpuShareOfOthers() as others:
-                        r = common.request_latency({"exported": call}, requests, seconds, repeats)
-                    ours.append(
-                        {"impl": "jax-export", "rows": b, **r, "others_cpu": others.share,
-                         "export_vs_engine_max_abs_diff": diff, "cpu_block_rows": block_rows}
-                        | tag
-                    )  # fmt: skip
-                refs = []
-                if compare:
-                    refs = [
-                        r | tag
-                        for r in bench_util.run_reference(
-                            "keras ranker", "keras_ranker.py", args, **(ref_kw or {})
-                        )
-                    ]
-                for r in ours:
-                    same = [k for k in refs if k["rows"] == r["rows"]]
-                    if same:
-                        r["keras_p50_ms"] = same[0]["p50_ms"]
-                        r["p50_vs_keras"] = same[0]["p50_ms"] / r["p50_ms"]
-                rows += ours + refs
-    return rows
+    n = common.NUM_DISTINCT_BATCHES
+
+    def prepare(rb, ex):
+        call, block_rows = _exported_call(rb)
+        x = {k: ex[k] for k in serving.INPUTS}
+        check = {k: v[: bench_rank.CHECK_ROWS] for k, v in x.items()}
+        want = sharding.to_host(rb.score_fn(rb.params, sharding.to_global(check, rb.mesh)))
+        diff = float(np.max(np.abs(call(check) - want)))
+        return call, x, {"export_vs_engine_max_abs_diff": diff, "cpu_block_rows": block_rows}
+
+    def ours(prepared, which, said):
+        call, x, info = prepared
+        out = []
+        for b in request_rows:
+            bench_util.progress(f"{said}exported {which} model, requests of {b} ...")
+            requests = [{k: v[j * b : (j + 1) * b] for k, v in x.items()} for j in range(n)]
+            with bench_util.CpuShareOfOthers() as others:
+                r = common.request_latency({"exported": call}, requests, seconds, repeats)
+            out.append({"impl": "jax-export", "rows": b, **r, "others_cpu": others.share} | info)
+        return out
+
+    def pair(ours, refs):
+        for r in ours:
+            same = [k for k in refs if k["rows"] == r["rows"]]
+            if same:
+                r["keras_p50_ms"] = same[0]["p50_ms"]
+                r["p50_vs_keras"] = same[0]["p50_ms"] / r["p50_ms"]
+
+    keras_args = None
+    if compare:
+        keras_args = [
+            f"--batches={','.join(map(str, request_rows))}",
+            f"--seconds={seconds}",
+            f"--repeats={repeats}",
+            "--latency",
+        ]
+    return bench_rank.model_rounds(
+        config_name, which_models, max(request_rows), prepare, ours, pair, keras_args, ref_kw,
+        rounds,
+    )  # fmt: skip
 
 
 def table_text(rows: list[dict]) -> str:
