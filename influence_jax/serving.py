@@ -15,7 +15,11 @@
   numeric buckets), the parameters' names and dtypes, the run (workdir, step, model,
   objective), the CPU block rows and the JAX version;
 - `check.npz`: a few rows of the test split (`user`, `item`, `hist`) with the probabilities the
-  engine's own scoring function gives them (`prob`): a serving port checks itself against them.
+  engine's own scoring function gives them (`prob`): a serving port checks itself against them;
+- with `explain`: `explain.jax`, `explain(params, user, item, hist) -> {prob, logit, behaviour
+  [b, T], events [b, L], extractors [b, E]}`, what `rank.py --explain` reports of a row (each
+  behaviour type's and past event's logit drop when left out, each extractor's w_j f_j), and
+  the engine's values for the check rows in check.npz (`explain_*`).
 
 The probabilities are those of `rank.py` and `evaluate.py` for the same rows
 (tests/test_serving.py). Loading, with nothing of this package (docs/serving.md):
@@ -35,15 +39,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence_jax import engine, files, scoring
+from influence_jax import engine, files, influence, scoring
 from influence_jax.data import rank_state
 from influence_jax.data.history import gap_column, gap_seconds
-from influence_jax.data.schema import NUM_RESERVED, OOV_ID, Schema
+from influence_jax.data.schema import HIST_BEHAVIOUR, NUM_RESERVED, OOV_ID, Schema
 from influence_jax.data.store import ExampleStore
 from influence_jax.data.vocab import Vocab
 from influence_jax.errors import DataError
 
 MODEL_FILE = "model.jax"
+EXPLAIN_FILE = "explain.jax"
+# explain's outputs, in the order of the program's flat results (a dict's: sorted keys)
+EXPLAIN_OUTPUTS = ("behaviour", "events", "extractors", "logit", "prob")
 PARAMS_FILE = "params.npz"
 SIGNATURE_FILE = "signature.json"
 CHECK_FILE = "check.npz"
@@ -115,17 +122,10 @@ def export_model(
     score whole requests. Blocks change a probability by float32 rounding at most."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     probs = _scores(model)
-    sizes = {
-        k: jnp.asarray([schema.vocab_sizes[f.vocab] for f in fs], jnp.int32)
-        for k, fs in input_fields(schema).items()
-    }
+    inputs = _inputs(schema)
 
     def score(flat: list[jax.Array], user, item, hist) -> jax.Array:
-        # An id outside its vocabulary (negative, or at or above its size) is scored as OOV,
-        # not read out of a table's bounds.
-        inside = lambda x, k: jnp.where((x >= 0) & (x < sizes[k]), x, OOV_ID)
-        batch = {k: inside(x, k) for k, x in zip(INPUTS, (user, item, hist), strict=True)}
-        return probs(jax.tree_util.tree_unflatten(treedef, flat), batch)
+        return probs(jax.tree_util.tree_unflatten(treedef, flat), inputs(user, item, hist))
 
     def blocked(flat: list[jax.Array], user, item, hist) -> jax.Array:
         b, r = user.shape[0], cpu_rows
@@ -147,9 +147,119 @@ def export_model(
             return score(flat, user, item, hist)
         return jax.lax.platform_dependent(flat, user, item, hist, cpu=blocked, default=score)
 
+    return _export(serve, leaves, schema, platforms)
+
+
+def _inputs(schema: Schema):
+    """`(user, item, hist) -> batch` with every id outside its vocabulary (negative, or at or
+    above its size) as OOV, never read out of a table's bounds."""
+    sizes = {
+        k: jnp.asarray([schema.vocab_sizes[f.vocab] for f in fs], jnp.int32)
+        for k, fs in input_fields(schema).items()
+    }
+    inside = lambda x, k: jnp.where((x >= 0) & (x < sizes[k]), x, OOV_ID)
+    return lambda *xs: {k: inside(x, k) for k, x in zip(INPUTS, xs, strict=True)}
+
+
+def _export(fn: Any, leaves: list, schema: Schema, platforms: tuple[str, ...]) -> Any:
+    """`fn(flat params, user, item, hist)` exported with a symbolic batch size `b`."""
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
     (b,) = jax.export.symbolic_shape("b")
-    return jax.export.export(jax.jit(serve), platforms=platforms)(specs, *input_specs(schema, b))
+    return jax.export.export(jax.jit(fn), platforms=platforms)(specs, *input_specs(schema, b))
+
+
+def export_explain(model: Any, params: Any, schema: Schema, platforms: tuple[str, ...]) -> Any:
+    """`explain(flat params, user, item, hist) -> {prob [b], logit [b], behaviour [b, T],
+    events [b, L], extractors [b, E]}` of `model` as a `jax.export.Exported`: per row the logit
+    drop when every event of behaviour type t is left out, when history event l alone is (0 at
+    padding), and each extractor's part w_j f_j of the logit (E = 0 for a model without
+    them), as influence.explain_columns computes them for rank.py --explain. A row costs
+    1 + L + T model rows, so explain the rows shown, not every candidate."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    inputs, L = _inputs(schema), schema.max_len
+    types = jnp.arange(schema.num_behaviour_types) + NUM_RESERVED
+    beh_col = schema.hist_index(HIST_BEHAVIOUR)
+
+    def explain(flat: list[jax.Array], user, item, hist) -> dict[str, jax.Array]:
+        p, batch = jax.tree_util.tree_unflatten(treedef, flat), inputs(user, item, hist)
+        logit, aux = model.apply({"params": p}, batch, train=False)
+        beh = batch["hist"][..., beh_col]
+        real = beh != 0
+        remove = jnp.concatenate(
+            [jnp.eye(L, dtype=bool)[None] & real[:, None, :], beh[:, None, :] == types[:, None]],
+            axis=1,
+        )  # [b, L + T, L]: copy l drops event l, copy L + t every event of type t
+        keep = jnp.moveaxis(~remove, 1, 0)
+        hists = jnp.where(keep[..., None], batch["hist"][None], 0)
+        delta = logit[:, None] - scoring.copies_logits(model, p, batch, hists).T
+        c = aux.get("contributions", {})
+        parts = [c[k] for k in sorted(c)]  # _contribution_names' order
+        return {
+            "prob": jax.nn.sigmoid(logit),
+            "logit": logit,
+            "behaviour": delta[:, L:],
+            "events": jnp.where(real, delta[:, :L], 0.0),
+            "extractors": jnp.stack(parts, 1) if parts else jnp.zeros((logit.shape[0], 0)),
+        }
+
+    return _export(explain, leaves, schema, platforms)
+
+
+def _explain_signature(run: scoring.Run, exp: Any) -> dict[str, Any]:
+    s = run.schema
+    names = list(_contribution_names(run))
+    return {
+        "file": EXPLAIN_FILE,
+        "call": "exp.call(params, user, item, hist) -> dict of the outputs",
+        "outputs": {
+            "prob": {"shape": ["b"]},
+            "logit": {"shape": ["b"]},
+            "behaviour": {
+                "shape": ["b", s.num_behaviour_types],
+                "order": list(s.behaviour_types),
+                "meaning": "logit - logit with every event of the type left out",
+            },
+            "events": {
+                "shape": ["b", s.max_len],
+                "meaning": "logit - logit with the history's event l alone left out (the hist "
+                "input's order, most recent first); 0 at padding",
+            },
+            "extractors": {
+                "shape": ["b", len(names)],
+                "order": names,
+                "meaning": "each extractor's part w_j f_j of the logit",
+            },
+        },
+        "flat_order": list(EXPLAIN_OUTPUTS),
+        "cost": f"{1 + s.max_len + s.num_behaviour_types} model rows per row",
+        "platforms": list(exp.platforms),
+    }
+
+
+def _contribution_names(run: scoring.Run) -> tuple[str, ...]:
+    """The extractors the model reports a part of the logit for, sorted by name."""
+    example = dict(zip(INPUTS, input_specs(run.schema, 2), strict=True))
+    out = jax.eval_shape(
+        lambda p, b: run.model.apply({"params": p}, b, train=False), run.params, example
+    )
+    return tuple(sorted(out[1].get("contributions", {})))
+
+
+def _engine_explain(run: scoring.Run, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The engine's explanation of `rows` (influence.masked_deltas, as rank.py --explain)."""
+    s, L, n = run.schema, run.schema.max_len, len(rows["user"])
+    gather = lambda idx: {k: rows[k][idx] for k in INPUTS}
+    masks = lambda h, r: np.concatenate([influence.loo_masks(h, s), influence.type_masks(h, s)], 1)
+    out = influence.masked_deltas(run, n, gather, masks, L + s.num_behaviour_types)
+    delta, real = out["delta"], influence.real_events(rows["hist"], s)
+    c = out["contributions"]
+    parts = [np.asarray(c[k], np.float32) for k in sorted(c)]
+    return {
+        "explain_behaviour": delta[:, L:].astype(np.float32),
+        "explain_events": np.where(real, delta[:, :L], 0.0).astype(np.float32),
+        "explain_extractors": np.stack(parts, 1) if parts else np.zeros((n, 0), np.float32),
+        "explain_logit": np.asarray(out["logit"], np.float32),
+    }
 
 
 def _ids(schema: Schema, synthetic: bool, copied: dict[str, str]) -> dict[str, Any]:
@@ -283,9 +393,10 @@ def export_run(
     output: str,
     platforms: tuple[str, ...] = ("cpu",),
     cpu_rows: int | None = None,
+    explain: bool = False,
 ) -> dict:
     """Writes the serving folder of `run` to `output` (atomically; module doc); returns its
-    signature. `cpu_rows`: export_model's (None: cpu_block_rows)."""
+    signature. `cpu_rows`: export_model's (None: cpu_block_rows); `explain`: explain.jax too."""
     if jax.process_count() > 1:
         raise DataError("export runs in one process; run it without JAX_NUM_PROCESSES")
     if cpu_rows is not None and cpu_rows < 0:
@@ -297,6 +408,10 @@ def export_run(
     names = [jax.tree_util.keystr(p) for p, _ in flat]
     synthetic = run.dataset.id_maps.synthetic
     check = _check_rows(run, CHECK_ROWS)
+    explained = None
+    if explain:
+        explained = export_explain(run.model, run.params, run.schema, platforms)
+        check.update(_engine_explain(run, {k: check[k] for k in INPUTS}))
     with files.atomic_folder(output) as tmp:
         copied = {}
         for v in sorted({f.vocab for fs in input_fields(run.schema).values() for f in fs}):
@@ -322,6 +437,10 @@ def export_run(
         sig["cpu_block_rows"] = cpu_rows
         with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
             f.write(exp.serialize())
+        if explained is not None:
+            sig["explain"] = _explain_signature(run, explained)
+            with open(os.path.join(tmp, EXPLAIN_FILE), "wb") as f:
+                f.write(explained.serialize())
         arrays = {f"p{i:05d}": _host(x) for i, (_, x) in enumerate(flat)}
         np.savez(os.path.join(tmp, PARAMS_FILE), **arrays)
         np.savez(os.path.join(tmp, CHECK_FILE), **check)
@@ -329,14 +448,19 @@ def export_run(
     return sig
 
 
-def load(path: str):
-    """(score, signature) of an exported folder: `score(user, item, hist) -> prob` as numpy,
-    the program and parameters loaded with jax and numpy alone (the recipe of docs/serving.md)."""
+def load(path: str, program: str = MODEL_FILE):
+    """(fn, signature) of an exported folder: `fn(user, item, hist)` -> prob (or, with
+    program=EXPLAIN_FILE, explain's dict) as numpy, the program and parameters loaded with jax
+    and numpy alone (the recipe of docs/serving.md)."""
     with open(os.path.join(path, SIGNATURE_FILE)) as f:
         sig = json.load(f)
-    with open(os.path.join(path, MODEL_FILE), "rb") as f:
+    if program == EXPLAIN_FILE and "explain" not in sig:
+        raise DataError(f"{path}: exported without --explain; export it again with it")
+    with open(os.path.join(path, program), "rb") as f:
         exp = jax.export.deserialize(bytearray(f.read()))
     with np.load(os.path.join(path, PARAMS_FILE)) as npz:
         params = [npz[p["key"]].view(jnp.dtype(p["dtype"])) for p in sig["params"]["arrays"]]
     params = [jax.device_put(p) for p in params]
-    return (lambda user, item, hist: np.asarray(exp.call(params, user, item, hist))), sig
+    call = jax.jit(exp.call)
+    host = lambda out: jax.tree_util.tree_map(np.asarray, out)
+    return (lambda user, item, hist: host(call(params, user, item, hist))), sig

@@ -81,6 +81,8 @@ def test_the_documented_loader_scores_as_the_engine_without_this_package(run, tm
     got_odd = score(odd["user"], odd["item"], odd["hist"])
     assert np.isfinite(got_odd).all()
     np.testing.assert_allclose(got_odd, score(oov["user"], oov["item"], oov["hist"]), atol=1e-7)
+    with pytest.raises(DataError, match="exported without --explain; export it again"):
+        serving.load(str(out), serving.EXPLAIN_FILE)
     sizes = sig["ids"]["vocabularies"]
     assert all(sizes[v]["size"] == run.schema.vocab_sizes[v] for v in sizes)
     with np.load(tmp_path / "got.npz") as got, np.load(out / "check.npz") as check:
@@ -125,16 +127,36 @@ def test_every_model_exports_and_scores_as_the_engine(name, tmp_path, tiny_data)
     # Lowered for a GPU too (one program for both; it dispatches on the CPU here); on the CPU
     # a request of 37 rows in blocks of 8 (the last one short), one of 16 whole.
     platforms = ("cpu", "cuda") if name == "seed_cnn" else ("cpu",)
-    sig = serving.export_run(run, out, platforms, cpu_rows=8)
+    sig = serving.export_run(run, out, platforms, cpu_rows=8, explain=True)
     assert sig["platforms"] == list(platforms) and sig["run"]["model"] == config.model.name
     assert sig["cpu_block_rows"] == 8
     score, _ = serving.load(out)
+    explain, _ = serving.load(out, serving.EXPLAIN_FILE)
     with np.load(os.path.join(out, "check.npz")) as check:
-        prob = score(check["user"], check["item"], check["hist"])
-        np.testing.assert_allclose(prob, check["prob"], atol=1e-6)
+        rows = [check[k] for k in serving.INPUTS]
+        np.testing.assert_allclose(score(*rows), check["prob"], atol=1e-6)
+        got = explain(*rows)
+        for k in ("behaviour", "events", "extractors", "logit"):
+            np.testing.assert_allclose(got[k], check[f"explain_{k}"], atol=2e-5, err_msg=k)
     rows = ExampleStore(path, "valid", run.schema).gather(np.arange(37))
     rows = {k: rows[k] for k in serving.INPUTS}
-    np.testing.assert_allclose(score(*rows.values()), _engine_probs(run, rows), atol=1e-6)
+    want = _engine_probs(run, rows)
+    np.testing.assert_allclose(score(*rows.values()), want, atol=1e-6)
+    # explain.jax: what rank.py --explain reports of each row, at another batch size.
+    got, engine = explain(*rows.values()), serving._engine_explain(run, rows)
+    np.testing.assert_allclose(got["prob"], want, atol=1e-6)
+    for k in ("behaviour", "events", "extractors"):
+        np.testing.assert_allclose(got[k], engine[f"explain_{k}"], atol=2e-5, err_msg=k)
+    x = sig["explain"]["outputs"]
+    assert x["behaviour"]["order"] == list(run.schema.behaviour_types)
+    assert got["extractors"].shape == (37, len(x["extractors"]["order"]))
+    real = rows["hist"][..., run.schema.hist_index("behaviour")] != 0
+    assert not got["events"][~real].any() and np.abs(got["events"][real]).max() > 1e-3
+    assert np.abs(got["behaviour"]).max() > 1e-3
+    if name == "seed_cnn":  # no extractors to weigh
+        assert x["extractors"]["order"] == []
+    else:  # a part per extractor
+        assert len(x["extractors"]["order"]) == len(config.model.extractors)
     if name == "multitask":  # the run's objective: the engage head's probability, not buy's
         assert sig["run"]["objective"] == sig["run"]["objective_head"] == "engage"
 
@@ -170,11 +192,15 @@ def test_vocabularies_and_id_rules_map_raw_ids_as_the_dataset(tmp_path):
 
 def test_export_cli_writes_the_folder_and_reports_the_check(run_dir, tmp_path):
     out = tmp_path / "serve"
-    done = helpers.run_tool("export_model", f"--workdir={run_dir}", f"--output={out}")
+    done = helpers.run_tool("export_model", f"--workdir={run_dir}", f"--output={out}", "--explain")
     assert done.returncode == 0, done.stderr[-3000:]
     line = done.stdout.strip().splitlines()[-1]
-    diff = float(re.search(r"largest difference from the engine (\S+)$", line).group(1))
-    assert diff <= 1e-6 and "check on 16 test rows" in line
+    found = re.search(
+        r"largest difference from the engine (\S+); explain's \(logits\) (\S+)$", line
+    )
+    assert found and float(found[1]) <= 1e-6 and float(found[2]) <= 2e-5, line
+    assert "check on 16 test rows" in line and "explain.jax" in line
+    assert (out / "explain.jax").stat().st_size > 0
     assert "read only" not in done.stderr  # Orbax's note on a manager opened read-only
     sig = json.loads((out / "signature.json").read_text())
     assert sig["run"]["workdir"] == os.path.abspath(run_dir)

@@ -9,7 +9,9 @@ alone load and call, without this package or the model's code (docs/serving.md).
 size, lowered for each of --platforms), params.npz, vocab/ (the raw ids of the inputs'
 vocabularies), signature.json (inputs, id conventions, parameters, the run) and check.npz (test
 rows with the engine's own probabilities for them). A multi-task run exports its objective
-(--objective, as rank.py). Prints the signature's summary and the check's largest difference.
+(--objective, as rank.py). With --explain, explain.jax too: per row what rank.py --explain
+reports (each behaviour type's and past event's logit drop when left out, each extractor's
+part of the logit). Prints the signature's summary and the check's largest difference.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ _CPU_ROWS = flags.DEFINE_integer(
     "activations stay in cache); default: from the model's widest value on a 1 MiB level-2 "
     "cache; 0: whole requests.",
 )
+_EXPLAIN = flags.DEFINE_bool(
+    "explain",
+    False,
+    "Also export explain.jax: each behaviour type's, past event's and extractor's influence "
+    "on a row's score (1 + history length + types model rows per row: for the rows shown).",
+)
 flags.mark_flags_as_required(["workdir", "output"])
 
 # The files that mark a folder this tool wrote (it may replace only such a folder).
@@ -55,16 +63,24 @@ def _export() -> None:
     files.check_output(_OUTPUT.value, "output", folder=True, replaces=MARKS)
     platforms = serving.check_platforms(list(_PLATFORMS.value))  # before loading anything
     run = scoring.load_run(_WORKDIR.value, _DATA.value, _STEP.value, _OBJECTIVE.value)
-    sig = serving.export_run(run, _OUTPUT.value, platforms, _CPU_ROWS.value)
+    sig = serving.export_run(run, _OUTPUT.value, platforms, _CPU_ROWS.value, _EXPLAIN.value)
     here = run.mesh.devices.flat[0].platform  # "gpu" on CUDA and ROCm hosts
     if set(sig["platforms"]) & ({"cuda", "rocm"} if here == "gpu" else {here}):
         score, _ = serving.load(_OUTPUT.value)  # what a server loads, checked against the engine
         with np.load(os.path.join(_OUTPUT.value, sig["check"]["file"])) as check:
-            prob = score(check["user"], check["item"], check["hist"])
+            rows = (check["user"], check["item"], check["hist"])
+            prob = score(*rows)
             diff = float(np.abs(prob - check["prob"]).max())
+            if _EXPLAIN.value:
+                got, _ = serving.load(_OUTPUT.value, serving.EXPLAIN_FILE)
+                got = got(*rows)
+                diff_x = max(
+                    float(np.abs(got[k] - check[f"explain_{k}"]).max(initial=0.0))
+                    for k in ("behaviour", "events", "extractors", "logit")
+                )
         checked = (
             f"check on {len(prob)} {sig['check']['split']} rows: largest difference from the "
-            f"engine {diff:.2e}"
+            f"engine {diff:.2e}" + (f"; explain's (logits) {diff_x:.2e}" if _EXPLAIN.value else "")
         )
     else:
         checked = f"not checked here: the program is for {','.join(sig['platforms'])}, not {here}"
@@ -75,6 +91,7 @@ def _export() -> None:
         f"({size / 1e6:.1f} MB, {len(sig['params']['arrays'])} parameter arrays, platforms "
         f"{','.join(sig['platforms'])}; on CPU "
         + (f"{blocks} rows at a time" if blocks else "whole requests")
+        + ("; explain.jax" if _EXPLAIN.value else "")
         + f"); inputs user {sig['inputs']['user']['shape']}, item "
         f"{sig['inputs']['item']['shape']}, hist {sig['inputs']['hist']['shape']}; {checked}"
     )
