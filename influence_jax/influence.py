@@ -38,6 +38,7 @@ HIST_LEN_EDGES = (1, 5, 10, 20, 50, 100, 200)  # history-length segments: [0], [
 MAX_SEGMENT_VALUES = 10  # most frequent values kept per categorical segment
 ROWS_PER_CALL = 8192  # model rows (examples x masked copies) per device call
 PROGRESS_EVERY = 10.0  # seconds between the report's progress lines
+TB_PREFIX = "influence_report"  # the report's TensorBoard tags
 DEFINITIONS = {
     "behaviour_types.influence": "mean |logit(x) - logit(x without every event of the type)| "
     "over the examples, with a 95% percentile-bootstrap interval (ci_low, ci_high)",
@@ -528,13 +529,16 @@ def _write(run: Run, result: dict[str, Any], output: str) -> None:
     for name, png in images.items():
         files.write_bytes(os.path.join(output, f"{name}.png"), png)
     files.write_json(os.path.join(output, "influence.json"), result)
+    # Under their own prefix: training's influence/behaviour/<type> is the normalised gate, not
+    # this mean |logit change|, and a report written inside the workdir shows beside it.
     with summary.SummaryWriter(output) as writer:
         for name, png in images.items():
-            writer.image(f"influence/{name}", png, run.step)
+            writer.image(f"{TB_PREFIX}/{name}", png, run.step)
         scalars = {
-            f"influence/behaviour/{t}": v["influence"] for t, v in result["behaviour_types"].items()
+            f"{TB_PREFIX}/behaviour/{t}": v["influence"]
+            for t, v in result["behaviour_types"].items()
         }
         f = result["faithfulness"]
         gaps = zip(f["k"], f["gap"], strict=False)  # no gaps when no prediction qualified
-        scalars.update({f"faithfulness/gap_k{k}": g for k, g in gaps})
+        scalars.update({f"{TB_PREFIX}/faithfulness/gap_k{k}": g for k, g in gaps})
         writer.scalars(run.step, scalars)

@@ -94,8 +94,12 @@ def test_plots_on_disk_and_in_tensorboard(run, report):
     acc = EventAccumulator(out, size_guidance={"images": 0})
     acc.Reload()
     tags = set(acc.Tags()["images"])
-    assert {"influence/behaviour_influence", "influence/deletion_curves"} <= tags
-    assert acc.Images("influence/behaviour_influence")[-1].step == run.step
+    assert {"influence_report/behaviour_influence", "influence_report/deletion_curves"} <= tags
+    assert acc.Images("influence_report/behaviour_influence")[-1].step == run.step
+    # Apart from training's influence/ tags (there influence/behaviour/<type> is the gate).
+    scalars = set(acc.Tags()["scalars"])
+    assert {f"influence_report/behaviour/{t}" for t in r["behaviour_types"]} <= scalars
+    assert not [t for t in scalars | tags if t.startswith("influence/")]
 
 
 def _legend_texts(fig) -> list[str]:
