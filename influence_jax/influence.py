@@ -65,7 +65,8 @@ DEFINITIONS = {
     "behaviour_types.counterfactual_add_prob": "counterfactual.types[t].add_prob.mean",
     "behaviour_types.counterfactual_contrast": "counterfactual.types[t].contrast_logit.mean",
     "extractor_separation": "whether the lowest extractor weight is below SEPARATION x the "
-    "next lowest; else the weights cannot tell the two apart",
+    "next lowest; else the weights cannot tell the two apart; agrees: whether the extractor "
+    "of lowest influence is the one (or one of the two) the weights name",
 }
 
 
@@ -303,9 +304,9 @@ def faithfulness(
     """Removing the k most influential events (by leave-one-out) vs k random ones, k=1..MAX_K."""
     n, L = loo.shape
     ks = list(range(1, MAX_K + 1))
-    if n == 0:  # no prediction has more than MAX_K past events
+    if n == 0:  # no prediction has more than MAX_K past events (or none was sampled)
         empty = dict.fromkeys(("top_k_drop", "random_drop", "gap", "gap_ci_low", "gap_ci_high"))
-        return {"k": ks, **{k: [] for k in empty}, "holds": False, "examples": 0}
+        return {"k": ks, **{k: [] for k in empty}, "holds": None, "examples": 0}
     top = top_events(loo, real, MAX_K)
     remove = np.zeros((n, DELETION_COPIES, L), bool)
     for k in range(1, MAX_K + 1):
@@ -345,10 +346,18 @@ def _learned_weights(run: Run, batch: dict[str, np.ndarray]) -> tuple[dict, dict
     return {k: float(v) for k, v in w.items()}, {k: float(v) for k, v in g.items()}
 
 
-def extractor_separation(weights: dict[str, float | None]) -> dict[str, Any]:
+def extractor_separation(
+    weights: dict[str, float | None], influence: dict[str, float] | None = None
+) -> dict[str, Any]:
     """Whether the lowest extractor weight stands apart from the next lowest: `separated` when
     it is below SEPARATION x the next lowest; else the report says the weights cannot tell the
-    two apart (which of them matters less is not known from the weights)."""
+    two apart (which of them matters less is not known from the weights).
+
+    With `influence` (each extractor's mean |w_j z_j| on the report's split): whether the
+    extractor of lowest weight is also the one of lowest influence (`agrees`). The weights
+    compare extractors only as far as each standardised score z_j has the spread on this split
+    it had in training; where it has not (e.g. counts that fit the train split), the verdict
+    says so and names the extractor of lowest influence."""
     w = {k: v for k, v in weights.items() if v is not None}
     if len(w) < 2:
         return {"separated": None, "verdict": "fewer than two weighted extractors"}
@@ -361,13 +370,25 @@ def extractor_separation(weights: dict[str, float | None]) -> dict[str, Any]:
         else f"the weights cannot tell {lowest} and {second} apart ({w[lowest]:.3f} vs "
         f"{w[second]:.3f}, ratio {ratio:.2f} >= {SEPARATION})"
     )
-    return {
-        "lowest": lowest,
-        "next": second,
-        "ratio": ratio,
-        "separated": separated,
-        "verdict": verdict,
-    }
+    out = {"lowest": lowest, "next": second, "ratio": ratio, "separated": separated}
+    infl = {k: v for k, v in (influence or {}).items() if k in w}
+    if len(infl) == len(w):
+        least = min(infl, key=infl.get)
+        candidates = (lowest,) if separated else (lowest, second)  # what the weights say
+        out |= {"lowest_by_influence": least, "agrees": least in candidates}
+        if not out["agrees"]:
+            rank = sorted(infl, key=infl.get).index(lowest) + 1
+            verdict += (
+                f"; but by influence (mean |w z| on this split) {least} is lowest "
+                f"({infl[least]:.3f}) and {lowest} is {_ordinal(rank)} lowest of {len(infl)} "
+                f"({infl[lowest]:.3f}): the scores' spread here differs from training's, so "
+                "judge by influence"
+            )
+    return out | {"verdict": verdict}
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def planted_weights(schema: Schema, head: str = "") -> dict[str, float] | None:
@@ -458,7 +479,9 @@ def report(
             e["share"] = e["influence"] / total
     for k, e in result["extractors"].items():
         e["weight"] = w_ext.get(k)
-    result["extractor_separation"] = extractor_separation(w_ext)
+    result["extractor_separation"] = extractor_separation(
+        w_ext, {k: e["influence"] for k, e in result["extractors"].items()}
+    )
     cf_rows = np.sort(rng.choice(len(rows), n_cf, replace=False))
     cf = counterfactual.counterfactual(
         run, lambda r: gather(cf_rows[r]), n_cf, n_boot, rng, work.part(n_cf, 1 + 2 * T), head

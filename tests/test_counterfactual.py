@@ -52,6 +52,23 @@ def test_the_other_item_has_another_category_where_one_exists():
 def test_extractor_separation_verdict(weights, separated, words):
     v = influence.extractor_separation(weights)
     assert v["separated"] is separated and words in v["verdict"], v
+    # Influence that names the same extractor(s) as the weights: nothing added.
+    same = influence.extractor_separation(weights, dict(weights))
+    assert same["agrees"] and same["verdict"] == v["verdict"]
+
+
+def test_extractor_separation_says_when_influence_disagrees_with_the_weights():
+    """Taobao (a user test): rates had the lowest weight, 0.64x cnn's, but the third largest
+    influence of five: the verdict says to judge by influence."""
+    w = {"din": 0.30, "dnn": 0.20, "cnn": 0.116, "match": 0.31, "rates": 0.074}
+    infl = {"din": 0.50, "dnn": 0.318, "cnn": 0.348, "match": 0.2, "rates": 0.361}
+    v = influence.extractor_separation(w, infl)
+    assert v["separated"] and not v["agrees"] and v["lowest_by_influence"] == "match"
+    assert (
+        "but by influence (mean |w z| on this split) match is lowest (0.200) and rates is "
+        in (v["verdict"])
+    )
+    assert "4th lowest of 5 (0.361)" in v["verdict"] and "judge by influence" in v["verdict"]
 
 
 def test_the_report_holds_the_counterfactual_section(run, tmp_path):
@@ -68,3 +85,8 @@ def test_the_report_holds_the_counterfactual_section(run, tmp_path):
         assert e["planted_contrast_logit"] == pytest.approx(want)
         assert r["behaviour_types"][t]["counterfactual_contrast"] == e["contrast_logit"]["mean"]
     assert r["extractor_separation"]["lowest"] in run.model.extractors
+
+
+def test_faithfulness_without_predictions_is_not_checked_rather_than_failed():
+    f = influence.faithfulness(None, None, np.zeros((0, 6)), np.zeros((0, 6), bool), None, 10)
+    assert f["examples"] == 0 and f["holds"] is None and f["gap"] == []

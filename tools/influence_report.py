@@ -143,15 +143,25 @@ def _one(run: scoring.Run, output: str) -> dict:
         ci = f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"
         print(f"  behaviour {name:>8}: {v['influence']:+.4f} {ci}")
     for name, v in r["extractors"].items():
-        print(f"  extractor {name:>7}: w={v['weight']:.3f} contribution {v['contribution']:+.4f}")
+        print(
+            f"  extractor {name:>7}: w={v['weight']:.3f} influence (mean |w z|) "
+            f"{v['influence']:.4f} ({100 * v['share']:.0f}%), contribution (mean w z) "
+            f"{v['contribution']:+.4f}"
+        )
     f = r["faithfulness"]
-    print(
-        f"faithfulness ({f['examples']} predictions, logit drop): top-k "
-        + " ".join(f"{x:.4f}" for x in f["top_k_drop"])
-        + " | random "
-        + " ".join(f"{x:.4f}" for x in f["random_drop"])
-        + f" | gap holds for every k: {f['holds']}"
-    )
+    if not f["examples"]:
+        print(
+            f"faithfulness: not checked (no sampled prediction has more than {len(f['k'])} past "
+            "events; --sample sets how many are drawn)"
+        )
+    else:
+        print(
+            f"faithfulness ({f['examples']} predictions, logit drop): top-k "
+            + " ".join(f"{x:.4f}" for x in f["top_k_drop"])
+            + " | random "
+            + " ".join(f"{x:.4f}" for x in f["random_drop"])
+            + f" | gap holds for every k: {f['holds']}"
+        )
     print(f"  extractor weights: {r['extractor_separation']['verdict']}")
     cf = r["counterfactual"]
     print(
