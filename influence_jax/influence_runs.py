@@ -35,6 +35,18 @@ METRICS = {
     ),
     "extractors": ("influence", "contribution", "share", "weight"),
 }
+# The values a metric can take: its interval over runs is clipped to them (a t interval over
+# 2 or 3 runs is wide, and a mean |logit change| or a gate is never below 0).
+INF = float("inf")
+RANGES = {
+    "influence": (0.0, INF),
+    "per_event": (0.0, INF),
+    "share": (0.0, 1.0),
+    "gate": (0.0, INF),
+    "events_per_example": (0.0, INF),
+    "counterfactual_add_prob": (-1.0, 1.0),
+    "weight": (0.0, 1.0),  # softmax weights, or all 1 (combine="sum")
+}
 RANKED = {
     "behaviour_types": ("influence", "per_event", "gate", "counterfactual_contrast"),
     "extractors": ("weight",),
@@ -48,19 +60,30 @@ def t_quantile(df: int) -> float:
     return T_975[max(k for k in T_975 if k <= df)] if df <= 30 else 1.96
 
 
-def over_runs(values: list[float]) -> dict[str, Any]:
-    """Mean, standard deviation and 95 % t interval of one figure over runs."""
+def over_runs(values: list[float], bounds: tuple[float, float] = (-INF, INF)) -> dict[str, Any]:
+    """Mean, standard deviation and 95 % t interval of one figure over runs, the interval
+    clipped to the figure's `bounds` (`clipped` says where it was)."""
     v = np.asarray(values, np.float64)
     sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
     half = t_quantile(len(v) - 1) * sd / np.sqrt(len(v)) if len(v) > 1 else float("nan")
     mean = float(v.mean())
-    return {
-        "values": v.tolist(),
-        "mean": mean,
-        "sd": sd,
-        "ci_low": mean - half,
-        "ci_high": mean + half,
-    }
+    lo, hi = mean - half, mean + half
+    out = {"values": v.tolist(), "mean": mean, "sd": sd}
+    out |= {"ci_low": max(lo, bounds[0]), "ci_high": min(hi, bounds[1])}
+    if lo < bounds[0] or hi > bounds[1]:
+        out["clipped"] = True
+    return out
+
+
+def refresh_intervals(combined: dict[str, Any]) -> dict[str, Any]:
+    """`combined` (combine's dict, e.g. as saved) with every metric's interval computed again
+    from its values over the runs (as combine computes it now)."""
+    for group, metrics in METRICS.items():
+        for entry in combined[group].values():
+            for m in metrics:
+                if m in entry:
+                    entry[m] = over_runs(entry[m]["values"], RANGES.get(m, (-INF, INF)))
+    return combined
 
 
 def combine(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -87,7 +110,7 @@ def combine(reports: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
             for m in metrics:
                 vals = [r[group][k].get(m) for r in reports]
                 if all(v is not None for v in vals):
-                    g[k][m] = over_runs(vals)
+                    g[k][m] = over_runs(vals, RANGES.get(m, (-INF, INF)))
             signs = {np.sign(r[group][k][SIGNED[group]]) for r in reports}
             g[k]["sign_stable"] = len(signs) == 1
             if not g[k]["sign_stable"]:
@@ -112,6 +135,12 @@ def lines(c: dict[str, Any]) -> list[str]:
     """The combined report as printed lines: per type and extractor, mean [95 % interval]."""
     f = lambda s: f"{s['mean']:+.4f} [{s['ci_low']:+.4f}, {s['ci_high']:+.4f}]"
     out = [f"influence over {len(c['runs'])} runs (mean [95 % interval over runs]):"]
+    if len(c["runs"]) < 4:  # the t quantile of 1 or 2 degrees of freedom is 12.7 or 4.3
+        out.append(
+            f"  ({len(c['runs'])} runs: the intervals are wide, t = "
+            f"{t_quantile(len(c['runs']) - 1):.1f} standard errors each side; each is clipped "
+            "to the values its figure can take)"
+        )
     for t, v in c["behaviour_types"].items():
         gate = f" gate {f(v['gate'])}" if "gate" in v else ""
         out.append(

@@ -256,6 +256,11 @@ def test_influence_over_runs_gives_intervals_and_flags_unstable_orders_and_signs
     assert pv["influence"]["values"] == [0.9, 0.8, 0.3]
     half = 4.303 * np.std([0.9, 0.8, 0.3], ddof=1) / np.sqrt(3)  # t(0.975, 2 df)
     assert pv["influence"]["ci_high"] == pytest.approx(2 / 3 + half)
+    # 2/3 - half is below 0, which a mean |logit change| never is: the interval stops at 0; a
+    # signed effect's does not (pv's: -0.2 +- 0.25 reaches above 0).
+    assert 2 / 3 - half < 0 and pv["influence"]["ci_low"] == 0 and pv["influence"]["clipped"]
+    assert pv["signed"]["ci_high"] > 0 and "clipped" not in pv["signed"]
+    assert influence_runs.refresh_intervals(json.loads(json.dumps(c))) == c
     assert pv["sign_stable"] and not c["behaviour_types"]["cart"]["sign_stable"]
     orders = c["orders"]
     assert not orders["behaviour_types.influence"]["stable"]  # pv > cart twice, then cart > pv
@@ -264,6 +269,7 @@ def test_influence_over_runs_gives_intervals_and_flags_unstable_orders_and_signs
     assert orders["extractors.weight"]["stable"]
     assert len(c["unstable"]) == 2 and any("cart" in u and "sign" in u for u in c["unstable"])
     text = "\n".join(influence_runs.lines(c))
+    assert "(3 runs: the intervals are wide, t = 4.3 standard errors each side" in text
     assert "[sign changes]" in text and "behaviour_types.per_event: cart > pv on every run" in text
     with pytest.raises(ValueError, match="at least two runs"):
         influence_runs.combine(reports[:1], ["a"])
