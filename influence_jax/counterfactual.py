@@ -75,12 +75,14 @@ def other_items(schema: Schema, item_BxF: np.ndarray) -> np.ndarray:
     return item_BxF[(np.arange(n) + first) % n]
 
 
-def copies(schema: Schema, batch: dict[str, np.ndarray], other_BxF: np.ndarray) -> np.ndarray:
-    """[B, 1 + 2T, L, F]: the history, then per type t the edit on the target and on the other
-    item."""
+def copies(
+    schema: Schema, batch: dict[str, np.ndarray], other_BxF: np.ndarray, kinds: list[int]
+) -> np.ndarray:
+    """[B, 1 + 2T, L, F]: the history, then per type t (the indices `kinds` of the schema's
+    types) the edit on the target and on the other item."""
     hist = batch["hist"]
     out = [hist]
-    for k in range(schema.num_behaviour_types):
+    for k in kinds:
         for items in (batch["item"], other_BxF):
             out.append(insert_front(hist, added_event(schema, items, k + NUM_RESERVED)))
     return np.stack(out, axis=1)
@@ -132,17 +134,21 @@ def counterfactual(
     rng: np.random.Generator,
     progress: Callable[[int], None] | None = None,
     head: str = "",
+    types: list[str] | None = None,
 ) -> dict[str, Any]:
     """The counterfactual section of an influence report over examples 0..n-1 (module doc);
-    `head`: the multi-task head the run scores, for its planted effects."""
+    `head`: the multi-task head the run scores, for its planted effects; `types`: the
+    behaviour types to add (default: every type of the schema)."""
     s = run.schema
-    T = s.num_behaviour_types
+    names = list(s.behaviour_types if types is None else types)
+    kinds = [s.behaviour_types.index(t) for t in names]
+    T = len(kinds)
     items = gather(np.arange(n))["item"] if n else np.zeros((0, len(s.item_fields)), np.int32)
     other = other_items(s, items)
 
     def with_copies(r: np.ndarray) -> dict[str, np.ndarray]:
         b = gather(r)
-        return {"user": b["user"], "item": b["item"], "hists": copies(s, b, other[r])}
+        return {"user": b["user"], "item": b["item"], "hists": copies(s, b, other[r], kinds)}
 
     bs = global_batch(run, max(1, ROWS_PER_CALL // (1 + 2 * T)))
     logits = (
@@ -153,8 +159,8 @@ def counterfactual(
     base = logits[:, 0]
     prob = jax.nn.sigmoid
     planted = planted_contrast(s, head)
-    types: dict[str, Any] = {}
-    for k, t in enumerate(s.behaviour_types):
+    out: dict[str, Any] = {}
+    for k, t in enumerate(names):
         on, off = logits[:, 1 + 2 * k], logits[:, 2 + 2 * k]
         e = {
             "add_logit": _interval(on - base, n_boot, rng),
@@ -163,10 +169,10 @@ def counterfactual(
         }
         if planted is not None:
             e["planted_contrast_logit"] = planted[t]
-        types[t] = e
+        out[t] = e
     return {
         "examples": n,
         "gap_seconds": ADD_GAP_SECONDS,
-        "types": types,
-        "order_by_contrast": sorted(types, key=lambda t: -types[t]["contrast_logit"]["mean"]),
+        "types": out,
+        "order_by_contrast": sorted(out, key=lambda t: -out[t]["contrast_logit"]["mean"]),
     }

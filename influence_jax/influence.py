@@ -257,22 +257,22 @@ def _both(names, values_NxM, n_boot: int, rng, signed: str) -> dict[str, dict]:
     return {n: {**mag[n], **sig[n]} for n in names}
 
 
-def _summary(schema, loto, contrib: dict, n_boot: int, rng) -> dict[str, Any]:
-    """Behaviour types: |logit change| when the type is removed (and its signed mean, the
-    logit drop); extractors: |w_j z_j| (and the signed contribution w_j z_j)."""
+def _summary(types, loto, contrib: dict, n_boot: int, rng) -> dict[str, Any]:
+    """Behaviour types (`types`, loto's columns): |logit change| when the type is removed (and
+    its signed mean, the logit drop); extractors: |w_j z_j| (and the signed contribution)."""
     c = np.stack(list(contrib.values()), 1) if contrib else np.zeros((len(loto), 0))
     return {
         "n": len(loto),
-        "behaviour_types": _both(schema.behaviour_types, loto, n_boot, rng, "signed"),
+        "behaviour_types": _both(types, loto, n_boot, rng, "signed"),
         "extractors": _both(list(contrib), c, n_boot, rng, "contribution"),
     }
 
 
-def _segments(run, maps, ex, loto, contrib, n_boot, rng) -> dict[str, Any]:
+def _segments(run, maps, ex, types, loto, contrib, n_boot, rng) -> dict[str, Any]:
     """The same summaries per history-length bucket, per value of a user feature and per item
     category (the most frequent values)."""
     s = run.schema
-    sub = lambda m: _summary(s, loto[m], {k: v[m] for k, v in contrib.items()}, n_boot, rng)
+    sub = lambda m: _summary(types, loto[m], {k: v[m] for k, v in contrib.items()}, n_boot, rng)
     n_hist = real_events(ex["hist"], s).sum(1)
     edges = [0] + [e for e in HIST_LEN_EDGES if e <= s.max_len] + [s.max_len + 1]
     out: dict[str, Any] = {"history_length": {}}
@@ -407,11 +407,12 @@ def _add_type_weights(types: dict[str, dict], gates: dict, planted: dict | None)
     """Per type: gate_normalised (g_t / sum g, where the model has gates) and planted_weight
     (where the data has one)."""
     total = sum(gates.get(t) or 0.0 for t in types)
+    planted_total = sum(planted[t] for t in types) if planted else 0.0
     for t, e in types.items():
         if gates.get(t) is not None and total > 0:
             e["gate_normalised"] = gates[t] / total
-        if planted is not None:
-            e["planted_weight"] = planted[t]
+        if planted is not None:  # over the types reported (a run may drop some)
+            e["planted_weight"] = planted[t] / planted_total if planted_total else planted[t]
 
 
 def report(
@@ -440,7 +441,11 @@ def report(
     ex = store.gather(rows)
     gather = lambda r: {k: ex[k][r] for k in ("user", "item", "hist")}
     fn = make_masked_fn(run)
-    T = s.num_behaviour_types
+    # The types the run trained with: a type of config.data.drop_behaviours has no events in
+    # its histories and an untrained gate, so it is left out of every figure.
+    dropped = set(run.dataset.drop_behaviours)
+    kept = [j for j, t in enumerate(s.behaviour_types) if t not in dropped]
+    types, T = [s.behaviour_types[j] for j in kept], len(kept)
     real = real_events(ex["hist"], s)
     # The per-event sample (predictions with at least one past event), drawn first from its
     # own stream so the progress total is known from the start.
@@ -450,9 +455,8 @@ def report(
     n_cf = min(len(rows), COUNTERFACTUAL_EXAMPLES)
     parts = [(len(rows), T), (n_cf, 1 + 2 * T), (len(pick), s.max_len)]
     work = _Work(parts + [(len(long), DELETION_COPIES)], log)
-    out = masked_deltas(
-        run, len(rows), gather, lambda h, r: type_masks(h, s), T, fn, work.part(len(rows), T)
-    )
+    type_masked = lambda h, r: type_masks(h, s)[:, kept]
+    out = masked_deltas(run, len(rows), gather, type_masked, T, fn, work.part(len(rows), T))
     loto, contrib = out["delta"], out["contributions"]
     w_ext, gates = _learned_weights(run, gather(np.arange(1)))
     result: dict[str, Any] = {
@@ -461,12 +465,14 @@ def report(
         "examples": len(rows),
         "definitions": DEFINITIONS,
     }
-    result.update(_summary(s, loto, contrib, n_boot, rng))
-    for j, t in enumerate(s.behaviour_types):
+    if dropped:
+        result["dropped_behaviour_types"] = sorted(dropped)
+    result.update(_summary(types, loto, contrib, n_boot, rng))
+    for c, (j, t) in enumerate(zip(kept, types, strict=True)):
         n_t = (ex["hist"][..., s.hist_index(HIST_BEHAVIOUR)] == j + NUM_RESERVED).sum(1)
         result["behaviour_types"][t].update(
             events_per_example=float(n_t.mean()),
-            per_event=float(np.abs(loto[:, j]).sum() / max(n_t.sum(), 1)),
+            per_event=float(np.abs(loto[:, c]).sum() / max(n_t.sum(), 1)),
             gate=gates.get(t),
         )
     head = run.objective_head
@@ -484,8 +490,9 @@ def report(
     )
     cf_rows = np.sort(rng.choice(len(rows), n_cf, replace=False))
     cf = counterfactual.counterfactual(
-        run, lambda r: gather(cf_rows[r]), n_cf, n_boot, rng, work.part(n_cf, 1 + 2 * T), head
-    )
+        run, lambda r: gather(cf_rows[r]), n_cf, n_boot, rng, work.part(n_cf, 1 + 2 * T), head,
+        types,
+    )  # fmt: skip
     result["counterfactual"] = cf
     for t, e in cf["types"].items():
         result["behaviour_types"][t].update(
@@ -493,7 +500,7 @@ def report(
             counterfactual_contrast=e["contrast_logit"]["mean"],
         )
     maps = run.dataset.id_maps
-    result["segments"] = _segments(run, maps, ex, loto, contrib, min(n_boot, 300), rng)
+    result["segments"] = _segments(run, maps, ex, types, loto, contrib, min(n_boot, 300), rng)
 
     # Per-event influence for the sample of predictions with at least one past event.
     sub = lambda r: gather(pick[r])

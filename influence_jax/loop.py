@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -238,6 +239,7 @@ class Loop:
         n = len(window)  # keys without a _sum/count pair are per-step values: average them
         grad_norm, lr = m["grad_norm"] / n, m["learning_rate"] / n
         weights = {k.split("/", 1)[1]: v / n for k, v in m.items() if k.startswith("weights/")}
+        weights = without_dropped(weights, self.config.data.get("drop_behaviours") or ())
         elapsed = max(elapsed, 1e-9)
         ex_s = n * self.config.data.batch_size / elapsed
         steps_s = (done - start) / max(time.perf_counter() - t_start, 1e-9)
@@ -269,6 +271,25 @@ class Loop:
                 **{f"influence/{k}": v for k, v in weights.items()},
             },
         )
+
+
+def without_dropped(weights: dict[str, float], dropped: tuple[str, ...]) -> dict[str, float]:
+    """The logged weights without the behaviour types the run drops (`[<head>/]behaviour/<t>`:
+    no events, an untrained gate), each group of the others normalised again to sum 1."""
+    if not dropped:
+        return weights
+    group = lambda k: k.rpartition("/")[0]
+    is_type = lambda k: group(k).endswith("behaviour")
+    kept = {
+        k: v for k, v in weights.items() if not (is_type(k) and k.rpartition("/")[2] in dropped)
+    }
+    totals: dict[str, float] = collections.defaultdict(float)
+    for k, v in kept.items():
+        if is_type(k):
+            totals[group(k)] += v
+    return {
+        k: v / totals[group(k)] if is_type(k) and totals[group(k)] else v for k, v in kept.items()
+    }
 
 
 def _mesh_of(state: Any) -> jax.sharding.Mesh:

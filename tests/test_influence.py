@@ -336,3 +336,34 @@ def test_taobao_rank_and_report(tmp_path):
     assert f["examples"] > 80
     assert f["holds"], f  # top-k deletion beats random deletion for every k = 1..5
     assert all(lo > 0 for lo in f["gap_ci_low"]), f
+
+
+def test_a_run_that_drops_a_behaviour_type_reports_only_the_types_it_trained_with(tmp_path):
+    """config.data.drop_behaviours=("fav",): fav has no events and an untrained gate, so it is
+    left out of the training log's and TensorBoard's weights (the others sum to 1 again) and
+    out of every figure of the report, which names it as dropped."""
+    from influence_jax import loop
+
+    workdir = str(tmp_path / "run")
+    config = helpers.tiny_config(**{"data.drop_behaviours": ("fav",), "loop.num_steps": 10})
+    train.train_and_evaluate(config, workdir)
+    logged = {k: v[-1][1] for k, v in helpers.scalars(workdir).items()}
+    behaviour = {k: v for k, v in logged.items() if k.startswith("influence/behaviour/")}
+    assert set(behaviour) == {f"influence/behaviour/{t}" for t in ("pv", "cart", "buy")}
+    assert sum(behaviour.values()) == pytest.approx(1, abs=1e-5)
+    r = influence.report(
+        scoring.load_run(workdir), str(tmp_path / "rep"), sample=8, max_examples=64, n_boot=20
+    )
+    assert r["dropped_behaviour_types"] == ["fav"]
+    assert list(r["behaviour_types"]) == ["pv", "cart", "buy"]
+    assert list(r["counterfactual"]["types"]) == ["pv", "cart", "buy"]
+    for key in ("gate_normalised", "planted_weight", "share"):
+        assert sum(v[key] for v in r["behaviour_types"].values()) == pytest.approx(1), key
+    for group in r["segments"].values():
+        assert all("fav" not in s["behaviour_types"] for s in group.values())
+    # Per head of a multi-task model too; other weights untouched.
+    w = {"extractor/din": 0.7, "buy/behaviour/pv": 0.2, "buy/behaviour/fav": 0.6,
+         "buy/behaviour/cart": 0.2, "expert/0": 1.0}  # fmt: skip
+    assert loop.without_dropped(w, ("fav",)) == {
+        "extractor/din": 0.7, "buy/behaviour/pv": 0.5, "buy/behaviour/cart": 0.5, "expert/0": 1.0
+    }  # fmt: skip
