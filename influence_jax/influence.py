@@ -54,7 +54,8 @@ DEFINITIONS = {
     "extractors.influence": "mean |w_j z_j(x)|, the extractor's share of the logit",
     "extractors.contribution": "mean w_j z_j(x) (signed)",
     "extractors.weight": "the model's learned w_j",
-    "per_event": "leave-one-event-out logit drops of a sample of predictions (events.parquet)",
+    "per_event": "leave-one-event-out logit drops of a sample of predictions (events.parquet; "
+    "position 0 is the most recent event)",
     "faithfulness": "mean logit drop when the k events with the largest leave-one-out drop "
     "are removed together vs k random events (mean of RANDOM_DRAWS draws)",
     "counterfactual": "per type, one event of the type added on the target item as the most "
@@ -170,8 +171,11 @@ def top_events(loo_NxL: np.ndarray, real_NxL: np.ndarray, k: int) -> np.ndarray:
 
 
 def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """`values` with nulls where not `valid`; floats keep their width (float32 influences, as
+    the behaviour and extractor columns)."""
+    kind = pa.from_numpy_dtype(values.dtype) if values.dtype.kind == "f" else None
     return pa.array(
-        [v if ok else None for v, ok in zip(values.tolist(), valid.tolist(), strict=True)]
+        [v if ok else None for v, ok in zip(values.tolist(), valid.tolist(), strict=True)], kind
     )
 
 

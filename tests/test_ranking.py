@@ -228,7 +228,8 @@ def test_rank_cli_end_to_end(run_dir, run, tmp_path):
     assert t.column_names[:4] == ["user_id", "rank", "item_id", "score"]
     types, extractors = run.schema.behaviour_types, run.model.extractors
     for col in [f"behaviour_{b}" for b in types] + [f"extractor_{e}" for e in extractors]:
-        assert col in t.column_names
+        assert t.schema.field(col).type == "float"  # float32, as the events' influence below
+    assert t.schema.field("event1_influence").type == "float"
     for k in (1, 2, 3):
         for f in ("item", "behaviour", "position", "gap_bucket_seconds_min", "influence"):
             assert f"event{k}_{f}" in t.column_names
