@@ -170,8 +170,9 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_json(path: str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+def write_json(path: str, obj: Any, sort_keys: bool = True) -> None:
+    """`obj` as indented JSON, atomically; `sort_keys=False` keeps a report's own order."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys))
 
 
 def read_json(path: str) -> Any | None:

@@ -562,7 +562,8 @@ def _write(run: Run, result: dict[str, Any], output: str) -> None:
     result["plots"] = {name: f"{name}.png" for name in images}
     for name, png in images.items():
         files.write_bytes(os.path.join(output, f"{name}.png"), png)
-    files.write_json(os.path.join(output, "influence.json"), result)
+    # In the report's order: types as the schema has them, segments by size or frequency.
+    files.write_json(os.path.join(output, "influence.json"), result, sort_keys=False)
     # Under their own prefix: training's influence/behaviour/<type> is the normalised gate, not
     # this mean |logit change|, and a report written inside the workdir shows beside it.
     with summary.SummaryWriter(output) as writer:

@@ -212,4 +212,4 @@ def write_with_plot(result: dict[str, Any], output: str, name: str, plot_name: s
     os.makedirs(output, exist_ok=True)
     files.write_bytes(os.path.join(output, f"{plot_name}.png"), png)
     result["plots"] = {plot_name: f"{plot_name}.png"}
-    files.write_json(os.path.join(output, name), result)
+    files.write_json(os.path.join(output, name), result, sort_keys=False)

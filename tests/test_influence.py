@@ -69,6 +69,9 @@ def test_report_json(run, report):
     seg = saved["segments"]
     assert set(seg) == {"history_length", "user_age", "item_category"}
     assert sum(s["n"] for s in seg["history_length"].values()) == saved["examples"] == 512
+    # In the report's order: history lengths ascending (not as strings), types as the schema.
+    lows = [int(k.split("-")[0]) for k in seg["history_length"]]
+    assert lows == sorted(lows) and list(saved["behaviour_types"]) == list(types)
     for group in seg.values():
         for s in group.values():
             _within(s["behaviour_types"], "influence", strict=False)
