@@ -342,8 +342,10 @@ class Engine:
             out_shardings=self.batch_sharding,
         )
 
-    def score_fn(self, rows: int | None = None) -> Callable:
-        """Jitted `score(params, batch) -> prob_B`, the eval step's probabilities alone.
+    def score_fn(self, rows: int | None = None, logits: bool = False) -> Callable:
+        """Jitted `score(params, batch) -> prob_B`, the eval step's probabilities alone; with
+        `logits`, `{"prob": prob_B, "logit": logit_B}` (an order without float32's ties at
+        probability 1, which a logit above about 17 reaches).
 
         Each device scores its share of the batch `rows` rows at a time (a `lax.map` over
         blocks) where the share is a larger multiple of `rows`: a block's activations stay in
@@ -355,9 +357,10 @@ class Engine:
         cpu = self.mesh.devices.flat[0].platform == "cpu"
         d = self.mesh.shape[sharding.DATA]
 
-        def score(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        def score(params: Any, batch: dict[str, jax.Array]) -> Any:
             logit_B, _ = self.model.apply({"params": params}, batch, train=False)
-            return jax.nn.sigmoid(logit_B)
+            prob_B = jax.nn.sigmoid(logit_B)
+            return {"prob": prob_B, "logit": logit_B} if logits else prob_B
 
         def blocked(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
             B = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -369,9 +372,13 @@ class Engine:
                 return score(params, batch)
             blocks = row_blocks(batch, d, n)
             keep = lambda b: jax.lax.with_sharding_constraint(b, self.batch_sharding)
-            prob = jax.lax.map(lambda b: score(params, keep(b)), blocks)  # [n, d * r, ...]
-            prob = jnp.swapaxes(prob.reshape(n, d, r, *prob.shape[2:]), 0, 1)
-            return prob.reshape(B, *prob.shape[3:])
+            out = jax.lax.map(lambda b: score(params, keep(b)), blocks)  # [n, d * r, ...]
+
+            def unblock(x: jax.Array) -> jax.Array:
+                x = jnp.swapaxes(x.reshape(n, d, r, *x.shape[2:]), 0, 1)
+                return x.reshape(B, *x.shape[3:])
+
+            return jax.tree_util.tree_map(unblock, out)
 
         return self.jit_scoring(blocked)
 

@@ -210,9 +210,10 @@ def copies_logits(
     return jax.vmap(apply)(hist_CxBxLxF)
 
 
-def make_score_fn(run: Run) -> Callable:
-    """The jitted `score(params, batch) -> prob_B` (the eval step's probabilities)."""
-    return run.engine.score_fn()
+def make_score_fn(run: Run, logits: bool = False) -> Callable:
+    """The jitted `score(params, batch) -> prob_B` (the eval step's probabilities); with
+    `logits`, `{"prob", "logit"}` (engine.Engine.score_fn)."""
+    return run.engine.score_fn(logits=logits)
 
 
 def global_batch(run: Run, batch_size: int | None = None) -> int:

@@ -857,6 +857,7 @@ def test_ranking_quality_tool_over_two_seeds(run_dir, tmp_path):
         ("huge", "float32"),  # ids past 2^32: the three-key sort
         ("small", "float64"),
         ("small", "nan"),
+        ("small", "signed"),  # logits: negative numbers, -0.0 and infinities, packed too
     ],
 )
 def test_top_k_rows_orders_by_score_then_item_like_a_sort_by_hand(users, scores):
@@ -870,6 +871,9 @@ def test_top_k_rows_orders_by_score_then_item_like_a_sort_by_hand(users, scores)
         score = score.astype(np.float64)
     if scores == "nan":
         score[::97] = np.nan
+    if scores == "signed":
+        score = (score - 0.3) * rng.choice(np.float32([1, 1e-30, 1e30]), n)
+        score[::89], score[::101], score[::103] = np.inf, -np.inf, -0.0
     rows, rank = ranking.top_k_rows(user, item, score, k)
     # By hand: per user, (score descending, item ascending); NaN after every number.
     want = []
@@ -923,3 +927,22 @@ def test_a_retrained_step_does_not_resume_the_old_blocks(run_dir, tmp_path, monk
     lines = []
     ranking.rank(run, str(out), log=lines.append, **kw)
     assert "1 blocks of a ranking with other settings; starting anew" in "\n".join(lines)
+
+
+def test_probabilities_that_round_to_1_still_rank_by_the_model(run, tmp_path):
+    """With the output bias raised by 40 every float32 probability is 1: the ranking follows
+    the logits (as the unshifted model's order), not item ids."""
+    import dataclasses
+
+    params = dict(run.params, bias=run.params["bias"] + 40.0)
+    sure = dataclasses.replace(run, params=jax.device_put(params, run.engine.param_shardings))
+    items = [3, 5, 7, 9, 11, 13, 17, 19, 23, 29]
+    path = write_csv(tmp_path / "c.csv", [f"0,{i}" for i in items])
+    ranked = {}
+    for name, r in (("sure", sure), ("plain", run)):
+        ranking.rank(r, str(tmp_path / f"{name}.csv"), 10, candidates=path, fmt="csv")
+        ranked[name] = pcsv.read_csv(str(tmp_path / f"{name}.csv")).to_pydict()
+    t, want = ranked["sure"], ranked["plain"]
+    assert set(t["score"]) == {1.0}
+    assert len(set(want["score"])) == len(items)  # the unshifted model tells them apart
+    assert t["item_id"] == want["item_id"] != sorted(items)

@@ -62,7 +62,8 @@ def _score_top_k(
     `reused`) and new ones are saved there.
 
     Returns the kept pairs (as one `Candidates`, in output order), their scores and ranks."""
-    fn, bs = make_score_fn(run), global_batch(run, batch_size)
+    # Ordered by logit: float32 probabilities tie at 1 above a logit of about 17.
+    fn, bs = make_score_fn(run, logits=True), global_batch(run, batch_size)
     progress = Progress(total, log, progress_every)
     done, kept, first = 0, [], None
     for i, (c, steps) in enumerate(_blocks_in_step(blocks, bs)):
@@ -73,10 +74,10 @@ def _score_top_k(
                 batched_local(fn, run, 0, None, bs, steps, lambda d: None)
             kept.append(saved)
         elif steps is None:
-            prob = batched(fn, run, len(c), c.gather, bs, show)
+            out = batched(fn, run, len(c), c.gather, bs, show)
         else:  # several processes: each its own pairs, the same number of global batches
             n, gather = (0, None) if c is None else (len(c), c.gather)
-            prob = batched_local(fn, run, n, gather, bs, steps, show)
+            out = batched_local(fn, run, n, gather, bs, steps, show)
         if c is None:  # this process is out of blocks; the others were not
             continue
         first = c if first is None else first
@@ -87,8 +88,9 @@ def _score_top_k(
             if reused is not None:
                 reused.append(len(c))
             continue
-        prob = np.zeros(0, np.float32) if prob is None else prob
-        rows, ranks = top_k_rows(c.user_out, c.item_out, prob, top_k)
+        none = np.zeros(0, np.float32)
+        prob, logit = (none, none) if out is None else (out["prob"], out["logit"])
+        rows, ranks = top_k_rows(c.user_out, c.item_out, logit, top_k)
         block = {f: getattr(c, f)[rows] for f in ("ctx_row", "item_row", "user_out", "item_out")}
         kept.append(dict(block, prob=prob[rows], ranks=ranks))
         if store is not None:
