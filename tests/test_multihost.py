@@ -64,6 +64,7 @@ def _train_in_two_processes(workdir, overrides: tuple[str, ...], cache: str) -> 
     return outs
 
 
+@pytest.mark.slow  # a 2-process training (about 45 s): the slow tier; ranking's stays default
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, jax_cache, reference):
     workdir = tmp_path / "run"
     outs = _train_in_two_processes(workdir, FLAGS, jax_cache)
