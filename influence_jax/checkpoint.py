@@ -16,7 +16,7 @@ import functools
 import importlib.metadata
 import logging as std_logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -567,6 +567,107 @@ def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> An
     except CheckpointError as e:
         raise DataError(f"{where}: {e}: the checkpoint is corrupted; use another --step") from None
     return optim.with_average(out["state"]["params"], out["state"].get("ema"))
+
+
+class ParamReader:
+    """The parameters of WORKDIR's checkpoint `step` read one array at a time (a warm start's
+    source: never all of its tables in memory at once), each the moving average where the run
+    keeps one (as restore_params gives them), verified against its saved checksum.
+
+    `abstract_state`: the run's TrainState as ShapeDtypeStructs with shardings (engine.setup).
+    Raises DataError as restore_params does."""
+
+    def __init__(self, workdir: str, abstract_state: Any, step: str | int = "latest"):
+        self.manager = _reader(workdir)
+        try:
+            self.step = resolve_step(workdir, step, self.manager.all_steps())
+            self.where = f"{checkpoint_dir(workdir)}/{self.step}"
+            try:
+                saved = self.manager.item_metadata(self.step)["state"]
+                data = self.manager.restore(
+                    self.step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+                )["data"]
+            except (ValueError, OSError) as e:  # tensorstore's read errors are ValueErrors
+                raise DataError(f"{self.where}: cannot read the checkpoint ({e})") from None
+            saved = getattr(saved, "tree", saved)
+            _check_shapes(abstract_state.params, saved["params"], self.where)
+            self.ema = getattr(abstract_state, "ema", None)
+            if self.ema is not None and saved.get("ema") is None:
+                raise DataError(
+                    f"{self.where}: the checkpoint holds no moving average of the parameters, "
+                    "but the run's config keeps one (config.opt.ema_decay)"
+                )
+        except BaseException:
+            self.manager.close()
+            raise
+        self.digest = data.get("digest")
+        flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+        # Each leaf's place among the saved checksums, by (params or ema, its path there).
+        self.index = {
+            (path[0].name, jax.tree_util.keystr(path[1:])): i for i, (path, _) in enumerate(flat)
+        }
+        self.params = abstract_state.params
+
+    def names(self) -> list[str]:
+        """The parameters' paths (`jax.tree_util.keystr`), in tree order."""
+        return [
+            jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(self.params)
+        ]
+
+    def read(self, name: str) -> jax.Array:
+        """The parameter `name` (names()), in its sharding: the average where one is kept."""
+        path = next(p for p, _ in jax.tree_util.tree_leaves_with_path(self.params)
+                    if jax.tree_util.keystr(p) == name)  # fmt: skip
+        keys = [str(getattr(k, "key", k)) for k in path]
+        section, tree = "params", self.params
+        node = self.ema
+        if isinstance(node, Mapping):  # optim.with_average: kept tables of counts stay trained
+            for k in keys:
+                if (
+                    not isinstance(node, Mapping)
+                    or k not in node
+                    or k.startswith(optim.FROZEN_PREFIX)
+                ):
+                    node = None
+                    break
+                node = node[k]
+            if node is not None:
+                section, tree = "ema", self.ema
+        elif node is not None:
+            section, tree = "ema", node
+        leaf = tree
+        for k in keys:
+            leaf = leaf[k]
+        partial: Any = leaf
+        for k in reversed(keys):
+            partial = {k: partial}
+        abstract = {section: partial}
+        args = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        try:
+            out = self.manager.restore(self.step, args=ocp.args.Composite(state=args))
+        except Exception as e:  # noqa: BLE001 - Orbax wraps read errors in a bare Exception
+            raise DataError(
+                f"{self.where}: cannot read {section}{name} ({str(e).splitlines()[0][:200]}): "
+                "its files are damaged or incomplete; use another --step"
+            ) from None
+        value = out["state"][section]
+        for k in keys:
+            value = value[k]
+        if self.digest is not None:
+            try:
+                _check_digest([value], self.digest, [self.index[(section, name)]])
+            except CheckpointError as e:
+                raise DataError(
+                    f"{self.where}: {section}{name}: {e}: the checkpoint is corrupted"
+                ) from None
+        return value
+
+    def close(self) -> None:
+        self.manager.close()
 
 
 TRAINED_ELSEWHERE = "was the run trained on another dataset? Pass the --data it was trained on"

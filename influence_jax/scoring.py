@@ -111,6 +111,17 @@ def run_heads(workdir: str, data: str | None = None) -> tuple[str, ...]:
     return Dataset(_data_path(config, workdir, data), config.data).schema.heads
 
 
+def open_run(workdir: str, data: str | None = None) -> tuple[ml_collections.ConfigDict, Dataset]:
+    """The run's config and dataset (`data`, default its own), checked to be the dataset it
+    trained on; DataError otherwise."""
+    config = checkpoint.read_config(workdir)
+    dataset = Dataset(_data_path(config, workdir, data), config.data)
+    # The same ids as in training? (--data, or the run's own folder prepared again since.)
+    flag = "--data" if data else "the run's config.data.path"
+    checkpoint.check_dataset(workdir, dataset.path, dataset.fingerprint, flag)
+    return config, dataset
+
+
 def load_run(
     workdir: str,
     data: str | None = None,
@@ -132,11 +143,7 @@ def load_run(
         schema does not fit the checkpoint (e.g. `--data` of another dataset), or an objective
         that is not a head of the run.
     """
-    config = checkpoint.read_config(workdir)
-    dataset = Dataset(_data_path(config, workdir, data), config.data)
-    # The same ids as in training? (--data, or the run's own folder prepared again since.)
-    flag = "--data" if data else "the run's config.data.path"
-    checkpoint.check_dataset(workdir, dataset.path, dataset.fingerprint, flag)
+    config, dataset = open_run(workdir, data)
     if objective or switchable:
         _check_objective(
             objective, dataset.schema.heads if config.model.name == "multitask" else ()

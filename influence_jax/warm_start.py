@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from influence_jax import engine, optim, scoring
+from influence_jax import checkpoint, engine, optim, scoring
 from influence_jax.data.dataset import Dataset
 from influence_jax.data.schema import NUM_RESERVED, Schema
 from influence_jax.errors import ConfigError, DataError
@@ -91,29 +91,44 @@ def warm_start(eng: engine.Engine, config: Any, dataset: Dataset) -> Any:
     """A state that has not trained yet (`eng.init_state`'s optimizer state, random key and
     step) around parameters from `config.warm_start.workdir` (module doc).
 
-    Memory: beside the new parameters the devices hold the source run's (while its checkpoint
-    is read, its trained values and moving average both) and no more: each new table is
-    donated to the gather that fills it, each source table freed once copied, and the
-    optimizer's state is made after the copy, when the source run's parameters are gone.
+    Memory: beside the new parameters the devices hold one array of the source run at a time
+    (checkpoint.ParamReader reads them one by one, the average alone where one is kept): each
+    new table is donated to the gather that fills it, each source array freed once copied,
+    and the optimizer's state is made after the copy.
     """
     ws = config.warm_start
     try:
-        src = scoring.load_run(ws.workdir, step=ws.step)
+        src_config, src_data = scoring.open_run(ws.workdir)
+        src_eng = engine.setup(src_config, src_data.schema)
+        reader = checkpoint.ParamReader(ws.workdir, src_eng.abstract_state, ws.step)
     except DataError as e:  # no such run or step, its dataset gone, a damaged checkpoint
         raise ConfigError(f"config.warm_start.workdir={ws.workdir}: {e}") from None
-    where = f"config.warm_start.workdir={ws.workdir} (step {src.step})"
-    if tuple(src.schema.behaviour_types) != tuple(dataset.schema.behaviour_types):
+    try:
+        return _copy(eng, dataset, reader, src_data, ws.workdir)
+    except DataError as e:  # a damaged array of the checkpoint
+        raise ConfigError(f"config.warm_start.workdir={ws.workdir}: {e}") from None
+    finally:
+        reader.close()
+
+
+def _copy(
+    eng: engine.Engine,
+    dataset: Dataset,
+    reader: checkpoint.ParamReader,
+    src_data: Dataset,
+    src_dir: str,
+) -> Any:
+    where = f"config.warm_start.workdir={src_dir} (step {reader.step})"
+    if tuple(src_data.schema.behaviour_types) != tuple(dataset.schema.behaviour_types):
         raise ConfigError(
-            f"{where}: its behaviour types {list(src.schema.behaviour_types)} are not this "
+            f"{where}: its behaviour types {list(src_data.schema.behaviour_types)} are not this "
             f"dataset's {list(dataset.schema.behaviour_types)}"
         )
-    flat_src = {
-        jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(src.params)
-    }
+    src_names = set(reader.names())
     flat, treedef = jax.tree_util.tree_flatten_with_path(eng.init_params())
     shardings = jax.tree_util.tree_leaves(eng.param_shardings)
-    missing = [jax.tree_util.keystr(p) for p, _ in flat if jax.tree_util.keystr(p) not in flat_src]
-    extra = sorted(set(flat_src) - {jax.tree_util.keystr(p) for p, _ in flat})
+    missing = [jax.tree_util.keystr(p) for p, _ in flat if jax.tree_util.keystr(p) not in src_names]
+    extra = sorted(src_names - {jax.tree_util.keystr(p) for p, _ in flat})
     if missing or extra:
         raise ConfigError(
             f"{where}: its model is not this config's (parameters only here: {missing[:3]}, "
@@ -122,20 +137,20 @@ def warm_start(eng: engine.Engine, config: Any, dataset: Dataset) -> Any:
     out, matched = [], {}
     for (path, leaf), sh in zip(flat, shardings, strict=True):
         name, key = jax.tree_util.keystr(path), str(getattr(path[-1], "key", ""))
-        source = flat_src[name]
-        vocab = table_vocab(key, dataset.schema)
-        same = source.shape[1:] == leaf.shape[1:] and source.dtype == leaf.dtype
         if key.startswith(optim.FROZEN_PREFIX):
             out.append(leaf)  # counted from this run's train split (train.with_train_rates)
-            source.delete()
-        elif not same or (vocab is None and source.shape != leaf.shape):
+            continue
+        source = reader.read(name)  # one array at a time: the source run is never whole here
+        vocab = table_vocab(key, dataset.schema)
+        same = source.shape[1:] == leaf.shape[1:] and source.dtype == leaf.dtype
+        if not same or (vocab is None and source.shape != leaf.shape):
             raise ConfigError(
                 f"{where}: parameter {name} is {source.dtype}{list(source.shape)} there and "
                 f"{leaf.dtype}{list(leaf.shape)} in this config; warm-start from a run of the "
                 "same model and sizes"
             )
         elif vocab is not None:
-            at, found = row_sources(src.dataset, dataset, vocab, source.shape[0], leaf.shape[0])
+            at, found = row_sources(src_data, dataset, vocab, source.shape[0], leaf.shape[0])
             matched[name] = (int(found[NUM_RESERVED:].sum()), leaf.shape[0] - NUM_RESERVED)
             rows = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec())
             # The same host arrays on every process, placed without a transfer between them.
