@@ -511,26 +511,36 @@ def restore_params(
         manager.close()
 
 
-def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> Any:
-    damaged = lambda e: DataError(
-        f"{where}: cannot read the checkpoint ({str(e).splitlines()[0][:200]}): its files are "
-        "damaged or incomplete; use another --step"
-    )
-    try:
-        saved = manager.item_metadata(n)["state"]
-    except (ValueError, OSError) as e:  # tensorstore's read errors are ValueErrors
-        raise damaged(e) from None
+def _check_saved(manager: Any, n: int, where: str, abstract_state: Any) -> None:
+    """DataError unless step `n`'s saved parameters (and moving average, where the config keeps
+    one) fit `abstract_state`'s, from the checkpoint's metadata, before any array is read."""
+    saved = manager.item_metadata(n)["state"]
     saved = getattr(saved, "tree", saved)
     _check_shapes(abstract_state.params, saved["params"], where)
-    abstract = {"params": abstract_state.params}
     ema = getattr(abstract_state, "ema", None)
-    if ema is not None:  # the moving average (config.opt.ema_decay) is what the run evaluates
+    if ema is not None:
         if saved.get("ema") is None:  # absent, or None (saved by a run without an average)
             raise DataError(
                 f"{where}: the checkpoint holds no moving average of the parameters, but the "
                 "run's config keeps one (config.opt.ema_decay); it belongs to another config"
             )
         _check_shapes(ema, saved["ema"], where)
+
+
+def _restore_params(manager: Any, abstract_state: Any, n: int, where: str) -> Any:
+    damaged = lambda e: DataError(
+        f"{where}: cannot read the checkpoint ({str(e).splitlines()[0][:200]}): its files are "
+        "damaged or incomplete; use another --step"
+    )
+    try:
+        _check_saved(manager, n, where, abstract_state)
+    except DataError:
+        raise
+    except (ValueError, OSError) as e:  # tensorstore's read errors are ValueErrors
+        raise damaged(e) from None
+    abstract = {"params": abstract_state.params}
+    ema = getattr(abstract_state, "ema", None)
+    if ema is not None:  # the moving average (config.opt.ema_decay) is what the run evaluates
         abstract["ema"] = ema
     state_args = ocp.args.PyTreeRestore(
         item=abstract,
@@ -583,20 +593,15 @@ class ParamReader:
             self.step = resolve_step(workdir, step, self.manager.all_steps())
             self.where = f"{checkpoint_dir(workdir)}/{self.step}"
             try:
-                saved = self.manager.item_metadata(self.step)["state"]
+                _check_saved(self.manager, self.step, self.where, abstract_state)
                 data = self.manager.restore(
                     self.step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
                 )["data"]
+            except DataError:
+                raise
             except (ValueError, OSError) as e:  # tensorstore's read errors are ValueErrors
                 raise DataError(f"{self.where}: cannot read the checkpoint ({e})") from None
-            saved = getattr(saved, "tree", saved)
-            _check_shapes(abstract_state.params, saved["params"], self.where)
             self.ema = getattr(abstract_state, "ema", None)
-            if self.ema is not None and saved.get("ema") is None:
-                raise DataError(
-                    f"{self.where}: the checkpoint holds no moving average of the parameters, "
-                    "but the run's config keeps one (config.opt.ema_decay)"
-                )
         except BaseException:
             self.manager.close()
             raise
