@@ -16,7 +16,7 @@ import functools
 import importlib.metadata
 import logging as std_logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -612,34 +612,26 @@ class ParamReader:
             (path[0].name, jax.tree_util.keystr(path[1:])): i for i, (path, _) in enumerate(flat)
         }
         self.params = abstract_state.params
+        # Where each parameter is read from: optim.with_average's own choice, made on trees
+        # of section names (the average where it holds the leaf, else the trained values).
+        tag = lambda tree, name: jax.tree_util.tree_map(lambda _: name, tree)
+        sections = tag(self.params, "params")
+        if self.ema is not None:
+            sections = optim.with_average(sections, tag(self.ema, "ema"))
+        self.sections = {
+            jax.tree_util.keystr(p): (p, section)
+            for p, section in jax.tree_util.tree_leaves_with_path(sections)
+        }
 
     def names(self) -> list[str]:
         """The parameters' paths (`jax.tree_util.keystr`), in tree order."""
-        return [
-            jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(self.params)
-        ]
+        return list(self.sections)
 
     def read(self, name: str) -> jax.Array:
         """The parameter `name` (names()), in its sharding: the average where one is kept."""
-        path = next(p for p, _ in jax.tree_util.tree_leaves_with_path(self.params)
-                    if jax.tree_util.keystr(p) == name)  # fmt: skip
+        path, section = self.sections[name]
         keys = [str(getattr(k, "key", k)) for k in path]
-        section, tree = "params", self.params
-        node = self.ema
-        if isinstance(node, Mapping):  # optim.with_average: kept tables of counts stay trained
-            for k in keys:
-                if (
-                    not isinstance(node, Mapping)
-                    or k not in node
-                    or k.startswith(optim.FROZEN_PREFIX)
-                ):
-                    node = None
-                    break
-                node = node[k]
-            if node is not None:
-                section, tree = "ema", self.ema
-        elif node is not None:
-            section, tree = "ema", node
+        tree = self.ema if section == "ema" else self.params
         leaf = tree
         for k in keys:
             leaf = leaf[k]
